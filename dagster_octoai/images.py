@@ -1,0 +1,161 @@
+"""Image bytes helpers shared by the client, the server and the Dagster layer.
+
+Imports no Dagster and no HTTP: turning user images into the wire's base64,
+recognising what the server sent, and small thumbnails for the Dagster UI.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "ImageFormat",
+    "ImageInput",
+    "content_type_for",
+    "decode_base64_image",
+    "image_size",
+    "sniff_format",
+    "thumbnail_data_uri",
+    "to_base64",
+]
+
+ImageFormat = Literal["jpeg", "png", "webp", "gif"]
+
+#: What an image input may be: a PIL image, raw encoded bytes, a path, or a base64 string.
+ImageInput = Any
+
+_MAGIC: tuple[tuple[bytes, ImageFormat], ...] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+)
+
+# A path given as a str is told from base64 by its length and by existing on disk.
+_MAX_PATH_LEN = 4096
+
+
+def sniff_format(data: bytes) -> ImageFormat | None:
+    """The image format from the first bytes, or ``None`` when they are no known image."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def content_type_for(fmt: str | None) -> str:
+    """The MIME type of an image format (``application/octet-stream`` when unknown)."""
+    return {
+        "jpeg": "image/jpeg",
+        "png": "image/png",
+        "webp": "image/webp",
+        "gif": "image/gif",
+    }.get(fmt or "", "application/octet-stream")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) read from the image header, without decoding the pixels.
+
+    Raises:
+        ValueError: the bytes are not an image PIL can open.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"not a readable image ({len(data)} bytes): {exc}") from None
+
+
+def decode_base64_image(value: str) -> bytes:
+    """Decode a base64 string (optionally a ``data:`` URI) strictly.
+
+    Raises:
+        ValueError: the string is not valid base64.
+    """
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not valid base64: {exc}") from None
+
+
+def _read_input(value: Any, field: str) -> bytes:
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        # JPEG is the seed's advice for latency; keep PNG for images with transparency.
+        if value.mode in ("RGBA", "LA", "P") or value.mode not in ("RGB", "L"):
+            value.save(buf, format="PNG")
+        else:
+            value.save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, os.PathLike):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{field}: no file at path {str(path)!r}")
+        return path.read_bytes()
+    if isinstance(value, str):
+        if len(value) <= _MAX_PATH_LEN and not value.startswith("data:"):
+            path = Path(value)
+            try:
+                if path.is_file():
+                    return path.read_bytes()
+            except OSError:
+                pass
+        try:
+            return decode_base64_image(value)
+        except ValueError:
+            raise ValueError(
+                f"{field}: a str must be base64 image data or the path of an existing file; "
+                "this one is neither"
+            ) from None
+    raise ValueError(
+        f"{field}: expected a PIL.Image, bytes, a path, or a base64 str; got {type(value).__name__}"
+    )
+
+
+def to_base64(value: Any, field: str = "image") -> str:
+    """Encode an image input for the wire, checking that it is a readable image.
+
+    Accepts a ``PIL.Image.Image``, encoded ``bytes``, a path (``str`` or ``Path``),
+    or a base64 string (a ``data:`` URI prefix is dropped).
+
+    Examples:
+        >>> from PIL import Image
+        >>> to_base64(Image.new("RGB", (8, 8)), "init_image")[:4]
+        '/9j/'
+    """
+    data = _read_input(value, field)
+    if sniff_format(data) is None:
+        try:
+            image_size(data)
+        except ValueError:
+            raise ValueError(
+                f"{field}: the data is not an image (expected JPEG or PNG bytes, "
+                f"got {len(data)} bytes starting {data[:8]!r})"
+            ) from None
+    return base64.b64encode(data).decode("ascii")
+
+
+def thumbnail_data_uri(data: bytes, max_side: int = 160, quality: int = 70) -> str:
+    """A small JPEG ``data:`` URI of an image, for markdown metadata in the Dagster UI.
+
+    Kept to a few KB so it never bloats the event log.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        im.thumbnail((max_side, max_side))
+        rgb = im.convert("RGB")
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,808 @@
+"""Request and answer models of the OctoAI image API: the one source of its rules.
+
+The same :class:`ImageGenerationRequest` validates the Dagster launchpad's config,
+the client's calls and the local server's input, so a request that the client
+accepts is one the server accepts, and the other way round.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from PIL import Image
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .errors import ImageDecodeError, ImageRemovedForSafetyError, RequestValidationError
+from .images import ImageFormat, content_type_for, image_size, sniff_format, to_base64
+
+__all__ = [
+    "ASYNC_BODY_LIMIT_BYTES",
+    "PREMIUM_SAMPLERS",
+    "SD15_RESOLUTIONS",
+    "SDXL_RESOLUTIONS",
+    "STYLE_PRESETS",
+    "AsyncJob",
+    "CallInfo",
+    "Engine",
+    "GeneratedImage",
+    "ImageGenerationRequest",
+    "ImageGenerationResponse",
+    "JobStatus",
+    "PollResult",
+    "PromptTooLongWarning",
+    "Sampler",
+    "count_prompt_tokens",
+]
+
+logger = logging.getLogger("dagster_octoai")
+
+#: Async request bodies above this size are refused by the service (seed: 10 MB).
+ASYNC_BODY_LIMIT_BYTES = 10 * 1024 * 1024
+SEED_MAX = 2**32  # seeds are 0 <= seed < 2**32
+
+
+class Engine(str, enum.Enum):
+    """An image engine: the ``{engine}`` of ``POST /generate/{engine}``."""
+
+    SDXL = "sdxl"
+    SD = "sd"
+    CONTROLNET_SDXL = "controlnet-sdxl"
+    CONTROLNET_SD15 = "controlnet-sd15"
+
+    @classmethod
+    def parse(cls, value: str | Engine) -> Engine:
+        """The engine for a name, accepting the older SDK's ``controlnet-sd`` alias.
+
+        Examples:
+            >>> Engine.parse("controlnet-sd")
+            <Engine.CONTROLNET_SD15: 'controlnet-sd15'>
+        """
+        if isinstance(value, Engine):
+            return value
+        name = _ENGINE_ALIASES.get(value, value)
+        try:
+            return cls(name)
+        except ValueError:
+            allowed = ", ".join(e.value for e in cls)
+            raise ValueError(f"engine: {value!r} is not an engine; allowed: {allowed}") from None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL-family engines take the SDXL-only fields and resolutions."""
+        return self in (Engine.SDXL, Engine.CONTROLNET_SDXL)
+
+    @property
+    def is_controlnet(self) -> bool:
+        return self in (Engine.CONTROLNET_SDXL, Engine.CONTROLNET_SD15)
+
+    @property
+    def resolutions(self) -> tuple[tuple[int, int], ...]:
+        """Supported (width, height) pairs."""
+        return SDXL_RESOLUTIONS if self.is_sdxl else SD15_RESOLUTIONS
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return (1024, 1024) if self.is_sdxl else (512, 512)
+
+    @property
+    def token_limit(self) -> int:
+        """Prompt token limit from the seed: 77 for SDXL, 231 for SD 1.5."""
+        return 77 if self.is_sdxl else 231
+
+
+_ENGINE_ALIASES = {"controlnet-sd": "controlnet-sd15"}
+
+SDXL_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (1024, 1024), (896, 1152), (832, 1216), (768, 1344), (640, 1536),
+    (1536, 640), (1344, 768), (1216, 832), (1152, 896),
+)  # fmt: skip
+SD15_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (512, 512), (640, 512), (768, 512), (512, 704), (512, 768),
+    (576, 768), (640, 768), (576, 1024), (1024, 576),
+)  # fmt: skip
+
+
+class Sampler(str, enum.Enum):
+    """A sampler (scheduler). Premium samplers cost twice as much per image."""
+
+    DDIM = "DDIM"
+    DDPM = "DDPM"
+    DPM_PLUS_PLUS_2M_KARRAS = "DPM_PLUS_PLUS_2M_KARRAS"
+    DPM_SINGLE = "DPM_SINGLE"
+    DPM_SOLVER_MULTISTEP = "DPM_SOLVER_MULTISTEP"
+    K_EULER = "K_EULER"
+    K_EULER_ANCESTRAL = "K_EULER_ANCESTRAL"
+    PNDM = "PNDM"
+    UNI_PC = "UNI_PC"
+    # Premium (2x price) per the seed.
+    DPM_2 = "DPM_2"
+    DPM_2_ANCESTRAL = "DPM_2_ANCESTRAL"
+    DPM_PLUS_PLUS_SDE_KARRAS = "DPM_PLUS_PLUS_SDE_KARRAS"
+    HEUN = "HEUN"
+    KLMS = "KLMS"
+    # Listed by the octoai SDK only.
+    LMS = "LMS"
+    K_HEUN = "K_HEUN"
+    DPM_PLUS_PLUS_2M_SDE = "DPM_PLUS_PLUS_2M_SDE"
+    DPM_PLUS_PLUS_2M_SDE_KARRAS = "DPM_PLUS_PLUS_2M_SDE_KARRAS"
+    DPM_2_KARRAS = "DPM_2_KARRAS"
+    DPM_2_ANCESTRAL_KARRAS = "DPM_2_ANCESTRAL_KARRAS"
+    LCM = "LCM"
+
+    @property
+    def is_premium(self) -> bool:
+        return self in PREMIUM_SAMPLERS
+
+
+# The SDK-only variants of a premium sampler (K_HEUN of HEUN, LMS of KLMS, the
+# Karras DPM_2s) are counted premium too: a cost report should over- not under-state.
+PREMIUM_SAMPLERS = frozenset(
+    {
+        Sampler.DPM_2,
+        Sampler.DPM_2_ANCESTRAL,
+        Sampler.DPM_PLUS_PLUS_SDE_KARRAS,
+        Sampler.HEUN,
+        Sampler.KLMS,
+        Sampler.LMS,
+        Sampler.K_HEUN,
+        Sampler.DPM_2_KARRAS,
+        Sampler.DPM_2_ANCESTRAL_KARRAS,
+    }
+)
+
+STYLE_PRESETS: frozenset[str] = frozenset(
+    """base|3d-model|analog-film|anime|cinematic|comic-book|Craft Clay|modeling-compound|
+digital-art|enhance|fantasy-art|isometric|line-art|low-poly|neon-punk|origami|photographic|
+pixel-art|tile-texture|Advertising|Food Photography|Real Estate|Abstract|Cubist|Graffiti|
+Hyperrealism|Impressionist|Pointillism|Pop Art|Psychedelic|Renaissance|Steampunk|Surrealist|
+Typography|Watercolor|Fighting Game|GTA|Super Mario|Minecraft|Pokémon|Retro Arcade|Retro Game|
+RPG Fantasy Game|Strategy Game|Street Fighter|Legend of Zelda|Architectural|Disco|Dreamscape|
+Dystopian|Fairy Tale|Gothic|Grunge|Horror|Minimalist|Monochrome|Nautical|Space|Stained Glass|
+Techwear Fashion|Tribal|Zentangle|Collage|Flat Papercut|Kirigami|Paper Mache|Paper Quilling|
+Papercut Collage|Papercut Shadow Box|Stacked Papercut|Thick Layered Papercut|Alien|Film Noir|
+HDR|Long Exposure|Neon Noir|Silhouette|Tilt-Shift""".replace("\n", "").split("|")
+)
+
+# Fields that only SDXL-family engines take.
+SDXL_ONLY_FIELDS = (
+    "prompt_2",
+    "negative_prompt_2",
+    "style_preset",
+    "use_refiner",
+    "high_noise_frac",
+)
+# Fields that only ControlNet engines take.
+CONTROLNET_FIELDS = (
+    "controlnet",
+    "controlnet_image",
+    "controlnet_conditioning_scale",
+    "controlnet_early_stop",
+    "controlnet_preprocess",
+)
+IMAGE_FIELDS = ("init_image", "mask_image", "controlnet_image")
+
+_ASSET_NAME = re.compile(r"^(octoai:)?[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+def _check_asset_name(value: str, field: str) -> str:
+    if not _ASSET_NAME.match(value):
+        raise ValueError(
+            f"{field}: {value!r} is not an asset name; use 'octoai:<name>' for the public "
+            "asset library or '<name>' for a private asset (letters, digits, '.', '_', '-')"
+        )
+    return value
+
+
+# Prompt weighting, e.g. "(A tall (beautiful:1.5) woman:1.0)": brackets, colons and
+# weights do not count towards the token limit.
+_WEIGHT = re.compile(r":\s*-?\d+(?:\.\d+)?\s*\)")
+_TOKEN = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
+
+
+def count_prompt_tokens(prompt: str) -> int:
+    """An estimate of the prompt's CLIP token count, weighting syntax excluded.
+
+    CLIP's tokenizer splits words into sub-word pieces; this counts a word as one
+    token per 8 letters and every punctuation mark as one, which tracks CLIP
+    within a few tokens for English prompts, close enough for a warning.
+
+    Examples:
+        >>> count_prompt_tokens("(A tall (beautiful:1.5) woman:1.0)")
+        3
+    """
+    text = _WEIGHT.sub(" ", prompt).replace("(", " ").replace(")", " ")
+    count = 0
+    for tok in _TOKEN.findall(text):
+        count += max(1, math.ceil(len(tok) / 8)) if tok.isalpha() else 1
+    return count
+
+
+class PromptTooLongWarning(UserWarning):
+    """A prompt is over the engine's token limit: the model will ignore its tail."""
+
+
+def _coerce_image(field: str) -> BeforeValidator:
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        return to_base64(value, field)
+
+    return BeforeValidator(convert)
+
+
+Base64Image = Annotated[
+    str, Field(description="An image as base64; also accepts PIL.Image, bytes or a path")
+]
+
+
+class ImageGenerationRequest(BaseModel):
+    """One image generation request, validated before anything is sent.
+
+    ``engine`` picks ``POST /generate/{engine}`` and the rules that apply; it is not
+    part of the JSON body. Fields left ``None`` are not sent, so the server's
+    defaults apply. Image fields accept a ``PIL.Image``, bytes, a path or base64.
+
+    Examples:
+        >>> req = ImageGenerationRequest(prompt="a red fox", steps=20, seed=7)
+        >>> req.to_wire()
+        {'prompt': 'a red fox', 'steps': 20, 'seed': 7}
+        >>> ImageGenerationRequest(prompt="x", engine="sd", width=1024, height=1024)
+        Traceback (most recent call last):
+        ...
+        dagster_octoai.errors.RequestValidationError: ...
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    engine: Engine = Field(
+        Engine.SDXL, description="Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15."
+    )
+    prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw.")
+    prompt_2: str | None = Field(
+        None, max_length=10_000, description="SDXL only: a human-readable second prompt."
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=10_000, description="What to steer away from."
+    )
+    negative_prompt_2: str | None = Field(
+        None, max_length=10_000, description="SDXL only: second negative prompt."
+    )
+    cfg_scale: float | None = Field(
+        None, gt=0, le=50, description="Prompt adherence, > 0 and <= 50 (server default 12)."
+    )
+    steps: int | None = Field(
+        None, gt=0, le=200, description="Diffusion steps, 1..200 (server default 30)."
+    )
+    num_images: int | None = Field(
+        None, ge=1, le=16, description="Images to generate, 1..16 (default 1)."
+    )
+    seed: int | list[int | None] | None = Field(
+        None,
+        description="0 <= seed < 2**32; a list gives one seed (or null) per image; null picks at random.",
+    )
+    sampler: Sampler | None = Field(
+        None, description="Sampler (default DDIM); premium samplers cost 2x."
+    )
+    width: int | None = Field(
+        None, description="Output width; set with height to a supported pair."
+    )
+    height: int | None = Field(
+        None, description="Output height; set with width to a supported pair."
+    )
+    style_preset: str | None = Field(None, description="SDXL only: a style preset name.")
+    use_refiner: bool | None = Field(None, description="SDXL only: run the refiner (default true).")
+    high_noise_frac: float | None = Field(
+        None, ge=0, le=1, description="SDXL only: base vs refiner split, 0..1."
+    )
+    checkpoint: str | None = Field(
+        None, description="Checkpoint asset: 'octoai:<name>' (public) or '<name>' (private)."
+    )
+    vae: str | None = Field(None, description="VAE asset name.")
+    loras: dict[str, float] | None = Field(None, description="LoRA asset name -> weight.")
+    textual_inversions: dict[str, str] | None = Field(
+        None, description="Textual inversion asset name -> trigger word."
+    )
+    init_image: Annotated[Base64Image | None, _coerce_image("init_image")] = Field(
+        None, description="img2img / inpainting start image."
+    )
+    mask_image: Annotated[Base64Image | None, _coerce_image("mask_image")] = Field(
+        None, description="Inpainting mask: white is painted."
+    )
+    strength: float | None = Field(
+        None, gt=0, le=1, description="img2img noise, > 0 and <= 1 (default 0.8)."
+    )
+    outpainting: bool | None = Field(
+        None, description="Outpaint the transparent / masked border of init_image."
+    )
+    inpaint_full_res: bool | None = Field(
+        None, description="Inpaint the masked area at full resolution."
+    )
+    inpaint_full_res_padding: int | None = Field(
+        None, ge=0, le=1024, description="Padding around the masked area, pixels."
+    )
+    transfer_images: dict[str, list[str]] | None = Field(
+        None, description="Photo merge: trigger word -> sample images."
+    )
+    controlnet: str | None = Field(
+        None, description="ControlNet engines: the ControlNet asset, e.g. 'octoai:canny_sdxl'."
+    )
+    controlnet_image: Annotated[Base64Image | None, _coerce_image("controlnet_image")] = Field(
+        None, description="ControlNet engines: the conditioning image."
+    )
+    controlnet_conditioning_scale: float | None = Field(
+        None, ge=0, description="ControlNet strength, >= 0 (default 1)."
+    )
+    controlnet_early_stop: float | None = Field(
+        None, ge=0, le=1, description="Fraction of steps after which ControlNet stops, 0..1."
+    )
+    controlnet_preprocess: bool | None = Field(
+        None, description="Let the server make the control map (default true)."
+    )
+    clip_skip: int | None = Field(None, ge=1, le=12, description="CLIP layers to skip, 1..12.")
+    image_encoding: Literal["jpeg", "png"] | None = Field(
+        None, description="Output encoding: jpeg (default) or png."
+    )
+    log_prompt: bool | None = Field(None, description="Let the service log the prompt.")
+    enable_safety: bool | None = Field(None, description="Sent by the older octoai-sdk; accepted.")
+
+    # ---- field rules ---------------------------------------------------------------
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _parse_engine(cls, value: Any) -> Any:
+        return Engine.parse(value) if isinstance(value, str) else value
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _parse_sampler(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in Sampler.__members__.values():
+            allowed = ", ".join(s.value for s in Sampler)
+            raise ValueError(f"{value!r} is not a sampler; allowed: {allowed}")
+        return value
+
+    @field_validator("image_encoding", mode="before")
+    @classmethod
+    def _lower_encoding(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | list[int | None] | None) -> int | list[int | None] | None:
+        seeds = value if isinstance(value, list) else [value]
+        for s in seeds:
+            if s is not None and not 0 <= s < SEED_MAX:
+                raise ValueError(f"{s} is out of range; allowed: 0 <= seed < 2**32 ({SEED_MAX})")
+        if isinstance(value, list) and not value:
+            raise ValueError("a seed list needs one entry (int or null) per image")
+        return value
+
+    @field_validator("style_preset")
+    @classmethod
+    def _check_style(cls, value: str | None) -> str | None:
+        if value is not None and value not in STYLE_PRESETS:
+            allowed = ", ".join(sorted(STYLE_PRESETS, key=str.lower))
+            raise ValueError(f"{value!r} is not a style preset; allowed: {allowed}")
+        return value
+
+    @field_validator("checkpoint", "vae", "controlnet")
+    @classmethod
+    def _check_asset(cls, value: str | None, info: Any) -> str | None:
+        return None if value is None else _check_asset_name(value, info.field_name)
+
+    @field_validator("loras")
+    @classmethod
+    def _check_loras(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for name, weight in (value or {}).items():
+            _check_asset_name(name, "loras")
+            if not math.isfinite(weight):
+                raise ValueError(f"LoRA {name!r} weight must be a finite number, got {weight}")
+        return value
+
+    @field_validator("textual_inversions")
+    @classmethod
+    def _check_tis(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, trigger in (value or {}).items():
+            _check_asset_name(name, "textual_inversions")
+            if not trigger.strip():
+                raise ValueError(f"textual inversion {name!r} needs a non-empty trigger word")
+        return value
+
+    @field_validator("transfer_images", mode="before")
+    @classmethod
+    def _encode_transfer(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ValueError("must map each trigger word to a list of images")
+        out: dict[str, list[str]] = {}
+        for word, images in value.items():
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError("trigger words must be non-empty strings")
+            if not isinstance(images, list | tuple) or not images:
+                raise ValueError(f"trigger word {word!r} needs a non-empty list of images")
+            out[word] = [to_base64(img, f"transfer_images[{word!r}]") for img in images]
+        return out
+
+    # ---- rules across fields ---------------------------------------------------------
+
+    @model_validator(mode="after")
+    def _check_engine_rules(self) -> ImageGenerationRequest:
+        engine = self.engine
+        problems: list[tuple[str, str]] = []
+        if not engine.is_sdxl:
+            for name in SDXL_ONLY_FIELDS:
+                if getattr(self, name) is not None:
+                    problems.append(
+                        (
+                            name,
+                            f"only SDXL engines (sdxl, controlnet-sdxl) take it; "
+                            f"engine {engine.value!r} does not",
+                        )
+                    )
+        if engine.is_controlnet:
+            for name in ("controlnet", "controlnet_image"):
+                if getattr(self, name) is None:
+                    problems.append((name, f"required on ControlNet engine {engine.value!r}"))
+        else:
+            for name in CONTROLNET_FIELDS:
+                if getattr(self, name) is not None:
+                    problems.append(
+                        (
+                            name,
+                            "only ControlNet engines (controlnet-sdxl, controlnet-sd15) "
+                            f"take it; engine {engine.value!r} does not",
+                        )
+                    )
+        if (self.width is None) != (self.height is None):
+            missing = "height" if self.height is None else "width"
+            problems.append((missing, "set width and height together, or neither"))
+        elif self.width is not None and (self.width, self.height) not in engine.resolutions:
+            pairs = ", ".join(f"{w}x{h}" for w, h in engine.resolutions)
+            problems.append(
+                (
+                    "width",
+                    f"{self.width}x{self.height} (width x height) is not supported by "
+                    f"engine {engine.value!r}; allowed: {pairs}",
+                )
+            )
+        if isinstance(self.seed, list) and len(self.seed) != (self.num_images or 1):
+            problems.append(
+                (
+                    "seed",
+                    f"a list of {len(self.seed)} seeds needs num_images={len(self.seed)} "
+                    f"(num_images is {self.num_images or 1})",
+                )
+            )
+        if self.mask_image is not None and self.init_image is None:
+            problems.append(("mask_image", "inpainting needs init_image too"))
+        if self.outpainting and self.init_image is None:
+            problems.append(("outpainting", "needs init_image (the picture to extend)"))
+        if problems:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("value_error", msg),
+                        loc=(field,),
+                        input=getattr(self, field),
+                    )
+                    for field, msg in problems
+                ],
+            )
+        return self
+
+    # ---- construction ------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, data: ImageGenerationRequest | Mapping[str, Any], **overrides: Any
+    ) -> ImageGenerationRequest:
+        """A request from a model or a plain dict, raising :class:`RequestValidationError`.
+
+        Examples:
+            >>> ImageGenerationRequest.build({"prompt": "a fox"}, engine="sd").engine.value
+            'sd'
+        """
+        if isinstance(data, ImageGenerationRequest) and not overrides:
+            return data
+        raw = dict(
+            data.model_dump(exclude_none=True) if isinstance(data, ImageGenerationRequest) else data
+        )
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def model_post_init(self, context: Any) -> None:
+        tokens = count_prompt_tokens(self.prompt)
+        if tokens > self.engine.token_limit:
+            msg = (
+                f"prompt: about {tokens} tokens, over the {self.engine.token_limit}-token limit "
+                f"of engine {self.engine.value!r}; the model ignores the rest "
+                "(weighting syntax like '(word:1.5)' is not counted)"
+            )
+            warnings.warn(msg, PromptTooLongWarning, stacklevel=2)
+
+    # ---- wire form and identity ------------------------------------------------------
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON body: every set field but ``engine``."""
+        body = self.model_dump(mode="json", exclude_none=True, exclude={"engine"})
+        return body
+
+    def wire_bytes(self) -> bytes:
+        """The JSON body as sent (compact UTF-8)."""
+        return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    def fingerprint(self) -> str:
+        """A stable SHA-256 of the engine and body: same fingerprint, same images for explicit seeds."""
+        canon = json.dumps(
+            {"engine": self.engine.value, "body": self.to_wire()},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """The request without image payloads (their sizes and hashes instead), for logs and metadata."""
+        out: dict[str, Any] = {"engine": self.engine.value}
+        for key, value in self.to_wire().items():
+            if key in IMAGE_FIELDS:
+                out[key] = _image_digest(value)
+            elif key == "transfer_images":
+                out[key] = {w: [_image_digest(v) for v in imgs] for w, imgs in value.items()}
+            else:
+                out[key] = value
+        return out
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) the images will have: the set pair or the engine's default."""
+        if self.width is not None and self.height is not None:
+            return (self.width, self.height)
+        return self.engine.default_size
+
+    @property
+    def image_count(self) -> int:
+        return self.num_images or 1
+
+    @property
+    def explicit_seeds(self) -> list[int] | None:
+        """One seed per image when every seed is fixed, else ``None`` (some are random)."""
+        seeds = self.seed if isinstance(self.seed, list) else [self.seed] * self.image_count
+        if any(s is None for s in seeds):
+            return None
+        if not isinstance(self.seed, list) and self.image_count > 1:
+            # One int seed for several images: the service derives the others.
+            return None
+        return [s for s in seeds if s is not None]
+
+    @property
+    def is_premium(self) -> bool:
+        """True when the sampler is premium (twice the price per image)."""
+        return self.sampler is not None and self.sampler.is_premium
+
+
+def _image_digest(b64: str) -> str:
+    return (
+        f"<image {len(b64) * 3 // 4} bytes sha256:{hashlib.sha256(b64.encode()).hexdigest()[:16]}>"
+    )
+
+
+def validation_error(exc: ValidationError) -> RequestValidationError:
+    """A :class:`RequestValidationError` naming each field of a pydantic error."""
+    errors = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; the API rejects keys it does not know"
+        errors.append({"field": loc, "message": msg})
+    text = "; ".join(
+        e["message"]
+        if e["message"].startswith(f"{e['field']}:")
+        else f"{e['field']}: {e['message']}"
+        for e in errors
+    )
+    return RequestValidationError(f"invalid image generation request: {text}", errors)
+
+
+# ---- answers ---------------------------------------------------------------------------
+
+
+class GeneratedImage(BaseModel):
+    """One image of an answer. A blocked image has ``image_b64=None`` and ``removed_for_safety``.
+
+    ``data`` decodes lazily and returns the bytes in the server's encoding (no re-encode).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    image_b64: str | None = Field(None, repr=False)
+    seed: int
+    removed_for_safety: bool = False
+    safety_score: float | None = None
+
+    _data: bytes | None = PrivateAttr(None)
+
+    @property
+    def data(self) -> bytes:
+        """The image bytes as the server encoded them.
+
+        Raises:
+            ImageRemovedForSafetyError: the server removed this image.
+            ImageDecodeError: the base64 or the image is corrupt.
+        """
+        if self._data is None:
+            if self.removed_for_safety or self.image_b64 is None:
+                raise ImageRemovedForSafetyError(
+                    f"image with seed {self.seed} was removed for safety; it has no bytes"
+                )
+            try:
+                raw = base64.b64decode(self.image_b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ImageDecodeError(
+                    f"image with seed {self.seed}: invalid base64 ({exc})"
+                ) from None
+            if sniff_format(raw) is None:
+                raise ImageDecodeError(
+                    f"image with seed {self.seed}: {len(raw)} bytes that are not JPEG or PNG "
+                    f"(start {raw[:8]!r})"
+                )
+            self._data = raw
+        return self._data
+
+    @property
+    def available(self) -> bool:
+        """False for an image removed for safety."""
+        return not self.removed_for_safety and self.image_b64 is not None
+
+    @property
+    def format(self) -> ImageFormat:
+        """``jpeg`` or ``png``, as the server encoded it."""
+        fmt = sniff_format(self.data)
+        assert fmt is not None  # data checked it
+        return fmt
+
+    @property
+    def content_type(self) -> str:
+        return content_type_for(self.format)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) from the image header."""
+        try:
+            return image_size(self.data)
+        except ValueError as exc:
+            raise ImageDecodeError(f"image with seed {self.seed}: {exc}") from None
+
+    def to_pil(self) -> Image.Image:
+        """The image as a loaded ``PIL.Image`` (raises :class:`ImageDecodeError` if truncated)."""
+        try:
+            im = Image.open(io.BytesIO(self.data))
+            im.load()
+        except (OSError, SyntaxError) as exc:
+            raise ImageDecodeError(f"image with seed {self.seed} does not decode: {exc}") from None
+        return im
+
+    def verify(self) -> None:
+        """Decode the whole image once; raises :class:`ImageDecodeError` if it is corrupt."""
+        self.to_pil().close()
+
+
+class CallInfo(BaseModel):
+    """What the client saw while making one call: for usage metadata and support tickets."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempts: int = 1
+    request_ids: tuple[str, ...] = ()
+    elapsed_s: float = 0.0
+    response_id: str | None = None
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - 1
+
+
+class ImageGenerationResponse(BaseModel):
+    """The generation body of sync generate and of an async result."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    images: list[GeneratedImage]
+    prediction_time_ms: float = 0.0
+
+    _call: CallInfo = PrivateAttr(default_factory=CallInfo)
+
+    @property
+    def call_info(self) -> CallInfo:
+        """Attempts, request ids and elapsed time of the call that got this answer."""
+        return self._call
+
+    def with_call_info(self, call: CallInfo) -> ImageGenerationResponse:
+        self._call = call
+        return self
+
+    @property
+    def seeds(self) -> list[int]:
+        return [im.seed for im in self.images]
+
+    @property
+    def removed_count(self) -> int:
+        return sum(1 for im in self.images if not im.available)
+
+
+class JobStatus(str, enum.Enum):
+    """Async job status. ``failed`` and ``unknown`` are not documented but handled."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, value: Any) -> JobStatus:
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+class PollResult(BaseModel):
+    """One poll answer: ``status`` as parsed, ``raw_status`` as sent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: JobStatus
+    raw_status: str
+    response_url: str | None = None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AsyncJob(BaseModel):
+    """A submitted async job: enough to poll, fetch or resubmit it. Holds no token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    response_id: str
+    poll_url: str
+    request: ImageGenerationRequest
+    submitted_at: datetime = Field(default_factory=_utcnow)
+
+    @property
+    def engine(self) -> Engine:
+        return self.request.engine

@@ -1,0 +1,1 @@
+"""Test helpers users can import: the local server and S3 fixtures."""

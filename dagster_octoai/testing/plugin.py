@@ -1,0 +1,1 @@
+"""The pytest plugin registered by the ``pytest11`` entry point (fixtures for users' tests)."""
