@@ -51,7 +51,9 @@ class ImageBatch:
         0
     """
 
-    def __init__(self, results: Iterable[GenerationResult], *, expected_images: int | None = None) -> None:
+    def __init__(
+        self, results: Iterable[GenerationResult], *, expected_images: int | None = None
+    ) -> None:
         self._lazy = not isinstance(results, list | tuple)
         self._results: Iterable[GenerationResult] = results if self._lazy else list(results)
         self._consumed = False

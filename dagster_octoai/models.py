@@ -29,13 +29,21 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ImageDecodeError, ImageRemovedForSafetyError, RequestValidationError
-from .images import ImageFormat, content_type_for, image_size, sniff_format, to_base64
+from .images import (
+    ImageFormat,
+    content_type_for,
+    decode_base64_image,
+    image_size,
+    sniff_format,
+    to_base64,
+)
 
 __all__ = [
     "ASYNC_BODY_LIMIT_BYTES",
@@ -244,12 +252,38 @@ class PromptTooLongWarning(UserWarning):
 
 
 def _coerce_image(field: str) -> BeforeValidator:
-    def convert(value: Any) -> Any:
+    def convert(value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
+        if _is_wire(info):
+            return wire_image(value, field)
         return to_base64(value, field)
 
     return BeforeValidator(convert)
+
+
+def _is_wire(info: ValidationInfo) -> bool:
+    return isinstance(info.context, Mapping) and bool(info.context.get("wire"))
+
+
+def wire_image(value: Any, field: str) -> str:
+    """Check an image that came over the wire: base64 only, never a path on this machine."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{field}: expected a base64-encoded image string, got {type(value).__name__}"
+        )
+    try:
+        data = decode_base64_image(value)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from None
+    if sniff_format(data) is None:
+        try:
+            image_size(data)
+        except ValueError:
+            raise ValueError(
+                f"{field}: the base64 data is not an image (expected JPEG or PNG)"
+            ) from None
+    return value
 
 
 Base64Image = Annotated[
@@ -431,7 +465,7 @@ class ImageGenerationRequest(BaseModel):
 
     @field_validator("transfer_images", mode="before")
     @classmethod
-    def _encode_transfer(cls, value: Any) -> Any:
+    def _encode_transfer(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
         if not isinstance(value, Mapping):
@@ -442,7 +476,11 @@ class ImageGenerationRequest(BaseModel):
                 raise ValueError("trigger words must be non-empty strings")
             if not isinstance(images, list | tuple) or not images:
                 raise ValueError(f"trigger word {word!r} needs a non-empty list of images")
-            out[word] = [to_base64(img, f"transfer_images[{word!r}]") for img in images]
+            label = f"transfer_images[{word!r}]"
+            out[word] = [
+                wire_image(img, label) if _is_wire(info) else to_base64(img, label)
+                for img in images
+            ]
         return out
 
     # ---- rules across fields ---------------------------------------------------------
@@ -514,6 +552,19 @@ class ImageGenerationRequest(BaseModel):
         return self
 
     # ---- construction ------------------------------------------------------------
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any], engine: Engine | str) -> ImageGenerationRequest:
+        """Validate a JSON body as the server receives it (images must be base64, never paths).
+
+        Raises pydantic's ``ValidationError``; an ``engine`` key in the body is an unknown key.
+        """
+        if "engine" in body:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [InitErrorDetails(type="extra_forbidden", loc=("engine",), input=body["engine"])],
+            )
+        return cls.model_validate({**body, "engine": engine}, context={"wire": True})
 
     @classmethod
     def build(
