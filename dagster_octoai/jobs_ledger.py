@@ -1,0 +1,556 @@
+"""A durable ledger of async jobs: nothing paid for is forgotten when a process dies.
+
+Every async job gets one small JSON record, written *before* the step that
+submitted it returns, and an ``intent`` record written before the POST is sent.
+The ledger, not a sensor cursor, is the source of truth: a sensor can lose its
+cursor, a run can crash, and the ledger still lists every job that has to be
+polled, fetched and persisted.
+
+Layout under the store's root (a local directory or an S3 prefix)::
+
+    jobs/<job_id>.json              the record (atomic replace on every change)
+    open/<created_ms>-<job_id>      an empty marker per job that still needs work
+    responses/<response_id>         the job id of a response id (for the fetch asset)
+
+Listing the ``open/`` markers is what a sensor tick does to find work: one
+directory listing (or ten S3 list calls at 10,000 jobs) and no record reads. The
+markers sort by creation time, so a sensor walks the jobs oldest first. A
+marker is created before a record enters an open state and removed after a
+record is closed, so a crash between the two writes leaves at worst a stale
+marker, which the next listing reader removes, never an open job without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from dagster import ConfigurableResource
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import Field as PydanticField
+
+from .models import AsyncJob, ImageGenerationRequest
+
+__all__ = [
+    "JobLedger",
+    "JobLedgerResource",
+    "JobRecord",
+    "JobState",
+    "LedgerStore",
+    "LocalLedgerStore",
+    "S3LedgerStore",
+    "job_id_for",
+]
+
+RECORD_VERSION = 1
+
+
+class JobState(str, enum.Enum):
+    """Where an async job is in its life.
+
+    ``intent``: the POST is about to be sent (or was, and its answer was lost);
+    ``submitted``: the service accepted it; ``pending`` / ``running``: as polled;
+    ``completed``: the result is ready and a persist run was requested;
+    ``persisted``: the images are stored; ``failed`` / ``expired``: given up on
+    after the allowed resubmissions (final, reported as a failed run).
+    """
+
+    INTENT = "intent"
+    SUBMITTED = "submitted"
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PERSISTED = "persisted"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        """Nothing more will happen to a job in a final state."""
+        return self in _FINAL_STATES
+
+
+_FINAL_STATES = frozenset({JobState.PERSISTED, JobState.FAILED, JobState.EXPIRED})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobRecord(BaseModel):
+    """One async job as the ledger stores it: enough to poll, fetch or resubmit it.
+
+    ``request`` is the full wire body (``request.to_wire()``) and ``engine`` its
+    endpoint; the token is never part of either. ``attempts`` counts the POSTs
+    made for this job (1 + resubmissions); ``previous_response_ids`` lists the
+    response ids of attempts that expired or failed.
+
+    Examples:
+        >>> req = ImageGenerationRequest(prompt="a fox", seed=1)
+        >>> rec = JobRecord.new(req, asset_key="images", partition_key=None, job_id="j1")
+        >>> rec.state.value, rec.attempts, rec.request_model().seed
+        ('intent', 0, 1)
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int = RECORD_VERSION
+    job_id: str
+    mode: Literal["sensor", "blocking"] = "sensor"
+    state: JobState = JobState.INTENT
+    engine: str
+    request: dict[str, Any]
+    request_fingerprint: str
+    asset_key: str = Field(description="Target asset key, '/'-joined.")
+    partition_key: str | None = Field(None, description="Partition of the submitting asset.")
+    run_id: str | None = Field(None, description="Run that submitted the job.")
+    created_at: datetime = Field(default_factory=_utcnow)
+    submitted_at: datetime | None = None
+    response_id: str | None = None
+    poll_url: str | None = None
+    response_url: str | None = None
+    attempts: int = 0
+    previous_response_ids: list[str] = Field(default_factory=list)
+    raw_status: str | None = None
+    last_polled_at: datetime | None = None
+    running_since: datetime | None = None
+    completed_at: datetime | None = None
+    persisted_at: datetime | None = None
+    persist_runs: int = 0
+    error: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        request: ImageGenerationRequest,
+        *,
+        asset_key: str,
+        partition_key: str | None,
+        job_id: str,
+        mode: Literal["sensor", "blocking"] = "sensor",
+        run_id: str | None = None,
+    ) -> JobRecord:
+        """A fresh ``intent`` record for a request that is about to be submitted."""
+        return cls(
+            job_id=job_id,
+            mode=mode,
+            engine=request.engine.value,
+            request=request.to_wire(),
+            request_fingerprint=request.fingerprint(),
+            asset_key=asset_key,
+            partition_key=partition_key,
+            run_id=run_id,
+        )
+
+    def request_model(self) -> ImageGenerationRequest:
+        """The request, rebuilt exactly as it was sent (same parameters, same seed)."""
+        return ImageGenerationRequest.from_wire(self.request, self.engine)
+
+    def async_job(self) -> AsyncJob:
+        """The :class:`AsyncJob` of the current attempt (raises if it was never submitted)."""
+        if self.response_id is None or self.poll_url is None:
+            raise ValueError(f"job {self.job_id} has no response_id yet (state {self.state.value})")
+        return AsyncJob(
+            response_id=self.response_id,
+            poll_url=self.poll_url,
+            request=self.request_model(),
+            submitted_at=self.submitted_at or self.created_at,
+        )
+
+    def evolve(self, **changes: Any) -> JobRecord:
+        """A copy with ``changes`` applied (records are immutable)."""
+        return self.model_copy(update=changes)
+
+    def details(self) -> dict[str, Any]:
+        """What a failure report or a tick log shows about the job (no image payloads)."""
+        return {
+            "job_id": self.job_id,
+            "state": self.state.value,
+            "response_id": self.response_id,
+            "previous_response_ids": list(self.previous_response_ids),
+            "attempts": self.attempts,
+            "engine": self.engine,
+            "asset_key": self.asset_key,
+            "partition_key": self.partition_key,
+            "submitted_at": self.submitted_at.isoformat() if self.submitted_at else None,
+            "raw_status": self.raw_status,
+            "error": self.error,
+            "request": self.request_model().summary(),
+        }
+
+    @property
+    def open_marker(self) -> str:
+        """The name of this job's ``open/`` marker: sorts by creation time."""
+        return f"{int(self.created_at.timestamp() * 1000):013d}-{self.job_id}"
+
+
+def job_id_for(
+    asset_key: str,
+    partition_key: str | None,
+    request: ImageGenerationRequest,
+    occurrence: int = 0,
+    scope: str | None = None,
+) -> str:
+    """A deterministic job id: the same asset, partition, request and scope give the same id.
+
+    ``occurrence`` tells apart identical requests in one batch; ``scope`` (e.g. the
+    root run id) keeps random-seed requests of different runs apart, so that a
+    retry of a run finds its own jobs while a new run pays for new images.
+
+    Examples:
+        >>> req = ImageGenerationRequest(prompt="a fox", seed=1)
+        >>> job_id_for("images", "p1", req) == job_id_for("images", "p1", req)
+        True
+        >>> job_id_for("images", "p1", req) == job_id_for("images", "p2", req)
+        False
+    """
+    canon = json.dumps(
+        [asset_key, partition_key, request.fingerprint(), occurrence, scope],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+# ---- storage backends -------------------------------------------------------------------
+
+
+class LedgerStore(Protocol):
+    """Where the ledger's small objects live. Each ``write`` must be atomic."""
+
+    def read(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None`` if it does not exist."""
+
+    def write(self, key: str, data: bytes) -> None:
+        """Create or replace an object atomically: a reader sees the old or the new bytes."""
+
+    def delete(self, key: str) -> None:
+        """Remove an object; removing a missing one is not an error."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Names (relative to ``prefix``) of the objects under ``prefix``, sorted."""
+
+    def uri(self, key: str) -> str:
+        """A human-readable location of ``key`` for logs and metadata."""
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(value: str) -> str:
+    # Response ids come from the server: never let one escape the ledger's root.
+    if _SAFE_NAME.match(value) and ".." not in value:
+        return value
+    return "sha256-" + hashlib.sha256(value.encode()).hexdigest()
+
+
+class LocalLedgerStore:
+    """A ledger in a local directory: temp file + ``fsync`` + ``os.replace`` per write.
+
+    ``fsync=False`` skips the flushes (tests, benchmarks); a crash may then lose the
+    latest writes, but a reader still never sees a half-written record.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self._made: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        path = self.root / key
+        if self.root.resolve() not in path.resolve().parents:
+            raise ValueError(f"ledger key {key!r} escapes the ledger directory {self.root}")
+        return path
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path not in self._made:
+            path.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._made.add(path)
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        self._ensure_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        if self.fsync:
+            # The rename itself is only durable once the directory is flushed.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            names = os.listdir(self._path(prefix))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if not n.startswith("."))
+
+    def uri(self, key: str) -> str:
+        return str(self.root / key)
+
+
+class S3LedgerStore:
+    """A ledger under an S3 prefix; ``put_object`` is atomic per object.
+
+    ``client`` is a boto3 S3 client (thread-safe, shared by a sensor's poll workers).
+    """
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        data: bytes = obj["Body"].read()
+        return data
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
+        )
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/"
+        names: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            names.extend(obj["Key"][len(full) :] for obj in page.get("Contents", []))
+        return sorted(n for n in names if n and "/" not in n)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+# ---- the ledger -------------------------------------------------------------------------
+
+
+class JobLedger:
+    """Durable job records on a :class:`LedgerStore`.
+
+    Examples:
+        >>> import tempfile
+        >>> ledger = JobLedger(LocalLedgerStore(tempfile.mkdtemp(), fsync=False))
+        >>> req = ImageGenerationRequest(prompt="a fox", seed=1)
+        >>> rec = ledger.record_intent(
+        ...     JobRecord.new(req, asset_key="images", partition_key=None, job_id="j1"))
+        >>> [ledger.job_id_of_marker(m) for m in ledger.list_open()]
+        ['j1']
+    """
+
+    def __init__(self, store: LedgerStore, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.store = store
+        self.clock = clock
+
+    # -- reading --
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record of ``job_id``, or ``None``."""
+        raw = self.store.read(f"jobs/{_safe_name(job_id)}.json")
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    def find_by_response_id(self, response_id: str) -> JobRecord | None:
+        """The job that has (or had) ``response_id``, or ``None``."""
+        raw = self.store.read(f"responses/{_safe_name(response_id)}")
+        if raw is None:
+            return None
+        record = self.get(raw.decode())
+        if record is None:
+            return None
+        if response_id != record.response_id and response_id not in record.previous_response_ids:
+            return None
+        return record
+
+    def list_open(self) -> list[str]:
+        """Open markers, oldest first: the jobs that still need polling, fetching or reporting."""
+        return self.store.list("open")
+
+    @staticmethod
+    def job_id_of_marker(marker: str) -> str:
+        """The job id in an ``open/`` marker name."""
+        return marker.split("-", 1)[1]
+
+    def iter_records(self) -> Iterator[JobRecord]:
+        """Every record, open or final (reads them all: for reports and tests, not ticks)."""
+        for name in self.store.list("jobs"):
+            if name.endswith(".json"):
+                record = self.get(name[: -len(".json")])
+                if record is not None:
+                    yield record
+
+    def uri(self, job_id: str) -> str:
+        """Where the record of ``job_id`` lives."""
+        return self.store.uri(f"jobs/{_safe_name(job_id)}.json")
+
+    # -- writing --
+
+    def save(self, record: JobRecord) -> JobRecord:
+        """Write ``record``, keeping its ``open/`` marker in step with its state."""
+        marker = f"open/{record.open_marker}"
+        if not record.state.is_final:
+            # Marker first: an open record never lacks a marker, even after a crash.
+            self.store.write(marker, b"")
+        self.store.write(
+            f"jobs/{_safe_name(record.job_id)}.json", record.model_dump_json().encode()
+        )
+        if record.state.is_final:
+            self.store.delete(marker)
+        return record
+
+    def record_intent(self, record: JobRecord) -> JobRecord:
+        """Write the ``intent`` record of an attempt that is about to be POSTed.
+
+        If the process dies after the POST and before :meth:`record_submitted`, the
+        record stays in ``intent``: detectable, but the response id is unknown (the
+        API has no way to look a job up without it), so it can only be resubmitted.
+        """
+        return self.save(
+            record.evolve(
+                state=JobState.INTENT, attempts=record.attempts + 1, error=None, raw_status=None
+            )
+        )
+
+    def record_submitted(self, record: JobRecord, job: AsyncJob) -> JobRecord:
+        """Record the service's answer to a submission (response id and poll URL)."""
+        previous = list(record.previous_response_ids)
+        if record.response_id and record.response_id != job.response_id:
+            previous.append(record.response_id)
+        self.store.write(f"responses/{_safe_name(job.response_id)}", record.job_id.encode())
+        return self.save(
+            record.evolve(
+                state=JobState.SUBMITTED,
+                response_id=job.response_id,
+                poll_url=job.poll_url,
+                response_url=None,
+                submitted_at=job.submitted_at,
+                previous_response_ids=previous,
+                running_since=None,
+                completed_at=None,
+                raw_status=None,
+                error=None,
+            )
+        )
+
+    def discard_marker(self, marker: str) -> None:
+        """Remove a stale ``open/`` marker (its record is final or gone)."""
+        self.store.delete(f"open/{marker}")
+
+    def now(self) -> datetime:
+        """The ledger's clock (injectable for tests)."""
+        return self.clock()
+
+
+# ---- Dagster resource -------------------------------------------------------------------
+
+
+class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
+    """The job ledger as a Dagster resource: a local directory or an S3 bucket and prefix.
+
+    Set ``base_dir`` for a local directory, or ``bucket`` (with ``prefix`` and, for
+    S3-compatible stores, ``endpoint_url``) for S3. Credentials come from
+    ``EnvVar``\\ s or boto3's default chain and are never written to the ledger.
+
+    Examples:
+        >>> import tempfile
+        >>> res = JobLedgerResource(base_dir=tempfile.mkdtemp())
+        >>> res.get_ledger().list_open()
+        []
+    """
+
+    base_dir: str | None = PydanticField(
+        None, description="Local directory of the ledger (development, single machine)."
+    )
+    bucket: str | None = PydanticField(None, description="S3 bucket of the ledger.")
+    prefix: str = PydanticField("octoai-jobs", description="Key prefix inside the bucket.")
+    endpoint_url: str | None = PydanticField(
+        None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
+    )
+    region_name: str | None = PydanticField(None, description="S3 region.")
+    aws_access_key_id: str | None = PydanticField(
+        None, description="Access key id; default: boto3's credential chain."
+    )
+    aws_secret_access_key: str | None = PydanticField(
+        None, description="Secret access key; supply it with EnvVar."
+    )
+    addressing_style: Literal["auto", "virtual", "path"] = PydanticField(
+        "path", description="S3 addressing style; 'path' suits most S3-compatible stores."
+    )
+    fsync: bool = PydanticField(
+        True, description="Local directory only: flush each write to disk before going on."
+    )
+
+    _ledger: JobLedger | None = PrivateAttr(None)
+
+    def get_ledger(self) -> JobLedger:
+        """The ledger (built once per resource instance)."""
+        if self._ledger is None:
+            self._ledger = JobLedger(self._store())
+        return self._ledger
+
+    def _store(self) -> LedgerStore:
+        if (self.base_dir is None) == (self.bucket is None):
+            raise ValueError(
+                "JobLedgerResource: set exactly one of base_dir (a local directory) "
+                "or bucket (S3); got " + ("both" if self.base_dir is not None else "neither")
+            )
+        if self.base_dir is not None:
+            return LocalLedgerStore(self.base_dir, fsync=self.fsync)
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            config=BotoConfig(
+                s3={"addressing_style": self.addressing_style},
+                retries={"max_attempts": 5, "mode": "adaptive"},
+                max_pool_connections=64,
+            ),
+        )
+        assert self.bucket is not None
+        return S3LedgerStore(client, self.bucket, self.prefix)
