@@ -1,0 +1,209 @@
+"""Dagster metadata for generated images: one place, reused by assets, ops and IO managers.
+
+Everything here is derived from the request and the answer, never from the resource,
+so no token can reach the event log through it. Image payloads never appear either:
+``request.summary()`` replaces them with sizes and hashes, and the only pixels are a
+thumbnail strip kept to a few tens of KB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagster import DataVersion, MetadataValue
+
+from .batch import GenerationResult, ImageBatch
+from .errors import OctoAIError
+from .images import thumbnail_data_uri
+from .models import ImageGenerationRequest, ImageGenerationResponse
+
+__all__ = [
+    "MAX_THUMBNAIL_BYTES",
+    "Usage",
+    "data_version_for",
+    "generation_metadata",
+    "model_assets",
+    "thumbnail_markdown",
+]
+
+#: Upper bound on the markdown of inline thumbnails on one materialization.
+MAX_THUMBNAIL_BYTES = 40_000
+#: The service's default step count, used to count the steps of requests that leave it unset.
+DEFAULT_STEPS = 30
+
+Results = ImageBatch | Sequence[GenerationResult]
+
+
+def _results(results: Results) -> list[GenerationResult]:
+    return results.results if isinstance(results, ImageBatch) else list(results)
+
+
+def model_assets(request: ImageGenerationRequest) -> dict[str, Any]:
+    """The model assets a request uses (checkpoint, VAE, LoRAs, textual inversions, ControlNet).
+
+    Examples:
+        >>> model_assets(ImageGenerationRequest(prompt="x", checkpoint="octoai:crystal"))
+        {'checkpoint': 'octoai:crystal'}
+    """
+    names = ("checkpoint", "vae", "loras", "textual_inversions", "controlnet")
+    return {n: getattr(request, n) for n in names if getattr(request, n) is not None}
+
+
+def data_version_for(results: Results) -> DataVersion:
+    """A data version from each request's fingerprint and the seeds it got back.
+
+    Same request, same seeds: same images, same version. With random seeds the
+    returned seeds differ from run to run, and so does the version.
+
+    Examples:
+        >>> data_version_for([]).value[:8]
+        'e3b0c442'
+    """
+    digest = hashlib.sha256()
+    for r in _results(results):
+        digest.update(r.request.fingerprint().encode())
+        digest.update(json.dumps(r.response.seeds).encode())
+    return DataVersion(digest.hexdigest())
+
+
+def thumbnail_markdown(
+    results: Results, *, max_images: int = 4, max_bytes: int = MAX_THUMBNAIL_BYTES
+) -> str:
+    """Markdown with small inline JPEG thumbnails, captioned with each image's seed.
+
+    Removed or undecodable images are listed by seed instead; the total stays under
+    ``max_bytes`` so the event log is never bloated.
+    """
+    parts: list[str] = []
+    size = 0
+    shown = 0
+    total = 0
+    for r in _results(results):
+        for im in r.images:
+            total += 1
+            if shown >= max_images:
+                continue
+            if not im.available:
+                parts.append(f"seed {im.seed}: removed for safety")
+                continue
+            try:
+                uri = thumbnail_data_uri(im.data)
+            except (OctoAIError, OSError, ValueError):
+                parts.append(f"seed {im.seed}: does not decode")
+                continue
+            item = f"![seed {im.seed}]({uri}) seed {im.seed}"
+            if size + len(item) > max_bytes:
+                break
+            parts.append(item)
+            size += len(item)
+            shown += 1
+    if total > shown:
+        parts.append(f"({shown} of {total} images shown)")
+    return "\n\n".join(parts)
+
+
+def generation_metadata(results: Results, *, thumbnail: bool = True) -> dict[str, MetadataValue]:
+    """Materialization metadata for a batch: seeds, request, engine, model assets, counts.
+
+    With one request the full ``request.summary()`` is shown; with several, each
+    summary is listed under ``requests``. Numbers are numeric values so the UI plots them.
+    """
+    rs = _results(results)
+    images = [im for r in rs for im in r.images]
+    removed = sum(1 for im in images if not im.available)
+    engines = sorted({r.request.engine.value for r in rs})
+    out: dict[str, MetadataValue] = {
+        "images": MetadataValue.int(len(images)),
+        "removed_for_safety": MetadataValue.int(removed),
+        "seeds": MetadataValue.json([im.seed for im in images]),
+        "engine": MetadataValue.text(", ".join(engines)),
+        "prediction_time_ms": MetadataValue.float(
+            float(sum(r.response.prediction_time_ms for r in rs))
+        ),
+    }
+    if len(rs) == 1:
+        out["request"] = MetadataValue.json(rs[0].request.summary())
+        out["request_fingerprint"] = MetadataValue.text(rs[0].request.fingerprint())
+        out["model_assets"] = MetadataValue.json(model_assets(rs[0].request))
+        size = rs[0].request.size
+        out["size"] = MetadataValue.text(f"{size[0]}x{size[1]}")
+    elif rs:
+        out["requests"] = MetadataValue.json([r.request.summary() for r in rs])
+        merged: dict[str, Any] = {}
+        for r in rs:
+            for key, value in model_assets(r.request).items():
+                merged.setdefault(key, [])
+                if value not in merged[key]:
+                    merged[key].append(value)
+        out["model_assets"] = MetadataValue.json(merged)
+    response_ids = [r.response_id for r in rs if r.response_id]
+    if response_ids:
+        out["response_ids"] = MetadataValue.json(response_ids)
+    reused = [r.reused_from for r in rs if r.reused_from]
+    if reused:
+        out["reused_from"] = MetadataValue.json(reused)
+    if thumbnail and images:
+        out["thumbnail"] = MetadataValue.md(thumbnail_markdown(rs))
+    return out
+
+
+@dataclass
+class Usage:
+    """What the calls of one output cost: counted by the resource's session.
+
+    ``steps`` is the diffusion steps summed over images (the service's default of
+    30 for requests that leave it unset): with ``premium_images`` the cost driver.
+    """
+
+    calls: int = 0
+    images: int = 0
+    steps: int = 0
+    premium_images: int = 0
+    removed_for_safety: int = 0
+    prediction_time_ms: float = 0.0
+    retries: int = 0
+    engines: set[str] = field(default_factory=set)
+    request_ids: list[str] = field(default_factory=list)
+
+    def add(self, request: ImageGenerationRequest, response: ImageGenerationResponse) -> None:
+        """Count one answered call."""
+        n = len(response.images)
+        self.calls += 1
+        self.images += n
+        self.steps += n * (request.steps or DEFAULT_STEPS)
+        self.premium_images += n if request.is_premium else 0
+        self.removed_for_safety += response.removed_count
+        self.prediction_time_ms += response.prediction_time_ms
+        self.retries += response.call_info.retries
+        self.engines.add(request.engine.value)
+        self.request_ids.extend(response.call_info.request_ids)
+
+    def merge(self, other: Usage) -> None:
+        """Add another usage record's counts to this one."""
+        self.calls += other.calls
+        self.images += other.images
+        self.steps += other.steps
+        self.premium_images += other.premium_images
+        self.removed_for_safety += other.removed_for_safety
+        self.prediction_time_ms += other.prediction_time_ms
+        self.retries += other.retries
+        self.engines |= other.engines
+        self.request_ids.extend(other.request_ids)
+
+    def to_metadata(self, prefix: str = "octoai/") -> dict[str, MetadataValue]:
+        """Numeric metadata (so the UI plots it) under ``prefix``."""
+        return {
+            f"{prefix}calls": MetadataValue.int(self.calls),
+            f"{prefix}images": MetadataValue.int(self.images),
+            f"{prefix}steps": MetadataValue.int(self.steps),
+            f"{prefix}premium_images": MetadataValue.int(self.premium_images),
+            f"{prefix}removed_for_safety": MetadataValue.int(self.removed_for_safety),
+            f"{prefix}prediction_time_ms": MetadataValue.float(self.prediction_time_ms),
+            f"{prefix}retries": MetadataValue.int(self.retries),
+            f"{prefix}engine": MetadataValue.text(", ".join(sorted(self.engines))),
+            f"{prefix}request_ids": MetadataValue.json(list(self.request_ids)),
+        }
