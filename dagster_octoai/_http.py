@@ -1,0 +1,507 @@
+"""The I/O-free half of the clients: URLs, headers, the retry state of one call,
+error mapping and answer parsing. The sync and the async client differ only in
+how they send a request and how they sleep; everything else lives here so the
+two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import httpx
+from pydantic import ValidationError
+
+from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
+from .errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConnectionFailedError,
+    DeadlineExceededError,
+    JobExpiredError,
+    NotFoundError,
+    OctoAIError,
+    PermissionDeniedError,
+    PolicyViolationError,
+    RateLimitError,
+    ResponseFormatError,
+    ServerError,
+    UnprocessableEntityError,
+)
+from .models import AsyncJob, CallInfo, ImageGenerationResponse, JobStatus, PollResult
+from .version import __version__
+
+logger = logging.getLogger("dagster_octoai.client")
+
+USER_AGENT = f"dagster-octoai/{__version__}"
+REQUEST_ID_HEADER = "X-User-Request-ID"
+EXCERPT_CHARS = 200
+
+#: What a call is for: decides how a 404 is read and what the answer must look like.
+CallKind = Literal["generate", "submit", "poll", "fetch", "health"]
+
+
+class Redactor:
+    """Removes the token from any text that might echo it (error bodies, exception text)."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token or None
+
+    def text(self, value: str) -> str:
+        if self._token and self._token in value:
+            return value.replace(self._token, "***")
+        return value
+
+    def obj(self, value: Any) -> Any:
+        """A copy of a parsed JSON value with the token removed from every string."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.obj(v) for v in value]
+        if isinstance(value, dict):
+            return {self.text(str(k)): self.obj(v) for k, v in value.items()}
+        return value
+
+
+def headers(token: str, *, async_: bool = False, json_body: bool = False) -> dict[str, str]:
+    out = {
+        "Authorization": f"Bearer {token}",
+        "User-Agent": USER_AGENT,
+        "Accept": "application/json",
+    }
+    if json_body:
+        out["Content-Type"] = "application/json"
+    if async_:
+        out["X-OctoAI-Async"] = "1"
+    return out
+
+
+def resolve_url(base_url: str, url: str) -> str:
+    """An absolute URL is followed as given; a relative one is joined to the base URL."""
+    target = httpx.URL(url)
+    if target.is_absolute_url:
+        return url
+    return str(httpx.URL(base_url.rstrip("/") + "/").join(url.lstrip("/")))
+
+
+def _where(method: str, url: str) -> str:
+    # Path only: the host is in the client's repr and query strings may carry signatures.
+    return f"{method} {httpx.URL(url).path}"
+
+
+def clip_timeout(timeout: httpx.Timeout, remaining: float | None) -> tuple[httpx.Timeout, bool]:
+    """The attempt's timeout cut to what is left of the deadline, and whether it was cut."""
+    if remaining is None:
+        return timeout, False
+    parts = {
+        "connect": timeout.connect,
+        "read": timeout.read,
+        "write": timeout.write,
+        "pool": timeout.pool,
+    }
+    clipped = False
+    for key, value in parts.items():
+        if value is None or value > remaining:
+            parts[key] = remaining
+            clipped = True
+    return httpx.Timeout(**parts), clipped
+
+
+class Call:
+    """The retry state of one logical call: attempts, request ids, the deadline.
+
+    The client loop is::
+
+        while True:
+            timeout = call.start_attempt()
+            try: response = send(timeout)
+            except httpx.TransportError as exc: wait = call.on_transport_error(exc)
+            else:
+                wait = call.on_response(response)
+                if wait is None: return response
+            sleep(wait)
+
+    ``on_*`` return the wait before the next attempt, or raise the error to surface.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        url: str,
+        kind: CallKind,
+        policy: RetryPolicy,
+        timeout: httpx.Timeout,
+        redactor: Redactor,
+        deadline: float | None = None,
+        response_id: str | None = None,
+        rng: Callable[[int], float] | None = None,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.kind = kind
+        self.policy = policy
+        self.timeout = timeout
+        self.redactor = redactor
+        self.response_id = response_id
+        self.started = time.monotonic()
+        own = None if policy.deadline_s is None else self.started + policy.deadline_s
+        self.deadline = (
+            own if deadline is None else (deadline if own is None else min(own, deadline))
+        )
+        self.attempts = 0
+        self.request_ids: list[str] = []
+        self._clipped = False
+        self._backoff = rng or policy.backoff
+        self.where = _where(method, url)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def start_attempt(self) -> httpx.Timeout:
+        """Count an attempt and return its timeout; raises when the deadline has passed."""
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise self.deadline_error()
+        self.attempts += 1
+        timeout, self._clipped = clip_timeout(self.timeout, remaining)
+        logger.debug("%s attempt %d/%d", self.where, self.attempts, self.policy.max_attempts)
+        return timeout
+
+    def on_response(self, response: httpx.Response) -> float | None:
+        """``None`` for a 2xx answer, else the wait before retrying; raises when done."""
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        if request_id and request_id not in self.request_ids:
+            self.request_ids.append(request_id)
+        if response.is_success:
+            return None
+        status = response.status_code
+        if not is_retryable_status(status):
+            raise self.status_error(response)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return self._next_wait(
+            lambda note: self.status_error(response, note=note),
+            cause=f"status {status}",
+            retry_after=retry_after,
+        )
+
+    def on_transport_error(self, exc: httpx.TransportError) -> float:
+        """The wait before retrying after a failed connection; raises when done."""
+        if isinstance(exc, httpx.TimeoutException) and self._clipped:
+            raise self.deadline_error() from exc
+        what = _describe_transport_error(exc)
+        if not isinstance(
+            exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
+        ):
+            # An unsupported scheme or a malformed request: waiting will not fix it.
+            raise ConnectionFailedError(
+                self.redactor.text(f"{self.where}: {what}"), response_id=self.response_id
+            ) from exc
+
+        def build(note: str) -> OctoAIError:
+            return ConnectionFailedError(
+                self.redactor.text(f"{self.where}: {what}{note}"),
+                request_id=self._last_request_id(),
+                response_id=self.response_id,
+            )
+
+        return self._next_wait(build, cause=what, retry_after=None, exc=exc)
+
+    def info(self) -> CallInfo:
+        return CallInfo(
+            attempts=self.attempts,
+            request_ids=tuple(self.request_ids),
+            elapsed_s=time.monotonic() - self.started,
+            response_id=self.response_id,
+        )
+
+    def _next_wait(
+        self,
+        build: Callable[[str], OctoAIError],
+        *,
+        cause: str,
+        retry_after: float | None,
+        exc: BaseException | None = None,
+    ) -> float:
+        policy = self.policy
+        if self.attempts >= policy.max_attempts:
+            raise build(f" (gave up after {self.attempts} attempts)") from exc
+        if retry_after is not None and retry_after > policy.max_retry_after_s:
+            raise build(
+                f" (Retry-After {retry_after:.0f} s is over max_retry_after_s="
+                f"{policy.max_retry_after_s:g}; not retried)"
+            ) from exc
+        wait = retry_after if retry_after is not None else self._backoff(self.attempts - 1)
+        remaining = self.remaining()
+        if remaining is not None and wait >= remaining:
+            raise build(
+                f" (gave up after {self.attempts} attempts: a {wait:.1f} s wait would pass "
+                f"the {policy.deadline_s:g} s deadline)"
+            ) from exc
+        logger.warning(
+            "%s failed with %s (attempt %d/%d); retrying in %.2f s%s",
+            self.where,
+            self.redactor.text(cause),
+            self.attempts,
+            policy.max_attempts,
+            wait,
+            " (Retry-After)" if retry_after is not None else "",
+        )
+        return wait
+
+    def deadline_error(self) -> DeadlineExceededError:
+        deadline = self.deadline - self.started if self.deadline is not None else 0.0
+        return DeadlineExceededError(
+            f"{self.where}: the {deadline:.1f} s deadline ran out after {self.attempts} attempt(s)",
+            request_id=self._last_request_id(),
+            response_id=self.response_id,
+        )
+
+    def _last_request_id(self) -> str | None:
+        return self.request_ids[-1] if self.request_ids else None
+
+    def status_error(self, response: httpx.Response, *, note: str = "") -> APIStatusError:
+        return error_from_response(
+            response,
+            kind=self.kind,
+            where=self.where,
+            redactor=self.redactor,
+            response_id=self.response_id,
+            note=note,
+        )
+
+
+def _describe_transport_error(exc: httpx.TransportError) -> str:
+    kind = {
+        httpx.ConnectTimeout: "connect timed out",
+        httpx.ReadTimeout: "read timed out",
+        httpx.WriteTimeout: "write timed out",
+        httpx.PoolTimeout: "timed out waiting for a pooled connection",
+        httpx.ConnectError: "could not connect",
+        httpx.RemoteProtocolError: "connection dropped",
+        httpx.ReadError: "connection dropped while reading",
+        httpx.WriteError: "connection dropped while sending",
+    }.get(type(exc), type(exc).__name__)
+    detail = str(exc).strip()
+    return f"{kind} ({detail})" if detail and detail != kind else kind
+
+
+# ---- errors -------------------------------------------------------------------------
+
+
+def _excerpt(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _body(response: httpx.Response, redactor: Redactor) -> tuple[Any, str]:
+    """The parsed (redacted) body and a one-line text for messages."""
+    text = redactor.text(response.text)
+    try:
+        parsed = redactor.obj(json.loads(text)) if text.strip() else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        title = _TITLE.search(text)
+        return text or None, _excerpt(title.group(1) if title else text)
+    return parsed, _server_message(parsed)
+
+
+def _server_message(body: Any) -> str:
+    if isinstance(body, dict):
+        detail = body.get("detail")
+        if isinstance(detail, list):
+            return _excerpt("; ".join(_detail_item(d) for d in detail))
+        for key in ("message", "detail", "error", "msg"):
+            if isinstance(body.get(key), str):
+                return _excerpt(body[key])
+    return _excerpt(json.dumps(body, ensure_ascii=False))
+
+
+def _detail_item(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    loc = [str(p) for p in item.get("loc") or [] if p != "body"]
+    msg = str(item.get("msg", ""))
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
+_HINTS = {
+    401: "check the API token (token= or OCTOAI_TOKEN)",
+    403: "the token may not use this engine or asset",
+    429: "rate limited",
+}
+
+
+def error_from_response(
+    response: httpx.Response,
+    *,
+    kind: CallKind,
+    where: str,
+    redactor: Redactor,
+    response_id: str | None = None,
+    note: str = "",
+) -> APIStatusError:
+    """The typed exception for an error answer; its text and body never hold the token."""
+    status = response.status_code
+    body, said = _body(response, redactor)
+    request_id = response.headers.get(REQUEST_ID_HEADER)
+    message = f"{where} answered {status} {response.reason_phrase}".rstrip()
+    if said:
+        message += f": {said}"
+    hint = _HINTS.get(status)
+    kwargs: dict[str, Any] = {
+        "status_code": status,
+        "body": body,
+        "request_id": request_id,
+        "response_id": response_id,
+    }
+    cls: type[APIStatusError]
+    if status == 400:
+        cls = PolicyViolationError if "acceptable use policy" in said.lower() else BadRequestError
+    elif status == 401:
+        cls = AuthenticationError
+    elif status == 403:
+        cls = PermissionDeniedError
+    elif status == 404 and kind in ("poll", "fetch"):
+        cls = JobExpiredError
+        hint = "async results are kept 24 hours, then deleted; resubmit the request"
+    elif status == 404:
+        cls = NotFoundError
+        hint = "unknown engine, or the base_url is not an OctoAI image server"
+    elif status == 422:
+        cls = UnprocessableEntityError
+    elif status == 429:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if retry_after is not None:
+            hint = f"rate limited; the server asks to wait {retry_after:g} s"
+        message = redactor.text(message + (f" ({hint})" if hint else "") + note)
+        return RateLimitError(message, retry_after=retry_after, **kwargs)
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = APIStatusError
+    if hint:
+        message += f" ({hint})"
+    return cls(redactor.text(message + note), **kwargs)
+
+
+# ---- answers ------------------------------------------------------------------------
+
+
+def _format_error(
+    response: httpx.Response, where: str, problem: str, redactor: Redactor, response_id: str | None
+) -> ResponseFormatError:
+    excerpt = _excerpt(redactor.text(response.text))
+    return ResponseFormatError(
+        f"{where}: {problem}; body starts: {excerpt!r}",
+        status_code=response.status_code,
+        request_id=response.headers.get(REQUEST_ID_HEADER),
+        response_id=response_id,
+    )
+
+
+def json_object(
+    response: httpx.Response, where: str, redactor: Redactor, response_id: str | None = None
+) -> dict[str, Any]:
+    """The answer's JSON object, or :class:`ResponseFormatError` with an excerpt."""
+    ctype = response.headers.get("Content-Type", "")
+    if "json" not in ctype.lower():
+        raise _format_error(
+            response,
+            where,
+            f"expected a JSON answer, got Content-Type {ctype or 'none'!r}",
+            redactor,
+            response_id,
+        )
+    try:
+        body = json.loads(response.content)
+    except ValueError as exc:
+        raise _format_error(
+            response, where, f"the answer is not valid JSON ({exc})", redactor, response_id
+        ) from None
+    if not isinstance(body, dict):
+        raise _format_error(
+            response,
+            where,
+            f"expected a JSON object, got {type(body).__name__}",
+            redactor,
+            response_id,
+        )
+    return body
+
+
+def parse_generation(
+    response: httpx.Response, where: str, redactor: Redactor, response_id: str | None = None
+) -> ImageGenerationResponse:
+    """A generation body, held to what the official SDK requires of it."""
+    body = json_object(response, where, redactor, response_id)
+
+    def bad(problem: str) -> ResponseFormatError:
+        return _format_error(response, where, problem, redactor, response_id)
+
+    if "prediction_time_ms" not in body:
+        raise bad("the generation answer lacks 'prediction_time_ms'")
+    images = body.get("images")
+    if not isinstance(images, list):
+        raise bad("the generation answer lacks an 'images' list")
+    for i, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise bad(f"images[{i}] is not an object")
+        for key in ("seed", "removed_for_safety"):
+            if key not in image:
+                raise bad(f"images[{i}] lacks {key!r}")
+        if image.get("image_b64") is None and image.get("removed_for_safety") is not True:
+            raise bad(f"images[{i}] has no image_b64 but is not marked removed_for_safety")
+    try:
+        return ImageGenerationResponse.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise bad(f"the generation answer is malformed ({problems})") from None
+
+
+def parse_job(
+    response: httpx.Response,
+    where: str,
+    redactor: Redactor,
+    request: Any,
+    base_url: str,
+) -> AsyncJob:
+    body = json_object(response, where, redactor)
+    response_id, poll_url = body.get("response_id"), body.get("poll_url")
+    if not isinstance(response_id, str) or not response_id:
+        raise _format_error(response, where, "the async answer lacks 'response_id'", redactor, None)
+    if not isinstance(poll_url, str) or not poll_url:
+        raise _format_error(
+            response, where, "the async answer lacks 'poll_url'", redactor, response_id
+        )
+    return AsyncJob(
+        response_id=response_id, poll_url=resolve_url(base_url, poll_url), request=request
+    )
+
+
+def parse_poll(
+    response: httpx.Response, where: str, redactor: Redactor, response_id: str | None
+) -> PollResult:
+    body = json_object(response, where, redactor, response_id)
+    raw = body.get("status")
+    if not isinstance(raw, str):
+        raise _format_error(
+            response, where, "the poll answer lacks 'status'", redactor, response_id
+        )
+    url = body.get("response_url")
+    return PollResult(
+        status=JobStatus.parse(raw),
+        raw_status=raw,
+        response_url=url if isinstance(url, str) and url else None,
+    )

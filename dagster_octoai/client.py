@@ -1,0 +1,935 @@
+"""HTTP clients for the OctoAI image API: :class:`OctoAIClient` and :class:`AsyncOctoAIClient`.
+
+Imports no Dagster. Each client holds one pooled ``httpx`` client for its
+lifetime, validates every request before sending it, retries what is worth
+retrying (see :class:`RetryPolicy`), and raises the typed errors of
+:mod:`dagster_octoai.errors`. The token never appears in a repr, a log line or
+an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from types import TracebackType
+from typing import Any, Literal, TypeAlias, overload
+
+import httpx
+
+from ._http import (
+    USER_AGENT,
+    Call,
+    CallKind,
+    Redactor,
+    headers,
+    parse_generation,
+    parse_job,
+    parse_poll,
+    resolve_url,
+)
+from ._retry import RetryPolicy
+from .errors import (
+    DeadlineExceededError,
+    JobFailedError,
+    OctoAIError,
+    RequestValidationError,
+)
+from .models import (
+    ASYNC_BODY_LIMIT_BYTES,
+    AsyncJob,
+    Engine,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    JobStatus,
+    PollResult,
+)
+
+__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "OctoAIClient", "RetryPolicy"]
+
+logger = logging.getLogger("dagster_octoai.client")
+
+#: The historical production host; point ``base_url`` at any OctoAI-compatible server.
+DEFAULT_BASE_URL = "https://image.octoai.run"
+TOKEN_ENV = "OCTOAI_TOKEN"
+# Connecting should be quick; a stuck connect is retried rather than waited out.
+_CONNECT_TIMEOUT_S = 10.0
+_HEALTH_TIMEOUT_S = 10.0
+
+RequestLike: TypeAlias = ImageGenerationRequest | Mapping[str, Any]
+BatchItem: TypeAlias = ImageGenerationResponse | OctoAIError
+
+
+def _resolve_token(token: str | None) -> str:
+    value = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip()
+    if not value:
+        raise RequestValidationError(
+            f"token: no API token; pass token=... or set the {TOKEN_ENV} environment variable",
+            [{"field": "token", "message": f"missing; pass token=... or set {TOKEN_ENV}"}],
+        )
+    if any(c in value for c in "\r\n\0"):
+        raise RequestValidationError(
+            "token: contains a line break or NUL; it cannot be sent in a header",
+            [{"field": "token", "message": "contains a line break or NUL"}],
+        )
+    return value
+
+
+def _check_base_url(base_url: str) -> str:
+    url = httpx.URL(base_url)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise RequestValidationError(
+            f"base_url: {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL!r}",
+            [{"field": "base_url", "message": "must be an absolute http or https URL"}],
+        )
+    return base_url.rstrip("/")
+
+
+def _timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    return httpx.Timeout(timeout, connect=min(timeout, _CONNECT_TIMEOUT_S))
+
+
+def _check_concurrency(value: int, name: str = "max_concurrency") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestValidationError(
+            f"{name}: {value!r} must be an int >= 1 (the endpoint's replica count)",
+            [{"field": name, "message": "must be an int >= 1"}],
+        )
+    return value
+
+
+class _ClientBase:
+    """What the sync and async clients share: configuration, request building, URLs."""
+
+    def __init__(
+        self,
+        token: str | None,
+        *,
+        base_url: str,
+        timeout: float | httpx.Timeout,
+        retry: RetryPolicy | None,
+        max_concurrency: int,
+    ) -> None:
+        self._token = _resolve_token(token)
+        self._redactor = Redactor(self._token)
+        self._base_url = _check_base_url(base_url)
+        self._timeout = _timeout(timeout)
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._max_concurrency = _check_concurrency(max_concurrency)
+
+    @property
+    def base_url(self) -> str:
+        """The server's base URL, without a trailing slash."""
+        return self._base_url
+
+    @property
+    def max_concurrency(self) -> int:
+        """Most sync generations this client has in flight at once (the endpoint's replicas)."""
+        return self._max_concurrency
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy of every HTTP call."""
+        return self._retry
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._base_url!r}, token=***)"
+
+    def _batch_width(self, max_concurrency: int | None) -> int:
+        if max_concurrency is None:
+            return self._max_concurrency
+        return min(_check_concurrency(max_concurrency), self._max_concurrency)
+
+    def _generate_url(self, engine: Engine) -> str:
+        return f"{self._base_url}/generate/{engine.value}"
+
+    def _call(
+        self,
+        method: str,
+        url: str,
+        kind: CallKind,
+        *,
+        deadline: float | None = None,
+        response_id: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> Call:
+        return Call(
+            method=method,
+            url=url,
+            kind=kind,
+            policy=retry or self._retry,
+            timeout=timeout or self._timeout,
+            redactor=self._redactor,
+            deadline=deadline,
+            response_id=response_id,
+        )
+
+    def _submit_body(self, request: ImageGenerationRequest) -> bytes:
+        body = request.wire_bytes()
+        if len(body) > ASYNC_BODY_LIMIT_BYTES:
+            mb = len(body) / 1024 / 1024
+            raise RequestValidationError(
+                f"request: the JSON body is {mb:.1f} MB, over the 10 MB limit of async "
+                "requests; use smaller or JPEG input images, or the sync generate()",
+                [{"field": "request", "message": f"body {mb:.1f} MB > 10 MB async limit"}],
+            )
+        return body
+
+    def _poll_target(self, job: AsyncJob | str) -> tuple[str, str | None]:
+        if isinstance(job, AsyncJob):
+            return resolve_url(self._base_url, job.poll_url), job.response_id
+        return resolve_url(self._base_url, job), None
+
+    def _completed_url(self, result: PollResult, response_id: str | None) -> str | None:
+        """The response URL of a finished job; raises for a failed one; None while running."""
+        if result.status is JobStatus.FAILED:
+            raise JobFailedError(
+                f"async job{_label(response_id)} ended with status {result.raw_status!r}; "
+                "resubmit it with the same parameters",
+                response_id=response_id,
+            )
+        if result.status is not JobStatus.COMPLETED:
+            return None
+        if result.response_url is None:
+            raise OctoAIError(
+                f"async job{_label(response_id)} is completed but the poll answer has no "
+                "response_url",
+                response_id=response_id,
+            )
+        return resolve_url(self._base_url, result.response_url)
+
+    def _log_done(self, what: str, result: ImageGenerationResponse) -> None:
+        call = result.call_info
+        logger.info(
+            "%s: %d image(s), %d removed for safety, %.0f ms prediction, %d attempt(s), %.2f s",
+            what,
+            len(result.images),
+            result.removed_count,
+            result.prediction_time_ms,
+            call.attempts,
+            call.elapsed_s,
+        )
+
+
+def _label(response_id: str | None) -> str:
+    return f" {response_id}" if response_id else ""
+
+
+def _not_ready(job: AsyncJob, result: PollResult) -> OctoAIError:
+    return OctoAIError(
+        f"async job {job.response_id} is {result.raw_status!r}, not completed; "
+        "call wait(job) or poll again later",
+        response_id=job.response_id,
+    )
+
+
+def _wait_deadline(job: AsyncJob, status: str, timeout: float) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"async job {job.response_id} still {status!r} after waiting {timeout:g} s; "
+        "wait(job) again or fetch it later (results are kept 24 hours)",
+        response_id=job.response_id,
+    )
+
+
+class OctoAIClient(_ClientBase):
+    """A thread-safe client of the OctoAI image API.
+
+    One pooled connection pool serves the client's lifetime; close it with
+    :meth:`close` or use the client as a context manager. At most
+    ``max_concurrency`` sync generations are in flight at once, across all threads
+    and batches: set it to the endpoint's replica count.
+
+    Args:
+        token: API token; defaults to the ``OCTOAI_TOKEN`` environment variable.
+        base_url: The server, e.g. a self-hosted OctoAI-compatible one.
+        timeout: Per-attempt timeout in seconds (connect is capped at 10 s), or an
+            ``httpx.Timeout``.
+        retry: How calls are retried; see :class:`RetryPolicy`.
+        max_concurrency: Most generations in flight at once.
+        http_client: An ``httpx.Client`` to use instead of the client's own (it is
+            not closed by :meth:`close`).
+
+    Examples:
+        >>> with OctoAIClient("my-token", base_url="http://127.0.0.1:9") as client:
+        ...     client
+        OctoAIClient(base_url='http://127.0.0.1:9', token=***)
+
+        Against a live server::
+
+            with OctoAIClient(base_url="https://image.example.com") as client:
+                response = client.generate({"prompt": "a red fox", "seed": 7}, engine="sdxl")
+                Path("fox.jpg").write_bytes(response.images[0].data)
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout = 120.0,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 4,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            token, base_url=base_url, timeout=timeout, retry=retry, max_concurrency=max_concurrency
+        )
+        self._owns_http = http_client is None
+        # Room beyond the generation slots for polls, fetches and health checks.
+        pool = max_concurrency + 4
+        self._http = http_client or httpx.Client(
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            headers={"User-Agent": USER_AGENT},
+        )
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool (not an ``http_client`` that was passed in)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> OctoAIClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- transport -------------------------------------------------------------------
+
+    def _send(
+        self, call: Call, *, content: bytes | None = None, async_: bool = False
+    ) -> httpx.Response:
+        hdrs = headers(self._token, async_=async_, json_body=content is not None)
+        while True:
+            timeout = call.start_attempt()
+            try:
+                with self._slot(call):
+                    response = self._http.request(
+                        call.method, call.url, content=content, headers=hdrs, timeout=timeout
+                    )
+            except httpx.TransportError as exc:
+                wait = call.on_transport_error(exc)
+            else:
+                retry_wait = call.on_response(response)
+                if retry_wait is None:
+                    return response
+                wait = retry_wait
+            time.sleep(wait)
+
+    def _slot(self, call: Call) -> _Slot:
+        return _Slot(self._slots if call.kind == "generate" else None, call)
+
+    # ---- sync generation -------------------------------------------------------------
+
+    def generate(
+        self, request: RequestLike, *, engine: Engine | str | None = None
+    ) -> ImageGenerationResponse:
+        """Generate images and wait for them (``POST /generate/{engine}``).
+
+        Args:
+            request: An :class:`ImageGenerationRequest` or a dict with its keys.
+            engine: Overrides the request's engine (default ``sdxl``).
+
+        Returns:
+            The answer; ``call_info`` holds attempts, request ids and elapsed time.
+
+        Raises:
+            RequestValidationError: the request breaks a rule; nothing was sent.
+            APIStatusError: the server refused it (a subclass per status).
+            ConnectionFailedError, DeadlineExceededError: no answer in time.
+            ResponseFormatError: the answer is not a valid generation body.
+
+        Examples:
+            >>> client = OctoAIClient("t", base_url="http://127.0.0.1:9")
+            >>> client.generate({"prompt": "a fox", "steps": 0})
+            Traceback (most recent call last):
+            ...
+            dagster_octoai.errors.RequestValidationError: invalid image generation request: steps: ...
+        """
+        req = ImageGenerationRequest.build(request, engine=engine)
+        call = self._call("POST", self._generate_url(req.engine), "generate")
+        response = self._send(call, content=req.wire_bytes())
+        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        self._log_done(call.where, result)
+        return result
+
+    @overload
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> Iterator[tuple[int, ImageGenerationResponse]]: ...
+
+    @overload
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[True],
+    ) -> Iterator[tuple[int, BatchItem]]: ...
+
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[tuple[int, BatchItem]]:
+        """Generate a batch, yielding ``(input index, response)`` as each one completes.
+
+        Requests are pulled from ``requests`` lazily, at most ``max_concurrency``
+        (capped at the client's) in flight, so a batch of thousands streams in
+        bounded memory. On an error no new request is started; the ones in flight
+        finish and are yielded, then the first error is raised. With
+        ``return_exceptions=True`` errors of this package are yielded in place of
+        responses and the batch goes on.
+
+        Examples:
+            >>> client = OctoAIClient("t", base_url="http://127.0.0.1:9")
+            >>> list(client.iter_generate([]))
+            []
+        """
+        width = self._batch_width(max_concurrency)
+        source = enumerate(requests)
+        pending: dict[Future[ImageGenerationResponse], int] = {}
+        first_error: BaseException | None = None
+        exhausted = False
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-generate") as pool:
+            while True:
+                while not exhausted and first_error is None and len(pending) < width:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    index, request = item
+                    pending[pool.submit(self.generate, request, engine=engine)] = index
+                if not pending:
+                    break
+                done, _ = wait_futures(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=pending.__getitem__):
+                    index = pending.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        yield index, future.result()
+                    elif return_exceptions and isinstance(error, OctoAIError):
+                        yield index, error
+                    elif first_error is None:
+                        first_error = error
+        if first_error is not None:
+            raise first_error
+
+    @overload
+    def generate_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[ImageGenerationResponse]: ...
+
+    @overload
+    def generate_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[True],
+    ) -> list[BatchItem]: ...
+
+    def generate_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[ImageGenerationResponse] | list[BatchItem]:
+        """Generate a batch concurrently; the answers come back in input order.
+
+        Raises the first error once the requests in flight have finished (no new
+        ones start after it), or with ``return_exceptions=True`` puts each error of
+        this package in its request's place. See :meth:`iter_generate` to stream.
+        """
+        out: dict[int, BatchItem] = {}
+        if return_exceptions:
+            for index, item in self.iter_generate(
+                requests, engine=engine, max_concurrency=max_concurrency, return_exceptions=True
+            ):
+                out[index] = item
+            return [out[i] for i in range(len(out))]
+        results: dict[int, ImageGenerationResponse] = dict(
+            self.iter_generate(requests, engine=engine, max_concurrency=max_concurrency)
+        )
+        return [results[i] for i in range(len(results))]
+
+    # ---- async jobs ------------------------------------------------------------------
+
+    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+        """Start an async generation (``X-OctoAI-Async: 1``); returns the job to poll.
+
+        Bodies over 10 MB are refused before sending (:class:`RequestValidationError`).
+        """
+        req = ImageGenerationRequest.build(request, engine=engine)
+        body = self._submit_body(req)
+        call = self._call("POST", self._generate_url(req.engine), "submit")
+        response = self._send(call, content=body, async_=True)
+        job = parse_job(response, call.where, self._redactor, req, self._base_url)
+        logger.info("%s: submitted async job %s", call.where, job.response_id)
+        return job
+
+    def poll(self, job: AsyncJob | str) -> PollResult:
+        """One status check of a job (or of a ``poll_url``, followed as given).
+
+        Raises:
+            JobExpiredError: the job is unknown or its result was deleted (404).
+        """
+        return self._poll(job, None)
+
+    def _poll(self, job: AsyncJob | str, deadline: float | None) -> PollResult:
+        url, response_id = self._poll_target(job)
+        call = self._call("GET", url, "poll", deadline=deadline, response_id=response_id)
+        result = parse_poll(self._send(call), call.where, self._redactor, response_id)
+        logger.debug("job %s: %s", response_id or url, result.raw_status)
+        return result
+
+    def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
+        """The result of a completed job, or of a ``response_url`` given as a str.
+
+        Given an :class:`AsyncJob`, polls once for its ``response_url``.
+
+        Raises:
+            JobExpiredError: the result is gone (kept 24 hours).
+            JobFailedError: the job failed.
+            OctoAIError: the job is not completed yet.
+        """
+        return self._fetch(job, None)
+
+    def _fetch(self, job: AsyncJob | str, deadline: float | None) -> ImageGenerationResponse:
+        if isinstance(job, AsyncJob):
+            result = self._poll(job, deadline)
+            url = self._completed_url(result, job.response_id)
+            if url is None:
+                raise _not_ready(job, result)
+            response_id: str | None = job.response_id
+        else:
+            url, response_id = resolve_url(self._base_url, job), None
+        return self._fetch_url(url, response_id, deadline)
+
+    def _fetch_url(
+        self, url: str, response_id: str | None, deadline: float | None
+    ) -> ImageGenerationResponse:
+        call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
+        response = self._send(call)
+        result = parse_generation(response, call.where, self._redactor, response_id)
+        return result.with_call_info(call.info())
+
+    def wait(
+        self,
+        job: AsyncJob,
+        *,
+        timeout: float = 600.0,
+        poll_interval_s: float = 0.5,
+        max_poll_interval_s: float = 10.0,
+    ) -> ImageGenerationResponse:
+        """Poll a job until it completes, then fetch its result.
+
+        Polls back off exponentially from ``poll_interval_s`` to
+        ``max_poll_interval_s``. A ``failed`` status raises :class:`JobFailedError`
+        and a 404 :class:`JobExpiredError` at once; any other status (including ones
+        this client does not know) is polled until ``timeout``, then
+        :class:`DeadlineExceededError`.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        interval = poll_interval_s
+        while True:
+            result = self._poll(job, deadline)
+            url = self._completed_url(result, job.response_id)
+            if url is not None:
+                answer = self._fetch_url(url, job.response_id, deadline)
+                self._log_done(f"job {job.response_id}", answer)
+                return answer
+            if result.status is JobStatus.UNKNOWN:
+                logger.warning(
+                    "job %s: unknown status %r; polling on until the %g s timeout",
+                    job.response_id,
+                    result.raw_status,
+                    timeout,
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _wait_deadline(job, result.raw_status, timeout)
+            time.sleep(min(interval, remaining))
+            interval = min(interval * 2, max_poll_interval_s)
+
+    # ---- health ----------------------------------------------------------------------
+
+    def health(self) -> bool:
+        """True when ``GET {base_url}/healthcheck`` answers 2xx; one quick attempt, never raises."""
+        call = self._call(
+            "GET",
+            f"{self._base_url}/healthcheck",
+            "health",
+            retry=RetryPolicy.none(),
+            timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
+        )
+        try:
+            self._send(call)
+        except OctoAIError as exc:
+            logger.info("health check failed: %s", exc)
+            return False
+        return True
+
+
+class _Slot:
+    """Holds one of the client's generation slots for one attempt, bounded by the deadline."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore | None, call: Call) -> None:
+        self._semaphore = semaphore
+        self._call = call
+
+    def __enter__(self) -> None:
+        if self._semaphore is None:
+            return
+        remaining = self._call.remaining()
+        if not self._semaphore.acquire(timeout=None if remaining is None else max(remaining, 0)):
+            raise self._call.deadline_error()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._semaphore is not None:
+            self._semaphore.release()
+
+
+class AsyncOctoAIClient(_ClientBase):
+    """The asyncio twin of :class:`OctoAIClient`: same arguments, ``async`` methods.
+
+    Use it from one event loop; ``max_concurrency`` bounds the generations in flight
+    with an ``asyncio.Semaphore``.
+
+    Examples:
+        >>> import asyncio
+        >>> async def main() -> str:
+        ...     async with AsyncOctoAIClient("t", base_url="http://127.0.0.1:9") as client:
+        ...         return repr(client)
+        >>> asyncio.run(main())
+        "AsyncOctoAIClient(base_url='http://127.0.0.1:9', token=***)"
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float | httpx.Timeout = 120.0,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 4,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            token, base_url=base_url, timeout=timeout, retry=retry, max_concurrency=max_concurrency
+        )
+        self._owns_http = http_client is None
+        pool = max_concurrency + 4
+        self._http = http_client or httpx.AsyncClient(
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            headers={"User-Agent": USER_AGENT},
+        )
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    async def close(self) -> None:
+        """Close the connection pool (not an ``http_client`` that was passed in)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncOctoAIClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _send(
+        self, call: Call, *, content: bytes | None = None, async_: bool = False
+    ) -> httpx.Response:
+        hdrs = headers(self._token, async_=async_, json_body=content is not None)
+        bounded = call.kind == "generate"
+        while True:
+            timeout = call.start_attempt()
+            if bounded:
+                await self._acquire(call)
+            try:
+                response = await self._http.request(
+                    call.method, call.url, content=content, headers=hdrs, timeout=timeout
+                )
+            except httpx.TransportError as exc:
+                wait = call.on_transport_error(exc)
+            else:
+                retry_wait = call.on_response(response)
+                if retry_wait is None:
+                    return response
+                wait = retry_wait
+            finally:
+                if bounded:
+                    self._slots.release()
+            await asyncio.sleep(wait)
+
+    async def _acquire(self, call: Call) -> None:
+        remaining = call.remaining()
+        if remaining is None:
+            await self._slots.acquire()
+            return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), max(remaining, 0))
+        except asyncio.TimeoutError:
+            raise call.deadline_error() from None
+
+    async def generate(
+        self, request: RequestLike, *, engine: Engine | str | None = None
+    ) -> ImageGenerationResponse:
+        """Generate images and wait for them; see :meth:`OctoAIClient.generate`."""
+        req = ImageGenerationRequest.build(request, engine=engine)
+        call = self._call("POST", self._generate_url(req.engine), "generate")
+        response = await self._send(call, content=req.wire_bytes())
+        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        self._log_done(call.where, result)
+        return result
+
+    @overload
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> AsyncIterator[tuple[int, ImageGenerationResponse]]: ...
+
+    @overload
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[True],
+    ) -> AsyncIterator[tuple[int, BatchItem]]: ...
+
+    async def iter_generate(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[tuple[int, BatchItem]]:
+        """Yield ``(input index, response)`` as each completes; see :meth:`OctoAIClient.iter_generate`.
+
+        ``requests`` may be an async iterable. Leaving the loop early cancels the
+        generations still in flight.
+        """
+        width = self._batch_width(max_concurrency)
+        source = _aenumerate(requests)
+        pending: dict[asyncio.Task[ImageGenerationResponse], int] = {}
+        first_error: BaseException | None = None
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and first_error is None and len(pending) < width:
+                    try:
+                        index, request = await source.__anext__()
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    task = asyncio.ensure_future(self.generate(request, engine=engine))
+                    pending[task] = index
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.__getitem__):
+                    index = pending.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        yield index, task.result()
+                    elif return_exceptions and isinstance(error, OctoAIError):
+                        yield index, error
+                    elif first_error is None:
+                        first_error = error
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        if first_error is not None:
+            raise first_error
+
+    @overload
+    async def generate_many(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[ImageGenerationResponse]: ...
+
+    @overload
+    async def generate_many(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = ...,
+        max_concurrency: int | None = ...,
+        return_exceptions: Literal[True],
+    ) -> list[BatchItem]: ...
+
+    async def generate_many(
+        self,
+        requests: Iterable[RequestLike] | AsyncIterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[ImageGenerationResponse] | list[BatchItem]:
+        """Generate a batch concurrently, answers in input order; see :meth:`OctoAIClient.generate_many`."""
+        if return_exceptions:
+            out: dict[int, BatchItem] = {}
+            async for index, item in self.iter_generate(
+                requests, engine=engine, max_concurrency=max_concurrency, return_exceptions=True
+            ):
+                out[index] = item
+            return [out[i] for i in range(len(out))]
+        results: dict[int, ImageGenerationResponse] = {}
+        async for index, response in self.iter_generate(
+            requests, engine=engine, max_concurrency=max_concurrency
+        ):
+            results[index] = response
+        return [results[i] for i in range(len(results))]
+
+    async def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+        """Start an async generation; see :meth:`OctoAIClient.submit`."""
+        req = ImageGenerationRequest.build(request, engine=engine)
+        body = self._submit_body(req)
+        call = self._call("POST", self._generate_url(req.engine), "submit")
+        response = await self._send(call, content=body, async_=True)
+        job = parse_job(response, call.where, self._redactor, req, self._base_url)
+        logger.info("%s: submitted async job %s", call.where, job.response_id)
+        return job
+
+    async def poll(self, job: AsyncJob | str) -> PollResult:
+        """One status check; see :meth:`OctoAIClient.poll`."""
+        return await self._poll(job, None)
+
+    async def _poll(self, job: AsyncJob | str, deadline: float | None) -> PollResult:
+        url, response_id = self._poll_target(job)
+        call = self._call("GET", url, "poll", deadline=deadline, response_id=response_id)
+        result = parse_poll(await self._send(call), call.where, self._redactor, response_id)
+        logger.debug("job %s: %s", response_id or url, result.raw_status)
+        return result
+
+    async def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
+        """The result of a completed job; see :meth:`OctoAIClient.fetch`."""
+        if isinstance(job, AsyncJob):
+            result = await self._poll(job, None)
+            url = self._completed_url(result, job.response_id)
+            if url is None:
+                raise _not_ready(job, result)
+            return await self._fetch_url(url, job.response_id, None)
+        return await self._fetch_url(resolve_url(self._base_url, job), None, None)
+
+    async def _fetch_url(
+        self, url: str, response_id: str | None, deadline: float | None
+    ) -> ImageGenerationResponse:
+        call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
+        response = await self._send(call)
+        result = parse_generation(response, call.where, self._redactor, response_id)
+        return result.with_call_info(call.info())
+
+    async def wait(
+        self,
+        job: AsyncJob,
+        *,
+        timeout: float = 600.0,
+        poll_interval_s: float = 0.5,
+        max_poll_interval_s: float = 10.0,
+    ) -> ImageGenerationResponse:
+        """Poll until completed, then fetch; see :meth:`OctoAIClient.wait`."""
+        deadline = time.monotonic() + timeout
+        interval = poll_interval_s
+        while True:
+            result = await self._poll(job, deadline)
+            url = self._completed_url(result, job.response_id)
+            if url is not None:
+                answer = await self._fetch_url(url, job.response_id, deadline)
+                self._log_done(f"job {job.response_id}", answer)
+                return answer
+            if result.status is JobStatus.UNKNOWN:
+                logger.warning(
+                    "job %s: unknown status %r; polling on until the %g s timeout",
+                    job.response_id,
+                    result.raw_status,
+                    timeout,
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _wait_deadline(job, result.raw_status, timeout)
+            await asyncio.sleep(min(interval, remaining))
+            interval = min(interval * 2, max_poll_interval_s)
+
+    async def health(self) -> bool:
+        """True when ``GET {base_url}/healthcheck`` answers 2xx; never raises."""
+        call = self._call(
+            "GET",
+            f"{self._base_url}/healthcheck",
+            "health",
+            retry=RetryPolicy.none(),
+            timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
+        )
+        try:
+            await self._send(call)
+        except OctoAIError as exc:
+            logger.info("health check failed: %s", exc)
+            return False
+        return True
+
+
+async def _aenumerate(
+    items: Iterable[RequestLike] | AsyncIterable[RequestLike],
+) -> AsyncIterator[tuple[int, RequestLike]]:
+    index = 0
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield index, item
+            index += 1
+    else:
+        for item in items:
+            yield index, item
+            index += 1
