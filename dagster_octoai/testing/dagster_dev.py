@@ -1,0 +1,267 @@
+"""Run ``dagster dev`` for a test or a demo, and stop it for sure afterwards.
+
+``dagster dev`` started from a non-interactive shell ignores SIGINT and SIGTERM, and it
+spawns the webserver, the daemon and a code server as children. So the process is started
+in its own session (``start_new_session=True``) and stopped by signalling its whole process
+group: SIGTERM first, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+__all__ = ["DagsterDev", "DagsterDevError", "free_port"]
+
+_WORKSPACE_QUERY = """
+query {
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on PythonError { message }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+class DagsterDevError(RuntimeError):
+    """Raised when ``dagster dev`` exits early, or its UI or code location does not come up in time."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free a moment ago (the OS picks it via port 0).
+
+    Examples:
+        >>> 1024 <= free_port() <= 65535
+        True
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DagsterDev:
+    """``dagster dev`` on a code location, in a throwaway ``DAGSTER_HOME`` with telemetry off.
+
+    Use it as a context manager: on entry it starts ``dagster dev`` on a free loopback port and
+    waits until the UI answers and every code location has loaded; on exit it kills the process
+    group and removes the temporary home. The combined output goes to ``log_path`` so a failing
+    test can show it.
+
+    Args:
+        module: Python module holding a ``Definitions`` (``dagster dev -m``).
+        python_file: Alternatively, a file holding a ``Definitions`` (``dagster dev -f``).
+        env: Extra environment variables for ``dagster dev`` and the code it loads.
+        cwd: Working directory for the process (so ``module`` can be imported from it).
+        startup_timeout_s: How long to wait for the UI and the code location.
+        stop_grace_s: How long SIGTERM gets before SIGKILL.
+
+    Examples:
+        >>> with DagsterDev(module="example_project.definitions") as dev:  # doctest: +SKIP
+        ...     print(dev.url)
+        http://127.0.0.1:...
+    """
+
+    def __init__(
+        self,
+        *,
+        module: str | None = None,
+        python_file: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        startup_timeout_s: float = 180.0,
+        stop_grace_s: float = 10.0,
+    ) -> None:
+        if (module is None) == (python_file is None):
+            raise ValueError("DagsterDev needs exactly one of `module` or `python_file`.")
+        self._target: list[str] = (
+            ["-m", module] if module is not None else ["-f", os.fspath(python_file or "")]
+        )
+        self._env = dict(env or {})
+        self._cwd = os.fspath(cwd) if cwd is not None else None
+        self._startup_timeout_s = startup_timeout_s
+        self._stop_grace_s = stop_grace_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._tmp: Path | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """Base URL of the Dagster UI, e.g. ``http://127.0.0.1:41234``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The temporary ``DAGSTER_HOME`` (instance storage: runs, event logs)."""
+        return self._require_tmp() / "home"
+
+    @property
+    def log_path(self) -> Path:
+        """File holding ``dagster dev``'s combined stdout and stderr."""
+        return self._require_tmp() / "dagster-dev.log"
+
+    def log_tail(self, max_chars: int = 6000) -> str:
+        """The end of ``dagster dev``'s output, for error messages."""
+        try:
+            return self.log_path.read_text(errors="replace")[-max_chars:]
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        """Start ``dagster dev`` and wait until its UI answers with every code location loaded."""
+        if self._process is not None:
+            raise DagsterDevError("dagster dev is already running")
+        self._tmp = Path(tempfile.mkdtemp(prefix="dagster-dev-"))
+        self.dagster_home.mkdir()
+        (self.dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        self.port = free_port(self.host)
+        env = {**os.environ, **self._env, "DAGSTER_HOME": str(self.dagster_home)}
+        command: Sequence[str] = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            *self._target,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        with self.log_path.open("wb") as log:
+            self._process = subprocess.Popen(
+                command,
+                cwd=self._cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout_s
+        last_problem = "no answer yet"
+        with httpx.Client(base_url=self.url, timeout=5.0) as http:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if self._process.poll() is not None:
+                    raise DagsterDevError(
+                        f"dagster dev exited with code {self._process.returncode} before its UI "
+                        f"came up. Output:\n{self.log_tail()}"
+                    )
+                try:
+                    answer = http.post("/graphql", json={"query": _WORKSPACE_QUERY})
+                    if answer.status_code == 200:
+                        problem = _workspace_problem(answer.json())
+                        if problem is None:
+                            return
+                        last_problem = problem
+                    else:
+                        last_problem = f"HTTP {answer.status_code} from /graphql"
+                except (httpx.TransportError, ValueError) as exc:
+                    last_problem = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.5)
+        raise DagsterDevError(
+            f"dagster dev did not become ready within {self._startup_timeout_s:.0f}s "
+            f"({last_problem}). Output:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Kill ``dagster dev``'s process group (SIGTERM, then SIGKILL) and remove the temp home."""
+        process, self._process = self._process, None
+        if process is not None:
+            _kill_group(process, self._stop_grace_s)
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def __enter__(self) -> DagsterDev:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _require_tmp(self) -> Path:
+        if self._tmp is None:
+            raise DagsterDevError("dagster dev is not running; use it as a context manager")
+        return self._tmp
+
+
+def _workspace_problem(body: object) -> str | None:
+    """Why the workspace is not usable yet, or None when every code location has loaded."""
+    if not isinstance(body, dict):
+        return "unexpected GraphQL answer"
+    workspace = (body.get("data") or {}).get("workspaceOrError") or {}
+    if workspace.get("__typename") != "Workspace":
+        return f"workspace answered {workspace.get('__typename')!r}"
+    entries = workspace.get("locationEntries") or []
+    if not entries:
+        return "no code location yet"
+    for entry in entries:
+        if entry.get("loadStatus") != "LOADED":
+            return f"code location {entry.get('name')!r} is {entry.get('loadStatus')}"
+        location = entry.get("locationOrLoadError") or {}
+        if location.get("__typename") == "PythonError":
+            # A broken code location never heals by waiting: fail now with the reason.
+            raise DagsterDevError(
+                f"code location {entry.get('name')!r} failed to load: {location.get('message')}"
+            )
+    return None
+
+
+def _kill_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the process group, wait up to ``grace_s`` for all of it to go, then SIGKILL."""
+    pgid = process.pid  # start_new_session=True made the child the leader of its own group
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    # The webserver, daemon and code server share the group and may outlive the parent.
+    while time.monotonic() < deadline and (process.poll() is None or _group_alive(pgid)):
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+    process.wait(timeout=grace_s)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
