@@ -115,6 +115,7 @@ class JobRecord(BaseModel):
     partition_key: str | None = Field(None, description="Partition of the submitting asset.")
     run_id: str | None = Field(None, description="Run that submitted the job.")
     created_at: datetime = Field(default_factory=_utcnow)
+    updated_at: datetime = Field(default_factory=_utcnow)
     submitted_at: datetime | None = None
     response_id: str | None = None
     poll_url: str | None = None
@@ -428,6 +429,7 @@ class JobLedger:
 
     def save(self, record: JobRecord) -> JobRecord:
         """Write ``record``, keeping its ``open/`` marker in step with its state."""
+        record = record.evolve(updated_at=self.clock())
         marker = f"open/{record.open_marker}"
         if not record.state.is_final:
             # Marker first: an open record never lacks a marker, even after a crash.
@@ -446,6 +448,9 @@ class JobLedger:
         record stays in ``intent``: detectable, but the response id is unknown (the
         API has no way to look a job up without it), so it can only be resubmitted.
         """
+        if record.attempts == 0:
+            # A new job: its open marker sorts by the ledger's clock (tests move it).
+            record = record.evolve(created_at=self.clock())
         return self.save(
             record.evolve(
                 state=JobState.INTENT, attempts=record.attempts + 1, error=None, raw_status=None

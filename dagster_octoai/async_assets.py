@@ -1,0 +1,526 @@
+"""Assets for async inference: submit a batch, fetch and persist each result, or wait in-run.
+
+Two ways to run async jobs:
+
+- **Sensor path** (large batches): :func:`octoai_async_submit_asset` submits and
+  records each job in the ledger before it returns; :func:`octoai_async_sensor`
+  polls them and requests a run of :func:`octoai_async_results_asset` per
+  completed job (one dynamic partition per response id) that fetches the images
+  and hands them to the image IO manager.
+- **Blocking path** (small batches): :func:`octoai_async_blocking_asset` submits,
+  records the jobs, and waits with backoff inside the run; a retried or
+  re-executed run finds its jobs in the ledger and resumes them instead of paying again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    Output,
+    PartitionsDefinition,
+    asset,
+)
+
+from .batch import GenerationResult, ImageBatch
+from .client import OctoAIClient
+from .errors import (
+    JobExpiredError,
+    JobFailedError,
+    OctoAIError,
+    RateLimitError,
+    RequestValidationError,
+    ServerError,
+    TransportError,
+)
+from .jobs_ledger import JobLedger, JobRecord, JobState, job_id_for
+from .metadata import generation_metadata
+from .models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
+from .resources import OctoAIResource, OctoAISession
+
+__all__ = [
+    "octoai_async_blocking_asset",
+    "octoai_async_results_asset",
+    "octoai_async_submit_asset",
+]
+
+RequestLike = ImageGenerationRequest | Mapping[str, Any]
+RequestSource = Sequence[RequestLike] | Callable[[AssetExecutionContext], Iterable[RequestLike]]
+
+_MAX_LISTED_IDS = 100
+
+
+def _ledger(context: AssetExecutionContext, key: str) -> JobLedger:
+    resource = getattr(context.resources, key)
+    ledger: JobLedger = resource.get_ledger()
+    return ledger
+
+
+def _octoai(context: AssetExecutionContext, key: str) -> OctoAIResource:
+    resource: OctoAIResource = getattr(context.resources, key)
+    return resource
+
+
+def _build_requests(
+    context: AssetExecutionContext, source: RequestSource
+) -> list[ImageGenerationRequest]:
+    """Every request validated and size-checked before anything is sent."""
+    raw = list(source(context) if callable(source) else source)
+    requests: list[ImageGenerationRequest] = []
+    for index, item in enumerate(raw):
+        try:
+            req = ImageGenerationRequest.build(item)
+        except RequestValidationError as exc:
+            raise RequestValidationError(f"requests[{index}]: {exc.message}", exc.errors) from None
+        size = len(req.wire_bytes())
+        if size > ASYNC_BODY_LIMIT_BYTES:
+            mb = size / 1024 / 1024
+            raise RequestValidationError(
+                f"requests[{index}]: the JSON body is {mb:.1f} MB, over the 10 MB limit of "
+                "async requests; use smaller or JPEG input images; nothing was submitted",
+                [{"field": f"requests[{index}]", "message": f"body {mb:.1f} MB > 10 MB"}],
+            )
+        requests.append(req)
+    return requests
+
+
+def _job_ids(
+    context: AssetExecutionContext, asset_key: str, requests: Sequence[ImageGenerationRequest]
+) -> list[str]:
+    """Deterministic job ids: explicit-seed requests by content, random-seed ones per root run.
+
+    A retried or re-executed run shares its root run id, so it finds the same jobs;
+    a new run of random-seed requests asks for new images, as a user would expect.
+    """
+    partition = context.partition_key if context.has_partition_key else None
+    root_run = context.run.root_run_id or context.run.run_id
+    seen: Counter[str] = Counter()
+    ids = []
+    for req in requests:
+        fp = req.fingerprint()
+        scope = None if req.explicit_seeds is not None else root_run
+        ids.append(job_id_for(asset_key, partition, req, seen[fp], scope))
+        seen[fp] += 1
+    return ids
+
+
+_TRANSIENT = (TransportError, RateLimitError, ServerError)
+
+
+# ---- submit -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Submitted:
+    job_id: str
+    outcome: Literal["submitted", "resumed", "deferred", "refused"]
+    response_id: str | None = None
+    error: str | None = None
+
+
+def _submit_one(
+    ledger: JobLedger,
+    client: OctoAIClient,
+    request: ImageGenerationRequest,
+    job_id: str,
+    *,
+    asset_key: str,
+    partition_key: str | None,
+    run_id: str,
+) -> _Submitted:
+    existing = ledger.get(job_id)
+    if existing is not None and existing.state in (JobState.PERSISTED,) and request.explicit_seeds:
+        return _Submitted(job_id, "resumed", existing.response_id)
+    if existing is not None and not existing.state.is_final:
+        # Submitted by an earlier attempt of this run (or still in flight): never pay twice.
+        return _Submitted(job_id, "resumed", existing.response_id)
+    record = JobRecord.new(
+        request, asset_key=asset_key, partition_key=partition_key, job_id=job_id, run_id=run_id
+    )
+    intent = ledger.record_intent(record)
+    try:
+        job = client.submit(request)
+    except _TRANSIENT as exc:
+        # Maybe accepted, maybe not: the intent stays, marked, and the sensor resubmits it.
+        ledger.save(intent.evolve(error=f"submission failed: {exc}"))
+        return _Submitted(job_id, "deferred", error=str(exc))
+    except OctoAIError as exc:
+        ledger.save(intent.evolve(state=JobState.FAILED, error=f"submission refused: {exc}"))
+        return _Submitted(job_id, "refused", error=str(exc))
+    ledger.record_submitted(intent, job)
+    return _Submitted(job_id, "submitted", job.response_id)
+
+
+def octoai_async_submit_asset(
+    name: str,
+    requests: RequestSource,
+    *,
+    results_asset: AssetsDefinition | str,
+    partitions_def: PartitionsDefinition[Any] | None = None,
+    ledger_resource_key: str = "octoai_ledger",
+    octoai_resource_key: str = "octoai",
+    max_concurrency: int = 8,
+    group_name: str | None = None,
+    description: str | None = None,
+) -> AssetsDefinition:
+    """An asset that submits a batch of async jobs and records each in the ledger.
+
+    Every request is validated and checked against the 10 MB async body limit before
+    any is sent. Each job's record (response id, poll URL, full request, target
+    asset, partition, submit time) is written before the asset returns, with an
+    intent record written before its POST. Jobs already in the ledger for this
+    asset, partition and request (an earlier attempt of the same run, or explicit-seed
+    requests already persisted) are not submitted again.
+
+    Args:
+        name: Asset name.
+        requests: The requests, or a function of the context returning them (e.g.
+            built from the partition key).
+        results_asset: The fetch-and-persist asset the images will land in (its key
+            is recorded with each job).
+        partitions_def: Partitions of this asset (e.g. one per prompt).
+        ledger_resource_key: Key of the :class:`JobLedgerResource`.
+        octoai_resource_key: Key of the :class:`OctoAIResource`.
+        max_concurrency: Submissions in flight at once.
+        group_name: Asset group.
+        description: Asset description.
+
+    Examples:
+        >>> submit = octoai_async_submit_asset(
+        ...     "fox_jobs", [{"prompt": "a red fox", "seed": 7}], results_asset="fox_images")
+        >>> submit.key.to_user_string()
+        'fox_jobs'
+    """
+    target = (
+        results_asset.key.to_user_string()
+        if isinstance(results_asset, AssetsDefinition)
+        else results_asset
+    )
+
+    @asset(
+        name=name,
+        partitions_def=partitions_def,
+        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        group_name=group_name,
+        description=description
+        or f"Submits OctoAI async jobs whose images are persisted by {target}.",
+        kinds={"octoai"},
+    )
+    def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
+        built = _build_requests(context, requests)
+        ledger = _ledger(context, ledger_resource_key)
+        client = _octoai(context, octoai_resource_key).client
+        ids = _job_ids(context, context.asset_key.to_user_string(), built)
+        partition = context.partition_key if context.has_partition_key else None
+        width = max(1, min(max_concurrency, len(built)))
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-submit") as pool:
+            outcomes = list(
+                pool.map(
+                    lambda pair: _submit_one(
+                        ledger,
+                        client,
+                        pair[0],
+                        pair[1],
+                        asset_key=target,
+                        partition_key=partition,
+                        run_id=context.run.run_id,
+                    ),
+                    zip(built, ids, strict=True),
+                )
+            )
+        counts = Counter(o.outcome for o in outcomes)
+        context.log.info(
+            f"octoai async submit: {len(outcomes)} job(s): {counts['submitted']} submitted, "
+            f"{counts['resumed']} already in the ledger, {counts['deferred']} deferred to the "
+            f"sensor (transient error), {counts['refused']} refused; "
+            f"{len(ledger.list_open())} open in the ledger"
+        )
+        for o in outcomes:
+            if o.error:
+                context.log.warning(f"job {o.job_id}: {o.outcome}: {o.error}")
+        refused = [o for o in outcomes if o.outcome == "refused"]
+        metadata: dict[str, Any] = {
+            "jobs": MetadataValue.int(len(outcomes)),
+            "submitted": MetadataValue.int(counts["submitted"]),
+            "resumed": MetadataValue.int(counts["resumed"]),
+            "deferred": MetadataValue.int(counts["deferred"]),
+            "refused": MetadataValue.int(counts["refused"]),
+            "job_ids": MetadataValue.json([o.job_id for o in outcomes][:_MAX_LISTED_IDS]),
+            "response_ids": MetadataValue.json(
+                [o.response_id for o in outcomes if o.response_id][:_MAX_LISTED_IDS]
+            ),
+            "results_asset": MetadataValue.text(target),
+        }
+        if refused:
+            raise Failure(
+                description=(
+                    f"{len(refused)} of {len(outcomes)} async job(s) were refused by the service "
+                    f"(the others are recorded and will be persisted): {refused[0].error}"
+                ),
+                metadata={**metadata, "errors": MetadataValue.json([o.error for o in refused])},
+            )
+        return MaterializeResult(metadata=metadata)
+
+    return _submit
+
+
+# ---- fetch and persist ----------------------------------------------------------------------
+
+
+def octoai_async_results_asset(
+    name: str,
+    *,
+    partitions_def: DynamicPartitionsDefinition | None = None,
+    ledger_resource_key: str = "octoai_ledger",
+    octoai_resource_key: str = "octoai",
+    io_manager_key: str = "io_manager",
+    group_name: str | None = None,
+    description: str | None = None,
+) -> AssetsDefinition:
+    """The asset that fetches one completed async job and hands its images to the IO manager.
+
+    Partitioned by a dynamic partition per response id (added by
+    :func:`octoai_async_sensor`). The output is an :class:`ImageBatch` of one
+    :class:`GenerationResult` with ``response_id`` set, so the image IO manager records
+    the response id with each image. Once the IO manager has stored the output, the
+    ledger record is marked ``persisted``. A job the ledger records as failed or
+    expired makes the run fail with the job's details in the failure's metadata.
+
+    Args:
+        name: Asset name.
+        partitions_def: Defaults to ``DynamicPartitionsDefinition(name=f"{name}_jobs")``.
+        ledger_resource_key: Key of the :class:`JobLedgerResource`.
+        octoai_resource_key: Key of the :class:`OctoAIResource`.
+        io_manager_key: The image IO manager (S3ImageIOManager or LocalImageIOManager).
+        group_name: Asset group.
+        description: Asset description.
+
+    Examples:
+        >>> results = octoai_async_results_asset("fox_images")
+        >>> results.partitions_def.name
+        'fox_images_jobs'
+    """
+    pdef = partitions_def or DynamicPartitionsDefinition(name=f"{name}_jobs")
+
+    @asset(
+        name=name,
+        partitions_def=pdef,
+        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        io_manager_key=io_manager_key,
+        group_name=group_name,
+        description=description or "Images of one OctoAI async job (partition = response id).",
+        kinds={"octoai"},
+    )
+    def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+        partition = context.partition_key
+        ledger = _ledger(context, ledger_resource_key)
+        record = ledger.find_by_response_id(partition) or ledger.get(partition)
+        if record is None:
+            raise Failure(
+                description=f"no async job with response id {partition!r} in the ledger "
+                f"({ledger.uri(partition)}); was it submitted with another ledger?"
+            )
+        if record.state in (JobState.FAILED, JobState.EXPIRED):
+            raise Failure(
+                description=f"async job {record.job_id} {record.state.value}: {record.error}",
+                metadata=_failure_metadata(record),
+            )
+        if record.response_id != partition:
+            raise Failure(
+                description=f"response {partition} of job {record.job_id} was superseded by "
+                f"resubmission {record.response_id}; materialize that partition instead",
+                metadata=_failure_metadata(record),
+            )
+        with _octoai(context, octoai_resource_key).get_client(context) as session:
+            response = session.fetch(record.async_job())
+        result = GenerationResult(record.request_model(), response, response_id=partition)
+        metadata = {
+            **generation_metadata([result]),
+            **_job_metadata(record),
+            "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
+        }
+        yield Output(ImageBatch([result]), metadata=metadata)
+        # Dagster resumes this generator only after the IO manager stored the output.
+        ledger.save(record.evolve(state=JobState.PERSISTED, persisted_at=ledger.now()))
+
+    return _results
+
+
+def _job_metadata(record: JobRecord) -> dict[str, MetadataValue]:
+    return {
+        "response_id": MetadataValue.text(record.response_id or ""),
+        "job_id": MetadataValue.text(record.job_id),
+        "attempts": MetadataValue.int(record.attempts),
+        "previous_response_ids": MetadataValue.json(list(record.previous_response_ids)),
+        "submitted_at": MetadataValue.text(
+            record.submitted_at.isoformat() if record.submitted_at else ""
+        ),
+    }
+
+
+def _failure_metadata(record: JobRecord) -> dict[str, MetadataValue]:
+    return {
+        **_job_metadata(record),
+        "state": MetadataValue.text(record.state.value),
+        "error": MetadataValue.text(record.error or ""),
+        "job": MetadataValue.json(record.details()),
+    }
+
+
+# ---- blocking: submit and wait in the run -------------------------------------------------------
+
+
+def _wait_one(
+    ledger: JobLedger,
+    session: OctoAISession,
+    request: ImageGenerationRequest,
+    job_id: str,
+    *,
+    asset_key: str,
+    partition_key: str | None,
+    run_id: str,
+    wait_timeout_s: float,
+    max_resubmits: int,
+    log: Any,
+    lock: threading.Lock,
+) -> tuple[JobRecord, ImageGenerationResponse, bool]:
+    record = ledger.get(job_id)
+    if record is None or record.state in (JobState.FAILED, JobState.EXPIRED):
+        record = JobRecord.new(
+            request,
+            asset_key=asset_key,
+            partition_key=partition_key,
+            job_id=job_id,
+            mode="blocking",
+            run_id=run_id,
+        )
+    resumed = record.response_id is not None
+    if record.response_id is None:
+        record = ledger.record_submitted(ledger.record_intent(record), session.submit(request))
+    else:
+        with lock:
+            log.info(f"job {job_id}: resuming response {record.response_id} from the ledger")
+    while True:
+        try:
+            response = session.wait(record.async_job(), timeout=wait_timeout_s)
+        except (JobExpiredError, JobFailedError) as exc:
+            if record.attempts > max_resubmits:
+                ledger.save(
+                    record.evolve(
+                        state=JobState.FAILED,
+                        error=f"{exc.message}; gave up after {record.attempts} submission(s)",
+                    )
+                )
+                raise
+            with lock:
+                log.warning(f"job {job_id}: {exc.message}; resubmitting the same request")
+            record = ledger.record_submitted(ledger.record_intent(record), session.submit(request))
+            continue
+        record = ledger.save(record.evolve(state=JobState.COMPLETED, completed_at=ledger.now()))
+        return record, response, resumed
+
+
+def octoai_async_blocking_asset(
+    name: str,
+    requests: RequestSource,
+    *,
+    partitions_def: PartitionsDefinition[Any] | None = None,
+    ledger_resource_key: str = "octoai_ledger",
+    octoai_resource_key: str = "octoai",
+    io_manager_key: str = "io_manager",
+    wait_timeout_s: float = 600.0,
+    max_resubmits: int = 2,
+    max_concurrency: int = 4,
+    group_name: str | None = None,
+    description: str | None = None,
+) -> AssetsDefinition:
+    """An asset that submits async jobs and waits for them inside the run (small batches).
+
+    Job ids go to the ledger before waiting, keyed by asset, partition and request
+    (and, for random seeds, the root run id), so a retried or re-executed run resumes
+    the same jobs instead of paying again. Expired or failed jobs are resubmitted with
+    the same request up to ``max_resubmits`` times. The output is an :class:`ImageBatch`
+    with each result's ``response_id``, for the image IO manager.
+
+    Examples:
+        >>> fox = octoai_async_blocking_asset("fox", [{"prompt": "a red fox", "seed": 7}])
+        >>> fox.key.to_user_string()
+        'fox'
+    """
+
+    @asset(
+        name=name,
+        partitions_def=partitions_def,
+        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        io_manager_key=io_manager_key,
+        group_name=group_name,
+        description=description or "Images from OctoAI async jobs, waited for in the run.",
+        kinds={"octoai"},
+    )
+    def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+        built = _build_requests(context, requests)
+        ledger = _ledger(context, ledger_resource_key)
+        key = context.asset_key.to_user_string()
+        ids = _job_ids(context, key, built)
+        partition = context.partition_key if context.has_partition_key else None
+        lock = threading.Lock()
+        width = max(1, min(max_concurrency, len(built)))
+        with (
+            _octoai(context, octoai_resource_key).get_client(context) as session,
+            ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-wait") as pool,
+        ):
+            done = list(
+                pool.map(
+                    lambda pair: _wait_one(
+                        ledger,
+                        session,
+                        pair[0],
+                        pair[1],
+                        asset_key=key,
+                        partition_key=partition,
+                        run_id=context.run.run_id,
+                        wait_timeout_s=wait_timeout_s,
+                        max_resubmits=max_resubmits,
+                        log=context.log,
+                        lock=lock,
+                    ),
+                    zip(built, ids, strict=True),
+                )
+            )
+        results = [
+            GenerationResult(rec.request_model(), resp, response_id=rec.response_id)
+            for rec, resp, _ in done
+        ]
+        resumed = sum(1 for _, _, r in done if r)
+        resubmitted = sum(max(rec.attempts - 1, 0) for rec, _, _ in done)
+        context.log.info(
+            f"octoai async (blocking): {len(done)} job(s) completed, {resumed} resumed from "
+            f"the ledger, {resubmitted} resubmission(s)"
+        )
+        yield Output(
+            ImageBatch(results),
+            metadata={
+                **generation_metadata(results),
+                "jobs": MetadataValue.int(len(done)),
+                "completed": MetadataValue.int(len(done)),
+                "resumed": MetadataValue.int(resumed),
+                "resubmitted": MetadataValue.int(resubmitted),
+                "job_ids": MetadataValue.json(ids[:_MAX_LISTED_IDS]),
+            },
+        )
+        now = ledger.now()
+        for rec, _, _ in done:
+            ledger.save(rec.evolve(state=JobState.PERSISTED, persisted_at=now))
+
+    return _blocking
