@@ -255,9 +255,10 @@ class Call:
         return wait
 
     def deadline_error(self) -> DeadlineExceededError:
-        deadline = self.deadline - self.started if self.deadline is not None else 0.0
+        budget = max(0.0, self.deadline - self.started) if self.deadline is not None else 0.0
+        tried = f"after {self.attempts} attempt(s)" if self.attempts else "before the first attempt"
         return DeadlineExceededError(
-            f"{self.where}: the {deadline:.1f} s deadline ran out after {self.attempts} attempt(s)",
+            f"{self.where}: the {budget:.1f} s deadline ran out {tried}",
             request_id=self._last_request_id(),
             response_id=self.response_id,
         )

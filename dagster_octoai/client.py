@@ -566,6 +566,7 @@ class OctoAIClient(_ClientBase):
         started = time.monotonic()
         deadline = started + timeout
         interval = poll_interval_s
+        warned: set[str] = set()
         while True:
             result = self._poll(job, deadline)
             url = self._completed_url(result, job.response_id)
@@ -573,7 +574,8 @@ class OctoAIClient(_ClientBase):
                 answer = self._fetch_url(url, job.response_id, deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
-            if result.status is JobStatus.UNKNOWN:
+            if result.status is JobStatus.UNKNOWN and result.raw_status not in warned:
+                warned.add(result.raw_status)
                 logger.warning(
                     "job %s: unknown status %r; polling on until the %g s timeout",
                     job.response_id,
@@ -581,9 +583,10 @@ class OctoAIClient(_ClientBase):
                     timeout,
                 )
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining > 0:
+                time.sleep(min(interval, remaining))
+            if time.monotonic() >= deadline:
                 raise _wait_deadline(job, result.raw_status, timeout)
-            time.sleep(min(interval, remaining))
             interval = min(interval * 2, max_poll_interval_s)
 
     # ---- health ----------------------------------------------------------------------
@@ -884,6 +887,7 @@ class AsyncOctoAIClient(_ClientBase):
         """Poll until completed, then fetch; see :meth:`OctoAIClient.wait`."""
         deadline = time.monotonic() + timeout
         interval = poll_interval_s
+        warned: set[str] = set()
         while True:
             result = await self._poll(job, deadline)
             url = self._completed_url(result, job.response_id)
@@ -891,7 +895,8 @@ class AsyncOctoAIClient(_ClientBase):
                 answer = await self._fetch_url(url, job.response_id, deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
-            if result.status is JobStatus.UNKNOWN:
+            if result.status is JobStatus.UNKNOWN and result.raw_status not in warned:
+                warned.add(result.raw_status)
                 logger.warning(
                     "job %s: unknown status %r; polling on until the %g s timeout",
                     job.response_id,
@@ -899,9 +904,10 @@ class AsyncOctoAIClient(_ClientBase):
                     timeout,
                 )
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining > 0:
+                await asyncio.sleep(min(interval, remaining))
+            if time.monotonic() >= deadline:
                 raise _wait_deadline(job, result.raw_status, timeout)
-            await asyncio.sleep(min(interval, remaining))
             interval = min(interval * 2, max_poll_interval_s)
 
     async def health(self) -> bool:

@@ -59,6 +59,18 @@ class Recorded:
         return json.loads(self.body)
 
 
+@dataclass
+class _Gauge:
+    now: int = 0
+    peak: int = 0
+
+
+@dataclass
+class _Gauge:
+    now: int = 0
+    peak: int = 0
+
+
 ReplySource = Reply | Callable[[Recorded], Reply]
 
 
@@ -70,8 +82,7 @@ class ScriptedServer:
         self.default: ReplySource = Reply(500, {"message": "unscripted request"})
         self.requests: list[Recorded] = []
         self._lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self._gauge = _Gauge()
         self.url = ""
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -82,6 +93,20 @@ class ScriptedServer:
         """Queue replies, answered in order before the default."""
         with self._lock:
             self._script.extend(replies)
+
+    def reset(self) -> None:
+        """Forget the script, the recorded requests and the in-flight peak."""
+        with self._lock:
+            self._script.clear()
+            self.default = Reply(500, {"message": "unscripted request"})
+            self.requests.clear()
+            # Requests of an earlier test may still be running: they count on the old gauge.
+            self._gauge = _Gauge()
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most requests answered at once since the last reset."""
+        return self._gauge.peak
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.path}" for r in self.requests]
@@ -113,8 +138,9 @@ class ScriptedServer:
         with self._lock:
             self.requests.append(record)
             source = self._script.popleft() if self._script else self.default
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            gauge = self._gauge
+            gauge.now += 1
+            gauge.peak = max(gauge.peak, gauge.now)
         try:
             reply = source(record) if callable(source) else source
             if reply.delay_s:
@@ -133,7 +159,7 @@ class ScriptedServer:
             await send({"type": "http.response.body", "body": payload})
         finally:
             with self._lock:
-                self.in_flight -= 1
+                gauge.now -= 1
 
     # ---- lifecycle -------------------------------------------------------------------
 

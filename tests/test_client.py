@@ -1,0 +1,787 @@
+"""OctoAIClient over real loopback HTTP, against a server scripted per test."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+from _scripted_server import (
+    Recorded,
+    Reply,
+    ScriptedServer,
+    generation_body,
+    jpeg_bytes,
+    scripted_server,
+)
+
+from dagster_octoai import errors
+from dagster_octoai.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from dagster_octoai.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
+from dagster_octoai.version import __version__
+
+TOKEN = "sk-test-SECRET-0123456789"
+FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def _server() -> Iterator[ScriptedServer]:
+    with scripted_server() as server:
+        yield server
+
+
+@pytest.fixture
+def server(_server: ScriptedServer) -> ScriptedServer:
+    _server.reset()
+    return _server
+
+
+@pytest.fixture
+def client(server: ScriptedServer) -> Iterator[OctoAIClient]:
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, timeout=10) as c:
+        yield c
+
+
+def ok(seeds: list[int] | None = None, **headers: str) -> Reply:
+    return Reply(200, generation_body(seeds), headers=dict(headers))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# ---- construction ------------------------------------------------------------------------
+
+
+def test_repr_hides_token_and_defaults() -> None:
+    client = OctoAIClient(TOKEN)
+    try:
+        assert repr(client) == f"OctoAIClient(base_url={DEFAULT_BASE_URL!r}, token=***)"
+        assert TOKEN not in repr(client) and TOKEN not in str(vars(client).get("_redactor"))
+        assert client.base_url == "https://image.octoai.run"
+        assert client.max_concurrency == 4
+        assert client.retry == RetryPolicy()
+    finally:
+        client.close()
+
+
+def test_token_from_environment_and_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OCTOAI_TOKEN", "env-token")
+    with OctoAIClient() as client:
+        assert client._token == "env-token"
+    monkeypatch.delenv("OCTOAI_TOKEN")
+    with pytest.raises(errors.RequestValidationError, match="OCTOAI_TOKEN") as info:
+        OctoAIClient()
+    assert info.value.errors[0]["field"] == "token"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"base_url": "image.octoai.run"}, "base_url"),
+        ({"base_url": "ftp://x"}, "base_url"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+    ],
+)
+def test_bad_construction_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(errors.RequestValidationError, match=field):
+        OctoAIClient(TOKEN, **kwargs)
+
+
+def test_retry_policy_validates() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError):
+        RetryPolicy(unknown=1)  # type: ignore[call-arg]
+
+
+# ---- generate ----------------------------------------------------------------------------
+
+
+def test_generate_sends_the_wire_body_and_headers(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    server.script(ok([7], **{"X-User-Request-ID": "req-1"}))
+    request = ImageGenerationRequest(prompt="a red fox", steps=20, seed=7, sampler="K_EULER")
+    response = client.generate(request)
+
+    (sent,) = server.requests
+    assert sent.method == "POST" and sent.path == "/generate/sdxl"
+    assert sent.json() == {"prompt": "a red fox", "steps": 20, "seed": 7, "sampler": "K_EULER"}
+    assert sent.headers["authorization"] == f"Bearer {TOKEN}"
+    assert sent.headers["user-agent"] == f"dagster-octoai/{__version__}"
+    assert sent.headers["content-type"] == "application/json"
+    assert "x-octoai-async" not in sent.headers
+    assert response.seeds == [7]
+    assert response.images[0].data == jpeg_bytes()
+    assert response.images[0].format == "jpeg"
+    assert response.prediction_time_ms == 12.5
+    assert response.call_info.attempts == 1
+    assert response.call_info.request_ids == ("req-1",)
+
+
+def test_generate_takes_a_dict_and_an_engine(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.default = ok()
+    client.generate({"prompt": "a fox", "width": 512, "height": 768}, engine="sd")
+    client.generate({"prompt": "a fox", "engine": Engine.SD})
+    cn = {"prompt": "edges", "controlnet": "octoai:canny_sdxl", "controlnet_image": jpeg_bytes()}
+    client.generate(cn, engine="controlnet-sd")  # the older SDK's alias
+    client.generate(cn, engine="controlnet-sdxl")
+    assert server.paths() == [
+        "POST /generate/sd",
+        "POST /generate/sd",
+        "POST /generate/controlnet-sd15",
+        "POST /generate/controlnet-sdxl",
+    ]
+    assert server.requests[0].json() == {"prompt": "a fox", "width": 512, "height": 768}
+    assert base64.b64decode(server.requests[2].json()["controlnet_image"]) == jpeg_bytes()
+
+
+def test_invalid_request_is_refused_before_sending(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    with pytest.raises(errors.RequestValidationError) as info:
+        client.generate({"prompt": "x", "width": 512, "style_preset": "anime"}, engine="sd")
+    text = str(info.value)
+    assert "height" in text and "style_preset" in text
+    assert {e["field"] for e in info.value.errors} == {"height", "style_preset"}
+    with pytest.raises(errors.RequestValidationError, match="steps"):
+        client.generate({"prompt": "x", "steps": 500})
+    assert server.requests == []
+
+
+def test_base_url_with_a_path_prefix(server: ScriptedServer) -> None:
+    server.script(ok())
+    with OctoAIClient(TOKEN, base_url=server.url + "/octo/", retry=FAST) as client:
+        client.generate({"prompt": "a fox"})
+    assert server.paths() == ["POST /octo/generate/sdxl"]
+
+
+def test_blocked_images_are_kept_and_extra_keys_tolerated(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    body = generation_body([1, 2], removed={2})
+    body["finish_reason"] = "ok"
+    body["images"][0]["extra"] = True
+    server.script(Reply(200, body))
+    response = client.generate({"prompt": "a fox", "num_images": 2})
+    assert response.seeds == [1, 2]
+    assert response.removed_count == 1
+    blocked = response.images[1]
+    assert blocked.removed_for_safety and not blocked.available
+    with pytest.raises(errors.ImageRemovedForSafetyError):
+        _ = blocked.data
+
+
+def test_bad_base64_surfaces_when_read(server: ScriptedServer, client: OctoAIClient) -> None:
+    body = generation_body([3])
+    body["images"][0]["image_b64"] = "not*base64!"
+    server.script(Reply(200, body))
+    response = client.generate({"prompt": "a fox"})
+    with pytest.raises(errors.ImageDecodeError, match="seed 3"):
+        _ = response.images[0].data
+
+
+# ---- retries -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(
+    server: ScriptedServer, client: OctoAIClient, status: int
+) -> None:
+    server.script(
+        Reply(status, {"message": "busy"}, headers={"X-User-Request-ID": "a"}),
+        ok(**{"X-User-Request-ID": "b"}),
+    )
+    response = client.generate({"prompt": "a fox"})
+    assert len(server.requests) == 2
+    assert server.requests[0].body == server.requests[1].body
+    assert response.call_info.attempts == 2
+    assert response.call_info.retries == 1
+    assert response.call_info.request_ids == ("a", "b")
+
+
+def test_retry_logs_a_warning_without_the_token(
+    server: ScriptedServer, client: OctoAIClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.script(Reply(503, {"message": f"echo Bearer {TOKEN}"}), ok())
+    client.generate({"prompt": "a fox"})
+    warnings = [
+        r for r in caplog.records if r.name == "dagster_octoai.client" and r.levelname == "WARNING"
+    ]
+    assert len(warnings) == 1
+    line = warnings[0].getMessage()
+    assert "status 503" in line and "attempt 1/5" in line and "retrying in" in line
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (429, errors.RateLimitError),
+        (500, errors.ServerError),
+        (503, errors.ServerError),
+    ],
+)
+def test_retries_run_out(
+    server: ScriptedServer, status: int, cls: type[errors.APIStatusError]
+) -> None:
+    server.default = Reply(status, {"message": "nope"}, headers={"X-User-Request-ID": "rid"})
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    with (
+        OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
+        pytest.raises(cls) as info,
+    ):
+        client.generate({"prompt": "a fox"})
+    assert len(server.requests) == 3
+    assert info.value.status_code == status
+    assert info.value.request_id == "rid"
+    assert "gave up after 3 attempts" in str(info.value)
+
+
+def test_rate_limit_error_carries_retry_after(server: ScriptedServer) -> None:
+    server.default = Reply(429, {"message": "slow down"}, headers={"Retry-After": "0"})
+    with (
+        OctoAIClient(TOKEN, base_url=server.url, retry=RetryPolicy(max_attempts=2)) as client,
+        pytest.raises(errors.RateLimitError) as info,
+    ):
+        client.generate({"prompt": "a fox"})
+    assert info.value.retry_after == 0.0
+    assert len(server.requests) == 2
+
+
+def test_retry_after_seconds_is_honoured(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(429, {"message": "slow down"}, headers={"Retry-After": "1"}), ok())
+    client.generate({"prompt": "a fox"})
+    first, second = server.requests
+    # The backoff alone would wait at most 0.01 s.
+    assert second.at - first.at >= 0.9
+
+
+def test_retry_after_http_date_is_honoured(server: ScriptedServer, client: OctoAIClient) -> None:
+    when = datetime.now(timezone.utc) + timedelta(seconds=2)
+    header = format_datetime(when, usegmt=True)
+    server.script(Reply(503, "", headers={"Retry-After": header}), ok())
+    client.generate({"prompt": "a fox"})
+    first, second = server.requests
+    assert second.at - first.at >= 0.9  # whole seconds in an HTTP date: 1..2 s left
+
+
+def test_retry_after_over_the_cap_is_not_waited(server: ScriptedServer) -> None:
+    server.default = Reply(429, {"message": "quota"}, headers={"Retry-After": "3600"})
+    policy = RetryPolicy(max_retry_after_s=5)
+    with (
+        OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
+        pytest.raises(errors.RateLimitError) as info,
+    ):
+        client.generate({"prompt": "a fox"})
+    assert info.value.retry_after == 3600
+    assert "max_retry_after_s" in str(info.value)
+    assert len(server.requests) == 1
+
+
+def test_a_wait_past_the_deadline_is_not_started(server: ScriptedServer) -> None:
+    server.default = Reply(503, {"message": "busy"}, headers={"Retry-After": "30"})
+    policy = RetryPolicy(deadline_s=2)
+    with OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client:
+        started = time.monotonic()
+        with pytest.raises(errors.ServerError, match="deadline"):
+            client.generate({"prompt": "a fox"})
+    assert len(server.requests) == 1
+    assert time.monotonic() - started < 2
+
+
+def test_deadline_cuts_a_slow_attempt(server: ScriptedServer) -> None:
+    server.default = Reply(200, generation_body(), delay_s=5)
+    policy = RetryPolicy(deadline_s=0.5)
+    with (
+        OctoAIClient(TOKEN, base_url=server.url, retry=policy, timeout=30) as client,
+        pytest.raises(errors.DeadlineExceededError, match="deadline"),
+    ):
+        client.generate({"prompt": "a fox"})
+    assert len(server.requests) == 1
+
+
+def test_read_timeout_is_retried(server: ScriptedServer) -> None:
+    server.script(Reply(200, generation_body(), delay_s=2), ok([5]))
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, timeout=0.3) as client:
+        response = client.generate({"prompt": "a fox"})
+    assert response.seeds == [5]
+    assert response.call_info.attempts == 2
+
+
+def test_dropped_connection_is_retried(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(200, generation_body(), drop=True), ok([9]))
+    response = client.generate({"prompt": "a fox"})
+    assert response.seeds == [9]
+    assert len(server.requests) == 2
+
+
+def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> None:
+    server.default = Reply(200, generation_body(), drop=True)
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    with (
+        OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
+        pytest.raises(errors.ConnectionFailedError, match="dropped") as info,
+    ):
+        client.generate({"prompt": "a fox"})
+    assert "gave up after 3 attempts" in str(info.value)
+    assert len(server.requests) == 3
+
+
+def test_connection_refused_is_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    caplog.set_level(logging.WARNING, logger="dagster_octoai.client")
+    url = f"http://127.0.0.1:{free_port()}"
+    with (
+        OctoAIClient(TOKEN, base_url=url, retry=policy) as client,
+        pytest.raises(errors.ConnectionFailedError, match="could not connect"),
+    ):
+        client.generate({"prompt": "a fox"})
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
+
+
+# ---- error mapping -----------------------------------------------------------------------
+
+POLICY = {"message": "This request violates our Acceptable Use Policy."}
+DETAIL = {
+    "detail": [
+        {"loc": ["body", "steps"], "msg": "ensure this value is less than 200", "type": "x"},
+        {"loc": ["body", "cfg_scale"], "msg": "must be positive", "type": "y"},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("reply", "cls", "needle"),
+    [
+        (Reply(400, POLICY), errors.PolicyViolationError, "Acceptable Use Policy"),
+        (Reply(400, {"message": "bad image"}), errors.BadRequestError, "bad image"),
+        (Reply(401, {"message": "invalid token"}), errors.AuthenticationError, "OCTOAI_TOKEN"),
+        (Reply(403, {"message": "forbidden"}), errors.PermissionDeniedError, "forbidden"),
+        (Reply(404, {"detail": "Not Found"}), errors.NotFoundError, "unknown engine"),
+        (Reply(422, DETAIL), errors.UnprocessableEntityError, "steps: ensure this value"),
+        (Reply(409, {"message": "conflict"}), errors.APIStatusError, "409"),
+        (Reply(501, "not implemented"), errors.ServerError, "not implemented"),
+    ],
+)
+def test_error_statuses_are_mapped_and_not_retried(
+    server: ScriptedServer,
+    client: OctoAIClient,
+    reply: Reply,
+    cls: type[errors.APIStatusError],
+    needle: str,
+) -> None:
+    reply.headers["X-User-Request-ID"] = "req-err"
+    server.script(reply)
+    with pytest.raises(cls) as info:
+        client.generate({"prompt": "a fox"})
+    err = info.value
+    assert type(err) is cls
+    assert needle in str(err)
+    assert err.status_code == reply.status
+    assert err.request_id == "req-err"
+    assert "request_id=req-err" in str(err)
+    assert len(server.requests) == 1
+
+
+def test_422_detail_is_kept(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(422, DETAIL))
+    with pytest.raises(errors.UnprocessableEntityError) as info:
+        client.generate({"prompt": "a fox"})
+    assert [d["loc"][-1] for d in info.value.detail] == ["steps", "cfg_scale"]
+    assert "cfg_scale: must be positive" in str(info.value)
+
+
+def test_the_token_is_redacted_from_error_text_and_body(
+    server: ScriptedServer, client: OctoAIClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    def echo(request: Recorded) -> Reply:
+        return Reply(401, {"message": f"bad credentials: {request.headers['authorization']}"})
+
+    server.script(echo)
+    with pytest.raises(errors.AuthenticationError) as info:
+        client.generate({"prompt": "a fox"})
+    assert TOKEN not in str(info.value) and TOKEN not in repr(info.value)
+    assert "Bearer ***" in str(info.value)
+    assert TOKEN not in str(info.value.body)
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+# ---- corrupt answers ---------------------------------------------------------------------
+
+HTML = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("reply", "needle"),
+    [
+        (Reply(200, "{not json", content_type="application/json"), "not valid JSON"),
+        (Reply(200, HTML, content_type="text/html"), "Content-Type 'text/html'"),
+        (Reply(200, b"\x89PNG...", content_type="image/png"), "Content-Type 'image/png'"),
+        (Reply(200, [1, 2]), "expected a JSON object"),
+        (Reply(200, {"images": []}), "prediction_time_ms"),
+        (Reply(200, {"prediction_time_ms": 1.0}), "'images' list"),
+        (
+            Reply(200, {"images": [{"image_b64": "x", "seed": 1}], "prediction_time_ms": 1}),
+            "removed_for_safety",
+        ),
+        (
+            Reply(
+                200,
+                {
+                    "images": [{"image_b64": "x", "removed_for_safety": False}],
+                    "prediction_time_ms": 1,
+                },
+            ),
+            "'seed'",
+        ),
+        (
+            Reply(
+                200,
+                {
+                    "images": [{"image_b64": None, "seed": 1, "removed_for_safety": False}],
+                    "prediction_time_ms": 1,
+                },
+            ),
+            "not marked removed_for_safety",
+        ),
+        (
+            Reply(
+                200,
+                {
+                    "images": [{"image_b64": "x", "seed": "abc", "removed_for_safety": False}],
+                    "prediction_time_ms": 1,
+                },
+            ),
+            "malformed",
+        ),
+    ],
+)
+def test_corrupt_answers_raise_response_format_error(
+    server: ScriptedServer, client: OctoAIClient, reply: Reply, needle: str
+) -> None:
+    server.script(reply)
+    with pytest.raises(errors.ResponseFormatError, match="body starts") as info:
+        client.generate({"prompt": "a fox"})
+    assert needle in str(info.value)
+    assert len(server.requests) == 1  # not retried: the generation may have been paid for
+
+
+def test_html_error_page_is_summarised(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(
+        Reply(502, HTML, content_type="text/html"), Reply(404, HTML, content_type="text/html")
+    )
+    with pytest.raises(errors.NotFoundError, match="502 Bad Gateway"):
+        client.generate({"prompt": "a fox"})
+
+
+def test_excerpts_are_short(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(200, "x" * 10_000, content_type="application/json"))
+    with pytest.raises(errors.ResponseFormatError) as info:
+        client.generate({"prompt": "a fox"})
+    assert len(str(info.value)) < 400
+
+
+# ---- async jobs --------------------------------------------------------------------------
+
+
+def job_reply(server: ScriptedServer, rid: str = "job-1", status: int = 201) -> Reply:
+    return Reply(status, {"response_id": rid, "poll_url": f"{server.url}/v1/requests/{rid}"})
+
+
+def poll_reply(status: str, url: str | None = None) -> Reply:
+    body: dict[str, Any] = {"status": status}
+    if url:
+        body["response_url"] = url
+    return Reply(200, body)
+
+
+@pytest.mark.parametrize("status", [200, 201, 202])
+def test_submit_sends_the_async_header(
+    server: ScriptedServer, client: OctoAIClient, status: int
+) -> None:
+    server.script(job_reply(server, status=status))
+    job = client.submit({"prompt": "a fox", "seed": 3}, engine="sd")
+    (sent,) = server.requests
+    assert sent.path == "/generate/sd"
+    assert sent.headers["x-octoai-async"] == "1"
+    assert sent.json() == {"prompt": "a fox", "seed": 3}
+    assert isinstance(job, AsyncJob)
+    assert job.response_id == "job-1"
+    assert job.poll_url == f"{server.url}/v1/requests/job-1"
+    assert job.request.engine is Engine.SD
+
+
+def test_submit_refuses_bodies_over_10_mb(server: ScriptedServer, client: OctoAIClient) -> None:
+    # A PNG signature is enough for the client's image check; 3 x 3 MB -> > 12 MB of base64.
+    blob = b"\x89PNG\r\n\x1a\n" + os.urandom(3 * 1024 * 1024)
+    request = {"prompt": "merge", "transfer_images": {"sks": [blob, blob, blob]}}
+    with pytest.raises(errors.RequestValidationError, match="10 MB"):
+        client.submit(request)
+    assert server.requests == []
+
+
+def test_submit_answer_must_name_the_job(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(201, {"poll_url": "http://x/y"}), Reply(201, {"response_id": "r"}))
+    with pytest.raises(errors.ResponseFormatError, match="response_id"):
+        client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.ResponseFormatError, match="poll_url"):
+        client.submit({"prompt": "a fox"})
+
+
+def test_poll_and_fetch_follow_absolute_urls_to_another_host(client: OctoAIClient) -> None:
+    with scripted_server() as other:
+        other.script(
+            poll_reply("completed", f"{other.url}/v1/responses/job-9"),
+            ok([11]),
+            poll_reply("completed", f"{other.url}/v1/responses/job-9"),
+            ok([11]),
+        )
+        job = AsyncJob(
+            response_id="job-9",
+            poll_url=f"{other.url}/v1/requests/job-9",
+            request=ImageGenerationRequest(prompt="a fox"),
+        )
+        result = client.poll(job)
+        assert result.status is JobStatus.COMPLETED
+        assert result.raw_status == "completed"
+        assert client.fetch(result.response_url or "").seeds == [11]
+        fetched = client.fetch(job)  # polls once for the response_url
+        assert fetched.call_info.response_id == "job-9"
+        assert other.paths() == [
+            "GET /v1/requests/job-9",
+            "GET /v1/responses/job-9",
+            "GET /v1/requests/job-9",
+            "GET /v1/responses/job-9",
+        ]
+        assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in other.requests)
+
+
+def test_relative_poll_url_is_joined_to_the_base(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    server.script(Reply(201, {"response_id": "r1", "poll_url": "/v1/requests/r1"}))
+    job = client.submit({"prompt": "a fox"})
+    assert job.poll_url == f"{server.url}/v1/requests/r1"
+
+
+def test_wait_polls_with_backoff_then_fetches(
+    server: ScriptedServer, client: OctoAIClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script(
+        job_reply(server),
+        poll_reply("pending"),
+        poll_reply("running"),
+        Reply(503, {"message": "blip"}),  # a poll is retried like any call
+        poll_reply("completed", f"{server.url}/v1/responses/job-1"),
+        ok([21, 22]),
+    )
+    job = client.submit({"prompt": "a fox", "num_images": 2})
+    response = client.wait(job, timeout=20, poll_interval_s=0.05, max_poll_interval_s=0.2)
+    assert response.seeds == [21, 22]
+    assert response.call_info.response_id == "job-1"
+    assert server.paths()[-1] == "GET /v1/responses/job-1"
+    polls = [r.at for r in server.requests if r.path == "/v1/requests/job-1"]
+    assert len(polls) == 4
+    # The first gap is poll_interval_s, the second is doubled.
+    assert polls[2] - polls[1] >= 0.09
+
+
+def test_wait_failed_status_raises_at_once(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(job_reply(server), poll_reply("failed"))
+    job = client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.JobFailedError, match="resubmit") as info:
+        client.wait(job, timeout=20, poll_interval_s=0.05)
+    assert info.value.response_id == "job-1"
+    assert len(server.requests) == 2
+
+
+def test_wait_expired_job_raises_at_once(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(job_reply(server), Reply(404, {"detail": "Not Found"}))
+    job = client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.JobExpiredError, match="24 hours") as info:
+        client.wait(job, timeout=20, poll_interval_s=0.05)
+    assert info.value.response_id == "job-1"
+    assert info.value.status_code == 404
+    assert len(server.requests) == 2
+
+
+def test_wait_unknown_status_stops_at_the_timeout(
+    server: ScriptedServer, client: OctoAIClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script(job_reply(server))
+    server.default = poll_reply("QUEUED_SOMEWHERE")
+    job = client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.DeadlineExceededError, match="QUEUED_SOMEWHERE"):
+        client.wait(job, timeout=0.6, poll_interval_s=0.05, max_poll_interval_s=0.1)
+    polls = len(server.requests) - 1
+    assert 2 <= polls <= 20
+    assert any("unknown status" in r.getMessage() for r in caplog.records)
+
+
+def test_wait_completed_without_response_url(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(job_reply(server), poll_reply("completed"))
+    job = client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.OctoAIError, match="no response_url"):
+        client.wait(job, timeout=5)
+
+
+def test_fetch_of_a_pending_job_says_so(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(job_reply(server), poll_reply("running"))
+    job = client.submit({"prompt": "a fox"})
+    with pytest.raises(errors.OctoAIError, match="'running', not completed"):
+        client.fetch(job)
+
+
+def test_fetch_of_an_expired_result(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(404, {"detail": "gone"}))
+    with pytest.raises(errors.JobExpiredError):
+        client.fetch(f"{server.url}/v1/responses/old")
+
+
+def test_poll_answer_needs_a_status(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(200, {"state": "done"}))
+    with pytest.raises(errors.ResponseFormatError, match="status"):
+        client.poll(f"{server.url}/v1/requests/x")
+
+
+# ---- health ------------------------------------------------------------------------------
+
+
+def test_health(server: ScriptedServer, client: OctoAIClient) -> None:
+    server.script(Reply(200, {"status": "ok"}), Reply(503, "down"))
+    assert client.health() is True
+    assert client.health() is False
+    assert server.paths() == ["GET /healthcheck", "GET /healthcheck"]
+    with OctoAIClient(TOKEN, base_url=f"http://127.0.0.1:{free_port()}") as dead:
+        assert dead.health() is False
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+
+def slow_ok(delay: float = 0.15) -> Any:
+    def reply(request: Recorded) -> Reply:
+        return Reply(200, generation_body([request.json()["seed"]]), delay_s=delay)
+
+    return reply
+
+
+def test_generate_many_keeps_order_and_the_bound(server: ScriptedServer) -> None:
+    server.default = slow_ok()
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, max_concurrency=2) as client:
+        responses = client.generate_many([{"prompt": "fox", "seed": s} for s in range(8)])
+    assert [r.seeds[0] for r in responses] == list(range(8))
+    assert server.max_in_flight == 2
+
+
+def test_per_call_concurrency_is_capped_by_the_client(server: ScriptedServer) -> None:
+    server.default = slow_ok(0.1)
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, max_concurrency=2) as client:
+        client.generate_many([{"prompt": "fox", "seed": s} for s in range(6)], max_concurrency=5)
+        assert server.max_in_flight == 2
+        server.reset()
+        server.default = slow_ok(0.1)
+        client.generate_many([{"prompt": "fox", "seed": s} for s in range(4)], max_concurrency=1)
+        assert server.max_in_flight == 1
+
+
+def test_the_bound_holds_across_threads(server: ScriptedServer) -> None:
+    server.default = slow_ok(0.1)
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, max_concurrency=2) as client:
+        threads = [
+            threading.Thread(
+                target=client.generate_many,
+                args=([{"prompt": "fox", "seed": s} for s in range(4)],),
+            )
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(server.requests) == 12
+    assert server.max_in_flight == 2
+
+
+def test_iter_generate_streams_lazily(server: ScriptedServer) -> None:
+    server.default = slow_ok(0.05)
+    pulled = 0
+
+    def requests() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for seed in range(50):
+            pulled += 1
+            yield {"prompt": "fox", "seed": seed}
+
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, max_concurrency=3) as client:
+        stream = client.iter_generate(requests())
+        index, response = next(stream)
+        assert response.seeds == [index]
+        assert pulled == 3  # only what is in flight was pulled
+        seen = {index} | {i for i, _ in stream}
+    assert seen == set(range(50))
+    assert server.max_in_flight <= 3
+
+
+def test_batch_error_is_raised_after_in_flight_work(server: ScriptedServer) -> None:
+    def reply(request: Recorded) -> Reply:
+        seed = request.json()["seed"]
+        if seed == 1:
+            return Reply(400, POLICY)
+        return Reply(200, generation_body([seed]), delay_s=0.2)
+
+    server.default = reply
+    with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, max_concurrency=2) as client:
+        with pytest.raises(errors.PolicyViolationError):
+            client.generate_many([{"prompt": "fox", "seed": s} for s in range(10)])
+        # Seed 0 was in flight and finished; nothing new started after the error.
+        assert sorted(r.json()["seed"] for r in server.requests) == [0, 1]
+
+        server.reset()
+        server.default = reply
+        results = client.generate_many(
+            [{"prompt": "fox", "seed": s} for s in range(4)], return_exceptions=True
+        )
+    assert isinstance(results[1], errors.PolicyViolationError)
+    assert [r.seeds for r in results if not isinstance(r, Exception)] == [[0], [2], [3]]
+
+
+def test_batch_validation_errors_name_the_field(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    server.default = ok()
+    results = client.generate_many(
+        [{"prompt": "fox"}, {"prompt": "fox", "steps": -1}], return_exceptions=True
+    )
+    assert isinstance(results[1], errors.RequestValidationError)
+    assert "steps" in str(results[1])
+    assert len(server.requests) == 1
+
+
+def test_bring_your_own_http_client(server: ScriptedServer) -> None:
+    server.script(ok())
+    with httpx.Client() as http:
+        client = OctoAIClient(TOKEN, base_url=server.url, http_client=http)
+        client.generate({"prompt": "fox"})
+        client.close()
+        assert not http.is_closed  # the caller's client is the caller's to close
+    assert server.requests[0].headers["user-agent"] == f"dagster-octoai/{__version__}"
