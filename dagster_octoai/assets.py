@@ -1,0 +1,354 @@
+"""``octoai_image_asset``: a configured generation asset from a request template.
+
+One factory covers every generation mode of the API; the mode is the request:
+text-to-image (``sdxl``, ``sd``), img2img (``init_image`` + ``strength``),
+inpainting (``init_image`` + ``mask_image``), outpainting (``outpainting=True``),
+photo merge (``transfer_images``) and ControlNet (``controlnet-sdxl`` /
+``controlnet-sd15``, with the server's preprocessing or a local edge map).
+Images and prompt parts can come from upstream assets; a partition per prompt makes
+large batches restartable one partition at a time.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the compute functions'
+# annotations (the context type) at definition time.
+
+import base64
+import io
+import string
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetKey,
+    AssetsDefinition,
+    Failure,
+    MultiPartitionKey,
+    Output,
+    PartitionsDefinition,
+    asset,
+)
+from PIL import Image
+from pydantic import ValidationError
+
+from .batch import GenerationResult, ImageBatch, StoredImage
+from .checks import evaluate_image_checks, image_check_specs
+from .config import ImageGenerationConfig
+from .controlnet import edge_map
+from .errors import RequestValidationError
+from .metadata import data_version_for, generation_metadata
+from .models import GeneratedImage, ImageGenerationRequest
+from .resources import OctoAIResource
+
+# dagster does not export its own alias of this.
+CoercibleToAssetKey = AssetKey | str | Sequence[str]
+
+__all__ = ["PromptTemplate", "octoai_image_asset"]
+
+#: A prompt template: a ``str.format`` string or a function of (partition key, inputs).
+PromptTemplate = str | Callable[[str | None, Mapping[str, Any]], str]
+
+# Request fields that hold one image, and the prefix for photo-merge sample images.
+_IMAGE_FIELDS = ("init_image", "mask_image", "controlnet_image")
+_TRANSFER = "transfer_images."
+
+
+def octoai_image_asset(
+    name: str,
+    request: ImageGenerationRequest | Mapping[str, Any],
+    *,
+    prompt_template: PromptTemplate | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    partitions_def: PartitionsDefinition | None = None,
+    ins: Mapping[str, AssetIn] | None = None,
+    image_inputs: Mapping[str, str] | None = None,
+    local_edge_map: bool = False,
+    deps: Sequence[CoercibleToAssetKey | AssetsDefinition] | None = None,
+    resource_key: str = "octoai",
+    io_manager_key: str | None = None,
+    reuse_existing: bool | None = None,
+    checks: bool = True,
+    group_name: str | None = None,
+    description: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> AssetsDefinition:
+    """An asset that generates images from a request template and outputs an ``ImageBatch``.
+
+    Each materialization (each partition, when partitioned) sends one request: the
+    template, then the run config (an :class:`~dagster_octoai.ImageGenerationConfig`
+    the launchpad validates), then the prompt and images filled in at run time.
+
+    Args:
+        name: The asset's name.
+        request: The request template: an ``ImageGenerationRequest`` or a dict with
+            its keys (images may be left out when ``image_inputs`` provides them).
+        prompt_template: Fills ``prompt`` at run time. A format string sees
+            ``{partition_key}``, each dimension of a multi-partition key by name, and
+            each non-image input by name (an input that is a mapping holding the
+            partition key gives that entry); or a function ``(partition_key, inputs) -> str``.
+        key_prefix: Prefix of the asset key.
+        partitions_def: e.g. a static or dynamic partition per prompt.
+        ins: Upstream assets loaded as inputs (for the prompt or the images).
+        image_inputs: Request image field -> input name: ``init_image``,
+            ``mask_image``, ``controlnet_image``, or ``transfer_images.<trigger word>``
+            (every image of the input). An input may be images as stored by the image
+            IO managers, an ``ImageBatch``, a ``PIL.Image``, bytes, a path or base64.
+        local_edge_map: For ControlNet: replace the control image with a local edge
+            map (:func:`~dagster_octoai.controlnet.edge_map`) and send
+            ``controlnet_preprocess=False``.
+        deps: Upstream assets this one depends on without loading them.
+        resource_key: Key of the :class:`OctoAIResource`.
+        io_manager_key: The IO manager storing the batch (e.g. an image IO manager).
+        reuse_existing: Reuse an identical, already stored result instead of paying
+            for it again (needs an IO manager with ``find_existing``). ``None``: on for
+            requests whose seeds are all explicit (the only ones that can match).
+        checks: Attach the built-in asset checks (no image removed for safety, sizes
+            as requested, every image decodes), evaluated on each materialization.
+        group_name, description, tags, metadata: As for ``@asset``.
+
+    Returns:
+        The asset definition.
+
+    Raises:
+        RequestValidationError: the template breaks a rule of the API (raised when
+            the definitions load, naming the field).
+
+    Examples:
+        >>> from dagster import StaticPartitionsDefinition
+        >>> foxes = octoai_image_asset(
+        ...     "foxes",
+        ...     {"engine": "sdxl", "steps": 20, "seed": 7},
+        ...     prompt_template="a {partition_key} fox, watercolor",
+        ...     partitions_def=StaticPartitionsDefinition(["red", "arctic"]),
+        ... )
+        >>> foxes.key.path
+        ['foxes']
+    """
+    image_map = dict(image_inputs or {})
+    in_map = dict(ins or {})
+    for field, input_name in image_map.items():
+        if field not in _IMAGE_FIELDS and not field.startswith(_TRANSFER):
+            allowed = ", ".join((*_IMAGE_FIELDS, "transfer_images.<trigger word>"))
+            raise ValueError(f"image_inputs: {field!r} is not an image field; allowed: {allowed}")
+        if input_name not in in_map:
+            raise ValueError(f"image_inputs[{field!r}]: {input_name!r} is not one of ins")
+    template = _template_dict(request)
+    runtime: dict[str, Any] = {}
+    if prompt_template is not None:
+        runtime["prompt"] = _example_prompt(prompt_template)
+    for field in image_map:
+        if field.startswith(_TRANSFER):
+            runtime.setdefault("transfer_images", {})[field[len(_TRANSFER) :]] = [_PLACEHOLDER]
+        else:
+            runtime[field] = _PLACEHOLDER
+    if local_edge_map:
+        template["controlnet_preprocess"] = False
+    # Fail at definition time, naming the field, when the template itself is wrong.
+    ImageGenerationRequest.build({**runtime, **template})
+    config_cls: type[ImageGenerationConfig] = type(
+        f"{name}_config",
+        (ImageGenerationConfig,),
+        {"template": template, "runtime_fields": runtime, "__module__": __name__},
+    )
+    resource_keys = {resource_key}
+    if io_manager_key is not None:
+        resource_keys.add(io_manager_key)
+    check_specs = image_check_specs(_asset_key(name, key_prefix)) if checks else None
+
+    @asset(
+        name=name,
+        key_prefix=key_prefix,
+        ins=in_map,
+        deps=deps,
+        partitions_def=partitions_def,
+        config_schema=cast("Any", config_cls.to_config_schema()),
+        required_resource_keys=resource_keys,
+        io_manager_key=io_manager_key,
+        check_specs=check_specs,
+        group_name=group_name,
+        description=description or _describe(template, prompt_template),
+        tags=tags,
+        metadata={**(metadata or {}), "octoai/engine": str(template.get("engine", "sdxl"))},
+        kinds={"octoai"},
+    )
+    def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
+        try:
+            config = config_cls(**_set_values(context.op_execution_context.op_config))
+        except ValidationError as exc:
+            raise Failure(
+                description=f"invalid run config for asset {name!r}: {exc}",
+                metadata={"fields": [".".join(map(str, e["loc"])) for e in exc.errors()]},
+            ) from None
+        partition_key = _partition_key(context)
+        fill: dict[str, Any] = {}
+        if prompt_template is not None:
+            fill["prompt"] = _fill_prompt(prompt_template, partition_key, context, inputs)
+        transfer: dict[str, list[Any]] = {}
+        for field, input_name in image_map.items():
+            value = inputs[input_name]
+            if field.startswith(_TRANSFER):
+                transfer[field[len(_TRANSFER) :]] = _all_images(value, field)
+            else:
+                fill[field] = _first_image(value, field, partition_key)
+        if transfer:
+            fill["transfer_images"] = {**(template.get("transfer_images") or {}), **transfer}
+        try:
+            req = config.to_request(template, **fill)
+            if local_edge_map and req.controlnet_image is not None:
+                edges = edge_map(req.controlnet_image, size=req.size)
+                req = ImageGenerationRequest.build(
+                    req, controlnet_image=edges, controlnet_preprocess=False
+                )
+        except RequestValidationError as exc:
+            raise Failure(
+                description=f"asset {name!r}: {exc}",
+                metadata={"fields": [e["field"] for e in exc.errors]},
+            ) from None
+        result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
+        if result is None:
+            octoai: OctoAIResource = getattr(context.resources, resource_key)
+            with octoai.get_client(context) as client:
+                response = client.generate(req)
+            result = GenerationResult(req, response)
+        else:
+            context.log.info(f"reused {result.reused_from}: no generation paid for")
+        batch = ImageBatch([result])
+        yield Output(
+            batch,
+            data_version=data_version_for(batch),
+            metadata={
+                **generation_metadata(batch),
+                "reused": result.reused_from is not None,
+            },
+        )
+        if checks:
+            yield from evaluate_image_checks(context.asset_key, batch)
+
+    return _generate
+
+
+def _asset_key(name: str, key_prefix: str | Sequence[str] | None) -> AssetKey:
+    prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
+    return AssetKey([*prefix, name])
+
+
+def _template_dict(request: ImageGenerationRequest | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(request, ImageGenerationRequest):
+        return request.model_dump(exclude_none=True)
+    return dict(request)
+
+
+def _set_values(op_config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(op_config or {}).items() if v is not None}
+
+
+def _describe(template: Mapping[str, Any], prompt_template: PromptTemplate | None) -> str:
+    engine = template.get("engine", "sdxl")
+    prompt = prompt_template if isinstance(prompt_template, str) else template.get("prompt", "")
+    return f"OctoAI {engine} images: {prompt}".strip()
+
+
+def _partition_key(context: AssetExecutionContext) -> str | None:
+    return context.partition_key if context.has_partition_key else None
+
+
+def _fill_prompt(
+    template: PromptTemplate,
+    partition_key: str | None,
+    context: AssetExecutionContext,
+    inputs: Mapping[str, Any],
+) -> str:
+    if not isinstance(template, str):
+        return template(partition_key, inputs)
+    values: dict[str, Any] = {"partition_key": partition_key}
+    if context.has_partition_key and isinstance(context.partition_key, MultiPartitionKey):
+        values.update(context.partition_key.keys_by_dimension)
+    for input_name, value in inputs.items():
+        if isinstance(value, Mapping) and partition_key in value:
+            value = value[partition_key]
+        values[input_name] = value
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError) as exc:
+        raise Failure(
+            description=f"prompt_template {template!r} names {exc} which is not "
+            f"available; available: {', '.join(sorted(values))}"
+        ) from None
+
+
+def _example_prompt(template: PromptTemplate) -> str:
+    """A prompt to validate the template with before run time: the template's own text."""
+    if not isinstance(template, str):
+        return "prompt"
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    text = template
+    for f in fields:
+        text = text.replace("{" + f + "}", f)
+    return text.strip() or "prompt"
+
+
+def _tiny_png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# Stands in for an image that arrives from an upstream asset at run time, so the
+# rest of the template can be validated when the definitions load.
+_PLACEHOLDER = _tiny_png()
+
+
+def _images_of(value: Any, partition_key: str | None = None) -> list[Any]:
+    """Every image in an input value, in order, as something ``to_base64`` takes."""
+    if isinstance(value, ImageBatch):
+        return [im.data for im in value.images if im.available]
+    if isinstance(value, GenerationResult):
+        return [im.data for im in value.images if im.available]
+    if isinstance(value, GeneratedImage):
+        return [value.data] if value.available else []
+    if isinstance(value, StoredImage):
+        return [value.data]
+    if isinstance(value, Mapping):
+        if partition_key is not None and partition_key in value:
+            return _images_of(value[partition_key])
+        return [im for v in value.values() for im in _images_of(v)]
+    if isinstance(value, list | tuple):
+        return [im for v in value for im in _images_of(v)]
+    return [value]
+
+
+def _first_image(value: Any, field: str, partition_key: str | None) -> Any:
+    images = _images_of(value, partition_key)
+    if not images:
+        raise Failure(description=f"{field}: the upstream input holds no usable image")
+    return images[0]
+
+
+def _all_images(value: Any, field: str) -> list[Any]:
+    images = _images_of(value)
+    if not images:
+        raise Failure(description=f"{field}: the upstream input holds no usable image")
+    return images
+
+
+def _reuse(
+    context: AssetExecutionContext,
+    io_manager_key: str | None,
+    reuse_existing: bool | None,
+    request: ImageGenerationRequest,
+    partition_key: str | None,
+) -> GenerationResult | None:
+    explicit = request.explicit_seeds is not None
+    if reuse_existing is False or not explicit or io_manager_key is None:
+        return None
+    io_manager = getattr(context.resources, io_manager_key)
+    find: Callable[..., GenerationResult | None] | None = getattr(io_manager, "find_existing", None)
+    if find is None:
+        if reuse_existing:
+            context.log.warning(
+                f"reuse_existing: IO manager {io_manager_key!r} cannot find stored results"
+            )
+        return None
+    return find(request, context.asset_key, partition_key)

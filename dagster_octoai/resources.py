@@ -1,0 +1,303 @@
+"""``OctoAIResource``: one pooled client per run, and usage recorded on each output.
+
+The resource builds one :class:`~dagster_octoai.client.OctoAIClient` in
+``setup_for_execution`` and closes it in ``teardown_after_execution``. Assets and
+ops reach it through :meth:`OctoAIResource.get_client`, a context manager that
+yields an :class:`OctoAISession`: a thin handle of its own that delegates to the
+shared client and counts what *this* output used. The shared client is never
+wrapped or changed, and nothing is kept in module globals, so two assets in one
+run (or two outputs of a multi-asset) each get their own, correct numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    ConfigurableResource,
+    InitResourceContext,
+    OpExecutionContext,
+    RetryRequested,
+)
+from pydantic import Field, PrivateAttr
+
+from .client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from .errors import RateLimitError
+from .metadata import Usage
+from .models import AsyncJob, Engine, ImageGenerationRequest, ImageGenerationResponse, PollResult
+
+__all__ = ["OctoAIResource", "OctoAISession"]
+
+RequestLike = ImageGenerationRequest | Mapping[str, Any]
+ExecutionContext = AssetExecutionContext | OpExecutionContext
+
+
+class OctoAISession:
+    """The handle :meth:`OctoAIResource.get_client` yields: the shared client, counted.
+
+    Each call delegates to the run's pooled client and adds its answer to this
+    session's :class:`~dagster_octoai.metadata.Usage`. Sessions are cheap, one per
+    output, and safe to use from several threads.
+
+    Examples:
+        >>> from dagster_octoai.client import OctoAIClient
+        >>> session = OctoAISession(OctoAIClient("t", base_url="http://127.0.0.1:9"))
+        >>> session.usage.images
+        0
+    """
+
+    def __init__(self, client: OctoAIClient) -> None:
+        self._client = client
+        self._usage = Usage()
+        self._lock = threading.Lock()
+
+    @property
+    def usage(self) -> Usage:
+        """A copy of what this session's calls have used so far."""
+        with self._lock:
+            copy = Usage()
+            copy.merge(self._usage)
+            return copy
+
+    def _record(self, request: ImageGenerationRequest, response: ImageGenerationResponse) -> None:
+        with self._lock:
+            self._usage.add(request, response)
+
+    def generate(
+        self, request: RequestLike, *, engine: Engine | str | None = None
+    ) -> ImageGenerationResponse:
+        """Generate images and wait; see :meth:`OctoAIClient.generate`."""
+        req = ImageGenerationRequest.build(request, engine=engine)
+        response = self._client.generate(req)
+        self._record(req, response)
+        return response
+
+    def iter_generate(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+    ) -> Iterator[tuple[int, ImageGenerationResponse]]:
+        """Generate a batch, yielding ``(index, response)`` as each completes.
+
+        Requests are validated as they are pulled, so a bad one fails before it is sent.
+        """
+        built: dict[int, ImageGenerationRequest] = {}
+
+        def validated() -> Iterator[ImageGenerationRequest]:
+            for i, r in enumerate(requests):
+                built[i] = ImageGenerationRequest.build(r, engine=engine)
+                yield built[i]
+
+        for index, response in self._client.iter_generate(
+            validated(), max_concurrency=max_concurrency
+        ):
+            self._record(built.pop(index), response)
+            yield index, response
+
+    def generate_many(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+    ) -> list[ImageGenerationResponse]:
+        """Generate a batch concurrently; answers in input order. A failure raises."""
+        out = dict(self.iter_generate(requests, engine=engine, max_concurrency=max_concurrency))
+        return [out[i] for i in range(len(out))]
+
+    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+        """Start an async generation; its usage is counted when it is fetched."""
+        return self._client.submit(request, engine=engine)
+
+    def poll(self, job: AsyncJob) -> PollResult:
+        """Poll an async job once."""
+        return self._client.poll(job)
+
+    def fetch(self, job: AsyncJob) -> ImageGenerationResponse:
+        """Fetch a completed async job's answer (and count it)."""
+        response = self._client.fetch(job)
+        self._record(job.request, response)
+        return response
+
+    def wait(self, job: AsyncJob, timeout: float = 600.0) -> ImageGenerationResponse:
+        """Poll until the job completes, then fetch it (and count it)."""
+        response = self._client.wait(job, timeout=timeout)
+        self._record(job.request, response)
+        return response
+
+    def __repr__(self) -> str:
+        return f"OctoAISession(client={self._client!r}, images={self._usage.images})"
+
+
+class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
+    """OctoAI image generation for Dagster assets and ops.
+
+    Supply the token with ``EnvVar("OCTOAI_TOKEN")`` (or leave it unset: the
+    client then reads ``OCTOAI_TOKEN`` itself). The field is marked secret, so
+    Dagster masks it in config it displays; but a literal string would still be
+    stored in the resource's configured values, so never pass one.
+
+    A ``RateLimitError`` that survives the client's retries (quota exhausted)
+    leaves :meth:`get_client` as Dagster's ``RetryRequested`` with the server's
+    ``Retry-After``, so the step is retried later instead of failing.
+
+    Examples:
+        .. code-block:: python
+
+            from dagster import AssetExecutionContext, Definitions, EnvVar, asset
+            from dagster_octoai import OctoAIResource
+
+            @asset
+            def fox(context: AssetExecutionContext, octoai: OctoAIResource) -> bytes:
+                with octoai.get_client(context) as client:
+                    response = client.generate({"prompt": "a red fox", "seed": 7})
+                return response.images[0].data
+
+            defs = Definitions(
+                assets=[fox],
+                resources={"octoai": OctoAIResource(token=EnvVar("OCTOAI_TOKEN"))},
+            )
+    """
+
+    token: str | None = Field(
+        None,
+        repr=False,
+        description=(
+            "API token. Set it with EnvVar('OCTOAI_TOKEN'); unset, the client reads "
+            "the OCTOAI_TOKEN environment variable."
+        ),
+        json_schema_extra={"dagster__is_secret": True},
+    )
+    base_url: str = Field(
+        DEFAULT_BASE_URL, description="The OctoAI or OctoAI-compatible server's base URL."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP attempt, seconds.")
+    max_attempts: int = Field(5, ge=1, description="Attempts per HTTP call (1 = no retries).")
+    initial_backoff_s: float = Field(0.5, ge=0, description="First backoff wait, seconds.")
+    max_backoff_s: float = Field(20.0, ge=0, description="Longest backoff wait, seconds.")
+    max_retry_after_s: float = Field(
+        60.0,
+        ge=0,
+        description="Longest Retry-After the client waits out itself; longer ones end the call.",
+    )
+    deadline_s: float | None = Field(
+        600.0, description="Overall deadline of one call, all attempts and waits; None = none."
+    )
+    max_concurrency: int = Field(
+        4, ge=1, description="Generations in flight at once: the endpoint's replica count."
+    )
+    rate_limit_step_retries: int = Field(
+        3,
+        ge=0,
+        description="Step retries requested when the quota is exhausted (429 after the client's retries).",
+    )
+    rate_limit_default_wait_s: float = Field(
+        60.0, ge=0, description="Wait before such a step retry when the server sent no Retry-After."
+    )
+
+    _client: OctoAIClient | None = PrivateAttr(None)
+
+    @classmethod
+    def _is_dagster_maintained(cls) -> bool:
+        return False
+
+    def retry_policy(self) -> RetryPolicy:
+        """The client's retry policy from this resource's fields."""
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            max_retry_after_s=self.max_retry_after_s,
+            deadline_s=self.deadline_s,
+        )
+
+    def _new_client(self) -> OctoAIClient:
+        return OctoAIClient(
+            self.token,
+            base_url=self.base_url,
+            timeout=self.timeout_s,
+            retry=self.retry_policy(),
+            max_concurrency=self.max_concurrency,
+        )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._client = self._new_client()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> OctoAIClient:
+        """The run's pooled client (calls through it are not counted on any output)."""
+        if self._client is None:
+            # Direct use outside a run (e.g. a notebook): build lazily, once.
+            self._client = self._new_client()
+        return self._client
+
+    @contextmanager
+    def get_client(
+        self,
+        context: ExecutionContext,
+        *,
+        asset_key: AssetKey | str | None = None,
+        output_name: str | None = None,
+    ) -> Iterator[OctoAISession]:
+        """A session whose usage is recorded as metadata on one output when the block ends.
+
+        Args:
+            context: The asset's or op's context.
+            asset_key: In a multi-asset, the asset whose output gets the usage.
+            output_name: In a multi-output op, the output that gets the usage.
+
+        Yields:
+            An :class:`OctoAISession` for this output only.
+
+        Raises:
+            RetryRequested: the quota is exhausted (429 after the client's retries).
+        """
+        session = OctoAISession(self.client)
+        try:
+            yield session
+        except RateLimitError as exc:
+            wait = (
+                exc.retry_after if exc.retry_after is not None else self.rate_limit_default_wait_s
+            )
+            context.log.warning(
+                f"OctoAI quota exhausted ({exc.message}); asking Dagster to retry the step "
+                f"in {wait:g} s"
+            )
+            raise RetryRequested(
+                max_retries=self.rate_limit_step_retries, seconds_to_wait=wait
+            ) from exc
+        except BaseException:
+            usage = session.usage
+            if usage.images:
+                context.log.warning(
+                    f"OctoAI: {usage.images} images were generated (and paid for) before "
+                    "the step failed"
+                )
+            raise
+        _record_usage(context, session.usage, asset_key=asset_key, output_name=output_name)
+
+
+def _record_usage(
+    context: ExecutionContext,
+    usage: Usage,
+    *,
+    asset_key: AssetKey | str | None,
+    output_name: str | None,
+) -> None:
+    metadata = usage.to_metadata()
+    if asset_key is not None and output_name is None:
+        assets_def = context.assets_def
+        output_name = assets_def.get_output_name_for_asset_key(AssetKey.from_coercible(asset_key))
+    context.add_output_metadata(metadata, output_name=output_name)
