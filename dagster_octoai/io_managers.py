@@ -1,0 +1,332 @@
+"""Dagster IO managers that store generated images in S3 or a local directory.
+
+Both are thin: the key layout, manifest and write order live in
+:class:`dagster_octoai.storage.ImageStore`, so S3 and local outputs look the same.
+
+``handle_output`` takes an :class:`~dagster_octoai.batch.ImageBatch` (or a
+:class:`~dagster_octoai.batch.GenerationResult`, or a list of them) and stores it
+as it is iterated. ``load_input`` gives back :class:`~dagster_octoai.batch.StoredImage`
+objects:
+
+- ``list[StoredImage]`` for an unpartitioned upstream, or for one upstream partition
+  when the downstream run is itself for one partition;
+- ``dict[partition_key, list[StoredImage]]`` when the input spans several upstream
+  partitions, or the downstream is unpartitioned (so the partition of each image
+  stays visible). An input annotated ``dict`` always gets the mapping; one annotated
+  ``list`` always gets a flat list in partition order.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from dagster import (
+    AssetKey,
+    ConfigurableIOManager,
+    InputContext,
+    MetadataValue,
+    MultiPartitionsDefinition,
+    OutputContext,
+)
+from pydantic import Field, PrivateAttr, field_validator
+
+from .batch import GenerationResult, ImageBatch, StoredImage
+from .models import ImageGenerationRequest
+from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, WriteReport
+from .storage.layout import normalize_prefix
+from .storage.store import ConvertFormat
+
+__all__ = ["LocalImageIOManager", "S3ImageIOManager"]
+
+# Output metadata lists at most this many URIs / seeds, so the event log stays small.
+_METADATA_LIST_MAX = 100
+
+
+class _ImageIOManager(ConfigurableIOManager):
+    """What both image IO managers share: one store per instance, built on first use."""
+
+    prefix: str = Field(
+        default="dagster-octoai",
+        description="Key prefix under which every output is stored ('' for none).",
+    )
+    max_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Uploads in flight at once; also about how many images are held in memory.",
+    )
+    convert_to: str | None = Field(
+        default=None,
+        description="Re-encode images to 'png', 'jpeg' or 'webp'; unset stores the bytes exactly as the API returned them.",
+    )
+
+    _store: ImageStore | None = PrivateAttr(default=None)
+
+    @field_validator("convert_to")
+    @classmethod
+    def _check_convert_to(cls, value: str | None) -> str | None:
+        return _one_of("convert_to", value, (None, "png", "jpeg", "webp"))
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        return normalize_prefix(value)
+
+    def _backend(self) -> StorageBackend:
+        raise NotImplementedError
+
+    @property
+    def store(self) -> ImageStore:
+        """The :class:`ImageStore` of this IO manager (its client is built once)."""
+        if self._store is None:
+            self._store = ImageStore(
+                self._backend(),
+                prefix=normalize_prefix(self.prefix),
+                max_concurrency=self.max_concurrency,
+                convert_to=typing.cast(ConvertFormat | None, self.convert_to),
+            )
+        return self._store
+
+    # ---- Dagster interface -------------------------------------------------------------
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        results = _results_of(obj)
+        asset_key = _output_path(context)
+        partition_key = context.partition_key if context.has_partition_key else None
+        report = self.store.write(
+            results, asset_key=asset_key, partition_key=partition_key, run_id=context.run_id
+        )
+        context.add_output_metadata(_output_metadata(report))
+
+    def load_input(self, context: InputContext) -> list[StoredImage] | dict[str, list[StoredImage]]:
+        asset_key = _input_path(context)
+        if not context.has_asset_partitions:
+            return self.store.read(asset_key, None)
+        partitions_def = context.asset_partitions_def
+        keys: list[str] = list(context.asset_partition_keys)
+        if isinstance(partitions_def, MultiPartitionsDefinition):
+            keys = [partitions_def.get_partition_key_from_str(k) for k in keys]
+        by_partition = {str(k): self.store.read(asset_key, k) for k in keys}
+        wanted = _annotation_kind(context)
+        if wanted == "list" or (
+            wanted is None and len(by_partition) == 1 and context.has_partition_key
+        ):
+            return [im for images in by_partition.values() for im in images]
+        return by_partition
+
+    # ---- idempotent generation -------------------------------------------------------
+
+    def find_existing(
+        self,
+        request: ImageGenerationRequest,
+        asset_key: AssetKey | Sequence[str] | str | None = None,
+        partition_key: str | None = None,
+    ) -> GenerationResult | None:
+        """An already stored result of an identical request, to reuse instead of paying again.
+
+        Only requests with every seed explicit qualify. The output at ``asset_key`` /
+        ``partition_key`` (pass ``context.partition_key`` as is: a multi-partition key
+        keeps its dimensions) is checked first, then the fingerprint index of the
+        whole prefix. The returned result has ``reused_from`` set to the manifest URI;
+        returning it from the asset stores it without uploading the bytes again.
+
+        Examples:
+            >>> io = LocalImageIOManager(base_dir="/tmp/images")
+            >>> io.find_existing(ImageGenerationRequest(prompt="a fox"), ["fox"]) is None
+            True
+        """
+        path: list[str] | None
+        if asset_key is None:
+            path = None
+        elif isinstance(asset_key, AssetKey):
+            path = list(asset_key.path)
+        elif isinstance(asset_key, str):
+            path = list(AssetKey.from_user_string(asset_key).path)
+        else:
+            path = list(asset_key)
+        return self.store.find_existing(request, path, partition_key)
+
+
+class S3ImageIOManager(_ImageIOManager):
+    """Stores generated images in S3 or an S3-compatible store (MinIO, R2, SeaweedFS).
+
+    One object per image at ``{prefix}/{asset key path}/{partition}/{index:03d}-seed{seed}.{ext}``
+    with the bytes exactly as the API returned them, S3 user metadata (seed, engine,
+    sampler, steps, cfg scale, size, request fingerprint, run id, asset key,
+    partition, index, response id) and a ``manifest.json`` beside them holding the
+    full requests. See ``docs/storage.md`` for the layout and the manifest schema.
+
+    Examples:
+        >>> from dagster import EnvVar
+        >>> io_manager = S3ImageIOManager(
+        ...     bucket="images",
+        ...     prefix="octoai",
+        ...     aws_access_key_id=EnvVar("AWS_ACCESS_KEY_ID"),
+        ...     aws_secret_access_key=EnvVar("AWS_SECRET_ACCESS_KEY"),
+        ... )
+    """
+
+    bucket: str = Field(description="The S3 bucket images and manifests go to (must exist).")
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, R2, SeaweedFS); unset for AWS.",
+    )
+    region_name: str | None = Field(
+        default=None, description="Region to sign requests for; unset uses boto3's default."
+    )
+    aws_access_key_id: str | None = Field(
+        default=None,
+        description="Access key id; unset uses boto3's default credential chain.",
+    )
+    aws_secret_access_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="Secret access key; pass it with EnvVar so it is never shown. Unset uses boto3's default chain.",
+    )
+    addressing_style: str = Field(
+        default="auto",
+        description="Bucket addressing: 'path' for most S3-compatible stores, 'virtual' or 'auto' for AWS.",
+    )
+    retry_mode: str = Field(
+        default="adaptive",
+        description="botocore retry mode; 'adaptive' also rate-limits the client when throttled.",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, le=20, description="Attempts per S3 call made by botocore's retries."
+    )
+    throttle_retries: int = Field(
+        default=4,
+        ge=0,
+        le=20,
+        description="Extra attempts, with backoff, when S3 still answers SlowDown / 503 after botocore's retries.",
+    )
+
+    @field_validator("addressing_style")
+    @classmethod
+    def _check_addressing_style(cls, value: str) -> str:
+        return str(_one_of("addressing_style", value, ("auto", "path", "virtual")))
+
+    @field_validator("retry_mode")
+    @classmethod
+    def _check_retry_mode(cls, value: str) -> str:
+        return str(_one_of("retry_mode", value, ("standard", "adaptive")))
+
+    @field_validator("bucket")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if not _BUCKET.match(value):
+            raise ValueError(
+                f"bucket: {value!r} is not a bucket name (3-63 lowercase letters, digits, '.', '-')"
+            )
+        return value
+
+    def _backend(self) -> StorageBackend:
+        return S3Backend.from_config(
+            self.bucket,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            addressing_style=typing.cast(AddressingStyle, self.addressing_style),
+            retry_mode=typing.cast(RetryMode, self.retry_mode),
+            max_attempts=self.max_attempts,
+            max_pool_connections=max(10, self.max_concurrency),
+            throttle_retries=self.throttle_retries,
+        )
+
+
+class LocalImageIOManager(_ImageIOManager):
+    """Stores generated images as files: the S3 layout and manifest under a local directory.
+
+    For development without S3. Writes are atomic (temp file + ``os.replace``); as
+    files carry no metadata, the per-image metadata is in the manifest only. URIs
+    are ``file://`` URIs.
+
+    Examples:
+        >>> io_manager = LocalImageIOManager(base_dir="/tmp/images", prefix="octoai")
+        >>> io_manager.store.output_key(["fox"], None)
+        'octoai/fox'
+    """
+
+    base_dir: str = Field(description="Directory under which the prefix and images are written.")
+
+    def _backend(self) -> StorageBackend:
+        return LocalBackend(self.base_dir)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+AddressingStyle = Literal["auto", "path", "virtual"]
+RetryMode = Literal["standard", "adaptive"]
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _one_of(field: str, value: str | None, allowed: tuple[str | None, ...]) -> str | None:
+    if value not in allowed:
+        names = ", ".join(repr(a) for a in allowed if a is not None)
+        unset = " (or unset)" if None in allowed else ""
+        raise ValueError(f"{field}: {value!r} is not allowed; use one of {names}{unset}")
+    return value
+
+
+def _results_of(obj: Any) -> Iterable[GenerationResult]:
+    if isinstance(obj, ImageBatch):
+        return obj
+    if isinstance(obj, GenerationResult):
+        return [obj]
+    if isinstance(obj, list | tuple) and all(isinstance(r, GenerationResult) for r in obj):
+        return list(obj)
+    raise TypeError(
+        "an image IO manager stores an ImageBatch, a GenerationResult or a list of "
+        f"GenerationResult; the asset returned {type(obj).__name__}"
+    )
+
+
+def _output_path(context: OutputContext) -> list[str]:
+    if context.has_asset_key:
+        return list(context.asset_key.path)
+    # An op output: its run, step and output name.
+    return ["_ops", *context.get_identifier()]
+
+
+def _input_path(context: InputContext) -> list[str]:
+    if context.has_asset_key:
+        return list(context.asset_key.path)
+    upstream = context.upstream_output
+    if upstream is None:
+        raise TypeError("an image IO manager loads inputs that an upstream output stored")
+    return _output_path(upstream)
+
+
+def _annotation_kind(context: InputContext) -> Literal["list", "dict"] | None:
+    annotation = context.dagster_type.typing_type
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (dict, Mapping):
+        return "dict"
+    if origin in (list, Sequence):
+        return "list"
+    return None
+
+
+def _output_metadata(report: WriteReport) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "uri": MetadataValue.path(report.uri),
+        "manifest_uri": MetadataValue.path(report.manifest_uri),
+        "image_count": MetadataValue.int(report.image_count),
+        "removed_count": MetadataValue.int(report.removed_count),
+        "total_bytes": MetadataValue.int(report.total_bytes),
+        "reused": MetadataValue.bool(report.reused_count > 0),
+        "reused_count": MetadataValue.int(report.reused_count),
+        "seeds": MetadataValue.json(report.seeds[:_METADATA_LIST_MAX]),
+        "image_uris": MetadataValue.json(report.image_uris[:_METADATA_LIST_MAX]),
+    }
+    if report.thumbnail is not None and report.image_uris:
+        first = report.image_uris[0]
+        metadata["preview"] = MetadataValue.md(
+            f"![first image]({report.thumbnail})\n\n"
+            f"First of {report.image_count}: `{first}`\n\nAll images: `{report.uri}`"
+        )
+    return metadata

@@ -1,0 +1,384 @@
+"""Where stored images' bytes go: S3 (and S3-compatible stores) or a local directory.
+
+A backend only moves bytes by key; the layout, the manifest and the write order
+live in :mod:`dagster_octoai.storage.store`, so both backends behave the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, unquote
+
+from ..errors import OctoAIError
+
+__all__ = [
+    "LocalBackend",
+    "ObjectNotFoundError",
+    "S3Backend",
+    "StorageBackend",
+    "StorageError",
+]
+
+logger = logging.getLogger("dagster_octoai.storage")
+
+T = TypeVar("T")
+
+
+class StorageError(OctoAIError):
+    """Storing or loading images failed (missing bucket, refused credentials, missing object...)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """An object (image, manifest) that should exist is not there."""
+
+
+class StorageBackend(ABC):
+    """Put, copy, get and delete objects by key."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """The URI of a key (``s3://bucket/key`` or ``file:///...``)."""
+
+    @abstractmethod
+    def key_for_uri(self, uri: str) -> str | None:
+        """The key of a URI from this backend, or ``None`` when it points elsewhere."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> None:
+        """Write an object whole (readers see the old or the new object, never a part)."""
+
+    @abstractmethod
+    def copy(
+        self, source_key: str, key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """Copy an object without moving its bytes through this process, with new metadata.
+
+        ``source_key == key`` only replaces the metadata.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The bytes of an object; raises :class:`ObjectNotFoundError` when it is missing."""
+
+    def get_or_none(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except ObjectNotFoundError:
+            return None
+
+    @abstractmethod
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects; keys that do not exist are no error."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise a clear :class:`StorageError` when the store cannot be used (no bucket, bad credentials)."""
+
+
+# ---- S3 ---------------------------------------------------------------------------------
+
+# Error codes that mean "slow down / try again"; botocore retries them too, this is
+# the extra patience for a store that keeps throttling after botocore gives up.
+_THROTTLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "503",
+        "RequestTimeout",
+        "InternalError",
+        "500",
+    }
+)
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "403",
+    }
+)
+
+
+class S3Backend(StorageBackend):
+    """Objects in one S3 bucket through one boto3 client (thread-safe, shared by all uploads).
+
+    Args:
+        client: a boto3 S3 client.
+        bucket: the bucket name.
+        throttle_retries: extra attempts after botocore's own on SlowDown / 503 answers.
+        backoff_s: first pause between those attempts (doubles, with jitter).
+    """
+
+    def __init__(
+        self, client: Any, bucket: str, *, throttle_retries: int = 4, backoff_s: float = 0.5
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.throttle_retries = throttle_retries
+        self.backoff_s = backoff_s
+
+    def __repr__(self) -> str:
+        return f"S3Backend(bucket={self.bucket!r})"
+
+    @classmethod
+    def from_config(
+        cls,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        addressing_style: Literal["auto", "path", "virtual"] = "auto",
+        retry_mode: Literal["standard", "adaptive"] = "adaptive",
+        max_attempts: int = 5,
+        max_pool_connections: int = 10,
+        throttle_retries: int = 4,
+    ) -> S3Backend:
+        """A backend with its boto3 client built from plain settings (``None`` = boto3's default chain)."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            s3={"addressing_style": addressing_style},
+            retries={"mode": retry_mode, "total_max_attempts": max_attempts},
+            max_pool_connections=max_pool_connections,
+        )
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            region_name=region_name or None,
+            aws_access_key_id=aws_access_key_id or None,
+            aws_secret_access_key=aws_secret_access_key or None,
+            config=config,
+        )
+        return cls(client, bucket, throttle_retries=throttle_retries)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def key_for_uri(self, uri: str) -> str | None:
+        head = f"s3://{self.bucket}/"
+        return uri[len(head) :] if uri.startswith(head) else None
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> None:
+        self._call(
+            "put",
+            key,
+            lambda: self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                Metadata=dict(metadata),
+            ),
+        )
+
+    def copy(
+        self, source_key: str, key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        self._call(
+            "copy",
+            key,
+            lambda: self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                MetadataDirective="REPLACE",
+                ContentType=content_type,
+                Metadata=dict(metadata),
+            ),
+        )
+
+    def get(self, key: str) -> bytes:
+        def read() -> bytes:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = answer["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data
+
+        return self._call("get", key, read)
+
+    def head(self, key: str) -> dict[str, Any]:
+        """``ContentType``, ``ContentLength`` and user ``Metadata`` of an object."""
+        answer: dict[str, Any] = self._call(
+            "head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key)
+        )
+        return answer
+
+    def delete(self, keys: Sequence[str]) -> None:
+        # DeleteObjects takes at most 1000 keys a call.
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start : start + 1000]]
+            answer = self._call(
+                "delete",
+                chunk[0]["Key"],
+                lambda chunk=chunk: self.client.delete_objects(  # type: ignore[misc]
+                    Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}
+                ),
+            )
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"could not delete {len(errors)} object(s) in s3://{self.bucket}/, e.g. "
+                    f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
+
+    def check(self) -> None:
+        self._call("head_bucket", "", lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        delay = self.backoff_s
+        for attempt in range(self.throttle_retries + 1):
+            try:
+                return fn()
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                throttled = code in _THROTTLE_CODES or status in (500, 503)
+                if throttled and attempt < self.throttle_retries:
+                    pause = delay * (1 + random.random())
+                    logger.warning(
+                        "S3 %s of %r throttled (%s); retrying in %.1fs", op, key, code, pause
+                    )
+                    time.sleep(pause)
+                    delay *= 2
+                    continue
+                raise self._translate(op, key, code, status, exc) from None
+            except NoCredentialsError:
+                raise StorageError(
+                    "no AWS credentials: set aws_access_key_id / aws_secret_access_key "
+                    "(e.g. with EnvVar) or configure boto3's default credential chain"
+                ) from None
+            except EndpointConnectionError as exc:
+                raise StorageError(f"cannot reach the S3 endpoint: {exc}") from None
+            except BotoCoreError as exc:
+                raise StorageError(f"S3 {op} of {self.uri(key)} failed: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _translate(
+        self, op: str, key: str, code: str, status: int | None, exc: Exception
+    ) -> StorageError:
+        where = self.uri(key)
+        if code in ("NoSuchBucket",) or (op == "head_bucket" and code in ("404", "NotFound")):
+            return StorageError(
+                f"bucket {self.bucket!r} does not exist (S3 {op}); create it or fix the "
+                "`bucket` setting",
+                status_code=status,
+            )
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return ObjectNotFoundError(f"no object at {where}", status_code=status)
+        if code in _CREDENTIAL_CODES:
+            return StorageError(
+                f"S3 refused the credentials for {op} of {where} ({code}); check "
+                "aws_access_key_id / aws_secret_access_key and the identity's permissions",
+                status_code=status,
+            )
+        return StorageError(f"S3 {op} of {where} failed: {code} {exc}", status_code=status)
+
+
+# ---- local filesystem -------------------------------------------------------------------
+
+
+class LocalBackend(StorageBackend):
+    """Objects as files under ``base_dir``; every write is a temp file + ``os.replace``.
+
+    A local file has no object metadata: it lives in the manifest only.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str]) -> None:
+        self.base_dir = Path(base_dir).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(base_dir={str(self.base_dir)!r})"
+
+    def path(self, key: str) -> Path:
+        """The file of a key, refusing anything that would resolve outside ``base_dir``."""
+        path = (self.base_dir / key).resolve()
+        if path != self.base_dir and self.base_dir not in path.parents:
+            raise StorageError(f"key {key!r} resolves outside base_dir {str(self.base_dir)!r}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return "file://" + quote(str(self.base_dir / key))
+
+    def key_for_uri(self, uri: str) -> str | None:
+        head = "file://" + quote(str(self.base_dir)) + "/"
+        return unquote(uri[len(head) :]) if uri.startswith(head) else None
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def copy(
+        self, source_key: str, key: str, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        if source_key == key:
+            return
+        source = self.path(source_key)
+        path = self.path(key)
+        if not source.is_file():
+            raise ObjectNotFoundError(f"no object at {self.uri(source_key)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"no object at {self.uri(key)}") from None
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        try:
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"base_dir {str(self.base_dir)!r} is not usable: {exc}") from None
+        if not os.access(self.base_dir, os.W_OK):
+            raise StorageError(f"base_dir {str(self.base_dir)!r} is not writable")

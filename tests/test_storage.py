@@ -1,0 +1,595 @@
+"""ImageStore against a real SeaweedFS and a local directory: layout, bytes, metadata, manifests."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from dagster_octoai.batch import GenerationResult, ImageBatch
+from dagster_octoai.models import (
+    CallInfo,
+    GeneratedImage,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+)
+from dagster_octoai.storage import (
+    ImageStore,
+    LocalBackend,
+    ObjectNotFoundError,
+    S3Backend,
+    StorageBackend,
+    StorageError,
+)
+from dagster_octoai.storage.layout import index_key, output_key, safe_segment
+from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
+
+__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
+
+# ---- helpers (also used by test_io_managers) --------------------------------------------
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 64)) -> bytes:
+    """A real small image whose pixels depend on the seed."""
+    im = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    for x in range(0, size[0], 8):
+        im.putpixel((x, (seed + x) % size[1]), (255, 255, 255))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_result(
+    prompt: str = "a red fox",
+    seeds: list[int] | None = None,
+    *,
+    fmt: str = "JPEG",
+    removed: frozenset[int] = frozenset(),
+    engine: str = "sd",
+    response_id: str | None = None,
+    explicit: bool = True,
+    **fields: Any,
+) -> GenerationResult:
+    """A GenerationResult built from real images, as the client would return it."""
+    seeds = seeds if seeds is not None else [7]
+    request = ImageGenerationRequest(
+        prompt=prompt,
+        engine=engine,
+        num_images=len(seeds) if len(seeds) > 1 else None,
+        seed=(list(seeds) if len(seeds) > 1 else seeds[0]) if explicit else None,
+        **fields,
+    )
+    images = [
+        GeneratedImage(
+            image_b64=None if s in removed else base64.b64encode(image_bytes(s, fmt)).decode(),
+            seed=s,
+            removed_for_safety=s in removed,
+            safety_score=0.9 if s in removed else 0.01,
+        )
+        for s in seeds
+    ]
+    response = ImageGenerationResponse(images=images, prediction_time_ms=123.5).with_call_info(
+        CallInfo(attempts=2, request_ids=("req-1", "req-2"), elapsed_s=1.5, response_id=response_id)
+    )
+    return GenerationResult(request=request, response=response, response_id=response_id)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(params=["s3", "local"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ImageStore:
+    """The same store tests run on SeaweedFS and on a local directory."""
+    if request.param == "s3":
+        server: SeaweedFS = request.getfixturevalue("seaweedfs")
+        bucket: str = request.getfixturevalue("s3_bucket")
+        backend: StorageBackend = S3Backend(server.client(), bucket)
+    else:
+        backend = LocalBackend(tmp_path / "images")
+    return ImageStore(backend, prefix="gen", max_concurrency=4)
+
+
+def s3_client(store: ImageStore) -> Any:
+    assert isinstance(store.backend, S3Backend)
+    return store.backend.client
+
+
+# ---- layout ----------------------------------------------------------------------------
+
+
+def test_safe_segment_keeps_plain_names_and_escapes_the_rest() -> None:
+    assert safe_segment("2024-01-01") == "2024-01-01"
+    assert safe_segment("fox_v2.1") == "fox_v2.1"
+    for hostile in [
+        "..",
+        ".",
+        "../../etc/passwd",
+        "a/b",
+        "a\\b",
+        ".hidden",
+        "x\x00y",
+        "x\ny",
+        "_index",
+        "_staging",
+        "manifest.json",
+        "~",
+        "é",
+        "",
+        "a" * 300,
+        "k=v",
+    ]:
+        seg = safe_segment(hostile)
+        assert "/" not in seg and "\\" not in seg, hostile
+        assert seg not in ("", ".", ".."), hostile
+        assert not seg.startswith("."), hostile
+        assert all(32 < ord(c) < 127 for c in seg), hostile
+        assert "~" in seg and len(seg) <= 65, hostile
+
+
+def test_distinct_values_never_share_a_segment() -> None:
+    values = ["a/b", "a_b", "a\\b", "a b", "a:b", "a_b~0", "A/B", "a" * 300, "a" * 301]
+    assert len({safe_segment(v) for v in values}) == len(values)
+
+
+def test_output_key_layout_and_multi_partitions() -> None:
+    class MultiKey(str):
+        keys_by_dimension = {"region": "eu/west", "date": "2024-01-01"}
+
+    assert output_key("gen", ["fox", "raw"], None) == "gen/fox/raw"
+    assert output_key("", ["fox"], "2024-01-01") == "fox/2024-01-01"
+    multi = output_key("gen", ["fox"], MultiKey("2024-01-01|eu/west"))
+    assert multi == f"gen/fox/date=2024-01-01/region={safe_segment('eu/west')}"
+    assert multi.startswith("gen/fox/") and multi.count("/") == 3
+    with pytest.raises(ValueError, match="prefix"):
+        output_key("gen/../x", ["fox"], None)
+    with pytest.raises(ValueError, match="asset_key"):
+        output_key("gen", [], None)
+
+
+# ---- writes ----------------------------------------------------------------------------
+
+
+def test_write_stores_exact_bytes_metadata_and_manifest(store: ImageStore) -> None:
+    jpeg = make_result("a red fox", [11, 12], steps=20, cfg_scale=7.5, sampler="K_EULER")
+    png = make_result("a blue owl", [5], fmt="PNG", response_id="job-1")
+    report = store.write([jpeg, png], asset_key=["fox"], partition_key="p1", run_id="run-1")
+
+    keys = ["gen/fox/p1/000-seed11.jpg", "gen/fox/p1/001-seed12.jpg", "gen/fox/p1/002-seed5.png"]
+    assert report.image_uris == [store.backend.uri(k) for k in keys]
+    assert report.uri == store.backend.uri("gen/fox/p1/")
+    assert report.manifest_uri == store.backend.uri("gen/fox/p1/manifest.json")
+    assert report.seeds == [11, 12, 5]
+    expected = [image_bytes(11), image_bytes(12), image_bytes(5, "PNG")]
+    assert report.total_bytes == sum(len(b) for b in expected)
+    for key, data in zip(keys, expected, strict=True):
+        assert store.backend.get(key) == data
+    assert report.thumbnail is not None and report.thumbnail.startswith("data:image/jpeg;base64,")
+    assert len(report.thumbnail) < 20_000
+
+    manifest = store.read_manifest(["fox"], "p1")
+    assert manifest is not None
+    assert manifest["schema_version"] == 1
+    assert manifest["asset_key"] == ["fox"]
+    assert manifest["partition"] == "p1"
+    assert manifest["partition_dimensions"] is None
+    assert manifest["run_id"] == "run-1"
+    assert manifest["image_count"] == 3 and manifest["removed_count"] == 0
+    assert manifest["total_bytes"] == report.total_bytes
+    first = manifest["results"][0]
+    assert first["request"] == {
+        "engine": "sd",
+        "body": {
+            "prompt": "a red fox",
+            "cfg_scale": 7.5,
+            "steps": 20,
+            "num_images": 2,
+            "seed": [11, 12],
+            "sampler": "K_EULER",
+        },
+    }
+    assert first["fingerprint"] == jpeg.request.fingerprint()
+    assert first["prediction_time_ms"] == 123.5
+    assert first["call_info"] == {
+        "attempts": 2,
+        "request_ids": ["req-1", "req-2"],
+        "elapsed_s": 1.5,
+        "response_id": None,
+    }
+    metadata = {
+        "seed": "11",
+        "engine": "sd",
+        "sampler": "K_EULER",
+        "steps": "20",
+        "cfg-scale": "7.5",
+        "width": "64",
+        "height": "64",
+        "request-fingerprint": jpeg.request.fingerprint(),
+        "run-id": "run-1",
+        "asset-key": "fox",
+        "partition": "p1",
+        "index": "0",
+    }
+    assert first["images"][0] == {
+        "index": 0,
+        "seed": 11,
+        "key": keys[0],
+        "uri": store.backend.uri(keys[0]),
+        "bytes": len(expected[0]),
+        "sha256": sha(expected[0]),
+        "content_type": "image/jpeg",
+        "format": "jpeg",
+        "width": 64,
+        "height": 64,
+        "converted_from": None,
+        "removed_for_safety": False,
+        "safety_score": 0.01,
+        "metadata": metadata,
+    }
+    owl = manifest["results"][1]
+    assert owl["response_id"] == "job-1"
+    assert owl["images"][0]["content_type"] == "image/png"
+    assert owl["images"][0]["metadata"]["response-id"] == "job-1"
+
+    if isinstance(store.backend, S3Backend):
+        head = store.backend.head(keys[0])
+        assert head["ContentType"] == "image/jpeg"
+        assert head["Metadata"] == metadata
+        assert store.backend.head(keys[2])["ContentType"] == "image/png"
+        assert store.backend.head("gen/fox/p1/manifest.json")["ContentType"] == "application/json"
+    else:
+        assert isinstance(store.backend, LocalBackend)
+        files = sorted(
+            p.relative_to(store.backend.base_dir).as_posix()
+            for p in store.backend.base_dir.rglob("*")
+            if p.is_file()
+        )
+        index_files = sorted(index_key("gen", r.request.fingerprint()) for r in (jpeg, png))
+        assert files == sorted([*keys, "gen/fox/p1/manifest.json", *index_files])
+
+
+def test_manifest_alone_regenerates_the_request(store: ImageStore) -> None:
+    init = image_bytes(3, "PNG", (512, 512))
+    result = make_result("a fox, (detailed:1.2)", [42], engine="sd", init_image=init, strength=0.5)
+    store.write([result], asset_key=["fox"], partition_key=None, run_id="r")
+    manifest = store.read_manifest(["fox"], None)
+    assert manifest is not None
+    record = manifest["results"][0]["request"]
+    rebuilt = ImageGenerationRequest.from_wire(record["body"], record["engine"])
+    assert rebuilt == result.request
+    assert rebuilt.fingerprint() == result.request.fingerprint()
+    assert base64.b64decode(record["body"]["init_image"]) == init
+
+
+def test_removed_images_are_in_the_manifest_without_objects(store: ImageStore) -> None:
+    result = make_result("x", [1, 2, 3], removed=frozenset({2}))
+    report = store.write([result], asset_key=["a"], partition_key=None, run_id="r")
+    assert report.removed_count == 1
+    assert report.seeds == [1, 3]
+    manifest = store.read_manifest(["a"], None)
+    assert manifest is not None
+    blocked = manifest["results"][0]["images"][1]
+    assert blocked["removed_for_safety"] is True
+    assert blocked["key"] is None and blocked["bytes"] == 0 and blocked["safety_score"] == 0.9
+    assert store.backend.get_or_none("gen/a/001-seed2.jpg") is None
+    assert [im.seed for im in store.read(["a"], None)] == [1, 3]
+    assert [im.index for im in store.read(["a"], None)] == [0, 2]
+
+
+def test_convert_to_png(store: ImageStore) -> None:
+    store.convert_to = "png"
+    report = store.write([make_result("x", [4])], asset_key=["a"], partition_key=None, run_id="r")
+    assert report.image_uris == [store.backend.uri("gen/a/000-seed4.png")]
+    data = store.backend.get("gen/a/000-seed4.png")
+    assert data.startswith(b"\x89PNG")
+    manifest = store.read_manifest(["a"], None)
+    assert manifest is not None
+    image = manifest["results"][0]["images"][0]
+    assert image["converted_from"] == "jpeg" and image["content_type"] == "image/png"
+
+
+def test_load_back(store: ImageStore) -> None:
+    result = make_result("a red fox", [11, 12], steps=20)
+    store.write([result], asset_key=["fox"], partition_key="p1", run_id="run-1")
+    images = store.read(["fox"], "p1")
+    assert [im.data for im in images] == [image_bytes(11), image_bytes(12)]
+    assert [im.seed for im in images] == [11, 12]
+    assert images[0].request == result.request
+    assert images[0].partition_key == "p1"
+    assert images[0].uri == store.backend.uri("gen/fox/p1/000-seed11.jpg")
+    assert images[0].to_pil().size == (64, 64)
+    assert images[0].metadata["seed"] == "11"
+    assert images[0].metadata["run_id"] == "run-1"
+    with pytest.raises(ObjectNotFoundError, match="materialized"):
+        store.read(["fox"], "p2")
+
+
+def test_read_detects_an_image_replaced_behind_its_back(store: ImageStore) -> None:
+    store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
+    store.backend.put("gen/a/000-seed1.jpg", image_bytes(99), "image/jpeg", {})
+    with pytest.raises(StorageError, match="sha256"):
+        store.read(["a"], None)
+
+
+# ---- re-runs and failures ------------------------------------------------------------
+
+
+def test_rerun_replaces_cleanly(store: ImageStore) -> None:
+    store.write([make_result("x", [1, 2, 3])], asset_key=["a"], partition_key=None, run_id="r1")
+    store.write([make_result("y", [1, 9])], asset_key=["a"], partition_key=None, run_id="r2")
+    manifest = store.read_manifest(["a"], None)
+    assert manifest is not None and manifest["run_id"] == "r2"
+    assert [im["key"] for im in manifest["results"][0]["images"]] == [
+        "gen/a/000-seed1.jpg",
+        "gen/a/001-seed9.jpg",
+    ]
+    # Same key, same bytes: kept (metadata refreshed); stale keys deleted.
+    assert store.backend.get_or_none("gen/a/002-seed3.jpg") is None
+    assert store.backend.get_or_none("gen/a/001-seed2.jpg") is None
+    assert store.backend.get("gen/a/001-seed9.jpg") == image_bytes(9)
+    if isinstance(store.backend, S3Backend):
+        assert store.backend.head("gen/a/000-seed1.jpg")["Metadata"]["run-id"] == "r2"
+        assert (
+            store.backend.head("gen/a/000-seed1.jpg")["Metadata"]["request-fingerprint"]
+            == make_result("y", [1, 9]).request.fingerprint()
+        )
+    assert [im.data for im in store.read(["a"], None)] == [image_bytes(1), image_bytes(9)]
+
+
+class RecordingBackend(StorageBackend):
+    """Wraps a real backend: records puts and copies; the ``fail_on_put``-th put raises."""
+
+    def __init__(self, inner: StorageBackend, fail_on_put: int | None = None) -> None:
+        self.inner = inner
+        self.fail_on_put = fail_on_put
+        self.puts: list[str] = []
+        self.copies: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def uri(self, key: str) -> str:
+        return self.inner.uri(key)
+
+    def key_for_uri(self, uri: str) -> str | None:
+        return self.inner.key_for_uri(uri)
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
+        with self.lock:
+            self.puts.append(key)
+            fail = len(self.puts) == self.fail_on_put
+        if fail:
+            raise StorageError(f"simulated outage writing {key}")
+        self.inner.put(key, data, content_type, metadata)
+
+    def copy(self, source_key: str, key: str, content_type: str, metadata: Any) -> None:
+        with self.lock:
+            self.copies.append((source_key, key))
+        self.inner.copy(source_key, key, content_type, metadata)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def delete(self, keys: Any) -> None:
+        self.inner.delete(keys)
+
+    def check(self) -> None:
+        self.inner.check()
+
+
+@pytest.mark.parametrize("fail_on_put", [2, 4])
+def test_failure_mid_write_keeps_the_previous_manifest_valid(
+    store: ImageStore, fail_on_put: int
+) -> None:
+    first = make_result("x", [1, 2, 3])
+    store.write([first], asset_key=["a"], partition_key=None, run_id="r1")
+    before = store.read_manifest(["a"], None)
+
+    # Same seeds, other prompt: every key collides with the old one, with other bytes.
+    second = make_result("y", [1, 2, 3, 4], fmt="JPEG")
+    second = GenerationResult(
+        request=second.request,
+        response=ImageGenerationResponse(
+            images=[
+                GeneratedImage(image_b64=base64.b64encode(image_bytes(s + 100)).decode(), seed=s)
+                for s in (1, 2, 3, 4)
+            ]
+        ),
+    )
+    failing = ImageStore(
+        RecordingBackend(store.backend, fail_on_put), prefix="gen", max_concurrency=2
+    )
+    with pytest.raises(StorageError, match="simulated outage"):
+        failing.write([second], asset_key=["a"], partition_key=None, run_id="r2")
+
+    assert store.read_manifest(["a"], None) == before
+    loaded = store.read(["a"], None)  # checks every sha256 against the manifest
+    assert [im.data for im in loaded] == [image_bytes(1), image_bytes(2), image_bytes(3)]
+    assert store.backend.get_or_none("gen/a/003-seed4.jpg") is None
+
+
+def test_failure_while_generating_keeps_the_previous_output(store: ImageStore) -> None:
+    store.write([make_result("x", [1, 2])], asset_key=["a"], partition_key=None, run_id="r1")
+
+    def results() -> Iterator[GenerationResult]:
+        yield make_result("y", [1])
+        raise RuntimeError("the API went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        store.write(ImageBatch(results()), asset_key=["a"], partition_key=None, run_id="r2")
+    manifest = store.read_manifest(["a"], None)
+    assert manifest is not None and manifest["run_id"] == "r1"
+    assert [im.data for im in store.read(["a"], None)] == [image_bytes(1), image_bytes(2)]
+
+
+# ---- streaming ------------------------------------------------------------------------
+
+
+def test_lazy_batch_is_streamed_with_bounded_memory(store: ImageStore) -> None:
+    count, limit = 60, 3
+    yielded = 0
+    stored = 0
+    ahead_max = 0
+    lock = threading.Lock()
+
+    class Watching(RecordingBackend):
+        def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
+            nonlocal stored
+            super().put(key, data, content_type, metadata)
+            with lock:
+                stored += 1
+
+    def results() -> Iterator[GenerationResult]:
+        nonlocal yielded, ahead_max
+        for seed in range(count):
+            with lock:
+                # Images produced but not yet stored: what the writer holds in memory.
+                ahead_max = max(ahead_max, yielded - stored)
+            yielded += 1
+            yield make_result(f"frame {seed}", [seed])
+
+    streaming = ImageStore(Watching(store.backend), prefix="gen", max_concurrency=limit)
+    report = streaming.write(
+        ImageBatch(results(), expected_images=count),
+        asset_key=["frames"],
+        partition_key=None,
+        run_id="r",
+    )
+    assert report.image_count == count
+    assert report.seeds == list(range(count))
+    assert 1 <= ahead_max <= limit + 1
+    manifest = store.read_manifest(["frames"], None)
+    assert manifest is not None and manifest["image_count"] == count
+    last = f"gen/frames/{count - 1:03d}-seed{count - 1}.jpg"
+    assert store.backend.get(last) == image_bytes(count - 1)
+
+
+# ---- idempotent generation ------------------------------------------------------------
+
+
+def test_find_existing_and_reuse(store: ImageStore) -> None:
+    original = make_result("a red fox", [11, 12], steps=20, response_id="job-9")
+    store.write([original], asset_key=["fox"], partition_key="p1", run_id="r1")
+
+    same = ImageGenerationRequest.build(original.request)
+    found = store.find_existing(same, ["fox"], "p1")
+    assert found is not None
+    assert found.reused_from == store.backend.uri("gen/fox/p1/manifest.json")
+    assert [im.data for im in found.images] == [image_bytes(11), image_bytes(12)]
+    assert found.response_id == "job-9"
+    # Through the fingerprint index, from another asset.
+    via_index = store.find_existing(same)
+    assert via_index is not None and via_index.reused_from == found.reused_from
+
+    assert store.find_existing(ImageGenerationRequest.build(same, steps=21)) is None
+    random_seed = make_result("a red fox", [11], explicit=False).request
+    assert store.find_existing(random_seed) is None
+
+    # Storing the reused result at the same key: no upload, and in another asset: a copy.
+    counting = RecordingBackend(store.backend)
+    reuse_store = ImageStore(counting, prefix="gen")
+    report = reuse_store.write([found], asset_key=["fox"], partition_key="p1", run_id="r2")
+    assert counting.puts == ["gen/fox/p1/manifest.json", index_key("gen", same.fingerprint())]
+    assert report.reused_count == 2
+    counting.puts.clear()
+    report = reuse_store.write([found], asset_key=["fox_copy"], partition_key=None, run_id="r3")
+    assert sorted(counting.copies) == [
+        ("gen/fox/p1/000-seed11.jpg", "gen/fox/p1/000-seed11.jpg"),
+        ("gen/fox/p1/000-seed11.jpg", "gen/fox_copy/000-seed11.jpg"),
+        ("gen/fox/p1/001-seed12.jpg", "gen/fox/p1/001-seed12.jpg"),
+        ("gen/fox/p1/001-seed12.jpg", "gen/fox_copy/001-seed12.jpg"),
+    ]
+    assert counting.puts == ["gen/fox_copy/manifest.json", index_key("gen", same.fingerprint())]
+    assert store.backend.get("gen/fox_copy/001-seed12.jpg") == image_bytes(12)
+    manifest = store.read_manifest(["fox_copy"], None)
+    assert manifest is not None
+    assert manifest["results"][0]["reused_from"] == found.reused_from
+    if isinstance(store.backend, S3Backend):
+        meta = store.backend.head("gen/fox_copy/001-seed12.jpg")["Metadata"]
+        assert meta["asset-key"] == "fox_copy" and meta["run-id"] == "r3"
+        assert "partition" not in meta
+
+
+def test_find_existing_ignores_a_stale_index(store: ImageStore) -> None:
+    result = make_result("x", [5])
+    store.write([result], asset_key=["a"], partition_key=None, run_id="r1")
+    store.write([make_result("y", [6])], asset_key=["a"], partition_key=None, run_id="r2")
+    # The index still points at a/manifest.json, which no longer holds that request.
+    assert store.backend.get_or_none(index_key("gen", result.request.fingerprint())) is not None
+    assert store.find_existing(result.request) is None
+
+
+# ---- S3 errors -----------------------------------------------------------------------
+
+
+def test_bad_credentials_give_a_clear_error(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    backend = S3Backend(seaweedfs.client(aws_secret_access_key="wrong-secret"), s3_bucket)
+    store = ImageStore(backend, prefix="gen")
+    with pytest.raises(StorageError, match="refused the credentials") as info:
+        store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
+    assert "wrong-secret" not in str(info.value)
+    assert info.value.status_code == 403
+    with pytest.raises(StorageError, match="refused the credentials"):
+        backend.check()
+
+
+def test_missing_bucket_gives_a_clear_error(seaweedfs: SeaweedFS) -> None:
+    backend = S3Backend(seaweedfs.client(), "no-such-bucket-here")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        ImageStore(backend, prefix="gen").write(
+            [make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r"
+        )
+    with pytest.raises(StorageError, match="does not exist"):
+        backend.check()
+
+
+def test_throttling_is_retried_then_reported() -> None:
+    # One branch, no server: the retry loop around a call that answers SlowDown.
+    from botocore.exceptions import ClientError
+
+    backend = S3Backend(client=None, bucket="bkt", throttle_retries=2, backoff_s=0.001)
+    calls: list[int] = []
+
+    def slow_down() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ClientError(
+                {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
+                 "ResponseMetadata": {"HTTPStatusCode": 503}},
+                "PutObject",
+            )  # fmt: skip
+        return "ok"
+
+    assert backend._call("put", "k", slow_down) == "ok"
+    assert len(calls) == 3
+    calls.clear()
+
+    def always() -> str:
+        calls.append(1)
+        raise ClientError(
+            {"Error": {"Code": "SlowDown", "Message": "Reduce"},
+             "ResponseMetadata": {"HTTPStatusCode": 503}},
+            "PutObject",
+        )  # fmt: skip
+
+    with pytest.raises(StorageError, match="SlowDown"):
+        backend._call("put", "k", always)
+    assert len(calls) == 3
+
+
+def test_local_backend_refuses_keys_outside_base_dir(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "base")
+    with pytest.raises(StorageError, match="outside base_dir"):
+        backend.put("../escape.jpg", b"x", "image/jpeg", {})
+    assert not (tmp_path / "escape.jpg").exists()
+
+
+def test_manifest_json_is_readable_by_plain_json(store: ImageStore) -> None:
+    store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
+    assert json.loads(store.backend.get("gen/a/manifest.json"))["schema_version"] == 1
