@@ -1,1 +1,63 @@
-"""The pytest plugin registered by the ``pytest11`` entry point (fixtures for users' tests)."""
+"""The pytest plugin registered by the ``pytest11`` entry point (fixtures for users' tests).
+
+Fixtures:
+
+- ``octoai_server``: one instant server for the whole session, token ``"test-token"``.
+  Shared: read its stats as differences, and use the factory to change its behaviour.
+- ``octoai_server_factory``: call it with :class:`~dagster_octoai.server.ServerConfig`
+  fields (``latency_per_image_s=0.2, replicas=2, faults=FaultConfig(...)`` ...) for a
+  server of your own, started at once and stopped after the test.
+
+The server needs the ``server`` extra (Starlette, uvicorn); the imports happen inside
+the fixtures, so installing the plugin costs a test run nothing when they are unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytest
+
+if TYPE_CHECKING:
+    from ..server import LocalOctoAIServer
+
+TEST_TOKEN = "test-token"
+
+
+@pytest.fixture(scope="session")
+def octoai_server() -> Iterator[LocalOctoAIServer]:
+    """An instant local OctoAI server (token ``"test-token"``) shared by the session."""
+    from ..server import LocalOctoAIServer, ServerConfig
+
+    with LocalOctoAIServer(ServerConfig(token=TEST_TOKEN, latency_per_image_s=0.0)) as server:
+        yield server
+
+
+@pytest.fixture
+def octoai_server_factory() -> Iterator[Callable[..., LocalOctoAIServer]]:
+    """Make started servers from ``ServerConfig`` fields; all stop when the test ends.
+
+    The token defaults to ``"test-token"``; pass ``mode="process"`` for a server in a
+    child process.
+
+    Examples:
+        def test_queueing(octoai_server_factory):
+            srv = octoai_server_factory(latency_per_image_s=0.3, replicas=2)
+            ...
+    """
+    from ..server import LocalOctoAIServer, ServerConfig
+
+    servers: list[LocalOctoAIServer] = []
+
+    def make(mode: Literal["thread", "process"] = "thread", **fields: Any) -> LocalOctoAIServer:
+        fields.setdefault("token", TEST_TOKEN)
+        server = LocalOctoAIServer(ServerConfig(**fields), mode=mode)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()

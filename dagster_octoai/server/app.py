@@ -1,0 +1,596 @@
+"""The ASGI application: OctoAI's image routes plus ``/_local`` controls for tests.
+
+Request path, outermost first: the gateway (``X-User-Request-ID``, the request log,
+injected faults), then per route: bearer auth, rate limit, body validation with the
+same :class:`~dagster_octoai.models.ImageGenerationRequest` the client uses, the
+policy check, and the generation on a replica (sync) or in the background (async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import random
+import re
+import time
+import uuid
+import warnings
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
+from .config import ServerConfig
+from .jobs import Job, JobStore, ReplicaPool
+from .openapi import openapi_document
+from .renderer import choose_seeds, render
+from .stats import RequestRecord, ServerStats
+
+__all__ = ["ServerState", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+POLICY_MESSAGE = "This request violates our Acceptable Use Policy."
+ASYNC_HEADER = "x-octoai-async"
+
+_ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^/generate/[^/]+/?$"), "/generate/{engine}"),
+    (re.compile(r"^/v1/requests/[^/]+/?$"), "/v1/requests/{response_id}"),
+    (re.compile(r"^/v1/responses/[^/]+/?$"), "/v1/responses/{response_id}"),
+)
+
+
+_STATIC_ROUTES = frozenset({"/healthcheck", "/openapi.json"})
+
+
+def _route_of(path: str) -> str:
+    """The route template of a path: bounded keys for the stats, whatever is requested."""
+    for pattern, name in _ROUTES:
+        if pattern.match(path):
+            return name
+    if path in _STATIC_ROUTES or path.startswith("/_local/"):
+        return path
+    return "(unrouted)"
+
+
+def _message(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"message": message}, status_code=status, headers=headers)
+
+
+class ServerState:
+    """Everything one app instance knows: config, counters, replicas, jobs, random sources."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self.pool = ReplicaPool(lambda: self.config.replicas, self.stats.observe_pool)
+        self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
+        self.fault_rng = random.Random(config.faults.seed)
+        # Seeds for unseeded requests are random, as on the hosted service.
+        self.seed_rng = random.Random()
+        self.rate_window: deque[float] = deque()
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="octoai-render")
+
+    def _count_expired(self, count: int) -> None:
+        self.stats.async_expired += count
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.stats.snapshot(
+            in_flight=self.pool.in_flight,
+            queued=self.pool.queued,
+            jobs_by_status=self.jobs.by_status(),
+        )
+
+    async def reconfigure(self, changes: dict[str, Any]) -> ServerConfig:
+        old = self.config
+        self.config = old.updated(changes)
+        if "faults" in changes:
+            self.fault_rng = random.Random(self.config.faults.seed)
+        if self.config.replicas > old.replicas:
+            await self.pool.resized()
+        return self.config
+
+    # ---- checks ---------------------------------------------------------------------
+
+    def auth_error(self, request: Request) -> JSONResponse | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return _message(
+                401,
+                "Missing bearer token: send 'Authorization: Bearer <token>'.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        for forbidden in self.config.forbidden_tokens:
+            if hmac.compare_digest(token.encode(), forbidden.get_secret_value().encode()):
+                return _message(403, "This token is not allowed to use this endpoint.")
+        expected = self.config.token_value()
+        if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
+            return _message(401, "Invalid bearer token.", {"WWW-Authenticate": "Bearer"})
+        return None
+
+    def rate_limit_error(self) -> JSONResponse | None:
+        limit = self.config.rate_limit_requests
+        if limit is None:
+            return None
+        now = time.monotonic()
+        window = self.config.rate_limit_window_s
+        while self.rate_window and self.rate_window[0] <= now - window:
+            self.rate_window.popleft()
+        if len(self.rate_window) >= limit:
+            wait = self.rate_window[0] + window - now
+            self.stats.rate_limited += 1
+            return _message(
+                429,
+                f"Rate limit exceeded: {limit} requests per {window:g} s.",
+                {"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
+        self.rate_window.append(now)
+        return None
+
+    def violates_policy(self, req: ImageGenerationRequest) -> bool:
+        text = " ".join(p for p in (req.prompt, req.prompt_2) if p)
+        return any(
+            re.search(rf"\b{re.escape(word)}\b", text, re.IGNORECASE)
+            for word in self.config.banned_words
+            if word
+        )
+
+    # ---- generation -----------------------------------------------------------------
+
+    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+        """Wait for a replica, take the configured time, render: the generation body."""
+        async with self.pool:
+            return await self._generate_on_replica(req)
+
+    async def _generate_on_replica(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+        started = time.perf_counter()
+        seeds = choose_seeds(req, self.seed_rng)
+        config = self.config
+        if config.latency_per_image_s > 0:
+            await asyncio.sleep(config.latency_per_image_s * len(seeds))
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(
+            self.executor,
+            lambda: render(
+                req, seeds, safety_trigger_word=config.safety_trigger_word, detail=config.detail
+            ),
+        )
+        removed = sum(1 for im in images if im.removed_for_safety)
+        self.stats.record_generation(req.engine.value, len(images), removed)
+        body = {
+            "images": [
+                {
+                    "image_b64": None if im.data is None else _b64(im.data),
+                    "seed": im.seed,
+                    "removed_for_safety": im.removed_for_safety,
+                    "safety_score": im.safety_score,
+                }
+                for im in images
+            ],
+            "prediction_time_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        return json.dumps(body, separators=(",", ":")).encode(), seeds
+
+    async def run_job(self, job: Job) -> None:
+        config = self.config
+        if config.async_queue_delay_s > 0:
+            await asyncio.sleep(config.async_queue_delay_s)
+        async with self.pool:
+            job.status = JobStatus.RUNNING
+            if job.fails:
+                # The seed: "A long-running inference with duration greater than 1 minute
+                # may occasionally encounter an error."
+                await asyncio.sleep(self.config.faults.job_failure_after_s)
+                job.error = "The inference ran too long and failed; resubmit the request."
+                job.status = JobStatus.FAILED
+            else:
+                try:
+                    job.body, _ = await self._generate_on_replica(job.request)
+                    job.status = JobStatus.COMPLETED
+                except Exception as exc:  # a renderer bug must not leave the job running forever
+                    job.error = f"The inference failed: {type(exc).__name__}."
+                    job.status = JobStatus.FAILED
+        job.finished_at = time.monotonic()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.octoai
+    return state
+
+
+def _base_url(request: Request, state: ServerState) -> str:
+    if state.config.public_base_url:
+        return state.config.public_base_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _pydantic_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+# ---- routes -------------------------------------------------------------------------
+
+
+async def generate(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    name = request.path_params["engine"]
+    try:
+        engine = Engine.parse(name)
+    except ValueError:
+        allowed = ", ".join(e.value for e in Engine)
+        return _message(404, f"Engine {name!r} not found; available: {allowed}.")
+    if (limited := state.rate_limit_error()) is not None:
+        return limited
+
+    is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    raw = await request.body()
+    if is_async and len(raw) > state.config.async_body_limit_bytes:
+        return _message(
+            413,
+            f"Async request body is {len(raw)} bytes; the limit is "
+            f"{state.config.async_body_limit_bytes} bytes.",
+        )
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        state.stats.validation_errors += 1
+        pos = getattr(exc, "pos", 0)
+        return _validation_response(
+            [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid"}]
+        )
+    if not isinstance(body, dict):
+        state.stats.validation_errors += 1
+        return _validation_response(
+            [
+                {
+                    "loc": ["body"],
+                    "msg": "Input should be a valid dictionary or object to extract fields from",
+                    "type": "model_attributes_type",
+                }
+            ]
+        )
+    try:
+        with warnings.catch_warnings():
+            # The model ignores a long prompt's tail, as the service does; no need to warn here.
+            warnings.simplefilter("ignore", PromptTooLongWarning)
+            req = ImageGenerationRequest.from_wire(body, engine)
+    except ValidationError as exc:
+        state.stats.validation_errors += 1
+        return _validation_response(_pydantic_detail(exc))
+    if state.violates_policy(req):
+        state.stats.policy_rejections += 1
+        return _message(400, POLICY_MESSAGE)
+
+    record: RequestRecord | None = request.scope.get("octoai.record")
+    if is_async:
+        config = state.config
+        fails = (
+            config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
+        )
+        job = state.jobs.add(req, fails=fails)
+        state.stats.async_submitted += 1
+        if fails:
+            state.stats.faults["job_failure"] += 1
+        job.task = asyncio.get_running_loop().create_task(state.run_job(job))
+        if record is not None:
+            record.engine, record.response_id = engine.value, job.response_id
+        base = _base_url(request, state)
+        return JSONResponse(
+            {"response_id": job.response_id, "poll_url": f"{base}/v1/requests/{job.response_id}"},
+            status_code=201,
+        )
+
+    payload, seeds = await state.generate(req)
+    if record is not None:
+        record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
+    return Response(payload, media_type="application/json")
+
+
+async def poll(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    job = state.jobs.get(request.path_params["response_id"])
+    if job is None:
+        return _gone(request.path_params["response_id"])
+    answer: dict[str, Any] = {"response_id": job.response_id, "status": job.status.value}
+    if job.status is JobStatus.COMPLETED:
+        answer["response_url"] = f"{_base_url(request, state)}/v1/responses/{job.response_id}"
+    elif job.status is JobStatus.FAILED:
+        answer["error"] = job.error
+    return JSONResponse(answer)
+
+
+async def fetch(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    job = state.jobs.get(request.path_params["response_id"])
+    if job is None:
+        return _gone(request.path_params["response_id"])
+    if job.status is JobStatus.FAILED:
+        return _message(500, job.error or "The inference failed; resubmit the request.")
+    if job.body is None:
+        return _message(
+            409, f"Response {job.response_id} is {job.status.value}; poll until it is completed."
+        )
+    return Response(job.body, media_type="application/json")
+
+
+def _gone(response_id: str) -> JSONResponse:
+    return _message(
+        404,
+        f"Response {response_id!r} not found: unknown, or expired "
+        "(async results are kept for a limited time, 24 hours by default).",
+    )
+
+
+async def healthcheck(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document(_base_url(request, _state(request))))
+
+
+async def local_stats(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    if request.method == "DELETE":
+        state.stats.reset()
+    return JSONResponse(state.snapshot())
+
+
+async def local_requests(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    try:
+        limit = int(request.query_params.get("limit", "100"))
+    except ValueError:
+        return _message(400, "limit: expected an integer")
+    return JSONResponse(state.stats.recent(limit))
+
+
+async def local_config(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    if request.method == "POST":
+        try:
+            changes = json.loads(await request.body())
+        except json.JSONDecodeError:
+            return _validation_response(
+                [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
+            )
+        if not isinstance(changes, dict):
+            return _validation_response(
+                [{"loc": ["body"], "msg": "expected an object of changes", "type": "dict_type"}]
+            )
+        try:
+            await state.reconfigure(changes)
+        except ValidationError as exc:
+            return _validation_response(_pydantic_detail(exc))
+    return JSONResponse(state.config.public_dict())
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return JSONResponse(
+            {"message": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+    return _message(500, "Internal server error.")
+
+
+# ---- the gateway: request ids, the request log, injected faults ----------------------------
+
+
+class _Gateway:
+    """Raw ASGI in front of Starlette, so that it holds uvicorn's own ``send``.
+
+    Dropping a connection without an answer needs the socket: uvicorn's ``send`` is a
+    bound method of its request cycle, whose ``transport`` can be aborted. Anything a
+    Starlette route returns would always be an answer.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        request_id = uuid.uuid4().hex
+        path: str = scope["path"]
+        route = _route_of(path)
+        record = RequestRecord(
+            request_id=request_id,
+            method=scope["method"],
+            route=route,
+            path=path,
+            status=None,
+            started_at=time.time(),
+        )
+        scope["octoai.record"] = record
+        started = time.perf_counter()
+        fault = self._draw_fault(scope["method"], route)
+        record.fault = fault
+        if fault is not None:
+            state.stats.faults[fault] += 1
+
+        recorded = False
+
+        def log() -> None:
+            nonlocal recorded
+            # The controls are not part of the API: counting them would blur the counts
+            # that tests assert on.
+            if not recorded and not route.startswith("/_local/"):
+                record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+                state.stats.record_answer(record)
+            recorded = True
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-user-request-id", request_id.encode()))
+                message["headers"] = headers
+                if fault == "slow":
+                    await asyncio.sleep(state.config.faults.slow_s)
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Logged before the last bytes leave: a client that reads its answer and
+                # asks for the stats at once must find this request counted.
+                log()
+            await send(message)
+
+        try:
+            if fault == "drop_connection":
+                log()  # before the drop: the client may ask for the stats at once
+                await _drop(send)
+            elif fault in ("rate_limited", "error_500", "error_503"):
+                await _fault_response(fault, state)(scope, receive, send_with_id)
+            elif fault == "drop_after_render":
+                await self.app(scope, receive, _swallow())
+                log()
+                await _drop(send)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            log()
+
+    def _draw_fault(self, method: str, route: str) -> str | None:
+        faults = self.state.config.faults
+        if faults.total <= 0:
+            return None
+        eligible = route == "/generate/{engine}" and method == "POST"
+        if faults.on_async_routes and route.startswith("/v1/"):
+            eligible = True
+        if not eligible:
+            return None
+        draw = self.state.fault_rng.random()
+        edge = 0.0
+        for name in (
+            "rate_limited",
+            "error_500",
+            "error_503",
+            "drop_connection",
+            "drop_after_render",
+            "slow",
+        ):
+            edge += getattr(faults, name)
+            if draw < edge:
+                return name
+        return None
+
+
+def _fault_response(fault: str, state: ServerState) -> JSONResponse:
+    if fault == "rate_limited":
+        return _message(
+            429,
+            "Too many requests; retry later.",
+            {"Retry-After": str(state.config.faults.retry_after_s)},
+        )
+    if fault == "error_503":
+        return _message(503, "Service temporarily unavailable; retry later.")
+    return _message(500, "Internal server error.")
+
+
+def _swallow() -> Send:
+    async def send(message: Message) -> None:
+        """The answer that never leaves the server."""
+
+    return send
+
+
+async def _drop(send: Send) -> None:
+    """Close the connection without an answer (a client sees a connection error, not a 500)."""
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        raise RuntimeError("dropping a connection needs uvicorn's transport")
+    transport.abort()
+    # Return only once uvicorn has seen the loss, or it would answer the unanswered
+    # request with its own 500.
+    for _ in range(200):
+        if getattr(cycle, "disconnected", True):
+            return
+        await asyncio.sleep(0.005)
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+
+def create_app(config: ServerConfig | None = None) -> Starlette:
+    """The local OctoAI-compatible server as an ASGI app (run it with uvicorn).
+
+    ``app.state.octoai`` is the :class:`ServerState` (config, stats, jobs).
+
+    Examples:
+        >>> app = create_app(ServerConfig(token="t0k"))
+        >>> app.state.octoai.config.replicas
+        4
+    """
+    state = ServerState(config or ServerConfig())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for task in state.jobs.running_tasks():
+                task.cancel()
+            state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = Starlette(
+        routes=[
+            Route("/generate/{engine}", generate, methods=["POST"]),
+            Route("/v1/requests/{response_id}", poll, methods=["GET"]),
+            Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
+            Route("/healthcheck", healthcheck, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
+            Route("/_local/requests", local_requests, methods=["GET"]),
+            Route("/_local/config", local_config, methods=["GET", "POST"]),
+        ],
+        exception_handlers={404: _not_found, 405: _not_found, 500: _not_found},
+        lifespan=lifespan,
+    )
+    app.state.octoai = state
+    # The gateway goes outside Starlette's own middleware stack (so it holds uvicorn's
+    # ``send``), while ``app`` stays a Starlette whose __call__ runs through it.
+    app.middleware_stack = _Gateway(app.build_middleware_stack(), state)
+    return app

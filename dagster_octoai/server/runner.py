@@ -1,0 +1,336 @@
+"""Running the server: in the foreground (the CLI), or as :class:`LocalOctoAIServer`.
+
+:class:`LocalOctoAIServer` starts uvicorn on a free loopback port, either in a thread
+of this process (fast, for tests) or in a child process (``mode="process"``: a client
+under load in this process does not slow the server, as in benchmarks and demos).
+The listening socket is bound here and handed over, so the port is known before the
+server starts and no other process can take it in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+
+from .config import ServerConfig
+
+__all__ = ["CONFIG_ENV", "LocalOctoAIServer", "bind_socket", "serve"]
+
+#: The child process reads its whole configuration (token included) from this variable,
+#: so that the token never appears on a command line.
+CONFIG_ENV = "DAGSTER_OCTOAI_SERVER_CONFIG"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    return sock
+
+
+def _uvicorn_server(config: ServerConfig, log_level: str) -> Any:
+    import uvicorn
+
+    from .app import create_app
+
+    uv_config = uvicorn.Config(
+        create_app(config),
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        # A slow fault or a long latency must not hold a shutdown for long.
+        timeout_graceful_shutdown=3,
+    )
+    return uvicorn.Server(uv_config)
+
+
+def serve(config: ServerConfig, sock: socket.socket, *, log_level: str = "info") -> None:
+    """Serve on ``sock`` in the foreground until SIGINT or SIGTERM."""
+    _uvicorn_server(config, log_level).run(sockets=[sock])
+
+
+def _url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+class LocalOctoAIServer:
+    """The local OctoAI-compatible server on a free loopback port, for tests and demos.
+
+    Use as a context manager (or call :meth:`start` and :meth:`stop`). ``url`` is the
+    base URL for a client (``POST {url}/generate/{engine}``); ``stats()``,
+    ``reset_stats()``, ``configure(...)`` and ``requests()`` talk to the ``/_local``
+    routes, so they work in both modes.
+
+    Examples:
+        >>> with LocalOctoAIServer(ServerConfig(token="t0k")) as srv:
+        ...     r = httpx.post(f"{srv.url}/generate/sd", json={"prompt": "a fox", "seed": 1},
+        ...                    headers={"Authorization": f"Bearer {srv.token}"})
+        ...     r.status_code, srv.stats()["paid_generations"]
+        (200, 1)
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        mode: Literal["thread", "process"] = "thread",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        if mode not in ("thread", "process"):
+            raise ValueError(f"mode: {mode!r} is not a mode; allowed: 'thread', 'process'")
+        self._config = config or ServerConfig()
+        self.mode = mode
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self.startup_timeout_s = startup_timeout_s
+        #: Seconds from :meth:`start` until the server answered its first health check.
+        self.startup_s: float | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._client: httpx.Client | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    def __repr__(self) -> str:
+        state = f"url={self.url!r}" if self.running else "stopped"
+        return f"LocalOctoAIServer(mode={self.mode!r}, {state})"
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._client is not None
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:54321``."""
+        if not self.running:
+            raise RuntimeError("the server is not running; call start() or use 'with'")
+        return _url(self.host, self.port)
+
+    @property
+    def token(self) -> str | None:
+        """The accepted token (``None`` when the server accepts any token)."""
+        return self._config.token_value()
+
+    @property
+    def config(self) -> ServerConfig:
+        """The configuration in force, including changes made with :meth:`configure`."""
+        return self._config
+
+    def start(self) -> LocalOctoAIServer:
+        """Start serving and wait until ``/healthcheck`` answers."""
+        if self.running:
+            return self
+        started = time.perf_counter()
+        sock = bind_socket(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        try:
+            if self.mode == "thread":
+                self._start_thread(sock)
+            else:
+                self._start_process(sock)
+            headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+            self._client = httpx.Client(base_url=_url(self.host, self.port), headers=headers)
+            self._wait_healthy(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - started
+        return self
+
+    def _start_thread(self, sock: socket.socket) -> None:
+        server = _uvicorn_server(self._config, self.log_level)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run,
+            kwargs={"sockets": [sock]},
+            name=f"octoai-local-server:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _start_process(self, sock: socket.socket) -> None:
+        env = {**os.environ, CONFIG_ENV: json.dumps(self._config.secret_dict())}
+        fd = sock.fileno()
+        cmd = [
+            sys.executable,
+            "-m",
+            "dagster_octoai.server",
+            "--fd",
+            str(fd),
+            "--log-level",
+            self.log_level,
+        ]
+        # Kept open for the child's lifetime (closed in stop()), so no 'with'.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                env=env,
+                pass_fds=(fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                # Its own session: a Ctrl-C meant for the test run does not kill it mid-test;
+                # stop() (or the finalizer at exit) ends it.
+                start_new_session=True,
+            )
+        finally:
+            sock.close()
+        self._finalizer = weakref.finalize(self, _kill, self._proc)
+
+    def _wait_healthy(self, started: float) -> None:
+        assert self._client is not None
+        deadline = started + self.startup_timeout_s
+        last_error = "no answer"
+        while time.perf_counter() < deadline:
+            if self._thread is not None and not self._thread.is_alive():
+                raise RuntimeError("the local OctoAI server thread stopped during startup")
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"the local OctoAI server process exited with {self._proc.returncode} "
+                    f"during startup: {self._child_stderr()}"
+                )
+            if self._server is not None and not self._server.started:
+                time.sleep(0.005)
+                continue
+            try:
+                if self._client.get("/healthcheck", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.02)
+        raise TimeoutError(
+            f"the local OctoAI server did not answer /healthcheck within "
+            f"{self.startup_timeout_s} s ({last_error})"
+        )
+
+    def _child_stderr(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        data: bytes = self._stderr.read()
+        return data.decode(errors="replace")[-2000:].strip()
+
+    def stop(self) -> None:
+        """Stop serving (in-flight requests get a few seconds to finish)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._server = None
+        if self._proc is not None:
+            _kill(self._proc)
+            self._proc = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> LocalOctoAIServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- the /_local controls -----------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        if self._client is None:
+            raise RuntimeError("the server is not running; call start() or use 'with'")
+        response = self._client.request(method, path, json=body, timeout=30.0)
+        if response.status_code == 422:
+            raise ValueError(f"invalid server configuration: {response.json()['detail']}")
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict[str, Any]:
+        """The request log's counts (``GET /_local/stats``).
+
+        Keys: ``requests`` (route -> status -> count), ``paid_generations`` (images
+        rendered), ``generation_requests``, ``in_flight_max``, ``queued_max``,
+        ``async_jobs`` (by status, plus ``submitted`` and ``expired``), ``faults`` (by
+        kind), ``rate_limited``, ``policy_rejections``, ``validation_errors``, ...
+        """
+        result: dict[str, Any] = self._call("GET", "/_local/stats")
+        return result
+
+    def reset_stats(self) -> None:
+        """Zero every count and clear the request log."""
+        self._call("DELETE", "/_local/stats")
+
+    def requests(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last ``limit`` requests: route, status, fault, engine, images, seeds, ids."""
+        result: list[dict[str, Any]] = self._call("GET", f"/_local/requests?limit={limit}")
+        return result
+
+    def configure(self, **changes: Any) -> ServerConfig:
+        """Change the running server, e.g. ``configure(latency_per_image_s=0.5)``.
+
+        ``faults`` may be a :class:`FaultConfig` or a dict of the fault fields to change.
+        Changing ``faults`` restarts the fault draws from ``faults.seed``.
+        """
+        new = self._config.updated(changes)  # validate here first: a clear local error
+        body = new.secret_dict()
+        self._call("POST", "/_local/config", {k: body[k] for k in changes})
+        self._config = new
+        if "token" in changes and self._client is not None:
+            token = new.token_value()
+            if token is None:
+                self._client.headers.pop("Authorization", None)
+            else:
+                self._client.headers["Authorization"] = f"Bearer {token}"
+        return new
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
