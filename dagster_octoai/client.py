@@ -14,7 +14,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from types import TracebackType
@@ -377,7 +384,7 @@ class OctoAIClient(_ClientBase):
         engine: Engine | str | None = ...,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
-    ) -> Iterator[tuple[int, ImageGenerationResponse]]: ...
+    ) -> Generator[tuple[int, ImageGenerationResponse], None, None]: ...
 
     @overload
     def iter_generate(
@@ -387,7 +394,7 @@ class OctoAIClient(_ClientBase):
         engine: Engine | str | None = ...,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[True],
-    ) -> Iterator[tuple[int, BatchItem]]: ...
+    ) -> Generator[tuple[int, BatchItem], None, None]: ...
 
     def iter_generate(
         self,
@@ -396,7 +403,7 @@ class OctoAIClient(_ClientBase):
         engine: Engine | str | None = None,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
-    ) -> Iterator[tuple[int, BatchItem]]:
+    ) -> Generator[tuple[int, BatchItem], None, None]:
         """Generate a batch, yielding ``(input index, response)`` as each one completes.
 
         Requests are pulled from ``requests`` lazily, at most ``max_concurrency``
@@ -734,7 +741,7 @@ class AsyncOctoAIClient(_ClientBase):
         engine: Engine | str | None = ...,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[False] = ...,
-    ) -> AsyncIterator[tuple[int, ImageGenerationResponse]]: ...
+    ) -> AsyncGenerator[tuple[int, ImageGenerationResponse], None]: ...
 
     @overload
     def iter_generate(
@@ -744,7 +751,7 @@ class AsyncOctoAIClient(_ClientBase):
         engine: Engine | str | None = ...,
         max_concurrency: int | None = ...,
         return_exceptions: Literal[True],
-    ) -> AsyncIterator[tuple[int, BatchItem]]: ...
+    ) -> AsyncGenerator[tuple[int, BatchItem], None]: ...
 
     async def iter_generate(
         self,
@@ -753,7 +760,7 @@ class AsyncOctoAIClient(_ClientBase):
         engine: Engine | str | None = None,
         max_concurrency: int | None = None,
         return_exceptions: bool = False,
-    ) -> AsyncIterator[tuple[int, BatchItem]]:
+    ) -> AsyncGenerator[tuple[int, BatchItem], None]:
         """Yield ``(input index, response)`` as each completes; see :meth:`OctoAIClient.iter_generate`.
 
         ``requests`` may be an async iterable. Leaving the loop early cancels the
