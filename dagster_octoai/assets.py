@@ -206,14 +206,14 @@ def octoai_image_asset(
                 description=f"asset {name!r}: {exc}",
                 metadata={"fields": [e["field"] for e in exc.errors]},
             ) from None
-        result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
-        if result is None:
-            octoai: OctoAIResource = getattr(context.resources, resource_key)
-            with octoai.get_client(context) as client:
-                response = client.generate(req)
-            result = GenerationResult(req, response)
-        else:
-            context.log.info(f"reused {result.reused_from}: no generation paid for")
+        octoai: OctoAIResource = getattr(context.resources, resource_key)
+        # Usage is recorded on every materialization, a reuse included (as zero images).
+        with octoai.get_client(context) as client:
+            result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
+            if result is None:
+                result = GenerationResult(req, client.generate(req))
+            else:
+                context.log.info(f"reused {result.reused_from}: no generation paid for")
         batch = ImageBatch([result])
         yield Output(
             batch,

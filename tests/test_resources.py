@@ -1,0 +1,198 @@
+"""OctoAIResource against the local server: per-output usage, lifecycle, secrets, 429 handling."""
+
+# No `from __future__ import annotations`: Dagster reads the assets' annotations.
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dagster import (
+    AssetExecutionContext,
+    AssetOut,
+    DagsterEventType,
+    DagsterInstance,
+    EnvVar,
+    MaterializeResult,
+    Output,
+    RetryRequested,
+    asset,
+    build_asset_context,
+    build_init_resource_context,
+    materialize,
+    multi_asset,
+)
+
+from dagster_octoai.client import OctoAIClient
+from dagster_octoai.errors import RateLimitError
+from dagster_octoai.resources import OctoAIResource, OctoAISession
+
+SECRET = "tok-RECOGNISABLE-5f3a9c"
+
+
+@pytest.fixture
+def octoai(octoai_server: Any, monkeypatch: pytest.MonkeyPatch) -> OctoAIResource:
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
+    return OctoAIResource(token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url)
+
+
+@pytest.fixture
+def instance() -> Iterator[DagsterInstance]:
+    with DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+def _metadata(result: Any, key: str) -> dict[str, Any]:
+    (mat,) = result.asset_materializations_for_node(key)
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def test_two_assets_in_one_run_get_their_own_usage(octoai: OctoAIResource) -> None:
+    @asset
+    def few(context: AssetExecutionContext, octoai: OctoAIResource) -> None:
+        with octoai.get_client(context) as client:
+            client.generate({"prompt": "a", "engine": "sd", "num_images": 2, "steps": 10})
+
+    @asset(deps=[few])
+    def many(context: AssetExecutionContext, octoai: OctoAIResource) -> None:
+        with octoai.get_client(context) as client:
+            client.generate_many(
+                [
+                    {"prompt": "b", "engine": "sd", "steps": 20, "sampler": "HEUN"},
+                    {"prompt": "c", "engine": "sd", "steps": 20, "num_images": 3},
+                ]
+            )
+
+    result = materialize([few, many], resources={"octoai": octoai})
+    assert result.success
+    a, b = _metadata(result, "few"), _metadata(result, "many")
+    assert (a["octoai/calls"], a["octoai/images"], a["octoai/steps"]) == (1, 2, 20)
+    assert a["octoai/premium_images"] == 0
+    assert len(a["octoai/request_ids"]) == 1
+    assert (b["octoai/calls"], b["octoai/images"], b["octoai/steps"]) == (2, 4, 80)
+    assert b["octoai/premium_images"] == 1
+    assert len(b["octoai/request_ids"]) == 2
+    assert not set(a["octoai/request_ids"]) & set(b["octoai/request_ids"])
+
+
+def test_multi_asset_outputs_each_get_their_own_usage(octoai: OctoAIResource) -> None:
+    @multi_asset(outs={"left": AssetOut(), "right": AssetOut()})
+    def pair(context: AssetExecutionContext, octoai: OctoAIResource) -> Iterator[Output[int]]:
+        with octoai.get_client(context, asset_key="left") as client:
+            client.generate({"prompt": "l", "engine": "sd", "steps": 5})
+        with octoai.get_client(context, asset_key="right") as client:
+            client.generate({"prompt": "r", "engine": "sd", "steps": 7, "num_images": 2})
+        yield Output(1, output_name="left")
+        yield Output(2, output_name="right")
+
+    result = materialize([pair], resources={"octoai": octoai})
+    assert result.success
+    mats = {
+        e.asset_key.path[-1]: e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert mats["left"]["octoai/images"].value == 1 and mats["left"]["octoai/steps"].value == 5
+    assert mats["right"]["octoai/images"].value == 2 and mats["right"]["octoai/steps"].value == 14
+
+
+def test_get_client_shares_one_pooled_client_and_never_rewraps_it(
+    octoai: OctoAIResource,
+) -> None:
+    octoai.setup_for_execution(build_init_resource_context())
+    try:
+        shared = octoai.client
+        ctx = build_asset_context()
+        sessions = []
+        for _ in range(3):
+            with octoai.get_client(ctx) as session:
+                sessions.append(session)
+                session.generate({"prompt": "x", "engine": "sd", "steps": 2})
+        assert octoai.client is shared
+        # No instance attribute shadows the class's methods: nothing was wrapped.
+        assert "generate" not in vars(shared)
+        assert type(shared).generate is OctoAIClient.generate
+        assert [s.usage.images for s in sessions] == [1, 1, 1]
+        assert all(isinstance(s, OctoAISession) for s in sessions)
+    finally:
+        octoai.teardown_after_execution(build_init_resource_context())
+    assert shared._http.is_closed  # closed by teardown
+    assert octoai._client is None
+
+
+def test_token_never_in_event_log_metadata_or_ui_config(
+    octoai_server: Any, monkeypatch: pytest.MonkeyPatch, instance: DagsterInstance
+) -> None:
+    # A wrong, recognisable token: the run fails with a 401, the worst case for leaks.
+    monkeypatch.setenv("OCTOAI_TOKEN", SECRET)
+    resource = OctoAIResource(token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url)
+    assert SECRET not in repr(resource)
+
+    @asset
+    def leaky(context: AssetExecutionContext, octoai: OctoAIResource) -> MaterializeResult:
+        with octoai.get_client(context) as client:
+            context.log.info(f"using {client!r} and {octoai!r}")
+            client.generate({"prompt": "x", "engine": "sd", "steps": 2})
+        return MaterializeResult()
+
+    result = materialize(
+        [leaky], resources={"octoai": resource}, instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    records = instance.all_logs(result.run_id)
+    dumped = "\n".join(
+        json.dumps(r.to_dict(), default=str) if hasattr(r, "to_dict") else repr(r) for r in records
+    )
+    assert "401" in dumped or "Invalid bearer token" in dumped
+    assert SECRET not in dumped
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None and SECRET not in json.dumps(run.run_config, default=str)
+    # What the UI shows of the resource's config: the env var's name, not its value.
+    field = OctoAIResource.to_config_schema().as_field()
+    assert field.config_type.fields["token"].is_secret  # type: ignore[attr-defined]
+
+
+def test_quota_exhausted_becomes_retry_requested_with_servers_wait(
+    octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=30.0)
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token)
+    # The client gives up at once on a Retry-After: quota exhaustion, not a blip.
+    resource = OctoAIResource(
+        token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_retry_after_s=0.0
+    )
+    try:
+        resource.setup_for_execution(build_init_resource_context())
+        ctx = build_asset_context()
+        with pytest.raises(RetryRequested) as caught, resource.get_client(ctx) as client:
+            client.generate({"prompt": "first", "engine": "sd", "steps": 2})
+            client.generate({"prompt": "second", "engine": "sd", "steps": 2})
+        cause = caught.value.__cause__
+        assert isinstance(cause, RateLimitError) and cause.retry_after is not None
+        assert 1 <= cause.retry_after <= 30
+        assert caught.value.seconds_to_wait == cause.retry_after
+        assert caught.value.max_retries == resource.rate_limit_step_retries
+    finally:
+        resource.teardown_after_execution(build_init_resource_context())
+
+
+def test_retry_requested_makes_dagster_retry_the_step(
+    octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=1.0)
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token)
+    resource = OctoAIResource(
+        token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_retry_after_s=0.0
+    )
+    with OctoAIClient(octoai_server.token, base_url=octoai_server.url) as c:
+        c.generate({"prompt": "use up the quota", "engine": "sd", "steps": 2})
+
+    @asset
+    def throttled(context: AssetExecutionContext, octoai: OctoAIResource) -> None:
+        with octoai.get_client(context) as client:
+            client.generate({"prompt": "later", "engine": "sd", "steps": 2})
+
+    result = materialize([throttled], resources={"octoai": resource})
+    assert result.success
+    retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
+    assert len(retries) == 1
+    assert retries[0].event_specific_data.seconds_to_wait == 1  # the server's Retry-After
