@@ -232,18 +232,19 @@ _TOKEN = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")
 def count_prompt_tokens(prompt: str) -> int:
     """An estimate of the prompt's CLIP token count, weighting syntax excluded.
 
-    CLIP's tokenizer splits words into sub-word pieces; this counts a word as one
-    token per 8 letters and every punctuation mark as one, which tracks CLIP
-    within a few tokens for English prompts, close enough for a warning.
+    CLIP's tokenizer splits rare words into sub-word pieces; this counts a word as
+    one token per 10 letters (CLIP's vocabulary holds common words whole) and every
+    punctuation mark as one, which tracks CLIP within a few tokens for English
+    prompts, close enough for a warning.
 
     Examples:
         >>> count_prompt_tokens("(A tall (beautiful:1.5) woman:1.0)")
-        3
+        4
     """
     text = _WEIGHT.sub(" ", prompt).replace("(", " ").replace(")", " ")
     count = 0
     for tok in _TOKEN.findall(text):
-        count += max(1, math.ceil(len(tok) / 8)) if tok.isalpha() else 1
+        count += max(1, math.ceil(len(tok) / 10)) if tok.isalpha() else 1
     return count
 
 
@@ -302,10 +303,10 @@ class ImageGenerationRequest(BaseModel):
         >>> req = ImageGenerationRequest(prompt="a red fox", steps=20, seed=7)
         >>> req.to_wire()
         {'prompt': 'a red fox', 'steps': 20, 'seed': 7}
-        >>> ImageGenerationRequest(prompt="x", engine="sd", width=1024, height=1024)
+        >>> ImageGenerationRequest.build({"prompt": "x", "engine": "sd", "width": 1024, "height": 1024})
         Traceback (most recent call last):
         ...
-        dagster_octoai.errors.RequestValidationError: ...
+        dagster_octoai.errors.RequestValidationError: invalid image generation request: width: 1024x1024 ...
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import doctest
 import logging
 import os
 import socket
@@ -24,7 +25,8 @@ from _scripted_server import (
     scripted_server,
 )
 
-from dagster_octoai import errors
+from dagster_octoai import _retry, errors
+from dagster_octoai import client as client_module
 from dagster_octoai.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
 from dagster_octoai.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
 from dagster_octoai.version import __version__
@@ -785,3 +787,9 @@ def test_bring_your_own_http_client(server: ScriptedServer) -> None:
         client.close()
         assert not http.is_closed  # the caller's client is the caller's to close
     assert server.requests[0].headers["user-agent"] == f"dagster-octoai/{__version__}"
+
+
+@pytest.mark.parametrize("module", [client_module, _retry])
+def test_docstring_examples_run(module: Any) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
