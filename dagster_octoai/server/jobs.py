@@ -38,12 +38,13 @@ class ReplicaPool:
 
     async def __aenter__(self) -> None:
         async with self._cond:
-            self.queued += 1
-            self._on_change(self.in_flight, self.queued)
-            try:
-                await self._cond.wait_for(lambda: self.in_flight < self._replicas())
-            finally:
-                self.queued -= 1
+            if self.in_flight >= self._replicas():
+                self.queued += 1
+                self._on_change(self.in_flight, self.queued)
+                try:
+                    await self._cond.wait_for(lambda: self.in_flight < self._replicas())
+                finally:
+                    self.queued -= 1
             self.in_flight += 1
             self._on_change(self.in_flight, self.queued)
 
