@@ -793,3 +793,196 @@ def test_bring_your_own_http_client(server: ScriptedServer) -> None:
 def test_docstring_examples_run(module: Any) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- against the local OctoAI-compatible server ------------------------------------------
+
+LOCAL_TOKEN = "test-token"  # the plugin's octoai_server token
+ENGINE_CASES = [
+    ("sdxl", {}, (1024, 1024)),
+    ("sd", {}, (512, 512)),
+    ("controlnet-sdxl", {"controlnet": "octoai:canny_sdxl"}, (1024, 1024)),
+    ("controlnet-sd15", {"controlnet": "octoai:canny_sd15"}, (512, 512)),
+]
+
+
+def local_client(server: Any, **kwargs: Any) -> OctoAIClient:
+    kwargs.setdefault("retry", FAST)
+    return OctoAIClient(LOCAL_TOKEN, base_url=server.url, **kwargs)
+
+
+@pytest.mark.parametrize(("engine", "extra", "size"), ENGINE_CASES)
+def test_local_server_generate_each_engine(
+    octoai_server: Any, engine: str, extra: dict[str, Any], size: tuple[int, int]
+) -> None:
+    if "controlnet" in extra:
+        extra = {**extra, "controlnet_image": jpeg_bytes((64, 64))}
+    request = {"prompt": "a red fox", "seed": [11, 12], "num_images": 2, **extra}
+    with local_client(octoai_server) as client:
+        response = client.generate(request, engine=engine)
+        again = client.generate(request, engine=engine)
+    assert response.seeds == [11, 12]
+    assert [im.size for im in response.images] == [size, size]
+    assert [im.data for im in response.images] == [im.data for im in again.images]
+    assert response.images[0].data != response.images[1].data
+    (request_id,) = response.call_info.request_ids
+    logged = {r["request_id"]: r for r in octoai_server.requests(50)}
+    assert logged[request_id]["path"] == f"/generate/{engine}"
+    assert logged[request_id]["seeds"] == [11, 12]
+
+
+def test_local_server_errors(octoai_server: Any) -> None:
+    with local_client(octoai_server) as client:
+        with pytest.raises(errors.PolicyViolationError):
+            client.generate({"prompt": "something forbidden"})
+        blocked = client.generate({"prompt": "an nsfw fox", "seed": 3})
+        assert blocked.removed_count == 1 and not blocked.images[0].available
+    with OctoAIClient("wrong-token", base_url=octoai_server.url) as client:
+        with pytest.raises(errors.AuthenticationError) as info:
+            client.generate({"prompt": "a fox"})
+        assert "wrong-token" not in str(info.value)
+        assert info.value.request_id
+
+
+def test_local_server_batch_never_exceeds_replicas(octoai_server_factory: Any) -> None:
+    server = octoai_server_factory(latency_per_image_s=0.1, replicas=2)
+    requests = [{"prompt": "fox", "engine": "sd", "seed": s} for s in range(8)]
+    with local_client(server, max_concurrency=2) as client:
+        results = client.generate_many(requests)
+    assert [r.seeds for r in results] == [[s] for s in range(8)]
+    stats = server.stats()
+    assert stats["in_flight_max"] == 2
+    assert stats["queued_max"] == 0  # the client never made the server queue
+    assert stats["paid_generations"] == 8
+
+
+def test_local_server_faults_are_retried(octoai_server_factory: Any) -> None:
+    from dagster_octoai.server import FaultConfig
+
+    faults = FaultConfig(error_500=0.2, error_503=0.2, drop_connection=0.2, seed=3)
+    server = octoai_server_factory(faults=faults, replicas=4)
+    requests = [{"prompt": "fox", "engine": "sd", "seed": s} for s in range(12)]
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.01, max_backoff_s=0.05)
+    with local_client(server, retry=policy) as client:
+        results = client.generate_many(requests)
+    assert [r.seeds for r in results] == [[s] for s in range(12)]
+    stats = server.stats()
+    assert sum(stats["faults"].values()) > 0
+    assert sum(r.call_info.retries for r in results) == sum(stats["faults"].values())
+    assert stats["paid_generations"] == 12  # these faults happen before rendering
+
+
+def test_local_server_rate_limit_retry_after(octoai_server_factory: Any) -> None:
+    server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=1.0)
+    with local_client(server) as client:
+        first = client.generate({"prompt": "fox", "engine": "sd", "seed": 1})
+        second = client.generate({"prompt": "fox", "engine": "sd", "seed": 2})
+    assert first.call_info.attempts == 1
+    assert second.call_info.attempts >= 2
+    assert server.stats()["rate_limited"] >= 1
+
+
+def test_local_server_retrying_a_lost_answer_pays_twice(octoai_server_factory: Any) -> None:
+    # The documented cost of retrying POST generate: an answer lost after rendering.
+    from dagster_octoai.server import FaultConfig
+
+    server = octoai_server_factory(faults=FaultConfig(drop_after_render=1.0))
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+    with local_client(server, retry=policy) as client, pytest.raises(errors.ConnectionFailedError):
+        client.generate({"prompt": "fox", "engine": "sd", "seed": 1})
+    assert server.stats()["paid_generations"] == 2
+
+
+def test_local_server_async_jobs(octoai_server_factory: Any) -> None:
+    server = octoai_server_factory(async_queue_delay_s=0.2, result_ttl_s=1.0)
+    with local_client(server) as client:
+        job = client.submit({"prompt": "fox", "engine": "sd", "seed": [5, 6], "num_images": 2})
+        assert job.poll_url.startswith(server.url)
+        assert client.poll(job).status in (JobStatus.PENDING, JobStatus.RUNNING)
+        waited = client.wait(job, timeout=20, poll_interval_s=0.05)
+        fetched = client.fetch(job)
+        direct = client.generate({"prompt": "fox", "engine": "sd", "seed": [5, 6], "num_images": 2})
+        assert waited.seeds == fetched.seeds == [5, 6]
+        assert [i.data for i in waited.images] == [i.data for i in direct.images]
+        assert waited.call_info.response_id == job.response_id
+        time.sleep(1.5)  # past result_ttl_s
+        with pytest.raises(errors.JobExpiredError):
+            client.fetch(job)
+        with pytest.raises(errors.JobExpiredError):
+            client.wait(job, timeout=5)
+
+
+def test_local_server_failed_job(octoai_server_factory: Any) -> None:
+    from dagster_octoai.server import FaultConfig
+
+    faults = FaultConfig(job_failure=1.0, job_failure_after_s=0.1)
+    server = octoai_server_factory(faults=faults)
+    with local_client(server) as client:
+        job = client.submit({"prompt": "fox", "engine": "sd"})
+        with pytest.raises(errors.JobFailedError) as info:
+            client.wait(job, timeout=20, poll_interval_s=0.05)
+    assert info.value.response_id == job.response_id
+
+
+def test_local_server_health(octoai_server: Any) -> None:
+    with local_client(octoai_server) as client:
+        assert client.health() is True
+
+
+# ---- conformance with the official octoai 1.11.0 SDK -------------------------------------
+
+CONFORMANCE_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("sdxl", {"prompt": "a lighthouse at dusk", "seed": 1234}),
+    (
+        "sdxl",
+        {
+            "prompt": "a lighthouse at dusk",
+            "negative_prompt": "blurry",
+            "seed": [7, 2**32 - 1],
+            "num_images": 2,
+            "steps": 20,
+            "cfg_scale": 7.5,
+            "sampler": "K_EULER_ANCESTRAL",
+            "width": 1344,
+            "height": 768,
+            "style_preset": "Watercolor",
+            "image_encoding": "png",
+        },
+    ),
+    (
+        "controlnet-sdxl",
+        {"prompt": "a cat", "seed": 99, "controlnet": "octoai:canny_sdxl"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("engine", "params"), CONFORMANCE_CASES)
+def test_conformance_with_the_official_sdk(
+    octoai_server: Any, engine: str, params: dict[str, Any]
+) -> None:
+    from octoai.client import OctoAI
+    from octoai.environment import OctoAIEnvironment
+
+    if engine.startswith("controlnet"):
+        params = {**params, "controlnet_image": base64.b64encode(jpeg_bytes((64, 64))).decode()}
+    url = octoai_server.url
+    env = OctoAIEnvironment(default=url, image_gen=url, text_gen=url)
+    sdk = OctoAI(api_key=LOCAL_TOKEN, environment=env, timeout=60)
+    sdk_call = {
+        "sdxl": sdk.image_gen.generate_sdxl,
+        "controlnet-sdxl": sdk.image_gen.generate_controlnet_sdxl,
+    }[engine]
+    theirs = sdk_call(**params)
+
+    with local_client(octoai_server) as client:
+        ours = client.generate(params, engine=engine)
+
+    assert [im.seed for im in theirs.images] == ours.seeds
+    assert [base64.b64decode(im.image_b64 or "") for im in theirs.images] == [
+        im.data for im in ours.images
+    ]
+    assert [im.removed_for_safety for im in theirs.images] == [
+        im.removed_for_safety for im in ours.images
+    ]
+    if params.get("image_encoding") == "png":
+        assert all(im.format == "png" for im in ours.images)
