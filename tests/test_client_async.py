@@ -343,3 +343,90 @@ def test_batch_errors(server: ScriptedServer) -> None:
     results = run(server, collecting, max_concurrency=3)
     assert isinstance(results[2], errors.AuthenticationError)
     assert [r.seeds for i, r in enumerate(results) if i != 2] == [[0], [1], [3]]
+
+
+# ---- against the local OctoAI-compatible server ------------------------------------------
+
+LOCAL_TOKEN = "test-token"
+
+
+def run_local(server: Any, body: Callable[[AsyncOctoAIClient], Awaitable[T]], **kwargs: Any) -> T:
+    async def main() -> T:
+        kwargs.setdefault("retry", FAST)
+        async with AsyncOctoAIClient(LOCAL_TOKEN, base_url=server.url, **kwargs) as client:
+            return await body(client)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("engine", ["sdxl", "sd"])
+def test_local_server_generate_matches_the_sync_client(octoai_server: Any, engine: str) -> None:
+    from dagster_octoai.client import OctoAIClient
+
+    request = {"prompt": "a red fox", "seed": [3, 4], "num_images": 2}
+    ours = run_local(octoai_server, lambda c: c.generate(request, engine=engine))
+    with OctoAIClient(LOCAL_TOKEN, base_url=octoai_server.url) as sync_client:
+        theirs = sync_client.generate(request, engine=engine)
+    assert ours.seeds == [3, 4]
+    assert [i.data for i in ours.images] == [i.data for i in theirs.images]
+
+
+def test_local_server_submit_poll_fetch_wait(octoai_server_factory: Any) -> None:
+    server = octoai_server_factory(async_queue_delay_s=0.2)
+
+    async def body(client: AsyncOctoAIClient) -> Any:
+        jobs = [await client.submit({"prompt": "fox", "engine": "sd", "seed": s}) for s in range(3)]
+        first = await client.poll(jobs[0])
+        waited = await asyncio.gather(
+            *(client.wait(j, timeout=20, poll_interval_s=0.05) for j in jobs)
+        )
+        fetched = await client.fetch(jobs[1])
+        return jobs, first, waited, fetched
+
+    jobs, first, waited, fetched = run_local(server, body)
+    assert first.status in (JobStatus.PENDING, JobStatus.RUNNING)
+    assert [w.seeds for w in waited] == [[0], [1], [2]]
+    assert [w.call_info.response_id for w in waited] == [j.response_id for j in jobs]
+    assert fetched.images[0].data == waited[1].images[0].data
+    assert server.stats()["async_jobs"]["submitted"] == 3
+
+
+def test_local_server_batch_never_exceeds_replicas(octoai_server_factory: Any) -> None:
+    server = octoai_server_factory(latency_per_image_s=0.1, replicas=3)
+
+    async def body(client: AsyncOctoAIClient) -> list[Any]:
+        return await client.generate_many(
+            [{"prompt": "fox", "engine": "sd", "seed": s} for s in range(9)]
+        )
+
+    results = run_local(server, body, max_concurrency=3)
+    assert [r.seeds for r in results] == [[s] for s in range(9)]
+    stats = server.stats()
+    assert stats["in_flight_max"] == 3
+    assert stats["queued_max"] == 0
+
+
+def test_local_server_failed_and_expired_jobs(octoai_server_factory: Any) -> None:
+    from dagster_octoai.server import FaultConfig
+
+    server = octoai_server_factory(
+        faults=FaultConfig(job_failure=1.0, job_failure_after_s=0.05), result_ttl_s=0.3
+    )
+
+    async def failing(client: AsyncOctoAIClient) -> None:
+        job = await client.submit({"prompt": "fox", "engine": "sd"})
+        await client.wait(job, timeout=20, poll_interval_s=0.05)
+
+    with pytest.raises(errors.JobFailedError):
+        run_local(server, failing)
+
+    server.configure(faults=FaultConfig())
+
+    async def expiring(client: AsyncOctoAIClient) -> None:
+        job = await client.submit({"prompt": "fox", "engine": "sd"})
+        await client.wait(job, timeout=20, poll_interval_s=0.05)
+        await asyncio.sleep(0.6)
+        await client.fetch(job)
+
+    with pytest.raises(errors.JobExpiredError):
+        run_local(server, expiring)
