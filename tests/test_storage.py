@@ -593,3 +593,32 @@ def test_local_backend_refuses_keys_outside_base_dir(tmp_path: Path) -> None:
 def test_manifest_json_is_readable_by_plain_json(store: ImageStore) -> None:
     store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
     assert json.loads(store.backend.get("gen/a/manifest.json"))["schema_version"] == 1
+
+
+def test_key_injection_through_asset_key_partition_and_prompt(store: ImageStore) -> None:
+    prompt = "../../etc/passwd\n\x00 ünïcode /\\ %2e%2e"
+    partition = "../../../outside/é\r\n"
+    report = store.write(
+        [make_result(prompt, [8])],
+        asset_key=["..", "a/b", ".git"],
+        partition_key=partition,
+        run_id="../run\n",
+    )
+    base = "gen/" + "/".join(safe_segment(p) for p in ["..", "a/b", ".git", partition])
+    assert report.image_uris == [store.backend.uri(f"{base}/000-seed8.jpg")]
+    assert store.backend.get(f"{base}/000-seed8.jpg") == image_bytes(8)
+    manifest = store.read_manifest(["..", "a/b", ".git"], partition)
+    assert manifest is not None
+    assert manifest["partition"] == partition
+    assert manifest["results"][0]["request"]["body"]["prompt"] == prompt
+    metadata = manifest["results"][0]["images"][0]["metadata"]
+    assert metadata["partition"] == "../../../outside/%C3%A9%0D%0A"
+    assert metadata["run-id"] == "../run%0A"
+    assert metadata["asset-key"] == "../a/b/.git"
+    assert all(v.isascii() and v.isprintable() for v in metadata.values())
+    if isinstance(store.backend, S3Backend):
+        assert store.backend.head(f"{base}/000-seed8.jpg")["Metadata"] == metadata
+    else:
+        assert isinstance(store.backend, LocalBackend)
+        for path in store.backend.base_dir.rglob("*"):
+            assert store.backend.base_dir in path.resolve().parents
