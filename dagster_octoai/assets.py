@@ -197,9 +197,11 @@ def octoai_image_asset(
         try:
             req = config.to_request(template, **fill)
             if local_edge_map and req.controlnet_image is not None:
-                edges = edge_map(req.controlnet_image, size=req.size)
+                # PNG, not the JPEG a PIL image would become: edges must stay crisp.
+                buf = io.BytesIO()
+                edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
                 req = ImageGenerationRequest.build(
-                    req, controlnet_image=edges, controlnet_preprocess=False
+                    req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
                 )
         except RequestValidationError as exc:
             raise Failure(

@@ -303,11 +303,24 @@ def _record_usage(
     output_name: str | None,
 ) -> None:
     metadata = usage.to_metadata()
-    if asset_key is not None and output_name is None:
-        assets_def = context.assets_def
-        output_name = assets_def.get_output_name_for_asset_key(AssetKey.from_coercible(asset_key))
     try:
+        if output_name is None:
+            output_name = _output_name(context, asset_key)
         context.add_output_metadata(metadata, output_name=output_name)
     except DagsterInvalidPropertyError:
         # A context built for a test and not bound to an invocation holds no outputs.
         context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
+
+
+def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) -> str | None:
+    """The output of ``asset_key`` (or of the only asset): asset checks are outputs too."""
+    if not context.has_assets_def:
+        return None
+    assets_def = context.assets_def
+    if asset_key is None:
+        if len(assets_def.keys) != 1:
+            return None
+        key = assets_def.key
+    else:
+        key = AssetKey.from_coercible(asset_key)
+    return assets_def.get_output_name_for_asset_key(key)
