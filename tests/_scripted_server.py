@@ -65,12 +65,6 @@ class _Gauge:
     peak: int = 0
 
 
-@dataclass
-class _Gauge:
-    now: int = 0
-    peak: int = 0
-
-
 ReplySource = Reply | Callable[[Recorded], Reply]
 
 

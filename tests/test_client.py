@@ -55,8 +55,9 @@ def client(server: ScriptedServer) -> Iterator[OctoAIClient]:
         yield c
 
 
-def ok(seeds: list[int] | None = None, **headers: str) -> Reply:
-    return Reply(200, generation_body(seeds), headers=dict(headers))
+def ok(seeds: list[int] | None = None, request_id: str | None = None) -> Reply:
+    headers = {"X-User-Request-ID": request_id} if request_id else {}
+    return Reply(200, generation_body(seeds), headers=headers)
 
 
 def free_port() -> int:
@@ -117,7 +118,7 @@ def test_retry_policy_validates() -> None:
 def test_generate_sends_the_wire_body_and_headers(
     server: ScriptedServer, client: OctoAIClient
 ) -> None:
-    server.script(ok([7], **{"X-User-Request-ID": "req-1"}))
+    server.script(ok([7], request_id="req-1"))
     request = ImageGenerationRequest(prompt="a red fox", steps=20, seed=7, sampler="K_EULER")
     response = client.generate(request)
 
@@ -207,7 +208,7 @@ def test_transient_statuses_are_retried(
 ) -> None:
     server.script(
         Reply(status, {"message": "busy"}, headers={"X-User-Request-ID": "a"}),
-        ok(**{"X-User-Request-ID": "b"}),
+        ok(request_id="b"),
     )
     response = client.generate({"prompt": "a fox"})
     assert len(server.requests) == 2

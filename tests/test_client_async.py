@@ -56,8 +56,9 @@ def run(
     return asyncio.run(main())
 
 
-def ok(seeds: list[int] | None = None, **headers: str) -> Reply:
-    return Reply(200, generation_body(seeds), headers=dict(headers))
+def ok(seeds: list[int] | None = None, request_id: str | None = None) -> Reply:
+    headers = {"X-User-Request-ID": request_id} if request_id else {}
+    return Reply(200, generation_body(seeds), headers=headers)
 
 
 def slow_ok(delay: float = 0.1) -> Callable[[Recorded], Reply]:
@@ -78,7 +79,7 @@ def test_repr_hides_token() -> None:
 
 
 def test_generate(server: ScriptedServer) -> None:
-    server.script(ok([4], **{"X-User-Request-ID": "r-1"}))
+    server.script(ok([4], request_id="r-1"))
     response = run(server, lambda c: c.generate({"prompt": "a fox", "seed": 4}, engine="sd"))
     (sent,) = server.requests
     assert sent.path == "/generate/sd"
