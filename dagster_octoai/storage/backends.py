@@ -7,6 +7,7 @@ live in :mod:`dagster_octoai.storage.store`, so both backends behave the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -231,8 +232,10 @@ class S3Backend(StorageBackend):
             answer = self._call(
                 "delete",
                 chunk[0]["Key"],
-                lambda chunk=chunk: self.client.delete_objects(  # type: ignore[misc]
-                    Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}
+                functools.partial(
+                    self.client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": chunk, "Quiet": True},
                 ),
             )
             errors = answer.get("Errors") or []
