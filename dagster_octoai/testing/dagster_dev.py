@@ -74,6 +74,12 @@ class DagsterDev:
         python_file: Alternatively, a file holding a ``Definitions`` (``dagster dev -f``).
         env: Extra environment variables for ``dagster dev`` and the code it loads.
         cwd: Working directory for the process (so ``module`` can be imported from it).
+        port: The UI's port; default: a free one.
+        dagster_home: Keep the instance (runs, event logs) in this directory instead of
+            a temporary one that is removed on exit. Its ``dagster.yaml`` is written only
+            if missing, with telemetry off.
+        echo_output: Let ``dagster dev`` write to this process's stdout and stderr (an
+            interactive ``make dev``) instead of the log file.
         startup_timeout_s: How long to wait for the UI and the code location.
         stop_grace_s: How long SIGTERM gets before SIGKILL.
 
@@ -90,6 +96,9 @@ class DagsterDev:
         python_file: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        port: int | None = None,
+        dagster_home: str | os.PathLike[str] | None = None,
+        echo_output: bool = False,
         startup_timeout_s: float = 180.0,
         stop_grace_s: float = 10.0,
     ) -> None:
@@ -100,6 +109,9 @@ class DagsterDev:
         )
         self._env = dict(env or {})
         self._cwd = os.fspath(cwd) if cwd is not None else None
+        self._fixed_port = port
+        self._fixed_home = Path(dagster_home).resolve() if dagster_home is not None else None
+        self._echo_output = echo_output
         self._startup_timeout_s = startup_timeout_s
         self._stop_grace_s = stop_grace_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -115,7 +127,7 @@ class DagsterDev:
     @property
     def dagster_home(self) -> Path:
         """The temporary ``DAGSTER_HOME`` (instance storage: runs, event logs)."""
-        return self._require_tmp() / "home"
+        return self._fixed_home or self._require_tmp() / "home"
 
     @property
     def log_path(self) -> Path:
@@ -134,9 +146,11 @@ class DagsterDev:
         if self._process is not None:
             raise DagsterDevError("dagster dev is already running")
         self._tmp = Path(tempfile.mkdtemp(prefix="dagster-dev-"))
-        self.dagster_home.mkdir()
-        (self.dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        self.port = free_port(self.host)
+        self.dagster_home.mkdir(parents=True, exist_ok=True)
+        settings = self.dagster_home / "dagster.yaml"
+        if not settings.exists():
+            settings.write_text("telemetry:\n  enabled: false\n")
+        self.port = self._fixed_port or free_port(self.host)
         env = {**os.environ, **self._env, "DAGSTER_HOME": str(self.dagster_home)}
         command: Sequence[str] = [
             sys.executable,
@@ -155,8 +169,8 @@ class DagsterDev:
                 cwd=self._cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdout=None if self._echo_output else log,
+                stderr=None if self._echo_output else subprocess.STDOUT,
                 start_new_session=True,
             )
         try:
@@ -192,6 +206,12 @@ class DagsterDev:
             f"dagster dev did not become ready within {self._startup_timeout_s:.0f}s "
             f"({last_problem}). Output:\n{self.log_tail()}"
         )
+
+    def wait(self) -> int:
+        """Block until ``dagster dev`` exits (e.g. the UI process dies); its exit code."""
+        if self._process is None:
+            raise DagsterDevError("dagster dev is not running")
+        return self._process.wait()
 
     def stop(self) -> None:
         """Kill ``dagster dev``'s process group (SIGTERM, then SIGKILL) and remove the temp home."""
