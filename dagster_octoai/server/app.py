@@ -162,8 +162,6 @@ class ServerState:
         started = time.perf_counter()
         seeds = choose_seeds(req, self.seed_rng)
         config = self.config
-        if config.latency_per_image_s > 0:
-            await asyncio.sleep(config.latency_per_image_s * len(seeds))
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(
             self.executor,
@@ -171,17 +169,24 @@ class ServerState:
                 req, seeds, safety_trigger_word=config.safety_trigger_word, detail=config.detail
             ),
         )
+        encoded = [None if im.data is None else _b64(im.data) for im in images]
+        # Render first, then sleep what is left of the configured time: an image takes
+        # latency_per_image_s on its replica, not that plus the local render (which,
+        # with many replicas rendering at once on two cores, added up to 60 ms an image).
+        remaining = config.latency_per_image_s * len(seeds) - (time.perf_counter() - started)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
         removed = sum(1 for im in images if im.removed_for_safety)
         self.stats.record_generation(req.engine.value, len(images), removed)
         body = {
             "images": [
                 {
-                    "image_b64": None if im.data is None else _b64(im.data),
+                    "image_b64": b64,
                     "seed": im.seed,
                     "removed_for_safety": im.removed_for_safety,
                     "safety_score": im.safety_score,
                 }
-                for im in images
+                for im, b64 in zip(images, encoded, strict=True)
             ],
             "prediction_time_ms": round((time.perf_counter() - started) * 1000, 3),
         }
