@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -295,14 +296,30 @@ class _PortClash(RuntimeError):
     """A picked port was taken before weed bound it."""
 
 
+# Test modules may import the fixture while the plugin also provides it: pytest then
+# holds one session fixture per module, and they all share this one server.
+_shared: SeaweedFS | None = None
+_users = 0
+_shared_lock = threading.Lock()
+
+
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[SeaweedFS]:
     """One SeaweedFS S3 server shared by the whole test session."""
-    server = SeaweedFS().start()
+    global _shared, _users
+    with _shared_lock:
+        if _shared is None:
+            _shared = SeaweedFS().start()
+        _users += 1
+        server = _shared
     try:
         yield server
     finally:
-        server.stop()
+        with _shared_lock:
+            _users -= 1
+            if _users == 0:
+                _shared = None
+                server.stop()
 
 
 @pytest.fixture
