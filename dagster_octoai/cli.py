@@ -10,8 +10,10 @@ model itself so that none can be forgotten: ``--latency-per-image-s 0.5``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import types
 import typing
@@ -202,8 +204,16 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     if args.log_level in ("info", "debug", "trace"):
         print(_describe(config, _url(host, port)), file=sys.stderr, flush=True)
-    serve(config, sock, log_level=args.log_level)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
+    # the previous handler: make that a clean exit rather than a traceback or a kill.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(config, sock, log_level=args.log_level)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,11 +20,14 @@ import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Literal
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal
 
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    # Imported where used: httpx pulls in its own CLI (click, rich), which would add
+    # a few hundred milliseconds to every server start for nothing.
+    import httpx
 
 __all__ = ["CONFIG_ENV", "LocalOctoAIServer", "bind_socket", "serve"]
 
@@ -57,6 +60,8 @@ def _uvicorn_server(config: ServerConfig, log_level: str) -> Any:
         log_level=log_level,
         access_log=False,
         lifespan="on",
+        # No websockets here; "auto" would import a websockets library on every start.
+        ws="none",
         # A slow fault or a long latency must not hold a shutdown for long.
         timeout_graceful_shutdown=3,
     )
@@ -87,6 +92,7 @@ class LocalOctoAIServer:
     routes, so they work in both modes.
 
     Examples:
+        >>> import httpx
         >>> with LocalOctoAIServer(ServerConfig(token="t0k")) as srv:
         ...     r = httpx.post(f"{srv.url}/generate/sd", json={"prompt": "a fox", "seed": 1},
         ...                    headers={"Authorization": f"Bearer {srv.token}"})
@@ -160,6 +166,8 @@ class LocalOctoAIServer:
                 self._start_thread(sock)
             else:
                 self._start_process(sock)
+            import httpx
+
             headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
             self._client = httpx.Client(base_url=_url(self.host, self.port), headers=headers)
             self._wait_healthy(started)
@@ -211,6 +219,8 @@ class LocalOctoAIServer:
         self._finalizer = weakref.finalize(self, _kill, self._proc)
 
     def _wait_healthy(self, started: float) -> None:
+        import httpx
+
         assert self._client is not None
         deadline = started + self.startup_timeout_s
         last_error = "no answer"
