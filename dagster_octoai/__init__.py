@@ -1,5 +1,10 @@
 """dagster-octoai: OctoAI-style image generation for Dagster."""
 
+from .client import (
+    AsyncOctoAIClient as AsyncOctoAIClient,
+    OctoAIClient as OctoAIClient,
+    RetryPolicy as RetryPolicy,
+)
 from .errors import *  # noqa: F403
 from .models import (
     AsyncJob as AsyncJob,
