@@ -12,7 +12,6 @@ Two ways to run async jobs:
   re-executed run finds its jobs in the ledger and resumes them instead of paying again.
 """
 
-from __future__ import annotations
 
 import threading
 from collections import Counter

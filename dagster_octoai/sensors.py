@@ -218,6 +218,7 @@ class _Outcome:
     request: PersistRequest | None = None
     warning: str | None = None
     needs_persist_check: bool = False
+    polled: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ class AsyncJobTicker:
         to_check: dict[str, JobRecord] = {}
         for out in outcomes:
             counts[out.kind] += 1
+            counts["polled"] += out.polled
             if out.request is not None:
                 requests.append(out.request)
             if out.warning:
@@ -364,6 +366,11 @@ class AsyncJobTicker:
         return self._poll(record, now)
 
     def _poll(self, record: JobRecord, now: datetime) -> _Outcome:
+        out = self._poll_once(record, now)
+        out.polled = True
+        return out
+
+    def _poll_once(self, record: JobRecord, now: datetime) -> _Outcome:
         try:
             result = self.client.poll(record.async_job())
         except JobExpiredError as exc:
@@ -418,8 +425,7 @@ class AsyncJobTicker:
         warning = warning or self._expiry_warning(record, now)
         if self._worth_writing(record, changes, now):
             self.ledger.save(record.evolve(**changes))
-        out = _Outcome(kind, record, warning=warning)
-        return out
+        return _Outcome(kind, record, warning=warning)
 
     def _worth_writing(self, record: JobRecord, changes: Mapping[str, Any], now: datetime) -> bool:
         if changes.get("state", record.state) is not record.state:
@@ -685,7 +691,9 @@ def octoai_async_sensor(
             f"{asset_key.to_user_string()} for each completed job."
         ),
     )
-    def _octoai_async_sensor(context: SensorEvaluationContext) -> SensorResult:
+    def _octoai_async_sensor(context: SensorEvaluationContext, **_: Any) -> SensorResult:
+        # ``**_`` takes the resources that direct invocation (``sensor(context)``) passes as
+        # keyword arguments; the daemon passes none, and both are read from the context.
         ledger = getattr(context.resources, ledger_resource_key).get_ledger()
         cursor = AsyncSensorCursor.parse(context.cursor, context.log)
         with make_client(context, settings) as client:
