@@ -178,21 +178,27 @@ def test_quota_exhausted_becomes_retry_requested_with_servers_wait(
 def test_retry_requested_makes_dagster_retry_the_step(
     octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=1.0)
+    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=5.0)
     monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token)
     resource = OctoAIResource(
         token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_retry_after_s=0.0
     )
-    with OctoAIClient(octoai_server.token, base_url=octoai_server.url) as c:
-        c.generate({"prompt": "use up the quota", "engine": "sd", "steps": 2})
 
     @asset
+    def first(context: AssetExecutionContext, octoai: OctoAIResource) -> None:
+        with octoai.get_client(context) as client:
+            client.generate({"prompt": "uses up the quota", "engine": "sd", "steps": 2})
+
+    # Runs right after `first`, inside the 5 s window: 429, then a step retry.
+    @asset(deps=[first])
     def throttled(context: AssetExecutionContext, octoai: OctoAIResource) -> None:
         with octoai.get_client(context) as client:
             client.generate({"prompt": "later", "engine": "sd", "steps": 2})
 
-    result = materialize([throttled], resources={"octoai": resource})
+    result = materialize([first, throttled], resources={"octoai": resource})
     assert result.success
     retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
-    assert len(retries) == 1
-    assert retries[0].event_specific_data.seconds_to_wait == 1  # the server's Retry-After
+    assert [e.step_key for e in retries] == ["throttled"]
+    wait = retries[0].event_specific_data.seconds_to_wait
+    assert 1 <= wait <= 5  # the server's Retry-After, whole seconds
+    assert octoai_server.stats()["rate_limited"] == 1
