@@ -36,16 +36,39 @@ from .models import (
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from .assets import octoai_image_asset as octoai_image_asset
+    from .checks import (
+        evaluate_image_checks as evaluate_image_checks,
+        image_check_specs as image_check_specs,
+        octoai_image_checks as octoai_image_checks,
+    )
+    from .config import ImageGenerationConfig as ImageGenerationConfig
+    from .controlnet import edge_map as edge_map
     from .io_managers import (
         LocalImageIOManager as LocalImageIOManager,
         S3ImageIOManager as S3ImageIOManager,
     )
-    from .resources import OctoAIResource as OctoAIResource
+    from .metadata import (
+        data_version_for as data_version_for,
+        generation_metadata as generation_metadata,
+    )
+    from .ops import octoai_generate_op as octoai_generate_op
+    from .resources import OctoAIResource as OctoAIResource, OctoAISession as OctoAISession
     from .storage import StorageError as StorageError
 
 # Dagster-layer names: public name -> module that defines it.
 _LAZY = {
     "OctoAIResource": ".resources",
+    "OctoAISession": ".resources",
+    "ImageGenerationConfig": ".config",
+    "octoai_image_asset": ".assets",
+    "octoai_generate_op": ".ops",
+    "octoai_image_checks": ".checks",
+    "image_check_specs": ".checks",
+    "evaluate_image_checks": ".checks",
+    "generation_metadata": ".metadata",
+    "data_version_for": ".metadata",
+    "edge_map": ".controlnet",
     "S3ImageIOManager": ".io_managers",
     "LocalImageIOManager": ".io_managers",
     "StorageError": ".storage",
