@@ -1,0 +1,173 @@
+"""The submit and blocking async assets, over HTTP against the local server, real runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    InputContext,
+    IOManager,
+    OutputContext,
+    instance_for_test,
+    materialize,
+)
+from PIL import Image
+
+from dagster_octoai.async_assets import (
+    octoai_async_blocking_asset,
+    octoai_async_results_asset,
+    octoai_async_submit_asset,
+)
+from dagster_octoai.errors import RequestValidationError
+from dagster_octoai.io_managers import LocalImageIOManager
+from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobState
+from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+
+TOKEN = "test-token"
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterInstance]:
+    with instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster"))) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def _server() -> Iterator[LocalOctoAIServer]:
+    with LocalOctoAIServer(ServerConfig(token=TOKEN)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(_server: LocalOctoAIServer) -> Iterator[LocalOctoAIServer]:
+    _server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
+    _server.reset_stats()
+    yield _server
+    _server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
+
+
+def _resources(server: LocalOctoAIServer, tmp: Path, io_manager: Any = None) -> dict[str, Any]:
+    return {
+        "octoai": OctoAIResource(token=TOKEN, base_url=server.url, max_attempts=2),
+        "octoai_ledger": JobLedgerResource(base_dir=str(tmp / "ledger"), fsync=False),
+        "io_manager": io_manager or LocalImageIOManager(base_dir=str(tmp / "images"), prefix="i"),
+    }
+
+
+def _ledger(tmp: Path) -> JobLedger:
+    return JobLedgerResource(base_dir=str(tmp / "ledger")).get_ledger()
+
+
+def _submitted(server: LocalOctoAIServer) -> int:
+    count: int = server.stats()["async_jobs"]["submitted"]
+    return count
+
+
+REQUESTS = [
+    {"prompt": f"a heron {i}", "engine": "sd", "seed": 40 + i, "steps": 5} for i in range(2)
+]
+
+
+def test_the_submit_asset_refuses_a_body_over_10_mb_before_sending_anything(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
+) -> None:
+    noise = Image.frombytes("RGB", (2048, 1536), os.urandom(2048 * 1536 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG", compress_level=0)
+    big = {"prompt": "a heron", "engine": "sd", "init_image": buf.getvalue(), "strength": 0.5}
+    results = octoai_async_results_asset("herons")
+    submit = octoai_async_submit_asset("heron_jobs", [REQUESTS[0], big], results_asset=results)
+    with pytest.raises(RequestValidationError, match=r"requests\[1\]: .* over the 10 MB limit"):
+        materialize([submit], instance=instance, resources=_resources(server, tmp_path))
+    # Refused before anything was sent or recorded: not even the small first request.
+    assert _submitted(server) == 0
+    assert list(_ledger(tmp_path).iter_records()) == []
+
+
+def test_a_second_run_of_the_submit_asset_does_not_pay_again(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
+) -> None:
+    results = octoai_async_results_asset("herons")
+    submit = octoai_async_submit_asset("heron_jobs", REQUESTS, results_asset=results)
+    resources = _resources(server, tmp_path)
+    first = materialize([submit], instance=instance, resources=resources)
+    meta = first.asset_materializations_for_node("heron_jobs")[0].metadata
+    assert meta["submitted"].value == 2 and meta["resumed"].value == 0  # type: ignore[attr-defined]
+    records = list(_ledger(tmp_path).iter_records())
+    assert {r.state for r in records} == {JobState.SUBMITTED}
+    assert {r.asset_key for r in records} == {"herons"}
+    assert sorted(r.request["seed"] for r in records) == [40, 41]
+
+    again = materialize([submit], instance=instance, resources=resources)
+    meta = again.asset_materializations_for_node("heron_jobs")[0].metadata
+    assert meta["submitted"].value == 0 and meta["resumed"].value == 2  # type: ignore[attr-defined]
+    assert _submitted(server) == 2
+
+
+class _FailingIOManager(IOManager):
+    """Fails to store, like a run that dies after the images were fetched."""
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        raise OSError("the disk went away")
+
+    def load_input(self, context: InputContext) -> Any:
+        raise NotImplementedError
+
+
+def test_the_blocking_asset_waits_persists_and_a_retried_run_resumes_its_jobs(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
+) -> None:
+    server.configure(async_queue_delay_s=0.3)
+    herons = octoai_async_blocking_asset("blocking_herons", REQUESTS)
+    failed = materialize(
+        [herons],
+        instance=instance,
+        resources=_resources(server, tmp_path, _FailingIOManager()),
+        raise_on_error=False,
+    )
+    assert not failed.success
+    assert _submitted(server) == 2
+    ledger = _ledger(tmp_path)
+    assert {r.state for r in ledger.iter_records()} == {JobState.COMPLETED}
+
+    # The retry finds both jobs in the ledger and fetches them: nothing is paid twice.
+    ok = materialize([herons], instance=instance, resources=_resources(server, tmp_path))
+    assert ok.success
+    assert _submitted(server) == 2
+    assert server.stats()["paid_generations"] == 2
+    meta = ok.asset_materializations_for_node("blocking_herons")[0].metadata
+    assert meta["resumed"].value == 2 and meta["completed"].value == 2  # type: ignore[attr-defined]
+    response_ids = sorted(r.response_id or "" for r in ledger.iter_records())
+    assert sorted(meta["response_ids"].value) == response_ids  # type: ignore[attr-defined]
+    assert {r.state for r in ledger.iter_records()} == {JobState.PERSISTED}
+    assert ledger.list_open() == []
+
+    manifest = json.loads((tmp_path / "images/i/blocking_herons/manifest.json").read_text())
+    stored = sorted(
+        im["metadata"]["response-id"] for r in manifest["results"] for im in r["images"]
+    )
+    assert stored == response_ids
+
+
+def test_the_blocking_asset_resubmits_a_failed_job_then_fails_with_it_recorded(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
+) -> None:
+    server.configure(faults={"job_failure": 1.0, "job_failure_after_s": 0.1})
+    herons = octoai_async_blocking_asset("failing_herons", REQUESTS[:1], max_resubmits=1)
+    result = materialize(
+        [herons], instance=instance, resources=_resources(server, tmp_path), raise_on_error=False
+    )
+    assert not result.success
+    (record,) = _ledger(tmp_path).iter_records()
+    assert record.state is JobState.FAILED
+    assert record.attempts == 2 and len(record.previous_response_ids) == 1
+    assert "gave up after 2 submission(s)" in (record.error or "")
+    assert _submitted(server) == 2
