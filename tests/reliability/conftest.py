@@ -1,0 +1,84 @@
+"""Fixtures of the reliability suite: one SeaweedFS, the leak token, figures for the report.
+
+Every test here runs with the recognisable token :data:`LEAK_TOKEN` and ends with a
+scan of its captured logs (DEBUG and up) for it, so "the token never appears in a
+log" is checked by the whole suite, not by one test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dagster_octoai.testing.seaweedfs import SeaweedFS
+from dagster_octoai.testing.secrets import TokenScanner
+
+from ._support import LEAK_TOKEN, Figures
+
+FIGURES_ENV = "DAGSTER_OCTOAI_RELIABILITY_FIGURES"
+
+
+@pytest.fixture(scope="session")
+def scanner() -> TokenScanner:
+    """The scanner of the suite's token."""
+    return TokenScanner(LEAK_TOKEN)
+
+
+@pytest.fixture(autouse=True)
+def _token_never_logged(caplog: pytest.LogCaptureFixture, scanner: TokenScanner) -> Iterator[None]:
+    """Capture every log record at DEBUG and fail the test if one holds the token."""
+    caplog.set_level(logging.DEBUG)
+    # botocore logs every signed S3 request at DEBUG (megabytes per batch); the OctoAI
+    # token never reaches boto3, so INFO there keeps the capture small and loses nothing.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        caplog.set_level(logging.INFO, logger=name)
+    yield
+    leaks = scanner.scan_text(caplog.text, "captured log text")
+    for record in caplog.records:
+        leaks += scanner.scan_text(record.getMessage(), f"log record {record.name}")
+        if record.exc_text:
+            leaks += scanner.scan_text(record.exc_text, f"log record {record.name} traceback")
+    assert leaks == [], f"the token leaked into the logs: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def figures() -> Iterator[Figures]:
+    """Figures for docs/reliability.md, written as JSON when the report script asks."""
+    collected = Figures()
+    yield collected
+    target = os.environ.get(FIGURES_ENV)
+    if target:
+        path = Path(target)
+        existing: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        existing.update(collected.rows)
+        path.write_text(json.dumps(existing, indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """One SeaweedFS S3 server for the reliability suite."""
+    server = SeaweedFS().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedFS) -> Iterator[str]:
+    """A fresh bucket on the suite's SeaweedFS."""
+    name = "rel-" + secrets.token_hex(6)
+    client = seaweedfs.client()
+    client.create_bucket(Bucket=name)
+    yield name
+    try:
+        client.delete_bucket(Bucket=name)
+    except Exception as exc:  # a failed clean-up must not hide the test's own result
+        logging.getLogger(__name__).warning("could not delete bucket %s: %s", name, exc)

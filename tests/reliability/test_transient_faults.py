@@ -1,0 +1,238 @@
+"""A 1,000-image batch through 20 % transient faults: every image persisted once, paid once.
+
+Two variants, each 4 partitions x 25 requests x 10 images of SD 1.5 at 512x512 (its
+smallest size) from an instant server:
+
+- partitioned sync: a user's partitioned asset generating through ``OctoAIResource``
+  into the ``S3ImageIOManager``;
+- async: ``octoai_async_blocking_asset`` (submit, poll, fetch through the job ledger)
+  with faults on polls and fetches too, and some async jobs failing on the server.
+
+One in five generate calls meets a fault (429 with Retry-After, 500, 503, a dropped
+connection before or after the images were rendered, a slow answer), drawn from a
+fixed seed. The client retries with small backoffs so the batch takes seconds.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the context annotation at definition time.
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from dagster_octoai.async_assets import octoai_async_blocking_asset
+from dagster_octoai.batch import GenerationResult, ImageBatch
+from dagster_octoai.jobs_ledger import JobLedgerResource, JobState
+from dagster_octoai.models import ImageGenerationRequest
+from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.testing.seaweedfs import SeaweedFS
+from dagster_octoai.testing.secrets import TokenScanner
+
+from ._support import LEAK_TOKEN, Figures, ServerTally, inventory, manifest_problems, s3_io
+
+PARTITIONS = 4
+REQUESTS_PER_PARTITION = 25
+IMAGES_PER_REQUEST = 10
+TOTAL = PARTITIONS * REQUESTS_PER_PARTITION * IMAGES_PER_REQUEST
+
+# 20 % of generate calls fail or are late; the rest are answered at once.
+FAULTS = FaultConfig(
+    rate_limited=0.04,
+    error_500=0.04,
+    error_503=0.04,
+    drop_connection=0.03,
+    drop_after_render=0.02,
+    slow=0.03,
+    slow_s=0.3,
+    retry_after_s=1,
+    seed=20240901,
+)
+
+PARTS = dg.StaticPartitionsDefinition([f"part-{i:02d}" for i in range(PARTITIONS)])
+
+
+def _requests_of(partition_key: str) -> list[dict[str, Any]]:
+    p = int(partition_key.rsplit("-", 1)[1])
+    out = []
+    for r in range(REQUESTS_PER_PARTITION):
+        first = (p * REQUESTS_PER_PARTITION + r) * IMAGES_PER_REQUEST
+        out.append(
+            {
+                "engine": "sd",
+                "prompt": f"a lighthouse, study {p}-{r}",
+                "steps": 1,
+                "num_images": IMAGES_PER_REQUEST,
+                "seed": list(range(first, first + IMAGES_PER_REQUEST)),
+            }
+        )
+    return out
+
+
+def _resource(server: LocalOctoAIServer) -> OctoAIResource:
+    return OctoAIResource(
+        token=dg.EnvVar("OCTOAI_TOKEN"),
+        base_url=server.url,
+        timeout_s=10.0,
+        max_attempts=10,
+        initial_backoff_s=0.02,
+        max_backoff_s=0.2,
+        max_retry_after_s=5.0,
+        deadline_s=120.0,
+        max_concurrency=8,
+    )
+
+
+@pytest.fixture
+def token_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OCTOAI_TOKEN", LEAK_TOKEN)
+
+
+def _check_store(seaweedfs: SeaweedFS, bucket: str, prefix: str) -> tuple[int, int, int, list[str]]:
+    client = seaweedfs.client()
+    inv = inventory(client, bucket, prefix)
+    seeds = inv.seeds()
+    duplicate_seeds = sum(n - 1 for n in seeds.values())
+    return (
+        len(inv.images),
+        inv.duplicate_contents + duplicate_seeds,
+        len(inv.manifests),
+        (manifest_problems(client, bucket, inv)),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_partitioned_sync_batch_through_faults_persists_every_image_once(
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    token_env: None,
+    figures: Figures,
+    scanner: TokenScanner,
+) -> None:
+    @dg.asset(partitions_def=PARTS, io_manager_key="images")
+    def lighthouses(context: dg.AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
+        requests = _requests_of(context.partition_key)
+        with octoai.get_client(context) as session:
+            answers = dict(session.iter_generate(requests))
+        return ImageBatch(
+            [
+                GenerationResult(ImageGenerationRequest.build(requests[i]), answers[i])
+                for i in range(len(requests))
+            ]
+        )
+
+    instance = dg.DagsterInstance.ephemeral()
+    tally = ServerTally()
+    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN, replicas=8, faults=FAULTS)) as server:
+        resources = {"octoai": _resource(server), "images": s3_io(seaweedfs, bucket)}
+        for key in PARTS.get_partition_keys():
+            result = dg.materialize(
+                [lighthouses], resources=resources, partition_key=key, instance=instance
+            )
+            assert result.success, key
+            tally.take(server)
+
+    persisted, duplicates, manifests, problems = _check_store(seaweedfs, bucket, "octoai/")
+    assert (persisted, duplicates, manifests, problems) == (TOTAL, 0, PARTITIONS, [])
+    # The faults happened, and each failing kind at least once.
+    assert tally.retried_failures >= 0.1 * tally.requests
+    assert all(tally.faults[f] > 0 for f in ("rate_limited", "error_500", "error_503"))
+    assert tally.faults["drop_connection"] > 0 and tally.faults["drop_after_render"] > 0
+    # Paid exactly for the images plus the answers that were rendered and then lost.
+    assert tally.paid == TOTAL + tally.paid_lost
+    assert tally.paid <= TOTAL + tally.retried_failures * IMAGES_PER_REQUEST
+    # Only a lost answer made the same seed render twice.
+    rerendered = sum(n - 1 for n in tally.seeds_rendered.values())
+    assert rerendered == tally.paid_lost
+
+    leaks, events = scanner.scan_instance(instance)
+    assert events > 0 and leaks == []
+    s3_leaks, objects = scanner.scan_s3(seaweedfs.client(), bucket)
+    assert objects > TOTAL and s3_leaks == []
+
+    figures.record(
+        "1,000-image batch, partitioned sync, 20 % faults",
+        images_requested=TOTAL,
+        images_persisted=persisted,
+        duplicates_in_s3=duplicates,
+        paid_generations=tally.paid,
+        retried_failures=tally.retried_failures,
+        paid_for_lost_answers=tally.paid_lost,
+        http_requests=tally.requests,
+        leaks_found=len(leaks) + len(s3_leaks),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_async_batch_through_faults_persists_every_image_once(
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    token_env: None,
+    tmp_path: Path,
+    figures: Figures,
+    scanner: TokenScanner,
+) -> None:
+    images = octoai_async_blocking_asset(
+        "async_lighthouses",
+        lambda context: _requests_of(context.partition_key),
+        partitions_def=PARTS,
+        io_manager_key="images",
+        wait_timeout_s=120.0,
+        max_resubmits=3,
+        max_concurrency=REQUESTS_PER_PARTITION,
+    )
+    faults = FAULTS.model_copy(
+        update={"on_async_routes": True, "job_failure": 0.05, "job_failure_after_s": 0.05}
+    )
+    ledger = JobLedgerResource(base_dir=str(tmp_path / "ledger"), fsync=False)
+    instance = dg.DagsterInstance.ephemeral()
+    tally = ServerTally()
+    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN, replicas=8, faults=faults)) as server:
+        resources = {
+            "octoai": _resource(server),
+            "octoai_ledger": ledger,
+            "images": s3_io(seaweedfs, bucket),
+        }
+        for key in PARTS.get_partition_keys():
+            result = dg.materialize(
+                [images], resources=resources, partition_key=key, instance=instance
+            )
+            assert result.success, key
+            tally.take(server)
+
+    persisted, duplicates, manifests, problems = _check_store(seaweedfs, bucket, "octoai/")
+    assert (persisted, duplicates, manifests, problems) == (TOTAL, 0, PARTITIONS, [])
+    records = list(ledger.get_ledger().iter_records())
+    assert len(records) == PARTITIONS * REQUESTS_PER_PARTITION
+    assert {r.state for r in records} == {JobState.PERSISTED}
+    resubmitted = sum(r.attempts - 1 for r in records)
+    assert tally.faults["job_failure"] > 0 and resubmitted >= tally.faults["job_failure"]
+    assert tally.faults["drop_connection"] > 0
+    # Paid for the images plus jobs whose acceptance was lost with the connection (they
+    # ran on the server; their response id never reached the client).
+    assert tally.paid == TOTAL + tally.lost_submits * IMAGES_PER_REQUEST
+    assert tally.paid <= TOTAL + tally.retried_failures * IMAGES_PER_REQUEST
+
+    leaks, events = scanner.scan_instance(instance)
+    assert events > 0 and leaks == []
+    assert scanner.scan_files(tmp_path / "ledger") == []
+    s3_leaks, objects = scanner.scan_s3(seaweedfs.client(), bucket)
+    assert objects > TOTAL and s3_leaks == []
+    ledger_text = json.dumps([r.model_dump(mode="json") for r in records])
+    assert scanner.scan_text(ledger_text, "ledger records") == []
+
+    figures.record(
+        "1,000-image batch, async jobs, 20 % faults (also on polls and fetches)",
+        images_requested=TOTAL,
+        images_persisted=persisted,
+        duplicates_in_s3=duplicates,
+        paid_generations=tally.paid,
+        retried_failures=tally.retried_failures + resubmitted,
+        paid_for_lost_answers=tally.lost_submits * IMAGES_PER_REQUEST,
+        http_requests=tally.requests,
+        leaks_found=len(leaks) + len(s3_leaks),
+    )
