@@ -12,7 +12,6 @@ Two ways to run async jobs:
   re-executed run finds its jobs in the ledger and resumes them instead of paying again.
 """
 
-
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

@@ -37,7 +37,6 @@ from typing import Any, Literal, Protocol
 
 from dagster import ConfigurableResource
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-from pydantic import Field as PydanticField
 
 from .models import AsyncJob, ImageGenerationRequest
 
@@ -504,25 +503,25 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
         []
     """
 
-    base_dir: str | None = PydanticField(
+    base_dir: str | None = Field(
         None, description="Local directory of the ledger (development, single machine)."
     )
-    bucket: str | None = PydanticField(None, description="S3 bucket of the ledger.")
-    prefix: str = PydanticField("octoai-jobs", description="Key prefix inside the bucket.")
-    endpoint_url: str | None = PydanticField(
+    bucket: str | None = Field(None, description="S3 bucket of the ledger.")
+    prefix: str = Field("octoai-jobs", description="Key prefix inside the bucket.")
+    endpoint_url: str | None = Field(
         None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
     )
-    region_name: str | None = PydanticField(None, description="S3 region.")
-    aws_access_key_id: str | None = PydanticField(
+    region_name: str | None = Field(None, description="S3 region.")
+    aws_access_key_id: str | None = Field(
         None, description="Access key id; default: boto3's credential chain."
     )
-    aws_secret_access_key: str | None = PydanticField(
+    aws_secret_access_key: str | None = Field(
         None, description="Secret access key; supply it with EnvVar."
     )
-    addressing_style: Literal["auto", "virtual", "path"] = PydanticField(
+    addressing_style: Literal["auto", "virtual", "path"] = Field(
         "path", description="S3 addressing style; 'path' suits most S3-compatible stores."
     )
-    fsync: bool = PydanticField(
+    fsync: bool = Field(
         True, description="Local directory only: flush each write to disk before going on."
     )
 
