@@ -37,6 +37,11 @@ from .version import __version__ as __version__
 
 if TYPE_CHECKING:
     from .assets import octoai_image_asset as octoai_image_asset
+    from .async_assets import (
+        octoai_async_blocking_asset as octoai_async_blocking_asset,
+        octoai_async_results_asset as octoai_async_results_asset,
+        octoai_async_submit_asset as octoai_async_submit_asset,
+    )
     from .checks import (
         evaluate_image_checks as evaluate_image_checks,
         image_check_specs as image_check_specs,
@@ -48,12 +53,23 @@ if TYPE_CHECKING:
         LocalImageIOManager as LocalImageIOManager,
         S3ImageIOManager as S3ImageIOManager,
     )
+    from .jobs_ledger import (
+        JobLedger as JobLedger,
+        JobLedgerResource as JobLedgerResource,
+        JobRecord as JobRecord,
+        JobState as JobState,
+    )
     from .metadata import (
         data_version_for as data_version_for,
         generation_metadata as generation_metadata,
     )
     from .ops import octoai_generate_op as octoai_generate_op
     from .resources import OctoAIResource as OctoAIResource, OctoAISession as OctoAISession
+    from .sensors import (
+        AsyncSensorCursor as AsyncSensorCursor,
+        AsyncSensorSettings as AsyncSensorSettings,
+        octoai_async_sensor as octoai_async_sensor,
+    )
     from .storage import StorageError as StorageError
 
 # Dagster-layer names: public name -> module that defines it.
@@ -69,6 +85,16 @@ _LAZY = {
     "generation_metadata": ".metadata",
     "data_version_for": ".metadata",
     "edge_map": ".controlnet",
+    "octoai_async_submit_asset": ".async_assets",
+    "octoai_async_results_asset": ".async_assets",
+    "octoai_async_blocking_asset": ".async_assets",
+    "octoai_async_sensor": ".sensors",
+    "AsyncSensorCursor": ".sensors",
+    "AsyncSensorSettings": ".sensors",
+    "JobLedger": ".jobs_ledger",
+    "JobLedgerResource": ".jobs_ledger",
+    "JobRecord": ".jobs_ledger",
+    "JobState": ".jobs_ledger",
     "S3ImageIOManager": ".io_managers",
     "LocalImageIOManager": ".io_managers",
     "StorageError": ".storage",
