@@ -106,7 +106,10 @@ def octoai_image_asset(
             requests whose seeds are all explicit (the only ones that can match).
         checks: Attach the built-in asset checks (no image removed for safety, sizes
             as requested, every image decodes), evaluated on each materialization.
-        group_name, description, tags, metadata: As for ``@asset``.
+        group_name: As for ``@asset``.
+        description: As for ``@asset``.
+        tags: As for ``@asset``.
+        metadata: As for ``@asset``.
 
     Returns:
         The asset definition.
