@@ -14,8 +14,7 @@ Examples:
 """
 
 from .app import create_app as create_app
-from .config import FaultConfig as FaultConfig
-from .config import ServerConfig as ServerConfig
+from .config import FaultConfig as FaultConfig, ServerConfig as ServerConfig
 from .runner import LocalOctoAIServer as LocalOctoAIServer
 
 __all__ = ["FaultConfig", "LocalOctoAIServer", "ServerConfig", "create_app"]

@@ -33,7 +33,7 @@ from ..models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWar
 from .config import ServerConfig
 from .jobs import Job, JobStore, ReplicaPool
 from .openapi import openapi_document
-from .renderer import choose_seeds, render
+from .renderer import choose_seeds, render, undecodable_images
 from .stats import RequestRecord, ServerStats
 
 __all__ = ["ServerState", "create_app"]
@@ -293,6 +293,13 @@ async def generate(request: Request) -> Response:
     except ValidationError as exc:
         state.stats.validation_errors += 1
         return _validation_response(_pydantic_detail(exc))
+    loop = asyncio.get_running_loop()
+    bad_images = await loop.run_in_executor(state.executor, undecodable_images, req)
+    if bad_images:
+        state.stats.validation_errors += 1
+        return _validation_response(
+            [{"loc": ["body", *loc], "msg": msg, "type": "value_error"} for loc, msg in bad_images]
+        )
     if state.violates_policy(req):
         state.stats.policy_rejections += 1
         return _message(400, POLICY_MESSAGE)
@@ -307,7 +314,7 @@ async def generate(request: Request) -> Response:
         state.stats.async_submitted += 1
         if fails:
             state.stats.faults["job_failure"] += 1
-        job.task = asyncio.get_running_loop().create_task(state.run_job(job))
+        job.task = loop.create_task(state.run_job(job))
         if record is not None:
             record.engine, record.response_id = engine.value, job.response_id
         base = _base_url(request, state)

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from ..images import decode_base64_image
 from ..models import ImageGenerationRequest
 
-__all__ = ["RenderedImage", "choose_seeds", "render", "render_image"]
+__all__ = ["RenderedImage", "choose_seeds", "render", "render_image", "undecodable_images"]
 
 SEED_SPACE = 2**32
 JPEG_QUALITY = 90
@@ -40,6 +40,29 @@ class RenderedImage:
     seed: int
     removed_for_safety: bool
     safety_score: float
+
+
+def undecodable_images(request: ImageGenerationRequest) -> list[tuple[tuple[str | int, ...], str]]:
+    """(loc, message) of every image field whose bytes do not decode as a whole image.
+
+    The request model only checks that an image field is base64 with an image's magic
+    bytes; a truncated or corrupt picture must be the client's 422, not a renderer crash.
+    """
+    fields: list[tuple[tuple[str | int, ...], str]] = [
+        ((name,), value)
+        for name in ("init_image", "mask_image", "controlnet_image")
+        if (value := getattr(request, name)) is not None
+    ]
+    for word, images in (request.transfer_images or {}).items():
+        fields.extend(((("transfer_images", word, i), b64) for i, b64 in enumerate(images)))
+    problems = []
+    for loc, b64 in fields:
+        try:
+            with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
+                im.load()
+        except Exception as exc:  # PIL raises many types for bad data; all mean the same here
+            problems.append((loc, f"the image does not decode ({type(exc).__name__}: {exc})"))
+    return problems
 
 
 def choose_seeds(request: ImageGenerationRequest, rng: random.Random) -> list[int]:
