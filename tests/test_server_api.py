@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dagster_octoai.images import image_size, sniff_format
-from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 from dagster_octoai.testing.server import sample_image_b64
 
 pytestmark = pytest.mark.timeout(60)
@@ -410,6 +410,12 @@ def test_local_config_changes_and_validates(octoai_server_factory: Factory) -> N
     headers = {"Authorization": f"Bearer {srv.token}"}
     r = httpx.post(f"{srv.url}/generate/sd", json={"prompt": "a teapot"}, headers=headers)
     assert r.status_code == 400
+    srv.configure(faults=FaultConfig(error_500=1.0))
+    assert (
+        httpx.post(f"{srv.url}/generate/sd", json={"prompt": "x"}, headers=headers).status_code
+        == 500
+    )
+    assert srv.config.faults.error_500 == 1.0
     with pytest.raises(ValueError, match="replicas"):
         srv.configure(replicas=0)
     r = httpx.post(f"{srv.url}/_local/config", json={"replicas": 0}, headers=headers)

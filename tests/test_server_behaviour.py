@@ -237,3 +237,35 @@ def test_reconfiguring_faults_restarts_the_draws(octoai_server_factory: Factory)
 def test_fault_fractions_must_fit() -> None:
     with pytest.raises(ValueError, match="at most 1"):
         FaultConfig(error_500=0.6, error_503=0.6)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_drops_work_with_either_uvicorn_http_implementation(http: str) -> None:
+    # A plain `pip install uvicorn` serves with h11; uvicorn[standard] with httptools.
+    import threading
+
+    import uvicorn
+
+    from dagster_octoai.server import ServerConfig, create_app
+    from dagster_octoai.server.runner import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    app = create_app(ServerConfig(token="t", faults=FaultConfig(drop_connection=1.0)))
+    server = uvicorn.Server(
+        uvicorn.Config(app, http=http, loop="asyncio", log_level="warning", ws="none")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.post(f"{url}/generate/sd", json=BODY, headers={"Authorization": "Bearer t"})
+        assert httpx.get(f"{url}/healthcheck").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert app.state.octoai.stats.faults["drop_connection"] == 1
