@@ -9,6 +9,7 @@ policy check, and the generation on a replica (sync) or in the background (async
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -215,8 +216,6 @@ class ServerState:
 
 
 def _b64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode("ascii")
 
 
@@ -418,7 +417,8 @@ async def local_config(request: Request) -> Response:
     return JSONResponse(state.config.public_dict())
 
 
-async def _not_found(request: Request, exc: Exception) -> Response:
+async def _error_answer(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405/500 in the API's error shape, ``{"message": ...}``."""
     if isinstance(exc, HTTPException):
         return JSONResponse(
             {"message": exc.detail}, status_code=exc.status_code, headers=exc.headers
@@ -598,7 +598,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             Route("/_local/requests", local_requests, methods=["GET"]),
             Route("/_local/config", local_config, methods=["GET", "POST"]),
         ],
-        exception_handlers={404: _not_found, 405: _not_found, 500: _not_found},
+        exception_handlers={404: _error_answer, 405: _error_answer, 500: _error_answer},
         lifespan=lifespan,
     )
     app.state.octoai = state
