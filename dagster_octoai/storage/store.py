@@ -29,7 +29,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..batch import GenerationResult, StoredImage
-from ..images import content_type_for, image_size, sniff_format, thumbnail_data_uri
+from ..errors import ImageDecodeError
+from ..images import content_type_for, sniff_format, thumbnail_data_uri
 from ..models import (
     CallInfo,
     GeneratedImage,
@@ -162,6 +163,26 @@ def _convert(data: bytes, fmt: ConvertFormat) -> bytes:
         else:
             im.save(out, format="WEBP", quality=95)
     return out.getvalue()
+
+
+def _decoded_size(data: bytes, seed: int) -> tuple[int, int]:
+    """(width, height) of an image that decodes whole.
+
+    The header alone is not enough: a truncated answer has a valid header and would
+    be stored, listed in the manifest and reused as if it were a good image.
+
+    Raises:
+        ImageDecodeError: the bytes do not decode to an image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            size: tuple[int, int] = im.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(
+            f"image with seed {seed} does not decode ({len(data)} bytes): {exc}; not stored"
+        ) from None
+    return size
 
 
 def _utcnow() -> str:
@@ -305,7 +326,7 @@ class ImageStore:
                             converted_from = sniff_format(data)
                             data = _convert(data, self.convert_to)
                         fmt = sniff_format(data)
-                        width, height = image_size(data)
+                        width, height = _decoded_size(data, image.seed)
                         key = f"{base}/{image_name(record['index'], image.seed, fmt)}"
                         sha = _sha256(data)
                         metadata = {
