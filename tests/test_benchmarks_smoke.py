@@ -1,0 +1,57 @@
+"""The benchmarks run end to end in --quick mode: every scenario gives a row, a figure, a plot.
+
+Nothing about time is asserted (speed targets live in benchmarks/, see docs/benchmarks.md);
+this only proves the harness works against the real local server and SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ("P1", "P2", "P3", "P4", "P5", "P6")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quick_run_writes_a_row_and_a_figure_per_scenario(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert data["quick"] is True
+    rows = data["rows"]
+    ids = [r["id"] for r in rows]
+    for sid in SCENARIOS:
+        assert sid in ids, f"no row for {sid}: {ids}"
+    for row in rows:
+        assert row["samples"], row["id"]
+        assert all(isinstance(v, int | float) and math.isfinite(v) for v in row["samples"])
+        assert row["min"] <= row["median"] <= row["max"]
+        assert row["target"] is not None and row["figure"] and row["unit"]
+        # The non-timing checks are real even at small counts.
+        assert all(row["checks"].values()), (row["id"], row["checks"])
+
+    page = (tmp_path / "benchmarks.md").read_text()
+    for sid in SCENARIOS:
+        assert f"| {sid} |" in page
+    assert "![benchmark figures](benchmarks.png)" in page
+
+    with Image.open(tmp_path / "benchmarks.png") as plot:
+        assert plot.format == "PNG"
+        # One panel of 46 px per row under a 24 px legend and two 12 px margins.
+        assert plot.height == 2 * 12 + 24 + 46 * len(rows)
