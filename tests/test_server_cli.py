@@ -175,3 +175,7 @@ def test_server_repr_and_stopped_errors() -> None:
         server.stats()
     with pytest.raises(ValueError, match="mode"):
         LocalOctoAIServer(mode="fork")  # type: ignore[arg-type]
+    # A mistyped token is not echoed in the validation error.
+    with pytest.raises(ValueError, match="forbidden_tokens") as caught:
+        ServerConfig(forbidden_tokens="hidden-token")  # type: ignore[arg-type]
+    assert "hidden-token" not in str(caught.value)

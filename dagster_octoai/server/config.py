@@ -105,7 +105,8 @@ class ServerConfig(BaseModel):
         2
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A mistyped token must not be echoed back in a validation error.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     token: SecretStr | None = Field(
         None, description="The accepted bearer token; None accepts any non-empty token."
