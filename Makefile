@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv test lint typecheck demo dev bench reliability docs clean
+.PHONY: venv test lint typecheck demo dev bench bench-quick reliability docs chromium clean
 
 venv: $(STAMP)
 
+# The first run creates the environment and prints how long it took.
 $(STAMP): pyproject.toml requirements-dev.txt
 	@start=$$(date +%s); \
 	echo "==> creating the environment in $(VENV) (first run only)"; \
@@ -18,15 +20,39 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	touch $@ && \
 	echo "==> environment ready in $$(( $$(date +%s) - start ))s"
 
+# The browser test drives Debian's chromium; install it when it is missing.
+chromium:
+	@bash scripts/ensure_chromium.sh
+
 lint: venv
-	$(VENV)/bin/ruff check dagster_octoai tests example_project benchmarks
-	$(VENV)/bin/ruff format --check dagster_octoai tests example_project benchmarks
+	$(VENV)/bin/ruff check dagster_octoai tests example_project benchmarks scripts
+	$(VENV)/bin/ruff format --check dagster_octoai tests example_project benchmarks scripts
 
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: venv lint typecheck
+test: venv chromium lint typecheck
 	$(PY) -m pytest
+
+# The main job end to end on the local server and SeaweedFS.
+demo: venv
+	$(PY) scripts/demo.py
+
+# The Dagster UI on the same setup (Ctrl-C stops everything it started).
+dev: venv
+	$(PY) scripts/dev.py
+
+bench: venv
+	$(PY) -m benchmarks
+
+bench-quick: venv
+	$(PY) -m benchmarks --quick
+
+reliability: venv
+	$(PY) scripts/reliability_report.py
+
+docs: venv
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .demo
