@@ -61,3 +61,7 @@ def octoai_server_factory() -> Iterator[Callable[..., LocalOctoAIServer]]:
     finally:
         for server in servers:
             server.stop()
+
+
+# The S3 fixtures: one SeaweedFS for the session, a fresh bucket per test.
+from .seaweedfs import s3_bucket as s3_bucket, seaweedfs as seaweedfs  # noqa: E402
