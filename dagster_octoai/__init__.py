@@ -1,8 +1,7 @@
 """dagster-octoai: OctoAI-style image generation for Dagster.
 
-The client layer (models, errors, client, batch types) is imported eagerly and needs no
-Dagster. The Dagster layer is imported on first use of one of its names, so the client
-and the local server start without loading Dagster.
+Every public name is importable from here. Each is loaded on first use, so the client
+never loads Dagster and the local server loads neither Dagster nor the HTTP client.
 """
 
 from __future__ import annotations
@@ -10,29 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .batch import (
-    GenerationResult as GenerationResult,
-    ImageBatch as ImageBatch,
-    StoredImage as StoredImage,
-)
-from .client import (
-    AsyncOctoAIClient as AsyncOctoAIClient,
-    OctoAIClient as OctoAIClient,
-    RetryPolicy as RetryPolicy,
-)
 from .errors import *  # noqa: F403
-from .models import (
-    AsyncJob as AsyncJob,
-    CallInfo as CallInfo,
-    Engine as Engine,
-    GeneratedImage as GeneratedImage,
-    ImageGenerationRequest as ImageGenerationRequest,
-    ImageGenerationResponse as ImageGenerationResponse,
-    JobStatus as JobStatus,
-    PollResult as PollResult,
-    PromptTooLongWarning as PromptTooLongWarning,
-    Sampler as Sampler,
-)
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
@@ -42,10 +19,20 @@ if TYPE_CHECKING:
         octoai_async_results_asset as octoai_async_results_asset,
         octoai_async_submit_asset as octoai_async_submit_asset,
     )
+    from .batch import (
+        GenerationResult as GenerationResult,
+        ImageBatch as ImageBatch,
+        StoredImage as StoredImage,
+    )
     from .checks import (
         evaluate_image_checks as evaluate_image_checks,
         image_check_specs as image_check_specs,
         octoai_image_checks as octoai_image_checks,
+    )
+    from .client import (
+        AsyncOctoAIClient as AsyncOctoAIClient,
+        OctoAIClient as OctoAIClient,
+        RetryPolicy as RetryPolicy,
     )
     from .config import ImageGenerationConfig as ImageGenerationConfig
     from .controlnet import edge_map as edge_map
@@ -63,6 +50,18 @@ if TYPE_CHECKING:
         data_version_for as data_version_for,
         generation_metadata as generation_metadata,
     )
+    from .models import (
+        AsyncJob as AsyncJob,
+        CallInfo as CallInfo,
+        Engine as Engine,
+        GeneratedImage as GeneratedImage,
+        ImageGenerationRequest as ImageGenerationRequest,
+        ImageGenerationResponse as ImageGenerationResponse,
+        JobStatus as JobStatus,
+        PollResult as PollResult,
+        PromptTooLongWarning as PromptTooLongWarning,
+        Sampler as Sampler,
+    )
     from .ops import octoai_generate_op as octoai_generate_op
     from .resources import OctoAIResource as OctoAIResource, OctoAISession as OctoAISession
     from .sensors import (
@@ -72,8 +71,24 @@ if TYPE_CHECKING:
     )
     from .storage import StorageError as StorageError
 
-# Dagster-layer names: public name -> module that defines it.
+# Public name -> the module that defines it.
 _LAZY = {
+    "GenerationResult": ".batch",
+    "ImageBatch": ".batch",
+    "StoredImage": ".batch",
+    "AsyncOctoAIClient": ".client",
+    "OctoAIClient": ".client",
+    "RetryPolicy": ".client",
+    "AsyncJob": ".models",
+    "CallInfo": ".models",
+    "Engine": ".models",
+    "GeneratedImage": ".models",
+    "ImageGenerationRequest": ".models",
+    "ImageGenerationResponse": ".models",
+    "JobStatus": ".models",
+    "PollResult": ".models",
+    "PromptTooLongWarning": ".models",
+    "Sampler": ".models",
     "OctoAIResource": ".resources",
     "OctoAISession": ".resources",
     "ImageGenerationConfig": ".config",
