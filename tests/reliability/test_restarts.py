@@ -1,0 +1,130 @@
+"""The run process SIGKILLed at five points, then run again: nothing lost, nothing doubled.
+
+Each case runs ``_crash_driver.py`` (an ``octoai_async_blocking_asset`` of 4 jobs x 2
+images writing to SeaweedFS through a job ledger, on a persistent Dagster instance) in
+a subprocess that kills itself at a deterministic point, then runs it again to the
+end, then once more to show that a re-run reuses what was persisted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dagster_octoai.jobs_ledger import JobLedger, JobState, LocalLedgerStore
+from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.testing.seaweedfs import SeaweedFS
+from dagster_octoai.testing.secrets import TokenScanner
+
+from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems
+
+DRIVER = Path(__file__).with_name("_crash_driver.py")
+JOBS, IMAGES_PER_JOB = 4, 2
+TOTAL = JOBS * IMAGES_PER_JOB
+
+POINTS = {
+    "after_submit": "after_submit:2",
+    "mid_poll": "mid_poll:3",
+    "mid_fetch": "mid_fetch:2",
+    "mid_upload": "mid_upload:5",
+    "before_manifest": "before_manifest",
+}
+
+
+def _run(env: dict[str, str], crash_at: str | None) -> subprocess.CompletedProcess[str]:
+    run_env = {k: v for k, v in env.items() if k != "CRASH_AT"}
+    if crash_at:
+        run_env["CRASH_AT"] = crash_at
+    return subprocess.run(
+        [sys.executable, str(DRIVER)],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point", list(POINTS))
+def test_killed_run_resumes_without_losing_or_doubling_images(
+    point: str,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    tmp_path: Path,
+    scanner: TokenScanner,
+    figures: Figures,
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    ledger_dir = tmp_path / "ledger"
+    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as server:
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "OCTOAI_TOKEN": LEAK_TOKEN,
+            "OCTOAI_URL": server.url,
+            "LEDGER_DIR": str(ledger_dir),
+            "S3_BUCKET": bucket,
+            "S3_ENDPOINT": seaweedfs.endpoint_url,
+            "S3_KEY": seaweedfs.access_key,
+            "S3_SECRET": seaweedfs.secret_key,
+            "PYTHONPATH": os.pathsep.join(sys.path),
+        }
+        crashed = _run(env, POINTS[point])
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+        paid_at_crash = server.stats()["paid_generations"]
+
+        resumed = _run(env, None)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        paid_after_resume = server.stats()["paid_generations"]
+
+        # One point is enough to show a re-run reusing what was persisted (each run is a
+        # fresh Python process: seconds on a busy 2-core box).
+        rerun = _run(env, None) if point == "mid_upload" else None
+        if rerun is not None:
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+        paid_after_rerun = server.stats()["paid_generations"]
+
+    client = seaweedfs.client()
+    inv = inventory(client, bucket, "")
+    seeds = inv.seeds()
+    assert len(inv.images) == TOTAL and sorted(seeds) == list(range(TOTAL))
+    assert inv.duplicate_contents == 0 and max(seeds.values()) == 1
+    assert len(inv.manifests) == 1 and manifest_problems(client, bucket, inv) == []
+    records = list(JobLedger(LocalLedgerStore(ledger_dir)).iter_records())
+    assert len(records) == JOBS and {r.state for r in records} == {JobState.PERSISTED}
+    # The resumed run picked up the jobs the crashed one had submitted.
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed"] >= 1
+    if rerun is not None:
+        # Re-running pays nothing: every job is resumed from the ledger.
+        assert json.loads(rerun.stdout.strip().splitlines()[-1])["resumed"] == JOBS
+    assert paid_after_rerun == paid_after_resume
+    # Only a job accepted by the service whose id the killed process never recorded
+    # is paid twice (the API cannot look a job up without its id).
+    orphaned = IMAGES_PER_JOB if point == "after_submit" else 0
+    assert paid_after_resume == TOTAL + orphaned, (paid_at_crash, paid_after_resume)
+
+    leaks = scanner.scan_files(home) + scanner.scan_files(ledger_dir)
+    for proc in (p for p in (crashed, resumed, rerun) if p is not None):
+        leaks += scanner.scan_text(proc.stdout + proc.stderr, f"driver output ({point})")
+    s3_leaks, _ = scanner.scan_s3(client, bucket)
+    assert leaks == [] and s3_leaks == []
+    figures.record(
+        f"Run process SIGKILLed {point.replace('_', ' ')}, then resumed"
+        + (", re-run" if rerun else ""),
+        images_requested=TOTAL,
+        images_persisted=len(inv.images),
+        duplicates_in_s3=inv.duplicate_contents,
+        paid_generations=paid_after_rerun,
+        paid_for_lost_answers=orphaned,
+        leaks_found=len(leaks) + len(s3_leaks),
+    )
