@@ -1,0 +1,220 @@
+"""The Dagster UI in a real browser: materialize an example asset and see its thumbnail and seed.
+
+``dagster dev`` runs the example project against the local OctoAI-compatible server and
+SeaweedFS; headless Debian Chromium, driven by Playwright, launches a run from the asset
+page, then opens the materialization and checks what a person would look at. The browser
+is the system's ``/usr/bin/chromium`` (installed by ``scripts/ensure_chromium.sh`` when
+missing), never one downloaded by Playwright.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.testing.dagster_dev import DagsterDev
+from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
+
+__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = REPO / "test-output" / "browser"
+ASSET = "product_images"
+PARTITION = "desk-lamp"
+UI_TIMEOUT_MS = 60_000
+RUN_TIMEOUT_S = 300.0
+
+_RUNS_QUERY = """
+query { runsOrError { ... on Runs { results { runId status } } } }
+"""
+_MATERIALIZATION_QUERY = """
+query ($key: AssetKeyInput!, $partition: String!) {
+  assetOrError(assetKey: $key) {
+    ... on Asset {
+      assetMaterializations(partitions: [$partition], limit: 1) {
+        runId
+        metadataEntries {
+          label
+          ... on JsonMetadataEntry { jsonString }
+          ... on MarkdownMetadataEntry { mdStr }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    """Debian's chromium, installed with apt-get by scripts/ensure_chromium.sh when missing."""
+    if not CHROMIUM.exists():
+        subprocess.run([str(REPO / "scripts" / "ensure_chromium.sh")], check=True, timeout=900)
+    assert CHROMIUM.exists(), f"{CHROMIUM} is still missing after ensure_chromium.sh"
+    return CHROMIUM
+
+
+@pytest.fixture
+def dagster_ui(
+    octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path
+) -> Iterator[DagsterDev]:
+    """``dagster dev`` on the example project, with the upstream catalogue partition present."""
+    assert octoai_server.token is not None
+    env = {
+        "OCTOAI_BASE_URL": octoai_server.url,
+        "OCTOAI_TOKEN": octoai_server.token,
+        "EXAMPLE_S3_ENDPOINT_URL": seaweedfs.endpoint_url,
+        "EXAMPLE_S3_BUCKET": s3_bucket,
+        "EXAMPLE_OUTPUT_DIR": str(tmp_path / "output"),
+        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
+        "AWS_REGION": seaweedfs.region,
+    }
+    # A loaded 2-core box can take minutes to start the webserver, daemon and code server.
+    with DagsterDev(
+        module="example_project.definitions", cwd=REPO, env=env, startup_timeout_s=400
+    ) as dev:
+        # The UI test is about product_images; its catalogue record is set up from the CLI.
+        setup = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "asset",
+                "materialize",
+                "-m",
+                "example_project.definitions",
+                "--select",
+                "prompt_catalogue",
+                "--partition",
+                PARTITION,
+            ],
+            cwd=REPO,
+            env={**os.environ, **env, "DAGSTER_HOME": str(dev.dagster_home)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert setup.returncode == 0, setup.stderr[-3000:]
+        yield dev
+
+
+def _graphql(dev: DagsterDev, query: str, **variables: Any) -> dict[str, Any]:
+    answer = httpx.post(
+        f"{dev.url}/graphql", json={"query": query, "variables": variables}, timeout=30
+    )
+    answer.raise_for_status()
+    body: dict[str, Any] = answer.json()
+    assert "errors" not in body, body["errors"]
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+def _wait_for_new_runs_to_finish(dev: DagsterDev, known: int) -> list[dict[str, str]]:
+    """Every run of the instance, once there are more than ``known`` and none is going."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        runs: list[dict[str, str]] = _graphql(dev, _RUNS_QUERY)["runsOrError"]["results"]
+        done = all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs)
+        if len(runs) > known and done:
+            return runs
+        assert time.monotonic() < deadline, f"runs still going after {RUN_TIMEOUT_S}s: {runs}"
+        time.sleep(2)
+
+
+def test_materialize_from_the_ui_shows_thumbnail_and_seed(
+    chromium: Path, dagster_ui: DagsterDev, octoai_server: LocalOctoAIServer
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(f"{dagster_ui.url}/assets/{ASSET}")
+            # First load of a fresh instance asks to join the community.
+            page.get_by_role("button", name="Skip").click()
+
+            runs_before = _graphql(dagster_ui, _RUNS_QUERY)["runsOrError"]["results"]
+            page.locator("button", has_text=re.compile(r"^Materialize")).first.click()
+            # A partitioned asset opens the launch dialog: pick one partition, launch one run.
+            expect(page.get_by_text(f"Launch runs to materialize {ASSET}")).to_be_visible()
+            page.get_by_text("Select a partition or create one").click()
+            page.get_by_title(PARTITION, exact=True).click()
+            page.keyboard.press("Escape")
+            page.get_by_role("button", name="Launch 1 run").click()
+
+            runs = _wait_for_new_runs_to_finish(dagster_ui, len(runs_before))
+            assert len(runs) == len(runs_before) + 1, "the UI did not launch exactly one run"
+            assert all(r["status"] == "SUCCESS" for r in runs), runs
+
+            # What the instance recorded, to compare the page against.
+            asset = _graphql(
+                dagster_ui, _MATERIALIZATION_QUERY, key={"path": [ASSET]}, partition=PARTITION
+            )["assetOrError"]
+            (materialization,) = asset["assetMaterializations"]
+            entries = {e["label"]: e for e in materialization["metadataEntries"]}
+            seeds = json.loads(entries["seeds"]["jsonString"])
+            assert seeds == [1001]  # the example's explicit seed for product_images
+
+            page.reload()
+            page.get_by_role("tab", name="Events").click()
+            expect(page.get_by_text(re.compile("materialized in run")).first).to_be_visible()
+            expect(
+                page.get_by_role("link", name=materialization["runId"][:8]).first
+            ).to_be_visible()
+            seeds_row = page.locator("tr", has=page.locator("td", has_text=re.compile(r"^seeds$")))
+            expect(seeds_row).to_contain_text(str(seeds[0]))
+
+            page.screenshot(path=str(SCREENSHOTS / "materialization.png"))
+            # Long markdown metadata sits behind a "[Show Markdown]" link that opens a dialog.
+            thumbnail_row = page.locator(
+                "tr", has=page.locator("td", has_text=re.compile(r"^thumbnail$"))
+            )
+            show = thumbnail_row.get_by_text("[Show Markdown]")
+            scope = thumbnail_row
+            if show.count():
+                show.click()
+                scope = page.get_by_role("dialog")
+            thumbnail = scope.locator('img[src^="data:image/"]').first
+            expect(thumbnail).to_be_visible()
+            assert thumbnail.get_attribute("alt") == f"seed {seeds[0]}"
+            expect(scope).to_contain_text(f"seed {seeds[0]}")
+            decoded = thumbnail.evaluate(
+                "img => img.complete && img.naturalWidth > 0 && img.naturalHeight > 0"
+            )
+            assert decoded, "the thumbnail's data: URI did not decode in the browser"
+            page.screenshot(path=str(SCREENSHOTS / "thumbnail.png"))
+            # The token the resource was configured with never reaches the page.
+            assert octoai_server.token is not None
+            assert octoai_server.token not in page.content()
+        finally:
+            browser.close()
+    for name in ("materialization.png", "thumbnail.png"):
+        assert (SCREENSHOTS / name).stat().st_size > 10_000
