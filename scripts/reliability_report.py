@@ -68,10 +68,12 @@ NOTES = """
 
 ## Known limits
 
-- A missing bucket or refused S3 credentials are found when the output is stored,
-  after the images were generated and paid for (see the "S3 missing bucket / bad
-  credentials" rows): the error is clear and nothing is written, but the generation
-  is lost. Check the store before a large batch.
+- A missing bucket or refused S3 credentials: with explicit seeds the generation
+  asset first looks for a stored identical result, so the run fails on the store
+  before anything is paid (0 paid generations in those rows). With random seeds
+  nothing reads the store before generating: the clear `StorageError` then comes when
+  the output is stored, after the images were paid for. Check the store before a
+  large random-seed batch.
 - The published OpenAPI schemas express cross-field rules with `allOf`/`anyOf`,
   which schemathesis cannot generate from; the fuzz test drops those blocks so
   schemathesis sends bodies that are valid field by field, and checks that the
