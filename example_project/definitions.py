@@ -17,6 +17,7 @@ from dagster import (
     DefaultScheduleStatus,
     Definitions,
     EnvVar,
+    JobDefinition,
     RunRequest,
     ScheduleEvaluationContext,
     define_asset_job,
@@ -30,8 +31,7 @@ from dagster_octoai.resources import OctoAIResource
 from .async_batch import lifestyle_jobs, lifestyle_shots, lifestyle_shots_sensor
 from .catalogue import prompt_catalogue
 from .contact_sheet import contact_sheet
-from .generation import GROUP as PRODUCTS_GROUP
-from .generation import IMAGES_IO, PRODUCT_ASSETS
+from .generation import GROUP as PRODUCTS_GROUP, IMAGES_IO, PRODUCT_ASSETS
 from .settings import ExampleSettings
 
 settings = ExampleSettings.from_env()
@@ -111,10 +111,31 @@ def build_resources(config: ExampleSettings) -> dict[str, object]:
     return {"octoai": octoai, IMAGES_IO: images, "octoai_ledger": ledger}
 
 
-defs = Definitions(
-    assets=[prompt_catalogue, *PRODUCT_ASSETS, contact_sheet, lifestyle_jobs, lifestyle_shots],
-    jobs=[product_images_job, contact_sheet_job, lifestyle_submit_job, lifestyle_persist_job],
-    schedules=[daily_product_images],
-    sensors=[lifestyle_shots_sensor],
-    resources=build_resources(settings),
-)
+def build_definitions(config: ExampleSettings) -> Definitions:
+    """The project's definitions with resources for ``config`` (tests pass their own)."""
+    return Definitions(
+        assets=[
+            prompt_catalogue,
+            *PRODUCT_ASSETS,
+            contact_sheet,
+            lifestyle_jobs,
+            lifestyle_shots,
+        ],
+        jobs=[product_images_job, contact_sheet_job, lifestyle_submit_job, lifestyle_persist_job],
+        schedules=[daily_product_images],
+        sensors=[lifestyle_shots_sensor],
+        resources=build_resources(config),
+    )
+
+
+defs = build_definitions(settings)
+
+
+def resolved_product_images_job() -> JobDefinition:
+    """``product_images_job`` resolved against ``defs``, for Python APIs that rebuild it per process.
+
+    ``execute_job(reconstructable(resolved_product_images_job), instance, ...)`` runs it
+    under the multiprocess executor: each step process imports this module again and
+    reads the same environment variables.
+    """
+    return defs.get_job_def("product_images_job")

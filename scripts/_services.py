@@ -50,8 +50,14 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def running_services(output_dir: Path) -> Iterator[Services]:
-    """Start the local server (its own process) and SeaweedFS with a bucket; stop both after."""
+def running_services(
+    output_dir: Path, s3_endpoint_url: str | None = None, bucket: str = BUCKET
+) -> Iterator[Services]:
+    """Start the local server (its own process) and SeaweedFS with a bucket; stop both after.
+
+    With ``s3_endpoint_url``, that S3 (credentials from ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY``) and its existing ``bucket`` are used instead of SeaweedFS.
+    """
     from dagster_octoai.server import LocalOctoAIServer, ServerConfig
     from dagster_octoai.testing.seaweedfs import SeaweedFS
 
@@ -64,25 +70,34 @@ def running_services(output_dir: Path) -> Iterator[Services]:
             LocalOctoAIServer(ServerConfig(token=token, replicas=4), mode="process")
         )
         progress(f"OctoAI-compatible server at {server.url}")
-        progress("starting SeaweedFS (S3) on loopback")
-        stack.callback(progress, "stopped SeaweedFS")
-        s3 = stack.enter_context(SeaweedFS())
-        s3.client().create_bucket(Bucket=BUCKET)
-        progress(f"SeaweedFS S3 at {s3.endpoint_url}, bucket s3://{BUCKET}")
+        if s3_endpoint_url is None:
+            progress("starting SeaweedFS (S3) on loopback")
+            stack.callback(progress, "stopped SeaweedFS")
+            s3 = stack.enter_context(SeaweedFS())
+            s3.client().create_bucket(Bucket=bucket)
+            s3_endpoint_url = s3.endpoint_url
+            credentials = (s3.access_key, s3.secret_key, s3.region)
+        else:
+            credentials = (
+                os.environ["AWS_ACCESS_KEY_ID"],
+                os.environ["AWS_SECRET_ACCESS_KEY"],
+                os.environ.get("AWS_REGION", "us-east-1"),
+            )
+        progress(f"S3 at {s3_endpoint_url}, bucket s3://{bucket}")
         yield Services(
             octoai_url=server.url,
-            s3_endpoint_url=s3.endpoint_url,
-            bucket=BUCKET,
+            s3_endpoint_url=s3_endpoint_url,
+            bucket=bucket,
             env={
                 "OCTOAI_BASE_URL": server.url,
                 "OCTOAI_TOKEN": token,
-                "EXAMPLE_S3_ENDPOINT_URL": s3.endpoint_url,
-                "EXAMPLE_S3_BUCKET": BUCKET,
+                "EXAMPLE_S3_ENDPOINT_URL": s3_endpoint_url,
+                "EXAMPLE_S3_BUCKET": bucket,
                 "EXAMPLE_S3_PREFIX": PREFIX,
                 "EXAMPLE_OUTPUT_DIR": str(output_dir),
-                "AWS_ACCESS_KEY_ID": s3.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                "AWS_REGION": s3.region,
+                "AWS_ACCESS_KEY_ID": credentials[0],
+                "AWS_SECRET_ACCESS_KEY": credentials[1],
+                "AWS_REGION": credentials[2],
             },
         )
 

@@ -6,7 +6,7 @@ in a throwaway Dagster instance, checks that the images are in S3 with their met
 and that the contact sheet is a valid PNG, prints the S3 URIs, and stops what it
 started. Exits 0 only when all of that worked.
 
-Usage: python scripts/demo.py [--output-dir .demo]
+Usage: python scripts/demo.py [--output-dir .demo] [--s3-endpoint-url URL --bucket NAME]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _services import PREFIX, REPO, Services, fail, progress, running_services
+from _services import BUCKET, PREFIX, REPO, Services, fail, progress, running_services
 
 #: How long the async batch may take to be submitted, completed and persisted.
 ASYNC_DEADLINE_S = 120.0
@@ -72,8 +72,7 @@ def _run_async_batch(defs: Any, instance: Any) -> int:
     from dagster import SensorResult, build_resources, build_sensor_context
 
     from example_project.async_batch import lifestyle_shots_sensor
-    from example_project.definitions import build_resources as example_resources
-    from example_project.definitions import settings
+    from example_project.definitions import build_resources as example_resources, settings
 
     progress("async batch: submitting lifestyle_jobs")
     _run_job(defs, instance, "lifestyle_submit_job")
@@ -184,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / ".demo",
         help="where the contact sheet is written (default: .demo)",
     )
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help="use this S3 (and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead of "
+        "starting SeaweedFS; the bucket must exist",
+    )
+    parser.add_argument("--bucket", default=BUCKET, help=f"the bucket (default {BUCKET})")
     args = parser.parse_args(argv)
     output_dir: Path = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dagster-octoai-demo-") as tmp:
         os.environ["DAGSTER_HOME"] = str(_throwaway_dagster_home(Path(tmp)))
         try:
-            with running_services(output_dir) as services:
+            with running_services(output_dir, args.s3_endpoint_url, args.bucket) as services:
                 services.apply()
                 from dagster import DagsterInstance
 
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             return fail(f"{type(exc).__name__}: {exc}")
 
-    print("\nImages in S3 (the SeaweedFS server is stopped now; re-run to look again):")
+    print("\nImages in S3 (a SeaweedFS the demo started is stopped now; re-run to look again):")
     for uri in uris:
         print(f"  {uri}")
     print(f"\nContact sheet: {contact_sheet}")
