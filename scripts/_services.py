@@ -62,6 +62,8 @@ def running_services(
     from dagster_octoai.testing.seaweedfs import SeaweedFS
 
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # A shell may start us with SIGINT ignored (a background job); Ctrl-C must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     token = secrets.token_urlsafe(24)
     progress("starting the local OctoAI-compatible server")
     with ExitStack() as stack:
