@@ -59,6 +59,7 @@ def lower_band_mask(size: tuple[int, int], fraction: float = 0.3) -> bytes:
     return buf.getvalue()
 
 
+# --8<-- [start:product_images]
 product_images = octoai_image_asset(
     "product_images",
     {**BASE_REQUEST, "seed": 1001},
@@ -69,7 +70,9 @@ product_images = octoai_image_asset(
     group_name=GROUP,
     description="The product shot: SDXL text-to-image from the catalogue's prompt.",
 )
+# --8<-- [end:product_images]
 
+# --8<-- [start:product_watercolor]
 product_watercolor = octoai_image_asset(
     "product_watercolor",
     {**BASE_REQUEST, "seed": 2002, "strength": 0.55},
@@ -81,6 +84,8 @@ product_watercolor = octoai_image_asset(
     group_name=GROUP,
     description="img2img: the stored product shot restyled as a watercolour, layout kept.",
 )
+
+# --8<-- [end:product_watercolor]
 
 product_controlnet = octoai_image_asset(
     "product_controlnet",
