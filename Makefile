@@ -46,7 +46,7 @@ bench: venv
 	$(PY) -m benchmarks
 
 bench-quick: venv
-	$(PY) -m benchmarks --quick
+	$(PY) -m benchmarks --quick --output .bench-quick
 
 reliability: venv
 	$(PY) scripts/reliability_report.py
