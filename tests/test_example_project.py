@@ -113,7 +113,7 @@ def test_s3_settings_come_from_the_environment() -> None:
 def _persist_async_batch(defs: Definitions, instance: DagsterInstance) -> int:
     """Tick the sensor and run what it requests until the ledger has no open job."""
     sensor = defs.get_sensor_def("lifestyle_shots_sensor")
-    resources = defs.resources
+    resources = defs.resources or {}
     with build_resources({"octoai_ledger": resources["octoai_ledger"]}) as built:
         ledger = built.octoai_ledger.get_ledger()
     cursor: str | None = None
