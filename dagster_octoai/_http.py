@@ -6,6 +6,7 @@ two cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -89,8 +90,11 @@ def resolve_url(base_url: str, url: str) -> str:
     return str(httpx.URL(base_url.rstrip("/") + "/").join(url.lstrip("/")))
 
 
+@functools.lru_cache(maxsize=1024)
 def _where(method: str, url: str) -> str:
     # Path only: the host is in the client's repr and query strings may carry signatures.
+    # Cached: parsing the URL was a tenth of the client's own CPU per call (benchmark P1),
+    # and a client calls the same few generate URLs over and over.
     return f"{method} {httpx.URL(url).path}"
 
 
@@ -444,6 +448,10 @@ def parse_generation(
     response: httpx.Response, where: str, redactor: Redactor, response_id: str | None = None
 ) -> ImageGenerationResponse:
     """A generation body, held to what the official SDK requires of it."""
+    fast = _fast_generation(response)
+    if fast is not None:
+        return fast
+    # The slow path parses again only to name what is wrong with a bad answer.
     body = json_object(response, where, redactor, response_id)
 
     def bad(problem: str) -> ResponseFormatError:
@@ -469,6 +477,30 @@ def parse_generation(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
         )
         raise bad(f"the generation answer is malformed ({problems})") from None
+
+
+def _fast_generation(response: httpx.Response) -> ImageGenerationResponse | None:
+    """The answer parsed straight from the bytes by pydantic, or ``None`` when it is not
+    a well-formed generation body (the caller then finds and names the problem).
+
+    ``model_validate_json`` on the raw bytes is about three times as fast as
+    ``json.loads`` followed by ``model_validate`` (benchmark P1); the checks below are
+    the same ones :func:`parse_generation` makes on the parsed dict.
+    """
+    if "json" not in response.headers.get("Content-Type", "").lower():
+        return None
+    try:
+        result = ImageGenerationResponse.model_validate_json(response.content)
+    except ValidationError:
+        return None
+    if "prediction_time_ms" not in result.model_fields_set:
+        return None
+    for image in result.images:
+        if "removed_for_safety" not in image.model_fields_set:
+            return None
+        if image.image_b64 is None and image.removed_for_safety is not True:
+            return None
+    return result
 
 
 def parse_job(

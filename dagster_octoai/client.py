@@ -22,8 +22,7 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait as wait_futures
 from types import TracebackType
 from typing import Any, Literal, TypeAlias, overload
 
@@ -130,6 +129,12 @@ class _ClientBase:
         self._timeout = _timeout(timeout)
         self._retry = retry if retry is not None else RetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
+        # Built once: the four header sets a call can need (never mutated after this).
+        self._headers = {
+            (async_, json_body): headers(self._token, async_=async_, json_body=json_body)
+            for async_ in (False, True)
+            for json_body in (False, True)
+        }
 
     @property
     def base_url(self) -> str:
@@ -224,6 +229,15 @@ class _ClientBase:
             call.attempts,
             call.elapsed_s,
         )
+
+
+def _build(request: RequestLike, engine: Engine | str | None) -> ImageGenerationRequest:
+    """The validated request; a built one for the same engine is not validated again."""
+    if isinstance(request, ImageGenerationRequest) and (
+        engine is None or request.engine.value == engine or request.engine is engine
+    ):
+        return request
+    return ImageGenerationRequest.build(request, engine=engine)
 
 
 def _label(response_id: str | None) -> str:
@@ -322,7 +336,7 @@ class OctoAIClient(_ClientBase):
     def _send(
         self, call: Call, *, content: bytes | None = None, async_: bool = False
     ) -> httpx.Response:
-        hdrs = headers(self._token, async_=async_, json_body=content is not None)
+        hdrs = self._headers[async_, content is not None]
         while True:
             timeout = call.start_attempt()
             try:
@@ -369,7 +383,7 @@ class OctoAIClient(_ClientBase):
             ...
             dagster_octoai.errors.RequestValidationError: invalid image generation request: steps: ...
         """
-        req = ImageGenerationRequest.build(request, engine=engine)
+        req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = self._send(call, content=req.wire_bytes())
         result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
@@ -500,7 +514,7 @@ class OctoAIClient(_ClientBase):
 
         Bodies over 10 MB are refused before sending (:class:`RequestValidationError`).
         """
-        req = ImageGenerationRequest.build(request, engine=engine)
+        req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
         response = self._send(call, content=body, async_=True)
@@ -690,7 +704,7 @@ class AsyncOctoAIClient(_ClientBase):
     async def _send(
         self, call: Call, *, content: bytes | None = None, async_: bool = False
     ) -> httpx.Response:
-        hdrs = headers(self._token, async_=async_, json_body=content is not None)
+        hdrs = self._headers[async_, content is not None]
         bounded = call.kind == "generate"
         while True:
             timeout = call.start_attempt()
@@ -726,7 +740,7 @@ class AsyncOctoAIClient(_ClientBase):
         self, request: RequestLike, *, engine: Engine | str | None = None
     ) -> ImageGenerationResponse:
         """Generate images and wait for them; see :meth:`OctoAIClient.generate`."""
-        req = ImageGenerationRequest.build(request, engine=engine)
+        req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = await self._send(call, content=req.wire_bytes())
         result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
@@ -846,7 +860,7 @@ class AsyncOctoAIClient(_ClientBase):
 
     async def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
         """Start an async generation; see :meth:`OctoAIClient.submit`."""
-        req = ImageGenerationRequest.build(request, engine=engine)
+        req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
         response = await self._send(call, content=body, async_=True)

@@ -303,8 +303,13 @@ def test_iter_generate_from_an_async_iterable_is_lazy(server: ScriptedServer) ->
 
 
 def test_leaving_iter_generate_early_cancels_in_flight(server: ScriptedServer) -> None:
-    server.script(ok([0]))
-    server.default = Reply(200, generation_body([1]), delay_s=3)
+    # The reply depends on the seed, not on arrival order: the three requests race to
+    # the server, and only seed 0 answers at once.
+    def reply(request: Recorded) -> Reply:
+        seed = request.json()["seed"]
+        return Reply(200, generation_body([seed]), delay_s=0 if seed == 0 else 3)
+
+    server.default = reply
 
     async def body(client: AsyncOctoAIClient) -> int:
         stream = client.iter_generate([{"prompt": "fox", "seed": s} for s in range(10)])
