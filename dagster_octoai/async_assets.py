@@ -42,6 +42,7 @@ from .errors import (
     ServerError,
     TransportError,
 )
+from .io_managers import preflight_store
 from .jobs_ledger import JobLedger, JobRecord, JobState, job_id_for
 from .metadata import generation_metadata
 from .models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
@@ -168,6 +169,7 @@ def octoai_async_submit_asset(
     partitions_def: PartitionsDefinition[Any] | None = None,
     ledger_resource_key: str = "octoai_ledger",
     octoai_resource_key: str = "octoai",
+    io_manager_key: str | None = None,
     max_concurrency: int = 8,
     group_name: str | None = None,
     description: str | None = None,
@@ -179,7 +181,9 @@ def octoai_async_submit_asset(
     asset, partition, submit time) is written before the asset returns, with an
     intent record written before its POST. Jobs already in the ledger for this
     asset, partition and request (an earlier attempt of the same run, or explicit-seed
-    requests already persisted) are not submitted again.
+    requests already persisted) are not submitted again. The image IO manager the
+    results will be stored with is checked first (``preflight``), so a missing bucket or
+    refused credentials fail this asset before any job is paid for.
 
     Args:
         name: Asset name.
@@ -190,6 +194,9 @@ def octoai_async_submit_asset(
         partitions_def: Partitions of this asset (e.g. one per prompt).
         ledger_resource_key: Key of the :class:`JobLedgerResource`.
         octoai_resource_key: Key of the :class:`OctoAIResource`.
+        io_manager_key: The image IO manager of ``results_asset``, checked before
+            submitting. Defaults to ``results_asset``'s own when it is given as an
+            ``AssetsDefinition``; with a name only and no key, nothing is checked.
         max_concurrency: Submissions in flight at once.
         group_name: Asset group.
         description: Asset description.
@@ -205,11 +212,14 @@ def octoai_async_submit_asset(
         if isinstance(results_asset, AssetsDefinition)
         else results_asset
     )
+    if io_manager_key is None and isinstance(results_asset, AssetsDefinition):
+        io_manager_key = results_asset.get_io_manager_key_for_asset_key(results_asset.key)
+    store_keys = set() if io_manager_key is None else {io_manager_key}
 
     @asset(
         name=name,
         partitions_def=partitions_def,
-        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        required_resource_keys={ledger_resource_key, octoai_resource_key, *store_keys},
         group_name=group_name,
         description=description
         or f"Submits OctoAI async jobs whose images are persisted by {target}.",
@@ -217,6 +227,7 @@ def octoai_async_submit_asset(
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
         built = _build_requests(context, requests)
+        preflight_store(context.resources, io_manager_key)
         ledger = _ledger(context, ledger_resource_key)
         client = _octoai(context, octoai_resource_key).client
         ids = _job_ids(context, context.asset_key.to_user_string(), built)
@@ -314,7 +325,7 @@ def octoai_async_results_asset(
     @asset(
         name=name,
         partitions_def=pdef,
-        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        required_resource_keys={ledger_resource_key, octoai_resource_key, io_manager_key},
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images of one OctoAI async job (partition = response id).",
@@ -322,6 +333,7 @@ def octoai_async_results_asset(
     )
     def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         partition = context.partition_key
+        preflight_store(context.resources, io_manager_key)
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
         if record is None:
@@ -449,7 +461,8 @@ def octoai_async_blocking_asset(
     (and, for random seeds, the root run id), so a retried or re-executed run resumes
     the same jobs instead of paying again. Expired or failed jobs are resubmitted with
     the same request up to ``max_resubmits`` times. The output is an :class:`ImageBatch`
-    with each result's ``response_id``, for the image IO manager.
+    with each result's ``response_id``, for the image IO manager, whose store is checked
+    (``preflight``) before anything is submitted.
 
     Examples:
         >>> fox = octoai_async_blocking_asset("fox", [{"prompt": "a red fox", "seed": 7}])
@@ -460,7 +473,7 @@ def octoai_async_blocking_asset(
     @asset(
         name=name,
         partitions_def=partitions_def,
-        required_resource_keys={ledger_resource_key, octoai_resource_key},
+        required_resource_keys={ledger_resource_key, octoai_resource_key, io_manager_key},
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images from OctoAI async jobs, waited for in the run.",
@@ -468,6 +481,7 @@ def octoai_async_blocking_asset(
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         built = _build_requests(context, requests)
+        preflight_store(context.resources, io_manager_key)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()
         ids = _job_ids(context, key, built)

@@ -19,8 +19,9 @@ objects:
 from __future__ import annotations
 
 import re
+import threading
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from dagster import (
@@ -35,7 +36,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from .batch import GenerationResult, ImageBatch, StoredImage
 from .models import ImageGenerationRequest
-from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, WriteReport
+from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, StorageError, WriteReport
 from .storage.layout import normalize_prefix
 from .storage.store import ConvertFormat
 
@@ -64,6 +65,7 @@ class _ImageIOManager(ConfigurableIOManager):
     )
 
     _store: ImageStore | None = PrivateAttr(default=None)
+    _store_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @field_validator("convert_to")
     @classmethod
@@ -80,15 +82,39 @@ class _ImageIOManager(ConfigurableIOManager):
 
     @property
     def store(self) -> ImageStore:
-        """The :class:`ImageStore` of this IO manager (its client is built once)."""
-        if self._store is None:
-            self._store = ImageStore(
-                self._backend(),
-                prefix=normalize_prefix(self.prefix),
-                max_concurrency=self.max_concurrency,
-                convert_to=typing.cast(ConvertFormat | None, self.convert_to),
-            )
-        return self._store
+        """The :class:`ImageStore` of this IO manager.
+
+        Built on first use and kept for the instance's lifetime, so its S3 client (and
+        connection pool) serves every ``handle_output``, ``load_input``,
+        ``find_existing`` and ``preflight`` of the run.
+        """
+        with self._store_lock:
+            if self._store is None:
+                self._store = ImageStore(
+                    self._backend(),
+                    prefix=normalize_prefix(self.prefix),
+                    max_concurrency=self.max_concurrency,
+                    convert_to=typing.cast(ConvertFormat | None, self.convert_to),
+                )
+            return self._store
+
+    def preflight(self) -> None:
+        """Check now that outputs can be stored: the bucket exists and takes these credentials.
+
+        The generation assets call this before sending any request, so a wrong
+        bucket, refused credentials, an unreachable endpoint or an unwritable
+        directory fail the step before an image is paid for. S3 is checked with one
+        ``HeadBucket`` (it writes nothing): an identity that may read the bucket but
+        not write to it is still only found when the output is stored.
+
+        Raises:
+            StorageError: the store cannot be used; the message names the bucket or
+                directory and what is wrong.
+
+        Examples:
+            >>> LocalImageIOManager(base_dir="/tmp/images").preflight()
+        """
+        self.store.backend.check()
 
     # ---- Dagster interface -------------------------------------------------------------
 
@@ -99,7 +125,9 @@ class _ImageIOManager(ConfigurableIOManager):
         report = self.store.write(
             results, asset_key=asset_key, partition_key=partition_key, run_id=context.run_id
         )
-        context.add_output_metadata(_output_metadata(report))
+        # A streamed batch knows its usage only now that it has been generated and stored.
+        late = obj.late_metadata() if isinstance(obj, ImageBatch) else {}
+        context.add_output_metadata({**_output_metadata(report), **late})
 
     def load_input(self, context: InputContext) -> list[StoredImage] | dict[str, list[StoredImage]]:
         asset_key = _input_path(context)
@@ -258,6 +286,32 @@ class LocalImageIOManager(_ImageIOManager):
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def preflight_store(resources: Any, io_manager_key: str | None) -> None:
+    """Run ``preflight()`` of the IO manager at ``io_manager_key``, if it has one.
+
+    What the generation assets call before paying for anything. IO managers without
+    ``preflight`` (Dagster's own) are left alone.
+
+    Raises:
+        StorageError: the image store cannot be used; nothing was generated yet.
+    """
+    if io_manager_key is None:
+        return
+    io_manager = getattr(resources, io_manager_key, None)
+    check: Callable[[], None] | None = getattr(io_manager, "preflight", None)
+    if check is None:
+        return
+    try:
+        check()
+    except StorageError as exc:
+        raise StorageError(
+            f"IO manager {io_manager_key!r} cannot store images, so nothing was generated "
+            f"or paid for: {exc.message}",
+            status_code=exc.status_code,
+        ) from None
+
 
 AddressingStyle = Literal["auto", "path", "virtual"]
 RetryMode = Literal["standard", "adaptive"]

@@ -26,10 +26,14 @@ from dagster_octoai.async_assets import (
     octoai_async_submit_asset,
 )
 from dagster_octoai.errors import RequestValidationError
-from dagster_octoai.io_managers import LocalImageIOManager
+from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
 from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobState
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.storage import StorageError
+from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
+
+__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
 
 TOKEN = "test-token"
 
@@ -171,3 +175,54 @@ def test_the_blocking_asset_resubmits_a_failed_job_then_fails_with_it_recorded(
     assert record.attempts == 2 and len(record.previous_response_ids) == 1
     assert "gave up after 2 submission(s)" in (record.error or "")
     assert _submitted(server) == 2
+
+
+# ---- storage checked before anything is paid for ----------------------------------------
+
+
+def _s3_images(s3: SeaweedFS, bucket: str, **overrides: Any) -> S3ImageIOManager:
+    settings: dict[str, Any] = {
+        "bucket": bucket,
+        "endpoint_url": s3.endpoint_url,
+        "region_name": s3.region,
+        "aws_access_key_id": s3.access_key,
+        "aws_secret_access_key": s3.secret_key,
+        "addressing_style": "path",
+        **overrides,
+    }
+    return S3ImageIOManager(**settings)
+
+
+def test_the_blocking_asset_checks_a_missing_bucket_before_submitting(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    # Random seeds: no reuse lookup could have found the bucket missing on the way.
+    random_seed = [{"prompt": "a heron", "engine": "sd", "steps": 5}]
+    herons = octoai_async_blocking_asset("unstored_herons", random_seed)
+    io = _s3_images(seaweedfs, "no-such-bucket")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        materialize([herons], instance=instance, resources=_resources(server, tmp_path, io))
+    assert _submitted(server) == 0
+    assert server.stats()["paid_generations"] == 0
+    assert list(_ledger(tmp_path).iter_records()) == []
+
+
+def test_the_submit_asset_checks_the_results_assets_store_before_submitting(
+    instance: DagsterInstance,
+    server: LocalOctoAIServer,
+    tmp_path: Path,
+    seaweedfs: SeaweedFS,
+    s3_bucket: str,
+) -> None:
+    results = octoai_async_results_asset("s3_herons", io_manager_key="images")
+    submit = octoai_async_submit_asset("s3_heron_jobs", REQUESTS, results_asset=results)
+    resources = {
+        **_resources(server, tmp_path),
+        "images": _s3_images(seaweedfs, s3_bucket, aws_secret_access_key="not-the-secret"),
+    }
+    with pytest.raises(StorageError, match="S3 refused the credentials") as info:
+        materialize([submit], instance=instance, resources=resources)
+    assert "IO manager 'images'" in str(info.value)
+    assert "not-the-secret" not in str(info.value)
+    assert _submitted(server) == 0
+    assert list(_ledger(tmp_path).iter_records()) == []
