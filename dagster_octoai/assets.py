@@ -15,10 +15,11 @@ large batches restartable one partition at a time.
 import base64
 import io
 import string
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
     AssetKey,
@@ -37,6 +38,7 @@ from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
 from .controlnet import edge_map
 from .errors import RequestValidationError
+from .io_managers import preflight_store
 from .metadata import data_version_for, generation_metadata
 from .models import GeneratedImage, ImageGenerationRequest
 from .resources import OctoAIResource
@@ -44,10 +46,15 @@ from .resources import OctoAIResource
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
 
-__all__ = ["PromptTemplate", "octoai_image_asset"]
+__all__ = ["PromptTemplate", "RequestSource", "octoai_image_asset"]
 
 #: A prompt template: a ``str.format`` string or a function of (partition key, inputs).
 PromptTemplate = str | Callable[[str | None, Mapping[str, Any]], str]
+#: The requests of a streamed asset: a function of (partition key, inputs) returning
+#: each request's fields over the template (dicts or ``ImageGenerationRequest``).
+RequestSource = Callable[
+    [str | None, Mapping[str, Any]], Iterable[Mapping[str, Any] | ImageGenerationRequest]
+]
 
 # Request fields that hold one image, and the prefix for photo-merge sample images.
 _IMAGE_FIELDS = ("init_image", "mask_image", "controlnet_image")
@@ -68,6 +75,7 @@ def octoai_image_asset(
     resource_key: str = "octoai",
     io_manager_key: str | None = None,
     reuse_existing: bool | None = None,
+    requests: RequestSource | None = None,
     checks: bool = True,
     group_name: str | None = None,
     description: str | None = None,
@@ -79,6 +87,13 @@ def octoai_image_asset(
     Each materialization (each partition, when partitioned) sends one request: the
     template, then the run config (an :class:`~dagster_octoai.ImageGenerationConfig`
     the launchpad validates), then the prompt and images filled in at run time.
+
+    With ``requests=``, a materialization sends many requests and **streams** them:
+    every request is validated first, then the output is a lazy ``ImageBatch`` that is
+    generated while the image IO manager stores it, so a batch of hundreds of images
+    uses bounded memory. The usage metadata (``octoai/images``...) is recorded by the
+    IO manager as it stores the batch; the built-in checks are tallied as the images
+    pass and reported after the output is stored.
 
     Args:
         name: The asset's name.
@@ -104,6 +119,12 @@ def octoai_image_asset(
         reuse_existing: Reuse an identical, already stored result instead of paying
             for it again (needs an IO manager with ``find_existing``). ``None``: on for
             requests whose seeds are all explicit (the only ones that can match).
+            Not available with ``requests=`` (a streamed batch always generates).
+        requests: Stream a large batch: a function ``(partition_key, inputs)``
+            returning each request's fields over the template, run config and
+            prompt (e.g. ``[{"prompt": f"frame {i}", "seed": i} for i in range(300)]``).
+            Needs an image IO manager (``io_manager_key``); the output has no data
+            version (the seeds are known only once stored).
         checks: Attach the built-in asset checks (no image removed for safety, sizes
             as requested, every image decodes), evaluated on each materialization.
         group_name: As for ``@asset``.
@@ -129,6 +150,13 @@ def octoai_image_asset(
         >>> foxes.key.path
         ['foxes']
     """
+    if requests is not None and reuse_existing:
+        raise ValueError("reuse_existing: not available with requests= (a streamed batch)")
+    if requests is not None and io_manager_key is None:
+        raise ValueError(
+            "io_manager_key: requests= streams the batch into an image IO manager "
+            "(S3ImageIOManager or LocalImageIOManager); name its resource key"
+        )
     image_map = dict(image_inputs or {})
     in_map = dict(ins or {})
     for field, input_name in image_map.items():
@@ -141,6 +169,9 @@ def octoai_image_asset(
     runtime: dict[str, Any] = {}
     if prompt_template is not None:
         runtime["prompt"] = _example_prompt(prompt_template)
+    elif requests is not None:
+        # Each streamed request may bring its own prompt.
+        runtime["prompt"] = "prompt"
     for field in image_map:
         if field.startswith(_TRANSFER):
             runtime.setdefault("transfer_images", {})[field[len(_TRANSFER) :]] = [_PLACEHOLDER]
@@ -197,21 +228,38 @@ def octoai_image_asset(
                 fill[field] = _first_image(value, field, partition_key)
         if transfer:
             fill["transfer_images"] = {**(template.get("transfer_images") or {}), **transfer}
-        try:
-            req = config.to_request(template, **fill)
-            if local_edge_map and req.controlnet_image is not None:
-                # PNG, not the JPEG a PIL image would become: edges must stay crisp.
-                buf = io.BytesIO()
-                edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
-                req = ImageGenerationRequest.build(
-                    req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
-                )
-        except RequestValidationError as exc:
-            raise Failure(
-                description=f"asset {name!r}: {exc}",
-                metadata={"fields": [e["field"] for e in exc.errors]},
-            ) from None
+
+        def build(extra: Mapping[str, Any], where: str = "") -> ImageGenerationRequest:
+            try:
+                req = config.to_request(template, **{**fill, **extra})
+                if local_edge_map and req.controlnet_image is not None:
+                    # PNG, not the JPEG a PIL image would become: edges must stay crisp.
+                    buf = io.BytesIO()
+                    edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
+                    req = ImageGenerationRequest.build(
+                        req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
+                    )
+            except RequestValidationError as exc:
+                raise Failure(
+                    description=f"asset {name!r}: {where}{exc}",
+                    metadata={"fields": [e["field"] for e in exc.errors]},
+                ) from None
+            return req
+
         octoai: OctoAIResource = getattr(context.resources, resource_key)
+        if requests is not None:
+            items = [_fields(item) for item in requests(partition_key, inputs)]
+            # Every request checked before anything is sent; rebuilt as it is streamed, so
+            # only the (small) field overrides are held, not hundreds of built bodies.
+            expected = sum(
+                build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
+            )
+            preflight_store(context.resources, io_manager_key)
+            yield from _stream(context, octoai, (build(i) for i in items), expected, checks)
+            return
+        req = build({})
+        # A wrong bucket or refused credentials must fail before an image is paid for.
+        preflight_store(context.resources, io_manager_key)
         # Usage is recorded on every materialization, a reuse included (as zero images).
         with octoai.get_client(context) as client:
             result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
@@ -232,6 +280,75 @@ def octoai_image_asset(
             yield from evaluate_image_checks(context.asset_key, batch)
 
     return _generate
+
+
+def _stream(
+    context: AssetExecutionContext,
+    octoai: OctoAIResource,
+    requests: Iterator[ImageGenerationRequest],
+    expected_images: int,
+    checks: bool,
+) -> Iterator[Any]:
+    """Yield a lazy batch that the IO manager generates as it stores, then the checks."""
+    streamed = octoai.stream(context, requests, expected_images=expected_images)
+    tally = _CheckTally(context.asset_key)
+
+    def observed() -> Iterator[GenerationResult]:
+        for result in streamed:
+            if checks:
+                tally.add(result)
+            yield result
+
+    batch = ImageBatch(
+        observed(), expected_images=expected_images, late_metadata=streamed.late_metadata
+    )
+    yield Output(batch, metadata={"streamed": True, "expected_images": expected_images})
+    # Dagster resumes here once the IO manager has stored (and so generated) the batch.
+    if checks:
+        yield from tally.results()
+
+
+class _CheckTally:
+    """The built-in checks over a streamed batch, one result at a time, in bounded memory."""
+
+    def __init__(self, asset_key: AssetKey) -> None:
+        self._key = asset_key
+        self._passed: dict[str, bool] = {}
+        self._severity: dict[str, Any] = {}
+        self._metadata: dict[str, dict[str, Any]] = {}
+
+    def add(self, result: GenerationResult) -> None:
+        for check in evaluate_image_checks(self._key, [result]):
+            name = str(check.check_name)
+            self._passed[name] = self._passed.get(name, True) and check.passed
+            self._severity[name] = check.severity
+            merged = self._metadata.setdefault(name, {})
+            for key, value in check.metadata.items():
+                raw = getattr(value, "value", value)
+                if isinstance(raw, list):
+                    merged[key] = (merged.get(key, []) + raw)[:_CHECK_LIST_MAX]
+                elif isinstance(raw, int):
+                    merged[key] = merged.get(key, 0) + raw
+
+    def results(self) -> Iterator[AssetCheckResult]:
+        for name, passed in self._passed.items():
+            yield AssetCheckResult(
+                asset_key=self._key,
+                check_name=name,
+                passed=passed,
+                severity=self._severity[name],
+                metadata=self._metadata[name],
+            )
+
+
+# The built-in checks list at most this many problems (as checks.py does).
+_CHECK_LIST_MAX = 20
+
+
+def _fields(item: Mapping[str, Any] | ImageGenerationRequest) -> dict[str, Any]:
+    if isinstance(item, ImageGenerationRequest):
+        return item.model_dump(exclude_none=True)
+    return dict(item)
 
 
 def _asset_key(name: str, key_prefix: str | Sequence[str] | None) -> AssetKey:

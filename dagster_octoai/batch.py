@@ -7,7 +7,7 @@ Imports no Dagster: the data flows request -> client -> answer -> :class:`ImageB
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,18 +46,33 @@ class ImageBatch:
     results are produced while the IO manager persists them, so a large batch is
     never held in memory whole; such a batch can be iterated once only.
 
+    ``late_metadata`` gives metadata known only once the batch has been iterated
+    (the usage of a streamed batch, counted as it is generated): the image IO
+    managers add it to the output's metadata after storing the batch.
+
     Examples:
         >>> ImageBatch([]).image_count
         0
+        >>> ImageBatch(iter([]), late_metadata=lambda: {"frames": 0}).late_metadata()
+        {'frames': 0}
     """
 
     def __init__(
-        self, results: Iterable[GenerationResult], *, expected_images: int | None = None
+        self,
+        results: Iterable[GenerationResult],
+        *,
+        expected_images: int | None = None,
+        late_metadata: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._lazy = not isinstance(results, list | tuple)
         self._results: Iterable[GenerationResult] = results if self._lazy else list(results)
         self._consumed = False
+        self._late_metadata = late_metadata
         self.expected_images = expected_images
+
+    def late_metadata(self) -> dict[str, Any]:
+        """Metadata for the output that only the iterated batch can give (empty by default)."""
+        return dict(self._late_metadata()) if self._late_metadata is not None else {}
 
     @property
     def lazy(self) -> bool:

@@ -25,9 +25,10 @@ from dagster import (
     OpExecutionContext,
     RetryRequested,
 )
-from dagster._core.errors import DagsterInvalidPropertyError
+from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr
 
+from .batch import GenerationResult, ImageBatch
 from .client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
 from .errors import RateLimitError
 from .metadata import Usage
@@ -90,6 +91,31 @@ class OctoAISession:
 
         Requests are validated as they are pulled, so a bad one fails before it is sent.
         """
+        for index, _request, response in self._iter(requests, engine, max_concurrency):
+            yield index, response
+
+    def iter_results(
+        self,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+    ) -> Iterator[GenerationResult]:
+        """Generate a batch, yielding a :class:`GenerationResult` as each request completes.
+
+        Results come in completion order (each holds its request), and the requests
+        are pulled as slots free up: at most ``max_concurrency`` answers are held, so
+        this feeds a lazy :class:`ImageBatch` of any size.
+        """
+        for _index, request, response in self._iter(requests, engine, max_concurrency):
+            yield GenerationResult(request, response)
+
+    def _iter(
+        self,
+        requests: Iterable[RequestLike],
+        engine: Engine | str | None,
+        max_concurrency: int | None,
+    ) -> Iterator[tuple[int, ImageGenerationRequest, ImageGenerationResponse]]:
         built: dict[int, ImageGenerationRequest] = {}
 
         def validated() -> Iterator[ImageGenerationRequest]:
@@ -100,8 +126,9 @@ class OctoAISession:
         for index, response in self._client.iter_generate(
             validated(), max_concurrency=max_concurrency
         ):
-            self._record(built.pop(index), response)
-            yield index, response
+            request = built.pop(index)
+            self._record(request, response)
+            yield index, request, response
 
     def generate_many(
         self,
@@ -271,9 +298,80 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
             RetryRequested: the quota is exhausted (429 after the client's retries).
         """
         session = OctoAISession(self.client)
-        try:
+        with self._failures(context, session, retry_on_quota=True):
             yield session
+        _record_usage(context, session.usage, asset_key=asset_key, output_name=output_name)
+
+    def stream(
+        self,
+        context: ExecutionContext,
+        requests: Iterable[RequestLike],
+        *,
+        engine: Engine | str | None = None,
+        max_concurrency: int | None = None,
+        expected_images: int | None = None,
+    ) -> ImageBatch:
+        """A lazy :class:`ImageBatch` generated while the image IO manager stores it.
+
+        The way to make a large batch (hundreds of images) in one asset: return this
+        from the asset. Nothing is sent until the IO manager iterates the batch; then
+        requests go out ``max_concurrency`` at a time and each answer is uploaded as
+        it arrives, so memory stays bounded whatever the batch's size. The usage
+        (``octoai/images``, ``octoai/steps``...) is counted as the batch is generated
+        and added to the output's metadata by the image IO manager once it is stored.
+        Images are indexed in completion order; each manifest record holds its request.
+
+        Validate the requests first if a bad one late in the batch would waste the
+        ones before it: requests are checked as they are pulled.
+        :func:`~dagster_octoai.octoai_image_asset` with ``requests=`` does that.
+
+        Args:
+            context: The asset's context (for the step log).
+            requests: Requests or dicts, pulled lazily (a generator is fine).
+            engine: Engine of requests that do not name one.
+            max_concurrency: Requests in flight; the resource's ``max_concurrency``
+                when unset.
+            expected_images: Shown in the batch's repr; not enforced.
+
+        Returns:
+            A lazy batch for :class:`~dagster_octoai.S3ImageIOManager` or
+            :class:`~dagster_octoai.LocalImageIOManager` (it can be iterated once).
+
+        Examples:
+            .. code-block:: python
+
+                @asset(io_manager_key="images")
+                def frames(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
+                    requests = ({"prompt": f"frame {i}", "seed": i} for i in range(500))
+                    return octoai.stream(context, requests, expected_images=500)
+        """
+        session = OctoAISession(self.client)
+
+        def results() -> Iterator[GenerationResult]:
+            # Runs inside the IO manager's handle_output: a step retry cannot be asked
+            # for from there, so an exhausted quota fails the step like any error.
+            with self._failures(context, session, retry_on_quota=False):
+                yield from session.iter_results(
+                    requests, engine=engine, max_concurrency=max_concurrency
+                )
+
+        return ImageBatch(
+            results(),
+            expected_images=expected_images,
+            late_metadata=lambda: session.usage.to_metadata(),
+        )
+
+    @contextmanager
+    def _failures(
+        self, context: ExecutionContext, session: OctoAISession, *, retry_on_quota: bool
+    ) -> Iterator[None]:
+        """Quota exhausted -> step retry (where Dagster allows it); any failure -> paid count."""
+        try:
+            yield
         except RateLimitError as exc:
+            if not retry_on_quota:
+                _warn_paid(context, session)
+                raise
             wait = (
                 exc.retry_after if exc.retry_after is not None else self.rate_limit_default_wait_s
             )
@@ -285,14 +383,16 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
                 max_retries=self.rate_limit_step_retries, seconds_to_wait=wait
             ) from exc
         except BaseException:
-            usage = session.usage
-            if usage.images:
-                context.log.warning(
-                    f"OctoAI: {usage.images} images were generated (and paid for) before "
-                    "the step failed"
-                )
+            _warn_paid(context, session)
             raise
-        _record_usage(context, session.usage, asset_key=asset_key, output_name=output_name)
+
+
+def _warn_paid(context: ExecutionContext, session: OctoAISession) -> None:
+    usage = session.usage
+    if usage.images:
+        context.log.warning(
+            f"OctoAI: {usage.images} images were generated (and paid for) before the step failed"
+        )
 
 
 def _record_usage(
@@ -310,6 +410,16 @@ def _record_usage(
     except DagsterInvalidPropertyError:
         # A context built for a test and not bound to an invocation holds no outputs.
         context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
+    except DagsterInvariantViolationError:
+        # The block ended after the output was yielded: a lazy ImageBatch generating
+        # inside get_client while the IO manager stores it. Failing here would throw
+        # away images already paid for and stored, so say what was used instead.
+        context.log.warning(
+            f"OctoAI usage of {usage.images} images in {usage.calls} calls could not be "
+            "added to the output's metadata: get_client's block ended after the output "
+            "was yielded. To stream a batch with its usage recorded, return "
+            "octoai.stream(context, requests) instead."
+        )
 
 
 def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) -> str | None:

@@ -27,6 +27,9 @@ from dagster_octoai.batch import ImageBatch
 from dagster_octoai.errors import RequestValidationError
 from dagster_octoai.metadata import MAX_THUMBNAIL_BYTES, data_version_for
 from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.testing.seaweedfs import s3_bucket, seaweedfs
+
+__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
 
 
 @pytest.fixture
@@ -359,3 +362,132 @@ def test_docs_snippets_run(snippet: str, octoai: OctoAIResource) -> None:
     )
     assert result.success
     assert result.get_asset_materialization_events()
+
+
+# ---- storage checked before anything is paid for --------------------------------------
+
+
+def _s3_images(s3: Any, bucket: str, **overrides: Any) -> Any:
+    from dagster_octoai.io_managers import S3ImageIOManager
+
+    settings: dict[str, Any] = {
+        "bucket": bucket,
+        "endpoint_url": s3.endpoint_url,
+        "region_name": s3.region,
+        "aws_access_key_id": s3.access_key,
+        "aws_secret_access_key": s3.secret_key,
+        "addressing_style": "path",
+        **overrides,
+    }
+    return S3ImageIOManager(**settings)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing bucket", r"bucket 'no-such-bucket' does not exist"),
+        ("refused credentials", r"S3 refused the credentials .*aws_secret_access_key"),
+    ],
+)
+def test_bad_image_store_fails_before_a_random_seed_request_is_paid(
+    case: str,
+    message: str,
+    octoai: OctoAIResource,
+    octoai_server: Any,
+    seaweedfs: Any,
+    s3_bucket: str,
+) -> None:
+    from dagster_octoai.storage import StorageError
+
+    # Random seeds: nothing reads the store on the way (no reuse lookup) but the preflight.
+    asset_def = octoai_image_asset(
+        "unstored", {"engine": "sd", "prompt": "a kite", "steps": 3}, io_manager_key="images"
+    )
+    if case == "missing bucket":
+        images = _s3_images(seaweedfs, "no-such-bucket")
+    else:
+        images = _s3_images(seaweedfs, s3_bucket, aws_secret_access_key="wrong-secret-value")
+    before = octoai_server.stats()
+    with pytest.raises(StorageError, match=message) as info:
+        materialize([asset_def], resources={"octoai": octoai, "images": images})
+    assert "nothing was generated or paid for" in str(info.value)
+    assert "IO manager 'images'" in str(info.value)
+    assert "wrong-secret-value" not in str(info.value)
+    assert _stats_delta(octoai_server, before) == {"requests": 0, "images": 0}
+
+
+def test_a_good_image_store_passes_the_preflight_and_stores(
+    octoai: OctoAIResource, octoai_server: Any, seaweedfs: Any, s3_bucket: str
+) -> None:
+    asset_def = octoai_image_asset(
+        "stored", {"engine": "sd", "prompt": "a kite", "steps": 3}, io_manager_key="images"
+    )
+    images = _s3_images(seaweedfs, s3_bucket)
+    before = octoai_server.stats()
+    result = materialize([asset_def], resources={"octoai": octoai, "images": images})
+    assert result.success
+    assert _stats_delta(octoai_server, before) == {"requests": 1, "images": 1}
+    assert len(images.store.read(["stored"], None)) == 1
+
+
+# ---- streaming many requests ----------------------------------------------------------
+
+
+def test_streamed_asset_of_60_images_records_usage_checks_and_persists_all(
+    octoai: OctoAIResource, octoai_server: Any, seaweedfs: Any, s3_bucket: str
+) -> None:
+    count = 60
+    frames = octoai_image_asset(
+        "frames",
+        {"engine": "sd", "steps": 2},
+        prompt_template="a paper boat, frame",
+        requests=lambda partition_key, inputs: [
+            {"prompt": f"a paper boat, frame {i}", "seed": 1000 + i} for i in range(count)
+        ],
+        io_manager_key="images",
+    )
+    images = _s3_images(seaweedfs, s3_bucket)
+    before = octoai_server.stats()
+    result = materialize([frames], resources={"octoai": octoai, "images": images})
+    assert result.success
+    assert _stats_delta(octoai_server, before) == {"requests": count, "images": count}
+    md = {k: v.value for k, v in _mat(result, "frames").metadata.items()}
+    assert md["octoai/images"] == count and md["octoai/calls"] == count
+    assert md["octoai/steps"] == 2 * count and md["octoai/engine"] == "sd"
+    assert md["image_count"] == count and md["streamed"] is True
+    assert md["expected_images"] == count
+    stored = images.store.read(["frames"], None)
+    assert sorted(im.seed for im in stored) == [1000 + i for i in range(count)]
+    assert {im.request.prompt for im in stored} == {
+        f"a paper boat, frame {i}" for i in range(count)
+    }
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(checks) == {
+        "no_images_removed_for_safety",
+        "image_sizes_as_requested",
+        "images_decode",
+    }
+    assert all(c.passed for c in checks.values())
+    assert checks["images_decode"].metadata["checked"].value == count
+
+
+def test_streamed_asset_refuses_a_bad_request_before_sending_any(
+    octoai: OctoAIResource, octoai_server: Any, tmp_path: Any
+) -> None:
+    from dagster import Failure
+
+    from dagster_octoai.io_managers import LocalImageIOManager
+
+    frames = octoai_image_asset(
+        "bad_frames",
+        {"engine": "sd", "steps": 2},
+        requests=lambda pk, inputs: [{"prompt": "ok", "seed": 1}, {"prompt": "x", "steps": 0}],
+        io_manager_key="images",
+    )
+    before = octoai_server.stats()
+    with pytest.raises(Failure, match=r"requests\[1\]: .*steps"):
+        materialize(
+            [frames],
+            resources={"octoai": octoai, "images": LocalImageIOManager(base_dir=str(tmp_path))},
+        )
+    assert _stats_delta(octoai_server, before) == {"requests": 0, "images": 0}

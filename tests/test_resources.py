@@ -202,3 +202,85 @@ def test_retry_requested_makes_dagster_retry_the_step(
     wait = retries[0].event_specific_data.seconds_to_wait
     assert 1 <= wait <= 5  # the server's Retry-After, whole seconds
     assert octoai_server.stats()["rate_limited"] == 1
+
+
+# ---- streaming a large batch ------------------------------------------------------------
+
+
+def _images_io(tmp_path: Any) -> Any:
+    from dagster_octoai.io_managers import LocalImageIOManager
+
+    return LocalImageIOManager(base_dir=str(tmp_path / "images"), prefix="s")
+
+
+def test_stream_generates_while_stored_and_the_io_manager_records_usage(
+    octoai_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster_octoai.batch import GenerationResult, ImageBatch
+
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
+    octoai = OctoAIResource(
+        token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_concurrency=4
+    )
+    count = 24
+    pulled: list[int] = []
+    pulled_at_first_result: list[int] = []
+
+    def requests() -> Iterator[dict[str, Any]]:
+        for i in range(count):
+            pulled.append(i)
+            yield {"engine": "sd", "prompt": f"frame {i}", "seed": 500 + i, "steps": 2}
+
+    @asset(io_manager_key="images")
+    def frames(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
+        streamed = octoai.stream(context, requests(), expected_images=count)
+        assert pulled == []  # nothing is sent before the IO manager iterates the batch
+
+        def watched() -> Iterator[GenerationResult]:
+            for result in streamed:
+                if not pulled_at_first_result:
+                    pulled_at_first_result.append(len(pulled))
+                yield result
+
+        return ImageBatch(watched(), late_metadata=streamed.late_metadata)
+
+    images = _images_io(tmp_path)
+    before = octoai_server.stats()["paid_generations"]
+    result = materialize([frames], resources={"octoai": octoai, "images": images})
+    assert result.success
+    # Requests were pulled as slots freed: the first answer was stored after 4, not all.
+    assert pulled_at_first_result == [4]
+    meta = _metadata(result, "frames")
+    assert meta["octoai/images"] == count and meta["octoai/calls"] == count
+    assert meta["octoai/steps"] == 2 * count
+    assert meta["image_count"] == count
+    assert octoai_server.stats()["paid_generations"] - before == count
+    stored = images.store.read(["frames"], None)
+    assert sorted(im.seed for im in stored) == list(range(500, 500 + count))
+
+
+def test_get_client_inside_a_lazy_batch_no_longer_fails_the_stored_output(
+    octoai: OctoAIResource, tmp_path: Any, instance: DagsterInstance
+) -> None:
+    from dagster_octoai.batch import GenerationResult, ImageBatch
+
+    @asset(io_manager_key="images")
+    def lazy(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
+        def results() -> Iterator[GenerationResult]:
+            with octoai.get_client(context) as client:
+                yield from client.iter_results(
+                    [{"engine": "sd", "prompt": f"x {i}", "seed": i, "steps": 2} for i in range(3)]
+                )
+
+        return ImageBatch(results())
+
+    images = _images_io(tmp_path)
+    result = materialize([lazy], resources={"octoai": octoai, "images": images}, instance=instance)
+    assert result.success
+    assert len(images.store.read(["lazy"], None)) == 3
+    warnings = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.level == 30 and "could not be added" in e.user_message
+    ]
+    assert len(warnings) == 1 and "octoai.stream(context, requests)" in warnings[0]
