@@ -21,6 +21,8 @@ from ..models import ImageGenerationRequest, JobStatus
 
 __all__ = ["Job", "JobStore", "ReplicaPool"]
 
+_SWEEP_INTERVAL_S = 1.0
+
 
 class ReplicaPool:
     """At most ``replicas`` generations at once; the rest wait in arrival order.
@@ -89,6 +91,7 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._ttl_s = ttl_s
         self._on_expire = on_expire
+        self._next_sweep = 0.0
 
     def add(self, request: ImageGenerationRequest, *, fails: bool) -> Job:
         # The hosted service's ids look like "778bbfd58c-hz95k".
@@ -99,11 +102,22 @@ class JobStore:
 
     def get(self, response_id: str) -> Job | None:
         """The job, or ``None`` when unknown or expired (an expired one is forgotten)."""
-        self.sweep()
-        return self._jobs.get(response_id)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self.sweep()
+        job = self._jobs.get(response_id)
+        if job is not None and job.expired(now, self._ttl_s()):
+            del self._jobs[response_id]
+            self._on_expire(1)
+            return None
+        return job
 
     def sweep(self) -> None:
+        """Forget every expired job."""
         now = time.monotonic()
+        # A full sweep on every poll cost 0.8 ms at 10,000 jobs (benchmark P5); the job
+        # asked for is checked on its own above, so sweeping once a second only bounds memory.
+        self._next_sweep = now + _SWEEP_INTERVAL_S
         ttl = self._ttl_s()
         gone = [rid for rid, job in self._jobs.items() if job.expired(now, ttl)]
         for rid in gone:
