@@ -43,6 +43,7 @@ from ._retry import RetryPolicy
 from .errors import (
     DeadlineExceededError,
     JobFailedError,
+    JobNotReadyError,
     OctoAIError,
     RequestValidationError,
 )
@@ -244,8 +245,8 @@ def _label(response_id: str | None) -> str:
     return f" {response_id}" if response_id else ""
 
 
-def _not_ready(job: AsyncJob, result: PollResult) -> OctoAIError:
-    return OctoAIError(
+def _not_ready(job: AsyncJob, result: PollResult) -> JobNotReadyError:
+    return JobNotReadyError(
         f"async job {job.response_id} is {result.raw_status!r}, not completed; "
         "call wait(job) or poll again later",
         response_id=job.response_id,

@@ -24,7 +24,8 @@ OctoAIError
 │   ├── UnprocessableEntityError (422)
 │   ├── RateLimitError (429)
 │   └── ServerError (5xx)
-└── JobFailedError                an async job ended in a failed status
+├── JobFailedError                an async job ended in a failed status
+└── JobNotReadyError              fetching an async job that is not completed yet
 ```
 """
 
@@ -44,6 +45,7 @@ __all__ = [
     "ImageRemovedForSafetyError",
     "JobExpiredError",
     "JobFailedError",
+    "JobNotReadyError",
     "NotFoundError",
     "OctoAIError",
     "PermissionDeniedError",
@@ -205,3 +207,10 @@ class ServerError(APIStatusError):
 
 class JobFailedError(OctoAIError):
     """An async job ended with a ``failed`` status; resubmit it with the same parameters."""
+
+
+class JobNotReadyError(OctoAIError):
+    """An async job was fetched before it completed; ``wait(job)`` or poll again later.
+
+    Nothing is lost: the job goes on running on the server. ``response_id`` names it.
+    """

@@ -650,7 +650,7 @@ def test_wait_completed_without_response_url(server: ScriptedServer, client: Oct
 def test_fetch_of_a_pending_job_says_so(server: ScriptedServer, client: OctoAIClient) -> None:
     server.script(job_reply(server), poll_reply("running"))
     job = client.submit({"prompt": "a fox"})
-    with pytest.raises(errors.OctoAIError, match="'running', not completed"):
+    with pytest.raises(errors.JobNotReadyError, match="'running', not completed"):
         client.fetch(job)
 
 
