@@ -17,7 +17,7 @@ pid if it is still alive.
 Examples:
     >>> with PostgresCluster() as pg:  # doctest: +SKIP
     ...     url = pg.create_database("dagster")
-    ...     url.startswith("postgresql://postgres@127.0.0.1:")
+    ...     url.startswith("postgresql+psycopg2://postgres@127.0.0.1:")
     True
 """
 
@@ -276,14 +276,21 @@ class PostgresCluster:
 
     # ---- databases ----------------------------------------------------------------------------
 
-    def url(self, database: str = "postgres") -> str:
-        """The ``postgresql://`` URL of a database on this cluster."""
+    def dsn(self, database: str = "postgres") -> str:
+        """The libpq connection string (``postgresql://...``) of a database, for psycopg2."""
         if not self.port:
             raise RuntimeError("the cluster is not running; call start() first")
         return f"postgresql://{_SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of a database, naming psycopg2 (what dagster-postgres installs).
+
+        SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3, which Dagster does not need.
+        """
+        return self.dsn(database).replace("postgresql://", "postgresql+psycopg2://", 1)
+
     def create_database(self, name: str) -> str:
-        """Create a database and return its URL.
+        """Create a database and return its SQLAlchemy URL (see :meth:`url`).
 
         Raises:
             ValueError: ``name`` is not a plain lower-case identifier.
@@ -295,7 +302,7 @@ class PostgresCluster:
             )
         import psycopg2  # type: ignore[import-untyped]
 
-        conn = psycopg2.connect(self.url())
+        conn = psycopg2.connect(self.dsn())
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
             with conn.cursor() as cur:

@@ -11,12 +11,14 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dagster_octoai.testing.postgres import PostgresCluster, PostgresUnavailable
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from dagster_octoai.testing.secrets import TokenScanner
 
@@ -82,3 +84,22 @@ def bucket(seaweedfs: SeaweedFS) -> Iterator[str]:
         client.delete_bucket(Bucket=name)
     except Exception as exc:  # a failed clean-up must not hide the test's own result
         logging.getLogger(__name__).warning("could not delete bucket %s: %s", name, exc)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster (installed with apt-get first when missing and root).
+
+    Skips, loudly, only where PostgreSQL can be neither found nor installed.
+    """
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except PostgresUnavailable as exc:
+        reason = f"POSTGRES TESTS SKIPPED: PostgreSQL is unavailable here: {exc}"
+        warnings.warn(reason, stacklevel=1)
+        pytest.skip(reason)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
