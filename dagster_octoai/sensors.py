@@ -135,10 +135,13 @@ class AsyncSensorSettings(BaseModel):
 
     max_concurrent_polls: int = Field(16, ge=1, le=256, description="Polls in flight at once.")
     tick_time_budget_s: float = Field(
-        40.0,
+        25.0,
         gt=0,
         le=50,
-        description="No new poll starts after this; Dagster times a tick out at 60 s.",
+        description=(
+            "No new poll starts after this; Dagster times a tick out at 60 s, and the polls "
+            "still in flight and the run requests need time after it."
+        ),
     )
     max_resubmits: int = Field(
         2,
@@ -424,7 +427,8 @@ class AsyncJobTicker:
                 changes["running_since"] = now
         warning = warning or self._expiry_warning(record, now)
         if self._worth_writing(record, changes, now):
-            self.ledger.save(record.evolve(**changes))
+            # The tick came here through this record's open marker: no need to write it again.
+            self.ledger.save(record.evolve(**changes), marker_exists=True)
         return _Outcome(kind, record, warning=warning)
 
     def _worth_writing(self, record: JobRecord, changes: Mapping[str, Any], now: datetime) -> bool:
@@ -627,7 +631,7 @@ def octoai_async_sensor(
     octoai_resource_key: str = "octoai",
     minimum_interval_seconds: int = 30,
     max_concurrent_polls: int = 16,
-    tick_time_budget_s: float = 40.0,
+    tick_time_budget_s: float = 25.0,
     max_resubmits: int = 2,
     max_persist_runs: int = 3,
     result_ttl_s: float = 24 * 3600.0,
