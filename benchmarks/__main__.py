@@ -52,7 +52,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="re-render the page from OUTPUT/benchmarks.json without running anything",
     )
     parser.add_argument(
-        "--reps", type=int, default=None, help="repetitions per scenario (default 3; quick: 2)"
+        "--reps", type=int, default=None, help="repetitions per scenario (default 3; quick: 1)"
     )
     args = parser.parse_args(argv)
     wanted = [s.strip().upper() for s in args.only.split(",") if s.strip()]
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report_only:
         return _rerender(args.output)
-    settings = Settings(quick=args.quick, reps=args.reps or (2 if args.quick else 3))
+    settings = Settings(quick=args.quick, reps=args.reps or (1 if args.quick else 3))
     # Dagster's per-event INFO lines would bury the progress lines.
     logging.getLogger("dagster").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -117,9 +117,10 @@ def _run_one(sid: str, settings: Settings) -> list[Row]:
     produced = run(settings)
     for row in produced:
         verdict = {True: "pass", False: "MISS", None: "-"}[row.passed]
+        target = "none" if row.target is None else f"{row.comparison} {row.target}"
         print(
             f"    {row.id}: {row.median:.3g} {row.unit} (min {row.low:.3g}, "
-            f"max {row.high:.3g}) target {row.comparison} {row.target} -> {verdict}",
+            f"max {row.high:.3g}) target {target} -> {verdict}",
             flush=True,
         )
     print(f"    {sid} took {time.perf_counter() - t0:.0f} s", flush=True)

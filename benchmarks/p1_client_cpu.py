@@ -110,7 +110,7 @@ def _measure(
 
 
 def run(settings: Settings) -> list[Row]:
-    count = settings.n(500, 20)
+    count = settings.n(500, 10)
     reps = settings.reps
     with octoai_server() as server:
         sdxl = _measure(server.url, "sdxl", ["product", "httpx", "sdk"], count, reps)

@@ -78,7 +78,7 @@ def _persist_raw(client: Any, bucket: str, blobs: list[bytes], key: str) -> floa
 
 
 def run(settings: Settings) -> list[Row]:
-    count = settings.n(200, 6)
+    count = settings.n(200, 4)
     with octoai_server(detail=DETAIL, replicas=4) as server, seaweedfs() as s3:
         with OctoAIClient(TOKEN, base_url=server.url, max_concurrency=4) as client:
             requests = big_image_requests(count, "p3")

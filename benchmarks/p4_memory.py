@@ -41,7 +41,7 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(settings: Settings) -> list[Row]:
-    count = settings.n(1000, 6)
+    count = settings.n(1000, 3)
     reps = 1
     outcomes: list[dict[str, Any]] = []
     with octoai_server(detail=1.0, replicas=4) as server, seaweedfs() as s3:

@@ -4,7 +4,7 @@ The jobs are real: the product's submit asset (``octoai_async_submit_asset``,
 8 submissions in flight) POSTs 10,000 async requests to the local server and records
 each in a ``JobLedgerResource`` on a local directory (fsync on, the default); the
 server keeps them all ``pending`` (``async_queue_delay_s`` of an hour). Then the real
-sensor (``octoai_async_sensor``, default settings: 16 polls in flight, a 40 s tick
+sensor (``octoai_async_sensor``, default settings: 16 polls in flight, a 25 s tick
 budget) is evaluated tick after tick with ``build_sensor_context`` on a sqlite
 ``DagsterInstance``, carrying its cursor, as the daemon would. Each tick's wall time
 and cursor size are recorded, and which jobs it reached (the tick report's
@@ -41,7 +41,7 @@ def _requests(count: int) -> list[dict[str, Any]]:
 
 
 def run(settings: Settings) -> list[Row]:
-    count = settings.n(10_000, 60)
+    count = settings.n(10_000, 30)
     tick_s: list[float] = []
     cursor_bytes: list[int] = []
     reached: list[int] = []

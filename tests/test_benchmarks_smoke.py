@@ -42,7 +42,9 @@ def test_quick_run_writes_a_row_and_a_figure_per_scenario(tmp_path: Path) -> Non
         assert row["samples"], row["id"]
         assert all(isinstance(v, int | float) and math.isfinite(v) for v in row["samples"])
         assert row["min"] <= row["median"] <= row["max"]
-        assert row["target"] is not None and row["figure"] and row["unit"]
+        assert row["figure"] and row["unit"]
+        # Only an informational row (e.g. P6-assets) has no target, and so no verdict.
+        assert row["target"] is not None or row["passed"] is None, row["id"]
         # The non-timing checks are real even at small counts.
         assert all(row["checks"].values()), (row["id"], row["checks"])
 
