@@ -138,4 +138,4 @@ def resolved_product_images_job() -> JobDefinition:
     under the multiprocess executor: each step process imports this module again and
     reads the same environment variables.
     """
-    return defs.get_job_def("product_images_job")
+    return defs.resolve_job_def("product_images_job")

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}
 
 
 def _run_job(defs: Any, instance: Any, name: str, **kwargs: Any) -> Any:
-    result = defs.get_job_def(name).execute_in_process(
+    result = defs.resolve_job_def(name).execute_in_process(
         instance=instance, run_config=QUIET_RUN_CONFIG, **kwargs
     )
     if not result.success:
@@ -52,7 +53,7 @@ def _run_job(defs: Any, instance: Any, name: str, **kwargs: Any) -> Any:
 
 
 def _materialize_products(defs: Any, instance: Any) -> None:
-    job = defs.get_job_def("product_images_job")
+    job = defs.resolve_job_def("product_images_job")
     for product in job.partitions_def.get_partition_keys():
         progress(f"product {product}: catalogue, SDXL shot, img2img, ControlNet, inpainting")
         result = _run_job(defs, instance, "product_images_job", partition_key=product)
@@ -176,6 +177,11 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dagster import BetaWarning, PreviewWarning
+
+    # The demo prints its own progress; Dagster's notes on its beta APIs are noise here.
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--output-dir",

@@ -96,7 +96,7 @@ def test_definitions_load_with_local_defaults() -> None:
         assert f"{asset}:images_decode" in checks
     assert defs.get_schedule_def("daily_product_images").cron_schedule == "0 6 * * *"
     assert defs.get_sensor_def("lifestyle_shots_sensor") is not None
-    job = defs.get_job_def("product_images_job")
+    job = defs.resolve_job_def("product_images_job")
     assert job.partitions_def is not None
     assert list(job.partitions_def.get_partition_keys()) == list(PRODUCTS)
 
@@ -130,7 +130,7 @@ def _persist_async_batch(defs: Definitions, instance: DagsterInstance) -> int:
                 partitions.partitions_def_name, list(partitions.partition_keys)
             )
         for request in result.run_requests or []:
-            run = defs.get_job_def("lifestyle_persist_job").execute_in_process(
+            run = defs.resolve_job_def("lifestyle_persist_job").execute_in_process(
                 instance=instance,
                 partition_key=request.partition_key,
                 tags=request.tags,
@@ -148,7 +148,7 @@ def test_example_runs_end_to_end(
 ) -> None:
     server, env = example_env
     defs = build_definitions(ExampleSettings.from_env(env))
-    job = defs.get_job_def("product_images_job")
+    job = defs.resolve_job_def("product_images_job")
     with instance_for_test() as instance:
         for product in PRODUCTS:
             result = job.execute_in_process(
@@ -158,13 +158,13 @@ def test_example_runs_end_to_end(
             assert all(e.passed for e in result.get_asset_check_evaluations())
         assert server.stats()["paid_generations"] == 4 * len(PRODUCTS)
 
-        submit = defs.get_job_def("lifestyle_submit_job").execute_in_process(
+        submit = defs.resolve_job_def("lifestyle_submit_job").execute_in_process(
             instance=instance, run_config=QUIET
         )
         assert submit.success
         assert _persist_async_batch(defs, instance) == len(PRODUCTS)
 
-        sheet = defs.get_job_def("contact_sheet_job").execute_in_process(
+        sheet = defs.resolve_job_def("contact_sheet_job").execute_in_process(
             instance=instance, run_config=QUIET
         )
         assert sheet.success
@@ -271,9 +271,10 @@ def test_demo_script_succeeds(seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Pa
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     images = _image_keys(_keys(seaweedfs, s3_bucket))
-    assert len(images) == 4 * len(PRODUCTS) + len(PRODUCTS)  # + the async lifestyle shots
+    # Four product assets per product, plus one async lifestyle shot per product.
+    assert len(images) == 5 * len(PRODUCTS), (images, demo.stdout[-3000:])
     for key in images:
-        assert f"s3://{s3_bucket}/{key}" in demo.stdout
+        assert f"s3://{s3_bucket}/{key}" in demo.stdout, (key, demo.stdout[-3000:])
     head = seaweedfs.client().head_object(Bucket=s3_bucket, Key=images[0])
     assert {"seed", "engine", "request-fingerprint"} <= set(head["Metadata"])
     png = (out / "contact_sheet.png").read_bytes()
