@@ -7,7 +7,6 @@ accepts is one the server accepts, and the other way round.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import enum
 import hashlib
@@ -687,6 +686,28 @@ def validation_error(exc: ValidationError) -> RequestValidationError:
 # ---- answers ---------------------------------------------------------------------------
 
 
+def _load_pybase64() -> Any:
+    try:
+        import pybase64
+    except ImportError:  # optional: the standard library decodes the same bytes, slower
+        return None
+    return pybase64
+
+
+_pybase64: Any = _load_pybase64()
+
+
+def _b64decode(value: str) -> bytes:
+    """Strict base64 decode (any character outside the alphabet raises ``binascii.Error``).
+
+    pybase64 (SIMD) when installed: CPython's decoder runs at about 100 MB/s on a
+    busy 2-core box, about a third of the client's CPU per SDXL answer (benchmark P1).
+    """
+    if _pybase64 is not None:
+        return bytes(_pybase64.b64decode(value, validate=True))
+    return binascii.a2b_base64(value, strict_mode=True)
+
+
 class GeneratedImage(BaseModel):
     """One image of an answer. A blocked image has ``image_b64=None`` and ``removed_for_safety``.
 
@@ -716,7 +737,7 @@ class GeneratedImage(BaseModel):
                     f"image with seed {self.seed} was removed for safety; it has no bytes"
                 )
             try:
-                raw = base64.b64decode(self.image_b64, validate=True)
+                raw = _b64decode(self.image_b64)
             except (binascii.Error, ValueError) as exc:
                 raise ImageDecodeError(
                     f"image with seed {self.seed}: invalid base64 ({exc})"
