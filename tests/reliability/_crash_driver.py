@@ -1,7 +1,8 @@
 """Materialize an async asset in this process and SIGKILL it at a chosen point.
 
-Run by test_restarts.py as a subprocess. ``CRASH_AT=<point>:<n>`` kills the process
-the n-th time it reaches ``point``; without it the run goes to the end. Points:
+Run by test_restarts.py in a child forked from the suite's fork server
+(:func:`run_case`). ``crash_at="<point>:<n>"`` kills the process the n-th time it
+reaches ``point``; without it the run goes to the end. Points:
 ``after_submit`` (the service accepted a job, the ledger does not know its id yet),
 ``mid_poll`` (a poll was answered), ``mid_fetch`` (a result was downloaded, nothing
 stored), ``mid_upload`` (some images are in S3, no manifest) and ``before_manifest``
@@ -10,12 +11,9 @@ stored), ``mid_upload`` (some images are in S3, no manifest) and ``before_manife
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
@@ -26,6 +24,8 @@ from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.jobs_ledger import JobLedgerResource
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.storage import S3Backend
+
+from ._children import NOT_REACHED, kill_at, redirect_output, write_result
 
 REQUESTS = [
     {
@@ -39,47 +39,37 @@ REQUESTS = [
 ]
 
 
-def _crash_after(owner: Any, name: str, point: str, nth: int, when: Callable[..., bool]) -> None:
-    original = getattr(owner, name)
-    seen = 0
-
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        nonlocal seen
-        if point == "before_manifest" and when(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = original(*args, **kwargs)
-        if when(*args, **kwargs):
-            seen += 1
-            if seen == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    setattr(owner, name, wrapper)
-
-
 def _install(crash_at: str) -> None:
     point, _, n = crash_at.partition(":")
     nth = int(n or 1)
-    always: Callable[..., bool] = lambda *a, **k: True  # noqa: E731
-    is_image: Callable[..., bool] = lambda self, key, *a, **k: not key.endswith("manifest.json")  # noqa: E731
-    is_manifest: Callable[..., bool] = lambda self, key, *a, **k: key.endswith("manifest.json")  # noqa: E731
-    hooks = {
-        "after_submit": (OctoAIClient, "submit", always),
-        "mid_poll": (OctoAIClient, "_poll", always),
-        "mid_fetch": (OctoAIClient, "_fetch_url", always),
-        "mid_upload": (S3Backend, "put", is_image),
-        "before_manifest": (S3Backend, "put", is_manifest),
+
+    def is_image(self: Any, key: str, *a: Any, **k: Any) -> bool:
+        return not key.endswith("manifest.json")
+
+    def is_manifest(self: Any, key: str, *a: Any, **k: Any) -> bool:
+        return key.endswith("manifest.json")
+
+    hooks: dict[str, tuple[Any, str, dict[str, Any]]] = {
+        "after_submit": (OctoAIClient, "submit", {"nth": nth}),
+        "mid_poll": (OctoAIClient, "_poll", {"nth": nth}),
+        "mid_fetch": (OctoAIClient, "_fetch_url", {"nth": nth}),
+        "mid_upload": (S3Backend, "put", {"nth": nth, "when": is_image}),
+        "before_manifest": (S3Backend, "put", {"before": True, "when": is_manifest}),
     }
-    owner, name, when = hooks[point]
-    _crash_after(owner, name, point, nth, when)
+    owner, name, options = hooks[point]
+    kill_at(owner, name, **options)
 
 
-def main() -> int:
-    crash_at = os.environ.get("CRASH_AT")
+def run_case(env: dict[str, str], crash_at: str | None, log_path: str, result_path: str) -> None:
+    """In a forked child: set the environment, maybe arm a crash point, materialize."""
+    redirect_output(log_path)
+    os.environ.update(env)
     if crash_at:
         _install(crash_at)
-    env = os.environ
+    sys.exit(_materialize(os.environ, result_path, crash_at))
+
+
+def _materialize(env: Mapping[str, str], result_path: str, crash_at: str | None) -> int:
     asset = octoai_async_blocking_asset(
         "tide_pools", REQUESTS, io_manager_key="images", max_concurrency=1, wait_timeout_s=60
     )
@@ -102,9 +92,5 @@ def main() -> int:
         result = dg.materialize([asset], resources=resources, instance=instance)
         [event] = result.get_asset_materialization_events()
         meta = {k: v.value for k, v in event.materialization.metadata.items()}
-    print(json.dumps({"resumed": meta["resumed"], "jobs": meta["jobs"]}))
-    return 3 if crash_at else 0  # a crash point that was never reached is a test failure
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_result(result_path, {"resumed": meta["resumed"], "jobs": meta["jobs"]})
+    return NOT_REACHED if crash_at else 0

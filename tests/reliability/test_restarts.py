@@ -2,18 +2,18 @@
 
 Each case runs ``_crash_driver.py`` (an ``octoai_async_blocking_asset`` of 4 jobs x 2
 images writing to SeaweedFS through a job ledger, on a persistent Dagster instance) in
-a subprocess that kills itself at a deterministic point, then runs it again to the
-end, then once more to show that a re-run reuses what was persisted.
+a child process that kills itself at a deterministic point, then runs it again to the
+end, then once more to show that a re-run reuses what was persisted. The children
+are forked from the suite's fork server (``_children.py``), which imported Dagster once.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +22,10 @@ from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from dagster_octoai.testing.secrets import TokenScanner
 
+from ._children import run_child
+from ._crash_driver import run_case
 from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems
 
-DRIVER = Path(__file__).with_name("_crash_driver.py")
 JOBS, IMAGES_PER_JOB = 4, 2
 TOTAL = JOBS * IMAGES_PER_JOB
 
@@ -37,18 +38,21 @@ POINTS = {
 }
 
 
-def _run(env: dict[str, str], crash_at: str | None) -> subprocess.CompletedProcess[str]:
-    run_env = {k: v for k, v in env.items() if k != "CRASH_AT"}
-    if crash_at:
-        run_env["CRASH_AT"] = crash_at
-    return subprocess.run(
-        [sys.executable, str(DRIVER)],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+@dataclass
+class Outcome:
+    """How a child ended, what it printed and logged, and its result (if it finished)."""
+
+    code: int
+    log: str
+    result: dict[str, Any] | None
+
+
+def _run(env: dict[str, str], crash_at: str | None, workdir: Path, name: str) -> Outcome:
+    log_path, result_path = workdir / f"{name}.log", workdir / f"{name}.json"
+    code = run_child(run_case, env, crash_at, str(log_path), str(result_path), timeout=240)
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    return Outcome(code, log, result)
 
 
 @pytest.mark.slow
@@ -68,7 +72,6 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
     ledger_dir = tmp_path / "ledger"
     with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as server:
         env = {
-            **os.environ,
             "DAGSTER_HOME": str(home),
             "OCTOAI_TOKEN": LEAK_TOKEN,
             "OCTOAI_URL": server.url,
@@ -77,21 +80,20 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
             "S3_ENDPOINT": seaweedfs.endpoint_url,
             "S3_KEY": seaweedfs.access_key,
             "S3_SECRET": seaweedfs.secret_key,
-            "PYTHONPATH": os.pathsep.join(sys.path),
         }
-        crashed = _run(env, POINTS[point])
-        assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+        crashed = _run(env, POINTS[point], tmp_path, "crashed")
+        assert crashed.code == -signal.SIGKILL, crashed.log[-3000:]
         paid_at_crash = server.stats()["paid_generations"]
 
-        resumed = _run(env, None)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        resumed = _run(env, None, tmp_path, "resumed")
+        assert resumed.code == 0, resumed.log[-3000:]
         paid_after_resume = server.stats()["paid_generations"]
 
         # One point is enough to show a re-run reusing what was persisted (each run is a
         # fresh Python process: seconds on a busy 2-core box).
-        rerun = _run(env, None) if point == "mid_upload" else None
+        rerun = _run(env, None, tmp_path, "rerun") if point == "mid_upload" else None
         if rerun is not None:
-            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            assert rerun.code == 0, rerun.log[-3000:]
         paid_after_rerun = server.stats()["paid_generations"]
 
     client = seaweedfs.client()
@@ -103,10 +105,10 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
     records = list(JobLedger(LocalLedgerStore(ledger_dir)).iter_records())
     assert len(records) == JOBS and {r.state for r in records} == {JobState.PERSISTED}
     # The resumed run picked up the jobs the crashed one had submitted.
-    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed"] >= 1
+    assert resumed.result is not None and resumed.result["resumed"] >= 1
     if rerun is not None:
         # Re-running pays nothing: every job is resumed from the ledger.
-        assert json.loads(rerun.stdout.strip().splitlines()[-1])["resumed"] == JOBS
+        assert rerun.result is not None and rerun.result["resumed"] == JOBS
     assert paid_after_rerun == paid_after_resume
     # Only a job accepted by the service whose id the killed process never recorded
     # is paid twice (the API cannot look a job up without its id).
@@ -115,7 +117,7 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
 
     leaks = scanner.scan_files(home) + scanner.scan_files(ledger_dir)
     for proc in (p for p in (crashed, resumed, rerun) if p is not None):
-        leaks += scanner.scan_text(proc.stdout + proc.stderr, f"driver output ({point})")
+        leaks += scanner.scan_text(proc.log, f"driver output ({point})")
     s3_leaks, _ = scanner.scan_s3(client, bucket)
     assert leaks == [] and s3_leaks == []
     figures.record(
