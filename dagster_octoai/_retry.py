@@ -38,16 +38,24 @@ class RetryPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_attempts: int = Field(5, ge=1, description="Total attempts per HTTP call (1 = no retry).")
-    initial_backoff_s: float = Field(
-        0.5, ge=0, description="Backoff base: the n-th retry waits up to initial * 2**n seconds."
+    max_attempts: int = Field(
+        default=5, ge=1, description="Total attempts per HTTP call (1 = no retry)."
     )
-    max_backoff_s: float = Field(20.0, ge=0, description="Cap on one backoff wait, seconds.")
+    initial_backoff_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="Backoff base: the n-th retry waits up to initial * 2**n seconds.",
+    )
+    max_backoff_s: float = Field(
+        default=20.0, ge=0, description="Cap on one backoff wait, seconds."
+    )
     max_retry_after_s: float = Field(
-        60.0, ge=0, description="Longest Retry-After honoured; a longer one ends the retries."
+        default=60.0,
+        ge=0,
+        description="Longest Retry-After honoured; a longer one ends the retries.",
     )
     deadline_s: float | None = Field(
-        600.0,
+        default=600.0,
         gt=0,
         description="Overall deadline of one call, all attempts and waits; None = none.",
     )

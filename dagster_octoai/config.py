@@ -77,55 +77,62 @@ class ImageGenerationConfig(Config):
     #: template, images from upstream assets), so validation can judge the rest.
     runtime_fields: ClassVar[Mapping[str, Any]] = {}
 
-    engine: EngineName | None = Field(None, description=_describe("engine"))
-    prompt: str | None = Field(None, description=_describe("prompt"))
-    prompt_2: str | None = Field(None, description=_describe("prompt_2"))
-    negative_prompt: str | None = Field(None, description=_describe("negative_prompt"))
-    negative_prompt_2: str | None = Field(None, description=_describe("negative_prompt_2"))
-    cfg_scale: float | None = Field(None, description=_describe("cfg_scale"))
-    steps: int | None = Field(None, description=_describe("steps"))
-    num_images: int | None = Field(None, description=_describe("num_images"))
-    seed: int | None = Field(None, description="One seed, 0 <= seed < 2**32; unset = random.")
+    engine: EngineName | None = Field(default=None, description=_describe("engine"))
+    prompt: str | None = Field(default=None, description=_describe("prompt"))
+    prompt_2: str | None = Field(default=None, description=_describe("prompt_2"))
+    negative_prompt: str | None = Field(default=None, description=_describe("negative_prompt"))
+    negative_prompt_2: str | None = Field(default=None, description=_describe("negative_prompt_2"))
+    cfg_scale: float | None = Field(default=None, description=_describe("cfg_scale"))
+    steps: int | None = Field(default=None, description=_describe("steps"))
+    num_images: int | None = Field(default=None, description=_describe("num_images"))
+    seed: int | None = Field(
+        default=None, description="One seed, 0 <= seed < 2**32; unset = random."
+    )
     seeds: list[int | None] | None = Field(
-        None, description="One seed (or null for random) per image; needs num_images to match."
+        default=None,
+        description="One seed (or null for random) per image; needs num_images to match.",
     )
-    sampler: Sampler | None = Field(None, description=_describe("sampler"))
-    width: int | None = Field(None, description=_describe("width"))
-    height: int | None = Field(None, description=_describe("height"))
-    style_preset: str | None = Field(None, description=_describe("style_preset"))
-    use_refiner: bool | None = Field(None, description=_describe("use_refiner"))
-    high_noise_frac: float | None = Field(None, description=_describe("high_noise_frac"))
-    checkpoint: str | None = Field(None, description=_describe("checkpoint"))
-    vae: str | None = Field(None, description=_describe("vae"))
-    loras: dict[str, float] | None = Field(None, description=_describe("loras"))
+    sampler: Sampler | None = Field(default=None, description=_describe("sampler"))
+    width: int | None = Field(default=None, description=_describe("width"))
+    height: int | None = Field(default=None, description=_describe("height"))
+    style_preset: str | None = Field(default=None, description=_describe("style_preset"))
+    use_refiner: bool | None = Field(default=None, description=_describe("use_refiner"))
+    high_noise_frac: float | None = Field(default=None, description=_describe("high_noise_frac"))
+    checkpoint: str | None = Field(default=None, description=_describe("checkpoint"))
+    vae: str | None = Field(default=None, description=_describe("vae"))
+    loras: dict[str, float] | None = Field(default=None, description=_describe("loras"))
     textual_inversions: dict[str, str] | None = Field(
-        None, description=_describe("textual_inversions")
+        default=None, description=_describe("textual_inversions")
     )
-    init_image: str | None = Field(None, description=_describe("init_image", _IMAGE_HELP))
-    mask_image: str | None = Field(None, description=_describe("mask_image", _IMAGE_HELP))
-    strength: float | None = Field(None, description=_describe("strength"))
-    outpainting: bool | None = Field(None, description=_describe("outpainting"))
-    inpaint_full_res: bool | None = Field(None, description=_describe("inpaint_full_res"))
+    init_image: str | None = Field(default=None, description=_describe("init_image", _IMAGE_HELP))
+    mask_image: str | None = Field(default=None, description=_describe("mask_image", _IMAGE_HELP))
+    strength: float | None = Field(default=None, description=_describe("strength"))
+    outpainting: bool | None = Field(default=None, description=_describe("outpainting"))
+    inpaint_full_res: bool | None = Field(default=None, description=_describe("inpaint_full_res"))
     inpaint_full_res_padding: int | None = Field(
-        None, description=_describe("inpaint_full_res_padding")
+        default=None, description=_describe("inpaint_full_res_padding")
     )
     transfer_images: dict[str, list[str]] | None = Field(
-        None, description=_describe("transfer_images", _IMAGE_HELP)
+        default=None, description=_describe("transfer_images", _IMAGE_HELP)
     )
-    controlnet: str | None = Field(None, description=_describe("controlnet"))
+    controlnet: str | None = Field(default=None, description=_describe("controlnet"))
     controlnet_image: str | None = Field(
-        None, description=_describe("controlnet_image", _IMAGE_HELP)
+        default=None, description=_describe("controlnet_image", _IMAGE_HELP)
     )
     controlnet_conditioning_scale: float | None = Field(
-        None, description=_describe("controlnet_conditioning_scale")
+        default=None, description=_describe("controlnet_conditioning_scale")
     )
     controlnet_early_stop: float | None = Field(
-        None, description=_describe("controlnet_early_stop")
+        default=None, description=_describe("controlnet_early_stop")
     )
-    controlnet_preprocess: bool | None = Field(None, description=_describe("controlnet_preprocess"))
-    clip_skip: int | None = Field(None, description=_describe("clip_skip"))
-    image_encoding: ImageEncoding | None = Field(None, description=_describe("image_encoding"))
-    log_prompt: bool | None = Field(None, description=_describe("log_prompt"))
+    controlnet_preprocess: bool | None = Field(
+        default=None, description=_describe("controlnet_preprocess")
+    )
+    clip_skip: int | None = Field(default=None, description=_describe("clip_skip"))
+    image_encoding: ImageEncoding | None = Field(
+        default=None, description=_describe("image_encoding")
+    )
+    log_prompt: bool | None = Field(default=None, description=_describe("log_prompt"))
 
     def overrides(self) -> dict[str, Any]:
         """The fields set in this config, in the request model's terms."""

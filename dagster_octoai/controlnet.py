@@ -14,8 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageFilter
 
-from .images import ImageInput
-from .images import to_base64 as _to_base64
+from .images import ImageInput, to_base64 as _to_base64
 
 __all__ = ["edge_map"]
 

@@ -111,8 +111,10 @@ class JobRecord(BaseModel):
     request: dict[str, Any]
     request_fingerprint: str
     asset_key: str = Field(description="Target asset key, '/'-joined.")
-    partition_key: str | None = Field(None, description="Partition of the submitting asset.")
-    run_id: str | None = Field(None, description="Run that submitted the job.")
+    partition_key: str | None = Field(
+        default=None, description="Partition of the submitting asset."
+    )
+    run_id: str | None = Field(default=None, description="Run that submitted the job.")
     created_at: datetime = Field(default_factory=_utcnow)
     updated_at: datetime = Field(default_factory=_utcnow)
     submitted_at: datetime | None = None
@@ -509,25 +511,25 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
     """
 
     base_dir: str | None = Field(
-        None, description="Local directory of the ledger (development, single machine)."
+        default=None, description="Local directory of the ledger (development, single machine)."
     )
-    bucket: str | None = Field(None, description="S3 bucket of the ledger.")
-    prefix: str = Field("octoai-jobs", description="Key prefix inside the bucket.")
+    bucket: str | None = Field(default=None, description="S3 bucket of the ledger.")
+    prefix: str = Field(default="octoai-jobs", description="Key prefix inside the bucket.")
     endpoint_url: str | None = Field(
-        None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
+        default=None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
     )
-    region_name: str | None = Field(None, description="S3 region.")
+    region_name: str | None = Field(default=None, description="S3 region.")
     aws_access_key_id: str | None = Field(
-        None, description="Access key id; default: boto3's credential chain."
+        default=None, description="Access key id; default: boto3's credential chain."
     )
     aws_secret_access_key: str | None = Field(
-        None, description="Secret access key; supply it with EnvVar."
+        default=None, description="Secret access key; supply it with EnvVar."
     )
     addressing_style: Literal["auto", "virtual", "path"] = Field(
-        "path", description="S3 addressing style; 'path' suits most S3-compatible stores."
+        default="path", description="S3 addressing style; 'path' suits most S3-compatible stores."
     )
     fsync: bool = Field(
-        True, description="Local directory only: flush each write to disk before going on."
+        default=True, description="Local directory only: flush each write to disk before going on."
     )
 
     _ledger: JobLedger | None = PrivateAttr(None)

@@ -311,95 +311,109 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
     engine: Engine = Field(
-        Engine.SDXL, description="Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15."
+        default=Engine.SDXL, description="Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15."
     )
-    prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw.")
+    prompt: str = Field(default=..., min_length=1, max_length=10_000, description="What to draw.")
     prompt_2: str | None = Field(
-        None, max_length=10_000, description="SDXL only: a human-readable second prompt."
+        default=None, max_length=10_000, description="SDXL only: a human-readable second prompt."
     )
     negative_prompt: str | None = Field(
-        None, max_length=10_000, description="What to steer away from."
+        default=None, max_length=10_000, description="What to steer away from."
     )
     negative_prompt_2: str | None = Field(
-        None, max_length=10_000, description="SDXL only: second negative prompt."
+        default=None, max_length=10_000, description="SDXL only: second negative prompt."
     )
     cfg_scale: float | None = Field(
-        None, gt=0, le=50, description="Prompt adherence, > 0 and <= 50 (server default 12)."
+        default=None,
+        gt=0,
+        le=50,
+        description="Prompt adherence, > 0 and <= 50 (server default 12).",
     )
     steps: int | None = Field(
-        None, gt=0, le=200, description="Diffusion steps, 1..200 (server default 30)."
+        default=None, gt=0, le=200, description="Diffusion steps, 1..200 (server default 30)."
     )
     num_images: int | None = Field(
-        None, ge=1, le=16, description="Images to generate, 1..16 (default 1)."
+        default=None, ge=1, le=16, description="Images to generate, 1..16 (default 1)."
     )
     seed: int | list[int | None] | None = Field(
-        None,
+        default=None,
         description="0 <= seed < 2**32; a list gives one seed (or null) per image; null picks at random.",
     )
     sampler: Sampler | None = Field(
-        None, description="Sampler (default DDIM); premium samplers cost 2x."
+        default=None, description="Sampler (default DDIM); premium samplers cost 2x."
     )
     width: int | None = Field(
-        None, description="Output width; set with height to a supported pair."
+        default=None, description="Output width; set with height to a supported pair."
     )
     height: int | None = Field(
-        None, description="Output height; set with width to a supported pair."
+        default=None, description="Output height; set with width to a supported pair."
     )
-    style_preset: str | None = Field(None, description="SDXL only: a style preset name.")
-    use_refiner: bool | None = Field(None, description="SDXL only: run the refiner (default true).")
+    style_preset: str | None = Field(default=None, description="SDXL only: a style preset name.")
+    use_refiner: bool | None = Field(
+        default=None, description="SDXL only: run the refiner (default true)."
+    )
     high_noise_frac: float | None = Field(
-        None, ge=0, le=1, description="SDXL only: base vs refiner split, 0..1."
+        default=None, ge=0, le=1, description="SDXL only: base vs refiner split, 0..1."
     )
     checkpoint: str | None = Field(
-        None, description="Checkpoint asset: 'octoai:<name>' (public) or '<name>' (private)."
+        default=None,
+        description="Checkpoint asset: 'octoai:<name>' (public) or '<name>' (private).",
     )
-    vae: str | None = Field(None, description="VAE asset name.")
-    loras: dict[str, float] | None = Field(None, description="LoRA asset name -> weight.")
+    vae: str | None = Field(default=None, description="VAE asset name.")
+    loras: dict[str, float] | None = Field(default=None, description="LoRA asset name -> weight.")
     textual_inversions: dict[str, str] | None = Field(
-        None, description="Textual inversion asset name -> trigger word."
+        default=None, description="Textual inversion asset name -> trigger word."
     )
     init_image: Annotated[Base64Image | None, _coerce_image("init_image")] = Field(
-        None, description="img2img / inpainting start image."
+        default=None, description="img2img / inpainting start image."
     )
     mask_image: Annotated[Base64Image | None, _coerce_image("mask_image")] = Field(
-        None, description="Inpainting mask: white is painted."
+        default=None, description="Inpainting mask: white is painted."
     )
     strength: float | None = Field(
-        None, gt=0, le=1, description="img2img noise, > 0 and <= 1 (default 0.8)."
+        default=None, gt=0, le=1, description="img2img noise, > 0 and <= 1 (default 0.8)."
     )
     outpainting: bool | None = Field(
-        None, description="Outpaint the transparent / masked border of init_image."
+        default=None, description="Outpaint the transparent / masked border of init_image."
     )
     inpaint_full_res: bool | None = Field(
-        None, description="Inpaint the masked area at full resolution."
+        default=None, description="Inpaint the masked area at full resolution."
     )
     inpaint_full_res_padding: int | None = Field(
-        None, ge=0, le=1024, description="Padding around the masked area, pixels."
+        default=None, ge=0, le=1024, description="Padding around the masked area, pixels."
     )
     transfer_images: dict[str, list[str]] | None = Field(
-        None, description="Photo merge: trigger word -> sample images."
+        default=None, description="Photo merge: trigger word -> sample images."
     )
     controlnet: str | None = Field(
-        None, description="ControlNet engines: the ControlNet asset, e.g. 'octoai:canny_sdxl'."
+        default=None,
+        description="ControlNet engines: the ControlNet asset, e.g. 'octoai:canny_sdxl'.",
     )
     controlnet_image: Annotated[Base64Image | None, _coerce_image("controlnet_image")] = Field(
-        None, description="ControlNet engines: the conditioning image."
+        default=None, description="ControlNet engines: the conditioning image."
     )
     controlnet_conditioning_scale: float | None = Field(
-        None, ge=0, description="ControlNet strength, >= 0 (default 1)."
+        default=None, ge=0, description="ControlNet strength, >= 0 (default 1)."
     )
     controlnet_early_stop: float | None = Field(
-        None, ge=0, le=1, description="Fraction of steps after which ControlNet stops, 0..1."
+        default=None,
+        ge=0,
+        le=1,
+        description="Fraction of steps after which ControlNet stops, 0..1.",
     )
     controlnet_preprocess: bool | None = Field(
-        None, description="Let the server make the control map (default true)."
+        default=None, description="Let the server make the control map (default true)."
     )
-    clip_skip: int | None = Field(None, ge=1, le=12, description="CLIP layers to skip, 1..12.")
+    clip_skip: int | None = Field(
+        default=None, ge=1, le=12, description="CLIP layers to skip, 1..12."
+    )
     image_encoding: Literal["jpeg", "png"] | None = Field(
-        None, description="Output encoding: jpeg (default) or png."
+        default=None, description="Output encoding: jpeg (default) or png."
     )
-    log_prompt: bool | None = Field(None, description="Let the service log the prompt.")
-    enable_safety: bool | None = Field(None, description="Sent by the older octoai-sdk; accepted.")
+    log_prompt: bool | None = Field(default=None, description="Let the service log the prompt.")
+    enable_safety: bool | None = Field(
+        default=None, description="Sent by the older octoai-sdk; accepted."
+    )
 
     # ---- field rules ---------------------------------------------------------------
 
@@ -716,7 +730,7 @@ class GeneratedImage(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    image_b64: str | None = Field(None, repr=False)
+    image_b64: str | None = Field(default=None, repr=False)
     seed: int
     removed_for_safety: bool = False
     safety_score: float | None = None

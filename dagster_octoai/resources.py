@@ -196,7 +196,7 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     """
 
     token: str | None = Field(
-        None,
+        default=None,
         repr=False,
         description=(
             "API token. Set it with EnvVar('OCTOAI_TOKEN'); unset, the client reads "
@@ -205,30 +205,37 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         json_schema_extra={"dagster__is_secret": True},
     )
     base_url: str = Field(
-        DEFAULT_BASE_URL, description="The OctoAI or OctoAI-compatible server's base URL."
+        default=DEFAULT_BASE_URL, description="The OctoAI or OctoAI-compatible server's base URL."
     )
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP attempt, seconds.")
-    max_attempts: int = Field(5, ge=1, description="Attempts per HTTP call (1 = no retries).")
-    initial_backoff_s: float = Field(0.5, ge=0, description="First backoff wait, seconds.")
-    max_backoff_s: float = Field(20.0, ge=0, description="Longest backoff wait, seconds.")
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="Timeout of one HTTP attempt, seconds."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Attempts per HTTP call (1 = no retries)."
+    )
+    initial_backoff_s: float = Field(default=0.5, ge=0, description="First backoff wait, seconds.")
+    max_backoff_s: float = Field(default=20.0, ge=0, description="Longest backoff wait, seconds.")
     max_retry_after_s: float = Field(
-        60.0,
+        default=60.0,
         ge=0,
         description="Longest Retry-After the client waits out itself; longer ones end the call.",
     )
     deadline_s: float | None = Field(
-        600.0, description="Overall deadline of one call, all attempts and waits; None = none."
+        default=600.0,
+        description="Overall deadline of one call, all attempts and waits; None = none.",
     )
     max_concurrency: int = Field(
-        4, ge=1, description="Generations in flight at once: the endpoint's replica count."
+        default=4, ge=1, description="Generations in flight at once: the endpoint's replica count."
     )
     rate_limit_step_retries: int = Field(
-        3,
+        default=3,
         ge=0,
         description="Step retries requested when the quota is exhausted (429 after the client's retries).",
     )
     rate_limit_default_wait_s: float = Field(
-        60.0, ge=0, description="Wait before such a step retry when the server sent no Retry-After."
+        default=60.0,
+        ge=0,
+        description="Wait before such a step retry when the server sent no Retry-After.",
     )
 
     _client: OctoAIClient | None = PrivateAttr(None)

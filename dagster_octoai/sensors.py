@@ -94,7 +94,7 @@ class AsyncSensorCursor(BaseModel):
 
     version: Literal[1] = CURSOR_VERSION
     position: str | None = Field(
-        None, description="Last open marker reached; next tick goes on after it."
+        default=None, description="Last open marker reached; next tick goes on after it."
     )
     ticks: int = 0
     polls: int = 0
@@ -133,9 +133,11 @@ class AsyncSensorSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_concurrent_polls: int = Field(16, ge=1, le=256, description="Polls in flight at once.")
+    max_concurrent_polls: int = Field(
+        default=16, ge=1, le=256, description="Polls in flight at once."
+    )
     tick_time_budget_s: float = Field(
-        25.0,
+        default=25.0,
         gt=0,
         le=50,
         description=(
@@ -144,28 +146,32 @@ class AsyncSensorSettings(BaseModel):
         ),
     )
     max_resubmits: int = Field(
-        2,
+        default=2,
         ge=0,
         description="Resubmissions of an expired or failed job before it is reported failed.",
     )
     max_persist_runs: int = Field(
-        3, ge=1, description="Failed persist runs of a completed job before it is reported failed."
+        default=3,
+        ge=1,
+        description="Failed persist runs of a completed job before it is reported failed.",
     )
     result_ttl_s: float = Field(
-        24 * 3600.0, gt=0, description="How long the service keeps a result (seed: 24 h)."
+        default=24 * 3600.0, gt=0, description="How long the service keeps a result (seed: 24 h)."
     )
     warn_before_expiry_s: float = Field(
-        6 * 3600.0,
+        default=6 * 3600.0,
         ge=0,
         description="Warn when a result not yet persisted is this close to expiry.",
     )
     intent_grace_s: float = Field(
-        900.0,
+        default=900.0,
         ge=0,
         description="An intent older than this, with no answer recorded, is taken as a lost submission.",
     )
     poll_record_interval_s: float = Field(
-        300.0, ge=0, description="Rewrite a record just for its last poll time at most this often."
+        default=300.0,
+        ge=0,
+        description="Rewrite a record just for its last poll time at most this often.",
     )
 
 

@@ -33,39 +33,48 @@ class FaultConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rate_limited: float = Field(
-        0.0, ge=0, le=1, description="Fraction answered 429 with Retry-After."
+        default=0.0, ge=0, le=1, description="Fraction answered 429 with Retry-After."
     )
-    error_500: float = Field(0.0, ge=0, le=1, description="Fraction answered 500.")
-    error_503: float = Field(0.0, ge=0, le=1, description="Fraction answered 503.")
+    error_500: float = Field(default=0.0, ge=0, le=1, description="Fraction answered 500.")
+    error_503: float = Field(default=0.0, ge=0, le=1, description="Fraction answered 503.")
     drop_connection: float = Field(
-        0.0, ge=0, le=1, description="Fraction whose connection is closed without an answer."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Fraction whose connection is closed without an answer.",
     )
     drop_after_render: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=1,
         description="Fraction rendered (and counted as paid) whose connection is then closed.",
     )
     slow: float = Field(
-        0.0, ge=0, le=1, description="Fraction answered normally after an extra delay of slow_s."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Fraction answered normally after an extra delay of slow_s.",
     )
-    slow_s: float = Field(5.0, ge=0, description="Extra delay of a slow answer, seconds.")
+    slow_s: float = Field(default=5.0, ge=0, description="Extra delay of a slow answer, seconds.")
     retry_after_s: int = Field(
-        1, ge=0, description="Retry-After (seconds) sent with an injected 429."
+        default=1, ge=0, description="Retry-After (seconds) sent with an injected 429."
     )
     job_failure: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=1,
         description="Fraction of async jobs that run for job_failure_after_s and then fail.",
     )
     job_failure_after_s: float = Field(
-        60.0, ge=0, description="How long a failing async job runs before it fails, seconds."
+        default=60.0,
+        ge=0,
+        description="How long a failing async job runs before it fails, seconds.",
     )
     on_async_routes: bool = Field(
-        False, description="Also inject 429/500/503/drop/slow into polls and result fetches."
+        default=False,
+        description="Also inject 429/500/503/drop/slow into polls and result fetches.",
     )
-    seed: int = Field(0, description="Seed of the fault draws, for reproducible runs.")
+    seed: int = Field(default=0, description="Seed of the fault draws, for reproducible runs.")
 
     @property
     def total(self) -> float:
@@ -109,56 +118,56 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     token: SecretStr | None = Field(
-        None, description="The accepted bearer token; None accepts any non-empty token."
+        default=None, description="The accepted bearer token; None accepts any non-empty token."
     )
     forbidden_tokens: tuple[SecretStr, ...] = Field(
-        (), description="Tokens answered 403 (known, but not allowed to generate)."
+        default=(), description="Tokens answered 403 (known, but not allowed to generate)."
     )
     latency_per_image_s: float = Field(
-        0.0, ge=0, description="Time each image takes on a replica, seconds (0 = instant)."
+        default=0.0, ge=0, description="Time each image takes on a replica, seconds (0 = instant)."
     )
     replicas: int = Field(
-        4, ge=1, le=1024, description="Generations that run at once; the rest queue."
+        default=4, ge=1, le=1024, description="Generations that run at once; the rest queue."
     )
     result_ttl_s: float = Field(
-        DEFAULT_RESULT_TTL_S,
+        default=DEFAULT_RESULT_TTL_S,
         gt=0,
         description="How long an async result is kept after it finishes, seconds (then 404).",
     )
     async_queue_delay_s: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         description="Minimum time an async job stays 'pending' before it runs, seconds.",
     )
     rate_limit_requests: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Generate requests allowed per rate_limit_window_s; more get 429. None = no limit.",
     )
     rate_limit_window_s: float = Field(
-        1.0, gt=0, description="The rate limit's sliding window, seconds."
+        default=1.0, gt=0, description="The rate limit's sliding window, seconds."
     )
     banned_words: tuple[str, ...] = Field(
-        ("forbidden",),
+        default=("forbidden",),
         description="Prompt words answered with the Acceptable Use Policy 400 (case-insensitive).",
     )
     safety_trigger_word: str | None = Field(
-        "nsfw",
+        default="nsfw",
         description="A prompt with this word gets every image removed_for_safety (image_b64 null).",
     )
     detail: float = Field(
-        0.0,
+        default=0.0,
         ge=0,
         le=1,
         description="Deterministic noise mixed into images (0..1) to make realistic payload sizes.",
     )
     async_body_limit_bytes: int = Field(
-        10 * 1024 * 1024,
+        default=10 * 1024 * 1024,
         ge=1,
         description="Largest async request body, bytes (the seed: 10 MB); larger gets 413.",
     )
     public_base_url: str | None = Field(
-        None,
+        default=None,
         description="Base of the absolute poll and response URLs; None = from the request's Host.",
     )
     faults: FaultConfig = Field(default_factory=FaultConfig, description="Injected failures.")
