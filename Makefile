@@ -55,4 +55,4 @@ docs: venv
 	$(PY) -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .demo .dagster_home test-output .bench-quick
