@@ -165,6 +165,8 @@ def _convert(data: bytes, fmt: ConvertFormat) -> bytes:
     return out.getvalue()
 
 
+#: Fingerprint index entries in flight at once, at least.
+_INDEX_WIDTH = 8
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -606,9 +608,11 @@ class ImageStore:
                     "could not write the fingerprint index for %s: %s", manifest_uri, exc
                 )
 
-        # One small object per result: written as many at a time as the images were (one
-        # after the other, 200 entries took longer than uploading 100 MB of images).
-        with _Uploader(self.max_concurrency) as uploader:
+        # One small object per result, written several at a time (one after the other,
+        # 200 entries took longer than uploading 100 MB of images). Entries are a few
+        # hundred bytes, so max_concurrency (a bound on image bytes in memory) need not
+        # hold them to one at a time: at 1, the index doubled the PUTs waited for (P6).
+        with _Uploader(max(self.max_concurrency, _INDEX_WIDTH)) as uploader:
             for key, body in entries:
                 uploader.submit(put, key, body)
             uploader.wait()
