@@ -50,6 +50,28 @@ job ledger.
 Regenerate this page with `make reliability` (it runs
 `python scripts/reliability_report.py`, which runs the suite and rewrites the table).
 
+## What the scenarios do
+
+- **Transient faults**: 1,000 images (4 partitions x 25 requests x 10 images), once
+  through a partitioned sync asset and once through async jobs, with 20 % of requests
+  answered 429 with `Retry-After`, 500, 503, a dropped connection (before or after the
+  images were rendered) or a slow answer, from a seeded fault draw.
+- **Run process killed**: an async blocking asset's process is SIGKILLed after a
+  submit, mid-poll, mid-fetch, mid-upload or before the manifest, then run again.
+- **Sensor killed**: a process ticking the async sensor as `dagster-daemon` does
+  (evaluate, add the dynamic partitions, save the cursor, launch each run unless its
+  `run_key` exists) is SIGKILLed mid-poll, after a job was recorded completed, before
+  the cursor was saved, before the runs were launched, mid-upload in a persist run, or
+  after the IO manager stored a persist run's output but before the ledger was told.
+  The dead run is marked failed (as Dagster's run monitoring does) and fresh ticks
+  resume from the last saved cursor. Every job's partition is materialized once.
+- **Postgres**: the suite starts its own PostgreSQL cluster (`initdb` in a temp dir,
+  installed with `apt-get` first when missing and running as root; the tests skip with
+  a loud reason only where it can be neither found nor installed) and runs the async
+  sensor's ticks and persist runs, and an image job under the multiprocess executor,
+  on a Dagster instance whose run, event and schedule storage is `dagster-postgres`.
+- **S3 faults**, **bad input** and **corrupt answers**: see the rows' names.
+
 """
 
 NOTES = """
@@ -67,6 +89,13 @@ NOTES = """
 - A dash means the figure does not apply to the scenario.
 
 ## Known limits
+
+- The sensor-kill tests emulate the daemon's loop (the cursor lives in a file instead
+  of the instance's instigator state, runs execute in the ticking process) and mark a
+  killed run failed themselves, as Dagster's run monitoring would; without run
+  monitoring a killed persist run stays `STARTED` and the sensor waits for it.
+- The async variant's paid count excludes lost submissions whose job then failed on
+  the server (nothing was rendered for them); the test asks the server which those are.
 
 - A missing bucket or refused S3 credentials: with explicit seeds the generation
   asset first looks for a stored identical result, so the run fails on the store

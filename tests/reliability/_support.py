@@ -120,6 +120,7 @@ class ServerTally:
     faults: Counter[str] = field(default_factory=Counter)
     paid_lost: int = 0  # images rendered for sync answers the fault then dropped
     lost_submits: int = 0  # async submissions accepted (and run) whose answer was dropped
+    lost_response_ids: list[str] = field(default_factory=list)  # the jobs of those submissions
     seeds_rendered: Counter[int] = field(default_factory=Counter)
 
     def take(self, server: LocalOctoAIServer) -> None:
@@ -135,10 +136,26 @@ class ServerTally:
         for rec in log:
             if rec["fault"] == "drop_after_render" and rec["route"] == "/generate/{engine}":
                 self.paid_lost += rec["images"]
-                self.lost_submits += rec["response_id"] is not None
+                if rec["response_id"] is not None:
+                    self.lost_submits += 1
+                    self.lost_response_ids.append(rec["response_id"])
             self.seeds_rendered.update(rec["seeds"])
         server.reset_stats()
 
     @property
     def retried_failures(self) -> int:
         return sum(self.faults[f] for f in FAILING_FAULTS)
+
+
+def failed_jobs(server: LocalOctoAIServer, response_ids: list[str]) -> int:
+    """How many of these async jobs failed on the server (asked with faults turned off)."""
+    import httpx
+
+    failed = 0
+    headers = {"Authorization": f"Bearer {server.token}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        for response_id in response_ids:
+            answer = client.get(f"/v1/requests/{response_id}")
+            answer.raise_for_status()
+            failed += answer.json()["status"] == "failed"
+    return failed
