@@ -187,6 +187,9 @@ class PostgresCluster:
             except _PortClash as exc:
                 last = str(exc)
                 self.stop()
+            except BaseException:
+                self.stop()  # no half-made cluster or temp dir left behind
+                raise
         raise RuntimeError(f"PostgreSQL did not start: {last}")
 
     def _start_once(self) -> None:
@@ -195,7 +198,13 @@ class PostgresCluster:
         data = self.workdir / "data"
         if os.geteuid() == 0:
             # The postgres user must own the cluster; the temp dir is 0700 root otherwise.
-            user = pwd.getpwnam(_OS_USER)
+            try:
+                user = pwd.getpwnam(_OS_USER)
+            except KeyError:
+                raise PostgresUnavailable(
+                    f"PostgreSQL refuses to run as root and there is no {_OS_USER!r} OS user "
+                    "to run it as; create one (the 'postgresql' package does) or run as non-root"
+                ) from None
             os.chown(self.workdir, user.pw_uid, user.pw_gid)
         self._run(
             [

@@ -196,3 +196,18 @@ def test_image_job_runs_under_the_multiprocess_executor_on_a_postgres_instance(
         leaks_found=len(leaks) + len(s3_leaks),
         step_processes=len(step_pids),
     )
+
+
+def test_cluster_refuses_a_bad_database_name_and_stops_without_a_trace(
+    postgres: PostgresCluster,
+) -> None:
+    with pytest.raises(ValueError, match="name: 'bad; DROP' is not allowed"):
+        postgres.create_database("bad; DROP")
+    cluster = PostgresCluster().start()
+    pid, workdir = cluster.pid, cluster.workdir
+    assert pid is not None and workdir is not None and Path(f"/proc/{pid}").exists()
+    cluster.stop()
+    assert not workdir.exists() and cluster.pid is None
+    # The postmaster is gone (or, if pid 1 has not reaped it yet, a zombie).
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "zombie" in status.read_text()

@@ -130,6 +130,6 @@ def test_killed_sensor_resumes_from_its_cursor_without_losing_or_doubling(
         paid_generations=paid,
         leaks_found=len(leaks) + len(s3_leaks),
         runs_killed=dead_runs,
-        resume_ticks=ticks.log.ticks,
+        ticks_after_restart=ticks.log.ticks,
         run_keys_launched=len(run_keys),
     )
