@@ -146,8 +146,8 @@ every check of the row holds.
 ## How to run
 
 ```bash
-make bench                                   # the full run (18 min on this box); rewrites this page
-.venv/bin/python -m benchmarks --quick --output /tmp/bench   # small counts (1.5 min here)
+make bench                                   # the full run (10 min on this box); rewrites this page
+.venv/bin/python -m benchmarks --quick --output /tmp/bench   # small counts, 1 rep (about 1 min here)
 .venv/bin/python -m benchmarks --report-only # re-render this page from docs/benchmarks.json
 .venv/bin/python -m benchmarks --only P1,P3  # some scenarios only
 ```
