@@ -27,6 +27,7 @@ from typing import Any, Literal
 from dagster import (
     AssetKey,
     ConfigurableIOManager,
+    EnvVar,
     InputContext,
     MetadataValue,
     MultiPartitionsDefinition,
@@ -67,14 +68,18 @@ class _ImageIOManager(ConfigurableIOManager):
     _store: ImageStore | None = PrivateAttr(default=None)
     _store_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
-    @field_validator("convert_to")
+    @field_validator("convert_to", mode="before")
     @classmethod
     def _check_convert_to(cls, value: str | None) -> str | None:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
         return _one_of("convert_to", value, (None, "png", "jpeg", "webp"))
 
-    @field_validator("prefix")
+    @field_validator("prefix", mode="before")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
         return normalize_prefix(value)
 
     def _backend(self) -> StorageBackend:
@@ -232,19 +237,25 @@ class S3ImageIOManager(_ImageIOManager):
         description="Extra attempts, with backoff, when S3 still answers SlowDown / 503 after botocore's retries.",
     )
 
-    @field_validator("addressing_style")
+    @field_validator("addressing_style", mode="before")
     @classmethod
     def _check_addressing_style(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
         return str(_one_of("addressing_style", value, ("auto", "path", "virtual")))
 
-    @field_validator("retry_mode")
+    @field_validator("retry_mode", mode="before")
     @classmethod
     def _check_retry_mode(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
         return str(_one_of("retry_mode", value, ("standard", "adaptive")))
 
-    @field_validator("bucket")
+    @field_validator("bucket", mode="before")
     @classmethod
     def _check_bucket(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
         if not _BUCKET.match(value):
             raise ValueError(
                 f"bucket: {value!r} is not a bucket name (3-63 lowercase letters, digits, '.', '-')"

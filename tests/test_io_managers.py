@@ -416,3 +416,39 @@ def test_end_to_end_with_the_local_server(seaweedfs: SeaweedFS, s3_bucket: str) 
         assert token not in str(store.backend.head(key))
     for run in (first, second):
         assert all(token not in str(e) for e in instance.all_logs(run.run_id))
+
+
+def test_bucket_and_prefix_from_env_vars_are_checked_once_resolved(
+    seaweedfs: SeaweedFS, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EnvVar fields are validated on their values at run time, not on the variable names."""
+
+    @dg.asset
+    def env_configured() -> ImageBatch:
+        return ImageBatch([make_result(seeds=[5])])
+
+    def io_manager() -> S3ImageIOManager:
+        return S3ImageIOManager(
+            bucket=dg.EnvVar("OCTOAI_TEST_BUCKET"),
+            prefix=dg.EnvVar("OCTOAI_TEST_PREFIX"),
+            endpoint_url=seaweedfs.endpoint_url,
+            aws_access_key_id=seaweedfs.access_key,
+            aws_secret_access_key=seaweedfs.secret_key,
+        )
+
+    monkeypatch.setenv("OCTOAI_TEST_BUCKET", s3_bucket)
+    monkeypatch.setenv("OCTOAI_TEST_PREFIX", "from-env")
+    result = dg.materialize([env_configured], resources={"io_manager": io_manager()})
+    assert result.success
+    uri = result.asset_materializations_for_node("env_configured")[0].metadata["uri"].value
+    assert uri == f"s3://{s3_bucket}/from-env/env_configured/"
+
+    monkeypatch.setenv("OCTOAI_TEST_BUCKET", "Not_A_Bucket")
+    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
+        dg.materialize([env_configured], resources={"io_manager": io_manager()})
+    causes = []
+    error: BaseException | None = raised.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__
+    assert any("bucket: 'Not_A_Bucket' is not a bucket name" in c for c in causes), causes
