@@ -25,8 +25,7 @@ from _scripted_server import (
     scripted_server,
 )
 
-from dagster_octoai import _retry, errors
-from dagster_octoai import client as client_module
+from dagster_octoai import _retry, client as client_module, errors
 from dagster_octoai.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
 from dagster_octoai.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
 from dagster_octoai.version import __version__
