@@ -11,7 +11,6 @@ Two ways to get them:
 # No `from __future__ import annotations`: Dagster reads the compute functions'
 # annotations (the context type) at definition time.
 
-import io
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +26,10 @@ from dagster import (
     AssetsDefinition,
     multi_asset_check,
 )
-from PIL import Image
 
 from .batch import GenerationResult, ImageBatch, StoredImage
 from .errors import OctoAIError
-from .images import image_size
+from .images import whole_image_size
 
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
@@ -52,7 +50,7 @@ CHECK_DECODES = "images_decode"
 _DESCRIPTIONS = {
     CHECK_NO_REMOVED: "No image of the materialization was removed for safety.",
     CHECK_SIZE: "Every image has the width and height its request asked for.",
-    CHECK_DECODES: "Every image's bytes decode as a whole image.",
+    CHECK_DECODES: "Every image's bytes are a whole image (readable header, end marker).",
 }
 # Problems listed in a failing check's metadata, at most.
 _LIST_MAX = 20
@@ -105,15 +103,6 @@ def _collect(value: Any, where: str = "") -> Iterator[_Image]:
         )
 
 
-def _decode_problem(data: bytes) -> str | None:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        return str(exc)
-    return None
-
-
 def evaluate_image_checks(
     asset_key: CoercibleToAssetKey,
     value: Any,
@@ -138,12 +127,10 @@ def evaluate_image_checks(
     for im in images:
         if im.data is None:
             continue
-        problem = _decode_problem(im.data)
-        if problem is not None:
-            broken.append(f"{im.where} (seed {im.seed}): {problem}")
-            continue
         try:
-            size = image_size(im.data)
+            # The header and the end marker, as the image stores check before writing:
+            # decoding every image's pixels cost 3-7 ms each (benchmark P6).
+            size = whole_image_size(im.data)
         except (ValueError, OctoAIError) as exc:
             broken.append(f"{im.where} (seed {im.seed}): {exc}")
             continue

@@ -71,6 +71,38 @@ def test_decode_check_fails_on_a_truncated_image(octoai: OctoAIResource) -> None
     assert _passed(checks)[CHECK_SIZE] is True  # not judged: it does not decode
 
 
+def _with_image(served: GenerationResult, data: bytes) -> GenerationResult:
+    body = served.response.model_dump()
+    body["images"][0]["image_b64"] = base64.b64encode(data).decode()
+    return GenerationResult(served.request, ImageGenerationResponse.model_validate(body))
+
+
+def test_decode_check_fails_on_a_corrupt_header_that_keeps_its_end_marker(
+    octoai: OctoAIResource,
+) -> None:
+    # The end marker alone does not pass an image: its header must parse too.
+    served = _generate(octoai, "a cat")
+    data = served.response.images[0].data
+    corrupt = data[:3] + b"\x00" * 64 + data[-2:]
+    checks = evaluate_image_checks("x", [_with_image(served, corrupt)])
+    assert _passed(checks)[CHECK_DECODES] is False
+    assert "does not decode" in checks[2].metadata["not_decoding"].value[0]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_decode_check_fails_on_each_truncated_format(octoai: OctoAIResource, fmt: str) -> None:
+    served = _generate(octoai, "a cat")
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 512), (200, 30, 30)).save(buf, format=fmt)
+    whole = buf.getvalue()
+    assert _passed(evaluate_image_checks("x", [_with_image(served, whole)]))[CHECK_DECODES]
+    checks = evaluate_image_checks("x", [_with_image(served, whole[:-4])])
+    assert _passed(checks)[CHECK_DECODES] is False
+    # PIL already refuses a short WebP at open; the others fail on their end marker.
+    expected = "does not decode" if fmt == "WEBP" else "is truncated"
+    assert expected in checks[2].metadata["not_decoding"].value[0]
+
+
 def test_standalone_checks_on_users_asset_stored_by_the_image_io_manager(
     octoai: OctoAIResource, tmp_path: Any
 ) -> None:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from ..batch import GenerationResult, StoredImage
 from ..errors import ImageDecodeError
-from ..images import content_type_for, sniff_format, thumbnail_data_uri
+from ..images import content_type_for, sniff_format, thumbnail_data_uri, whole_image_size
 from ..models import (
     CallInfo,
     GeneratedImage,
@@ -167,53 +167,18 @@ def _convert(data: bytes, fmt: ConvertFormat) -> bytes:
 
 #: Fingerprint index entries in flight at once, at least.
 _INDEX_WIDTH = 8
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def _complete(data: bytes, fmt: str | None) -> bool | None:
-    """Whether the bytes run to the format's end marker (``None``: no cheap check for it).
-
-    A truncated answer keeps a valid header and loses its end: a JPEG must end with
-    EOI (``FF D9``), a PNG with its ``IEND`` chunk, a WebP must be as long as its RIFF
-    header says, a GIF must end with its trailer. This costs nothing, where decoding
-    the whole image cost 20-30 ms per 1.5 MB JPEG (benchmark P3).
-    """
-    if fmt == "jpeg":
-        return data.endswith(b"\xff\xd9")
-    if fmt == "png":
-        return data.endswith(_PNG_IEND)
-    if fmt == "webp":
-        return len(data) >= 12 and len(data) == 8 + int.from_bytes(data[4:8], "little")
-    if fmt == "gif":
-        return data.endswith(b"\x3b")
-    return None
-
-
-def _checked_size(data: bytes, fmt: str | None, seed: int) -> tuple[int, int]:
-    """(width, height) of an image that is whole: a readable header and its end marker.
-
-    The header alone is not enough: a truncated answer has a valid header and would
-    be stored, listed in the manifest and reused as if it were a good image.
+def _checked_size(data: bytes, seed: int) -> tuple[int, int]:
+    """(width, height) of an image that is whole (:func:`~dagster_octoai.images.whole_image_size`).
 
     Raises:
         ImageDecodeError: the bytes are not a whole image.
     """
-    complete = _complete(data, fmt)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if complete is None:
-                im.load()  # no end marker to check: decode it whole instead
-            size: tuple[int, int] = im.size
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(
-            f"image with seed {seed} does not decode ({len(data)} bytes): {exc}; not stored"
-        ) from None
-    if complete is False:
-        raise ImageDecodeError(
-            f"image with seed {seed} is truncated ({len(data)} bytes of {fmt} without its "
-            "end marker); not stored"
-        )
-    return size
+        return whole_image_size(data)
+    except ValueError as exc:
+        raise ImageDecodeError(f"image with seed {seed} {exc}; not stored") from None
 
 
 def _utcnow() -> str:
@@ -357,7 +322,7 @@ class ImageStore:
                             converted_from = sniff_format(data)
                             data = _convert(data, self.convert_to)
                         fmt = sniff_format(data)
-                        width, height = _checked_size(data, fmt, image.seed)
+                        width, height = _checked_size(data, image.seed)
                         key = f"{base}/{image_name(record['index'], image.seed, fmt)}"
                         sha = _sha256(data)
                         metadata = {
