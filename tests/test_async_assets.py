@@ -35,7 +35,7 @@ from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
 
-TOKEN = "test-token"
+TOKEN = "test-token-0c7f3e9a"
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from dagster_octoai.sensors import (
 )
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 
-TOKEN = "test-token"
+TOKEN = "test-token-0c7f3e9a"
 
 
 def _requests(n: int, prompt: str = "a red fox") -> list[dict[str, Any]]:

@@ -797,7 +797,7 @@ def test_docstring_examples_run(module: Any) -> None:
 
 # ---- against the local OctoAI-compatible server ------------------------------------------
 
-LOCAL_TOKEN = "test-token"  # the plugin's octoai_server token
+LOCAL_TOKEN = "test-token-0c7f3e9a"  # the plugin's octoai_server token
 ENGINE_CASES = [
     ("sdxl", {}, (1024, 1024)),
     ("sd", {}, (512, 512)),

@@ -353,7 +353,7 @@ def test_batch_errors(server: ScriptedServer) -> None:
 
 # ---- against the local OctoAI-compatible server ------------------------------------------
 
-LOCAL_TOKEN = "test-token"
+LOCAL_TOKEN = "test-token-0c7f3e9a"
 
 
 def run_local(server: Any, body: Callable[[AsyncOctoAIClient], Awaitable[T]], **kwargs: Any) -> T:

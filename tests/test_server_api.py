@@ -239,7 +239,7 @@ def test_missing_or_invalid_token_is_401(
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
     assert "message" in r.json()
-    assert "test-token" not in r.text
+    assert "test-token-0c7f3e9a" not in r.text
     for path in ("/v1/requests/abc", "/v1/responses/abc", "/_local/stats"):
         assert httpx.get(f"{octoai_server.url}{path}", headers=headers).status_code == 401
 

@@ -2,7 +2,7 @@
 
 Fixtures:
 
-- ``octoai_server``: one instant server for the whole session, token ``"test-token"``.
+- ``octoai_server``: one instant server for the whole session, token ``"test-token-0c7f3e9a"``.
   Shared: read its stats as differences, and use the factory to change its behaviour.
 - ``octoai_server_factory``: call it with :class:`~dagster_octoai.server.ServerConfig`
   fields (``latency_per_image_s=0.2, replicas=2, faults=FaultConfig(...)`` ...) for a
@@ -22,12 +22,12 @@ import pytest
 if TYPE_CHECKING:
     from ..server import LocalOctoAIServer
 
-TEST_TOKEN = "test-token"
+TEST_TOKEN = "test-token-0c7f3e9a"
 
 
 @pytest.fixture(scope="session")
 def octoai_server() -> Iterator[LocalOctoAIServer]:
-    """An instant local OctoAI server (token ``"test-token"``) shared by the session."""
+    """An instant local OctoAI server (token ``"test-token-0c7f3e9a"``) shared by the session."""
     from ..server import LocalOctoAIServer, ServerConfig
 
     with LocalOctoAIServer(ServerConfig(token=TEST_TOKEN, latency_per_image_s=0.0)) as server:
@@ -38,7 +38,7 @@ def octoai_server() -> Iterator[LocalOctoAIServer]:
 def octoai_server_factory() -> Iterator[Callable[..., LocalOctoAIServer]]:
     """Make started servers from ``ServerConfig`` fields; all stop when the test ends.
 
-    The token defaults to ``"test-token"``; pass ``mode="process"`` for a server in a
+    The token defaults to ``"test-token-0c7f3e9a"``; pass ``mode="process"`` for a server in a
     child process.
 
     Examples:

@@ -5,7 +5,7 @@ Everything here is also available as pytest fixtures once dagster-octoai is inst
 
 Examples:
     >>> from dagster_octoai.testing.server import LocalOctoAIServer, ServerConfig, sample_image_b64
-    >>> with LocalOctoAIServer(ServerConfig(token="test-token")) as srv:
+    >>> with LocalOctoAIServer(ServerConfig(token="test-token-0c7f3e9a")) as srv:
     ...     srv.stats()["paid_generations"]
     0
     >>> sample_image_b64((64, 64), "edges")[:4]
@@ -25,7 +25,7 @@ from ..server import FaultConfig, LocalOctoAIServer, ServerConfig
 __all__ = ["TEST_TOKEN", "FaultConfig", "LocalOctoAIServer", "ServerConfig", "sample_image_b64"]
 
 #: The token of the ``octoai_server`` fixture.
-TEST_TOKEN = "test-token"
+TEST_TOKEN = "test-token-0c7f3e9a"
 
 SampleImageKind = Literal["photo", "edges", "mask", "transparent"]
 
