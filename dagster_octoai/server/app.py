@@ -174,8 +174,10 @@ class ServerState:
         # Render first, then sleep what is left of the configured time: an image takes
         # latency_per_image_s on its replica, not that plus the local render (which,
         # with many replicas rendering at once on two cores, added up to 60 ms an image).
-        remaining = config.latency_per_image_s * len(seeds) - (time.perf_counter() - started)
-        if remaining > 0:
+        # The event loop may wake a timer up to its clock resolution early: sleep again
+        # until the full time has passed, so an image never takes less than configured.
+        until = started + config.latency_per_image_s * len(seeds)
+        while (remaining := until - time.perf_counter()) > 0:
             await asyncio.sleep(remaining)
         removed = sum(1 for im in images if im.removed_for_safety)
         self.stats.record_generation(req.engine.value, len(images), removed)
