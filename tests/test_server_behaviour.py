@@ -110,11 +110,13 @@ def test_rate_limit_answers_429_with_retry_after(octoai_server_factory: Factory)
 
 
 def test_rate_limit_window_slides(octoai_server_factory: Factory) -> None:
-    srv = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=0.5)
+    # The second request must land inside the window of the first, whatever the load: a
+    # window of 2 s leaves room for a slow first answer (0.5 s once proved too short).
+    srv = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=2.0)
     with httpx.Client(base_url=srv.url, headers=_headers(srv), timeout=30) as client:
         assert client.post("/generate/sd", json=BODY).status_code == 200
         assert client.post("/generate/sd", json=BODY).status_code == 429
-        time.sleep(0.6)
+        time.sleep(2.1)
         assert client.post("/generate/sd", json=BODY).status_code == 200
 
 
