@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,9 +18,9 @@ import tempfile
 import threading
 import time
 import weakref
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._process import StartStopContext, stop_process, wait_until_ready
 from .config import ServerConfig
 
 if TYPE_CHECKING:
@@ -34,6 +33,9 @@ __all__ = ["CONFIG_ENV", "LocalOctoAIServer", "bind_socket", "serve"]
 #: The child process reads its whole configuration (token included) from this variable,
 #: so that the token never appears on a command line.
 CONFIG_ENV = "DAGSTER_OCTOAI_SERVER_CONFIG"
+
+# uvicorn's graceful shutdown takes up to 3 s (timeout_graceful_shutdown below).
+_STOP_GRACE_S = 5.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -83,7 +85,7 @@ def _url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-class LocalOctoAIServer:
+class LocalOctoAIServer(StartStopContext):
     """The local OctoAI-compatible server on a free loopback port, for tests and demos.
 
     Use as a context manager (or call :meth:`start` and :meth:`stop`). ``url`` is the
@@ -216,35 +218,43 @@ class LocalOctoAIServer:
             )
         finally:
             sock.close()
-        self._finalizer = weakref.finalize(self, _kill, self._proc)
+        self._finalizer = weakref.finalize(
+            self, stop_process, self._proc, grace_s=_STOP_GRACE_S, reap_s=_STOP_GRACE_S
+        )
 
     def _wait_healthy(self, started: float) -> None:
+        wait_until_ready(
+            self._not_healthy,
+            # The startup timeout counts from start(), binding and spawning included.
+            timeout_s=self.startup_timeout_s - (time.perf_counter() - started),
+            # In a thread, uvicorn's started flag is checked in memory and the first health
+            # check after it succeeds; a child process is asked over HTTP, so less often.
+            interval_s=0.005 if self._server is not None else 0.02,
+            on_timeout=lambda reason: TimeoutError(
+                f"the local OctoAI server did not answer /healthcheck within "
+                f"{self.startup_timeout_s} s ({reason})"
+            ),
+        )
+
+    def _not_healthy(self) -> str | None:
+        """Why the server does not serve yet, or None; raises if it stopped while starting."""
         import httpx
 
         assert self._client is not None
-        deadline = started + self.startup_timeout_s
-        last_error = "no answer"
-        while time.perf_counter() < deadline:
-            if self._thread is not None and not self._thread.is_alive():
-                raise RuntimeError("the local OctoAI server thread stopped during startup")
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"the local OctoAI server process exited with {self._proc.returncode} "
-                    f"during startup: {self._child_stderr()}"
-                )
-            if self._server is not None and not self._server.started:
-                time.sleep(0.005)
-                continue
-            try:
-                if self._client.get("/healthcheck", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.02)
-        raise TimeoutError(
-            f"the local OctoAI server did not answer /healthcheck within "
-            f"{self.startup_timeout_s} s ({last_error})"
-        )
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("the local OctoAI server thread stopped during startup")
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(
+                f"the local OctoAI server process exited with {self._proc.returncode} "
+                f"during startup: {self._child_stderr()}"
+            )
+        if self._server is not None and not self._server.started:
+            return "uvicorn has not started yet"
+        try:
+            status = self._client.get("/healthcheck", timeout=2.0).status_code
+        except httpx.TransportError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None if status == 200 else f"HTTP {status} from /healthcheck"
 
     def _child_stderr(self) -> str:
         if self._stderr is None:
@@ -265,7 +275,7 @@ class LocalOctoAIServer:
             self._thread = None
         self._server = None
         if self._proc is not None:
-            _kill(self._proc)
+            stop_process(self._proc, grace_s=_STOP_GRACE_S, reap_s=_STOP_GRACE_S)
             self._proc = None
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -273,17 +283,6 @@ class LocalOctoAIServer:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-
-    def __enter__(self) -> LocalOctoAIServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ---- the /_local controls -----------------------------------------------------------
 
@@ -333,14 +332,3 @@ class LocalOctoAIServer:
             else:
                 self._client.headers["Authorization"] = f"Bearer {token}"
         return new
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
