@@ -19,22 +19,28 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
+
+from .._process import (
+    PortClash,
+    StartStopContext,
+    log_tail,
+    start_retrying_port_clash,
+    stop_process,
+    wait_until_ready,
+)
 
 __all__ = ["SeaweedFS", "find_weed", "s3_bucket", "seaweedfs"]
 
@@ -88,7 +94,7 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-class SeaweedFS:
+class SeaweedFS(StartStopContext):
     """A SeaweedFS master, volume, filer and S3 gateway in one ``weed server`` process.
 
     Args:
@@ -142,15 +148,8 @@ class SeaweedFS:
         Raises:
             RuntimeError: the server did not come up (the end of its log is in the message).
         """
-        last_error = ""
-        for _ in range(3):
-            try:
-                self._start_once()
-                return self
-            except _PortClash as exc:
-                last_error = str(exc)
-                self.stop()
-        raise RuntimeError(f"SeaweedFS did not start: {last_error}")
+        start_retrying_port_clash(self._start_once, self.stop, what="SeaweedFS")
+        return self
 
     def _start_once(self) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
@@ -209,52 +208,43 @@ class SeaweedFS:
         finally:
             log.close()
         self.endpoint_url = f"http://127.0.0.1:{ports['s3.port']}"
-        self._wait_ready()
+        wait_until_ready(
+            self._probe, timeout_s=self.startup_timeout, interval_s=0.05, on_timeout=self._timed_out
+        )
 
-    def _wait_ready(self) -> None:
+    def _probe(self) -> str | None:
+        """None once the S3 gateway answers; raises if ``weed`` has exited."""
         assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                tail = self._log_tail()
-                if "address already in use" in tail:
-                    raise _PortClash(tail)
-                raise RuntimeError(
-                    f"SeaweedFS exited with code {self._proc.returncode} while starting:\n{tail}"
-                )
-            try:
-                with urllib.request.urlopen(self.endpoint_url + "/", timeout=1):
-                    return
-            except urllib.error.HTTPError:
-                # Any S3 answer (403 for an unsigned request) means the gateway is serving.
-                return
-            except OSError:
-                time.sleep(0.05)
-        tail = self._log_tail()
+        if self._proc.poll() is not None:
+            tail = log_tail(self.log_path)
+            if "address already in use" in tail:
+                raise PortClash(tail)
+            raise RuntimeError(
+                f"SeaweedFS exited with code {self._proc.returncode} while starting:\n{tail}"
+            )
+        try:
+            with urllib.request.urlopen(self.endpoint_url + "/", timeout=1):
+                return None
+        except urllib.error.HTTPError:
+            # Any S3 answer (403 for an unsigned request) means the gateway is serving.
+            return None
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def _timed_out(self, _reason: str) -> RuntimeError:
+        """The error for a start that timed out, after stopping the server it leaves."""
+        tail = log_tail(self.log_path)
         self.stop()
-        raise RuntimeError(
+        return RuntimeError(
             f"SeaweedFS S3 did not answer at {self.endpoint_url} within "
             f"{self.startup_timeout}s:\n{tail}"
         )
 
-    def _log_tail(self, lines: int = 20) -> str:
-        path = self.log_path
-        if path is None or not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after ``stop_grace``) and delete its data."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, grace_s=self.stop_grace, reap_s=10)
         # weed puts a unix socket per grpc port in /tmp whatever the flags say.
         for port in self._grpc_ports:
             for role in ("master", "volume", "filer", "s3"):
@@ -279,21 +269,6 @@ class SeaweedFS:
         }
         kwargs.update(overrides)
         return boto3.client("s3", **kwargs)
-
-    def __enter__(self) -> SeaweedFS:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class _PortClash(RuntimeError):
-    """A picked port was taken before weed bound it."""
 
 
 # Test modules may import the fixture while the plugin also provides it: pytest then
