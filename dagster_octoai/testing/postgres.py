@@ -27,14 +27,19 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+
+from .._process import (
+    PortClash,
+    StartStopContext,
+    kill_pid,
+    log_tail,
+    start_retrying_port_clash,
+)
 
 __all__ = ["PostgresCluster", "PostgresUnavailable", "find_pg_bin"]
 
@@ -109,7 +114,7 @@ def _free_port() -> int:
         return port
 
 
-class PostgresCluster:
+class PostgresCluster(StartStopContext):
     """A throwaway PostgreSQL server: its own data dir, a free loopback port, trust auth.
 
     Args:
@@ -141,17 +146,6 @@ class PostgresCluster:
         state = f"port={self.port}, pid={self._pid}" if self._pid else "stopped"
         return f"PostgresCluster({state})"
 
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
@@ -179,18 +173,12 @@ class PostgresCluster:
             if self._bin is None:
                 raise PostgresUnavailable("apt-get installed 'postgresql' but no pg_ctl was found")
         # A port taken between picking and binding fails the start: try new ports.
-        last = ""
-        for _ in range(3):
-            try:
-                self._start_once()
-                return self
-            except _PortClash as exc:
-                last = str(exc)
-                self.stop()
-            except BaseException:
-                self.stop()  # no half-made cluster or temp dir left behind
-                raise
-        raise RuntimeError(f"PostgreSQL did not start: {last}")
+        try:
+            start_retrying_port_clash(self._start_once, self.stop, what="PostgreSQL")
+        except BaseException:
+            self.stop()  # no half-made cluster or temp dir left behind
+            raise
+        return self
 
     def _start_once(self) -> None:
         assert self._bin is not None
@@ -252,9 +240,9 @@ class PostgresCluster:
         )
         self._pid = self._read_pid(data)
         if started.returncode != 0:
-            tail = self._log_tail()
+            tail = log_tail(self.log_path)
             if "could not bind" in tail or "already in use" in tail:
-                raise _PortClash(tail)
+                raise PortClash(tail)
             raise RuntimeError(f"pg_ctl start failed ({started.returncode}):\n{tail}")
 
     def stop(self) -> None:
@@ -279,7 +267,8 @@ class PostgresCluster:
                     check=False,
                 )
         if pid is not None:
-            _kill_if_alive(pid)
+            # pg_ctl stop -m immediate may leave the postmaster running.
+            kill_pid(pid, wait_s=5.0)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -350,30 +339,3 @@ class PostgresCluster:
         with contextlib.suppress(OSError, ValueError, IndexError):
             return int((data / "postmaster.pid").read_text().splitlines()[0])
         return None
-
-    def _log_tail(self, lines: int = 20) -> str:
-        path = self.log_path
-        if path is None or not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-class _PortClash(RuntimeError):
-    pass
-
-
-def _kill_if_alive(pid: int, wait_s: float = 5.0) -> None:
-    """SIGKILL ``pid`` if ``pg_ctl stop`` left it running, and wait for it to go."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
