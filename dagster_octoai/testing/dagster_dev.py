@@ -8,20 +8,18 @@ group: SIGTERM first, SIGKILL after a grace period.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import httpx
+
+from .._process import StartStopContext, stop_process_group, wait_until_ready
 
 __all__ = ["DagsterDev", "DagsterDevError", "free_port"]
 
@@ -61,7 +59,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-class DagsterDev:
+class DagsterDev(StartStopContext):
     """``dagster dev`` on a code location, in a throwaway ``DAGSTER_HOME`` with telemetry off.
 
     Use it as a context manager: on entry it starts ``dagster dev`` on a free loopback port and
@@ -180,32 +178,32 @@ class DagsterDev:
             raise
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self._startup_timeout_s
-        last_problem = "no answer yet"
         with httpx.Client(base_url=self.url, timeout=5.0) as http:
-            while time.monotonic() < deadline:
-                assert self._process is not None
-                if self._process.poll() is not None:
-                    raise DagsterDevError(
-                        f"dagster dev exited with code {self._process.returncode} before its UI "
-                        f"came up. Output:\n{self.log_tail()}"
-                    )
-                try:
-                    answer = http.post("/graphql", json={"query": _WORKSPACE_QUERY})
-                    if answer.status_code == 200:
-                        problem = _workspace_problem(answer.json())
-                        if problem is None:
-                            return
-                        last_problem = problem
-                    else:
-                        last_problem = f"HTTP {answer.status_code} from /graphql"
-                except (httpx.TransportError, ValueError) as exc:
-                    last_problem = f"{type(exc).__name__}: {exc}"
-                time.sleep(0.5)
-        raise DagsterDevError(
-            f"dagster dev did not become ready within {self._startup_timeout_s:.0f}s "
-            f"({last_problem}). Output:\n{self.log_tail()}"
-        )
+            wait_until_ready(
+                lambda: self._problem(http),
+                timeout_s=self._startup_timeout_s,
+                interval_s=0.5,
+                on_timeout=lambda problem: DagsterDevError(
+                    f"dagster dev did not become ready within {self._startup_timeout_s:.0f}s "
+                    f"({problem}). Output:\n{self.log_tail()}"
+                ),
+            )
+
+    def _problem(self, http: httpx.Client) -> str | None:
+        """Why ``dagster dev`` is not ready yet, or None; raises if it cannot become ready."""
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise DagsterDevError(
+                f"dagster dev exited with code {self._process.returncode} before its UI "
+                f"came up. Output:\n{self.log_tail()}"
+            )
+        try:
+            answer = http.post("/graphql", json={"query": _WORKSPACE_QUERY})
+            if answer.status_code != 200:
+                return f"HTTP {answer.status_code} from /graphql"
+            return _workspace_problem(answer.json())
+        except (httpx.TransportError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     def wait(self) -> int:
         """Block until ``dagster dev`` exits (e.g. the UI process dies); its exit code."""
@@ -217,22 +215,11 @@ class DagsterDev:
         """Kill ``dagster dev``'s process group (SIGTERM, then SIGKILL) and remove the temp home."""
         process, self._process = self._process, None
         if process is not None:
-            _kill_group(process, self._stop_grace_s)
+            # It ignores signals from a non-interactive shell and its children may outlive it.
+            stop_process_group(process, grace_s=self._stop_grace_s)
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    def __enter__(self) -> DagsterDev:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _require_tmp(self) -> Path:
         if self._tmp is None:
@@ -260,28 +247,3 @@ def _workspace_problem(body: object) -> str | None:
                 f"code location {entry.get('name')!r} failed to load: {location.get('message')}"
             )
     return None
-
-
-def _kill_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the process group, wait up to ``grace_s`` for all of it to go, then SIGKILL."""
-    pgid = process.pid  # start_new_session=True made the child the leader of its own group
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    # The webserver, daemon and code server share the group and may outlive the parent.
-    while time.monotonic() < deadline and (process.poll() is None or _group_alive(pgid)):
-        time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
-    process.wait(timeout=grace_s)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
