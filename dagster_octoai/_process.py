@@ -206,7 +206,10 @@ def stop_process_group(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
     # The group's members may outlive its leader: wait for all of them.
     while time.monotonic() < deadline and (proc.poll() is None or _group_alive(pgid)):
         time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
+    # Only while the group still has members: once it is empty and its leader reaped,
+    # the id may be reused by an unrelated group.
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGKILL)
     proc.wait(timeout=grace_s)
 
 
