@@ -345,7 +345,8 @@ def test_rerun_replaces_cleanly(store: ImageStore) -> None:
 
 
 class RecordingBackend(StorageBackend):
-    """Wraps a real backend: records puts and copies; the ``fail_on_put``-th put raises."""
+    """Wraps a real backend: records puts and copies; the ``fail_on_put``-th put of an
+    image or manifest raises (index entries are written alongside, in no fixed order)."""
 
     def __init__(self, inner: StorageBackend, fail_on_put: int | None = None) -> None:
         self.inner = inner
@@ -363,7 +364,8 @@ class RecordingBackend(StorageBackend):
     def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
         with self.lock:
             self.puts.append(key)
-            fail = len(self.puts) == self.fail_on_put
+            counted = [k for k in self.puts if "/_index/" not in k]
+            fail = "/_index/" not in key and len(counted) == self.fail_on_put
         if fail:
             raise StorageError(f"simulated outage writing {key}")
         self.inner.put(key, data, content_type, metadata)
@@ -523,6 +525,50 @@ def test_find_existing_ignores_a_stale_index(store: ImageStore) -> None:
     # The index still points at a/manifest.json, which no longer holds that request.
     assert store.backend.get_or_none(index_key("gen", result.request.fingerprint())) is not None
     assert store.find_existing(result.request) is None
+
+
+def test_index_entries_written_before_the_manifest_never_answer_wrongly(
+    store: ImageStore,
+) -> None:
+    # Entries of fresh results go out while the batch is stored, before the manifest.
+    kept = make_result("kept", [1])
+    store.write([kept], asset_key=["a"], partition_key=None, run_id="r1")
+    lost = make_result("lost", [2, 3])
+    # The third image-or-manifest put is the manifest: the images are stored, the
+    # manifest is not, and the entry of "lost" may already point at b/manifest.json.
+    failing = ImageStore(RecordingBackend(store.backend, fail_on_put=3), prefix="gen")
+    with pytest.raises(StorageError, match=r"simulated outage writing gen/b/manifest\.json"):
+        failing.write([lost], asset_key=["b"], partition_key=None, run_id="r2")
+
+    raw = store.backend.get_or_none(index_key("gen", lost.request.fingerprint()))
+    if raw is not None:
+        assert json.loads(raw)["manifest_key"] == "gen/b/manifest.json"
+    assert store.read_manifest(["b"], None) is None
+    assert store.find_existing(lost.request) is None  # a miss, never a wrong answer
+    assert store.backend.get_or_none("gen/b/000-seed2.jpg") is None  # cleaned up
+    found = store.find_existing(kept.request)
+    assert found is not None and found.images[0].data == image_bytes(1)
+
+
+class _IndexOutage(RecordingBackend):
+    def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
+        if "/_index/" in key:
+            raise StorageError(f"simulated outage writing {key}")
+        super().put(key, data, content_type, metadata)
+
+
+def test_an_index_outage_costs_only_the_index(
+    store: ImageStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = make_result("fox", [4, 5])
+    outage = ImageStore(_IndexOutage(store.backend), prefix="gen")
+    with caplog.at_level("WARNING", logger="dagster_octoai.storage"):
+        report = outage.write([result], asset_key=["c"], partition_key=None, run_id="r1")
+    assert report.seeds == [4, 5]
+    assert [im.data for im in store.read(["c"], None)] == [image_bytes(4), image_bytes(5)]
+    assert "could not write the fingerprint index for" in caplog.text
+    assert store.find_existing(result.request, ["c"], None) is not None  # its own manifest
+    assert store.find_existing(result.request) is None  # no index entry to follow
 
 
 # ---- S3 errors -----------------------------------------------------------------------

@@ -299,8 +299,22 @@ class ImageStore:
         thumbnail: str | None = None
         asset_path = "/".join(asset_key)
         index = 0
+        manifest_uri = self.backend.uri(manifest_key)
+        # What every index entry of this output says of where its result is stored.
+        index_target = {
+            "manifest_key": manifest_key,
+            "manifest_uri": manifest_uri,
+            "asset_key": list(asset_key),
+            "partition": None if partition_key is None else str(partition_key),
+        }
+        index_later: list[dict[str, Any]] = []
         try:
-            with _Uploader(self.max_concurrency) as uploader:
+            with (
+                _Uploader(self.max_concurrency) as uploader,
+                # Index entries are a few hundred bytes: max_concurrency (a bound on image
+                # bytes in memory) need not hold them to one at a time.
+                _Uploader(max(self.max_concurrency, _INDEX_WIDTH)) as index_uploader,
+            ):
                 for result in results:
                     if not isinstance(result, GenerationResult):
                         raise TypeError(
@@ -380,7 +394,20 @@ class ImageStore:
                         if thumbnail is None:
                             thumbnail = thumbnail_data_uri(data)
                         del data
-                    result_records.append(self._result_record(result, fingerprint, image_records))
+                    record = self._result_record(result, fingerprint, image_records)
+                    result_records.append(record)
+                    # A fresh result's entry goes out now, while the batch is still being
+                    # generated, instead of after the manifest (100 entries added a tenth
+                    # to a 100-image run, P6). Until the manifest is written the entry
+                    # points at this output's previous manifest or at nothing, and
+                    # find_existing checks fingerprint and SHA-256 there, so an early or
+                    # orphaned entry can only miss, never return the wrong images. A
+                    # reused result's entry already points at a valid manifest elsewhere:
+                    # it is moved only once this one exists.
+                    if result.reused_from is None:
+                        self._submit_index(index_uploader, record, index_target)
+                    else:
+                        index_later.append(record)
                 uploader.wait()
                 for item in staged:
                     uploader.submit(
@@ -398,12 +425,13 @@ class ImageStore:
                     "application/json",
                     {"asset-key": ascii_value(asset_path), "run-id": ascii_value(run_id)},
                 )
+                for record in index_later:
+                    self._submit_index(index_uploader, record, index_target)
+                index_uploader.wait()
         except BaseException:
             self._discard([*direct, *(s.staging_key for s in staged)])
             raise
 
-        manifest_uri = self.backend.uri(manifest_key)
-        self._write_index(manifest, manifest_key, manifest_uri)
         new_keys = {im["key"] for r in result_records for im in r["images"] if im["key"]}
         stale = [k for k in old_images if k not in new_keys]
         try:
@@ -541,46 +569,38 @@ class ImageStore:
         image = source["images"][position]
         return image["key"] if image.get("sha256") == sha and image.get("key") else None
 
-    def _write_index(self, manifest: dict[str, Any], manifest_key: str, manifest_uri: str) -> None:
-        entries: list[tuple[str, bytes]] = []
-        for record in manifest["results"]:
-            request = request_from_record(record["request"])
-            if request.explicit_seeds is None:
-                continue
-            entry = {
-                "schema_version": MANIFEST_SCHEMA_VERSION,
-                "fingerprint": record["fingerprint"],
-                "manifest_key": manifest_key,
-                "manifest_uri": manifest_uri,
-                "asset_key": manifest["asset_key"],
-                "partition": manifest["partition"],
-                "image_keys": [im["key"] for im in record["images"]],
-                "written_at": manifest["created_at"],
-            }
-            entries.append(
-                (
-                    index_key(self.prefix, record["fingerprint"]),
-                    json.dumps(entry, indent=2, sort_keys=True).encode(),
-                )
-            )
+    def _submit_index(
+        self,
+        uploader: _Uploader,
+        record: dict[str, Any],
+        target: dict[str, Any],
+    ) -> None:
+        """Queue the fingerprint index entry of one result (only explicit-seed requests)."""
+        request = request_from_record(record["request"])
+        if request.explicit_seeds is None:
+            return
+        entry = {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "fingerprint": record["fingerprint"],
+            **target,
+            "image_keys": [im["key"] for im in record["images"]],
+            "written_at": _utcnow(),
+        }
+        key = index_key(self.prefix, record["fingerprint"])
+        body = json.dumps(entry, indent=2, sort_keys=True).encode()
 
-        def put(key: str, body: bytes) -> None:
+        def put() -> None:
             try:
                 self.backend.put(key, body, "application/json", {})
             except StorageError as exc:
                 # The index only saves money later; the output itself is complete.
                 logger.warning(
-                    "could not write the fingerprint index for %s: %s", manifest_uri, exc
+                    "could not write the fingerprint index for %s: %s",
+                    target["manifest_uri"],
+                    exc,
                 )
 
-        # One small object per result, written several at a time (one after the other,
-        # 200 entries took longer than uploading 100 MB of images). Entries are a few
-        # hundred bytes, so max_concurrency (a bound on image bytes in memory) need not
-        # hold them to one at a time: at 1, the index doubled the PUTs waited for (P6).
-        with _Uploader(max(self.max_concurrency, _INDEX_WIDTH)) as uploader:
-            for key, body in entries:
-                uploader.submit(put, key, body)
-            uploader.wait()
+        uploader.submit(put)
 
     def find_existing(
         self,
