@@ -483,6 +483,12 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             []
         """
         width = self._batch_width(max_concurrency)
+        if width == 1:
+            # One at a time: generate on the caller's thread. A pool thread would add two
+            # thread hand-offs per image and overlap nothing (the next request is pulled
+            # only when the caller asks for it); benchmark P6 runs this way.
+            yield from self._iter_inline(requests, engine, return_exceptions)
+            return
         source = enumerate(requests)
         pending: dict[Future[ImageGenerationResponse], int] = {}
         first_error: BaseException | None = None
@@ -510,6 +516,19 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
                         first_error = error
         if first_error is not None:
             raise first_error
+
+    def _iter_inline(
+        self, requests: Iterable[RequestLike], engine: Engine | str | None, return_exceptions: bool
+    ) -> Generator[tuple[int, BatchItem], None, None]:
+        for index, request in enumerate(requests):
+            try:
+                response = self.generate(request, engine=engine)
+            except OctoAIError as error:
+                if not return_exceptions:
+                    raise
+                yield index, error
+            else:
+                yield index, response
 
     @overload
     def generate_many(
