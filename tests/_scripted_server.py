@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import uvicorn
 from PIL import Image
 from starlette.types import Receive, Scope, Send
@@ -194,6 +195,23 @@ def scripted_server() -> Iterator[ScriptedServer]:
         server.stop()
 
 
+# ---- fixtures (a module imports them and names them in its __all__) ----------------------
+
+
+@pytest.fixture(scope="module")
+def module_scripted_server() -> Iterator[ScriptedServer]:
+    """One scripted server per test module."""
+    with scripted_server() as server:
+        yield server
+
+
+@pytest.fixture
+def server(module_scripted_server: ScriptedServer) -> ScriptedServer:
+    """The module's scripted server, its script and records cleared for this test."""
+    module_scripted_server.reset()
+    return module_scripted_server
+
+
 # ---- bodies ----------------------------------------------------------------------------
 
 
@@ -209,6 +227,12 @@ def png_bytes(size: tuple[int, int] = (8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGBA", size, (0, 0, 255, 128)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def ok(seeds: list[int] | None = None, request_id: str | None = None) -> Reply:
+    """A 200 generation answer for ``seeds``, with ``X-User-Request-ID`` when given."""
+    headers = {"X-User-Request-ID": request_id} if request_id else {}
+    return Reply(200, generation_body(seeds), headers=headers)
 
 
 def generation_body(

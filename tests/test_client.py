@@ -22,7 +22,10 @@ from _scripted_server import (
     ScriptedServer,
     generation_body,
     jpeg_bytes,
+    module_scripted_server,
+    ok,
     scripted_server,
+    server,
 )
 
 from dagster_octoai import _retry, client as client_module, errors
@@ -33,30 +36,15 @@ from dagster_octoai.version import __version__
 TOKEN = "sk-test-SECRET-0123456789"
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
 
+__all__ = ["module_scripted_server", "server"]  # fixtures used by this module
+
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[ScriptedServer]:
-    with scripted_server() as server:
-        yield server
-
-
-@pytest.fixture
-def server(_server: ScriptedServer) -> ScriptedServer:
-    _server.reset()
-    return _server
 
 
 @pytest.fixture
 def client(server: ScriptedServer) -> Iterator[OctoAIClient]:
     with OctoAIClient(TOKEN, base_url=server.url, retry=FAST, timeout=10) as c:
         yield c
-
-
-def ok(seeds: list[int] | None = None, request_id: str | None = None) -> Reply:
-    headers = {"X-User-Request-ID": request_id} if request_id else {}
-    return Reply(200, generation_body(seeds), headers=headers)
 
 
 def free_port() -> int:
