@@ -4,17 +4,16 @@
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import ephemeral_instance, octoai, s3_images
 from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
     DagsterInstance,
-    EnvVar,
     MaterializeResult,
     StaticPartitionsDefinition,
     asset,
@@ -29,19 +28,7 @@ from dagster_octoai.metadata import MAX_THUMBNAIL_BYTES, data_version_for
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import s3_bucket, seaweedfs
 
-__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
-
-
-@pytest.fixture
-def octoai(octoai_server: Any, monkeypatch: pytest.MonkeyPatch) -> OctoAIResource:
-    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
-    return OctoAIResource(token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url)
-
-
-@pytest.fixture
-def instance() -> Iterator[DagsterInstance]:
-    with DagsterInstance.ephemeral() as inst:
-        yield inst
+__all__ = ["ephemeral_instance", "octoai", "s3_bucket", "seaweedfs"]  # fixtures used by this module
 
 
 def _png(size: tuple[int, int] = (512, 512), *, mode: str = "RGB") -> bytes:
@@ -367,21 +354,6 @@ def test_docs_snippets_run(snippet: str, octoai: OctoAIResource) -> None:
 # ---- storage checked before anything is paid for --------------------------------------
 
 
-def _s3_images(s3: Any, bucket: str, **overrides: Any) -> Any:
-    from dagster_octoai.io_managers import S3ImageIOManager
-
-    settings: dict[str, Any] = {
-        "bucket": bucket,
-        "endpoint_url": s3.endpoint_url,
-        "region_name": s3.region,
-        "aws_access_key_id": s3.access_key,
-        "aws_secret_access_key": s3.secret_key,
-        "addressing_style": "path",
-        **overrides,
-    }
-    return S3ImageIOManager(**settings)
-
-
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -404,9 +376,9 @@ def test_bad_image_store_fails_before_a_random_seed_request_is_paid(
         "unstored", {"engine": "sd", "prompt": "a kite", "steps": 3}, io_manager_key="images"
     )
     if case == "missing bucket":
-        images = _s3_images(seaweedfs, "no-such-bucket")
+        images = s3_images(seaweedfs, "no-such-bucket")
     else:
-        images = _s3_images(seaweedfs, s3_bucket, aws_secret_access_key="wrong-secret-value")
+        images = s3_images(seaweedfs, s3_bucket, aws_secret_access_key="wrong-secret-value")
     before = octoai_server.stats()
     with pytest.raises(StorageError, match=message) as info:
         materialize([asset_def], resources={"octoai": octoai, "images": images})
@@ -422,7 +394,7 @@ def test_a_good_image_store_passes_the_preflight_and_stores(
     asset_def = octoai_image_asset(
         "stored", {"engine": "sd", "prompt": "a kite", "steps": 3}, io_manager_key="images"
     )
-    images = _s3_images(seaweedfs, s3_bucket)
+    images = s3_images(seaweedfs, s3_bucket)
     before = octoai_server.stats()
     result = materialize([asset_def], resources={"octoai": octoai, "images": images})
     assert result.success
@@ -446,7 +418,7 @@ def test_streamed_asset_of_60_images_records_usage_checks_and_persists_all(
         ],
         io_manager_key="images",
     )
-    images = _s3_images(seaweedfs, s3_bucket)
+    images = s3_images(seaweedfs, s3_bucket)
     before = octoai_server.stats()
     result = materialize([frames], resources={"octoai": octoai, "images": images})
     assert result.success

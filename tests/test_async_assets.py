@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import TOKEN, module_instance, module_server, s3_images
 from dagster import (
     DagsterInstance,
     InputContext,
     IOManager,
     OutputContext,
-    instance_for_test,
     materialize,
 )
 from PIL import Image
@@ -26,36 +26,22 @@ from dagster_octoai.async_assets import (
     octoai_async_submit_asset,
 )
 from dagster_octoai.errors import RequestValidationError
-from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
+from dagster_octoai.io_managers import LocalImageIOManager
 from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobState
 from dagster_octoai.resources import OctoAIResource
-from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 from dagster_octoai.storage import StorageError
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 
-__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
-
-TOKEN = "test-token-0c7f3e9a"
-
-
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterInstance]:
-    with instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster"))) as inst:
-        yield inst
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[LocalOctoAIServer]:
-    with LocalOctoAIServer(ServerConfig(token=TOKEN)) as srv:
-        yield srv
+__all__ = ["module_instance", "module_server", "s3_bucket", "seaweedfs"]  # fixtures used here
 
 
 @pytest.fixture
-def server(_server: LocalOctoAIServer) -> Iterator[LocalOctoAIServer]:
-    _server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
-    _server.reset_stats()
-    yield _server
-    _server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
+def server(module_server: LocalOctoAIServer) -> Iterator[LocalOctoAIServer]:
+    module_server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
+    module_server.reset_stats()
+    yield module_server
+    module_server.configure(faults=FaultConfig(), async_queue_delay_s=0.0)
 
 
 def _resources(server: LocalOctoAIServer, tmp: Path, io_manager: Any = None) -> dict[str, Any]:
@@ -180,26 +166,13 @@ def test_the_blocking_asset_resubmits_a_failed_job_then_fails_with_it_recorded(
 # ---- storage checked before anything is paid for ----------------------------------------
 
 
-def _s3_images(s3: SeaweedFS, bucket: str, **overrides: Any) -> S3ImageIOManager:
-    settings: dict[str, Any] = {
-        "bucket": bucket,
-        "endpoint_url": s3.endpoint_url,
-        "region_name": s3.region,
-        "aws_access_key_id": s3.access_key,
-        "aws_secret_access_key": s3.secret_key,
-        "addressing_style": "path",
-        **overrides,
-    }
-    return S3ImageIOManager(**settings)
-
-
 def test_the_blocking_asset_checks_a_missing_bucket_before_submitting(
     instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path, seaweedfs: SeaweedFS
 ) -> None:
     # Random seeds: no reuse lookup could have found the bucket missing on the way.
     random_seed = [{"prompt": "a heron", "engine": "sd", "steps": 5}]
     herons = octoai_async_blocking_asset("unstored_herons", random_seed)
-    io = _s3_images(seaweedfs, "no-such-bucket")
+    io = s3_images(seaweedfs, "no-such-bucket")
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         materialize([herons], instance=instance, resources=_resources(server, tmp_path, io))
     assert _submitted(server) == 0
@@ -218,7 +191,7 @@ def test_the_submit_asset_checks_the_results_assets_store_before_submitting(
     submit = octoai_async_submit_asset("s3_heron_jobs", REQUESTS, results_asset=results)
     resources = {
         **_resources(server, tmp_path),
-        "images": _s3_images(seaweedfs, s3_bucket, aws_secret_access_key="not-the-secret"),
+        "images": s3_images(seaweedfs, s3_bucket, aws_secret_access_key="not-the-secret"),
     }
     with pytest.raises(StorageError, match="S3 refused the credentials") as info:
         materialize([submit], instance=instance, resources=resources)

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from _scripted_server import Reply, ScriptedServer, scripted_server
+from _support import TOKEN, module_instance, module_server
 from dagster import (
     DagsterInstance,
     Definitions,
     ExecuteInProcessResult,
     RunRequest,
     build_sensor_context,
-    instance_for_test,
     materialize,
 )
 from dagster._core.definitions.sensor_definition import SensorExecutionData
@@ -40,7 +40,7 @@ from dagster_octoai.sensors import (
 )
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 
-TOKEN = "test-token-0c7f3e9a"
+__all__ = ["module_instance", "module_server"]  # fixtures used by this module
 
 
 def _requests(n: int, prompt: str = "a red fox") -> list[dict[str, Any]]:
@@ -150,28 +150,13 @@ class Harness:
         return out
 
 
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterInstance]:
-    # One sqlite instance per module: response ids (partitions, run tags) never collide.
-    with instance_for_test(temp_dir=str(tmp_path_factory.mktemp("dagster"))) as inst:
-        yield inst
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[LocalOctoAIServer]:
-    from dagster_octoai.server import ServerConfig
-
-    with LocalOctoAIServer(ServerConfig(token=TOKEN)) as srv:
-        yield srv
-
-
 @pytest.fixture
-def server(_server: LocalOctoAIServer) -> Iterator[LocalOctoAIServer]:
+def server(module_server: LocalOctoAIServer) -> Iterator[LocalOctoAIServer]:
     """The module's server, jobs pending 0.3 s, counts zeroed; restored after the test."""
-    _server.configure(async_queue_delay_s=0.3, result_ttl_s=3600, faults=FaultConfig())
-    _server.reset_stats()
-    yield _server
-    _server.configure(async_queue_delay_s=0.3, result_ttl_s=3600, faults=FaultConfig())
+    module_server.configure(async_queue_delay_s=0.3, result_ttl_s=3600, faults=FaultConfig())
+    module_server.reset_stats()
+    yield module_server
+    module_server.configure(async_queue_delay_s=0.3, result_ttl_s=3600, faults=FaultConfig())
 
 
 def _paid(server: LocalOctoAIServer) -> int:
@@ -324,12 +309,20 @@ def test_an_expired_result_is_resubmitted_with_the_same_request_and_seed(
     assert _paid(server) == 2  # the first result was paid for and lost to expiry
 
 
+def _submit_failing_jobs(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp: Path, n: int, max_resubmits: int
+) -> Harness:
+    """``n`` jobs submitted to a server on which every job fails 0.2 s after submission."""
+    server.configure(faults={"job_failure": 1.0, "job_failure_after_s": 0.2})
+    h = Harness(instance, server.url, tmp, _requests(n), max_resubmits=max_resubmits)
+    h.submit_jobs()
+    return h
+
+
 def test_a_failed_job_is_resubmitted_then_reported_as_a_failed_run(
     instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
 ) -> None:
-    server.configure(faults={"job_failure": 1.0, "job_failure_after_s": 0.2})
-    h = Harness(instance, server.url, tmp_path, _requests(1), max_resubmits=1)
-    h.submit_jobs()
+    h = _submit_failing_jobs(instance, server, tmp_path, n=1, max_resubmits=1)
     requested = h.tick_and_run(ticks=12, pause_s=0.3)
     (record,) = h.ledger.iter_records()
     assert record.state is JobState.FAILED
@@ -353,9 +346,7 @@ def test_a_failed_job_is_resubmitted_then_reported_as_a_failed_run(
 def test_a_job_that_fails_once_succeeds_on_resubmission(
     instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
 ) -> None:
-    server.configure(faults={"job_failure": 1.0, "job_failure_after_s": 0.2})
-    h = Harness(instance, server.url, tmp_path, _requests(2), max_resubmits=2)
-    h.submit_jobs()
+    h = _submit_failing_jobs(instance, server, tmp_path, n=2, max_resubmits=2)
     for _ in range(20):
         h.tick()
         if any(r.attempts == 2 for r in h.ledger.iter_records()):

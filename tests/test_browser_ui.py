@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _support import example_project_env
 
 from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.dagster_dev import DagsterDev
@@ -83,17 +84,7 @@ def dagster_ui(
     octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path
 ) -> Iterator[DagsterDev]:
     """``dagster dev`` on the example project, with the upstream catalogue partition present."""
-    assert octoai_server.token is not None
-    env = {
-        "OCTOAI_BASE_URL": octoai_server.url,
-        "OCTOAI_TOKEN": octoai_server.token,
-        "EXAMPLE_S3_ENDPOINT_URL": seaweedfs.endpoint_url,
-        "EXAMPLE_S3_BUCKET": s3_bucket,
-        "EXAMPLE_OUTPUT_DIR": str(tmp_path / "output"),
-        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
-        "AWS_REGION": seaweedfs.region,
-    }
+    env = example_project_env(octoai_server, seaweedfs, s3_bucket, tmp_path / "output")
     # A loaded 2-core box can take minutes to start the webserver, daemon and code server.
     with DagsterDev(
         module="example_project.definitions", cwd=REPO, env=env, startup_timeout_s=400

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support import example_project_env
 from dagster import (
     DagsterInstance,
     Definitions,
@@ -50,17 +51,9 @@ def example_env(
 ) -> Iterator[tuple[LocalOctoAIServer, dict[str, str]]]:
     """A server of this test's own (exact counts) and the env the example project reads."""
     server: LocalOctoAIServer = octoai_server_factory(token="example-token")
-    assert server.token is not None
     env = {
-        "OCTOAI_BASE_URL": server.url,
-        "OCTOAI_TOKEN": server.token,
-        "EXAMPLE_S3_ENDPOINT_URL": seaweedfs.endpoint_url,
-        "EXAMPLE_S3_BUCKET": s3_bucket,
+        **example_project_env(server, seaweedfs, s3_bucket, tmp_path / "output"),
         "EXAMPLE_S3_PREFIX": PREFIX,
-        "EXAMPLE_OUTPUT_DIR": str(tmp_path / "output"),
-        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
-        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
-        "AWS_REGION": seaweedfs.region,
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _support import ephemeral_instance, octoai
 from dagster import (
     AssetExecutionContext,
     AssetOut,
@@ -27,19 +28,9 @@ from dagster_octoai.client import OctoAIClient
 from dagster_octoai.errors import RateLimitError
 from dagster_octoai.resources import OctoAIResource, OctoAISession
 
+__all__ = ["ephemeral_instance", "octoai"]  # fixtures used by this module
+
 SECRET = "tok-RECOGNISABLE-5f3a9c"
-
-
-@pytest.fixture
-def octoai(octoai_server: Any, monkeypatch: pytest.MonkeyPatch) -> OctoAIResource:
-    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
-    return OctoAIResource(token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url)
-
-
-@pytest.fixture
-def instance() -> Iterator[DagsterInstance]:
-    with DagsterInstance.ephemeral() as inst:
-        yield inst
 
 
 def _metadata(result: Any, key: str) -> dict[str, Any]:
@@ -151,15 +142,23 @@ def test_token_never_in_event_log_metadata_or_ui_config(
     assert field.config_type.fields["token"].is_secret  # type: ignore[attr-defined]
 
 
-def test_quota_exhausted_becomes_retry_requested_with_servers_wait(
-    octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=30.0)
+def _one_request_per_window(
+    octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch, window_s: float
+) -> tuple[Any, OctoAIResource]:
+    """A server of the test's own that allows one request per ``window_s``, and its resource."""
+    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=window_s)
     monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token)
     # The client gives up at once on a Retry-After: quota exhaustion, not a blip.
     resource = OctoAIResource(
         token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_retry_after_s=0.0
     )
+    return octoai_server, resource
+
+
+def test_quota_exhausted_becomes_retry_requested_with_servers_wait(
+    octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, resource = _one_request_per_window(octoai_server_factory, monkeypatch, window_s=30.0)
     try:
         resource.setup_for_execution(build_init_resource_context())
         ctx = build_asset_context()
@@ -178,10 +177,8 @@ def test_quota_exhausted_becomes_retry_requested_with_servers_wait(
 def test_retry_requested_makes_dagster_retry_the_step(
     octoai_server_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    octoai_server = octoai_server_factory(rate_limit_requests=1, rate_limit_window_s=5.0)
-    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token)
-    resource = OctoAIResource(
-        token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url, max_retry_after_s=0.0
+    octoai_server, resource = _one_request_per_window(
+        octoai_server_factory, monkeypatch, window_s=5.0
     )
 
     @asset
