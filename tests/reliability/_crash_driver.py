@@ -26,6 +26,7 @@ from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.storage import S3Backend
 
 from ._children import NOT_REACHED, kill_at, redirect_output, write_result
+from ._support import s3_connection
 
 REQUESTS = [
     {
@@ -80,11 +81,7 @@ def _materialize(env: Mapping[str, str], result_path: str, crash_at: str | None)
         "octoai_ledger": JobLedgerResource(base_dir=env["LEDGER_DIR"]),
         "images": S3ImageIOManager(
             bucket=env["S3_BUCKET"],
-            endpoint_url=env["S3_ENDPOINT"],
-            region_name="us-east-1",
-            aws_access_key_id=env["S3_KEY"],
-            aws_secret_access_key=env["S3_SECRET"],
-            addressing_style="path",
+            **s3_connection(env["S3_ENDPOINT"], env["S3_KEY"], env["S3_SECRET"]),
             max_concurrency=1,
         ),
     }

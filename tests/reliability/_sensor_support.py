@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
@@ -33,6 +33,10 @@ from dagster_octoai.sensors import octoai_async_sensor
 from dagster_octoai.storage import S3Backend
 
 from ._children import NOT_REACHED, kill_at, redirect_output
+from ._support import LEAK_TOKEN, s3_connection
+
+if TYPE_CHECKING:
+    from dagster_octoai.testing.seaweedfs import SeaweedFS
 
 JOBS, IMAGES_PER_JOB = 4, 2
 TOTAL = JOBS * IMAGES_PER_JOB
@@ -52,6 +56,22 @@ def sensor_requests(tag: str) -> list[dict[str, Any]]:
     ]
 
 
+def sensor_settings(
+    octoai_url: str, s3: SeaweedFS, bucket: str, ledger_dir: Path, tag: str
+) -> dict[str, str]:
+    """The settings of a :class:`SensorSetup` (token :data:`LEAK_TOKEN`)."""
+    return {
+        "token": LEAK_TOKEN,
+        "octoai_url": octoai_url,
+        "ledger_dir": str(ledger_dir),
+        "bucket": bucket,
+        "s3_endpoint": s3.endpoint_url,
+        "s3_key": s3.access_key,
+        "s3_secret": s3.secret_key,
+        "tag": tag,
+    }
+
+
 class SensorSetup:
     """Definitions and resources of the sensor path, from plain settings.
 
@@ -67,11 +87,7 @@ class SensorSetup:
         self.ledger_resource = JobLedgerResource(base_dir=settings["ledger_dir"], fsync=False)
         self.images = S3ImageIOManager(
             bucket=settings["bucket"],
-            endpoint_url=settings["s3_endpoint"],
-            region_name="us-east-1",
-            aws_access_key_id=settings["s3_key"],
-            aws_secret_access_key=settings["s3_secret"],
-            addressing_style="path",
+            **s3_connection(settings["s3_endpoint"], settings["s3_key"], settings["s3_secret"]),
             max_concurrency=2,
         )
         self.results = octoai_async_results_asset("kelp_images", io_manager_key="images")

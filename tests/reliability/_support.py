@@ -1,4 +1,8 @@
-"""Shared helpers of the reliability suite: the token, S3 inventories, server tallies."""
+"""Shared helpers of the reliability suite: the token, S3 inventories, server tallies.
+
+Forked children import it too (through ``_sensor_support`` and ``_crash_driver``), so
+what only annotations need is imported for type checkers alone.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster_octoai.io_managers import S3ImageIOManager
-from dagster_octoai.server import LocalOctoAIServer
-from dagster_octoai.testing.seaweedfs import SeaweedFS
+
+if TYPE_CHECKING:
+    from dagster_octoai.server import LocalOctoAIServer
+    from dagster_octoai.testing.seaweedfs import SeaweedFS
 
 #: A recognisable token: any trace of it in logs, errors, events or objects is a leak.
 LEAK_TOKEN = "sk-LEAKCHECK-9f3b2c7d41e8a6b5c0d9"
@@ -31,6 +37,19 @@ class Figures:
         self.rows.setdefault(scenario, {}).update(numbers)
 
 
+def s3_connection(
+    endpoint_url: str, access_key: str, secret_key: str, region: str = "us-east-1"
+) -> dict[str, Any]:
+    """The IO manager's S3 connection fields for a SeaweedFS known by its address and keys."""
+    return {
+        "endpoint_url": endpoint_url,
+        "region_name": region,
+        "aws_access_key_id": access_key,
+        "aws_secret_access_key": secret_key,
+        "addressing_style": "path",
+    }
+
+
 def s3_io(
     server: SeaweedFS, bucket: str, prefix: str = "octoai", **overrides: Any
 ) -> S3ImageIOManager:
@@ -38,11 +57,7 @@ def s3_io(
     settings: dict[str, Any] = {
         "bucket": bucket,
         "prefix": prefix,
-        "endpoint_url": server.endpoint_url,
-        "region_name": server.region,
-        "aws_access_key_id": server.access_key,
-        "aws_secret_access_key": server.secret_key,
-        "addressing_style": "path",
+        **s3_connection(server.endpoint_url, server.access_key, server.secret_key, server.region),
         "max_concurrency": 8,
     }
     settings.update(overrides)
@@ -109,6 +124,16 @@ def manifest_problems(client: Any, bucket: str, inv: Inventory) -> list[str]:
                         f"{key} lists {image['key']} with {image['bytes']} bytes, not {size}"
                     )
     return problems
+
+
+def stored_once(client: Any, bucket: str, images: int, manifests: int) -> Inventory:
+    """The bucket's inventory, checked: seeds ``0..images-1`` once each, manifests complete."""
+    inv = inventory(client, bucket, "")
+    seeds = inv.seeds()
+    assert len(inv.images) == images and sorted(seeds) == list(range(images))
+    assert inv.duplicate_contents == 0 and max(seeds.values()) == 1
+    assert len(inv.manifests) == manifests and manifest_problems(client, bucket, inv) == []
+    return inv
 
 
 @dataclass

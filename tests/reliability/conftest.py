@@ -1,7 +1,9 @@
 """Fixtures of the reliability suite: one SeaweedFS, the leak token, figures for the report.
 
 Every test here runs with the recognisable token :data:`LEAK_TOKEN`; the suite-wide
-log scan of tests/conftest.py looks for it as well as the plugin's test token.
+log scan of tests/conftest.py looks for it as well as the plugin's test token. The
+``octoai_server`` here (one per module) replaces the plugin's; a module that needs a
+server of another kind defines its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
 from dagster_octoai.testing.postgres import PostgresCluster, PostgresUnavailable
 from dagster_octoai.testing.seaweedfs import SeaweedFS
@@ -50,6 +53,22 @@ def figures() -> Iterator[Figures]:
         existing: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         existing.update(collected.rows)
         path.write_text(json.dumps(existing, indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def octoai_server() -> Iterator[LocalOctoAIServer]:
+    """An instant local OctoAI server per module, with the suite's token."""
+    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path) -> Path:
+    """A Dagster home of the test's own (telemetry off), for instances here and in children."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return home
 
 
 @pytest.fixture(scope="session")

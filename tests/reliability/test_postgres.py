@@ -24,7 +24,7 @@ import pytest
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
 from dagster_octoai.jobs_ledger import JobState
-from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.postgres import PostgresCluster
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from dagster_octoai.testing.secrets import TokenScanner
@@ -36,14 +36,9 @@ from ._sensor_support import (
     DaemonTicks,
     SensorSetup,
     materializations_by_partition,
+    sensor_settings,
 )
-from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems
-
-
-@pytest.fixture(scope="module")
-def octoai_server() -> Iterator[LocalOctoAIServer]:
-    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as srv:
-        yield srv
+from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems, stored_once
 
 
 @pytest.fixture
@@ -82,16 +77,7 @@ def test_sensor_ticks_persist_every_job_once_on_a_postgres_instance(
         "PostgresScheduleStorage",
     }
     setup = SensorSetup(
-        {
-            "token": LEAK_TOKEN,
-            "octoai_url": octoai_server.url,
-            "ledger_dir": str(tmp_path / "ledger"),
-            "bucket": bucket,
-            "s3_endpoint": seaweedfs.endpoint_url,
-            "s3_key": seaweedfs.access_key,
-            "s3_secret": seaweedfs.secret_key,
-            "tag": "postgres",
-        }
+        sensor_settings(octoai_server.url, seaweedfs, bucket, tmp_path / "ledger", "postgres")
     )
     octoai_server.reset_stats()
     setup.submit_jobs(pg_instance)
@@ -111,11 +97,7 @@ def test_sensor_ticks_persist_every_job_once_on_a_postgres_instance(
     partitions = pg_instance.get_dynamic_partitions("kelp_images_jobs")
     assert sorted(partitions) == response_ids
     client = seaweedfs.client()
-    inv = inventory(client, bucket, "")
-    seeds = inv.seeds()
-    assert len(inv.images) == TOTAL and sorted(seeds) == list(range(TOTAL))
-    assert inv.duplicate_contents == 0 and max(seeds.values()) == 1
-    assert len(inv.manifests) == JOBS and manifest_problems(client, bucket, inv) == []
+    inv = stored_once(client, bucket, images=TOTAL, manifests=JOBS)
     assert paid == TOTAL
 
     leaks, events = scanner.scan_instance(pg_instance)

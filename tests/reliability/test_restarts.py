@@ -24,7 +24,7 @@ from dagster_octoai.testing.secrets import TokenScanner
 
 from ._children import run_child
 from ._crash_driver import run_case
-from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems
+from ._support import LEAK_TOKEN, Figures, stored_once
 
 JOBS, IMAGES_PER_JOB = 4, 2
 TOTAL = JOBS * IMAGES_PER_JOB
@@ -62,17 +62,15 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
     point: str,
     seaweedfs: SeaweedFS,
     bucket: str,
+    dagster_home: Path,
     tmp_path: Path,
     scanner: TokenScanner,
     figures: Figures,
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     ledger_dir = tmp_path / "ledger"
     with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as server:
         env = {
-            "DAGSTER_HOME": str(home),
+            "DAGSTER_HOME": str(dagster_home),
             "OCTOAI_TOKEN": LEAK_TOKEN,
             "OCTOAI_URL": server.url,
             "LEDGER_DIR": str(ledger_dir),
@@ -97,11 +95,7 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
         paid_after_rerun = server.stats()["paid_generations"]
 
     client = seaweedfs.client()
-    inv = inventory(client, bucket, "")
-    seeds = inv.seeds()
-    assert len(inv.images) == TOTAL and sorted(seeds) == list(range(TOTAL))
-    assert inv.duplicate_contents == 0 and max(seeds.values()) == 1
-    assert len(inv.manifests) == 1 and manifest_problems(client, bucket, inv) == []
+    inv = stored_once(client, bucket, images=TOTAL, manifests=1)
     records = list(JobLedger(LocalLedgerStore(ledger_dir)).iter_records())
     assert len(records) == JOBS and {r.state for r in records} == {JobState.PERSISTED}
     # The resumed run picked up the jobs the crashed one had submitted.
@@ -115,7 +109,7 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
     orphaned = IMAGES_PER_JOB if point == "after_submit" else 0
     assert paid_after_resume == TOTAL + orphaned, (paid_at_crash, paid_after_resume)
 
-    leaks = scanner.scan_files(home) + scanner.scan_files(ledger_dir)
+    leaks = scanner.scan_files(dagster_home) + scanner.scan_files(ledger_dir)
     for proc in (p for p in (crashed, resumed, rerun) if p is not None):
         leaks += scanner.scan_text(proc.log, f"driver output ({point})")
     s3_leaks, _ = scanner.scan_s3(client, bucket)

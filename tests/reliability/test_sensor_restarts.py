@@ -22,14 +22,13 @@ launched twice, and nothing is generated twice.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from dagster_octoai.jobs_ledger import JobState
-from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from dagster_octoai.testing.secrets import TokenScanner
 
@@ -43,14 +42,9 @@ from ._sensor_support import (
     fail_dead_runs,
     materializations_by_partition,
     sensor_child,
+    sensor_settings,
 )
-from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems
-
-
-@pytest.fixture(scope="module")
-def octoai_server() -> Iterator[LocalOctoAIServer]:
-    with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN)) as srv:
-        yield srv
+from ._support import Figures, stored_once
 
 
 @pytest.mark.slow
@@ -61,35 +55,26 @@ def test_killed_sensor_resumes_from_its_cursor_without_losing_or_doubling(
     octoai_server: LocalOctoAIServer,
     seaweedfs: SeaweedFS,
     bucket: str,
+    dagster_home: Path,
     tmp_path: Path,
     scanner: TokenScanner,
     figures: Figures,
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = str(dagster_home)
     cursor_file = tmp_path / "sensor.cursor"
     log_path = tmp_path / "child.log"
-    settings = {
-        "token": LEAK_TOKEN,
-        "octoai_url": octoai_server.url,
-        "ledger_dir": str(tmp_path / "ledger"),
-        "bucket": bucket,
-        "s3_endpoint": seaweedfs.endpoint_url,
-        "s3_key": seaweedfs.access_key,
-        "s3_secret": seaweedfs.secret_key,
-        "tag": f"{point}-{secrets.token_hex(3)}",
-    }
+    tag = f"{point}-{secrets.token_hex(3)}"
+    settings = sensor_settings(octoai_server.url, seaweedfs, bucket, tmp_path / "ledger", tag)
     setup = SensorSetup(settings)
     octoai_server.reset_stats()
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with dg.DagsterInstance.from_config(home) as instance:
         setup.submit_jobs(instance)
 
-    code = run_child(sensor_child, settings, str(home), str(cursor_file), point, str(log_path))
+    code = run_child(sensor_child, settings, home, str(cursor_file), point, str(log_path))
     assert code == -9, f"exit {code}: {log_path.read_text()[-3000:]}"
     cursor_at_crash = cursor_file.read_text() if cursor_file.exists() else None
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with dg.DagsterInstance.from_config(home) as instance:
         dead_runs = fail_dead_runs(instance)
         ticks = DaemonTicks(setup, instance, cursor_file)
         ticks.tick_until_final()
@@ -111,11 +96,7 @@ def test_killed_sensor_resumes_from_its_cursor_without_losing_or_doubling(
     assert materialized == dict.fromkeys(response_ids, 1)
     assert len(run_keys) == len(set(run_keys))
     client = seaweedfs.client()
-    inv = inventory(client, bucket, "")
-    seeds = inv.seeds()
-    assert len(inv.images) == TOTAL and sorted(seeds) == list(range(TOTAL))
-    assert inv.duplicate_contents == 0 and max(seeds.values()) == 1
-    assert len(inv.manifests) == JOBS and manifest_problems(client, bucket, inv) == []
+    inv = stored_once(client, bucket, images=TOTAL, manifests=JOBS)
     # Nothing was generated twice: no job was resubmitted.
     assert paid == TOTAL and all(r.attempts == 1 for r in records)
 
