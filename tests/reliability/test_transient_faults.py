@@ -98,16 +98,52 @@ def token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OCTOAI_TOKEN", LEAK_TOKEN)
 
 
-def _check_store(seaweedfs: SeaweedFS, bucket: str, prefix: str) -> tuple[int, int, int, list[str]]:
+def _materialize_each_partition(
+    asset: dg.AssetsDefinition,
+    resources: dict[str, Any],
+    instance: dg.DagsterInstance,
+    server: LocalOctoAIServer,
+    tally: ServerTally,
+) -> None:
+    """One run per partition, the server's counts taken after each (its log holds 1,000)."""
+    for key in PARTS.get_partition_keys():
+        result = dg.materialize([asset], resources=resources, partition_key=key, instance=instance)
+        assert result.success, key
+        tally.take(server)
+
+
+def _check_store(seaweedfs: SeaweedFS, bucket: str) -> tuple[int, int]:
+    """Every image persisted once, under one manifest per partition: (persisted, duplicates)."""
     client = seaweedfs.client()
-    inv = inventory(client, bucket, prefix)
-    seeds = inv.seeds()
-    duplicate_seeds = sum(n - 1 for n in seeds.values())
-    return (
-        len(inv.images),
-        inv.duplicate_contents + duplicate_seeds,
-        len(inv.manifests),
-        (manifest_problems(client, bucket, inv)),
+    inv = inventory(client, bucket, "octoai/")
+    duplicates = inv.duplicate_contents + sum(n - 1 for n in inv.seeds().values())
+    problems = manifest_problems(client, bucket, inv)
+    assert (len(inv.images), duplicates, len(inv.manifests), problems) == (TOTAL, 0, PARTITIONS, [])
+    return len(inv.images), duplicates
+
+
+def _scan_for_leaks(
+    scanner: TokenScanner, instance: dg.DagsterInstance, seaweedfs: SeaweedFS, bucket: str
+) -> int:
+    """No token in the instance's events or the bucket's objects: how many leaks were found."""
+    leaks, events = scanner.scan_instance(instance)
+    assert events > 0 and leaks == []
+    s3_leaks, objects = scanner.scan_s3(seaweedfs.client(), bucket)
+    assert objects > TOTAL and s3_leaks == []
+    return len(leaks) + len(s3_leaks)
+
+
+def _record(
+    figures: Figures, scenario: str, persisted: int, duplicates: int, leaks: int, **numbers: int
+) -> None:
+    """A scenario's figures: the columns both scenarios report, then ``numbers``."""
+    figures.record(
+        scenario,
+        images_requested=TOTAL,
+        images_persisted=persisted,
+        duplicates_in_s3=duplicates,
+        leaks_found=leaks,
+        **numbers,
     )
 
 
@@ -136,15 +172,9 @@ def test_partitioned_sync_batch_through_faults_persists_every_image_once(
     tally = ServerTally()
     with LocalOctoAIServer(ServerConfig(token=LEAK_TOKEN, replicas=8, faults=FAULTS)) as server:
         resources = {"octoai": _resource(server), "images": s3_io(seaweedfs, bucket)}
-        for key in PARTS.get_partition_keys():
-            result = dg.materialize(
-                [lighthouses], resources=resources, partition_key=key, instance=instance
-            )
-            assert result.success, key
-            tally.take(server)
+        _materialize_each_partition(lighthouses, resources, instance, server, tally)
 
-    persisted, duplicates, manifests, problems = _check_store(seaweedfs, bucket, "octoai/")
-    assert (persisted, duplicates, manifests, problems) == (TOTAL, 0, PARTITIONS, [])
+    persisted, duplicates = _check_store(seaweedfs, bucket)
     # The faults happened, and each failing kind at least once.
     assert tally.retried_failures >= 0.1 * tally.requests
     assert all(tally.faults[f] > 0 for f in ("rate_limited", "error_500", "error_503"))
@@ -156,21 +186,18 @@ def test_partitioned_sync_batch_through_faults_persists_every_image_once(
     rerendered = sum(n - 1 for n in tally.seeds_rendered.values())
     assert rerendered == tally.paid_lost
 
-    leaks, events = scanner.scan_instance(instance)
-    assert events > 0 and leaks == []
-    s3_leaks, objects = scanner.scan_s3(seaweedfs.client(), bucket)
-    assert objects > TOTAL and s3_leaks == []
+    leaks = _scan_for_leaks(scanner, instance, seaweedfs, bucket)
 
-    figures.record(
+    _record(
+        figures,
         "1,000-image batch, partitioned sync, 20 % faults",
-        images_requested=TOTAL,
-        images_persisted=persisted,
-        duplicates_in_s3=duplicates,
+        persisted,
+        duplicates,
+        leaks,
         paid_generations=tally.paid,
         retried_failures=tally.retried_failures,
         paid_for_lost_answers=tally.paid_lost,
         http_requests=tally.requests,
-        leaks_found=len(leaks) + len(s3_leaks),
     )
 
 
@@ -205,18 +232,12 @@ def test_async_batch_through_faults_persists_every_image_once(
             "octoai_ledger": ledger,
             "images": s3_io(seaweedfs, bucket),
         }
-        for key in PARTS.get_partition_keys():
-            result = dg.materialize(
-                [images], resources=resources, partition_key=key, instance=instance
-            )
-            assert result.success, key
-            tally.take(server)
+        _materialize_each_partition(images, resources, instance, server, tally)
         # A job whose acceptance was lost may have failed on the server too: nobody saw it.
         server.configure(faults=FaultConfig())
         lost_failed = failed_jobs(server, tally.lost_response_ids)
 
-    persisted, duplicates, manifests, problems = _check_store(seaweedfs, bucket, "octoai/")
-    assert (persisted, duplicates, manifests, problems) == (TOTAL, 0, PARTITIONS, [])
+    persisted, duplicates = _check_store(seaweedfs, bucket)
     records = list(ledger.get_ledger().iter_records())
     assert len(records) == PARTITIONS * REQUESTS_PER_PARTITION
     assert {r.state for r in records} == {JobState.PERSISTED}
@@ -230,22 +251,19 @@ def test_async_batch_through_faults_persists_every_image_once(
     assert tally.paid == TOTAL + lost_paid
     assert tally.paid <= TOTAL + tally.retried_failures * IMAGES_PER_REQUEST
 
-    leaks, events = scanner.scan_instance(instance)
-    assert events > 0 and leaks == []
+    leaks = _scan_for_leaks(scanner, instance, seaweedfs, bucket)
     assert scanner.scan_files(tmp_path / "ledger") == []
-    s3_leaks, objects = scanner.scan_s3(seaweedfs.client(), bucket)
-    assert objects > TOTAL and s3_leaks == []
     ledger_text = json.dumps([r.model_dump(mode="json") for r in records])
     assert scanner.scan_text(ledger_text, "ledger records") == []
 
-    figures.record(
+    _record(
+        figures,
         "1,000-image batch, async jobs, 20 % faults (also on polls and fetches)",
-        images_requested=TOTAL,
-        images_persisted=persisted,
-        duplicates_in_s3=duplicates,
+        persisted,
+        duplicates,
+        leaks,
         paid_generations=tally.paid,
         retried_failures=tally.retried_failures + resubmitted,
         paid_for_lost_answers=lost_paid,
         http_requests=tally.requests,
-        leaks_found=len(leaks) + len(s3_leaks),
     )
