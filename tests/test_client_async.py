@@ -16,6 +16,7 @@ from _scripted_server import (
     jpeg_bytes,
     module_scripted_server,
     ok,
+    scripted_server,
     server,
 )
 
@@ -289,14 +290,12 @@ def test_iter_generate_from_an_async_iterable_is_lazy(server: ScriptedServer) ->
     assert server.max_in_flight <= 2
 
 
-def test_leaving_iter_generate_early_cancels_in_flight(server: ScriptedServer) -> None:
+def test_leaving_iter_generate_early_cancels_in_flight() -> None:
     # The reply depends on the seed, not on arrival order: the three requests race to
     # the server, and only seed 0 answers at once.
     def reply(request: Recorded) -> Reply:
         seed = request.json()["seed"]
         return Reply(200, generation_body([seed]), delay_s=0 if seed == 0 else 3)
-
-    server.default = reply
 
     async def body(client: AsyncOctoAIClient) -> int:
         stream = client.iter_generate([{"prompt": "fox", "seed": s} for s in range(10)])
@@ -305,10 +304,14 @@ def test_leaving_iter_generate_early_cancels_in_flight(server: ScriptedServer) -
             return index
         return -1
 
-    assert run(server, body, max_concurrency=3) == 0
-    # Nothing new was started after the consumer left: only the first three requests
-    # were ever in flight (one of them may be cancelled before it reached the server).
-    seeds = [r.json()["seed"] for r in server.requests]
+    # A server of its own: a cancelled request may still reach the server after the test,
+    # and must not be counted by the next test's shared server.
+    with scripted_server() as server:
+        server.default = reply
+        assert run(server, body, max_concurrency=3) == 0
+        # Nothing new was started after the consumer left: only the first three requests
+        # were ever in flight (one may be cancelled before it reached the server).
+        seeds = [r.json()["seed"] for r in server.requests]
     assert 0 in seeds and set(seeds) <= {0, 1, 2} and len(seeds) == len(set(seeds))
 
 

@@ -62,14 +62,20 @@ def _calls(client: OctoAIClient) -> None:
     client.health()
 
 
-@pytest.mark.parametrize("kind", ["own pool", "passed-in"])
-def test_every_path_sends_the_same_request(server: ScriptedServer, kind: str) -> None:
+def _reference(server: ScriptedServer) -> list[tuple[str, str, dict[str, str | None], bytes]]:
+    """What the sync client's own pool sends for ``_calls``; the server is reset after."""
     server.default = ok([3])
     with _sync_client("own pool", server.url) as client:
         _calls(client)
     reference = [_wire(r) for r in server.requests]
     server.reset()
     server.default = ok([3])
+    return reference
+
+
+@pytest.mark.parametrize("kind", ["own pool", "passed-in"])
+def test_every_path_sends_the_same_request(server: ScriptedServer, kind: str) -> None:
+    reference = _reference(server)
     with _sync_client(kind, server.url) as client:
         _calls(client)
     assert [_wire(r) for r in server.requests] == reference
@@ -86,12 +92,7 @@ def test_every_path_sends_the_same_request(server: ScriptedServer, kind: str) ->
 
 
 def test_async_client_sends_what_the_sync_client_sends(server: ScriptedServer) -> None:
-    server.default = ok([3])
-    with _sync_client("own pool", server.url) as client:
-        _calls(client)
-    reference = [_wire(r) for r in server.requests]
-    server.reset()
-    server.default = ok([3])
+    reference = _reference(server)
 
     async def main() -> None:
         async with AsyncOctoAIClient(TOKEN, base_url=server.url) as client:
