@@ -64,6 +64,15 @@ class _ImageIOManager(ConfigurableIOManager):
         default=None,
         description="Re-encode images to 'png', 'jpeg' or 'webp'; unset stores the bytes exactly as the API returned them.",
     )
+    fingerprint_index: bool = Field(
+        default=False,
+        description=(
+            "Also write {prefix}/_index/{request fingerprint}.json for every result whose "
+            "seeds are explicit, so find_existing can reuse a result stored by another "
+            "asset or partition. Costs one more PUT per result; re-runs of the same "
+            "output reuse through its manifest without it."
+        ),
+    )
 
     _store: ImageStore | None = PrivateAttr(default=None)
     _store_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -100,6 +109,7 @@ class _ImageIOManager(ConfigurableIOManager):
                     prefix=normalize_prefix(self.prefix),
                     max_concurrency=self.max_concurrency,
                     convert_to=typing.cast(ConvertFormat | None, self.convert_to),
+                    fingerprint_index=self.fingerprint_index,
                 )
             return self._store
 
@@ -162,9 +172,10 @@ class _ImageIOManager(ConfigurableIOManager):
 
         Only requests with every seed explicit qualify. The output at ``asset_key`` /
         ``partition_key`` (pass ``context.partition_key`` as is: a multi-partition key
-        keeps its dimensions) is checked first, then the fingerprint index of the
-        whole prefix. The returned result has ``reused_from`` set to the manifest URI;
-        returning it from the asset stores it without uploading the bytes again.
+        keeps its dimensions) is checked first, then (with ``fingerprint_index``) the
+        fingerprint index of the whole prefix. The returned result has ``reused_from``
+        set to the manifest URI; returning it from the asset stores it without
+        uploading the bytes again.
 
         Examples:
             >>> io = LocalImageIOManager(base_dir="/tmp/images")

@@ -272,9 +272,13 @@ def test_reuse_through_the_io_manager(io_manager: Any) -> None:
         image_bytes(11),
         image_bytes(12),
     ]
-    # Another asset with the same request finds it through the fingerprint index.
-    assert io_manager.find_existing(request, "other/asset") is not None
     assert io_manager.find_existing(request, dg.AssetKey(["foxes"])) is not None
+    # Another asset finds it only through the fingerprint index, which is opt-in.
+    assert io_manager.find_existing(request, "other/asset") is None
+    indexed = type(io_manager)(**{**io_manager.model_dump(), "fingerprint_index": True})
+    dg.materialize([foxes], resources={"io_manager": indexed})
+    assert paid == [1]
+    assert indexed.find_existing(request, "other/asset") is not None
 
 
 def test_lazy_batch_through_materialize(io_manager: Any) -> None:

@@ -98,6 +98,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ImageStore:
     return ImageStore(backend, prefix="gen", max_concurrency=4)
 
 
+def indexed(store: ImageStore) -> ImageStore:
+    """The same backend and prefix, with the fingerprint index on."""
+    return ImageStore(store.backend, prefix="gen", max_concurrency=4, fingerprint_index=True)
+
+
 def s3_client(store: ImageStore) -> Any:
     assert isinstance(store.backend, S3Backend)
     return store.backend.client
@@ -252,8 +257,7 @@ def test_write_stores_exact_bytes_metadata_and_manifest(store: ImageStore) -> No
             for p in store.backend.base_dir.rglob("*")
             if p.is_file()
         )
-        index_files = sorted(index_key("gen", r.request.fingerprint()) for r in (jpeg, png))
-        assert files == sorted([*keys, "gen/fox/p1/manifest.json", *index_files])
+        assert files == sorted([*keys, "gen/fox/p1/manifest.json"])  # no index by default
 
 
 def test_manifest_alone_regenerates_the_request(store: ImageStore) -> None:
@@ -476,6 +480,7 @@ def test_lazy_batch_is_streamed_with_bounded_memory(store: ImageStore) -> None:
 
 
 def test_find_existing_and_reuse(store: ImageStore) -> None:
+    store = indexed(store)
     original = make_result("a red fox", [11, 12], steps=20, response_id="job-9")
     store.write([original], asset_key=["fox"], partition_key="p1", run_id="r1")
 
@@ -495,7 +500,7 @@ def test_find_existing_and_reuse(store: ImageStore) -> None:
 
     # Storing the reused result at the same key: no upload, and in another asset: a copy.
     counting = RecordingBackend(store.backend)
-    reuse_store = ImageStore(counting, prefix="gen")
+    reuse_store = ImageStore(counting, prefix="gen", fingerprint_index=True)
     report = reuse_store.write([found], asset_key=["fox"], partition_key="p1", run_id="r2")
     assert counting.puts == ["gen/fox/p1/manifest.json", index_key("gen", same.fingerprint())]
     assert report.reused_count == 2
@@ -519,6 +524,7 @@ def test_find_existing_and_reuse(store: ImageStore) -> None:
 
 
 def test_find_existing_ignores_a_stale_index(store: ImageStore) -> None:
+    store = indexed(store)
     result = make_result("x", [5])
     store.write([result], asset_key=["a"], partition_key=None, run_id="r1")
     store.write([make_result("y", [6])], asset_key=["a"], partition_key=None, run_id="r2")
@@ -531,12 +537,15 @@ def test_index_entries_written_before_the_manifest_never_answer_wrongly(
     store: ImageStore,
 ) -> None:
     # Entries of fresh results go out while the batch is stored, before the manifest.
+    store = indexed(store)
     kept = make_result("kept", [1])
     store.write([kept], asset_key=["a"], partition_key=None, run_id="r1")
     lost = make_result("lost", [2, 3])
     # The third image-or-manifest put is the manifest: the images are stored, the
     # manifest is not, and the entry of "lost" may already point at b/manifest.json.
-    failing = ImageStore(RecordingBackend(store.backend, fail_on_put=3), prefix="gen")
+    failing = ImageStore(
+        RecordingBackend(store.backend, fail_on_put=3), prefix="gen", fingerprint_index=True
+    )
     with pytest.raises(StorageError, match=r"simulated outage writing gen/b/manifest\.json"):
         failing.write([lost], asset_key=["b"], partition_key=None, run_id="r2")
 
@@ -550,6 +559,20 @@ def test_index_entries_written_before_the_manifest_never_answer_wrongly(
     assert found is not None and found.images[0].data == image_bytes(1)
 
 
+def test_without_the_index_nothing_is_indexed_or_looked_up(store: ImageStore) -> None:
+    result = make_result("owl", [8])
+    counting = RecordingBackend(store.backend)
+    plain = ImageStore(counting, prefix="gen")
+    plain.write([result], asset_key=["owl"], partition_key=None, run_id="r1")
+    assert counting.puts == ["gen/owl/000-seed8.jpg", "gen/owl/manifest.json"]
+    assert plain.find_existing(result.request, ["owl"], None) is not None  # its manifest
+    # An entry another store wrote is not followed either.
+    indexed(store).write([result], asset_key=["elsewhere"], partition_key=None, run_id="r2")
+    assert store.backend.get_or_none(index_key("gen", result.request.fingerprint()))
+    assert plain.find_existing(result.request) is None
+    assert indexed(store).find_existing(result.request) is not None
+
+
 class _IndexOutage(RecordingBackend):
     def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
         if "/_index/" in key:
@@ -560,8 +583,9 @@ class _IndexOutage(RecordingBackend):
 def test_an_index_outage_costs_only_the_index(
     store: ImageStore, caplog: pytest.LogCaptureFixture
 ) -> None:
+    store = indexed(store)
     result = make_result("fox", [4, 5])
-    outage = ImageStore(_IndexOutage(store.backend), prefix="gen")
+    outage = ImageStore(_IndexOutage(store.backend), prefix="gen", fingerprint_index=True)
     with caplog.at_level("WARNING", logger="dagster_octoai.storage"):
         report = outage.write([result], asset_key=["c"], partition_key=None, run_id="r1")
     assert report.seeds == [4, 5]
