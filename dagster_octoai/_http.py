@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
+import ssl
 import time
 import urllib.request
 from collections.abc import Callable
@@ -105,6 +107,23 @@ def parsed_url(url: str) -> httpx.URL:
 def _where(method: str, url: str) -> str:
     # Path only: the host is in the client's repr and query strings may carry signatures.
     return f"{method} {parsed_url(url).path}"
+
+
+def tls_context() -> ssl.SSLContext:
+    """httpx's default certificate verification, built once per CA setting and shared.
+
+    Building a context loads the whole CA bundle (about 50 ms of CPU here), and a new
+    ``httpx`` client builds one unless it is given one: every client of the process (one
+    per Dagster run, per sensor tick) shares this one instead. ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` are honoured as httpx honours them; changing them gives a new context.
+    """
+    return _tls_context(os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cert_file: str, cert_dir: str) -> ssl.SSLContext:
+    # The arguments only key the cache: httpx reads the same variables itself.
+    return httpx.create_ssl_context()
 
 
 def proxy_configured() -> bool:

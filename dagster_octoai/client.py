@@ -40,6 +40,7 @@ from ._http import (
     parse_poll,
     proxy_configured,
     resolve_url,
+    tls_context,
 )
 from ._retry import RetryPolicy
 from .errors import (
@@ -339,7 +340,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
     """
 
     def _new_transport(self, limits: httpx.Limits) -> httpx.HTTPTransport:
-        return httpx.HTTPTransport(limits=limits)
+        return httpx.HTTPTransport(limits=limits, verify=tls_context())
 
     def _new_http(
         self, limits: httpx.Limits, transport: httpx.HTTPTransport | None
@@ -349,6 +350,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             limits=limits,
             headers={"User-Agent": USER_AGENT},
             transport=transport,
+            verify=tls_context(),
         )
 
     def _new_slots(self) -> threading.BoundedSemaphore:
@@ -735,7 +737,7 @@ class AsyncOctoAIClient(
     """
 
     def _new_transport(self, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(limits=limits)
+        return httpx.AsyncHTTPTransport(limits=limits, verify=tls_context())
 
     def _new_http(
         self, limits: httpx.Limits, transport: httpx.AsyncHTTPTransport | None
@@ -745,6 +747,7 @@ class AsyncOctoAIClient(
             limits=limits,
             headers={"User-Agent": USER_AGENT},
             transport=transport,
+            verify=tls_context(),
         )
 
     def _new_slots(self) -> asyncio.Semaphore:

@@ -158,7 +158,8 @@ class ScriptedServer:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, tls: tuple[str, str] | None = None) -> None:
+        """Serve on a free port; ``tls=(certfile, keyfile)`` serves HTTPS."""
         config = uvicorn.Config(
             self,
             host="127.0.0.1",
@@ -166,6 +167,8 @@ class ScriptedServer:
             log_level="critical",
             lifespan="on",
             timeout_graceful_shutdown=1,
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="scripted-server", daemon=True)
@@ -176,7 +179,7 @@ class ScriptedServer:
                 raise RuntimeError("scripted server did not start")
             time.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self._server, self._thread = server, thread
 
     def stop(self) -> None:
