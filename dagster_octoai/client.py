@@ -18,6 +18,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Generator,
     Iterable,
     Mapping,
@@ -173,14 +174,21 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         # Room beyond the generation slots for polls, fetches and health checks.
         pool = self._max_concurrency + 4
         limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        direct = None if proxy_configured() else self._new_transport(limits)
-        return direct, self._new_http(limits, direct)
+        direct: DirectT | None = None
+        if not proxy_configured():
+            direct = self._transport_type(limits=limits, verify=tls_context())
+        http: HttpT = self._http_type(
+            timeout=self._timeout,
+            limits=limits,
+            headers={"User-Agent": USER_AGENT},
+            transport=direct,
+            verify=tls_context(),
+        )
+        return direct, http
 
-    def _new_transport(self, limits: httpx.Limits) -> DirectT:
-        raise NotImplementedError
-
-    def _new_http(self, limits: httpx.Limits, transport: DirectT | None) -> HttpT:
-        raise NotImplementedError
+    # The sync or async flavours of the transport, the client and the generation slots.
+    _transport_type: Callable[..., DirectT]
+    _http_type: Callable[..., HttpT]
 
     def _new_slots(self) -> SlotsT:
         raise NotImplementedError
@@ -339,19 +347,8 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
                 Path("fox.jpg").write_bytes(response.images[0].data)
     """
 
-    def _new_transport(self, limits: httpx.Limits) -> httpx.HTTPTransport:
-        return httpx.HTTPTransport(limits=limits, verify=tls_context())
-
-    def _new_http(
-        self, limits: httpx.Limits, transport: httpx.HTTPTransport | None
-    ) -> httpx.Client:
-        return httpx.Client(
-            timeout=self._timeout,
-            limits=limits,
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
-            verify=tls_context(),
-        )
+    _transport_type = httpx.HTTPTransport
+    _http_type = httpx.Client
 
     def _new_slots(self) -> threading.BoundedSemaphore:
         return threading.BoundedSemaphore(self._max_concurrency)
@@ -736,19 +733,8 @@ class AsyncOctoAIClient(
         "AsyncOctoAIClient(base_url='http://127.0.0.1:9', token=***)"
     """
 
-    def _new_transport(self, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(limits=limits, verify=tls_context())
-
-    def _new_http(
-        self, limits: httpx.Limits, transport: httpx.AsyncHTTPTransport | None
-    ) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            timeout=self._timeout,
-            limits=limits,
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
-            verify=tls_context(),
-        )
+    _transport_type = httpx.AsyncHTTPTransport
+    _http_type = httpx.AsyncClient
 
     def _new_slots(self) -> asyncio.Semaphore:
         return asyncio.Semaphore(self._max_concurrency)
