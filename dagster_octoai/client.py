@@ -309,12 +309,45 @@ def _not_ready(job: AsyncJob, result: PollResult) -> JobNotReadyError:
     )
 
 
-def _wait_deadline(job: AsyncJob, status: str, timeout: float) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"async job {job.response_id} still {status!r} after waiting {timeout:g} s; "
-        "wait(job) again or fetch it later (results are kept 24 hours)",
-        response_id=job.response_id,
-    )
+class _JobWait:
+    """The polling schedule of one ``wait(job)``: back-off, deadline, unknown statuses.
+
+    The clients' loops are: poll; done -> fetch; else sleep ``pause(result)``, then
+    ``check(result)`` (raises once the deadline has passed).
+    """
+
+    def __init__(
+        self, job: AsyncJob, timeout: float, poll_interval_s: float, max_poll_interval_s: float
+    ) -> None:
+        self.job = job
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self._interval = poll_interval_s
+        self._max_interval = max_poll_interval_s
+        self._warned: set[str] = set()
+
+    def pause(self, result: PollResult) -> float:
+        """Seconds to sleep before the next poll (none left once the deadline has passed)."""
+        if result.status is JobStatus.UNKNOWN and result.raw_status not in self._warned:
+            self._warned.add(result.raw_status)
+            logger.warning(
+                "job %s: unknown status %r; polling on until the %g s timeout",
+                self.job.response_id,
+                result.raw_status,
+                self.timeout,
+            )
+        return max(0.0, min(self._interval, self.deadline - time.monotonic()))
+
+    def check(self, result: PollResult) -> None:
+        """Raise when the deadline has passed; else back the interval off."""
+        if time.monotonic() >= self.deadline:
+            raise DeadlineExceededError(
+                f"async job {self.job.response_id} still {result.raw_status!r} after waiting "
+                f"{self.timeout:g} s; wait(job) again or fetch it later (results are kept "
+                "24 hours)",
+                response_id=self.job.response_id,
+            )
+        self._interval = min(self._interval * 2, self._max_interval)
 
 
 class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]):
@@ -652,31 +685,16 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         this client does not know) is polled until ``timeout``, then
         :class:`DeadlineExceededError`.
         """
-        started = time.monotonic()
-        deadline = started + timeout
-        interval = poll_interval_s
-        warned: set[str] = set()
+        wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = self._poll(job, deadline)
+            result = self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = self._fetch_url(url, job.response_id, deadline)
+                answer = self._fetch_url(url, job.response_id, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
-            if result.status is JobStatus.UNKNOWN and result.raw_status not in warned:
-                warned.add(result.raw_status)
-                logger.warning(
-                    "job %s: unknown status %r; polling on until the %g s timeout",
-                    job.response_id,
-                    result.raw_status,
-                    timeout,
-                )
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                time.sleep(min(interval, remaining))
-            if time.monotonic() >= deadline:
-                raise _wait_deadline(job, result.raw_status, timeout)
-            interval = min(interval * 2, max_poll_interval_s)
+            time.sleep(wait.pause(result))
+            wait.check(result)
 
     # ---- health ----------------------------------------------------------------------
 
@@ -969,30 +987,16 @@ class AsyncOctoAIClient(
         max_poll_interval_s: float = 10.0,
     ) -> ImageGenerationResponse:
         """Poll until completed, then fetch; see :meth:`OctoAIClient.wait`."""
-        deadline = time.monotonic() + timeout
-        interval = poll_interval_s
-        warned: set[str] = set()
+        wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = await self._poll(job, deadline)
+            result = await self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = await self._fetch_url(url, job.response_id, deadline)
+                answer = await self._fetch_url(url, job.response_id, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
-            if result.status is JobStatus.UNKNOWN and result.raw_status not in warned:
-                warned.add(result.raw_status)
-                logger.warning(
-                    "job %s: unknown status %r; polling on until the %g s timeout",
-                    job.response_id,
-                    result.raw_status,
-                    timeout,
-                )
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                await asyncio.sleep(min(interval, remaining))
-            if time.monotonic() >= deadline:
-                raise _wait_deadline(job, result.raw_status, timeout)
-            interval = min(interval * 2, max_poll_interval_s)
+            await asyncio.sleep(wait.pause(result))
+            wait.check(result)
 
     async def health(self) -> bool:
         """True when ``GET {base_url}/healthcheck`` answers 2xx; never raises."""
