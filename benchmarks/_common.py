@@ -11,10 +11,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.seaweedfs import SeaweedFS
+
+if TYPE_CHECKING:
+    from dagster_octoai.io_managers import S3ImageIOManager
 
 __all__ = [
     "TOKEN",
@@ -24,6 +27,7 @@ __all__ = [
     "machine",
     "octoai_server",
     "peak_rss_mb",
+    "s3_image_io_manager",
     "seaweedfs",
     "shared_seaweedfs",
     "timed",
@@ -167,6 +171,23 @@ def shared_seaweedfs() -> Iterator[SeaweedFS]:
             yield s3
         finally:
             _SHARED_S3.clear()
+
+
+def s3_image_io_manager(s3: SeaweedFS, bucket: str, prefix: str, **fields: Any) -> S3ImageIOManager:
+    """An ``S3ImageIOManager`` on this SeaweedFS (path-style addressing); ``fields`` add to it."""
+    # Imported here: the scenarios without S3 (P1, P2) need not load Dagster.
+    from dagster_octoai.io_managers import S3ImageIOManager
+
+    return S3ImageIOManager(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        addressing_style="path",
+        **fields,
+    )
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -28,7 +28,7 @@ from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
-from ._common import TOKEN, Row, Settings, octoai_server, seaweedfs
+from ._common import TOKEN, Row, Settings, octoai_server, s3_image_io_manager, seaweedfs
 
 #: The IO manager's default uploads in flight; the baseline uses the same.
 CONCURRENCY = 8
@@ -49,16 +49,8 @@ def big_image_requests(count: int, tag: str) -> list[ImageGenerationRequest]:
 
 
 def _io_manager(s3: SeaweedFS, bucket: str, *, fingerprint_index: bool = False) -> S3ImageIOManager:
-    return S3ImageIOManager(
-        bucket=bucket,
-        prefix="bench",
-        endpoint_url=s3.endpoint_url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        addressing_style="path",
-        max_concurrency=CONCURRENCY,
-        fingerprint_index=fingerprint_index,
+    return s3_image_io_manager(
+        s3, bucket, "bench", max_concurrency=CONCURRENCY, fingerprint_index=fingerprint_index
     )
 
 

@@ -37,11 +37,10 @@ from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.client import OctoAIClient
-from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
-from ._common import TOKEN, Row, Settings, octoai_server, seaweedfs
+from ._common import TOKEN, Row, Settings, octoai_server, s3_image_io_manager, seaweedfs
 
 #: Generations and uploads in flight, on both sides.
 CONCURRENCY = 1
@@ -80,16 +79,7 @@ def _asset_run(
 ) -> float:
     resources = {
         "octoai": OctoAIResource(token=TOKEN, base_url=url, max_concurrency=CONCURRENCY),
-        "images": S3ImageIOManager(
-            bucket=bucket,
-            prefix=prefix,
-            endpoint_url=s3.endpoint_url,
-            region_name=s3.region,
-            aws_access_key_id=s3.access_key,
-            aws_secret_access_key=s3.secret_key,
-            addressing_style="path",
-            max_concurrency=CONCURRENCY,
-        ),
+        "images": s3_image_io_manager(s3, bucket, prefix, max_concurrency=CONCURRENCY),
     }
     started = time.perf_counter()
     result = materialize(assets, instance=instance, resources=resources)
