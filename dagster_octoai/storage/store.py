@@ -314,7 +314,7 @@ class ImageStore:
             "asset_key": list(asset_key),
             "partition": None if partition_key is None else str(partition_key),
         }
-        index_later: list[dict[str, Any]] = []
+        index_later: list[tuple[ImageGenerationRequest, dict[str, Any]]] = []
         try:
             with (
                 _Uploader(self.max_concurrency) as uploader,
@@ -412,9 +412,9 @@ class ImageStore:
                     # reused result's entry already points at a valid manifest elsewhere:
                     # it is moved only once this one exists.
                     if self.fingerprint_index and result.reused_from is None:
-                        self._submit_index(index_uploader, record, index_target)
+                        self._submit_index(index_uploader, request, record, index_target)
                     elif self.fingerprint_index:
-                        index_later.append(record)
+                        index_later.append((request, record))
                 uploader.wait()
                 for item in staged:
                     uploader.submit(
@@ -432,8 +432,8 @@ class ImageStore:
                     "application/json",
                     {"asset-key": ascii_value(asset_path), "run-id": ascii_value(run_id)},
                 )
-                for record in index_later:
-                    self._submit_index(index_uploader, record, index_target)
+                for later_request, record in index_later:
+                    self._submit_index(index_uploader, later_request, record, index_target)
                 index_uploader.wait()
         except BaseException:
             self._discard([*direct, *(s.staging_key for s in staged)])
@@ -579,11 +579,11 @@ class ImageStore:
     def _submit_index(
         self,
         uploader: _Uploader,
+        request: ImageGenerationRequest,
         record: dict[str, Any],
         target: dict[str, Any],
     ) -> None:
         """Queue the fingerprint index entry of one result (only explicit-seed requests)."""
-        request = request_from_record(record["request"])
         if request.explicit_seeds is None:
             return
         entry = {
