@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml requirements-dev.txt
 chromium:
 	@bash scripts/ensure_chromium.sh
 
+LINTED := dagster_octoai devtools tests example_project benchmarks scripts
+
+# Style, then the layer rules of pyproject.toml's [tool.importlinter].
 lint: venv
-	$(VENV)/bin/ruff check dagster_octoai tests example_project benchmarks scripts
-	$(VENV)/bin/ruff format --check dagster_octoai tests example_project benchmarks scripts
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy

@@ -11,9 +11,9 @@ from typing import Any
 
 from dagster import AssetExecutionContext, AssetsDefinition, DagsterInstance, asset, materialize
 
-from dagster_octoai.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.io_managers import S3ImageIOManager
-from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.resources import OctoAIResource
 
 from ._common import TOKEN, peak_rss_mb

@@ -23,7 +23,7 @@ import httpx
 from octoai.client import OctoAI
 from octoai.environment import OctoAIEnvironment
 
-from dagster_octoai.client import OctoAIClient
+from dagster_octoai.api.client import OctoAIClient
 
 from ._common import TOKEN, Row, Settings, cpu_seconds, octoai_server
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from dagster_octoai.client import OctoAIClient
+from dagster_octoai.api.client import OctoAIClient
 
 from ._common import TOKEN, Row, Settings, octoai_server
 

@@ -22,10 +22,10 @@ from typing import Any
 from botocore.config import Config
 from dagster import build_output_context
 
-from dagster_octoai.batch import GenerationResult, ImageBatch
-from dagster_octoai.client import OctoAIClient
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.client import OctoAIClient
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.io_managers import S3ImageIOManager
-from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
 from ._common import TOKEN, Row, Settings, octoai_server, s3_image_io_manager, seaweedfs

@@ -2,7 +2,7 @@
 
 A child process (the run's process, so its peak RSS is the run's alone) materializes
 one asset with Dagster's in-process executor: the asset returns a lazy
-:class:`~dagster_octoai.batch.ImageBatch` fed by the run's pooled client
+:class:`~dagster_octoai.api.batch.ImageBatch` fed by the run's pooled client
 (``OctoAIResource.client.iter_generate``, 4 in flight), and ``S3ImageIOManager``
 stores each image in SeaweedFS as it arrives (8 uploads in flight). The package has no
 factory for a lazy many-request asset, so the asset is written here in ten lines, as a

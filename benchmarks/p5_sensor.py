@@ -22,9 +22,9 @@ from dagster import DagsterInstance, build_sensor_context, materialize
 
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from dagster_octoai.io_managers import LocalImageIOManager
-from dagster_octoai.jobs_ledger import JobLedgerResource
-from dagster_octoai.resources import OctoAIResource
-from dagster_octoai.sensors import AsyncSensorCursor, octoai_async_sensor
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
+from dagster_octoai.sensors import octoai_async_sensor
+from dagster_octoai.storage.ticker import AsyncSensorCursor
 
 from ._common import TOKEN, Row, Settings, octoai_server
 

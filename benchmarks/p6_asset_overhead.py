@@ -35,8 +35,8 @@ from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, materialize
 
+from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.assets import octoai_image_asset
-from dagster_octoai.client import OctoAIClient
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 

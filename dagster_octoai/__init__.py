@@ -1,56 +1,59 @@
 """dagster-octoai: OctoAI-style image generation for Dagster.
 
-Every public name is importable from here. Each is loaded on first use, so the client
-never loads Dagster and the local server loads neither Dagster nor the HTTP client.
+Every public name is importable from here. The errors load at once; every other name is
+loaded on first use, so the client never loads Dagster and the local server loads neither
+Dagster nor the HTTP client.
+
+The ``TYPE_CHECKING`` block below is the one table of where each lazy name lives: type
+checkers read it as imports, and :func:`__getattr__` reads the same lines at run time.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import *  # noqa: F403
+from .api.errors import (
+    APIStatusError as APIStatusError,
+    AuthenticationError as AuthenticationError,
+    BadRequestError as BadRequestError,
+    ConnectionFailedError as ConnectionFailedError,
+    DeadlineExceededError as DeadlineExceededError,
+    ImageDecodeError as ImageDecodeError,
+    ImageError as ImageError,
+    ImageRemovedForSafetyError as ImageRemovedForSafetyError,
+    JobExpiredError as JobExpiredError,
+    JobFailedError as JobFailedError,
+    JobNotReadyError as JobNotReadyError,
+    NotFoundError as NotFoundError,
+    OctoAIError as OctoAIError,
+    PermissionDeniedError as PermissionDeniedError,
+    PolicyViolationError as PolicyViolationError,
+    RateLimitError as RateLimitError,
+    RequestValidationError as RequestValidationError,
+    ResponseFormatError as ResponseFormatError,
+    ServerError as ServerError,
+    TransportError as TransportError,
+    UnprocessableEntityError as UnprocessableEntityError,
+)
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .assets import octoai_image_asset as octoai_image_asset
-    from .async_assets import (
-        octoai_async_blocking_asset as octoai_async_blocking_asset,
-        octoai_async_results_asset as octoai_async_results_asset,
-        octoai_async_submit_asset as octoai_async_submit_asset,
-    )
-    from .batch import (
+    from .api.batch import (
         GenerationResult as GenerationResult,
         ImageBatch as ImageBatch,
         StoredImage as StoredImage,
     )
-    from .checks import (
-        evaluate_image_checks as evaluate_image_checks,
-        image_check_specs as image_check_specs,
-        octoai_image_checks as octoai_image_checks,
-    )
-    from .client import (
+    from .api.client import (
         AsyncOctoAIClient as AsyncOctoAIClient,
         OctoAIClient as OctoAIClient,
         RetryPolicy as RetryPolicy,
     )
-    from .config import ImageGenerationConfig as ImageGenerationConfig
-    from .controlnet import edge_map as edge_map
-    from .io_managers import (
-        LocalImageIOManager as LocalImageIOManager,
-        S3ImageIOManager as S3ImageIOManager,
-    )
-    from .jobs_ledger import (
-        JobLedger as JobLedger,
-        JobLedgerResource as JobLedgerResource,
-        JobRecord as JobRecord,
-        JobState as JobState,
-    )
-    from .metadata import (
-        data_version_for as data_version_for,
-        generation_metadata as generation_metadata,
-    )
-    from .models import (
+    from .api.edges import edge_map as edge_map
+    from .api.models import (
         AsyncJob as AsyncJob,
         CallInfo as CallInfo,
         Engine as Engine,
@@ -62,62 +65,127 @@ if TYPE_CHECKING:
         PromptTooLongWarning as PromptTooLongWarning,
         Sampler as Sampler,
     )
+    from .assets import octoai_image_asset as octoai_image_asset
+    from .async_assets import (
+        octoai_async_blocking_asset as octoai_async_blocking_asset,
+        octoai_async_results_asset as octoai_async_results_asset,
+        octoai_async_submit_asset as octoai_async_submit_asset,
+    )
+    from .checks import (
+        evaluate_image_checks as evaluate_image_checks,
+        image_check_specs as image_check_specs,
+        octoai_image_checks as octoai_image_checks,
+    )
+    from .config import ImageGenerationConfig as ImageGenerationConfig
+    from .io_managers import (
+        LocalImageIOManager as LocalImageIOManager,
+        S3ImageIOManager as S3ImageIOManager,
+    )
+    from .metadata import (
+        data_version_for as data_version_for,
+        generation_metadata as generation_metadata,
+    )
     from .ops import octoai_generate_op as octoai_generate_op
-    from .resources import OctoAIResource as OctoAIResource, OctoAISession as OctoAISession
-    from .sensors import (
+    from .resources import (
+        JobLedgerResource as JobLedgerResource,
+        OctoAIResource as OctoAIResource,
+        OctoAISession as OctoAISession,
+    )
+    from .sensors import octoai_async_sensor as octoai_async_sensor
+    from .storage import StorageError as StorageError
+    from .storage.ledger import (
+        JobLedger as JobLedger,
+        JobRecord as JobRecord,
+        JobState as JobState,
+    )
+    from .storage.ticker import (
         AsyncSensorCursor as AsyncSensorCursor,
         AsyncSensorSettings as AsyncSensorSettings,
-        octoai_async_sensor as octoai_async_sensor,
     )
-    from .storage import StorageError as StorageError
 
-# Public name -> the module that defines it.
-_LAZY = {
-    "GenerationResult": ".batch",
-    "ImageBatch": ".batch",
-    "StoredImage": ".batch",
-    "AsyncOctoAIClient": ".client",
-    "OctoAIClient": ".client",
-    "RetryPolicy": ".client",
-    "AsyncJob": ".models",
-    "CallInfo": ".models",
-    "Engine": ".models",
-    "GeneratedImage": ".models",
-    "ImageGenerationRequest": ".models",
-    "ImageGenerationResponse": ".models",
-    "JobStatus": ".models",
-    "PollResult": ".models",
-    "PromptTooLongWarning": ".models",
-    "Sampler": ".models",
-    "OctoAIResource": ".resources",
-    "OctoAISession": ".resources",
-    "ImageGenerationConfig": ".config",
-    "octoai_image_asset": ".assets",
-    "octoai_generate_op": ".ops",
-    "octoai_image_checks": ".checks",
-    "image_check_specs": ".checks",
-    "evaluate_image_checks": ".checks",
-    "generation_metadata": ".metadata",
-    "data_version_for": ".metadata",
-    "edge_map": ".controlnet",
-    "octoai_async_submit_asset": ".async_assets",
-    "octoai_async_results_asset": ".async_assets",
-    "octoai_async_blocking_asset": ".async_assets",
-    "octoai_async_sensor": ".sensors",
-    "AsyncSensorCursor": ".sensors",
-    "AsyncSensorSettings": ".sensors",
-    "JobLedger": ".jobs_ledger",
-    "JobLedgerResource": ".jobs_ledger",
-    "JobRecord": ".jobs_ledger",
-    "JobState": ".jobs_ledger",
-    "S3ImageIOManager": ".io_managers",
-    "LocalImageIOManager": ".io_managers",
-    "StorageError": ".storage",
-}
+__all__ = [
+    "APIStatusError",
+    "AsyncJob",
+    "AsyncOctoAIClient",
+    "AsyncSensorCursor",
+    "AsyncSensorSettings",
+    "AuthenticationError",
+    "BadRequestError",
+    "CallInfo",
+    "ConnectionFailedError",
+    "DeadlineExceededError",
+    "Engine",
+    "GeneratedImage",
+    "GenerationResult",
+    "ImageBatch",
+    "ImageDecodeError",
+    "ImageError",
+    "ImageGenerationConfig",
+    "ImageGenerationRequest",
+    "ImageGenerationResponse",
+    "ImageRemovedForSafetyError",
+    "JobExpiredError",
+    "JobFailedError",
+    "JobLedger",
+    "JobLedgerResource",
+    "JobNotReadyError",
+    "JobRecord",
+    "JobState",
+    "JobStatus",
+    "LocalImageIOManager",
+    "NotFoundError",
+    "OctoAIClient",
+    "OctoAIError",
+    "OctoAIResource",
+    "OctoAISession",
+    "PermissionDeniedError",
+    "PolicyViolationError",
+    "PollResult",
+    "PromptTooLongWarning",
+    "RateLimitError",
+    "RequestValidationError",
+    "ResponseFormatError",
+    "RetryPolicy",
+    "S3ImageIOManager",
+    "Sampler",
+    "ServerError",
+    "StorageError",
+    "StoredImage",
+    "TransportError",
+    "UnprocessableEntityError",
+    "__version__",
+    "data_version_for",
+    "edge_map",
+    "evaluate_image_checks",
+    "generation_metadata",
+    "image_check_specs",
+    "octoai_async_blocking_asset",
+    "octoai_async_results_asset",
+    "octoai_async_sensor",
+    "octoai_async_submit_asset",
+    "octoai_generate_op",
+    "octoai_image_asset",
+    "octoai_image_checks",
+]
+
+
+@functools.cache
+def _lazy_table() -> dict[str, str]:
+    """Public name -> defining module, read from this file's ``TYPE_CHECKING`` block."""
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+            return {
+                alias.asname or alias.name: "." * stmt.level + (stmt.module or "")
+                for stmt in node.body
+                if isinstance(stmt, ast.ImportFrom)
+                for alias in stmt.names
+            }
+    raise ImportError("dagster_octoai/__init__.py lost its TYPE_CHECKING import table")
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module = _lazy_table().get(name)
     if module is None:
         raise AttributeError(f"module 'dagster_octoai' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
@@ -126,4 +194,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *__all__})

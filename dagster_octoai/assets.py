@@ -33,14 +33,14 @@ from dagster import (
 from PIL import Image
 from pydantic import ValidationError
 
-from .batch import GenerationResult, ImageBatch, StoredImage
+from .api.batch import GenerationResult, ImageBatch, StoredImage
+from .api.edges import edge_map
+from .api.errors import RequestValidationError
+from .api.models import GeneratedImage, ImageGenerationRequest
 from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
-from .controlnet import edge_map
-from .errors import RequestValidationError
 from .io_managers import preflight_store
 from .metadata import data_version_for, generation_metadata
-from .models import GeneratedImage, ImageGenerationRequest
 from .resources import OctoAIResource
 
 # dagster does not export its own alias of this.
@@ -111,7 +111,7 @@ def octoai_image_asset(
             (every image of the input). An input may be images as stored by the image
             IO managers, an ``ImageBatch``, a ``PIL.Image``, bytes, a path or base64.
         local_edge_map: For ControlNet: replace the control image with a local edge
-            map (:func:`~dagster_octoai.controlnet.edge_map`) and send
+            map (:func:`~dagster_octoai.api.edges.edge_map`) and send
             ``controlnet_preprocess=False``.
         deps: Upstream assets this one depends on without loading them.
         resource_key: Key of the :class:`OctoAIResource`.

@@ -31,9 +31,9 @@ from dagster import (
     asset,
 )
 
-from .batch import GenerationResult, ImageBatch
-from .client import OctoAIClient
-from .errors import (
+from .api.batch import GenerationResult, ImageBatch
+from .api.client import OctoAIClient
+from .api.errors import (
     JobExpiredError,
     JobFailedError,
     OctoAIError,
@@ -42,11 +42,11 @@ from .errors import (
     ServerError,
     TransportError,
 )
+from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
 from .io_managers import preflight_store
-from .jobs_ledger import JobLedger, JobRecord, JobState, job_id_for
 from .metadata import generation_metadata
-from .models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
 from .resources import OctoAIResource, OctoAISession
+from .storage.ledger import JobLedger, JobRecord, JobState, job_id_for
 
 __all__ = [
     "octoai_async_blocking_asset",

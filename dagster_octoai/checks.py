@@ -27,9 +27,9 @@ from dagster import (
     multi_asset_check,
 )
 
-from .batch import GenerationResult, ImageBatch, StoredImage
-from .errors import OctoAIError
-from .images import whole_image_size
+from .api.batch import GenerationResult, ImageBatch, StoredImage
+from .api.errors import OctoAIError
+from .api.images import whole_image_size
 
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]

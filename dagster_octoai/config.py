@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 from dagster import Config
 from pydantic import Field, model_validator
 
-from .models import Engine, ImageGenerationRequest, Sampler
+from .api.models import Engine, ImageGenerationRequest, Sampler
 
 __all__ = ["EngineName", "ImageEncoding", "ImageGenerationConfig"]
 

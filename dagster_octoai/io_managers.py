@@ -3,9 +3,9 @@
 Both are thin: the key layout, manifest and write order live in
 :class:`dagster_octoai.storage.ImageStore`, so S3 and local outputs look the same.
 
-``handle_output`` takes an :class:`~dagster_octoai.batch.ImageBatch` (or a
-:class:`~dagster_octoai.batch.GenerationResult`, or a list of them) and stores it
-as it is iterated. ``load_input`` gives back :class:`~dagster_octoai.batch.StoredImage`
+``handle_output`` takes an :class:`~dagster_octoai.api.batch.ImageBatch` (or a
+:class:`~dagster_octoai.api.batch.GenerationResult`, or a list of them) and stores it
+as it is iterated. ``load_input`` gives back :class:`~dagster_octoai.api.batch.StoredImage`
 objects:
 
 - ``list[StoredImage]`` for an unpartitioned upstream, or for one upstream partition
@@ -35,8 +35,8 @@ from dagster import (
 )
 from pydantic import Field, PrivateAttr, field_validator
 
-from .batch import GenerationResult, ImageBatch, StoredImage
-from .models import ImageGenerationRequest
+from .api.batch import GenerationResult, ImageBatch, StoredImage
+from .api.models import ImageGenerationRequest
 from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, StorageError, WriteReport
 from .storage.layout import normalize_prefix
 from .storage.store import ConvertFormat

@@ -16,10 +16,10 @@ from typing import Any
 
 from dagster import DataVersion, MetadataValue
 
-from .batch import GenerationResult, ImageBatch
-from .errors import OctoAIError
-from .images import thumbnail_data_uri
-from .models import ImageGenerationRequest, ImageGenerationResponse
+from .api.batch import GenerationResult, ImageBatch
+from .api.errors import OctoAIError
+from .api.images import thumbnail_data_uri
+from .api.models import ImageGenerationRequest, ImageGenerationResponse
 
 __all__ = [
     "MAX_THUMBNAIL_BYTES",

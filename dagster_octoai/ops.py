@@ -9,11 +9,11 @@ from typing import Any, cast
 from dagster import Failure, OpDefinition, OpExecutionContext, Out, Output, op
 from pydantic import ValidationError
 
-from .batch import GenerationResult, ImageBatch
+from .api.batch import GenerationResult, ImageBatch
+from .api.errors import RequestValidationError
+from .api.models import ImageGenerationRequest
 from .config import ImageGenerationConfig
-from .errors import RequestValidationError
 from .metadata import generation_metadata
-from .models import ImageGenerationRequest
 from .resources import OctoAIResource
 
 __all__ = ["octoai_generate_op"]

@@ -19,8 +19,8 @@ from dagster import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-from dagster_octoai.batch import StoredImage
-from dagster_octoai.images import thumbnail_data_uri
+from dagster_octoai.api.batch import StoredImage
+from dagster_octoai.api.images import thumbnail_data_uri
 
 from .generation import IMAGES_IO
 from .settings import ExampleSettings

@@ -25,8 +25,7 @@ from dagster import (
 )
 
 from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
-from dagster_octoai.jobs_ledger import JobLedgerResource
-from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 
 from .async_batch import lifestyle_jobs, lifestyle_shots, lifestyle_shots_sensor
 from .catalogue import prompt_catalogue

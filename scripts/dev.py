@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from dagster_octoai.testing.dagster_dev import DagsterDev
+    from devtools.dagster_dev import DagsterDev
 
     try:
         with running_services(REPO / ".demo") as services:

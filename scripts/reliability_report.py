@@ -42,7 +42,7 @@ What the reliability suite (`tests/reliability/`) proves, with the figures of it
 run. Everything runs for real on this machine: the local OctoAI-compatible server with
 seeded fault injection over loopback HTTP, SeaweedFS as S3, real Dagster runs. Every
 scenario uses the recognisable token `sk-LEAKCHECK-…`, and the token scanner
-(`dagster_octoai.testing.secrets.TokenScanner`) looks for it, plain and encoded, in the
+(`devtools.secrets.TokenScanner`) looks for it, plain and encoded, in the
 captured logs (DEBUG and up), exceptions, the Dagster event log of every run, the
 materialization metadata, the S3 objects with their user metadata, manifests and the
 job ledger.

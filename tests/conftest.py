@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dagster_octoai.testing.plugin import TEST_TOKEN
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 _home = Path(tempfile.mkdtemp(prefix="dagster-octoai-home-"))
 (_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

@@ -21,9 +21,9 @@ from dagster import (
 )
 from PIL import Image, ImageDraw
 
+from dagster_octoai.api.batch import ImageBatch
+from dagster_octoai.api.errors import RequestValidationError
 from dagster_octoai.assets import octoai_image_asset
-from dagster_octoai.batch import ImageBatch
-from dagster_octoai.errors import RequestValidationError
 from dagster_octoai.metadata import MAX_THUMBNAIL_BYTES, data_version_for
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import s3_bucket, seaweedfs

@@ -20,17 +20,17 @@ from dagster import (
 )
 from PIL import Image
 
+from dagster_octoai.api.errors import RequestValidationError
 from dagster_octoai.async_assets import (
     octoai_async_blocking_asset,
     octoai_async_results_asset,
     octoai_async_submit_asset,
 )
-from dagster_octoai.errors import RequestValidationError
 from dagster_octoai.io_managers import LocalImageIOManager
-from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobState
-from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 from dagster_octoai.storage import StorageError
+from dagster_octoai.storage.ledger import JobLedger, JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 
 __all__ = ["module_instance", "module_server", "s3_bucket", "seaweedfs"]  # fixtures used here

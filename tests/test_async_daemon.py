@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, materialize
 
-from dagster_octoai.jobs_ledger import JobLedger, JobState, LocalLedgerStore
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.storage.ledger import JobLedger, JobState, LocalLedgerStore
 
 TOKEN = "daemon-test-token"
 
@@ -38,7 +38,7 @@ DEFINITIONS = textwrap.dedent(
         octoai_async_submit_asset,
     )
     from dagster_octoai.io_managers import LocalImageIOManager
-    from dagster_octoai.jobs_ledger import JobLedgerResource
+    from dagster_octoai.resources import JobLedgerResource
     from dagster_octoai.resources import OctoAIResource
     from dagster_octoai.sensors import octoai_async_sensor
 

@@ -28,17 +28,14 @@ from dagster import (
 )
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from dagster_octoai.io_managers import LocalImageIOManager
-from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobRecord, JobState
-from dagster_octoai.models import ImageGenerationRequest
-from dagster_octoai.resources import OctoAIResource
-from dagster_octoai.sensors import (
-    RESPONSE_ID_TAG,
-    AsyncSensorCursor,
-    octoai_async_sensor,
-)
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
+from dagster_octoai.sensors import octoai_async_sensor
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
+from dagster_octoai.storage.ledger import JobLedger, JobRecord, JobState
+from dagster_octoai.storage.ticker import RESPONSE_ID_TAG, AsyncSensorCursor
 
 __all__ = ["module_instance", "module_server"]  # fixtures used by this module
 

@@ -24,8 +24,8 @@ import pytest
 from _support import example_project_env
 
 from dagster_octoai.server import LocalOctoAIServer
-from dagster_octoai.testing.dagster_dev import DagsterDev
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
+from devtools.dagster_dev import DagsterDev
 
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
 

@@ -10,7 +10,8 @@ import pytest
 from dagster import AssetExecutionContext, EnvVar, asset, materialize
 from PIL import Image
 
-from dagster_octoai.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.checks import (
     CHECK_DECODES,
     CHECK_NO_REMOVED,
@@ -19,7 +20,6 @@ from dagster_octoai.checks import (
     octoai_image_checks,
 )
 from dagster_octoai.io_managers import LocalImageIOManager
-from dagster_octoai.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.resources import OctoAIResource
 
 

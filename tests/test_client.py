@@ -28,9 +28,9 @@ from _scripted_server import (
     server,
 )
 
-from dagster_octoai import _retry, client as client_module, errors
-from dagster_octoai.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
-from dagster_octoai.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
+from dagster_octoai.api import _retry, client as client_module, errors
+from dagster_octoai.api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from dagster_octoai.api.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-test-SECRET-0123456789"
@@ -212,7 +212,9 @@ def test_retry_logs_a_warning_without_the_token(
     server.script(Reply(503, {"message": f"echo Bearer {TOKEN}"}), ok())
     client.generate({"prompt": "a fox"})
     warnings = [
-        r for r in caplog.records if r.name == "dagster_octoai.client" and r.levelname == "WARNING"
+        r
+        for r in caplog.records
+        if r.name == "dagster_octoai.api.client" and r.levelname == "WARNING"
     ]
     assert len(warnings) == 1
     line = warnings[0].getMessage()
@@ -336,7 +338,7 @@ def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> 
 
 def test_connection_refused_is_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
-    caplog.set_level(logging.WARNING, logger="dagster_octoai.client")
+    caplog.set_level(logging.WARNING, logger="dagster_octoai.api.client")
     url = f"http://127.0.0.1:{free_port()}"
     with (
         OctoAIClient(TOKEN, base_url=url, retry=policy) as client,

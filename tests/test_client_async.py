@@ -20,9 +20,9 @@ from _scripted_server import (
     server,
 )
 
-from dagster_octoai import errors
-from dagster_octoai.client import AsyncOctoAIClient, RetryPolicy
-from dagster_octoai.models import JobStatus
+from dagster_octoai.api import errors
+from dagster_octoai.api.client import AsyncOctoAIClient, RetryPolicy
+from dagster_octoai.api.models import JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-async-SECRET-9876543210"
@@ -360,7 +360,7 @@ def run_local(server: Any, body: Callable[[AsyncOctoAIClient], Awaitable[T]], **
 
 @pytest.mark.parametrize("engine", ["sdxl", "sd"])
 def test_local_server_generate_matches_the_sync_client(octoai_server: Any, engine: str) -> None:
-    from dagster_octoai.client import OctoAIClient
+    from dagster_octoai.api.client import OctoAIClient
 
     request = {"prompt": "a red fox", "seed": [3, 4], "num_images": 2}
     ours = run_local(octoai_server, lambda c: c.generate(request, engine=engine))

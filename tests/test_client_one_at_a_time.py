@@ -17,8 +17,8 @@ from _scripted_server import (
     server,
 )
 
-from dagster_octoai import errors
-from dagster_octoai.client import OctoAIClient, RetryPolicy
+from dagster_octoai.api import errors
+from dagster_octoai.api.client import OctoAIClient, RetryPolicy
 
 __all__ = ["module_scripted_server", "server"]
 

@@ -13,9 +13,9 @@ import pytest
 import trustme
 from _scripted_server import ScriptedServer, ok
 
-from dagster_octoai._http import tls_context
-from dagster_octoai.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
-from dagster_octoai.errors import ConnectionFailedError
+from dagster_octoai.api._http import tls_context
+from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
+from dagster_octoai.api.errors import ConnectionFailedError
 
 TOKEN = "sk-test-SECRET-tls-5150"
 

@@ -22,8 +22,8 @@ from _scripted_server import (
     server,
 )
 
-from dagster_octoai.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
-from dagster_octoai.errors import ConnectionFailedError
+from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
+from dagster_octoai.api.errors import ConnectionFailedError
 from dagster_octoai.version import __version__
 
 __all__ = ["module_scripted_server", "server"]

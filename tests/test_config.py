@@ -18,9 +18,9 @@ from dagster import (
 from PIL import Image
 from pydantic import ValidationError
 
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.config import ImageGenerationConfig
-from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.resources import OctoAIResource
 
 

@@ -10,9 +10,9 @@ import pytest
 from dagster import AssetExecutionContext
 from test_storage import image_bytes, make_result, sha
 
-from dagster_octoai.batch import GenerationResult, ImageBatch, StoredImage
+from dagster_octoai.api.batch import GenerationResult, ImageBatch, StoredImage
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
-from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.storage import S3Backend, StorageError, safe_segment
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 
@@ -373,7 +373,7 @@ def test_secret_never_shown(
 
 def test_end_to_end_with_the_local_server(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
     server = pytest.importorskip("dagster_octoai.server")
-    from dagster_octoai.client import OctoAIClient
+    from dagster_octoai.api.client import OctoAIClient
 
     token = "octo-e2e-" + secrets.token_hex(8)
     request = ImageGenerationRequest(

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dagster_octoai.jobs_ledger import (
+from dagster_octoai.api.models import AsyncJob, ImageGenerationRequest
+from dagster_octoai.resources import JobLedgerResource
+from dagster_octoai.storage.ledger import (
     JobLedger,
-    JobLedgerResource,
     JobRecord,
     JobState,
     LocalLedgerStore,
     S3LedgerStore,
     job_id_for,
 )
-from dagster_octoai.models import AsyncJob, ImageGenerationRequest
 from dagster_octoai.testing import seaweedfs as _seaweedfs
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from dagster_octoai import errors, models
-from dagster_octoai.models import (
+from dagster_octoai.api import errors, models
+from dagster_octoai.api.models import (
     PREMIUM_SAMPLERS,
     SD15_RESOLUTIONS,
     SDXL_RESOLUTIONS,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from dagster import EnvVar, build_op_context, job
 
-from dagster_octoai.batch import ImageBatch
+from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.ops import octoai_generate_op
 from dagster_octoai.resources import OctoAIResource
 

@@ -24,8 +24,8 @@ from dagster import (
     multi_asset,
 )
 
-from dagster_octoai.client import OctoAIClient
-from dagster_octoai.errors import RateLimitError
+from dagster_octoai.api.client import OctoAIClient
+from dagster_octoai.api.errors import RateLimitError
 from dagster_octoai.resources import OctoAIResource, OctoAISession
 
 __all__ = ["ephemeral_instance", "octoai"]  # fixtures used by this module
@@ -213,7 +213,7 @@ def _images_io(tmp_path: Any) -> Any:
 def test_stream_generates_while_stored_and_the_io_manager_records_usage(
     octoai_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dagster_octoai.batch import GenerationResult, ImageBatch
+    from dagster_octoai.api.batch import GenerationResult, ImageBatch
 
     monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
     octoai = OctoAIResource(
@@ -259,7 +259,7 @@ def test_stream_generates_while_stored_and_the_io_manager_records_usage(
 def test_get_client_inside_a_lazy_batch_no_longer_fails_the_stored_output(
     octoai: OctoAIResource, tmp_path: Any, instance: DagsterInstance
 ) -> None:
-    from dagster_octoai.batch import GenerationResult, ImageBatch
+    from dagster_octoai.api.batch import GenerationResult, ImageBatch
 
     @asset(io_manager_key="images")
     def lazy(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from dagster_octoai.images import image_size, sniff_format
+from dagster_octoai.api.images import image_size, sniff_format
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 from dagster_octoai.testing.server import sample_image_b64
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from dagster_octoai.batch import GenerationResult, ImageBatch
-from dagster_octoai.models import (
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.models import (
     CallInfo,
     GeneratedImage,
     ImageGenerationRequest,

@@ -2,7 +2,7 @@
 
 Request path, outermost first: the gateway (``X-User-Request-ID``, the request log,
 injected faults), then per route: bearer auth, rate limit, body validation with the
-same :class:`~dagster_octoai.models.ImageGenerationRequest` the client uses, the
+same :class:`~dagster_octoai.api.models.ImageGenerationRequest` the client uses, the
 policy check, and the generation on a replica (sync) or in the background (async).
 """
 
@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
+from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .config import ServerConfig
 from .jobs import Job, JobStore, ReplicaPool
 from .openapi import openapi_document

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from ..models import ImageGenerationRequest, JobStatus
+from ..api.models import ImageGenerationRequest, JobStatus
 
 __all__ = ["Job", "JobStore", "ReplicaPool"]
 

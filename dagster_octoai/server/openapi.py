@@ -13,7 +13,7 @@ import copy
 import functools
 from typing import Any
 
-from ..models import (
+from ..api.models import (
     CONTROLNET_FIELDS,
     SDXL_ONLY_FIELDS,
     STYLE_PRESETS,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
-from ..errors import OctoAIError
+from ..api.errors import OctoAIError
 
 __all__ = [
     "LocalBackend",

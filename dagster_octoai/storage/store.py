@@ -1,4 +1,4 @@
-"""Persisting an :class:`~dagster_octoai.batch.ImageBatch`: images, manifest, fingerprint index.
+"""Persisting an :class:`~dagster_octoai.api.batch.ImageBatch`: images, manifest, fingerprint index.
 
 The write order keeps readers safe: images first (with the optional fingerprint index
 entries of fresh results alongside), the manifest last, then the clean-up of what the
@@ -29,10 +29,10 @@ from urllib.parse import quote
 from PIL import Image
 from pydantic import ValidationError
 
-from ..batch import GenerationResult, StoredImage
-from ..errors import ImageDecodeError
-from ..images import content_type_for, sniff_format, thumbnail_data_uri, whole_image_size
-from ..models import (
+from ..api.batch import GenerationResult, StoredImage
+from ..api.errors import ImageDecodeError
+from ..api.images import content_type_for, sniff_format, thumbnail_data_uri, whole_image_size
+from ..api.models import (
     CallInfo,
     GeneratedImage,
     ImageGenerationRequest,
@@ -171,7 +171,7 @@ _INDEX_WIDTH = 8
 
 
 def _checked_size(data: bytes, seed: int) -> tuple[int, int]:
-    """(width, height) of an image that is whole (:func:`~dagster_octoai.images.whole_image_size`).
+    """(width, height) of an image that is whole (:func:`~dagster_octoai.api.images.whole_image_size`).
 
     Raises:
         ImageDecodeError: the bytes are not a whole image.

@@ -18,11 +18,10 @@ from typing import Any
 
 import dagster as dg
 
+from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.async_assets import octoai_async_blocking_asset
-from dagster_octoai.client import OctoAIClient
 from dagster_octoai.io_managers import S3ImageIOManager
-from dagster_octoai.jobs_ledger import JobLedgerResource
-from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.storage import S3Backend
 
 from ._children import NOT_REACHED, kill_at, redirect_output, write_result

@@ -9,8 +9,8 @@ import os
 
 import dagster as dg
 
+from dagster_octoai.api.batch import StoredImage
 from dagster_octoai.assets import octoai_image_asset
-from dagster_octoai.batch import StoredImage
 from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.resources import OctoAIResource
 

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
 
+from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
-from dagster_octoai.client import OctoAIClient
 from dagster_octoai.io_managers import S3ImageIOManager
-from dagster_octoai.jobs_ledger import JobLedger, JobLedgerResource, JobState
-from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.sensors import octoai_async_sensor
 from dagster_octoai.storage import S3Backend
+from dagster_octoai.storage.ledger import JobLedger, JobState
 
 from ._children import NOT_REACHED, kill_at, redirect_output
 from ._support import LEAK_TOKEN, s3_connection

@@ -21,9 +21,9 @@ import pytest
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
-from dagster_octoai.testing.postgres import PostgresCluster, PostgresUnavailable
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.postgres import PostgresCluster, PostgresUnavailable
+from devtools.secrets import TokenScanner
 
 from ._support import LEAK_TOKEN, Figures
 

@@ -27,14 +27,14 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
 
+from dagster_octoai.api.client import OctoAIClient, RetryPolicy
+from dagster_octoai.api.errors import RequestValidationError
+from dagster_octoai.api.models import Engine, ImageGenerationRequest, Sampler
 from dagster_octoai.assets import octoai_image_asset
-from dagster_octoai.client import OctoAIClient, RetryPolicy
-from dagster_octoai.errors import RequestValidationError
-from dagster_octoai.models import Engine, ImageGenerationRequest, Sampler
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._support import LEAK_TOKEN, Figures, inventory, s3_io
 

@@ -1,6 +1,6 @@
 """The sensor and the IO manager on a Postgres-backed Dagster instance (dagster-postgres).
 
-The suite starts its own PostgreSQL cluster (``dagster_octoai.testing.postgres``) and
+The suite starts its own PostgreSQL cluster (``devtools.postgres``) and
 points the instance's run, event and schedule storage at a fresh database:
 
 - the async sensor's ticks run against it (jobs submitted to the local server, ticks
@@ -23,11 +23,11 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.reconstruct import ReconstructableJob
 
-from dagster_octoai.jobs_ledger import JobState
 from dagster_octoai.server import LocalOctoAIServer
-from dagster_octoai.testing.postgres import PostgresCluster
+from dagster_octoai.storage.ledger import JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.postgres import PostgresCluster
+from devtools.secrets import TokenScanner
 
 from . import _pg_jobs
 from ._sensor_support import (

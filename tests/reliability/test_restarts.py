@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from dagster_octoai.jobs_ledger import JobLedger, JobState, LocalLedgerStore
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.storage.ledger import JobLedger, JobState, LocalLedgerStore
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._children import run_child
 from ._crash_driver import run_case

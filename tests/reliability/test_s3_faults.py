@@ -20,13 +20,13 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.assets import octoai_image_asset
-from dagster_octoai.batch import GenerationResult, ImageBatch
-from dagster_octoai.models import ImageGenerationRequest
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems, s3_io
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagster_octoai.jobs_ledger import JobState
 from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.storage.ledger import JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._children import run_child
 from ._sensor_support import (

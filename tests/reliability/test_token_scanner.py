@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._support import LEAK_TOKEN
 

@@ -22,14 +22,14 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.async_assets import octoai_async_blocking_asset
-from dagster_octoai.batch import GenerationResult, ImageBatch
-from dagster_octoai.jobs_ledger import JobLedgerResource, JobState
-from dagster_octoai.models import ImageGenerationRequest
-from dagster_octoai.resources import OctoAIResource
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.storage.ledger import JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS
-from dagster_octoai.testing.secrets import TokenScanner
+from devtools.secrets import TokenScanner
 
 from ._support import (
     LEAK_TOKEN,

@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._process import (
+from dagster_octoai._process import (
     PortClash,
     StartStopContext,
     kill_pid,

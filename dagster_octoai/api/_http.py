@@ -20,6 +20,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import ValidationError
 
+from ..version import __version__
 from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
 from .errors import (
     APIStatusError,
@@ -38,9 +39,8 @@ from .errors import (
     UnprocessableEntityError,
 )
 from .models import AsyncJob, CallInfo, ImageGenerationResponse, JobStatus, PollResult
-from .version import __version__
 
-logger = logging.getLogger("dagster_octoai.client")
+logger = logging.getLogger("dagster_octoai.api.client")
 
 USER_AGENT = f"dagster-octoai/{__version__}"
 REQUEST_ID_HEADER = "X-User-Request-ID"

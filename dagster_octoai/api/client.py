@@ -3,7 +3,7 @@
 Imports no Dagster. Each client holds one pooled ``httpx`` client for its
 lifetime, validates every request before sending it, retries what is worth
 retrying (see :class:`RetryPolicy`), and raises the typed errors of
-:mod:`dagster_octoai.errors`. The token never appears in a repr, a log line or
+:mod:`dagster_octoai.api.errors`. The token never appears in a repr, a log line or
 an exception.
 """
 
@@ -63,7 +63,7 @@ from .models import (
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "OctoAIClient", "RetryPolicy"]
 
-logger = logging.getLogger("dagster_octoai.client")
+logger = logging.getLogger("dagster_octoai.api.client")
 
 #: The historical production host; point ``base_url`` at any OctoAI-compatible server.
 DEFAULT_BASE_URL = "https://image.octoai.run"
@@ -463,7 +463,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             >>> client.generate({"prompt": "a fox", "steps": 0})
             Traceback (most recent call last):
             ...
-            dagster_octoai.errors.RequestValidationError: invalid image generation request: steps: ...
+            dagster_octoai.api.errors.RequestValidationError: invalid image generation request: steps: ...
         """
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")

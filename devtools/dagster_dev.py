@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from .._process import StartStopContext, stop_process_group, wait_until_ready
+from dagster_octoai._process import StartStopContext, stop_process_group, wait_until_ready
 
 __all__ = ["DagsterDev", "DagsterDevError", "free_port"]
 

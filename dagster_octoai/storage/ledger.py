@@ -35,14 +35,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from dagster import ConfigurableResource
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
-from .models import AsyncJob, ImageGenerationRequest
+from ..api.models import AsyncJob, ImageGenerationRequest
 
 __all__ = [
     "JobLedger",
-    "JobLedgerResource",
     "JobRecord",
     "JobState",
     "LedgerStore",
@@ -491,77 +489,3 @@ class JobLedger:
     def now(self) -> datetime:
         """The ledger's clock (injectable for tests)."""
         return self.clock()
-
-
-# ---- Dagster resource -------------------------------------------------------------------
-
-
-class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
-    """The job ledger as a Dagster resource: a local directory or an S3 bucket and prefix.
-
-    Set ``base_dir`` for a local directory, or ``bucket`` (with ``prefix`` and, for
-    S3-compatible stores, ``endpoint_url``) for S3. Credentials come from
-    ``EnvVar``\\ s or boto3's default chain and are never written to the ledger.
-
-    Examples:
-        >>> import tempfile
-        >>> res = JobLedgerResource(base_dir=tempfile.mkdtemp())
-        >>> res.get_ledger().list_open()
-        []
-    """
-
-    base_dir: str | None = Field(
-        default=None, description="Local directory of the ledger (development, single machine)."
-    )
-    bucket: str | None = Field(default=None, description="S3 bucket of the ledger.")
-    prefix: str = Field(default="octoai-jobs", description="Key prefix inside the bucket.")
-    endpoint_url: str | None = Field(
-        default=None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
-    )
-    region_name: str | None = Field(default=None, description="S3 region.")
-    aws_access_key_id: str | None = Field(
-        default=None, description="Access key id; default: boto3's credential chain."
-    )
-    aws_secret_access_key: str | None = Field(
-        default=None, description="Secret access key; supply it with EnvVar."
-    )
-    addressing_style: Literal["auto", "virtual", "path"] = Field(
-        default="path", description="S3 addressing style; 'path' suits most S3-compatible stores."
-    )
-    fsync: bool = Field(
-        default=True, description="Local directory only: flush each write to disk before going on."
-    )
-
-    _ledger: JobLedger | None = PrivateAttr(None)
-
-    def get_ledger(self) -> JobLedger:
-        """The ledger (built once per resource instance)."""
-        if self._ledger is None:
-            self._ledger = JobLedger(self._store())
-        return self._ledger
-
-    def _store(self) -> LedgerStore:
-        if (self.base_dir is None) == (self.bucket is None):
-            raise ValueError(
-                "JobLedgerResource: set exactly one of base_dir (a local directory) "
-                "or bucket (S3); got " + ("both" if self.base_dir is not None else "neither")
-            )
-        if self.base_dir is not None:
-            return LocalLedgerStore(self.base_dir, fsync=self.fsync)
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region_name,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            config=BotoConfig(
-                s3={"addressing_style": self.addressing_style},
-                retries={"max_attempts": 5, "mode": "adaptive"},
-                max_pool_connections=64,
-            ),
-        )
-        assert self.bucket is not None
-        return S3LedgerStore(client, self.bucket, self.prefix)

@@ -1,0 +1,11 @@
+"""The client layer: OctoAI's wire contract and the HTTP clients that speak it. No Dagster.
+
+- :mod:`~dagster_octoai.api.models`: requests and answers, validated as the API validates them
+  (shared by the client, the Dagster layer's run config and the server).
+- :mod:`~dagster_octoai.api.errors`: the one exception hierarchy.
+- :mod:`~dagster_octoai.api.images`: image inputs to base64, format sniffing, thumbnails.
+- :mod:`~dagster_octoai.api.client`: :class:`OctoAIClient` and :class:`AsyncOctoAIClient`.
+- :mod:`~dagster_octoai.api.edges`: a local Canny edge map for ControlNet.
+
+Nothing is imported here, so the server can load the models without the HTTP client.
+"""
