@@ -64,9 +64,7 @@ def test_every_public_name_resolves_and_all_is_the_surface() -> None:
         assert getattr(dagster_octoai, name) is not None, name
     assert sorted(dagster_octoai.__all__) == dagster_octoai.__all__
     lazy = set(dagster_octoai._lazy_table())
-    eager = {
-        name for name in dagster_octoai.__all__ if name not in lazy and name != "__version__"
-    }
+    eager = {name for name in dagster_octoai.__all__ if name not in lazy and name != "__version__"}
     assert eager == set(dagster_octoai.api.errors.__all__)
     assert lazy <= set(dagster_octoai.__all__)
 
