@@ -1,10 +1,15 @@
 """The ``dagster-octoai`` command. Imports no Dagster, so it starts fast.
 
-``dagster-octoai serve`` runs the local OctoAI-compatible server in the foreground.
+``dagster-octoai serve`` runs the OctoAI-compatible server in the foreground.
 Every :class:`~dagster_octoai.server.ServerConfig` field is an option, made from the
 model itself so that none can be forgotten: ``--latency-per-image-s 0.5``,
 ``--replicas 2``, ``--rate-limit-requests 10``, ``--fault-error-500 0.1``,
 ``--banned-words a,b``, ``--no-fault-on-async-routes`` ... (see ``serve --help``).
+Tokens are best given in the environment (``OCTOAI_TOKEN``, ``OCTOAI_ADMIN_TOKEN``) or a
+config file, never on a command line that other users of the machine can read.
+
+``dagster-octoai serve-ray`` deploys the same API on a Ray Serve cluster (the ``ray``
+extra): see :mod:`dagster_octoai.server.ray_serve`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
         typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
     )
     inner = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if inner is SecretStr:
+        # A token is taken as typed: an empty one is refused by the model, never read as
+        # "no token" (which once meant "accept any token").
+        return str, False
     if inner is bool:
         return None, True
     if isinstance(inner, type) and issubclass(inner, BaseModel):
@@ -99,9 +108,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the local OctoAI-compatible image server",
         description=(
-            "Run the local OctoAI-compatible image server in the foreground. "
-            "The token comes from --token, the config file, or the OCTOAI_TOKEN environment "
-            "variable; without one, any bearer token is accepted (but one is required)."
+            "Run the OctoAI-compatible image server in the foreground. It is private: the "
+            "token comes from the OCTOAI_TOKEN environment variable, the config file or "
+            "--token (seen by other users in the process list), and without one it does not "
+            "start unless --public. The /_local control routes are off unless "
+            "--control-routes, with the admin token from OCTOAI_ADMIN_TOKEN."
         ),
     )
     where = serve.add_argument_group("where to listen")
@@ -129,6 +140,21 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resulting configuration (tokens left out) and exit",
     )
+    tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/server.md)")
+    tls.add_argument("--ssl-certfile", default=None, help="the certificate chain (PEM)")
+    tls.add_argument("--ssl-keyfile", default=None, help="its private key (PEM)")
+    tls.add_argument(
+        "--ssl-keyfile-password-env",
+        default=None,
+        metavar="VAR",
+        help="the environment variable holding the key's password, if it has one",
+    )
+    tls.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="proxies whose X-Forwarded-For/-Proto are trusted (default: 127.0.0.1)",
+    )
     service = serve.add_argument_group("service behaviour (ServerConfig)")
     _add_model_options(service, ServerConfig, "", skip=("faults",))
     faults = serve.add_argument_group("fault injection (FaultConfig)")
@@ -145,8 +171,10 @@ def _load_config(args: argparse.Namespace) -> Any:
         base = json.loads(args.config.read_text())
     elif os.environ.get(CONFIG_ENV):
         base = json.loads(os.environ[CONFIG_ENV])
-    elif os.environ.get("OCTOAI_TOKEN"):
-        base = {"token": os.environ["OCTOAI_TOKEN"]}
+    # The environment's tokens fill in what the file leaves out; options override both.
+    for env, name in (("OCTOAI_TOKEN", "token"), ("OCTOAI_ADMIN_TOKEN", "admin_token")):
+        if env in os.environ and name not in base and CONFIG_ENV not in os.environ:
+            base[name] = os.environ[env]
     values = vars(args)
     changes: dict[str, Any] = {n: values[n] for n in ServerConfig.model_fields if n in values}
     fault_changes = {
@@ -158,13 +186,20 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _describe(config: Any, url: str) -> str:
-    auth = "the configured token" if config.token is not None else "any bearer token"
+    tokens = len(config.api_tokens())
+    if config.public:
+        auth = "public: any bearer token"
+    else:
+        auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
-        f"dagster-octoai local OctoAI server on {url}",
+        f"dagster-octoai OctoAI-compatible server on {url}",
         f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15}}",
         f"  auth: {auth}; replicas: {config.replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
-        f"  stats: GET {url}/_local/stats; OpenAPI: {url}/openapi.json",
+        f"  OpenAPI: {url}/openapi.json"
+        + (f"; playground: {url}/playground" if config.playground else ""),
+        "  control routes: "
+        + (f"on, admin token only (GET {url}/_local/stats)" if config.control_routes else "off"),
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -185,10 +220,22 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.public_dict(), indent=2))
         return 0
+    if (problem := config.startup_problem()) is not None:
+        print(f"dagster-octoai serve: {problem}", file=sys.stderr)
+        return 2
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        print("dagster-octoai serve: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
 
     import socket
 
-    from .server.runner import _url, bind_socket, serve
+    from .server.runner import TLSFiles, _url, bind_socket, serve
+
+    tls = (
+        TLSFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password_env)
+        if args.ssl_certfile is not None
+        else None
+    )
 
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
@@ -203,12 +250,21 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     host, port = sock.getsockname()[:2]
     if args.log_level in ("info", "debug", "trace"):
-        print(_describe(config, _url(host, port)), file=sys.stderr, flush=True)
+        url = _url(host, port)
+        if tls is not None:
+            url = "https" + url[len("http") :]
+        print(_describe(config, url), file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
     # the previous handler: make that a clean exit rather than a traceback or a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(config, sock, log_level=args.log_level)
+        serve(
+            config,
+            sock,
+            log_level=args.log_level,
+            tls=tls,
+            forwarded_allow_ips=args.forwarded_allow_ips,
+        )
     return 0
 
 

@@ -1,9 +1,13 @@
-"""The ASGI application: OctoAI's image routes plus ``/_local`` controls for tests.
+"""The ASGI application: OctoAI's image routes, the playground, and ``/_local`` controls.
 
-Request path, outermost first: the gateway (``X-User-Request-ID``, the request log,
-injected faults), then per route: bearer auth, rate limit, body validation with the
-same :class:`~dagster_octoai.api.models.ImageGenerationRequest` the client uses, the
-policy check, and the generation on a replica (sync) or in the background (async).
+Request path, outermost first: the gateway (``X-User-Request-ID``, security headers, the
+request log, injected faults), the body limits (size and time, before a route reads a
+byte: :mod:`~dagster_octoai.server.limits`), then per route: bearer auth
+(:mod:`~dagster_octoai.server.security`), rate limit, JSON parsing and validation with
+the same :class:`~dagster_octoai.api.models.ImageGenerationRequest` the client uses, the
+input image limits, the policy check, and the generation on a replica (sync) or in the
+background (async). The ``/_local`` controls exist only when ``control_routes`` is on, and
+answer only the admin token.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import random
 import re
@@ -31,10 +34,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
-from .config import ServerConfig
-from .jobs import Job, JobStore, ReplicaPool
+from .config import RUNTIME_FIXED, ServerConfig
+from .jobs import Job, JobStore, JobView, ReplicaPool
+from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, render, undecodable_images
+from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
 from .stats import RequestRecord, ServerStats
 
 __all__ = ["ServerState", "create_app"]
@@ -55,7 +60,7 @@ _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-_STATIC_ROUTES = frozenset({"/healthcheck", "/openapi.json"})
+_STATIC_ROUTES = frozenset({"/healthcheck", "/openapi.json", "/", "/playground"})
 
 
 def _route_of(path: str) -> str:
@@ -65,6 +70,8 @@ def _route_of(path: str) -> str:
             return name
     if path in _STATIC_ROUTES or path.startswith("/_local/"):
         return path
+    if path.startswith("/playground/"):
+        return "/playground/{file}"
     return "(unrouted)"
 
 
@@ -73,10 +80,18 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
 
 
 class ServerState:
-    """Everything one app instance knows: config, counters, replicas, jobs, random sources."""
+    """Everything one app instance knows: config, counters, replicas, jobs, random sources.
 
-    def __init__(self, config: ServerConfig) -> None:
+    The async job methods (:meth:`submit_job`, :meth:`job_view`, :meth:`job_counts`) and
+    :meth:`generate` are where a deployment differs: here jobs live in this process and
+    run on its replicas; on Ray Serve a subclass keeps them in a shared job board and runs
+    them on the generator replicas (:mod:`dagster_octoai.server.ray_serve`).
+    """
+
+    def __init__(self, config: ServerConfig, *, owner_key: bytes | None = None) -> None:
         self.config = config
+        self.owner_key = owner_key or new_owner_key()
+        self.gate = Gatekeeper(config, self.owner_key)
         self.stats = ServerStats()
         self.pool = ReplicaPool(lambda: self.config.replicas, self.stats.observe_pool)
         self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
@@ -89,16 +104,23 @@ class ServerState:
     def _count_expired(self, count: int) -> None:
         self.stats.async_expired += count
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         return self.stats.snapshot(
             in_flight=self.pool.in_flight,
             queued=self.pool.queued,
-            jobs_by_status=self.jobs.by_status(),
+            jobs_by_status=await self.job_counts(),
         )
 
     async def reconfigure(self, changes: dict[str, Any]) -> ServerConfig:
+        """Apply runtime changes (``ValueError`` for settings fixed at start-up)."""
+        fixed = sorted(RUNTIME_FIXED & set(changes))
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)}: fixed at start-up; restart the server to change it"
+            )
         old = self.config
         self.config = old.updated(changes)
+        self.gate = Gatekeeper(self.config, self.owner_key)
         if "faults" in changes:
             self.fault_rng = random.Random(self.config.faults.seed)
         if self.config.replicas > old.replicas:
@@ -106,24 +128,6 @@ class ServerState:
         return self.config
 
     # ---- checks ---------------------------------------------------------------------
-
-    def auth_error(self, request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return _message(
-                401,
-                "Missing bearer token: send 'Authorization: Bearer <token>'.",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        for forbidden in self.config.forbidden_tokens:
-            if hmac.compare_digest(token.encode(), forbidden.get_secret_value().encode()):
-                return _message(403, "This token is not allowed to use this endpoint.")
-        expected = self.config.token_value()
-        if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
-            return _message(401, "Invalid bearer token.", {"WWW-Authenticate": "Bearer"})
-        return None
 
     def rate_limit_error(self) -> JSONResponse | None:
         limit = self.config.rate_limit_requests
@@ -195,6 +199,29 @@ class ServerState:
         }
         return json.dumps(body, separators=(",", ":")).encode(), seeds
 
+    # ---- async jobs -----------------------------------------------------------------
+
+    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
+        """Accept an async job for ``caller`` and start it: its response id."""
+        job = self.jobs.add(req, fails=fails, owner=caller.owner)
+        job.task = asyncio.get_running_loop().create_task(self.run_job(job))
+        return job.response_id
+
+    async def job_view(
+        self, response_id: str, caller: Caller, *, with_body: bool
+    ) -> JobView | None:
+        """The job as ``caller`` may see it: None when unknown, expired or someone else's."""
+        return self.jobs.view(response_id, caller.owner, admin=caller.admin, with_body=with_body)
+
+    async def job_counts(self) -> dict[str, int]:
+        return self.jobs.by_status()
+
+    async def close(self) -> None:
+        """Stop background work (called when the app shuts down)."""
+        for task in self.jobs.running_tasks():
+            task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
     async def run_job(self, job: Job) -> None:
         config = self.config
         if config.async_queue_delay_s > 0:
@@ -205,16 +232,19 @@ class ServerState:
                 # The seed: "A long-running inference with duration greater than 1 minute
                 # may occasionally encounter an error."
                 await asyncio.sleep(self.config.faults.job_failure_after_s)
-                job.error = "The inference ran too long and failed; resubmit the request."
-                job.status = JobStatus.FAILED
+                job.finish(
+                    JobStatus.FAILED,
+                    error="The inference ran too long and failed; resubmit the request.",
+                )
             else:
+                assert job.request is not None
                 try:
-                    job.body, _ = await self._generate_on_replica(job.request)
-                    job.status = JobStatus.COMPLETED
+                    body, _ = await self._generate_on_replica(job.request)
+                    job.finish(JobStatus.COMPLETED, body=body)
                 except Exception as exc:  # a renderer bug must not leave the job running forever
-                    job.error = f"The inference failed: {type(exc).__name__}."
-                    job.status = JobStatus.FAILED
-        job.finished_at = time.monotonic()
+                    job.finish(
+                        JobStatus.FAILED, error=f"The inference failed: {type(exc).__name__}."
+                    )
 
 
 def _b64(data: bytes) -> str:
@@ -248,8 +278,9 @@ def _pydantic_detail(exc: ValidationError) -> list[dict[str, Any]]:
 
 async def generate(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
+    caller = state.gate.api_caller(request)
+    if isinstance(caller, Response):
+        return caller
     name = request.path_params["engine"]
     try:
         engine = Engine.parse(name)
@@ -260,21 +291,12 @@ async def generate(request: Request) -> Response:
         return limited
 
     is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    # BodyLimits has read the body already, within its size and time limits.
     raw = await request.body()
-    if is_async and len(raw) > state.config.async_body_limit_bytes:
-        return _message(
-            413,
-            f"Async request body is {len(raw)} bytes; the limit is "
-            f"{state.config.async_body_limit_bytes} bytes.",
-        )
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    body, json_problem = parse_json_body(raw)
+    if json_problem is not None:
         state.stats.validation_errors += 1
-        pos = getattr(exc, "pos", 0)
-        return _validation_response(
-            [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid"}]
-        )
+        return _validation_response(json_problem)
     if not isinstance(body, dict):
         state.stats.validation_errors += 1
         return _validation_response(
@@ -295,7 +317,10 @@ async def generate(request: Request) -> Response:
         state.stats.validation_errors += 1
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
-    bad_images = await loop.run_in_executor(state.executor, undecodable_images, req)
+    # Headers first: an image too big to use is refused before anything decodes it.
+    bad_images = oversized_images(req, state.config) or await loop.run_in_executor(
+        state.executor, undecodable_images, req
+    )
     if bad_images:
         state.stats.validation_errors += 1
         return _validation_response(
@@ -311,16 +336,15 @@ async def generate(request: Request) -> Response:
         fails = (
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
-        job = state.jobs.add(req, fails=fails)
+        response_id = await state.submit_job(req, caller, fails)
         state.stats.async_submitted += 1
         if fails:
             state.stats.faults["job_failure"] += 1
-        job.task = loop.create_task(state.run_job(job))
         if record is not None:
-            record.engine, record.response_id = engine.value, job.response_id
+            record.engine, record.response_id = engine.value, response_id
         base = _base_url(request, state)
         return JSONResponse(
-            {"response_id": job.response_id, "poll_url": f"{base}/v1/requests/{job.response_id}"},
+            {"response_id": response_id, "poll_url": f"{base}/v1/requests/{response_id}"},
             status_code=201,
         )
 
@@ -332,9 +356,10 @@ async def generate(request: Request) -> Response:
 
 async def poll(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
-    job = state.jobs.get(request.path_params["response_id"])
+    caller = state.gate.reader(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.job_view(request.path_params["response_id"], caller, with_body=False)
     if job is None:
         return _gone(request.path_params["response_id"])
     answer: dict[str, Any] = {"response_id": job.response_id, "status": job.status.value}
@@ -347,9 +372,10 @@ async def poll(request: Request) -> Response:
 
 async def fetch(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
-    job = state.jobs.get(request.path_params["response_id"])
+    caller = state.gate.reader(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.job_view(request.path_params["response_id"], caller, with_body=True)
     if job is None:
         return _gone(request.path_params["response_id"])
     if job.status is JobStatus.FAILED:
@@ -362,10 +388,11 @@ async def fetch(request: Request) -> Response:
 
 
 def _gone(response_id: str) -> JSONResponse:
+    # The same answer for an id that is someone else's: existence is not confirmed.
     return _message(
         404,
-        f"Response {response_id!r} not found: unknown, or expired "
-        "(async results are kept for a limited time, 24 hours by default).",
+        f"Response {response_id[:64]!r} not found: unknown, submitted with another token, "
+        "or expired (async results are kept for a limited time, 24 hours by default).",
     )
 
 
@@ -379,16 +406,16 @@ async def openapi(request: Request) -> Response:
 
 async def local_stats(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     if request.method == "DELETE":
         state.stats.reset()
-    return JSONResponse(state.snapshot())
+    return JSONResponse(await state.snapshot())
 
 
 async def local_requests(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     try:
         limit = int(request.query_params.get("limit", "100"))
@@ -399,15 +426,12 @@ async def local_requests(request: Request) -> Response:
 
 async def local_config(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     if request.method == "POST":
-        try:
-            changes = json.loads(await request.body())
-        except json.JSONDecodeError:
-            return _validation_response(
-                [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
-            )
+        changes, json_problem = parse_json_body(await request.body())
+        if json_problem is not None:
+            return _validation_response(json_problem)
         if not isinstance(changes, dict):
             return _validation_response(
                 [{"loc": ["body"], "msg": "expected an object of changes", "type": "dict_type"}]
@@ -416,6 +440,8 @@ async def local_config(request: Request) -> Response:
             await state.reconfigure(changes)
         except ValidationError as exc:
             return _validation_response(_pydantic_detail(exc))
+        except ValueError as exc:
+            return _message(400, str(exc))
     return JSONResponse(state.config.public_dict())
 
 
@@ -482,6 +508,9 @@ class _Gateway:
                 record.status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-user-request-id", request_id.encode()))
+                headers.extend(SECURITY_HEADERS)
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append(NO_STORE)
                 message["headers"] = headers
                 if fault == "slow":
                     await asyncio.sleep(state.config.faults.slow_s)
@@ -568,43 +597,64 @@ async def _drop(send: Send) -> None:
 # ---- the app --------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig | None = None) -> Starlette:
-    """The local OctoAI-compatible server as an ASGI app (run it with uvicorn).
+def create_app(
+    config: ServerConfig | None = None, *, state: ServerState | None = None
+) -> Starlette:
+    """The OctoAI-compatible server as an ASGI app (run it with uvicorn).
 
-    ``app.state.octoai`` is the :class:`ServerState` (config, stats, jobs).
+    ``app.state.octoai`` is the :class:`ServerState` (config, stats, jobs); pass ``state``
+    for one of your own (a deployment's subclass). A configuration that cannot serve (no
+    token and not public) raises :class:`~dagster_octoai.server.config.StartupError`.
 
     Examples:
         >>> app = create_app(ServerConfig(token="t0k"))
         >>> app.state.octoai.config.replicas
         4
+        >>> create_app(ServerConfig())
+        Traceback (most recent call last):
+        ...
+        dagster_octoai.server.config.StartupError: token: the server is private and has no token; ...
     """
-    state = ServerState(config or ServerConfig())
+    if state is None:
+        state = ServerState(config or ServerConfig())
+    state.config.check_startable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            for task in state.jobs.running_tasks():
-                task.cancel()
-            state.executor.shutdown(wait=False, cancel_futures=True)
+            await state.close()
 
+    routes = [
+        Route("/generate/{engine}", generate, methods=["POST"]),
+        Route("/v1/requests/{response_id}", poll, methods=["GET"]),
+        Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
+        Route("/healthcheck", healthcheck, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    if state.config.playground:
+        from .playground import playground_routes
+
+        routes.extend(playground_routes())
+    if state.config.control_routes:
+        routes.extend(
+            [
+                Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
+                Route("/_local/requests", local_requests, methods=["GET"]),
+                Route("/_local/config", local_config, methods=["GET", "POST"]),
+            ]
+        )
     app = Starlette(
-        routes=[
-            Route("/generate/{engine}", generate, methods=["POST"]),
-            Route("/v1/requests/{response_id}", poll, methods=["GET"]),
-            Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
-            Route("/healthcheck", healthcheck, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
-            Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
-            Route("/_local/requests", local_requests, methods=["GET"]),
-            Route("/_local/config", local_config, methods=["GET", "POST"]),
-        ],
+        routes=routes,
         exception_handlers={404: _error_answer, 405: _error_answer, 500: _error_answer},
         lifespan=lifespan,
     )
     app.state.octoai = state
     # The gateway goes outside Starlette's own middleware stack (so it holds uvicorn's
-    # ``send``), while ``app`` stays a Starlette whose __call__ runs through it.
-    app.middleware_stack = _Gateway(app.build_middleware_stack(), state)
+    # ``send``), while ``app`` stays a Starlette whose __call__ runs through it. The body
+    # limits sit inside it, so that their 408s and 413s are logged and carry a request id.
+    app.middleware_stack = _Gateway(
+        BodyLimits(app.build_middleware_stack(), lambda: state.config), state
+    )
     return app
