@@ -459,3 +459,13 @@ def test_an_internal_error_answers_without_a_stack_trace(
         assert r.status_code == 500
         assert r.json() == {"message": "Internal server error."}
         assert "secret internals" not in r.text and "Traceback" not in r.text
+
+
+def test_server_doctests() -> None:
+    import doctest
+
+    from dagster_octoai.server import app, config, jobs, playground, security
+
+    for module in (app, config, jobs, playground, security):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
