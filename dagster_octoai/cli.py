@@ -50,6 +50,9 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
         return None, False
     if typing.get_origin(inner) is tuple:
         return (lambda text: tuple(w.strip() for w in text.split(",") if w.strip())), False
+    if typing.get_origin(inner) is typing.Literal:
+        # The model says what is allowed (its error names the choices); here it is text.
+        inner = str
     base: Callable[[str], Any] = str if inner is SecretStr else inner
 
     def parse(text: str) -> Any:
@@ -200,6 +203,7 @@ def _describe(config: Any, url: str) -> str:
         + (f"; playground: {url}/playground" if config.playground else ""),
         "  control routes: "
         + (f"on, admin token only (GET {url}/_local/stats)" if config.control_routes else "off"),
+        f"  backend: {config.backend}",
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -229,6 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
+    from .server.app import create_app
+    from .server.backends import BackendError
     from .server.runner import TLSFiles, _url, bind_socket, serve
 
     tls = (
@@ -236,6 +242,13 @@ def _serve(args: argparse.Namespace) -> int:
         if args.ssl_certfile is not None
         else None
     )
+
+    try:
+        # Loaded before listening: a wrong model directory or device fails here, clearly.
+        app = create_app(config)
+    except BackendError as exc:
+        print(f"dagster-octoai serve: {exc}", file=sys.stderr)
+        return 2
 
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
@@ -254,6 +267,8 @@ def _serve(args: argparse.Namespace) -> int:
         if tls is not None:
             url = "https" + url[len("http") :]
         print(_describe(config, url), file=sys.stderr, flush=True)
+        for line in _backend_lines(app.state.octoai.backend.describe()):
+            print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
     # the previous handler: make that a clean exit rather than a traceback or a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -262,10 +277,19 @@ def _serve(args: argparse.Namespace) -> int:
             config,
             sock,
             log_level=args.log_level,
+            app=app,
             tls=tls,
             forwarded_allow_ips=args.forwarded_allow_ips,
         )
     return 0
+
+
+def _backend_lines(description: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: {value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in description.items()
+        if key != "backend"
+    ]
 
 
 def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:

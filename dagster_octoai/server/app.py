@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,11 +35,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
-from .config import RUNTIME_FIXED, ServerConfig
+from .backends import Backend, load_backend
+from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
 from .jobs import Job, JobStore, JobView, ReplicaPool
 from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
-from .renderer import choose_seeds, render, undecodable_images
+from .renderer import choose_seeds, undecodable_images
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
 from .stats import RequestRecord, ServerStats
 
@@ -80,7 +82,7 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
 
 
 class ServerState:
-    """Everything one app instance knows: config, counters, replicas, jobs, random sources.
+    """Everything one app instance knows: config, backend, counters, replicas, jobs, random sources.
 
     The async job methods (:meth:`submit_job`, :meth:`job_view`, :meth:`job_counts`) and
     :meth:`generate` are where a deployment differs: here jobs live in this process and
@@ -88,18 +90,30 @@ class ServerState:
     them on the generator replicas (:mod:`dagster_octoai.server.ray_serve`).
     """
 
-    def __init__(self, config: ServerConfig, *, owner_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        backend: Backend | None = None,
+        *,
+        owner_key: bytes | None = None,
+    ) -> None:
         self.config = config
+        # What renders the images; the rest of this module is the same for every backend.
+        self.backend = backend if backend is not None else load_backend(config)
         self.owner_key = owner_key or new_owner_key()
         self.gate = Gatekeeper(config, self.owner_key)
         self.stats = ServerStats()
-        self.pool = ReplicaPool(lambda: self.config.replicas, self.stats.observe_pool)
+        self.pool = ReplicaPool(self._replicas, self.stats.observe_pool)
         self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
         self.fault_rng = random.Random(config.faults.seed)
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
         self.rate_window: deque[float] = deque()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="octoai-render")
+
+    def _replicas(self) -> int:
+        # A backend with devices runs one generation per device; the rest queue here.
+        return self.backend.replicas or self.config.replicas
 
     def _count_expired(self, count: int) -> None:
         self.stats.async_expired += count
@@ -113,12 +127,27 @@ class ServerState:
 
     async def reconfigure(self, changes: dict[str, Any]) -> ServerConfig:
         """Apply runtime changes (``ValueError`` for settings fixed at start-up)."""
-        fixed = sorted(RUNTIME_FIXED & set(changes))
-        if fixed:
+        frozen = sorted(RUNTIME_FIXED & set(changes))
+        if frozen:
             raise ValueError(
-                f"{', '.join(fixed)}: fixed at start-up; restart the server to change it"
+                f"{', '.join(frozen)}: fixed at start-up; restart the server to change it"
             )
         old = self.config
+        if fixed := sorted(set(changes) & set(BACKEND_FIELDS)):
+            raise ValidationError.from_exception_data(
+                "ServerConfig",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "value_error",
+                            "the backend is chosen at start-up; restart the server to change it",
+                        ),
+                        loc=(name,),
+                        input=changes[name],
+                    )
+                    for name in fixed
+                ],
+            )
         self.config = old.updated(changes)
         self.gate = Gatekeeper(self.config, self.owner_key)
         if "faults" in changes:
@@ -169,10 +198,7 @@ class ServerState:
         config = self.config
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(
-            self.executor,
-            lambda: render(
-                req, seeds, safety_trigger_word=config.safety_trigger_word, detail=config.detail
-            ),
+            self.executor, lambda: self.backend.render(req, seeds, config)
         )
         encoded = [None if im.data is None else _b64(im.data) for im in images]
         # Render first, then sleep what is left of the configured time: an image takes
@@ -221,6 +247,7 @@ class ServerState:
         for task in self.jobs.running_tasks():
             task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
 
     async def run_job(self, job: Job) -> None:
         config = self.config
@@ -321,6 +348,9 @@ async def generate(request: Request) -> Response:
     bad_images = oversized_images(req, state.config) or await loop.run_in_executor(
         state.executor, undecodable_images, req
     )
+    # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
+    # is the client's 422, before the request waits for a replica.
+    bad_images = bad_images or state.backend.check(req)
     if bad_images:
         state.stats.validation_errors += 1
         return _validation_response(
@@ -411,6 +441,13 @@ async def local_stats(request: Request) -> Response:
     if request.method == "DELETE":
         state.stats.reset()
     return JSONResponse(await state.snapshot())
+
+
+async def local_backend(request: Request) -> Response:
+    state = _state(request)
+    if isinstance(denied := state.gate.admin(request), Response):
+        return denied
+    return JSONResponse(state.backend.describe())
 
 
 async def local_requests(request: Request) -> Response:
@@ -598,13 +635,18 @@ async def _drop(send: Send) -> None:
 
 
 def create_app(
-    config: ServerConfig | None = None, *, state: ServerState | None = None
+    config: ServerConfig | None = None,
+    *,
+    backend: Backend | None = None,
+    state: ServerState | None = None,
 ) -> Starlette:
     """The OctoAI-compatible server as an ASGI app (run it with uvicorn).
 
-    ``app.state.octoai`` is the :class:`ServerState` (config, stats, jobs); pass ``state``
-    for one of your own (a deployment's subclass). A configuration that cannot serve (no
-    token and not public) raises :class:`~dagster_octoai.server.config.StartupError`.
+    ``app.state.octoai`` is the :class:`ServerState` (config, backend, stats, jobs).
+    ``backend`` defaults to the one ``config.backend`` names (loaded here, before serving);
+    pass ``state`` for one of your own (a deployment's subclass). A configuration that
+    cannot serve (no token and not public) raises
+    :class:`~dagster_octoai.server.config.StartupError` before any backend loads.
 
     Examples:
         >>> app = create_app(ServerConfig(token="t0k"))
@@ -616,8 +658,11 @@ def create_app(
         dagster_octoai.server.config.StartupError: token: the server is private and has no token; ...
     """
     if state is None:
-        state = ServerState(config or ServerConfig())
-    state.config.check_startable()
+        config = config or ServerConfig()
+        config.check_startable()
+        state = ServerState(config, backend)
+    else:
+        state.config.check_startable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -642,6 +687,7 @@ def create_app(
             [
                 Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
                 Route("/_local/requests", local_requests, methods=["GET"]),
+                Route("/_local/backend", local_backend, methods=["GET"]),
                 Route("/_local/config", local_config, methods=["GET", "POST"]),
             ]
         )

@@ -56,6 +56,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _uvicorn_server(
     config: ServerConfig,
     log_level: str,
+    app: Any = None,
     *,
     tls: TLSFiles | None = None,
     forwarded_allow_ips: str | None = None,
@@ -66,7 +67,7 @@ def _uvicorn_server(
     from .limits import header_timeout_protocol
 
     uv_config = uvicorn.Config(
-        create_app(config),
+        create_app(config) if app is None else app,
         log_level=log_level,
         access_log=False,
         lifespan="on",
@@ -107,11 +108,12 @@ def serve(
     sock: socket.socket,
     *,
     log_level: str = "info",
+    app: Any = None,
     tls: TLSFiles | None = None,
     forwarded_allow_ips: str | None = None,
 ) -> None:
-    """Serve on ``sock`` in the foreground until SIGINT or SIGTERM."""
-    _uvicorn_server(config, log_level, tls=tls, forwarded_allow_ips=forwarded_allow_ips).run(
+    """Serve ``app`` (default: ``create_app(config)``) on ``sock`` until SIGINT or SIGTERM."""
+    _uvicorn_server(config, log_level, app, tls=tls, forwarded_allow_ips=forwarded_allow_ips).run(
         sockets=[sock]
     )
 
