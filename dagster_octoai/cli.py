@@ -143,7 +143,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resulting configuration (tokens left out) and exit",
     )
-    tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/server.md)")
+    tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/endpoint.md)")
     tls.add_argument("--ssl-certfile", default=None, help="the certificate chain (PEM)")
     tls.add_argument("--ssl-keyfile", default=None, help="its private key (PEM)")
     tls.add_argument(
@@ -162,7 +162,50 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_options(service, ServerConfig, "", skip=("faults",))
     faults = serve.add_argument_group("fault injection (FaultConfig)")
     _add_model_options(faults, FaultConfig, "fault-")
+    _add_serve_ray(commands, ServerConfig)
     return parser
+
+
+def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
+    from .server.ray_config import RayEndpointConfig
+
+    ray = commands.add_parser(
+        "serve-ray",
+        help="deploy the OctoAI-compatible API on Ray Serve (the ray extra)",
+        description=(
+            "Deploy the same API on a Ray Serve cluster: one generator replica per GPU (a CPU "
+            "slot on CPU), scaling between --min-replicas and --max-replicas, idle replicas "
+            "removed after --idle-timeout-s (0 replicas: scale to zero), sync requests beyond "
+            "the replicas queued up to --max-queued-requests per frontend, then 429. Tokens "
+            "as for 'serve' (OCTOAI_TOKEN, OCTOAI_ADMIN_TOKEN). Runs until Ctrl-C or SIGTERM, "
+            "then removes the application (--detach leaves it running)."
+        ),
+    )
+    cluster = ray.add_argument_group("the Ray cluster")
+    cluster.add_argument(
+        "--address",
+        default=None,
+        help="a running cluster ('auto', or ray://host:10001 / GCS host:port); "
+        "default: start a local one",
+    )
+    cluster.add_argument("--num-cpus", type=float, default=None, help="a local cluster's CPUs")
+    cluster.add_argument("--num-gpus", type=float, default=None, help="a local cluster's GPUs")
+    cluster.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's interface")
+    cluster.add_argument("--port", type=int, default=8000, help="the HTTP proxy's port")
+    cluster.add_argument("--app-name", default="octoai", help="the Serve application's name")
+    cluster.add_argument("--route-prefix", default="/", help="where the API is mounted")
+    cluster.add_argument(
+        "--detach", action="store_true", help="deploy and exit, leaving the application running"
+    )
+    cluster.add_argument(
+        "--config", type=Path, default=None, help="a JSON file of ServerConfig fields"
+    )
+    cluster.add_argument("--ssl-certfile", default=None, help="HTTPS at the proxy: certificate")
+    cluster.add_argument("--ssl-keyfile", default=None, help="HTTPS at the proxy: private key")
+    scaling = ray.add_argument_group("scaling (RayEndpointConfig)")
+    _add_model_options(scaling, RayEndpointConfig, "", skip=("server",))
+    service = ray.add_argument_group("service behaviour (ServerConfig)")
+    _add_model_options(service, server_config, "", skip=("faults", "replicas"))
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -186,6 +229,78 @@ def _load_config(args: argparse.Namespace) -> Any:
     if fault_changes:
         changes["faults"] = fault_changes
     return ServerConfig.model_validate(base).updated(changes)
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    from .server.ray_config import RayEndpointConfig
+
+    try:
+        server = _load_config(args)
+        values = vars(args)
+        fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
+        endpoint = RayEndpointConfig(server=server, **fields)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            print(f"dagster-octoai serve-ray: {loc}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"dagster-octoai serve-ray: cannot read the configuration: {exc}", file=sys.stderr)
+        return 2
+    if (problem := server.startup_problem()) is not None:
+        print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from .server.ray_serve import deploy
+    except ImportError as exc:
+        print(
+            f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
+            "pip install 'dagster-octoai[server,ray]'",
+            file=sys.stderr,
+        )
+        return 2
+    local = args.address is None
+    ray.init(
+        address=args.address,
+        num_cpus=args.num_cpus if local else None,
+        num_gpus=args.num_gpus if local else None,
+        include_dashboard=False if local else None,
+        configure_logging=False,
+    )
+    http: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.ssl_certfile is not None:
+        http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    ray_serve.start(http_options=http)
+    try:
+        deploy(endpoint, name=args.app_name, route_prefix=args.route_prefix)
+        scheme = "https" if args.ssl_certfile else "http"
+        prefix = args.route_prefix.rstrip("/")
+        url = f"{scheme}://{args.host}:{args.port}{prefix}"
+        print(_describe(server, url), file=sys.stderr, flush=True)
+        print(
+            f"  on Ray Serve: replicas {endpoint.min_replicas}..{endpoint.max_replicas}, idle "
+            f"timeout {endpoint.idle_timeout_s:g} s, queue {endpoint.max_queued_requests} "
+            f"per frontend ({endpoint.frontend_replicas})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if args.detach:
+            return 0
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        with contextlib.suppress(KeyboardInterrupt, SystemExit):
+            while True:
+                signal.pause()
+    finally:
+        if not args.detach:
+            ray_serve.delete(args.app_name)
+            if local:
+                ray_serve.shutdown()  # type: ignore[no-untyped-call]
+        # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
+        ray.shutdown()
+    return 0
 
 
 def _describe(config: Any, url: str) -> str:
@@ -301,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "serve-ray":
+        return _serve_ray(args)
     return 2  # argparse refuses unknown commands before this
 
 

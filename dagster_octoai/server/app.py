@@ -42,9 +42,9 @@ from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, undecodable_images
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
-from .stats import RequestRecord, ServerStats
+from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["GenerationRefused", "ServerState", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,8 +77,42 @@ def _route_of(path: str) -> str:
     return "(unrouted)"
 
 
+def _app_path(scope: Scope) -> str:
+    """The path below the app's mount point (Ray Serve's route prefix is the root path)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
 def _message(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"message": message}, status_code=status, headers=headers)
+
+
+class GenerationRefused(Exception):
+    """A deployment could not generate: every replica busy past the queue bound (429), a
+    replica lost (503), or what the backend cannot serve (422, with ``detail``)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        detail: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        if self.detail is not None:
+            return _validation_response(self.detail)
+        headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return _message(self.status, self.message, headers)
 
 
 class ServerState:
@@ -89,6 +123,9 @@ class ServerState:
     run on its replicas; on Ray Serve a subclass keeps them in a shared job board and runs
     them on the generator replicas (:mod:`dagster_octoai.server.ray_serve`).
     """
+
+    #: Which replica of a deployment this app is (``X-OctoAI-Frontend``); None alone.
+    replica_name: str | None = None
 
     def __init__(
         self,
@@ -378,7 +415,10 @@ async def generate(request: Request) -> Response:
             status_code=201,
         )
 
-    payload, seeds = await state.generate(req)
+    try:
+        payload, seeds = await state.generate(req)
+    except GenerationRefused as refused:
+        return refused.response()
     if record is not None:
         record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
     return Response(payload, media_type="application/json")
@@ -512,7 +552,7 @@ class _Gateway:
             return
         state = self.state
         request_id = uuid.uuid4().hex
-        path: str = scope["path"]
+        path = _app_path(scope)
         route = _route_of(path)
         record = RequestRecord(
             request_id=request_id,
@@ -523,6 +563,7 @@ class _Gateway:
             started_at=time.time(),
         )
         scope["octoai.record"] = record
+        CURRENT_RECORD.set(record)
         started = time.perf_counter()
         fault = self._draw_fault(scope["method"], route)
         record.fault = fault
@@ -546,6 +587,10 @@ class _Gateway:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-user-request-id", request_id.encode()))
                 headers.extend(SECURITY_HEADERS)
+                if state.replica_name is not None:
+                    headers.append((b"x-octoai-frontend", state.replica_name.encode()))
+                if record.replica is not None:
+                    headers.append((b"x-octoai-replica", record.replica.encode()))
                 if not any(name.lower() == b"cache-control" for name, _ in headers):
                     headers.append(NO_STORE)
                 message["headers"] = headers

@@ -98,7 +98,11 @@ class BodyLimits:
             return
         config = self.config()
         headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
-        is_async = is_async_request(headers) and scope["path"].startswith("/generate/")
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted below a prefix (a Ray Serve route)
+            path = path[len(root) :]
+        is_async = is_async_request(headers) and path.startswith("/generate/")
         limit = config.async_body_limit_bytes if is_async else config.max_body_bytes
         kind = "Async request body" if is_async else "Request body"
         declared = _content_length(headers)

@@ -90,7 +90,8 @@ async def _asset(request: Request) -> Response:
 
 
 async def _root(request: Request) -> Response:
-    return RedirectResponse("/playground", status_code=307)
+    # Below a route prefix (Ray Serve), the page is there too.
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/playground", status_code=307)
 
 
 def playground_routes() -> list[Route]:
