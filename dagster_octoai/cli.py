@@ -188,8 +188,8 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
         help="a running cluster ('auto', or ray://host:10001 / GCS host:port); "
         "default: start a local one",
     )
-    cluster.add_argument("--num-cpus", type=float, default=None, help="a local cluster's CPUs")
-    cluster.add_argument("--num-gpus", type=float, default=None, help="a local cluster's GPUs")
+    cluster.add_argument("--num-cpus", type=int, default=None, help="a local cluster's CPUs")
+    cluster.add_argument("--num-gpus", type=int, default=None, help="a local cluster's GPUs")
     cluster.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's interface")
     cluster.add_argument("--port", type=int, default=8000, help="the HTTP proxy's port")
     cluster.add_argument("--app-name", default="octoai", help="the Serve application's name")
@@ -205,7 +205,13 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
     scaling = ray.add_argument_group("scaling (RayEndpointConfig)")
     _add_model_options(scaling, RayEndpointConfig, "", skip=("server",))
     service = ray.add_argument_group("service behaviour (ServerConfig)")
-    _add_model_options(service, server_config, "", skip=("faults", "replicas"))
+    # Replicas and their queue are Ray Serve's here (the scaling options above).
+    _add_model_options(
+        service,
+        server_config,
+        "",
+        skip=("faults", "replicas", "max_queued_requests", "queue_retry_after_s"),
+    )
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -254,7 +260,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         import ray
         from ray import serve as ray_serve
 
-        from .server.ray_serve import deploy
+        from .server.ray_serve import deploy, start_local_cluster
     except ImportError as exc:
         print(
             f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
@@ -263,13 +269,10 @@ def _serve_ray(args: argparse.Namespace) -> int:
         )
         return 2
     local = args.address is None
-    ray.init(
-        address=args.address,
-        num_cpus=args.num_cpus if local else None,
-        num_gpus=args.num_gpus if local else None,
-        include_dashboard=False if local else None,
-        configure_logging=False,
-    )
+    if local:
+        start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    else:
+        ray.init(address=args.address, configure_logging=False)
     http: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.ssl_certfile is not None:
         http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)

@@ -23,8 +23,10 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig, create_app
 from dagster_octoai.server.config import StartupError
 
@@ -469,3 +471,35 @@ def test_server_doctests() -> None:
     for module in (app, config, jobs, playground, security):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = sorted(name for name in ImageGenerationRequest.model_fields if name != "engine")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=5).map(
+        lambda d: {"prompt": "a fox", **d}
+    ),
+    engine=st.sampled_from(["sd", "sdxl", "controlnet-sd15"]),
+)
+def test_any_json_in_any_field_is_answered_never_a_500(
+    server: LocalOctoAIServer, body: dict[str, Any], engine: str
+) -> None:
+    r = httpx.post(f"{server.url}/generate/{engine}", json=body, headers=_auth(TOKEN), timeout=60)
+    assert r.status_code in (200, 400, 422), (body, r.status_code, r.text[:300])
+    if r.status_code == 422:
+        assert all(d["loc"][0] == "body" for d in r.json()["detail"])

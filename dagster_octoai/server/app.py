@@ -225,7 +225,23 @@ class ServerState:
     # ---- generation -----------------------------------------------------------------
 
     async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
-        """Wait for a replica, take the configured time, render: the generation body."""
+        """Wait for a replica, take the configured time, render: the generation body.
+
+        Raises:
+            GenerationRefused: every replica is busy and ``max_queued_requests`` wait
+                already (429 with ``Retry-After``); async jobs are never refused so.
+        """
+        bound = self.config.max_queued_requests
+        if (
+            bound is not None
+            and self.pool.in_flight >= self._replicas()
+            and self.pool.queued >= bound
+        ):
+            raise GenerationRefused(
+                429,
+                f"Every replica is busy and {bound} requests are queued; retry later.",
+                retry_after_s=self.config.queue_retry_after_s,
+            )
         async with self.pool:
             return await self._generate_on_replica(req)
 

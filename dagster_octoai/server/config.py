@@ -221,6 +221,14 @@ class ServerConfig(BaseModel):
     replicas: int = Field(
         default=4, ge=1, le=1024, description="Generations that run at once; the rest queue."
     )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="Sync requests that may wait for a busy replica; more get 429. None = no bound.",
+    )
+    queue_retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After (seconds) of a 429 past max_queued_requests."
+    )
     result_ttl_s: float = Field(
         default=DEFAULT_RESULT_TTL_S,
         gt=0,

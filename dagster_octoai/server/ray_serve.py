@@ -46,7 +46,7 @@ from .ray_config import RayEndpointConfig
 from .security import Caller
 from .stats import CURRENT_RECORD
 
-__all__ = ["APP_NAME", "RayEndpointConfig", "build_app", "deploy"]
+__all__ = ["APP_NAME", "RayEndpointConfig", "build_app", "deploy", "start_local_cluster"]
 
 APP_NAME = "octoai"
 _BACKPRESSURE_RETRY_S = 0.25
@@ -387,3 +387,29 @@ def deploy(config: RayEndpointConfig, *, name: str = APP_NAME, route_prefix: str
 
     gpus = float(ray.cluster_resources().get("GPU", 0.0))  # type: ignore[no-untyped-call]
     serve.run(build_app(config, cluster_gpus=gpus), name=name, route_prefix=route_prefix)
+
+
+def start_local_cluster(
+    *, num_cpus: int | None = None, num_gpus: int | None = None, attempts: int = 3, **init: Any
+) -> None:
+    """``ray.init`` of a local cluster without the dashboard, retried if its node is slow.
+
+    Ray gives a new node's raylet a fixed 30 s to register with its GCS; on a loaded machine
+    (a shared 2-core CI box) that can pass, and Ray's message suggests starting again.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                configure_logging=False,
+                **init,
+            )
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
