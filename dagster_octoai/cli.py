@@ -133,6 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="uvicorn's log level (default: info)",
     )
     where.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request (method, path, status; paths hold no tokens)",
+    )
+    where.add_argument(
         "--config",
         type=Path,
         default=None,
@@ -398,6 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
             app=app,
             tls=tls,
             forwarded_allow_ips=args.forwarded_allow_ips,
+            access_log=args.access_log,
         )
     return 0
 

@@ -397,9 +397,11 @@ async def generate(request: Request) -> Response:
         state.stats.validation_errors += 1
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
-    # Headers first: an image too big to use is refused before anything decodes it.
-    bad_images = oversized_images(req, state.config) or await loop.run_in_executor(
-        state.executor, undecodable_images, req
+    config = state.config
+    # Headers first: an image too big to use is refused before anything decodes it. Off
+    # the event loop: base64 of a 10 MB body takes a while.
+    bad_images = await loop.run_in_executor(
+        state.executor, lambda: oversized_images(req, config) or undecodable_images(req)
     )
     # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
     # is the client's 422, before the request waits for a replica.
@@ -415,7 +417,6 @@ async def generate(request: Request) -> Response:
 
     record: RequestRecord | None = request.scope.get("octoai.record")
     if is_async:
-        config = state.config
         fails = (
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )

@@ -60,6 +60,7 @@ def _uvicorn_server(
     *,
     tls: TLSFiles | None = None,
     forwarded_allow_ips: str | None = None,
+    access_log: bool = False,
 ) -> Any:
     import uvicorn
 
@@ -69,7 +70,8 @@ def _uvicorn_server(
     uv_config = uvicorn.Config(
         create_app(config) if app is None else app,
         log_level=log_level,
-        access_log=False,
+        # Off for tests and demos; an operator turns it on (paths hold no tokens).
+        access_log=access_log,
         lifespan="on",
         # No websockets here; "auto" would import a websockets library on every start.
         ws="none",
@@ -111,11 +113,17 @@ def serve(
     app: Any = None,
     tls: TLSFiles | None = None,
     forwarded_allow_ips: str | None = None,
+    access_log: bool = False,
 ) -> None:
     """Serve ``app`` (default: ``create_app(config)``) on ``sock`` until SIGINT or SIGTERM."""
-    _uvicorn_server(config, log_level, app, tls=tls, forwarded_allow_ips=forwarded_allow_ips).run(
-        sockets=[sock]
-    )
+    _uvicorn_server(
+        config,
+        log_level,
+        app,
+        tls=tls,
+        forwarded_allow_ips=forwarded_allow_ips,
+        access_log=access_log,
+    ).run(sockets=[sock])
 
 
 def _url(host: str, port: int) -> str:
