@@ -42,11 +42,7 @@ from .api.errors import (
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .api.batch import (
-        GenerationResult as GenerationResult,
-        ImageBatch as ImageBatch,
-        StoredImage as StoredImage,
-    )
+    from .api.batch import ImageBatch as ImageBatch
     from .api.client import (
         AsyncOctoAIClient as AsyncOctoAIClient,
         OctoAIClient as OctoAIClient,
@@ -116,7 +112,6 @@ __all__ = [
     "DeadlineExceededError",
     "Engine",
     "GeneratedImage",
-    "GenerationResult",
     "ImageBatch",
     "ImageDecodeError",
     "ImageError",
@@ -150,7 +145,6 @@ __all__ = [
     "Sampler",
     "ServerError",
     "StorageError",
-    "StoredImage",
     "TransportError",
     "UnprocessableEntityError",
     "__version__",

@@ -976,3 +976,36 @@ def test_conformance_with_the_official_sdk(
     ]
     if params.get("image_encoding") == "png":
         assert all(im.format == "png" for im in ours.images)
+
+
+# ---- the answer carries its request ----------------------------------------------------
+
+
+def test_every_answer_carries_the_request_that_produced_it(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    server.default = ok([3])
+    asked = {"prompt": "a red fox", "seed": 3, "steps": 9}
+    built = ImageGenerationRequest.build(asked, engine="sd")
+
+    one = client.generate(asked, engine="sd")
+    assert one.request == built and one.response_id is None and one.reused_from is None
+    assert all(im.request == built for im in one.images)
+    many = client.generate_many([{**asked, "seed": s} for s in (1, 2)], engine="sd")
+    assert [r.request.seed for r in many if r.request] == [1, 2]
+    streamed = dict(client.iter_generate([{**asked, "seed": s} for s in (4, 5)], engine="sd"))
+    assert {i: r.request.seed for i, r in streamed.items() if r.request} == {0: 4, 1: 5}
+
+    rurl = f"{server.url}/v1/responses/job-1"
+    server.script(job_reply(server), poll_reply("completed", rurl), ok([3]))
+    job = client.submit(built)
+    waited = client.wait(job, timeout=10, poll_interval_s=0.01)
+    assert waited.request == built and waited.response_id == "job-1"
+    assert all(im.response_id == "job-1" and im.request == built for im in waited.images)
+    server.script(poll_reply("completed", rurl), ok([3]))
+    fetched = client.fetch(job)
+    assert fetched.request == built and fetched.response_id == "job-1"
+    # A bare response URL says nothing of the request that made it.
+    server.script(ok([3]))
+    bare = client.fetch(rurl)
+    assert bare.request is None and bare.response_id is None

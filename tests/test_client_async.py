@@ -429,3 +429,36 @@ def test_local_server_failed_and_expired_jobs(octoai_server_factory: Any) -> Non
 
     with pytest.raises(errors.JobExpiredError):
         run_local(server, expiring)
+
+
+def test_every_answer_carries_the_request_that_produced_it(server: ScriptedServer) -> None:
+    rurl = f"{server.url}/v1/responses/j2"
+    asked = {"prompt": "a red fox", "seed": 3}
+
+    async def body(client: AsyncOctoAIClient) -> Any:
+        server.default = ok([3])
+        one = await client.generate(asked, engine="sd")
+        many = await client.generate_many([{**asked, "seed": s} for s in (1, 2)])
+        streamed = [r async for _, r in client.iter_generate([asked])]
+        server.script(
+            Reply(201, {"response_id": "j2", "poll_url": f"{server.url}/v1/requests/j2"}),
+            Reply(200, {"status": "completed", "response_url": rurl}),
+            ok([3]),
+            Reply(200, {"status": "completed", "response_url": rurl}),
+            ok([3]),
+            ok([3]),
+        )
+        job = await client.submit(asked)
+        waited = await client.wait(job, timeout=10, poll_interval_s=0.02)
+        fetched = await client.fetch(job)
+        bare = await client.fetch(rurl)
+        return job, one, many, streamed, waited, fetched, bare
+
+    job, one, many, streamed, waited, fetched, bare = run(server, body)
+    assert one.request.engine.value == "sd" and one.images[0].request == one.request
+    assert [r.request.seed for r in many] == [1, 2]
+    assert streamed[0].request.prompt == "a red fox"
+    for answer in (waited, fetched):
+        assert answer.request == job.request and answer.response_id == "j2"
+        assert answer.images[0].response_id == "j2"
+    assert bare.request is None and bare.response_id is None

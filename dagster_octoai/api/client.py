@@ -297,6 +297,15 @@ def _build(request: RequestLike, engine: Engine | str | None) -> ImageGeneration
     return ImageGenerationRequest.build(request, engine=engine)
 
 
+def _job_answer(
+    answer: ImageGenerationResponse, job: AsyncJob | None, call: Call
+) -> ImageGenerationResponse:
+    """An async result carrying its job's request and response id (none for a bare URL)."""
+    if job is None:
+        return answer._attach(None, call=call.info())
+    return answer._attach(job.request, response_id=job.response_id, call=call.info())
+
+
 def _label(response_id: str | None) -> str:
     return f" {response_id}" if response_id else ""
 
@@ -450,7 +459,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             engine: Overrides the request's engine (default ``sdxl``).
 
         Returns:
-            The answer; ``call_info`` holds attempts, request ids and elapsed time.
+            The answer: its ``request`` is the validated request sent, ``call_info``
+            holds attempts, request ids and elapsed time. Return it from an asset whose
+            output an image IO manager stores.
 
         Raises:
             RequestValidationError: the request breaks a rule; nothing was sent.
@@ -468,7 +479,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = self._send(call, content=req.wire_bytes())
-        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        result = parse_generation(response, call.where, self._redactor)._attach(
+            req, call=call.info()
+        )
         self._log_done(call.where, result)
         return result
 
@@ -641,7 +654,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
     def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job, or of a ``response_url`` given as a str.
 
-        Given an :class:`AsyncJob`, polls once for its ``response_url``.
+        Given an :class:`AsyncJob`, polls once for its ``response_url``; the answer carries
+        the job's request and ``response_id``. One fetched by a bare URL knows neither, so
+        an image IO manager cannot store it with its lineage: fetch the job instead.
 
         Raises:
             JobExpiredError: the result is gone (kept 24 hours).
@@ -656,18 +671,18 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             url = self._completed_url(result, job.response_id)
             if url is None:
                 raise _not_ready(job, result)
-            response_id: str | None = job.response_id
-        else:
-            url, response_id = resolve_url(self._base_url, job), None
-        return self._fetch_url(url, response_id, deadline)
+            return self._fetch_url(url, job, deadline)
+        return self._fetch_url(resolve_url(self._base_url, job), None, deadline)
 
     def _fetch_url(
-        self, url: str, response_id: str | None, deadline: float | None
+        self, url: str, job: AsyncJob | None, deadline: float | None
     ) -> ImageGenerationResponse:
+        response_id = None if job is None else job.response_id
         call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
         response = self._send(call)
-        result = parse_generation(response, call.where, self._redactor, response_id)
-        return result.with_call_info(call.info())
+        return _job_answer(
+            parse_generation(response, call.where, self._redactor, response_id), job, call
+        )
 
     def wait(
         self,
@@ -690,7 +705,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             result = self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = self._fetch_url(url, job.response_id, wait.deadline)
+                answer = self._fetch_url(url, job, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
             time.sleep(wait.pause(result))
@@ -824,7 +839,9 @@ class AsyncOctoAIClient(
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = await self._send(call, content=req.wire_bytes())
-        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        result = parse_generation(response, call.where, self._redactor)._attach(
+            req, call=call.info()
+        )
         self._log_done(call.where, result)
         return result
 
@@ -967,16 +984,18 @@ class AsyncOctoAIClient(
             url = self._completed_url(result, job.response_id)
             if url is None:
                 raise _not_ready(job, result)
-            return await self._fetch_url(url, job.response_id, None)
+            return await self._fetch_url(url, job, None)
         return await self._fetch_url(resolve_url(self._base_url, job), None, None)
 
     async def _fetch_url(
-        self, url: str, response_id: str | None, deadline: float | None
+        self, url: str, job: AsyncJob | None, deadline: float | None
     ) -> ImageGenerationResponse:
+        response_id = None if job is None else job.response_id
         call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
         response = await self._send(call)
-        result = parse_generation(response, call.where, self._redactor, response_id)
-        return result.with_call_info(call.info())
+        return _job_answer(
+            parse_generation(response, call.where, self._redactor, response_id), job, call
+        )
 
     async def wait(
         self,
@@ -992,7 +1011,7 @@ class AsyncOctoAIClient(
             result = await self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = await self._fetch_url(url, job.response_id, wait.deadline)
+                answer = await self._fetch_url(url, job, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
             await asyncio.sleep(wait.pause(result))

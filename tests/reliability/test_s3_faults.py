@@ -20,8 +20,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.batch import ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
@@ -243,9 +243,9 @@ def test_seaweedfs_killed_mid_upload_leaves_no_manifest_then_rerun_completes(
         def storm(context: dg.AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
             client = octoai.client  # a lazy batch outlives a get_client() block
 
-            def results() -> Iterator[GenerationResult]:
+            def results() -> Iterator[ImageGenerationResponse]:
                 for i, request in enumerate(requests):
-                    yield GenerationResult(request, client.generate(request))
+                    yield client.generate(request)
                     if i == 1 and not killed:
                         # The store dies while the batch is being uploaded.
                         killed["proc"] = _restart_weed_later(store)
