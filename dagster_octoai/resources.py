@@ -29,7 +29,7 @@ from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantVi
 from pydantic import Field, PrivateAttr
 
 from .api.batch import ImageBatch, UnstorableValueError
-from .api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from .api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
 from .api.errors import RateLimitError
 from .api.models import (
     AsyncJob,
@@ -229,9 +229,9 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     def _is_dagster_maintained(cls) -> bool:
         return False
 
-    def retry_policy(self) -> RetryPolicy:
+    def retry_policy(self) -> HTTPRetryPolicy:
         """The client's retry policy from this resource's fields."""
-        return RetryPolicy(
+        return HTTPRetryPolicy(
             max_attempts=self.max_attempts,
             initial_backoff_s=self.initial_backoff_s,
             max_backoff_s=self.max_backoff_s,

@@ -29,12 +29,12 @@ from _scripted_server import (
 )
 
 from dagster_octoai.api import _retry, client as client_module, errors
-from dagster_octoai.api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
 from dagster_octoai.api.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-test-SECRET-0123456789"
-FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
+FAST = HTTPRetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
 
 __all__ = ["module_scripted_server", "server"]  # fixtures used by this module
 
@@ -64,7 +64,7 @@ def test_repr_hides_token_and_defaults() -> None:
         assert TOKEN not in repr(client) and TOKEN not in str(vars(client).get("_redactor"))
         assert client.base_url == "https://image.octoai.run"
         assert client.max_concurrency == 4
-        assert client.retry == RetryPolicy()
+        assert client.retry == HTTPRetryPolicy()
     finally:
         client.close()
 
@@ -94,9 +94,9 @@ def test_bad_construction_names_the_field(kwargs: dict[str, Any], field: str) ->
 
 def test_retry_policy_validates() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
-        RetryPolicy(max_attempts=0)
+        HTTPRetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
-        RetryPolicy(unknown=1)  # type: ignore[call-arg]
+        HTTPRetryPolicy(unknown=1)  # type: ignore[call-arg]
 
 
 # ---- generate ----------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_retries_run_out(
     server: ScriptedServer, status: int, cls: type[errors.APIStatusError]
 ) -> None:
     server.default = Reply(status, {"message": "nope"}, headers={"X-User-Request-ID": "rid"})
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(cls) as info,
@@ -249,7 +249,7 @@ def test_retries_run_out(
 def test_rate_limit_error_carries_retry_after(server: ScriptedServer) -> None:
     server.default = Reply(429, {"message": "slow down"}, headers={"Retry-After": "0"})
     with (
-        OctoAIClient(TOKEN, base_url=server.url, retry=RetryPolicy(max_attempts=2)) as client,
+        OctoAIClient(TOKEN, base_url=server.url, retry=HTTPRetryPolicy(max_attempts=2)) as client,
         pytest.raises(errors.RateLimitError) as info,
     ):
         client.generate({"prompt": "a fox"})
@@ -276,7 +276,7 @@ def test_retry_after_http_date_is_honoured(server: ScriptedServer, client: OctoA
 
 def test_retry_after_over_the_cap_is_not_waited(server: ScriptedServer) -> None:
     server.default = Reply(429, {"message": "quota"}, headers={"Retry-After": "3600"})
-    policy = RetryPolicy(max_retry_after_s=5)
+    policy = HTTPRetryPolicy(max_retry_after_s=5)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(errors.RateLimitError) as info,
@@ -289,7 +289,7 @@ def test_retry_after_over_the_cap_is_not_waited(server: ScriptedServer) -> None:
 
 def test_a_wait_past_the_deadline_is_not_started(server: ScriptedServer) -> None:
     server.default = Reply(503, {"message": "busy"}, headers={"Retry-After": "30"})
-    policy = RetryPolicy(deadline_s=2)
+    policy = HTTPRetryPolicy(deadline_s=2)
     with OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client:
         started = time.monotonic()
         with pytest.raises(errors.ServerError, match="deadline"):
@@ -300,7 +300,7 @@ def test_a_wait_past_the_deadline_is_not_started(server: ScriptedServer) -> None
 
 def test_deadline_cuts_a_slow_attempt(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), delay_s=5)
-    policy = RetryPolicy(deadline_s=0.5)
+    policy = HTTPRetryPolicy(deadline_s=0.5)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy, timeout=30) as client,
         pytest.raises(errors.DeadlineExceededError, match="deadline"),
@@ -326,7 +326,7 @@ def test_dropped_connection_is_retried(server: ScriptedServer, client: OctoAICli
 
 def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), drop=True)
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(errors.ConnectionFailedError, match="dropped") as info,
@@ -337,7 +337,7 @@ def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> 
 
 
 def test_connection_refused_is_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     caplog.set_level(logging.WARNING, logger="dagster_octoai.api.client")
     url = f"http://127.0.0.1:{free_port()}"
     with (
@@ -852,7 +852,7 @@ def test_local_server_faults_are_retried(octoai_server_factory: Any) -> None:
     faults = FaultConfig(error_500=0.2, error_503=0.2, drop_connection=0.2, seed=3)
     server = octoai_server_factory(faults=faults, replicas=4)
     requests = [{"prompt": "fox", "engine": "sd", "seed": s} for s in range(12)]
-    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.01, max_backoff_s=0.05)
+    policy = HTTPRetryPolicy(max_attempts=10, initial_backoff_s=0.01, max_backoff_s=0.05)
     with local_client(server, retry=policy) as client:
         results = client.generate_many(requests)
     assert [r.seeds for r in results] == [[s] for s in range(12)]
@@ -877,7 +877,7 @@ def test_local_server_retrying_a_lost_answer_pays_twice(octoai_server_factory: A
     from dagster_octoai.server import FaultConfig
 
     server = octoai_server_factory(faults=FaultConfig(drop_after_render=1.0))
-    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.01)
     with local_client(server, retry=policy) as client, pytest.raises(errors.ConnectionFailedError):
         client.generate({"prompt": "fox", "engine": "sd", "seed": 1})
     assert server.stats()["paid_generations"] == 2

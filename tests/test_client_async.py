@@ -21,12 +21,12 @@ from _scripted_server import (
 )
 
 from dagster_octoai.api import errors
-from dagster_octoai.api.client import AsyncOctoAIClient, RetryPolicy
+from dagster_octoai.api.client import AsyncOctoAIClient, HTTPRetryPolicy
 from dagster_octoai.api.models import JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-async-SECRET-9876543210"
-FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
+FAST = HTTPRetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
 T = TypeVar("T")
 
 __all__ = ["module_scripted_server", "server"]  # fixtures used by this module
@@ -112,7 +112,7 @@ def test_retries_run_out(server: ScriptedServer) -> None:
         run(
             server,
             lambda c: c.generate({"prompt": "a fox"}),
-            retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01),
+            retry=HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.01),
         )
     assert len(server.requests) == 2
 
@@ -120,7 +120,9 @@ def test_retries_run_out(server: ScriptedServer) -> None:
 def test_deadline(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), delay_s=5)
     with pytest.raises(errors.DeadlineExceededError):
-        run(server, lambda c: c.generate({"prompt": "a fox"}), retry=RetryPolicy(deadline_s=0.5))
+        run(
+            server, lambda c: c.generate({"prompt": "a fox"}), retry=HTTPRetryPolicy(deadline_s=0.5)
+        )
     assert len(server.requests) == 1
 
 

@@ -21,7 +21,7 @@ import httpx
 from pydantic import ValidationError
 
 from ..version import __version__
-from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
+from ._retry import HTTPRetryPolicy, is_retryable_status, parse_retry_after
 from .errors import (
     APIStatusError,
     AuthenticationError,
@@ -189,7 +189,7 @@ class Call:
         method: str,
         url: str,
         kind: CallKind,
-        policy: RetryPolicy,
+        policy: HTTPRetryPolicy,
         timeout: httpx.Timeout,
         redactor: Redactor,
         deadline: float | None = None,

@@ -2,7 +2,7 @@
 
 Imports no Dagster. Each client holds one pooled ``httpx`` client for its
 lifetime, validates every request before sending it, retries what is worth
-retrying (see :class:`RetryPolicy`), and raises the typed errors of
+retrying (see :class:`HTTPRetryPolicy`), and raises the typed errors of
 :mod:`dagster_octoai.api.errors`. The token never appears in a repr, a log line or
 an exception.
 """
@@ -43,7 +43,7 @@ from ._http import (
     resolve_url,
     tls_context,
 )
-from ._retry import RetryPolicy
+from ._retry import HTTPRetryPolicy
 from .errors import (
     DeadlineExceededError,
     JobFailedError,
@@ -61,7 +61,7 @@ from .models import (
     PollResult,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "OctoAIClient", "RetryPolicy"]
+__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "HTTPRetryPolicy", "OctoAIClient"]
 
 logger = logging.getLogger("dagster_octoai.api.client")
 
@@ -135,7 +135,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         *,
         base_url: str = DEFAULT_BASE_URL,
         timeout: float | httpx.Timeout = 120.0,
-        retry: RetryPolicy | None = None,
+        retry: HTTPRetryPolicy | None = None,
         max_concurrency: int = 4,
         http_client: HttpT | None = None,
     ) -> None:
@@ -143,7 +143,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         self._redactor = Redactor(self._token)
         self._base_url = _check_base_url(base_url)
         self._timeout = _timeout(timeout)
-        self._retry = retry if retry is not None else RetryPolicy()
+        self._retry = retry if retry is not None else HTTPRetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
         # Built once: the four header sets a call can need (never mutated after this).
         self._headers = {
@@ -204,7 +204,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         return self._max_concurrency
 
     @property
-    def retry(self) -> RetryPolicy:
+    def retry(self) -> HTTPRetryPolicy:
         """The retry policy of every HTTP call."""
         return self._retry
 
@@ -227,7 +227,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         *,
         deadline: float | None = None,
         response_id: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: HTTPRetryPolicy | None = None,
         timeout: httpx.Timeout | None = None,
     ) -> Call:
         return Call(
@@ -372,7 +372,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         base_url: The server, e.g. a self-hosted OctoAI-compatible one.
         timeout: Per-attempt timeout in seconds (connect is capped at 10 s), or an
             ``httpx.Timeout``.
-        retry: How calls are retried; see :class:`RetryPolicy`.
+        retry: How calls are retried; see :class:`HTTPRetryPolicy`.
         max_concurrency: Most generations in flight at once.
         http_client: An ``httpx.Client`` to use instead of the client's own (it is
             not closed by :meth:`close`).
@@ -719,7 +719,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             "GET",
             f"{self._base_url}/healthcheck",
             "health",
-            retry=RetryPolicy.none(),
+            retry=HTTPRetryPolicy.none(),
             timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
         )
         try:
@@ -1023,7 +1023,7 @@ class AsyncOctoAIClient(
             "GET",
             f"{self._base_url}/healthcheck",
             "health",
-            retry=RetryPolicy.none(),
+            retry=HTTPRetryPolicy.none(),
             timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
         )
         try:

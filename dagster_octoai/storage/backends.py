@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
-from ..api.errors import OctoAIError
+from ..api.errors import ObjectNotFoundError, StorageError
 
 __all__ = [
     "LocalBackend",
@@ -34,14 +34,6 @@ __all__ = [
 logger = logging.getLogger("dagster_octoai.storage")
 
 T = TypeVar("T")
-
-
-class StorageError(OctoAIError):
-    """Storing or loading images failed (missing bucket, refused credentials, missing object...)."""
-
-
-class ObjectNotFoundError(StorageError):
-    """An object (image, manifest) that should exist is not there."""
 
 
 class StorageBackend(ABC):
