@@ -27,6 +27,7 @@ from _scripted_server import (
     scripted_server,
     server,
 )
+from pydantic import SecretStr
 
 from dagster_octoai.api import _retry, client as client_module, errors
 from dagster_octoai.api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
@@ -69,10 +70,27 @@ def test_repr_hides_token_and_defaults() -> None:
         client.close()
 
 
+@pytest.mark.parametrize("cls", [OctoAIClient, client_module.AsyncOctoAIClient])
+def test_the_token_is_never_held_in_clear_where_a_debugger_looks(cls: Any) -> None:
+    client = cls(TOKEN, base_url="http://127.0.0.1:9")
+    # What a debugger's variables view shows: each attribute and one level inside it
+    # (but inside the SecretStr itself, which is what holds the token).
+    shown = [repr(vars(client)), str(vars(client))]
+    for value in vars(client).values():
+        shown.append(repr(value))
+        if isinstance(value, SecretStr):
+            continue
+        shown += [repr(v) for v in getattr(value, "__dict__", {}).values()]
+        if isinstance(value, dict):
+            shown += [repr(v) for v in value.values()]
+    assert all(TOKEN not in text for text in shown)
+    assert isinstance(client._token, SecretStr) and client._token.get_secret_value() == TOKEN
+
+
 def test_token_from_environment_and_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OCTOAI_TOKEN", "env-token")
     with OctoAIClient() as client:
-        assert client._token == "env-token"
+        assert client._token.get_secret_value() == "env-token"
     monkeypatch.delenv("OCTOAI_TOKEN")
     with pytest.raises(errors.RequestValidationError, match="OCTOAI_TOKEN") as info:
         OctoAIClient()

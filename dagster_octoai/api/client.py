@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
 
 import httpx
+from pydantic import SecretStr
 
 from ._http import (
     USER_AGENT,
@@ -139,16 +140,18 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         max_concurrency: int = 4,
         http_client: HttpT | None = None,
     ) -> None:
-        self._token = _resolve_token(token)
+        # A SecretStr: vars(client), a debugger's locals and any repr show '**********'.
+        self._token = SecretStr(_resolve_token(token))
         self._redactor = Redactor(self._token)
         self._base_url = _check_base_url(base_url)
         self._timeout = _timeout(timeout)
         self._retry = retry if retry is not None else HTTPRetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
         # Built once: the four header sets a call can need (never mutated after this).
+        # httpx.Headers shows an Authorization header as '[secure]' in its repr.
         self._headers = {
             (async_, json_body): httpx.Headers(
-                headers(self._token, async_=async_, json_body=json_body)
+                headers(self._token.get_secret_value(), async_=async_, json_body=json_body)
             )
             for async_ in (False, True)
             for json_body in (False, True)
