@@ -307,13 +307,13 @@ class S3ImageIOManager(_ImageIOManager):
         description="botocore retry mode; 'adaptive' also rate-limits the client when throttled.",
     )
     max_attempts: int = Field(
-        default=5, ge=1, le=20, description="Attempts per S3 call made by botocore's retries."
-    )
-    throttle_retries: int = Field(
-        default=4,
-        ge=0,
+        default=5,
+        ge=1,
         le=20,
-        description="Extra attempts, with backoff, when S3 still answers SlowDown / 503 after botocore's retries.",
+        description=(
+            "Attempts per S3 call, botocore's retries (SlowDown, 5xx, dropped connections) "
+            "included; the only retries there are."
+        ),
     )
 
     @field_validator("addressing_style", mode="before")
@@ -352,7 +352,6 @@ class S3ImageIOManager(_ImageIOManager):
             retry_mode=typing.cast(RetryMode, self.retry_mode),
             max_attempts=self.max_attempts,
             max_pool_connections=max(10, self.max_concurrency),
-            throttle_retries=self.throttle_retries,
         )
 
 

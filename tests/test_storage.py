@@ -626,38 +626,37 @@ def test_missing_bucket_gives_a_clear_error(seaweedfs: SeaweedFS) -> None:
         backend.check()
 
 
-def test_throttling_is_retried_then_reported() -> None:
-    # One branch, no server: the retry loop around a call that answers SlowDown.
+def test_retries_are_botocores_alone(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    # The client's retries config is the one retry loop: no second loop on top of it.
+    backend = S3Backend.from_config(
+        s3_bucket,
+        endpoint_url=seaweedfs.endpoint_url,
+        region_name=seaweedfs.region,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+        addressing_style="path",
+        retry_mode="standard",
+        max_attempts=3,
+    )
+    retries = backend.client.meta.config.retries
+    assert retries == {"mode": "standard", "total_max_attempts": 3}
     from botocore.exceptions import ClientError
 
-    backend = S3Backend(client=None, bucket="bkt", throttle_retries=2, backoff_s=0.001)
     calls: list[int] = []
 
     def slow_down() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise ClientError(
-                {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
-                 "ResponseMetadata": {"HTTPStatusCode": 503}},
-                "PutObject",
-            )  # fmt: skip
-        return "ok"
-
-    assert backend._call("put", "k", slow_down) == "ok"
-    assert len(calls) == 3
-    calls.clear()
-
-    def always() -> str:
+        # What botocore raises once its own attempts are spent.
         calls.append(1)
         raise ClientError(
-            {"Error": {"Code": "SlowDown", "Message": "Reduce"},
+            {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
              "ResponseMetadata": {"HTTPStatusCode": 503}},
             "PutObject",
         )  # fmt: skip
 
-    with pytest.raises(StorageError, match="SlowDown"):
-        backend._call("put", "k", always)
-    assert len(calls) == 3
+    with pytest.raises(StorageError, match="SlowDown") as info:
+        backend._call("put", "k", slow_down)
+    assert len(calls) == 1
+    assert info.value.status_code == 503
 
 
 def test_local_backend_refuses_keys_outside_base_dir(tmp_path: Path) -> None:

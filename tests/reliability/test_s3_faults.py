@@ -152,7 +152,7 @@ def test_throttling_is_retried_and_every_image_lands(
     scanner: TokenScanner,
 ) -> None:
     with ThrottlingProxy(seaweedfs.endpoint_url, fraction=0.2, seed=7) as proxy:
-        io = s3_io(seaweedfs, bucket, endpoint_url=proxy.url, max_attempts=8, throttle_retries=6)
+        io = s3_io(seaweedfs, bucket, endpoint_url=proxy.url, max_attempts=12)
         resources = {"octoai": _resource(octoai_server), "images": io}
         for key in ("a", "b"):
             result = dg.materialize([_asset()], resources=resources, partition_key=key)
@@ -252,7 +252,7 @@ def test_seaweedfs_killed_mid_upload_leaves_no_manifest_then_rerun_completes(
 
             return ImageBatch(results())
 
-        io = s3_io(store, "outage", max_attempts=2, throttle_retries=1)
+        io = s3_io(store, "outage", max_attempts=2)
         resources = {"octoai": _resource(octoai_server), "images": io}
         first = dg.materialize([storm], resources=resources, raise_on_error=False)
         assert not first.success
