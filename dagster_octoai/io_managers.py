@@ -431,10 +431,14 @@ def _storable_annotation(annotation: Any) -> bool | None:
         if inspect.isclass(item):
             return issubclass(item, ImageGenerationResponse)
         return None
+    if origin in (dict, set, frozenset, collections.abc.Mapping, collections.abc.Set):
+        return False
     if origin is not None or not inspect.isclass(annotation):
         return None  # generators, Output[...], forward references: not for us to judge
     if issubclass(annotation, ImageGenerationResponse | ImageBatch):
         return True
+    if annotation in (list, tuple):
+        return None  # of what, it does not say
     if annotation.__module__.startswith("dagster."):
         return None  # MaterializeResult, Nothing and the like
     return False
