@@ -164,7 +164,7 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         .. code-block:: python
 
             from dagster import AssetExecutionContext, Definitions, EnvVar, asset
-            from dagster_octoai import OctoAIResource
+            from dagster_octoai import ImageGenerationResponse, OctoAIResource, S3ImageIOManager
 
             @asset(io_manager_key="images")
             def fox(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageGenerationResponse:

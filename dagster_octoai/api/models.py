@@ -935,6 +935,7 @@ class ImageGenerationResponse(BaseModel):
     def __init__(
         self,
         /,
+        *,
         request: ImageGenerationRequest | None = None,
         response_id: str | None = None,
         reused_from: str | None = None,
