@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -190,6 +191,7 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
     cert.private_key_pem.write_to_path(str(key_path))
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
     ca.cert_pem.write_to_path(str(ca_path))
+    trusted = ssl.create_default_context(cafile=str(ca_path))
     env = {**os.environ, "OCTOAI_TOKEN": "tls-token-5e"}
     proc = subprocess.Popen(
         [
@@ -219,7 +221,7 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"{url}/healthcheck", verify=str(ca_path)).status_code == 200:
+                if httpx.get(f"{url}/healthcheck", verify=trusted).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -229,7 +231,7 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
             f"{url}/generate/sd",
             json={"prompt": "x", "seed": 1},
             headers={"Authorization": "Bearer tls-token-5e"},
-            verify=str(ca_path),
+            verify=trusted,
             timeout=30,
         )
         assert r.status_code == 200
