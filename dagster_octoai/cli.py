@@ -273,16 +273,21 @@ def _serve_ray(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # Ray's core worker installs its own C-level SIGTERM handler, which aborts the process
+    # (exit -6) after our cleanup. Blocked here, before Ray starts any thread, the signals
+    # reach no handler: the main thread waits for them with sigwait and cleans up.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     local = args.address is None
-    if local:
-        start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    else:
-        ray.init(address=args.address, configure_logging=False)
-    http: dict[str, Any] = {"host": args.host, "port": args.port}
-    if args.ssl_certfile is not None:
-        http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
-    ray_serve.start(http_options=http)
     try:
+        if local:
+            start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        else:
+            ray.init(address=args.address, configure_logging=False)
+        http: dict[str, Any] = {"host": args.host, "port": args.port}
+        if args.ssl_certfile is not None:
+            http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        ray_serve.start(http_options=http)
         deploy(endpoint, name=args.app_name, route_prefix=args.route_prefix)
         scheme = "https" if args.ssl_certfile else "http"
         prefix = args.route_prefix.rstrip("/")
@@ -295,19 +300,15 @@ def _serve_ray(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        if args.detach:
-            return 0
-        signal.signal(signal.SIGTERM, _exit_cleanly)
-        with contextlib.suppress(KeyboardInterrupt, SystemExit):
-            while True:
-                signal.pause()
-    finally:
         if not args.detach:
+            signal.sigwait(stop_signals)
             ray_serve.delete(args.app_name)
             if local:
                 ray_serve.shutdown()  # type: ignore[no-untyped-call]
+    finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     return 0
 
 

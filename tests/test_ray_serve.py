@@ -250,13 +250,17 @@ def test_the_official_sdk_and_the_package_client_unchanged(endpoint: Endpoint) -
         assert fetched.images[0].seed == 10
 
 
-def _generator_actors() -> list[Any]:
+def _replica_actors(deployment: str) -> list[Any]:
     names = ray.util.list_named_actors(all_namespaces=True)
     return [
         ray.get_actor(item["name"], namespace=item["namespace"])
         for item in names
-        if GENERATOR in item["name"] and "REPLICA" in item["name"]
+        if f"{APP}#{deployment}#" in item["name"] and "REPLICA" in item["name"]
     ]
+
+
+def _generator_actors() -> list[Any]:
+    return _replica_actors(GENERATOR)
 
 
 def test_a_replica_that_dies_fails_its_jobs_visibly(endpoint: Endpoint) -> None:
@@ -295,6 +299,29 @@ def test_idle_replicas_scale_down_to_zero_and_back_up(endpoint: Endpoint) -> Non
     )
     assert r.status_code == 200, r.text
     assert _running_generators() >= 1
+
+
+def test_a_job_whose_frontend_dies_ends_visibly(endpoint: Endpoint) -> None:
+    # With no generator running, the job waits at the frontend that accepted it (a cold
+    # start); that frontend dies. The job must end (failed when its lease runs out, or
+    # completed if a generator had taken it): never pending for ever.
+    _wait_for("scaled to zero again", lambda: _running_generators() == 0, 120)
+    accepted = _submit(endpoint.url, seed=21)
+    for actor in _replica_actors("OctoAIFrontend"):
+        ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 90
+    status = "pending"
+    while status not in ("failed", "completed"):
+        assert time.monotonic() < deadline, f"the job is still {status}"
+        time.sleep(0.5)
+        try:
+            r = httpx.get(accepted["poll_url"], headers=_auth(), timeout=10)
+        except httpx.TransportError:
+            continue  # Serve is replacing the frontends
+        if r.status_code == 200:
+            status = r.json()["status"]
+            if status == "failed":
+                assert "resubmit" in r.json()["error"]
 
 
 def test_the_example_dagster_job_runs_against_it(
