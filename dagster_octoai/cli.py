@@ -243,6 +243,29 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
+    # Ray installs its own C-level SIGTERM handler in the driver, which aborts the process
+    # after our cleanup, and starts threads (some when imported) that would take the signal.
+    # Connected to a running cluster, the signals are blocked first, before anything imports
+    # Ray, so that they reach no thread's handler: the main thread takes them with sigwait.
+    # A local cluster's processes would inherit a blocked mask (and outlive ray.shutdown),
+    # so there a Python handler waits instead, and the process leaves with os._exit once
+    # everything is cleaned up.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    if args.address is None:
+        code = _serve_ray_blocked(args, None)
+        if "ray" in sys.modules:  # a cluster was started (and is stopped by now)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        return _serve_ray_blocked(args, stop_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+
+def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
     from .server.ray_config import RayEndpointConfig
 
     try:
@@ -273,11 +296,6 @@ def _serve_ray(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    # Ray's core worker installs its own C-level SIGTERM handler, which aborts the process
-    # (exit -6) after our cleanup. Blocked here, before Ray starts any thread, the signals
-    # reach no handler: the main thread waits for them with sigwait and cleans up.
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     local = args.address is None
     try:
         if local:
@@ -301,14 +319,19 @@ def _serve_ray(args: argparse.Namespace) -> int:
             flush=True,
         )
         if not args.detach:
-            signal.sigwait(stop_signals)
+            if stop_signals is not None:
+                signal.sigwait(stop_signals)
+            else:
+                signal.signal(signal.SIGTERM, _exit_cleanly)
+                with contextlib.suppress(KeyboardInterrupt, SystemExit):
+                    while True:
+                        signal.pause()
             ray_serve.delete(args.app_name)
             if local:
                 ray_serve.shutdown()  # type: ignore[no-untyped-call]
     finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     return 0
 
 
