@@ -1,0 +1,11 @@
+"""The ``diffusers`` backend: real Stable Diffusion (SDXL, SD 1.5) with PyTorch.
+
+- :mod:`.backend`: :class:`~.backend.DiffusersBackend`, the server's backend (imports torch).
+- :mod:`.library`: the model directory's layout and asset names (no torch).
+- :mod:`.tiny`: ``dagster-octoai tiny-models``, random-weight models built offline.
+- :mod:`.prompts`, :mod:`.samplers`, :mod:`.styles`: prompt weighting and ``clip_skip``,
+  the sampler names as schedulers, ``style_preset`` templates.
+
+Needs the ``diffusion`` extra (torch, diffusers, transformers, accelerate, safetensors,
+peft, torchsde, OpenCV). The server imports it only when ``backend="diffusers"``.
+"""
