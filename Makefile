@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv test lint typecheck demo dev bench bench-quick reliability docs chromium clean
+.PHONY: venv test lint typecheck demo dev bench bench-quick bench-gpu reliability docs chromium clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m benchmarks --quick --output .bench-quick
+
+# On a CUDA machine: full-size random-weight SDXL / SD 1.5 through the diffusers backend.
+bench-gpu: venv
+	$(PY) -m benchmarks.gpu
 
 reliability: venv
 	$(PY) scripts/reliability_report.py

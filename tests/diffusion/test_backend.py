@@ -280,13 +280,18 @@ def test_checkpoint_vae_loras_and_textual_inversions_change_the_output(
     extra = {"use_refiner": False} if engine == "sdxl" else {}
     body = {"prompt": "a tree, tiny-trigger", "seed": 8, **extra}
     plain = one(post, engine, **body)
-    for change in (
-        {"checkpoint": f"tiny-{family}-alt"},
-        {"vae": f"octoai:tiny-vae-{family}"},
-        {"loras": {"tiny-crayon": 0.8}},
-        {"textual_inversions": {"tiny-negative": "tiny-trigger"}},
+    changed = {}
+    for name, change in (
+        ("checkpoint", {"checkpoint": f"tiny-{family}-alt"}),
+        ("vae", {"vae": f"octoai:tiny-vae-{family}"}),
+        ("lora", {"loras": {"tiny-crayon": 0.8}}),
+        ("ti", {"textual_inversions": {"tiny-negative": "tiny-trigger"}}),
     ):
-        assert float(np.abs(plain - one(post, engine, **body, **change)).mean()) > 0.5, change
+        changed[name] = one(post, engine, **body, **change)
+        assert float(np.abs(plain - changed[name]).mean()) > 0.5, change
+    # The same weights as one original-format file (from_single_file): the same bytes.
+    single_file = one(post, engine, **body, checkpoint=f"tiny-{family}-alt-file")
+    assert np.array_equal(single_file, changed["checkpoint"])
     if engine == "sd":  # several weighted LoRAs: on the cheaper engine
         crayon = one(post, engine, **body, loras={"tiny-crayon": 1.0})
         both = one(post, engine, **body, loras={"tiny-crayon": 1.0, "octoai:tiny-ink": 0.6})

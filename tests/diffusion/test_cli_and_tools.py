@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,6 @@ from dagster_octoai.server.backends import BackendError, load_backend
 from dagster_octoai.server.backends.diffusers.library import ModelLibrary
 
 pytestmark = pytest.mark.timeout(600)
-
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
@@ -32,7 +28,7 @@ def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     assert described["sdxl"] == {
         "base": True,
         "refiner": True,
-        "checkpoints": ["tiny-sdxl-alt"],
+        "checkpoints": ["tiny-sdxl-alt", "tiny-sdxl-alt-file"],
         "controlnets": ["canny_sdxl", "depth_sdxl"],
         "loras": ["tiny-crayon", "tiny-ink"],
         "textual_inversions": ["tiny-negative"],
@@ -43,6 +39,7 @@ def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     assert (tiny_models / "sd15" / "textual_inversions" / "tiny-negative.safetensors").is_file()
     assert (tiny_models / "sdxl" / "vaes" / "tiny-vae-sdxl.safetensors").is_file()
     assert (tiny_models / "sdxl" / "controlnets" / "canny_sdxl" / "config.json").is_file()
+    assert (tiny_models / "sd15" / "checkpoints" / "tiny-sd15-alt-file.safetensors").is_file()
     unet = json.loads((tiny_models / "sdxl" / "base" / "unet" / "config.json").read_text())
     vae = json.loads((tiny_models / "sdxl" / "base" / "vae" / "config.json").read_text())
     # The real latent scale factor (8: four VAE blocks) at the real SDXL size.
@@ -100,41 +97,22 @@ def test_clip_skip_finds_the_final_layer_norm_in_either_transformers_layout() ->
     assert final_layer_norm(nested) is norm and final_layer_norm(flat) is norm
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_quick_run_on_cpu(tiny_models: Path, tmp_path: Path) -> None:
+def test_gpu_benchmark_quick_run_on_cpu(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import gpu
+
     out = tmp_path / "gpu.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.gpu",
-            "--quick",
-            "--device",
-            "cpu",
-            "--models",
-            str(tiny_models),
-            "--output",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=560,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    argv = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
+    assert gpu.main(argv) == 0
     data = json.loads(out.read_text())
-    assert data["quick"] is True and data["device"] == "cpu"
+    assert data["quick"] is True and data["device"] == "cpu" and data["gpu"] is None
     cases = [(r["engine"], r["batch"]) for r in data["results"]]
-    assert cases == [("sdxl", 1), ("sd", 1), ("sd", 2)]
+    assert cases == [("sdxl", 1), ("sd", 2)]
     for row in data["results"]:
         assert row["direct_p50_s"] > 0 and row["api_p50_s"] > 0
         assert math.isfinite(row["server_overhead"]) and row["images_per_s"] > 0
     # Without a GPU the full benchmark refuses, instead of printing CPU figures as GPU ones.
-    refused = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+    assert gpu.main(["--device", "cpu", "--output", str(tmp_path / "no.json")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()

@@ -606,6 +606,7 @@ class DiffusersBackend:
             )
             out = refiner(
                 image=latents,
+                num_images_per_prompt=len(seeds),
                 num_inference_steps=steps,
                 denoising_start=frac,
                 guidance_scale=kwargs["guidance_scale"],

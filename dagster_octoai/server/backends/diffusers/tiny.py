@@ -2,7 +2,8 @@
 
 The directory has the layout a user's real weights use (see :mod:`.library`): diffusers
 folders for the base models, the refiner, a second checkpoint and the ControlNets, and
-single ``.safetensors`` files for the LoRAs, textual inversions and a VAE. The backend
+single ``.safetensors`` files for the LoRAs, textual inversions, a VAE and the second
+checkpoint once more (original LDM format, as civitai and A1111 files are: :mod:`.ldm`). The backend
 loads them through the same ``from_pretrained`` / ``from_single_file`` /
 ``load_lora_weights`` / ``load_textual_inversion`` calls as real weights.
 
@@ -109,7 +110,9 @@ _TINY = _Sizes(
     vae_mid_attention=False,
     # 12 layers like CLIP-L, so every clip_skip (1..12) of the API has a layer to take.
     clip_l={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "layers": 12},
-    clip_g={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "layers": 12},
+    # Wider than CLIP-L, as bigG is: diffusers' single-file loader tells SDXL's two text
+    # encoders apart by their width.
+    clip_g={"hidden_size": 48, "intermediate_size": 53, "num_attention_heads": 4, "layers": 12},
     controlnet_embedding=(4, 8, 8, 16),
 )
 _FULL = _Sizes(
@@ -630,8 +633,10 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
         ['base', 'checkpoints', 'controlnets', 'loras', 'refiner', 'textual_inversions', 'vaes']
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
 
     from .backend import _quiet_libraries
+    from .ldm import pipeline_to_ldm
 
     _quiet_libraries()
     root = Path(directory)
@@ -660,8 +665,12 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
             refiner.save_pretrained(str(fam_dir / "refiner"), **save)
         if scale == "full":
             continue  # the benchmark needs the engines, not the asset library
-        build(sizes, vocab, merges, seed + 10).pipeline.save_pretrained(
-            str(fam_dir / "checkpoints" / f"tiny-{name}-alt"), **save
+        alt = build(sizes, vocab, merges, seed + 10).pipeline
+        alt.save_pretrained(str(fam_dir / "checkpoints" / f"tiny-{name}-alt"), **save)
+        # The same weights as one original-format file, the kind civitai and A1111 use.
+        save_file(
+            pipeline_to_ldm(alt),
+            str(fam_dir / "checkpoints" / f"tiny-{name}-alt-file.safetensors"),
         )
         _controlnet(sizes, family, seed + 20).save_pretrained(str(fam_dir / "controlnets" / canny))
         _controlnet(sizes, family, seed + 21).save_pretrained(str(fam_dir / "controlnets" / other))
