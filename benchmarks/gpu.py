@@ -84,13 +84,14 @@ class Result:
         }
 
 
-def _cases(quick: bool, on_gpu: bool) -> list[Case]:
+def _cases(quick: bool, on_gpu: bool, steps: int | None = None) -> list[Case]:
     if quick:
         # The smoke run: every code path (both engines, a batch), the fewest images.
-        return [Case("sdxl", 1024, 1024, 2, 1, False), Case("sd", 512, 512, 2, 2, False)]
+        n = steps or 2
+        return [Case("sdxl", 1024, 1024, n, 1, False), Case("sd", 512, 512, n, 2, False)]
     compiled = (False, True) if on_gpu else (False,)
     return [
-        Case(engine, w, h, 30, batch, comp)
+        Case(engine, w, h, steps or 30, batch, comp)
         for comp in compiled
         for engine, w, h in (("sdxl", 1024, 1024), ("sd", 512, 512))
         for batch in (1, 2, 4)
@@ -198,6 +199,7 @@ def run(
     *,
     quick: bool = False,
     reps: int | None = None,
+    steps: int | None = None,
     log: Any = print,
 ) -> list[Result]:
     """Measure every case on ``device`` with the models in ``models``."""
@@ -218,7 +220,7 @@ def run(
         httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
     ):
         bases = backend._devices[0].bases
-        for case in _cases(quick, on_gpu):
+        for case in _cases(quick, on_gpu, steps):
             if case.compiled and not compiled:
                 for base in bases.values():
                     base.pipe.unet.compile(mode="max-autotune-no-cudagraphs")
@@ -252,6 +254,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="an existing model directory (default: write random-weight ones to a temp dir)",
     )
     parser.add_argument("--reps", type=int, default=None, help="measured repetitions per case")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="diffusion steps (default: 30; quick: 2)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the JSON figures")
     return parser.parse_args(argv)
 
@@ -278,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.perf_counter()
             write_models(models, scale="tiny" if args.quick else "full")
             print(f"wrote random-weight models in {time.perf_counter() - started:.0f} s")
-        results = run(models, device, quick=args.quick, reps=args.reps)
+        results = run(models, device, quick=args.quick, reps=args.reps, steps=args.steps)
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     data = {
         "quick": args.quick,

@@ -11,11 +11,11 @@ server's replica queue lets one generation at a time onto each device.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
-import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from ....api.images import decode_base64_image
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
 from .library import Asset, Family, ModelLibrary, family_of
-from .prompts import encode_prompt
+from .prompts import PromptEmbeddings, encode_prompt
 from .samplers import build_scheduler
 from .styles import apply_style
 
@@ -331,6 +331,48 @@ def _encode(image: Image.Image, encoding: str | None) -> bytes:
     return buf.getvalue()
 
 
+#: The fields that may differ between requests batched together: what they ask for
+#: per image. Everything else (engine, size, steps, sampler, images, assets ...) is equal.
+_PER_REQUEST_FIELDS = frozenset(
+    {"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "num_images"}
+)
+
+
+def batch_key(request: ImageGenerationRequest) -> str:
+    """Requests with the same key can share one pipeline call."""
+    settings = request.model_dump_json(exclude=set(_PER_REQUEST_FIELDS))
+    return hashlib.sha256(settings.encode()).hexdigest()
+
+
+@dataclass
+class _Job:
+    """One request waiting for, or on, a device."""
+
+    request: ImageGenerationRequest
+    seeds: list[int]
+    key: str
+    done: threading.Event = field(default_factory=threading.Event)
+    images: list[Image.Image] | None = None
+    error: BaseException | None = None
+
+
+def _stack(parts: list[tuple[PromptEmbeddings, int]]) -> PromptEmbeddings | None:
+    """One embedding row per image (each request's repeated for its images), or None
+    when the requests' prompts encode to different lengths (SD 1.5 chunk counts)."""
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    if parts[0][0].pooled_prompt_embeds is not None:
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    stacked = {}
+    for name in names:
+        tensors = [getattr(embeds, name) for embeds, _ in parts]
+        if len({t.shape[1:] for t in tensors}) != 1:
+            return None
+        stacked[name] = torch.cat(
+            [t.repeat_interleave(n, dim=0) for t, (_, n) in zip(tensors, parts, strict=True)]
+        )
+    return PromptEmbeddings(**stacked)
+
+
 class DiffusersBackend:
     """Stable Diffusion XL and 1.5 on PyTorch devices, from a model directory.
 
@@ -347,17 +389,29 @@ class DiffusersBackend:
         dtype: torch.dtype,
         dtype_name: str,
         compile_unet: bool = False,
+        batch_max_images: int = 1,
     ) -> None:
         _quiet_libraries()
         self.library = library
         self.dtype_name = dtype_name
         self.compile_unet = compile_unet
         self.device_names = devices
+        self.batch_max_images = batch_max_images
+        #: Pipeline calls made, and the requests they served (more requests: batching).
+        self.calls = 0
+        self.requests = 0
         self._devices = [_Device(d, dtype, library, compile_unet) for d in devices]
-        self._free: queue.SimpleQueue[_Device] = queue.SimpleQueue()
-        for device in self._devices:
-            self._free.put(device)
-        self._lock = threading.Lock()
+        # One worker thread per device takes the oldest waiting request and, with
+        # batching, the waiting requests of the same settings whose images still fit.
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._work, args=(d,), name=f"octoai-{d.device}", daemon=True)
+            for d in self._devices
+        ]
+        for worker in self._workers:
+            worker.start()
         first = self._devices[0]
         self._clip_layers = {
             family: ckpt.pipe.text_encoder.config.num_hidden_layers
@@ -402,13 +456,21 @@ class DiffusersBackend:
             # Same request, seed and device, same bytes: no autotuned kernel choice.
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        return cls(library, devices, _DTYPES[dtype_name], dtype_name, config.torch_compile)
+        return cls(
+            library,
+            devices,
+            _DTYPES[dtype_name],
+            dtype_name,
+            config.torch_compile,
+            batch_max_images=config.batch_max_images,
+        )
 
     # ---- the Backend protocol --------------------------------------------------------
 
     @property
     def replicas(self) -> int | None:
-        return len(self._devices)
+        # With batching, a device's worth of requests must be able to wait here together.
+        return len(self._devices) * self.batch_max_images
 
     def describe(self) -> dict[str, object]:
         notes = [
@@ -427,6 +489,9 @@ class DiffusersBackend:
             "devices": self.device_names,
             "dtype": self.dtype_name,
             "torch_compile": self.compile_unet,
+            "batch_max_images": self.batch_max_images,
+            "pipeline_calls": self.calls,
+            "requests_served": self.requests,
             "models": str(self.library.root),
             "library": self.library.describe(),
             "refiner": self.has_refiner,
@@ -475,26 +540,86 @@ class DiffusersBackend:
     def render(
         self, request: ImageGenerationRequest, seeds: list[int], config: ServerConfig
     ) -> list[RenderedImage]:
-        device = self._free.get()
-        try:
-            images = self._generate(device, request, seeds)
-        finally:
-            self._free.put(device)
+        job = _Job(request, seeds, batch_key(request))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the diffusers backend is closed")
+            self._pending.append(job)
+            self._cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.images is not None
+        images = job.images
         return [
             RenderedImage(_encode(image, request.image_encoding), seed, False, 0.0)
             for image, seed in zip(images, seeds, strict=True)
         ]
 
     def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join(timeout=30)
         self._devices.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    # ---- the device workers ------------------------------------------------------------
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the oldest job and (batching) same-settings jobs that fit."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._pending.popleft()
+            batch, room = [first], self.batch_max_images - len(first.seeds)
+            for job in list(self._pending):
+                if room <= 0:
+                    break
+                if job.key == first.key and len(job.seeds) <= room:
+                    self._pending.remove(job)
+                    batch.append(job)
+                    room -= len(job.seeds)
+            return batch
+
+    def _work(self, device: _Device) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(device, batch)
+            except BaseException as exc:  # every waiting request gets the error, not a hang
+                for job in batch:
+                    if not job.done.is_set():
+                        job.error = exc
+                        job.done.set()
+
+    def _run(self, device: _Device, batch: list[_Job]) -> None:
+        images = self._generate(device, batch)
+        if images is None:  # prompts of different lengths: one call per request
+            for job in batch:
+                self._run(device, [job])
+            return
+        with self._cond:
+            self.calls += 1
+            self.requests += len(batch)
+        start = 0
+        for job in batch:
+            job.images = images[start : start + len(job.seeds)]
+            start += len(job.seeds)
+            job.done.set()
+
     # ---- one generation --------------------------------------------------------------
 
-    def _generate(
-        self, device: _Device, request: ImageGenerationRequest, seeds: list[int]
-    ) -> list[Image.Image]:
+    def _generate(self, device: _Device, batch: list[_Job]) -> list[Image.Image] | None:
+        """The images of ``batch`` (same settings) from one pipeline call, in order.
+
+        None when the requests' prompts encode to different lengths and cannot share a call.
+        """
+        request = batch[0].request
+        seeds = [seed for job in batch for seed in job.seeds]
         family = family_of(request.engine)
         library = self.library
 
@@ -521,15 +646,11 @@ class DiffusersBackend:
 
         width, height = request.size
         steps = request.steps or DEFAULT_STEPS
-        prompt, negative = apply_style(
-            request.style_preset, request.prompt, request.negative_prompt
-        )
-        prompt_2 = request.prompt_2
-        negative_2 = request.negative_prompt_2
         kwargs: dict[str, Any] = {
             "num_inference_steps": steps,
             "guidance_scale": request.cfg_scale or DEFAULT_CFG_SCALE,
-            "num_images_per_prompt": len(seeds),
+            # One embedding row per image (see _stack), so one image per "prompt".
+            "num_images_per_prompt": 1,
             "generator": device.generators(seeds),
         }
         if mode == "txt2img":
@@ -577,16 +698,9 @@ class DiffusersBackend:
             _textual_inversions(pipe, library, family, request.textual_inversions or {}),
             torch.inference_mode(),
         ):
-            embeds = encode_prompt(
-                pipe,
-                prompt,
-                negative,
-                prompt_2=prompt_2,
-                negative_prompt_2=negative_2,
-                clip_skip=request.clip_skip,
-                max_tokens=request.engine.token_limit,
-                dtype=device.dtype,
-            )
+            embeds = _stack([(self._embed(pipe, j.request, device), len(j.seeds)) for j in batch])
+            if embeds is None:
+                return None
             if not refine:
                 return list(pipe(**kwargs, **embeds.as_kwargs()).images)
             latents = pipe(
@@ -594,19 +708,12 @@ class DiffusersBackend:
             ).images
             refiner = device.refiner
             refiner.scheduler = build_scheduler(request.sampler, refiner.scheduler.config, seeds)
-            refiner_embeds = encode_prompt(
-                refiner,
-                prompt,
-                negative,
-                prompt_2=prompt_2,
-                negative_prompt_2=negative_2,
-                clip_skip=request.clip_skip,
-                max_tokens=request.engine.token_limit,
-                dtype=device.dtype,
+            refiner_embeds = _stack(
+                [(self._embed(refiner, j.request, device), len(j.seeds)) for j in batch]
             )
+            assert refiner_embeds is not None  # one encoder, one chunk: always stackable
             out = refiner(
                 image=latents,
-                num_images_per_prompt=len(seeds),
                 num_inference_steps=steps,
                 denoising_start=frac,
                 guidance_scale=kwargs["guidance_scale"],
@@ -614,6 +721,22 @@ class DiffusersBackend:
                 **refiner_embeds.as_kwargs(),
             )
             return list(out.images)
+
+    @staticmethod
+    def _embed(pipe: Any, request: ImageGenerationRequest, device: _Device) -> PromptEmbeddings:
+        prompt, negative = apply_style(
+            request.style_preset, request.prompt, request.negative_prompt
+        )
+        return encode_prompt(
+            pipe,
+            prompt,
+            negative,
+            prompt_2=request.prompt_2,
+            negative_prompt_2=request.negative_prompt_2,
+            clip_skip=request.clip_skip,
+            max_tokens=request.engine.token_limit,
+            dtype=device.dtype,
+        )
 
     def _controlnet_kwargs(
         self,
