@@ -260,7 +260,9 @@ def _materialize_through_diffusers(
         )
     for key in images:
         head = s3.head_object(Bucket=services.bucket, Key=key)
-        missing = [m for m in REQUIRED_IMAGE_METADATA if m not in head["Metadata"]]
+        # An unpartitioned asset: every key but the partition.
+        wanted = [m for m in REQUIRED_IMAGE_METADATA if m != "partition"]
+        missing = [m for m in wanted if m not in head["Metadata"]]
         if missing:
             raise RuntimeError(f"s3://{services.bucket}/{key} lacks metadata {missing}")
     progress(f"diffusers: verified {len(images)} images (with metadata) in S3")

@@ -1,4 +1,8 @@
-"""Optional batching: waiting requests with the same settings share one pipeline call."""
+"""A second server: optional batching, on a model directory without the SDXL refiner.
+
+Batching: waiting requests with the same settings share one pipeline call. Without
+refiner weights the server says so and ignores ``use_refiner`` rather than refusing.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,20 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def batching_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
+def batching_server(
+    tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalOctoAIServer]:
+    # The tiny models without sdxl/refiner (links to the rest).
+    models = tmp_path_factory.mktemp("no-refiner")
+    for family in ("sd15", "sdxl"):
+        (models / family).mkdir()
+        for entry in (tiny_models / family).iterdir():
+            if entry.name != "refiner":
+                (models / family / entry.name).symlink_to(entry)
     config = ServerConfig(
         token=TEST_TOKEN,
         backend="diffusers",
-        models=str(tiny_models),
+        models=str(models),
         device=("cpu",),
         batch_max_images=4,
     )
@@ -89,3 +102,17 @@ def test_waiting_requests_with_the_same_settings_share_a_call(
         (single,) = images_of(post("sd", prompt=prompt, seed=10 + i, steps=2, image_encoding="png"))
         diff = np.abs(_array(results[f"q{i}"]) - _array(single))
         assert float(diff.mean()) < 1.0, (prompt, float(diff.mean()), int(diff.max()))
+
+
+def test_without_refiner_weights_use_refiner_is_ignored_and_said(
+    batching_server: LocalOctoAIServer,
+) -> None:
+    assert batching_server._client is not None
+    local = batching_server._client
+    described = local.get("/_local/backend").json()
+    assert described["refiner"] is False
+    assert any("use_refiner and high_noise_frac are ignored" in n for n in described["notes"])
+    body = {"prompt": "a tower", "seed": 5, "steps": 2, "image_encoding": "png"}
+    refined = local.post("/generate/sdxl", json={**body, "use_refiner": True}, timeout=600)
+    plain = local.post("/generate/sdxl", json={**body, "use_refiner": False}, timeout=600)
+    assert images_of(refined) == images_of(plain)

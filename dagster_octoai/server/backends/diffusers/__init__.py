@@ -9,3 +9,9 @@
 Needs the ``diffusion`` extra (torch, diffusers, transformers, accelerate, safetensors,
 peft, torchsde, OpenCV). The server imports it only when ``backend="diffusers"``.
 """
+
+import os
+
+# transformers warns at import that torchvision is missing (it is not needed here): a
+# server's log is no place for it. setdefault: a user's own TRANSFORMERS_VERBOSITY wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
