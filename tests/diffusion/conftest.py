@@ -1,7 +1,7 @@
 """The diffusers backend's fixtures: tiny models written once, one server for the session.
 
-The models are written by the real command (``dagster-octoai tiny-models DIR`` in a
-child process) and served by one diffusers-backend server (uvicorn in a thread of
+The models are written by the real command (``dagster-octoai tiny-models DIR``, its
+``main`` called in this process) and served by one diffusers-backend server (uvicorn in a thread of
 this process) that every module here shares: loading torch and the models takes most
 of a test's time on a small CPU, so it happens once.
 """
@@ -9,10 +9,9 @@ of a test's time on a small CPU, so it happens once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from dagster_octoai.cli import main
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
 
@@ -39,14 +39,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if reuse:
         return Path(reuse)
     root = tmp_path_factory.mktemp("tiny-models") / "models"
-    done = subprocess.run(
-        [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "serve them: dagster-octoai serve --backend diffusers --models" in done.stdout
+    # The command itself, in this process (a child would import torch a second time).
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["tiny-models", str(root)]) == 0
+    assert "serve them: dagster-octoai serve --backend diffusers --models" in out.getvalue()
     return root
 
 

@@ -559,6 +559,11 @@ class DiffusersBackend:
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            # A request still waiting gets an error instead of waiting forever.
+            while self._pending:
+                job = self._pending.popleft()
+                job.error = RuntimeError("the server stopped before this request ran")
+                job.done.set()
             self._cond.notify_all()
         for worker in self._workers:
             worker.join(timeout=30)
