@@ -178,7 +178,8 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     Supply the token with ``EnvVar("OCTOAI_TOKEN")`` (or leave it unset: the
     client then reads ``OCTOAI_TOKEN`` itself). The field is marked secret, so
     Dagster masks it in config it displays; but a literal string would still be
-    stored in the resource's configured values, so never pass one.
+    stored in the resource's configured values, so never pass one. The server is
+    ``base_url``, or the ``OCTOAI_BASE_URL`` environment variable when it is unset.
 
     A ``RateLimitError`` that survives the client's retries (quota exhausted)
     leaves :meth:`get_client` as Dagster's ``RetryRequested`` with the server's
@@ -211,8 +212,12 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         ),
         json_schema_extra={"dagster__is_secret": True},
     )
-    base_url: str = Field(
-        default=DEFAULT_BASE_URL, description="The OctoAI or OctoAI-compatible server's base URL."
+    base_url: str | None = Field(
+        default=None,
+        description=(
+            "The OctoAI-compatible server's base URL. Unset: the OCTOAI_BASE_URL environment "
+            f"variable, else {DEFAULT_BASE_URL} (where `dagster-octoai serve` listens)."
+        ),
     )
     timeout_s: float = Field(
         default=120.0, gt=0, description="Timeout of one HTTP attempt, seconds."
