@@ -16,7 +16,7 @@ import base64
 import io
 import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from dagster import (
     AssetCheckResult,
@@ -24,15 +24,18 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
+    AutomationCondition,
+    BackfillPolicy,
     Failure,
     MultiPartitionKey,
     Output,
     PartitionsDefinition,
+    RetryPolicy,
     asset,
 )
 from PIL import Image
-from pydantic import ValidationError
 
+from ._warnings import warnings_to_log
 from .api.batch import GenerationResult, ImageBatch, StoredImage
 from .api.edges import edge_map
 from .api.errors import RequestValidationError
@@ -46,7 +49,14 @@ from .resources import OctoAIResource
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
 
-__all__ = ["PromptTemplate", "RequestSource", "octoai_image_asset"]
+__all__ = ["DEFAULT_POOL", "Checks", "PromptTemplate", "RequestSource", "octoai_image_asset"]
+
+#: The concurrency pool generation steps run in unless told otherwise. Its limit (set on
+#: the Dagster instance) holds the endpoint's replica count across steps and runs.
+DEFAULT_POOL = "octoai"
+#: The built-in checks: off, on (a failure is reported), or blocking (a failure also
+#: stops the assets downstream from being materialized in the same run).
+Checks = bool | Literal["blocking"]
 
 #: A prompt template: a ``str.format`` string or a function of (partition key, inputs).
 PromptTemplate = str | Callable[[str | None, Mapping[str, Any]], str]
@@ -76,11 +86,19 @@ def octoai_image_asset(
     io_manager_key: str | None = None,
     reuse_existing: bool | None = None,
     requests: RequestSource | None = None,
-    checks: bool = True,
+    checks: Checks = True,
     group_name: str | None = None,
     description: str | None = None,
     tags: Mapping[str, str] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    pool: str | None = DEFAULT_POOL,
+    retry_policy: RetryPolicy | None = None,
+    automation_condition: AutomationCondition[Any] | None = None,
+    code_version: str | None = None,
+    owners: Sequence[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    backfill_policy: BackfillPolicy | None = None,
 ) -> AssetsDefinition:
     """An asset that generates images from a request template and outputs an ``ImageBatch``.
 
@@ -127,10 +145,24 @@ def octoai_image_asset(
             version (the seeds are known only once stored).
         checks: Attach the built-in asset checks (no image removed for safety, sizes
             as requested, every image decodes), evaluated on each materialization.
+            ``"blocking"``: a failed check (of ERROR severity) also keeps the assets
+            downstream of this one from materializing in the same run.
         group_name: As for ``@asset``.
         description: As for ``@asset``.
         tags: As for ``@asset``.
         metadata: As for ``@asset``.
+        pool: The Dagster concurrency pool the generation step runs in (default
+            ``"octoai"``); a limit on the pool holds the endpoint's replica count across
+            steps and runs. ``None``: no pool.
+        retry_policy: Dagster's ``RetryPolicy`` for the step (the client's own retries of
+            each HTTP call happen first).
+        automation_condition: As for ``@asset``.
+        code_version: As for ``@asset``. Default: a hash of the request template (and
+            the prompt template), so a changed template is shown as stale.
+        owners: As for ``@asset``.
+        kinds: Kinds added to ``octoai`` (e.g. ``{"sdxl"}``).
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
 
     Returns:
         The asset definition.
@@ -180,7 +212,7 @@ def octoai_image_asset(
     if local_edge_map:
         template["controlnet_preprocess"] = False
     # Fail at definition time, naming the field, when the template itself is wrong.
-    ImageGenerationRequest.build({**runtime, **template})
+    validated = ImageGenerationRequest.build({**runtime, **template})
     config_cls: type[ImageGenerationConfig] = type(
         f"{name}_config",
         (ImageGenerationConfig,),
@@ -189,7 +221,11 @@ def octoai_image_asset(
     resource_keys = {resource_key}
     if io_manager_key is not None:
         resource_keys.add(io_manager_key)
-    check_specs = image_check_specs(_asset_key(name, key_prefix)) if checks else None
+    check_specs = (
+        image_check_specs(_asset_key(name, key_prefix), blocking=checks == "blocking")
+        if checks
+        else None
+    )
 
     @asset(
         name=name,
@@ -205,16 +241,27 @@ def octoai_image_asset(
         description=description or _describe(template, prompt_template),
         tags=tags,
         metadata={**(metadata or {}), "octoai/engine": str(template.get("engine", "sdxl"))},
-        kinds={"octoai"},
+        kinds={"octoai", *(kinds or ())},
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        # The fingerprint covers every field of the template and the prompt template's
+        # text (it stands in for the prompt): change either and the asset shows stale.
+        code_version=code_version or validated.fingerprint()[:16],
+        owners=owners,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
     )
     def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
+        # A PromptTooLongWarning (or any warning about the requests) goes to the event log.
+        with warnings_to_log(context.log):
+            yield from _run(context, **inputs)
+
+    def _run(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
         try:
-            config = config_cls(**_set_values(context.op_execution_context.op_config))
-        except ValidationError as exc:
-            raise Failure(
-                description=f"invalid run config for asset {name!r}: {exc}",
-                metadata={"fields": [".".join(map(str, e["loc"])) for e in exc.errors()]},
-            ) from None
+            config = config_cls.from_run_config(context.op_execution_context.op_config)
+        except RequestValidationError as exc:
+            raise _invalid(f"invalid run config for asset {name!r}: ", exc) from None
         partition_key = _partition_key(context)
         fill: dict[str, Any] = {}
         if prompt_template is not None:
@@ -240,10 +287,7 @@ def octoai_image_asset(
                         req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
                     )
             except RequestValidationError as exc:
-                raise Failure(
-                    description=f"asset {name!r}: {where}{exc}",
-                    metadata={"fields": [e["field"] for e in exc.errors]},
-                ) from None
+                raise _invalid(f"asset {name!r}: {where}", exc) from None
             return req
 
         octoai: OctoAIResource = getattr(context.resources, resource_key)
@@ -255,7 +299,7 @@ def octoai_image_asset(
                 build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
             )
             preflight_store(context.resources, io_manager_key)
-            yield from _stream(context, octoai, (build(i) for i in items), expected, checks)
+            yield from _stream(context, octoai, (build(i) for i in items), expected, bool(checks))
             return
         req = build({})
         # A wrong bucket or refused credentials must fail before an image is paid for.
@@ -345,6 +389,17 @@ class _CheckTally:
 _CHECK_LIST_MAX = 20
 
 
+def _invalid(where: str, exc: RequestValidationError) -> Failure:
+    """The step's failure for a bad request or run config: every field, and what is allowed."""
+    return Failure(
+        description=f"{where}{exc.message}",
+        metadata={
+            "fields": [e["field"] for e in exc.errors],
+            "errors": {e["field"]: e["message"] for e in exc.errors},
+        },
+    )
+
+
 def _fields(item: Mapping[str, Any] | ImageGenerationRequest) -> dict[str, Any]:
     if isinstance(item, ImageGenerationRequest):
         return item.model_dump(exclude_none=True)
@@ -360,10 +415,6 @@ def _template_dict(request: ImageGenerationRequest | Mapping[str, Any]) -> dict[
     if isinstance(request, ImageGenerationRequest):
         return request.model_dump(exclude_none=True)
     return dict(request)
-
-
-def _set_values(op_config: Any) -> dict[str, Any]:
-    return {k: v for k, v in dict(op_config or {}).items() if v is not None}
 
 
 def _describe(template: Mapping[str, Any], prompt_template: PromptTemplate | None) -> str:

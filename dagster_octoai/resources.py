@@ -28,6 +28,7 @@ from dagster import (
 from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr
 
+from ._warnings import warnings_to_log
 from .api.batch import GenerationResult, ImageBatch
 from .api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
 from .api.errors import RateLimitError
@@ -317,7 +318,8 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
             RetryRequested: the quota is exhausted (429 after the client's retries).
         """
         session = OctoAISession(self.client)
-        with self._failures(context, session, retry_on_quota=True):
+        # A PromptTooLongWarning of a request made in the block goes to the event log.
+        with warnings_to_log(context.log), self._failures(context, session, retry_on_quota=True):
             yield session
         _record_usage(context, session.usage, asset_key=asset_key, output_name=output_name)
 

@@ -776,16 +776,13 @@ def validation_error(exc: ValidationError) -> RequestValidationError:
         ...     print(validation_error(exc))
         invalid image generation request: cfg_scale: 0 is out of range; allowed: > 0 and <= 50; steps: 500 is out of range; allowed: 1..200
     """
-    errors = [
-        {"field": ".".join(str(p) for p in err["loc"]) or "request", "message": _plain(err)}
-        for err in exc.errors()
-    ]
-    text = "; ".join(
-        e["message"]
-        if e["message"].startswith(f"{e['field']}:")
-        else f"{e['field']}: {e['message']}"
-        for e in errors
-    )
+    errors = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        # Some rules name their field in their message already; the field is said once.
+        message = _plain(err).removeprefix(f"{field}: ")
+        errors.append({"field": field, "message": message})
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return RequestValidationError(f"invalid image generation request: {text}", errors)
 
 
@@ -815,7 +812,8 @@ def _plain(err: Any) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown field; the API rejects keys it does not know{hint}"
     if kind == "missing":
-        return "required" + (f" ({field.description})" if field and field.description else "")
+        about = (field.description or "").rstrip(".") if field else ""
+        return f"required ({about[:1].lower()}{about[1:]})" if about else "required"
     if kind in _RANGE_ERRORS and field is not None and len(loc) == 1:
         return f"{value!r} is out of range; allowed: {_allowed_range(field)}"
     if kind == "string_too_short" and err.get("ctx", {}).get("min_length") == 1:
