@@ -60,5 +60,6 @@ def warnings_to_log(log: _Log) -> Iterator[None]:
 
 
 def _from_dagster(category: type[Warning]) -> bool:
-    module = category.__module__
-    return module.startswith("dagster.") or module == "dagster"
+    # dagster, dagster_shared (BetaWarning, PreviewWarning...), dagster_aws...: not ours.
+    package = category.__module__.split(".", 1)[0]
+    return package.startswith("dagster") and package != "dagster_octoai"

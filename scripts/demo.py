@@ -55,7 +55,10 @@ def _run_job(defs: Any, instance: Any, name: str, **kwargs: Any) -> Any:
 def _materialize_products(defs: Any, instance: Any) -> None:
     job = defs.resolve_job_def("product_images_job")
     for product in job.partitions_def.get_partition_keys():
-        progress(f"product {product}: catalogue, SDXL shot, img2img, ControlNet, inpainting")
+        progress(
+            f"product {product}: catalogue, SDXL shot, img2img, ControlNet, inpainting, "
+            "poster (YAML)"
+        )
         result = _run_job(defs, instance, "product_images_job", partition_key=product)
         for event in result.get_asset_materialization_events():
             mat = event.materialization
@@ -148,6 +151,7 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
         "product_watercolor",
         "product_controlnet",
         "product_inpainted",
+        "product_poster",
         "lifestyle_shots",
         "contact_sheet",
     }
