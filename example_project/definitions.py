@@ -32,7 +32,12 @@ from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 
 from . import defs as yaml_defs
-from .async_batch import lifestyle_jobs, lifestyle_shots, lifestyle_shots_sensor
+from .async_batch import (
+    lifestyle_jobs,
+    lifestyle_persist_job,
+    lifestyle_shots,
+    lifestyle_shots_sensor,
+)
 from .catalogue import prompt_catalogue
 from .contact_sheet import contact_sheet
 from .generation import GROUP as PRODUCTS_GROUP, IMAGES_IO, PRODUCT_ASSETS
@@ -51,10 +56,6 @@ contact_sheet_job = define_asset_job(
 )
 lifestyle_submit_job = define_asset_job(
     "lifestyle_submit_job", selection=AssetSelection.assets(lifestyle_jobs)
-)
-#: What the async sensor's run requests run: fetch and store one job's images.
-lifestyle_persist_job = define_asset_job(
-    "lifestyle_persist_job", selection=AssetSelection.assets(lifestyle_shots)
 )
 
 

@@ -24,7 +24,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _services import BUCKET, PREFIX, REPO, Services, fail, progress, running_services
+from _services import (
+    BUCKET,
+    PREFIX,
+    REPO,
+    Services,
+    StopRequested,
+    fail,
+    progress,
+    running_services,
+)
 
 #: How long the async batch may take to be submitted, completed and persisted.
 ASYNC_DEADLINE_S = 120.0
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     progress("contact sheet")
                     _run_job(defs, instance, "contact_sheet_job")
                     uris = _verify_s3(services, contact_sheet)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StopRequested):
             return fail("interrupted; everything started was stopped")
         except Exception as exc:
             return fail(f"{type(exc).__name__}: {exc}")

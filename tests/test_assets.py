@@ -3,8 +3,6 @@
 # No `from __future__ import annotations`: Dagster reads the assets' annotations.
 
 import io
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,24 +329,6 @@ def test_reuse_existing_with_explicit_seed_pays_once(
     assert md["reused"].value is True
     assert md["seeds"].value == [42]
     assert md["octoai/images"].value == 0  # nothing paid for on the reuse
-
-
-def _doc_snippets() -> list[str]:
-    text = (Path(__file__).parent.parent / "docs" / "generation-modes.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-@pytest.mark.parametrize("snippet", _doc_snippets(), ids=lambda s: s.split("(")[0][-30:])
-def test_docs_snippets_run(snippet: str, octoai: OctoAIResource) -> None:
-    namespace: dict[str, Any] = {}
-    exec(compile(snippet, "generation-modes.md", "exec"), namespace)
-    assets = namespace["assets"]
-    partitioned = any(a.partitions_def is not None for a in assets if hasattr(a, "partitions_def"))
-    result = materialize(
-        assets, resources={"octoai": octoai}, partition_key="owl" if partitioned else None
-    )
-    assert result.success
-    assert result.get_asset_materialization_events()
 
 
 # ---- storage checked before anything is paid for --------------------------------------
