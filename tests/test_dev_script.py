@@ -31,8 +31,6 @@ import pytest
 
 from devtools.dagster_dev import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-
 REPO = Path(__file__).resolve().parent.parent
 PARTITION = "desk-lamp"
 READY_TIMEOUT_S = 900.0
@@ -229,6 +227,8 @@ def _session(
     return session, pids, status
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_make_dev_stops_cleanly_every_time_and_keeps_its_instance(dagster_home: Path) -> None:
     # 1. A Ctrl-C. The instance, and SeaweedFS's data beside it, live in our DAGSTER_HOME.
     first, pids, status = _session(
@@ -255,3 +255,53 @@ def test_make_dev_stops_cleanly_every_time_and_keeps_its_instance(dagster_home: 
         assert "stopped SeaweedFS" in session.output
         assert "stopped the OctoAI-compatible server" in session.output
         assert session.output.rstrip().endswith("stopped")
+
+
+# ---- the signal handling itself, in a child process ---------------------------------------
+
+_STOPPER = """
+import sys, time
+sys.path.insert(0, {scripts!r})
+from _services import Shutdown
+
+shutdown = Shutdown(interrupt={interrupt}).install()
+print("ready", flush=True)
+try:
+    if {interrupt}:
+        time.sleep(60)  # the work a first signal interrupts
+    else:
+        shutdown.requested.wait(60)
+finally:
+    # A stop that takes a while, as stopping dagster dev does (SIGTERM, a grace, SIGKILL).
+    print("stopping", flush=True)
+    for _ in range(30):
+        time.sleep(0.1)
+    print("stop finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["make dev", "make demo"])
+def test_a_second_signal_does_not_cut_the_stop_short(interrupt: bool) -> None:
+    code = _STOPPER.format(scripts=str(REPO / "scripts"), interrupt=interrupt)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        os.killpg(child.pid, signal.SIGINT)
+        assert child.stdout.readline().strip().endswith("stopping everything that was started")
+        assert child.stdout.readline().strip() == "stopping"
+        # Ctrl-C again, and SIGTERM, while the stop is under way.
+        os.killpg(child.pid, signal.SIGINT)
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert "still stopping" in out
+    assert "stop finished" in out, out
