@@ -9,7 +9,7 @@ from typing import Any, cast
 from dagster import Failure, OpDefinition, OpExecutionContext, Out, Output, RetryPolicy, op
 
 from ._warnings import warnings_to_log
-from .api.batch import GenerationResult, ImageBatch
+from .api.batch import ImageBatch
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
 from .config import ImageGenerationConfig
@@ -80,8 +80,7 @@ def octoai_generate_op(
                 ) from None
             octoai: OctoAIResource = getattr(context.resources, resource_key)
             with octoai.get_client(context) as client:
-                response = client.generate(req)
-        batch = ImageBatch([GenerationResult(req, response)])
+                batch = ImageBatch([client.generate(req)])
         yield Output(batch, metadata=generation_metadata(batch))
 
     return _generate

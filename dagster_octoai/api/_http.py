@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from ..version import __version__
-from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
+from ._retry import HTTPRetryPolicy, is_retryable_status, parse_retry_after
 from .errors import (
     APIStatusError,
     AuthenticationError,
@@ -51,14 +51,22 @@ CallKind = Literal["generate", "submit", "poll", "fetch", "health"]
 
 
 class Redactor:
-    """Removes the token from any text that might echo it (error bodies, exception text)."""
+    """Removes the token from any text that might echo it (error bodies, exception text).
 
-    def __init__(self, token: str | None) -> None:
-        self._token = token or None
+    Holds the token as a ``SecretStr``, so neither its repr nor ``vars()`` shows it.
+    """
+
+    def __init__(self, token: SecretStr | str | None) -> None:
+        secret = token if isinstance(token, SecretStr) else SecretStr(token or "")
+        self._token: SecretStr | None = secret if secret.get_secret_value() else None
+
+    def __repr__(self) -> str:
+        return "Redactor(token=***)"
 
     def text(self, value: str) -> str:
-        if self._token and self._token in value:
-            return value.replace(self._token, "***")
+        token = self._token.get_secret_value() if self._token is not None else ""
+        if token and token in value:
+            return value.replace(token, "***")
         return value
 
     def obj(self, value: Any) -> Any:
@@ -206,7 +214,7 @@ class Call:
         method: str,
         url: str,
         kind: CallKind,
-        policy: RetryPolicy,
+        policy: HTTPRetryPolicy,
         timeout: httpx.Timeout,
         redactor: Redactor,
         deadline: float | None = None,
