@@ -13,9 +13,12 @@ large batches restartable one partition at a time.
 # annotations (the context type) at definition time.
 
 import base64
+import hashlib
 import io
 import string
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from dagster import (
@@ -39,7 +42,7 @@ from ._warnings import warnings_to_log
 from .api.batch import ImageBatch, UnstorableValueError, images_of
 from .api.edges import edge_map
 from .api.errors import RequestValidationError
-from .api.models import ImageGenerationRequest, ImageGenerationResponse
+from .api.models import ImageGenerationRequest, ImageGenerationResponse, PromptTooLongWarning
 from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
 from .metadata import data_version_for, generation_metadata
@@ -48,7 +51,15 @@ from .resources import OctoAIResource
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
 
-__all__ = ["DEFAULT_POOL", "Checks", "PromptTemplate", "RequestSource", "octoai_image_asset"]
+__all__ = [
+    "DEFAULT_POOL",
+    "AssetOptions",
+    "Checks",
+    "PromptTemplate",
+    "RequestSource",
+    "asset_options",
+    "octoai_image_asset",
+]
 
 #: The concurrency pool generation steps run in unless told otherwise. Its limit (set on
 #: the Dagster instance) holds the endpoint's replica count across steps and runs.
@@ -225,6 +236,18 @@ def octoai_image_asset(
         if checks
         else None
     )
+    options = asset_options(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        # The fingerprint covers every field of the template and the prompt template's
+        # text (it stands in for the prompt): change either and the asset shows stale.
+        code_version=code_version or validated.fingerprint()[:16],
+        owners=owners,
+        kinds=kinds,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
 
     @asset(
         name=name,
@@ -240,16 +263,14 @@ def octoai_image_asset(
         description=description or _describe(template, prompt_template),
         tags=tags,
         metadata={**(metadata or {}), "octoai/engine": str(template.get("engine", "sdxl"))},
-        kinds={"octoai", *(kinds or ())},
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        # The fingerprint covers every field of the template and the prompt template's
-        # text (it stands in for the prompt): change either and the asset shows stale.
-        code_version=code_version or validated.fingerprint()[:16],
-        owners=owners,
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
+        pool=options.pool,
+        retry_policy=options.retry_policy,
+        automation_condition=options.automation_condition,
+        code_version=options.code_version,
+        owners=options.owners,
+        kinds=set(options.kinds),
+        op_tags=options.op_tags,
+        backfill_policy=options.backfill_policy,
     )
     def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
         # A PromptTooLongWarning (or any warning about the requests) goes to the event log.
@@ -323,6 +344,79 @@ def octoai_image_asset(
             yield from evaluate_image_checks(context.asset_key, batch)
 
     return _generate
+
+
+@dataclass(frozen=True)
+class AssetOptions:
+    """The ``@asset`` arguments every factory of this package passes through.
+
+    ``kinds`` always include ``octoai``. One place, so the image and async factories take
+    the same options with the same meaning.
+
+    Examples:
+        >>> sorted(AssetOptions(kinds=frozenset({"octoai", "sdxl"})).kinds)
+        ['octoai', 'sdxl']
+    """
+
+    pool: str | None = None
+    retry_policy: RetryPolicy | None = None
+    automation_condition: AutomationCondition[Any] | None = None
+    code_version: str | None = None
+    owners: Sequence[str] | None = None
+    kinds: frozenset[str] = frozenset({"octoai"})
+    op_tags: Mapping[str, Any] | None = None
+    backfill_policy: BackfillPolicy | None = None
+
+
+def asset_options(
+    *,
+    pool: str | None,
+    retry_policy: RetryPolicy | None,
+    automation_condition: AutomationCondition[Any] | None,
+    code_version: str | None,
+    owners: Sequence[str] | None,
+    kinds: Iterable[str] | None,
+    op_tags: Mapping[str, Any] | None,
+    backfill_policy: BackfillPolicy | None,
+) -> AssetOptions:
+    """The options of a factory call, ``kinds`` added to ``octoai``."""
+    return AssetOptions(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        code_version=code_version,
+        owners=owners,
+        kinds=frozenset({"octoai", *(kinds or ())}),
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
+
+
+def requests_code_version(requests: Iterable[Any] | Callable[..., Any]) -> str | None:
+    """A code version for a fixed list of requests: a hash of their fingerprints.
+
+    ``None`` for requests made at run time (a function), or a list with a bad request
+    (reported, naming it, when the asset runs).
+
+    Examples:
+        >>> requests_code_version([{"prompt": "a fox", "seed": 1}]) == requests_code_version(
+        ...     [{"prompt": "a fox", "seed": 1}])
+        True
+        >>> requests_code_version(lambda context: []) is None
+        True
+    """
+    if callable(requests):
+        return None
+    digest = hashlib.sha256()
+    with warnings.catch_warnings():
+        # A prompt too long is said in the event log when the asset runs, not at import.
+        warnings.simplefilter("ignore", PromptTooLongWarning)
+        try:
+            for item in requests:
+                digest.update(ImageGenerationRequest.build(item).fingerprint().encode())
+        except RequestValidationError:
+            return None
+    return digest.hexdigest()[:16]
 
 
 def _stream(

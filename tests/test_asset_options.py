@@ -177,3 +177,125 @@ def test_prompt_too_long_warning_reaches_the_event_log(
 def instance() -> Any:
     with DagsterInstance.ephemeral() as inst:
         yield inst
+
+
+# ---- the async factories ----------------------------------------------------------------
+
+
+def test_async_factories_take_the_same_options() -> None:
+    from dagster_octoai.async_assets import (
+        octoai_async_blocking_asset,
+        octoai_async_results_asset,
+        octoai_async_submit_asset,
+    )
+
+    results = octoai_async_results_asset(
+        "herons", owners=["team:images"], kinds={"sdxl"}, checks="blocking"
+    )
+    submit = octoai_async_submit_asset(
+        "heron_jobs",
+        [{"prompt": "a heron", "seed": 1}],
+        results_asset=results,
+        op_tags={"team": "images"},
+        backfill_policy=BackfillPolicy.single_run(),
+    )
+    blocking = octoai_async_blocking_asset(
+        "heron_now", [{"prompt": "a heron", "seed": 1}], retry_policy=RetryPolicy(max_retries=1)
+    )
+    results_spec = results.specs_by_key[AssetKey("herons")]
+    assert list(results_spec.owners) == ["team:images"]
+    assert results_spec.kinds == {"octoai", "sdxl"}
+    # The results and the blocking assets carry the built-in checks now.
+    assert {c.name for c in results.check_specs} == {
+        "no_images_removed_for_safety",
+        "image_sizes_as_requested",
+        "images_decode",
+    }
+    assert all(c.blocking for c in results.check_specs)
+    assert len(list(blocking.check_specs)) == 3
+    assert submit.op.tags["team"] == "images"
+    assert submit.backfill_policy == BackfillPolicy.single_run()
+    assert blocking.op.retry_policy == RetryPolicy(max_retries=1)
+    # Only the blocking asset holds replicas while it runs: it alone is in the pool.
+    assert (submit.op.pool, results.op.pool, blocking.op.pool) == (None, None, "octoai")
+    # A fixed list of requests gives a code version; a changed list another.
+    version = submit.specs_by_key[AssetKey("heron_jobs")].code_version
+    changed = octoai_async_submit_asset(
+        "heron_jobs", [{"prompt": "a heron", "seed": 2}], results_asset=results
+    )
+    assert version and version != changed.specs_by_key[AssetKey("heron_jobs")].code_version
+
+
+def test_a_blocking_check_stops_the_downstream_asset() -> None:
+    from _scripted_server import ok, scripted_server
+    from dagster import AssetIn
+
+    # The scripted server answers an 8x8 image to a 512x512 request: the size check fails.
+    with scripted_server() as server:
+        server.default = ok([5])
+        resources = {"octoai": OctoAIResource(token="scripted", base_url=server.url)}
+
+        def run(checks: Any) -> Any:
+            shot = octoai_image_asset(
+                "shot", {"engine": "sd", "prompt": "a mug", "seed": 5}, checks=checks
+            )
+            variant = octoai_image_asset(
+                "variant",
+                {"engine": "sd", "prompt": "a mug, watercolour", "seed": 6, "strength": 0.5},
+                ins={"shot": AssetIn()},
+                image_inputs={"init_image": "shot"},
+                checks=False,
+            )
+            return materialize([shot, variant], resources=resources, raise_on_error=False)
+
+        server.reset()
+        server.default = ok([5])
+        blocked = run("blocking")
+        sent_when_blocked = len(server.requests)
+        server.reset()
+        server.default = ok([5])
+        unblocked = run(True)
+        sent_when_not = len(server.requests)
+    failed = [e for e in blocked.get_asset_check_evaluations() if not e.passed]
+    assert [e.check_name for e in failed] == ["image_sizes_as_requested"]
+    assert blocked.asset_materializations_for_node("shot")
+    # Blocking: the variant was never materialized, and never paid for.
+    assert not blocked.asset_materializations_for_node("variant")
+    assert sent_when_blocked == 1
+    # Not blocking: the variant ran on the broken input.
+    assert unblocked.asset_materializations_for_node("variant")
+    assert sent_when_not == 2
+
+
+def test_the_async_results_asset_runs_the_checks(octoai: OctoAIResource, tmp_path: Any) -> None:
+    from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
+    from dagster_octoai.io_managers import LocalImageIOManager
+    from dagster_octoai.resources import JobLedgerResource
+
+    results = octoai_async_results_asset("herons", io_manager_key="images", checks="blocking")
+    submit = octoai_async_submit_asset(
+        "heron_jobs", [{"engine": "sd", "prompt": "a heron", "seed": 3}], results_asset=results
+    )
+    resources = {
+        "octoai": octoai,
+        "octoai_ledger": JobLedgerResource(base_dir=str(tmp_path / "jobs")),
+        "images": LocalImageIOManager(base_dir=str(tmp_path / "images")),
+    }
+    with DagsterInstance.ephemeral() as instance:
+        assert materialize([submit], resources=resources, instance=instance).success
+        ledger = resources["octoai_ledger"].get_ledger()
+        (record,) = [ledger.get(ledger.job_id_of_marker(m)) for m in ledger.list_open()]
+        assert record is not None and record.response_id is not None
+        instance.add_dynamic_partitions("herons_jobs", [record.response_id])
+        octoai.client.wait(record.async_job(), timeout=30)  # the local server is instant
+        done = materialize(
+            [results], partition_key=record.response_id, resources=resources, instance=instance
+        )
+    assert done.success
+    evaluations = done.get_asset_check_evaluations()
+    assert sorted(e.check_name for e in evaluations) == [
+        "image_sizes_as_requested",
+        "images_decode",
+        "no_images_removed_for_safety",
+    ]
+    assert all(e.passed for e in evaluations)
