@@ -15,7 +15,9 @@ large batches restartable one partition at a time.
 import base64
 import hashlib
 import io
+import os
 import string
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,13 +31,17 @@ from dagster import (
     AssetsDefinition,
     AutomationCondition,
     BackfillPolicy,
+    BetaWarning,
+    CodeReferencesMetadataValue,
     Failure,
+    LocalFileCodeReference,
     MultiPartitionKey,
     Output,
     PartitionsDefinition,
     RetryPolicy,
     asset,
 )
+from dagster._core.definitions.metadata.source_code import CodeReference
 from PIL import Image
 
 from ._warnings import warnings_to_log
@@ -58,6 +64,7 @@ __all__ = [
     "PromptTemplate",
     "RequestSource",
     "asset_options",
+    "code_reference_metadata",
     "octoai_image_asset",
 ]
 
@@ -109,6 +116,7 @@ def octoai_image_asset(
     kinds: Iterable[str] | None = None,
     op_tags: Mapping[str, Any] | None = None,
     backfill_policy: BackfillPolicy | None = None,
+    code_references: Sequence[CodeReference] | None = None,
 ) -> AssetsDefinition:
     """An asset that generates images from a request template and outputs an ``ImageBatch``.
 
@@ -173,6 +181,9 @@ def octoai_image_asset(
         kinds: Kinds added to ``octoai`` (e.g. ``{"sdxl"}``).
         op_tags: Tags of the step, as for ``@asset``.
         backfill_policy: As for ``@asset``.
+        code_references: The asset's code references (``dagster/code_references``).
+            Default: the line that called this factory, so the UI's "view source" opens
+            your definition, not this package.
 
     Returns:
         The asset definition.
@@ -262,7 +273,11 @@ def octoai_image_asset(
         group_name=group_name,
         description=description or _describe(template, prompt_template),
         tags=tags,
-        metadata={**(metadata or {}), "octoai/engine": str(template.get("engine", "sdxl"))},
+        metadata={
+            **(metadata or {}),
+            "octoai/engine": str(template.get("engine", "sdxl")),
+            **code_reference_metadata(code_references),
+        },
         pool=options.pool,
         retry_policy=options.retry_policy,
         automation_condition=options.automation_condition,
@@ -335,10 +350,7 @@ def octoai_image_asset(
         yield Output(
             batch,
             data_version=data_version_for(batch),
-            metadata={
-                **generation_metadata(batch),
-                "reused": result.reused_from is not None,
-            },
+            metadata=generation_metadata(batch),
         )
         if checks:
             yield from evaluate_image_checks(context.asset_key, batch)
@@ -390,6 +402,40 @@ def asset_options(
         op_tags=op_tags,
         backfill_policy=backfill_policy,
     )
+
+
+def code_reference_metadata(references: Sequence[CodeReference] | None) -> dict[str, Any]:
+    """``dagster/code_references`` metadata: ``references``, or where the factory was called.
+
+    A factory's compute function lives in this package; Dagster would point the asset's
+    source at it. The first frame of the call stack outside this package and Dagster is
+    the user's definition.
+    """
+    if references is None:
+        found = _caller_reference()
+        references = [found] if found is not None else []
+    if not references:
+        return {}
+    with warnings.catch_warnings():
+        # Dagster marks code references beta; the note is for Dagster's users, not ours.
+        warnings.simplefilter("ignore", BetaWarning)
+        value = CodeReferencesMetadataValue(code_references=list(references))
+    return {"dagster/code_references": value}
+
+
+def _caller_reference() -> LocalFileCodeReference | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        package = str(frame.f_globals.get("__name__", "")).split(".", 1)[0]
+        if package != "dagster_octoai" and not package.startswith("dagster"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BetaWarning)
+                return LocalFileCodeReference(
+                    file_path=os.path.abspath(frame.f_code.co_filename),
+                    line_number=frame.f_lineno,
+                )
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def requests_code_version(requests: Iterable[Any] | Callable[..., Any]) -> str | None:

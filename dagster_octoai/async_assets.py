@@ -47,7 +47,13 @@ from .api.errors import (
     TransportError,
 )
 from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
-from .assets import DEFAULT_POOL, Checks, asset_options, requests_code_version
+from .assets import (
+    DEFAULT_POOL,
+    Checks,
+    asset_options,
+    code_reference_metadata,
+    requests_code_version,
+)
 from .checks import evaluate_image_checks, image_check_specs
 from .io_managers import preflight_store
 from .metadata import generation_metadata
@@ -216,8 +222,11 @@ def octoai_async_submit_asset(
         description: Asset description.
         pool: The Dagster concurrency pool of the step (default none: a submission holds no replica; the jobs run
             on the server's own queue).
-        retry_policy, automation_condition, owners, op_tags, backfill_policy: As for
-            ``@asset`` (``retry_policy`` is Dagster's, for the step).
+        retry_policy: Dagster's ``RetryPolicy`` for the step.
+        automation_condition: As for ``@asset``.
+        owners: As for ``@asset``.
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
         code_version: As for ``@asset``. Default: a hash of
             ``requests`` when they are a list, so a changed batch shows as stale.
         kinds: Kinds added to ``octoai``.
@@ -254,6 +263,7 @@ def octoai_async_submit_asset(
         group_name=group_name,
         description=description
         or f"Submits OctoAI async jobs whose images are persisted by {target}.",
+        metadata=code_reference_metadata(None),
         pool=options.pool,
         retry_policy=options.retry_policy,
         automation_condition=options.automation_condition,
@@ -365,8 +375,11 @@ def octoai_async_results_asset(
             :func:`~dagster_octoai.octoai_image_asset` (``"blocking"``: a failure stops
             the assets downstream in the run).
         pool: The Dagster concurrency pool of the step (default none: fetching holds no replica).
-        retry_policy, automation_condition, owners, op_tags, backfill_policy: As for
-            ``@asset`` (``retry_policy`` is Dagster's, for the step).
+        retry_policy: Dagster's ``RetryPolicy`` for the step.
+        automation_condition: As for ``@asset``.
+        owners: As for ``@asset``.
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
         code_version: As for ``@asset``.
         kinds: Kinds added to ``octoai``.
 
@@ -394,6 +407,7 @@ def octoai_async_results_asset(
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images of one OctoAI async job (partition = response id).",
+        metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
         pool=options.pool,
         retry_policy=options.retry_policy,
@@ -575,6 +589,7 @@ def octoai_async_blocking_asset(
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images from OctoAI async jobs, waited for in the run.",
+        metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
         pool=options.pool,
         retry_policy=options.retry_policy,

@@ -389,6 +389,8 @@ class OctoAIImageAssetComponent(Component, Resolvable, Model):
             kinds=spec.kinds - {"octoai"} or None,
             op_tags=op.tags,
             backfill_policy=op.backfill_policy,
+            # Dagster points the asset at this component's YAML itself.
+            code_references=[],
         )
         if spec.freshness_policy is not None:
             policy = spec.freshness_policy
@@ -499,7 +501,8 @@ class OctoAIResourceComponent(_OctoAIFields, Component, Resolvable):
 _S3Fields = create_model(
     "_S3Fields",
     __base__=Model,
-    **_fields_of(S3ImageIOManager, exclude={"aws_access_key_id", "aws_secret_access_key"}),
+    # Credentials come from boto3's chain; an S3Resource is a Python object, not YAML.
+    **_fields_of(S3ImageIOManager, exclude={"aws_access_key_id", "aws_secret_access_key", "s3"}),
 )
 
 

@@ -28,7 +28,7 @@ from dagster import (
     schedule,
 )
 
-from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
+from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager, with_image_uris
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 
 from . import defs as yaml_defs
@@ -131,7 +131,8 @@ def build_definitions(config: ExampleSettings) -> Definitions:
         sensors=[lifestyle_shots_sensor],
         resources=build_resources(config),
     )
-    return Definitions.merge(python, load_defs(yaml_defs, project_root=_REPO))
+    # with_image_uris: each image asset shows where its images go (dagster/uri) before it runs.
+    return with_image_uris(Definitions.merge(python, load_defs(yaml_defs, project_root=_REPO)))
 
 
 _REPO = Path(__file__).resolve().parent.parent
