@@ -1,9 +1,10 @@
 """`make dev` (scripts/dev.py) with real processes: it stops cleanly, every time.
 
-One ``DAGSTER_HOME`` of the test's own (the user's, which dev.py must honour) serves three
-sessions of the script, each stopped differently: a Ctrl-C, a double Ctrl-C (the second
-while the first stop is under way), and SIGTERM followed by Ctrl-C. A Ctrl-C is SIGINT to
-the script's process group, as a terminal sends it. After each stop, every process that
+One ``DAGSTER_HOME`` of the test's own (the user's, which dev.py must honour) serves two
+sessions of the script, stopped differently: a Ctrl-C, and a double Ctrl-C (the second
+while the first stop is under way). A Ctrl-C is SIGINT to the script's process group, as
+a terminal sends it. SIGTERM and a second signal during a slow stop are checked on the
+script's signal handling itself, in a child process, in a few seconds. After each stop, every process that
 was running under the script (the local server, SeaweedFS, ``dagster dev`` and its
 webserver, daemon and code servers) is gone and the UI's port is free.
 
@@ -249,9 +250,8 @@ def test_make_dev_stops_cleanly_every_time_and_keeps_its_instance(dagster_home: 
     assert status == "SUCCESS", second.output[-4000:]
     assert "still stopping" in second.output
 
-    # 3. SIGTERM (a CI timeout, `kill`), then a Ctrl-C.
-    third, _, _ = _session(dagster_home, [signal.SIGTERM, signal.SIGINT])
-    for session in (first, second, third):
+    # SIGTERM (a CI timeout, `kill`) followed by more signals is the fast test below.
+    for session in (first, second):
         assert "stopped SeaweedFS" in session.output
         assert "stopped the OctoAI-compatible server" in session.output
         assert session.output.rstrip().endswith("stopped")
