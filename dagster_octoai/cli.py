@@ -1,6 +1,9 @@
 """The ``dagster-octoai`` command. Imports no Dagster, so it starts fast.
 
-``dagster-octoai serve`` runs the local OctoAI-compatible server in the foreground.
+``dagster-octoai serve`` runs the local OctoAI-compatible server in the foreground;
+``dagster-octoai serve --backend diffusers --models DIR [--device ...] [--dtype ...]``
+serves Stable Diffusion models from a model directory, and ``dagster-octoai
+tiny-models DIR`` writes one with tiny random weights.
 Every :class:`~dagster_octoai.server.ServerConfig` field is an option, made from the
 model itself so that none can be forgotten: ``--latency-per-image-s 0.5``,
 ``--replicas 2``, ``--rate-limit-requests 10``, ``--fault-error-500 0.1``,
@@ -74,13 +77,15 @@ def _add_model_options(
                 help=help_text,
             )
         elif parse is not None:
-            metavar = "LIST" if typing.get_origin(field.annotation) is tuple else name.upper()
+            is_list = typing.get_origin(field.annotation) is tuple
             group.add_argument(
                 flag,
                 dest=dest,
                 type=parse,
+                # A list option takes commas and repeats: --device cuda:0 --device cuda:1.
+                action="extend" if is_list else "store",
                 default=argparse.SUPPRESS,
-                metavar=metavar,
+                metavar="LIST" if is_list else name.upper(),
                 help=help_text.replace("%", "%%"),
             )
 
@@ -136,6 +141,25 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_options(service, ServerConfig, "", skip=("faults",))
     faults = serve.add_argument_group("fault injection (FaultConfig)")
     _add_model_options(faults, FaultConfig, "fault-")
+    tiny = commands.add_parser(
+        "tiny-models",
+        help="write a tiny random-weight model directory for the diffusers backend",
+        description=(
+            "Write a model directory for 'serve --backend diffusers --models DIR': SDXL, "
+            "SD 1.5, the SDXL refiner, ControlNets, LoRAs, textual inversions and VAEs with "
+            "tiny random weights, built offline from configs (no download). Its images are "
+            "noise; the layout is the one real weights use. Needs the diffusion extra."
+        ),
+    )
+    tiny.add_argument("directory", type=Path, metavar="DIR", help="where to write (empty or new)")
+    tiny.add_argument(
+        "--scale",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="tiny (a few MB, seconds per image on a CPU; default) or full (the real SDXL "
+        "and SD 1.5 architectures, random fp16 weights, ~10 GB, for GPU benchmarks)",
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     return parser
 
 
@@ -227,6 +251,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_models(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        from .server.backends.diffusers.tiny import write_models
+    except ImportError as exc:
+        print(
+            f"dagster-octoai tiny-models: needs the diffusion extra ({exc.name} is missing): "
+            "pip install 'dagster-octoai[server,diffusion]'",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.perf_counter()
+    try:
+        root = write_models(args.directory, scale=args.scale, seed=args.seed)
+    except FileExistsError as exc:
+        print(f"dagster-octoai tiny-models: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.scale} random-weight models to {root} in "
+        f"{time.perf_counter() - started:.1f} s (their images are noise)\n"
+        f"serve them: dagster-octoai serve --backend diffusers --models {root}"
+    )
+    return 0
+
+
 def _backend_lines(description: dict[str, Any]) -> list[str]:
     return [
         f"{key}: {value if isinstance(value, str) else json.dumps(value)}"
@@ -244,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "tiny-models":
+        return _tiny_models(args)
     return 2  # argparse refuses unknown commands before this
 
 

@@ -24,6 +24,7 @@ from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.server import ServerConfig, create_app
 from dagster_octoai.server.backends import (
     Backend,
+    BackendError,
     Problem,
     RenderedImage,
     load_backend,
@@ -201,6 +202,9 @@ def test_load_backend_names_and_config_rules() -> None:
         ServerConfig(backend="diffusers")
     with pytest.raises(ValueError, match="'gpu0' is not a device; allowed: cpu, cuda, cuda:N"):
         ServerConfig(device=("gpu0",))
+    # A wrong model directory fails at once, before torch is imported.
+    with pytest.raises(BackendError, match="not a model directory"):
+        load_backend(ServerConfig(backend="diffusers", models="/nonexistent/models"))
 
 
 def test_a_placeholder_server_never_imports_torch() -> None:

@@ -88,7 +88,9 @@ class ServerState:
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
         self.rate_window: deque[float] = deque()
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="octoai-render")
+        # A backend's render blocks its thread for the whole generation: one per replica.
+        workers = max(4, self.backend.replicas or 0)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="octoai-render")
 
     def _replicas(self) -> int:
         # A backend with devices runs one generation per device; the rest queue here.

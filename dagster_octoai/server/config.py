@@ -17,7 +17,7 @@ DEFAULT_RESULT_TTL_S = 24 * 3600.0  # the seed: async results are kept 24 hours
 
 #: The fields that choose and load the backend: fixed at start-up (a running server
 #: cannot swap its models through ``POST /_local/config``).
-BACKEND_FIELDS = ("backend", "models", "device", "dtype", "torch_compile")
+BACKEND_FIELDS = ("backend", "models", "device", "dtype", "torch_compile", "batch_max_images")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
@@ -198,6 +198,13 @@ class ServerConfig(BaseModel):
     torch_compile: bool = Field(
         default=False,
         description="diffusers backend: torch.compile the UNet (slow first images, faster after).",
+    )
+    batch_max_images: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="diffusers backend: batch waiting requests of the same settings into one "
+        "call of up to this many images per device (1 = off; batching moves pixels slightly).",
     )
 
     @field_validator("device")
