@@ -67,7 +67,7 @@ def main(config: dict[str, Any]) -> dict[str, Any]:
             },
         )
         metadata = result.asset_materializations_for_node(ASSET)[0].metadata
-        image_count = metadata["image_count"].value
+        image_count = metadata["images"].value
     return {
         "success": result.success,
         "image_count": image_count,

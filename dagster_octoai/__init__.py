@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from .io_managers import (
         LocalImageIOManager as LocalImageIOManager,
         S3ImageIOManager as S3ImageIOManager,
+        with_image_uris as with_image_uris,
     )
     from .metadata import (
         Usage as Usage,
@@ -159,6 +160,7 @@ __all__ = [
     "octoai_generate_op",
     "octoai_image_asset",
     "octoai_image_checks",
+    "with_image_uris",
 ]
 
 

@@ -47,7 +47,8 @@ class StartStopContext:
     """Mixin: ``with thing:`` calls ``thing.start()`` on entry and ``thing.stop()`` on exit.
 
     The class mixing it in defines ``start()`` and ``stop()``; ``stop()`` runs even when
-    the body raises, so no child outlives the ``with`` block.
+    the body raises, or when ``start()`` itself does (a Ctrl-C while a child starts), so
+    no child outlives the ``with`` block.
 
     Examples:
         >>> class Noisy(StartStopContext):
@@ -63,7 +64,12 @@ class StartStopContext:
     """
 
     def __enter__(self: _S) -> _S:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # A start cut short (an error, a Ctrl-C) may have a child running already.
+            self.stop()
+            raise
         return self
 
     def __exit__(

@@ -13,10 +13,15 @@ large batches restartable one partition at a time.
 # annotations (the context type) at definition time.
 
 import base64
+import hashlib
 import io
+import os
 import string
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from dagster import (
     AssetCheckResult,
@@ -24,19 +29,26 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
+    AutomationCondition,
+    BackfillPolicy,
+    BetaWarning,
+    CodeReferencesMetadataValue,
     Failure,
+    LocalFileCodeReference,
     MultiPartitionKey,
     Output,
     PartitionsDefinition,
+    RetryPolicy,
     asset,
 )
+from dagster._core.definitions.metadata.source_code import CodeReference
 from PIL import Image
-from pydantic import ValidationError
 
+from ._warnings import warnings_to_log
 from .api.batch import ImageBatch, UnstorableValueError, images_of
 from .api.edges import edge_map
 from .api.errors import RequestValidationError
-from .api.models import ImageGenerationRequest, ImageGenerationResponse
+from .api.models import ImageGenerationRequest, ImageGenerationResponse, PromptTooLongWarning
 from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
 from .metadata import data_version_for, generation_metadata
@@ -45,7 +57,23 @@ from .resources import OctoAIResource
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
 
-__all__ = ["PromptTemplate", "RequestSource", "octoai_image_asset"]
+__all__ = [
+    "DEFAULT_POOL",
+    "AssetOptions",
+    "Checks",
+    "PromptTemplate",
+    "RequestSource",
+    "asset_options",
+    "code_reference_metadata",
+    "octoai_image_asset",
+]
+
+#: The concurrency pool generation steps run in unless told otherwise. Its limit (set on
+#: the Dagster instance) holds the endpoint's replica count across steps and runs.
+DEFAULT_POOL = "octoai"
+#: The built-in checks: off, on (a failure is reported), or blocking (a failure also
+#: stops the assets downstream from being materialized in the same run).
+Checks = bool | Literal["blocking"]
 
 #: A prompt template: a ``str.format`` string or a function of (partition key, inputs).
 PromptTemplate = str | Callable[[str | None, Mapping[str, Any]], str]
@@ -75,11 +103,20 @@ def octoai_image_asset(
     io_manager_key: str | None = None,
     reuse_existing: bool | None = None,
     requests: RequestSource | None = None,
-    checks: bool = True,
+    checks: Checks = True,
     group_name: str | None = None,
     description: str | None = None,
     tags: Mapping[str, str] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    pool: str | None = DEFAULT_POOL,
+    retry_policy: RetryPolicy | None = None,
+    automation_condition: AutomationCondition[Any] | None = None,
+    code_version: str | None = None,
+    owners: Sequence[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    backfill_policy: BackfillPolicy | None = None,
+    code_references: Sequence[CodeReference] | None = None,
 ) -> AssetsDefinition:
     """An asset that generates images from a request template and outputs an ``ImageBatch``.
 
@@ -126,10 +163,27 @@ def octoai_image_asset(
             version (the seeds are known only once stored).
         checks: Attach the built-in asset checks (no image removed for safety, sizes
             as requested, every image decodes), evaluated on each materialization.
+            ``"blocking"``: a failed check (of ERROR severity) also keeps the assets
+            downstream of this one from materializing in the same run.
         group_name: As for ``@asset``.
         description: As for ``@asset``.
         tags: As for ``@asset``.
         metadata: As for ``@asset``.
+        pool: The Dagster concurrency pool the generation step runs in (default
+            ``"octoai"``); a limit on the pool holds the endpoint's replica count across
+            steps and runs. ``None``: no pool.
+        retry_policy: Dagster's ``RetryPolicy`` for the step (the client's own retries of
+            each HTTP call happen first).
+        automation_condition: As for ``@asset``.
+        code_version: As for ``@asset``. Default: a hash of the request template (and
+            the prompt template), so a changed template is shown as stale.
+        owners: As for ``@asset``.
+        kinds: Kinds added to ``octoai`` (e.g. ``{"sdxl"}``).
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
+        code_references: The asset's code references (``dagster/code_references``).
+            Default: the line that called this factory, so the UI's "view source" opens
+            your definition, not this package.
 
     Returns:
         The asset definition.
@@ -179,7 +233,7 @@ def octoai_image_asset(
     if local_edge_map:
         template["controlnet_preprocess"] = False
     # Fail at definition time, naming the field, when the template itself is wrong.
-    ImageGenerationRequest.build({**runtime, **template})
+    validated = ImageGenerationRequest.build({**runtime, **template})
     config_cls: type[ImageGenerationConfig] = type(
         f"{name}_config",
         (ImageGenerationConfig,),
@@ -188,7 +242,23 @@ def octoai_image_asset(
     resource_keys = {resource_key}
     if io_manager_key is not None:
         resource_keys.add(io_manager_key)
-    check_specs = image_check_specs(_asset_key(name, key_prefix)) if checks else None
+    check_specs = (
+        image_check_specs(_asset_key(name, key_prefix), blocking=checks == "blocking")
+        if checks
+        else None
+    )
+    options = asset_options(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        # The fingerprint covers every field of the template and the prompt template's
+        # text (it stands in for the prompt): change either and the asset shows stale.
+        code_version=code_version or validated.fingerprint()[:16],
+        owners=owners,
+        kinds=kinds,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
 
     @asset(
         name=name,
@@ -203,17 +273,30 @@ def octoai_image_asset(
         group_name=group_name,
         description=description or _describe(template, prompt_template),
         tags=tags,
-        metadata={**(metadata or {}), "octoai/engine": str(template.get("engine", "sdxl"))},
-        kinds={"octoai"},
+        metadata={
+            **(metadata or {}),
+            "octoai/engine": str(template.get("engine", "sdxl")),
+            **code_reference_metadata(code_references),
+        },
+        pool=options.pool,
+        retry_policy=options.retry_policy,
+        automation_condition=options.automation_condition,
+        code_version=options.code_version,
+        owners=options.owners,
+        kinds=set(options.kinds),
+        op_tags=options.op_tags,
+        backfill_policy=options.backfill_policy,
     )
     def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
+        # A PromptTooLongWarning (or any warning about the requests) goes to the event log.
+        with warnings_to_log(context.log):
+            yield from _run(context, **inputs)
+
+    def _run(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
         try:
-            config = config_cls(**_set_values(context.op_execution_context.op_config))
-        except ValidationError as exc:
-            raise Failure(
-                description=f"invalid run config for asset {name!r}: {exc}",
-                metadata={"fields": [".".join(map(str, e["loc"])) for e in exc.errors()]},
-            ) from None
+            config = config_cls.from_run_config(context.op_execution_context.op_config)
+        except RequestValidationError as exc:
+            raise _invalid(f"invalid run config for asset {name!r}: ", exc) from None
         partition_key = _partition_key(context)
         fill: dict[str, Any] = {}
         if prompt_template is not None:
@@ -239,10 +322,7 @@ def octoai_image_asset(
                         req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
                     )
             except RequestValidationError as exc:
-                raise Failure(
-                    description=f"asset {name!r}: {where}{exc}",
-                    metadata={"fields": [e["field"] for e in exc.errors]},
-                ) from None
+                raise _invalid(f"asset {name!r}: {where}", exc) from None
             return req
 
         octoai: OctoAIResource = getattr(context.resources, resource_key)
@@ -254,7 +334,7 @@ def octoai_image_asset(
                 build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
             )
             # stream() checks the image IO manager's store before anything is generated.
-            yield from _stream(context, octoai, (build(i) for i in items), expected, checks)
+            yield from _stream(context, octoai, (build(i) for i in items), expected, bool(checks))
             return
         req = build({})
         # Usage is recorded on every materialization, a reuse included (as zero images).
@@ -270,15 +350,119 @@ def octoai_image_asset(
         yield Output(
             batch,
             data_version=data_version_for(batch),
-            metadata={
-                **generation_metadata(batch),
-                "reused": result.reused_from is not None,
-            },
+            metadata=generation_metadata(batch),
         )
         if checks:
             yield from evaluate_image_checks(context.asset_key, batch)
 
     return _generate
+
+
+@dataclass(frozen=True)
+class AssetOptions:
+    """The ``@asset`` arguments every factory of this package passes through.
+
+    ``kinds`` always include ``octoai``. One place, so the image and async factories take
+    the same options with the same meaning.
+
+    Examples:
+        >>> sorted(AssetOptions(kinds=frozenset({"octoai", "sdxl"})).kinds)
+        ['octoai', 'sdxl']
+    """
+
+    pool: str | None = None
+    retry_policy: RetryPolicy | None = None
+    automation_condition: AutomationCondition[Any] | None = None
+    code_version: str | None = None
+    owners: Sequence[str] | None = None
+    kinds: frozenset[str] = frozenset({"octoai"})
+    op_tags: Mapping[str, Any] | None = None
+    backfill_policy: BackfillPolicy | None = None
+
+
+def asset_options(
+    *,
+    pool: str | None,
+    retry_policy: RetryPolicy | None,
+    automation_condition: AutomationCondition[Any] | None,
+    code_version: str | None,
+    owners: Sequence[str] | None,
+    kinds: Iterable[str] | None,
+    op_tags: Mapping[str, Any] | None,
+    backfill_policy: BackfillPolicy | None,
+) -> AssetOptions:
+    """The options of a factory call, ``kinds`` added to ``octoai``."""
+    return AssetOptions(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        code_version=code_version,
+        owners=owners,
+        kinds=frozenset({"octoai", *(kinds or ())}),
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
+
+
+def code_reference_metadata(references: Sequence[CodeReference] | None) -> dict[str, Any]:
+    """``dagster/code_references`` metadata: ``references``, or where the factory was called.
+
+    A factory's compute function lives in this package; Dagster would point the asset's
+    source at it. The first frame of the call stack outside this package and Dagster is
+    the user's definition.
+    """
+    if references is None:
+        found = _caller_reference()
+        references = [found] if found is not None else []
+    if not references:
+        return {}
+    with warnings.catch_warnings():
+        # Dagster marks code references beta; the note is for Dagster's users, not ours.
+        warnings.simplefilter("ignore", BetaWarning)
+        value = CodeReferencesMetadataValue(code_references=list(references))
+    return {"dagster/code_references": value}
+
+
+def _caller_reference() -> LocalFileCodeReference | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        package = str(frame.f_globals.get("__name__", "")).split(".", 1)[0]
+        if package != "dagster_octoai" and not package.startswith("dagster"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BetaWarning)
+                return LocalFileCodeReference(
+                    file_path=os.path.abspath(frame.f_code.co_filename),
+                    line_number=frame.f_lineno,
+                )
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def requests_code_version(requests: Iterable[Any] | Callable[..., Any]) -> str | None:
+    """A code version for a fixed list of requests: a hash of their fingerprints.
+
+    ``None`` for requests made at run time (a function), or a list with a bad request
+    (reported, naming it, when the asset runs).
+
+    Examples:
+        >>> requests_code_version([{"prompt": "a fox", "seed": 1}]) == requests_code_version(
+        ...     [{"prompt": "a fox", "seed": 1}])
+        True
+        >>> requests_code_version(lambda context: []) is None
+        True
+    """
+    if callable(requests):
+        return None
+    digest = hashlib.sha256()
+    with warnings.catch_warnings():
+        # A prompt too long is said in the event log when the asset runs, not at import.
+        warnings.simplefilter("ignore", PromptTooLongWarning)
+        try:
+            for item in requests:
+                digest.update(ImageGenerationRequest.build(item).fingerprint().encode())
+        except RequestValidationError:
+            return None
+    return digest.hexdigest()[:16]
 
 
 def _stream(
@@ -344,6 +528,17 @@ class _CheckTally:
 _CHECK_LIST_MAX = 20
 
 
+def _invalid(where: str, exc: RequestValidationError) -> Failure:
+    """The step's failure for a bad request or run config: every field, and what is allowed."""
+    return Failure(
+        description=f"{where}{exc.message}",
+        metadata={
+            "fields": [e["field"] for e in exc.errors],
+            "errors": {e["field"]: e["message"] for e in exc.errors},
+        },
+    )
+
+
 def _fields(item: Mapping[str, Any] | ImageGenerationRequest) -> dict[str, Any]:
     if isinstance(item, ImageGenerationRequest):
         return item.model_dump(exclude_none=True)
@@ -359,10 +554,6 @@ def _template_dict(request: ImageGenerationRequest | Mapping[str, Any]) -> dict[
     if isinstance(request, ImageGenerationRequest):
         return request.model_dump(exclude_none=True)
     return dict(request)
-
-
-def _set_values(op_config: Any) -> dict[str, Any]:
-    return {k: v for k, v in dict(op_config or {}).items() if v is not None}
 
 
 def _describe(template: Mapping[str, Any], prompt_template: PromptTemplate | None) -> str:

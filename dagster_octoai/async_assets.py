@@ -20,14 +20,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dagster import (
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetsDefinition,
+    AutomationCondition,
+    BackfillPolicy,
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
     Output,
     PartitionsDefinition,
+    RetryPolicy,
     asset,
 )
 
@@ -43,6 +47,14 @@ from .api.errors import (
     TransportError,
 )
 from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
+from .assets import (
+    DEFAULT_POOL,
+    Checks,
+    asset_options,
+    code_reference_metadata,
+    requests_code_version,
+)
+from .checks import evaluate_image_checks, image_check_specs
 from .io_managers import preflight_store
 from .metadata import generation_metadata
 from .resources import OctoAIResource, OctoAISession
@@ -173,6 +185,14 @@ def octoai_async_submit_asset(
     max_concurrency: int = 8,
     group_name: str | None = None,
     description: str | None = None,
+    pool: str | None = None,
+    retry_policy: RetryPolicy | None = None,
+    automation_condition: AutomationCondition[Any] | None = None,
+    code_version: str | None = None,
+    owners: Sequence[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    backfill_policy: BackfillPolicy | None = None,
 ) -> AssetsDefinition:
     """An asset that submits a batch of async jobs and records each in the ledger.
 
@@ -200,6 +220,16 @@ def octoai_async_submit_asset(
         max_concurrency: Submissions in flight at once.
         group_name: Asset group.
         description: Asset description.
+        pool: The Dagster concurrency pool of the step (default none: a submission holds no replica; the jobs run
+            on the server's own queue).
+        retry_policy: Dagster's ``RetryPolicy`` for the step.
+        automation_condition: As for ``@asset``.
+        owners: As for ``@asset``.
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
+        code_version: As for ``@asset``. Default: a hash of
+            ``requests`` when they are a list, so a changed batch shows as stale.
+        kinds: Kinds added to ``octoai``.
 
     Examples:
         >>> submit = octoai_async_submit_asset(
@@ -215,6 +245,16 @@ def octoai_async_submit_asset(
     if io_manager_key is None and isinstance(results_asset, AssetsDefinition):
         io_manager_key = results_asset.get_io_manager_key_for_asset_key(results_asset.key)
     store_keys = set() if io_manager_key is None else {io_manager_key}
+    options = asset_options(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        code_version=code_version or requests_code_version(requests),
+        owners=owners,
+        kinds=kinds,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
 
     @asset(
         name=name,
@@ -223,7 +263,15 @@ def octoai_async_submit_asset(
         group_name=group_name,
         description=description
         or f"Submits OctoAI async jobs whose images are persisted by {target}.",
-        kinds={"octoai"},
+        metadata=code_reference_metadata(None),
+        pool=options.pool,
+        retry_policy=options.retry_policy,
+        automation_condition=options.automation_condition,
+        code_version=options.code_version,
+        owners=options.owners,
+        kinds=set(options.kinds),
+        op_tags=options.op_tags,
+        backfill_policy=options.backfill_policy,
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
         built = _build_requests(context, requests)
@@ -296,6 +344,15 @@ def octoai_async_results_asset(
     io_manager_key: str = "io_manager",
     group_name: str | None = None,
     description: str | None = None,
+    checks: Checks = True,
+    pool: str | None = None,
+    retry_policy: RetryPolicy | None = None,
+    automation_condition: AutomationCondition[Any] | None = None,
+    code_version: str | None = None,
+    owners: Sequence[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    backfill_policy: BackfillPolicy | None = None,
 ) -> AssetsDefinition:
     """The asset that fetches one completed async job and hands its images to the IO manager.
 
@@ -314,6 +371,17 @@ def octoai_async_results_asset(
         io_manager_key: The image IO manager (S3ImageIOManager or LocalImageIOManager).
         group_name: Asset group.
         description: Asset description.
+        checks: The built-in image checks on each job's images, as for
+            :func:`~dagster_octoai.octoai_image_asset` (``"blocking"``: a failure stops
+            the assets downstream in the run).
+        pool: The Dagster concurrency pool of the step (default none: fetching holds no replica).
+        retry_policy: Dagster's ``RetryPolicy`` for the step.
+        automation_condition: As for ``@asset``.
+        owners: As for ``@asset``.
+        op_tags: Tags of the step, as for ``@asset``.
+        backfill_policy: As for ``@asset``.
+        code_version: As for ``@asset``.
+        kinds: Kinds added to ``octoai``.
 
     Examples:
         >>> results = octoai_async_results_asset("fox_images")
@@ -321,6 +389,16 @@ def octoai_async_results_asset(
         'fox_images_jobs'
     """
     pdef = partitions_def or DynamicPartitionsDefinition(name=f"{name}_jobs")
+    options = asset_options(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        code_version=code_version,
+        owners=owners,
+        kinds=kinds,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
 
     @asset(
         name=name,
@@ -329,9 +407,18 @@ def octoai_async_results_asset(
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images of one OctoAI async job (partition = response id).",
-        kinds={"octoai"},
+        metadata=code_reference_metadata(None),
+        check_specs=_check_specs(name, checks),
+        pool=options.pool,
+        retry_policy=options.retry_policy,
+        automation_condition=options.automation_condition,
+        code_version=options.code_version,
+        owners=options.owners,
+        kinds=set(options.kinds),
+        op_tags=options.op_tags,
+        backfill_policy=options.backfill_policy,
     )
-    def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+    def _results(context: AssetExecutionContext) -> Iterator[Any]:
         partition = context.partition_key
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
@@ -362,6 +449,8 @@ def octoai_async_results_asset(
         yield Output(ImageBatch([result]), metadata=metadata)
         # Dagster resumes this generator only after the IO manager stored the output.
         ledger.save(record.evolve(state=JobState.PERSISTED, persisted_at=ledger.now()))
+        if checks:
+            yield from evaluate_image_checks(context.asset_key, [result])
 
     return _results
 
@@ -453,6 +542,15 @@ def octoai_async_blocking_asset(
     max_concurrency: int = 4,
     group_name: str | None = None,
     description: str | None = None,
+    checks: Checks = True,
+    pool: str | None = DEFAULT_POOL,
+    retry_policy: RetryPolicy | None = None,
+    automation_condition: AutomationCondition[Any] | None = None,
+    code_version: str | None = None,
+    owners: Sequence[str] | None = None,
+    kinds: Iterable[str] | None = None,
+    op_tags: Mapping[str, Any] | None = None,
+    backfill_policy: BackfillPolicy | None = None,
 ) -> AssetsDefinition:
     """An asset that submits async jobs and waits for them inside the run (small batches).
 
@@ -461,13 +559,28 @@ def octoai_async_blocking_asset(
     the same jobs instead of paying again. Expired or failed jobs are resubmitted with
     the same request up to ``max_resubmits`` times. The output is an :class:`ImageBatch`
     of the jobs' answers, each carrying its request and ``response_id``, for the image IO
-    manager, whose store is checked (``preflight``) before anything is submitted.
+    manager, whose store is checked (``preflight``) before anything is submitted. The
+    built-in image checks (``checks``, as for :func:`~dagster_octoai.octoai_image_asset`)
+    run on every materialization; the step runs in the pool ``octoai`` (it holds the
+    jobs' replicas while it waits), and takes the other ``@asset`` options of
+    :func:`~dagster_octoai.octoai_image_asset`, ``code_version`` defaulting to a hash of
+    ``requests`` when they are a list.
 
     Examples:
         >>> fox = octoai_async_blocking_asset("fox", [{"prompt": "a red fox", "seed": 7}])
         >>> fox.key.to_user_string()
         'fox'
     """
+    options = asset_options(
+        pool=pool,
+        retry_policy=retry_policy,
+        automation_condition=automation_condition,
+        code_version=code_version or requests_code_version(requests),
+        owners=owners,
+        kinds=kinds,
+        op_tags=op_tags,
+        backfill_policy=backfill_policy,
+    )
 
     @asset(
         name=name,
@@ -476,9 +589,18 @@ def octoai_async_blocking_asset(
         io_manager_key=io_manager_key,
         group_name=group_name,
         description=description or "Images from OctoAI async jobs, waited for in the run.",
-        kinds={"octoai"},
+        metadata=code_reference_metadata(None),
+        check_specs=_check_specs(name, checks),
+        pool=options.pool,
+        retry_policy=options.retry_policy,
+        automation_condition=options.automation_condition,
+        code_version=options.code_version,
+        owners=options.owners,
+        kinds=set(options.kinds),
+        op_tags=options.op_tags,
+        backfill_policy=options.backfill_policy,
     )
-    def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+    def _blocking(context: AssetExecutionContext) -> Iterator[Any]:
         built = _build_requests(context, requests)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()
@@ -530,5 +652,11 @@ def octoai_async_blocking_asset(
         now = ledger.now()
         for rec, _, _ in done:
             ledger.save(rec.evolve(state=JobState.PERSISTED, persisted_at=now))
+        if checks:
+            yield from evaluate_image_checks(context.asset_key, results)
 
     return _blocking
+
+
+def _check_specs(name: str, checks: Checks) -> list[AssetCheckSpec] | None:
+    return image_check_specs(name, blocking=checks == "blocking") if checks else None

@@ -1,11 +1,13 @@
 """Run config for generation ops and assets, backed by :class:`ImageGenerationRequest`.
 
 :class:`ImageGenerationConfig` mirrors the request's fields in the types Dagster's
-config system knows, so the launchpad checks types and enumerations (engine,
-sampler, image encoding) before a run starts, and its validator builds the request
-with :meth:`ImageGenerationRequest.build`, so every other rule of the API (bounds,
-sizes per engine, SDXL-only and ControlNet fields, seeds per image) is checked by
-the same code as the client's, naming the field, before anything is sent.
+config system knows, so the launchpad checks types and unknown keys before a run
+starts. Every value (the engine, sampler and image encoding names included) is then
+judged by :meth:`ImageGenerationRequest.build`, the same code as the client's and the
+server's: at step start, before anything is sent, every bad field at once, each with
+what is allowed. The names are plain strings in Dagster's schema on purpose: a
+Dagster enum would refuse an unknown sampler without listing the samplers, and in a
+separate round from the request model's errors.
 """
 
 from __future__ import annotations
@@ -17,24 +19,16 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlparse
 
 from dagster import Config
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
 
-from .api.models import Engine, ImageGenerationRequest, Sampler
+from .api.errors import RequestValidationError
+from .api.models import Engine, ImageGenerationRequest, Sampler, validation_error
 
-__all__ = ["EngineName", "ImageEncoding", "ImageGenerationConfig"]
+__all__ = ["ImageGenerationConfig"]
 
-# Dagster config enums use member names as their values; these names are the API's
-# own spellings, so run config reads `engine: controlnet-sdxl` as OctoAI's docs write it.
-EngineName = enum.Enum(  # type: ignore[misc]
-    "EngineName",
-    {e.value: e.value for e in Engine},
-)
-EngineName.__doc__ = (
-    "An engine name as the API spells it (sdxl, sd, controlnet-sdxl, controlnet-sd15)."
-)
-
-ImageEncoding = enum.Enum("ImageEncoding", {"jpeg": "jpeg", "png": "png"})
-ImageEncoding.__doc__ = "Output image encoding."
+_ENGINES = ", ".join(e.value for e in Engine)
+_SAMPLERS = ", ".join(s.value for s in Sampler)
 
 
 def _describe(name: str, extra: str = "") -> str:
@@ -77,7 +71,7 @@ class ImageGenerationConfig(Config):
     #: template, images from upstream assets), so validation can judge the rest.
     runtime_fields: ClassVar[Mapping[str, Any]] = {}
 
-    engine: EngineName | None = Field(default=None, description=_describe("engine"))
+    engine: str | None = Field(default=None, description=f"Engine: one of {_ENGINES}.")
     prompt: str | None = Field(default=None, description=_describe("prompt"))
     prompt_2: str | None = Field(default=None, description=_describe("prompt_2"))
     negative_prompt: str | None = Field(default=None, description=_describe("negative_prompt"))
@@ -92,7 +86,9 @@ class ImageGenerationConfig(Config):
         default=None,
         description="One seed (or null for random) per image; needs num_images to match.",
     )
-    sampler: Sampler | None = Field(default=None, description=_describe("sampler"))
+    sampler: str | None = Field(
+        default=None, description=f"{_describe('sampler')} One of {_SAMPLERS}."
+    )
     width: int | None = Field(default=None, description=_describe("width"))
     height: int | None = Field(default=None, description=_describe("height"))
     style_preset: str | None = Field(default=None, description=_describe("style_preset"))
@@ -129,10 +125,38 @@ class ImageGenerationConfig(Config):
         default=None, description=_describe("controlnet_preprocess")
     )
     clip_skip: int | None = Field(default=None, description=_describe("clip_skip"))
-    image_encoding: ImageEncoding | None = Field(
-        default=None, description=_describe("image_encoding")
-    )
+    image_encoding: str | None = Field(default=None, description=_describe("image_encoding"))
     log_prompt: bool | None = Field(default=None, description=_describe("log_prompt"))
+
+    @field_validator("engine", "sampler", "image_encoding", mode="before")
+    @classmethod
+    def _enum_value(cls, value: Any) -> Any:
+        # ``Engine.SD`` in Python reads as ``"sd"`` in run config.
+        return value.value if isinstance(value, enum.Enum) else value
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any] | None) -> Self:
+        """This config from an op's run config, every problem in one error.
+
+        What factories call at step start: unset (``None``) values are dropped, and a
+        config that breaks a rule of the API raises one :class:`RequestValidationError`
+        naming every bad field with what is allowed, in plain words.
+
+        Raises:
+            RequestValidationError: the config breaks a rule; ``errors`` lists each field.
+
+        Examples:
+            >>> ImageGenerationConfig.from_run_config(
+            ...     {"prompt": "a fox", "steps": 500, "sampler": "FAST"}
+            ... )
+            Traceback (most recent call last):
+            ...
+            dagster_octoai.api.errors.RequestValidationError: invalid image generation request: steps: 500 is out of range; allowed: 1..200; sampler: 'FAST' is not a sampler; allowed: DDIM, ...
+        """
+        try:
+            return cls(**{k: v for k, v in dict(values or {}).items() if v is not None})
+        except ValidationError as exc:
+            raise _config_error(exc) from None
 
     def overrides(self) -> dict[str, Any]:
         """The fields set in this config, in the request model's terms."""
@@ -144,16 +168,14 @@ class ImageGenerationConfig(Config):
             if isinstance(value, enum.Enum):
                 value = value.value
             if name == "seeds":
+                if self.seed is not None:
+                    continue  # both set: the validator reports it
                 name = "seed"
             elif name in ("init_image", "mask_image", "controlnet_image"):
                 value = _image_ref(value)
             elif name == "transfer_images":
                 value = {w: [_image_ref(v) for v in imgs] for w, imgs in value.items()}
             out[name] = value
-        if self.seed is not None and self.seeds is not None:
-            raise ValueError(
-                "seeds: set seed (one for the request) or seeds (one per image), not both"
-            )
         return out
 
     def to_request(
@@ -175,10 +197,25 @@ class ImageGenerationConfig(Config):
     @model_validator(mode="after")
     def _validate_request(self) -> ImageGenerationConfig:
         cls = type(self)
-        if cls.template is None and self.prompt is None and "prompt" not in cls.runtime_fields:
-            raise ValueError("prompt: required (what to draw)")
+        # What only the config can get wrong, reported with the request's own errors.
+        problems: list[dict[str, str]] = []
+        needs_prompt = (
+            cls.template is None and self.prompt is None and "prompt" not in cls.runtime_fields
+        )
+        if needs_prompt:
+            problems.append({"field": "prompt", "message": "required (what to draw)"})
+        fields = self.overrides()
+        if self.seed is not None and self.seeds is not None:
+            problems.append(
+                {
+                    "field": "seeds",
+                    "message": "set seed (one for the request) or seeds (one per image), not both",
+                }
+            )
         # Runtime placeholders only fill fields neither the template nor this config sets.
         base: dict[str, Any] = dict(cls.runtime_fields)
+        if needs_prompt:
+            base["prompt"] = "prompt"
         if cls.template is not None:
             tmpl = cls.template
             base.update(
@@ -186,5 +223,27 @@ class ImageGenerationConfig(Config):
                 if isinstance(tmpl, ImageGenerationRequest)
                 else dict(tmpl)
             )
-        self.to_request(base)
+        try:
+            ImageGenerationRequest.build(base, **fields)
+        except RequestValidationError as exc:
+            problems.extend(exc.errors)
+        if problems:
+            text = "; ".join(f"{e['field']}: {e['message']}" for e in problems)
+            raise RequestValidationError(f"invalid image generation request: {text}", problems)
         return self
+
+
+def _config_error(exc: ValidationError) -> RequestValidationError:
+    """One error from pydantic's: the request model's own errors unwrapped, field by field.
+
+    The request rules raise :class:`RequestValidationError` inside this model's
+    validator, which pydantic wraps as a value error of the whole model (no field, its
+    own boilerplate); the original already names every field, so it is what is kept.
+    """
+    errors: list[dict[str, str]] = []
+    # validation_error lists one entry per pydantic error, in the same order.
+    for err, plain in zip(exc.errors(), validation_error(exc).errors, strict=True):
+        inner = (err.get("ctx") or {}).get("error")
+        errors.extend(inner.errors if isinstance(inner, RequestValidationError) else [plain])
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return RequestValidationError(f"invalid image generation request: {text}", errors)

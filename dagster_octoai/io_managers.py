@@ -19,7 +19,8 @@ URI and partition:
   ``list`` always gets a flat list in partition order.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Dagster reads the `ResourceDependency` annotation
+# of `s3` when the class is made (a string would not be recognised as one).
 
 import collections.abc
 import inspect
@@ -27,17 +28,23 @@ import re
 import threading
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from dagster import (
     AssetKey,
+    AssetsDefinition,
+    AssetSpec,
     ConfigurableIOManager,
+    Definitions,
     EnvVar,
     InputContext,
     MetadataValue,
     MultiPartitionsDefinition,
     OutputContext,
+    PreviewWarning,
+    ResourceDependency,
 )
 from dagster._core.errors import DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr, field_validator
@@ -46,10 +53,10 @@ from .api.batch import STORABLE, ImageBatch, UnstorableValueError, responses_of
 from .api.models import GeneratedImage, ImageGenerationRequest, ImageGenerationResponse
 from .metadata import DataVersionDigest
 from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, StorageError, WriteReport
-from .storage.layout import normalize_prefix
+from .storage.layout import normalize_prefix, output_key
 from .storage.store import ConvertFormat, answer_request
 
-__all__ = ["LocalImageIOManager", "S3ImageIOManager"]
+__all__ = ["LocalImageIOManager", "S3ImageIOManager", "with_image_uris"]
 
 # Output metadata lists at most this many URIs / seeds, so the event log stays small.
 _METADATA_LIST_MAX = 100
@@ -139,6 +146,27 @@ class _ImageIOManager(ConfigurableIOManager):
         """
         self.store.backend.check()
 
+    def location_uri(
+        self, asset_key: AssetKey | Sequence[str], partition_key: str | None = None
+    ) -> str | None:
+        """Where an output's images go (its prefix, as its ``dagster/uri`` says), known
+        without calling anything: ``None`` when the location is set from an ``EnvVar``,
+        which only a run resolves.
+
+        Examples:
+            >>> LocalImageIOManager(base_dir="/tmp/images", prefix="octoai").location_uri(["fox"])
+            'file:///tmp/images/octoai/fox'
+            >>> S3ImageIOManager(bucket="images").location_uri(["fox"], "2024-01-01")
+            's3://images/dagster-octoai/fox/2024-01-01/'
+        """
+        if isinstance(self.prefix, EnvVar):
+            return None
+        path = list(asset_key.path) if isinstance(asset_key, AssetKey) else list(asset_key)
+        return self._uri_of(output_key(normalize_prefix(self.prefix), path, partition_key) + "/")
+
+    def _uri_of(self, key: str) -> str | None:
+        raise NotImplementedError
+
     # ---- Dagster interface -------------------------------------------------------------
 
     def check_output_type(self, annotation: Any, where: str) -> None:
@@ -176,11 +204,13 @@ class _ImageIOManager(ConfigurableIOManager):
         except UnstorableValueError as exc:
             raise self._refusal(context, obj, exc, seen) from None
         version = DataVersionDigest()
+        facts = _Facts()
 
         def observed() -> Iterator[ImageGenerationResponse]:
             for answer in responses:
                 seen.append(answer)
                 version.add(answer)
+                facts.add(answer)
                 yield answer
 
         asset_key = _output_path(context)
@@ -193,7 +223,7 @@ class _ImageIOManager(ConfigurableIOManager):
             raise self._refusal(context, obj, exc, seen) from None
         # A streamed batch knows its usage only now that it has been generated and stored.
         late = obj.late_metadata() if isinstance(obj, ImageBatch) else {}
-        context.add_output_metadata({**_output_metadata(report), **late})
+        context.add_output_metadata({**_output_metadata(report, facts), **late})
         _set_data_version(context, version)
 
     def _refusal(
@@ -271,6 +301,10 @@ class S3ImageIOManager(_ImageIOManager):
     partition, index, response id) and a ``manifest.json`` beside them holding the
     full requests. See ``docs/storage.md`` for the layout and the manifest schema.
 
+    The connection comes from a dagster-aws ``S3Resource`` (``s3=``: its endpoint,
+    region, credentials, profile, session token and SSL settings, the same configuration
+    the rest of the project uses), or, without one, from the fields below.
+
     Examples:
         >>> from dagster import EnvVar
         >>> io_manager = S3ImageIOManager(
@@ -279,9 +313,26 @@ class S3ImageIOManager(_ImageIOManager):
         ...     aws_access_key_id=EnvVar("AWS_ACCESS_KEY_ID"),
         ...     aws_secret_access_key=EnvVar("AWS_SECRET_ACCESS_KEY"),
         ... )
+
+        With dagster-aws, one ``S3Resource`` for this, the job ledger and your own assets::
+
+            s3 = S3Resource(region_name="eu-west-1", profile_name="images")
+            resources = {
+                "s3": s3,
+                "images": S3ImageIOManager(bucket="images", s3=s3),
+                "octoai_ledger": JobLedgerResource(bucket="images", s3=s3),
+            }
     """
 
     bucket: str = Field(description="The S3 bucket images and manifests go to (must exist).")
+    # Typed as Dagster reads a nested resource (an Optional[...] would not be); None: unset.
+    s3: ResourceDependency[Any] = Field(
+        default=cast("Any", None),
+        description=(
+            "A dagster-aws S3Resource to reach the bucket with; the connection fields below "
+            "are then left unset (they are the fallback without one)."
+        ),
+    )
     endpoint_url: str | None = Field(
         default=None,
         description="S3 endpoint URL for S3-compatible stores (MinIO, R2, SeaweedFS); unset for AWS.",
@@ -341,7 +392,13 @@ class S3ImageIOManager(_ImageIOManager):
             )
         return value
 
+    def _uri_of(self, key: str) -> str | None:
+        return None if isinstance(self.bucket, EnvVar) else f"s3://{self.bucket}/{key}"
+
     def _backend(self) -> StorageBackend:
+        if self.s3 is not None:
+            _no_connection_fields_with(self, _S3_CONNECTION_FIELDS, "S3ImageIOManager")
+            return S3Backend(s3_resource_client(self.s3), self.bucket)
         return S3Backend.from_config(
             self.bucket,
             endpoint_url=self.endpoint_url,
@@ -370,8 +427,97 @@ class LocalImageIOManager(_ImageIOManager):
 
     base_dir: str = Field(description="Directory under which the prefix and images are written.")
 
+    def _uri_of(self, key: str) -> str | None:
+        return None if isinstance(self.base_dir, EnvVar) else LocalBackend(self.base_dir).uri(key)
+
     def _backend(self) -> StorageBackend:
         return LocalBackend(self.base_dir)
+
+
+# ---- S3Resource ---------------------------------------------------------------------------
+
+# The fields a dagster-aws S3Resource replaces (addressing, retries: botocore's defaults).
+_S3_CONNECTION_FIELDS = (
+    "endpoint_url",
+    "region_name",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "addressing_style",
+    "retry_mode",
+    "max_attempts",
+)
+
+
+def s3_resource_client(resource: Any) -> Any:
+    """The boto3 S3 client of a dagster-aws ``S3Resource`` (``get_client()``), checked.
+
+    Raises:
+        TypeError: ``resource`` is not an S3Resource (has no ``get_client``).
+    """
+    get_client = getattr(resource, "get_client", None)
+    if not callable(get_client):
+        raise TypeError(
+            f"s3: expected a dagster_aws.s3.S3Resource, got {type(resource).__name__}; "
+            "pass S3Resource(...) (pip install dagster-aws), or leave s3 unset and set the "
+            "connection fields"
+        )
+    return get_client()
+
+
+def _no_connection_fields_with(resource: Any, names: Sequence[str], owner: str) -> None:
+    """One S3 configuration: with ``s3=`` set, the fields it replaces must be left unset."""
+    fields = type(resource).model_fields
+    set_here = [n for n in names if getattr(resource, n) != fields[n].get_default()]
+    if set_here:
+        raise ValueError(
+            f"{owner}: {', '.join(set_here)} cannot be set with s3=S3Resource(...); "
+            "configure the connection once, on the S3Resource"
+        )
+
+
+# ---- definitions ----------------------------------------------------------------------
+
+
+def with_image_uris(defs: Definitions) -> Definitions:
+    """``defs`` with ``dagster/uri`` on every asset that one of its image IO managers stores.
+
+    The URI is known before anything runs: an unpartitioned asset's output prefix, or a
+    partitioned asset's prefix (each materialization's ``dagster/uri`` adds its
+    partition). An IO manager whose bucket, directory or prefix comes from an ``EnvVar``
+    is left out: only a run knows where it writes.
+
+    Examples:
+        >>> from dagster_octoai import OctoAIResource, octoai_image_asset
+        >>> fox = octoai_image_asset("fox", {"prompt": "a fox"}, io_manager_key="images")
+        >>> defs = with_image_uris(Definitions(
+        ...     assets=[fox],
+        ...     resources={"octoai": OctoAIResource(), "images": S3ImageIOManager(bucket="img")}))
+        >>> defs.resolve_assets_def("fox").specs_by_key[fox.key].metadata["dagster/uri"]
+        's3://img/dagster-octoai/fox/'
+    """
+    resources = defs.resources or {}
+    uris: dict[AssetKey, str] = {}
+    for assets_def in defs.assets or []:
+        if not isinstance(assets_def, AssetsDefinition):
+            continue
+        for key in assets_def.keys:
+            manager = resources.get(assets_def.get_io_manager_key_for_asset_key(key))
+            if isinstance(manager, _ImageIOManager):
+                uri = manager.location_uri(key)
+                if uri is not None:
+                    uris[key] = uri
+    if not uris:
+        return defs
+
+    def add(spec: AssetSpec) -> AssetSpec:
+        if spec.key not in uris:
+            return spec
+        return spec.replace_attributes(metadata={**spec.metadata, "dagster/uri": uris[spec.key]})
+
+    with warnings.catch_warnings():
+        # Dagster marks map_asset_specs as preview; it is what Definitions offer for this.
+        warnings.simplefilter("ignore", PreviewWarning)
+        return defs.map_asset_specs(func=add)
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -552,22 +698,43 @@ def _annotation_kind(context: InputContext) -> Literal["list", "dict"] | None:
     return None
 
 
-def _output_metadata(report: WriteReport) -> dict[str, Any]:
+class _Facts:
+    """What the stored answers say beyond the write report: engines, server time, seeds."""
+
+    def __init__(self) -> None:
+        self.engines: set[str] = set()
+        self.prediction_time_ms = 0.0
+        self.seeds: list[int] = []  # every image's, removed ones included (as generation's)
+
+    def add(self, answer: ImageGenerationResponse) -> None:
+        if answer.request is not None:
+            self.engines.add(answer.request.engine.value)
+        self.prediction_time_ms += answer.prediction_time_ms
+        if len(self.seeds) < _METADATA_LIST_MAX:
+            self.seeds.extend(answer.seeds[: _METADATA_LIST_MAX - len(self.seeds)])
+
+
+def _output_metadata(report: WriteReport, facts: _Facts) -> dict[str, Any]:
+    """One key per fact, named as the generation metadata names it (so none is said twice
+    under two names when both are recorded): ``dagster/uri`` is the output's prefix, with
+    its partition."""
     metadata: dict[str, Any] = {
-        "uri": MetadataValue.path(report.uri),
+        "dagster/uri": MetadataValue.path(report.uri),
         "manifest_uri": MetadataValue.path(report.manifest_uri),
-        "image_count": MetadataValue.int(report.image_count),
-        "removed_count": MetadataValue.int(report.removed_count),
-        "total_bytes": MetadataValue.int(report.total_bytes),
-        "reused": MetadataValue.bool(report.reused_count > 0),
-        "reused_count": MetadataValue.int(report.reused_count),
-        "seeds": MetadataValue.json(report.seeds[:_METADATA_LIST_MAX]),
+        "images": MetadataValue.int(report.image_count + report.removed_count),
+        "removed_for_safety": MetadataValue.int(report.removed_count),
+        "seeds": MetadataValue.json(facts.seeds),
         "image_uris": MetadataValue.json(report.image_uris[:_METADATA_LIST_MAX]),
+        "total_bytes": MetadataValue.int(report.total_bytes),
+        "reused": MetadataValue.int(report.reused_count),
+        "engine": MetadataValue.text(", ".join(sorted(facts.engines))),
+        "prediction_time_ms": MetadataValue.float(facts.prediction_time_ms),
     }
     if report.thumbnail is not None and report.image_uris:
-        first = report.image_uris[0]
-        metadata["preview"] = MetadataValue.md(
-            f"![first image]({report.thumbnail})\n\n"
+        first, seed = report.image_uris[0], report.seeds[0]
+        # One small JPEG (a few KB), captioned as the generation metadata captions them.
+        metadata["thumbnail"] = MetadataValue.md(
+            f"![seed {seed}]({report.thumbnail}) seed {seed}\n\n"
             f"First of {report.image_count}: `{first}`\n\nAll images: `{report.uri}`"
         )
     return metadata

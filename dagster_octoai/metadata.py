@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -22,11 +22,14 @@ from .api.images import thumbnail_data_uri
 from .api.models import ImageGenerationRequest, ImageGenerationResponse
 
 __all__ = [
+    "DEFAULT_IMAGE_PRICE",
     "MAX_THUMBNAIL_BYTES",
+    "PREMIUM_PRICE_FACTOR",
     "DataVersionDigest",
     "Usage",
     "data_version_for",
     "generation_metadata",
+    "image_cost",
     "model_assets",
     "thumbnail_markdown",
 ]
@@ -144,6 +147,9 @@ def generation_metadata(results: Results, *, thumbnail: bool = True) -> dict[str
 
     With one request the full ``request.summary()`` is shown; with several, each
     summary is listed under ``requests``. Numbers are numeric values so the UI plots them.
+    The image IO managers record the facts they share with this (``images``, ``seeds``,
+    ``removed_for_safety``, ``engine``, ``prediction_time_ms``, ``reused``,
+    ``thumbnail``) under the same keys, so no fact is said twice under two names.
     """
     rs = _results(results)
     requests = [_request(r) for r in rs]
@@ -177,6 +183,8 @@ def generation_metadata(results: Results, *, thumbnail: bool = True) -> dict[str
     if response_ids:
         out["response_ids"] = MetadataValue.json(response_ids)
     reused = [r.reused_from for r in rs if r.reused_from]
+    # Images that came from storage instead of being paid for again (as the IO managers count).
+    out["reused"] = MetadataValue.int(sum(len(r.images) for r in rs if r.reused_from))
     if reused:
         out["reused_from"] = MetadataValue.json(reused)
     if thumbnail and images:
@@ -184,22 +192,45 @@ def generation_metadata(results: Results, *, thumbnail: bool = True) -> dict[str
     return out
 
 
+#: What an image costs when the price table does not name its engine: one "standard
+#: image", so ``octoai/cost`` counts standard images (a premium sampler's image counts 2).
+DEFAULT_IMAGE_PRICE = 1.0
+#: Premium samplers cost twice a regular one (OctoAI's image API, "2x price").
+PREMIUM_PRICE_FACTOR = 2.0
+
+
+def image_cost(
+    engine: str, images: int, premium_images: int, prices: Mapping[str, float] | None = None
+) -> float:
+    """What ``images`` of ``engine`` cost, ``premium_images`` of them at twice the price.
+
+    Examples:
+        >>> image_cost("sdxl", images=3, premium_images=1, prices={"sdxl": 0.01})
+        0.04
+        >>> image_cost("sd", images=2, premium_images=0)  # no price: standard images
+        2.0
+    """
+    price = (prices or {}).get(engine, DEFAULT_IMAGE_PRICE)
+    regular = images - premium_images
+    return round(price * (regular + PREMIUM_PRICE_FACTOR * premium_images), 12)
+
+
 @dataclass
 class Usage:
-    """What the calls of one output cost: counted by the resource's session.
+    """What the calls of one output used and cost: counted by the resource's session.
 
     ``steps`` is the diffusion steps summed over images (the service's default of
-    30 for requests that leave it unset): with ``premium_images`` the cost driver.
+    30 for requests that leave it unset). Images are counted per engine, premium-sampler
+    ones apart, which is what the cost is computed from (:func:`image_cost`).
     """
 
     calls: int = 0
     images: int = 0
     steps: int = 0
     premium_images: int = 0
-    removed_for_safety: int = 0
-    prediction_time_ms: float = 0.0
     retries: int = 0
-    engines: set[str] = field(default_factory=set)
+    images_by_engine: dict[str, int] = field(default_factory=dict)
+    premium_by_engine: dict[str, int] = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)
 
     def add(self, response: ImageGenerationResponse) -> None:
@@ -209,12 +240,12 @@ class Usage:
         self.calls += 1
         self.images += n
         self.steps += n * ((request.steps if request else None) or DEFAULT_STEPS)
-        self.premium_images += n if request is not None and request.is_premium else 0
-        self.removed_for_safety += response.removed_count
-        self.prediction_time_ms += response.prediction_time_ms
+        premium = n if request is not None and request.is_premium else 0
+        self.premium_images += premium
         self.retries += response.call_info.retries
-        if request is not None:
-            self.engines.add(request.engine.value)
+        engine = request.engine.value if request is not None else "unknown"
+        self.images_by_engine[engine] = self.images_by_engine.get(engine, 0) + n
+        self.premium_by_engine[engine] = self.premium_by_engine.get(engine, 0) + premium
         self.request_ids.extend(response.call_info.request_ids)
 
     def merge(self, other: Usage) -> None:
@@ -223,22 +254,41 @@ class Usage:
         self.images += other.images
         self.steps += other.steps
         self.premium_images += other.premium_images
-        self.removed_for_safety += other.removed_for_safety
-        self.prediction_time_ms += other.prediction_time_ms
         self.retries += other.retries
-        self.engines |= other.engines
+        for engine, n in other.images_by_engine.items():
+            self.images_by_engine[engine] = self.images_by_engine.get(engine, 0) + n
+        for engine, n in other.premium_by_engine.items():
+            self.premium_by_engine[engine] = self.premium_by_engine.get(engine, 0) + n
         self.request_ids.extend(other.request_ids)
 
-    def to_metadata(self, prefix: str = "octoai/") -> dict[str, MetadataValue]:
-        """Numeric metadata (so the UI plots it) under ``prefix``."""
+    def cost(self, prices: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The cost per engine at ``prices`` (engine -> price of one image)."""
         return {
+            engine: image_cost(engine, n, self.premium_by_engine.get(engine, 0), prices)
+            for engine, n in sorted(self.images_by_engine.items())
+        }
+
+    def to_metadata(
+        self, prefix: str = "octoai/", *, prices: Mapping[str, float] | None = None
+    ) -> dict[str, MetadataValue]:
+        """Numeric metadata (so the UI plots it) under ``prefix``, one key per fact.
+
+        What the step generated and paid for (``generated_images``: 0 when a stored result
+        was reused), its cost at ``prices`` in total and per engine, steps, retries and the
+        request ids. What the output holds (``images``, ``seeds``, ``removed_for_safety``,
+        ``engine``...) is the output's own metadata, not repeated here.
+        """
+        costs = self.cost(prices)
+        out: dict[str, MetadataValue] = {
             f"{prefix}calls": MetadataValue.int(self.calls),
-            f"{prefix}images": MetadataValue.int(self.images),
+            f"{prefix}generated_images": MetadataValue.int(self.images),
             f"{prefix}steps": MetadataValue.int(self.steps),
             f"{prefix}premium_images": MetadataValue.int(self.premium_images),
-            f"{prefix}removed_for_safety": MetadataValue.int(self.removed_for_safety),
-            f"{prefix}prediction_time_ms": MetadataValue.float(self.prediction_time_ms),
+            f"{prefix}cost": MetadataValue.float(float(round(sum(costs.values()), 12))),
             f"{prefix}retries": MetadataValue.int(self.retries),
-            f"{prefix}engine": MetadataValue.text(", ".join(sorted(self.engines))),
             f"{prefix}request_ids": MetadataValue.json(list(self.request_ids)),
         }
+        for engine, n in sorted(self.images_by_engine.items()):
+            out[f"{prefix}generated_images/{engine}"] = MetadataValue.int(n)
+            out[f"{prefix}cost/{engine}"] = MetadataValue.float(costs[engine])
+        return out

@@ -6,9 +6,9 @@
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
-from dagster import Failure, OpDefinition, OpExecutionContext, Out, Output, op
-from pydantic import ValidationError
+from dagster import Failure, OpDefinition, OpExecutionContext, Out, Output, RetryPolicy, op
 
+from ._warnings import warnings_to_log
 from .api.batch import ImageBatch
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
@@ -26,12 +26,15 @@ def octoai_generate_op(
     resource_key: str = "octoai",
     io_manager_key: str = "io_manager",
     tags: Mapping[str, Any] | None = None,
+    pool: str | None = "octoai",
+    retry_policy: RetryPolicy | None = None,
 ) -> OpDefinition:
     """An op that sends one request and outputs an ``ImageBatch``.
 
     The request is ``request`` (a template, optional) overridden by the op's run
     config, an :class:`~dagster_octoai.ImageGenerationConfig`; without a template,
-    the config must hold at least ``prompt``. Usage is recorded on the output.
+    the config must hold at least ``prompt``. Usage is recorded on the output. The op
+    runs in the concurrency pool ``pool`` (``"octoai"``, as the image assets do).
 
     Examples:
         >>> sdxl = octoai_generate_op("sdxl_images", {"engine": "sdxl", "steps": 20})
@@ -59,17 +62,25 @@ def octoai_generate_op(
         required_resource_keys={resource_key},
         out=Out(ImageBatch, io_manager_key=io_manager_key),
         tags=tags,
+        pool=pool,
+        retry_policy=retry_policy,
         description="Generate images with OctoAI from the request in run config.",
     )
     def _generate(context: OpExecutionContext) -> Iterator[Output[ImageBatch]]:
-        try:
-            config = config_cls(**{k: v for k, v in context.op_config.items() if v is not None})
-            req = config.to_request()
-        except (ValidationError, RequestValidationError) as exc:
-            raise Failure(description=f"invalid run config for op {name!r}: {exc}") from None
-        octoai: OctoAIResource = getattr(context.resources, resource_key)
-        with octoai.get_client(context) as client:
-            batch = ImageBatch([client.generate(req)])
+        with warnings_to_log(context.log):
+            try:
+                req = config_cls.from_run_config(context.op_config).to_request()
+            except RequestValidationError as exc:
+                raise Failure(
+                    description=f"invalid run config for op {name!r}: {exc.message}",
+                    metadata={
+                        "fields": [e["field"] for e in exc.errors],
+                        "errors": {e["field"]: e["message"] for e in exc.errors},
+                    },
+                ) from None
+            octoai: OctoAIResource = getattr(context.resources, resource_key)
+            with octoai.get_client(context) as client:
+                batch = ImageBatch([client.generate(req)])
         yield Output(batch, metadata=generation_metadata(batch))
 
     return _generate

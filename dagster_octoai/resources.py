@@ -9,12 +9,13 @@ wrapped or changed, and nothing is kept in module globals, so two assets in one
 run (or two outputs of a multi-asset) each get their own, correct numbers.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Dagster reads the `ResourceDependency` annotation
+# of `s3` when the class is made (a string would not be recognised as one).
 
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from dagster import (
     AssetExecutionContext,
@@ -23,11 +24,13 @@ from dagster import (
     EnvVar,
     InitResourceContext,
     OpExecutionContext,
+    ResourceDependency,
     RetryRequested,
 )
 from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
+from ._warnings import warnings_to_log
 from .api.batch import ImageBatch, UnstorableValueError
 from .api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
 from .api.errors import RateLimitError
@@ -38,7 +41,7 @@ from .api.models import (
     ImageGenerationResponse,
     PollResult,
 )
-from .io_managers import preflight_store
+from .io_managers import _no_connection_fields_with, preflight_store, s3_resource_client
 from .metadata import Usage
 from .storage.ledger import JobLedger, LedgerStore, LocalLedgerStore, S3LedgerStore
 
@@ -154,7 +157,8 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     Supply the token with ``EnvVar("OCTOAI_TOKEN")`` (or leave it unset: the
     client then reads ``OCTOAI_TOKEN`` itself). The field is marked secret, so
     Dagster masks it in config it displays; but a literal string would still be
-    stored in the resource's configured values, so never pass one.
+    stored in the resource's configured values, so never pass one. The server is
+    ``base_url``, or the ``OCTOAI_BASE_URL`` environment variable when it is unset.
 
     A ``RateLimitError`` that survives the client's retries (quota exhausted)
     leaves :meth:`get_client` as Dagster's ``RetryRequested`` with the server's
@@ -189,8 +193,12 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         ),
         json_schema_extra={"dagster__is_secret": True},
     )
-    base_url: str = Field(
-        default=DEFAULT_BASE_URL, description="The OctoAI or OctoAI-compatible server's base URL."
+    base_url: str | None = Field(
+        default=None,
+        description=(
+            "The OctoAI-compatible server's base URL. Unset: the OCTOAI_BASE_URL environment "
+            f"variable, else {DEFAULT_BASE_URL} (where `dagster-octoai serve` listens)."
+        ),
     )
     timeout_s: float = Field(
         default=120.0, gt=0, description="Timeout of one HTTP attempt, seconds."
@@ -222,6 +230,27 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         ge=0,
         description="Wait before such a step retry when the server sent no Retry-After.",
     )
+    prices: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Price of one image per engine (sdxl, sd, controlnet-sdxl, controlnet-sd15), in "
+            "your currency; an image made with a premium sampler costs twice that. An engine "
+            "not listed counts 1.0, so without prices octoai/cost counts standard images."
+        ),
+    )
+
+    @field_validator("prices")
+    @classmethod
+    def _check_prices(cls, value: dict[str, float]) -> dict[str, float]:
+        engines = [e.value for e in Engine]
+        for engine, price in value.items():
+            if engine not in engines:
+                raise ValueError(
+                    f"prices: {engine!r} is not an engine; allowed: {', '.join(engines)}"
+                )
+            if not price >= 0:
+                raise ValueError(f"prices[{engine!r}]: {price!r} must be a number >= 0")
+        return value
 
     _client: OctoAIClient | None = PrivateAttr(None)
 
@@ -298,9 +327,16 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         """
         _check_output(context, asset_key, output_name, lazy=False)
         session = OctoAISession(self.client)
-        with self._failures(context, session, retry_on_quota=True):
+        # A PromptTooLongWarning of a request made in the block goes to the event log.
+        with warnings_to_log(context.log), self._failures(context, session, retry_on_quota=True):
             yield session
-        _record_usage(context, session.usage, asset_key=asset_key, output_name=output_name)
+        _record_usage(
+            context,
+            session.usage,
+            asset_key=asset_key,
+            output_name=output_name,
+            prices=self.prices,
+        )
 
     def stream(
         self,
@@ -365,7 +401,7 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         return ImageBatch(
             results(),
             expected_images=expected_images,
-            late_metadata=lambda: session.usage.to_metadata(),
+            late_metadata=lambda: session.usage.to_metadata(prices=self.prices),
         )
 
     @contextmanager
@@ -456,8 +492,9 @@ def _record_usage(
     *,
     asset_key: AssetKey | str | None,
     output_name: str | None,
+    prices: Mapping[str, float],
 ) -> None:
-    metadata = usage.to_metadata()
+    metadata = usage.to_metadata(prices=prices)
     try:
         if output_name is None:
             output_name = _output_name(context, asset_key)
@@ -494,9 +531,11 @@ def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) ->
 class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
     """The job ledger as a Dagster resource: a local directory or an S3 bucket and prefix.
 
-    Set ``base_dir`` for a local directory, or ``bucket`` (with ``prefix`` and, for
-    S3-compatible stores, ``endpoint_url``) for S3. Credentials come from
-    ``EnvVar``\\ s or boto3's default chain and are never written to the ledger.
+    Set ``base_dir`` for a local directory, or ``bucket`` (with ``prefix``) for S3. The S3
+    connection comes from a dagster-aws ``S3Resource`` (``s3=``, the same one the image
+    IO manager takes: one S3 configuration for both), or, without one, from the fields
+    below. Credentials come from ``EnvVar``\\ s or boto3's default chain and are never
+    written to the ledger.
 
     Examples:
         >>> import tempfile
@@ -521,7 +560,19 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
         default=None, description="Secret access key; supply it with EnvVar."
     )
     addressing_style: Literal["auto", "virtual", "path"] = Field(
-        default="path", description="S3 addressing style; 'path' suits most S3-compatible stores."
+        default="auto",
+        description=(
+            "Bucket addressing: 'path' for most S3-compatible stores, 'virtual' or 'auto' for "
+            "AWS (the image IO manager's default too)."
+        ),
+    )
+    # Typed as Dagster reads a nested resource (an Optional[...] would not be); None: unset.
+    s3: ResourceDependency[Any] = Field(
+        default=cast("Any", None),
+        description=(
+            "A dagster-aws S3Resource to reach the bucket with; endpoint_url, region_name, "
+            "the keys and addressing_style are then left unset."
+        ),
     )
     fsync: bool = Field(
         default=True, description="Local directory only: flush each write to disk before going on."
@@ -543,6 +594,10 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
             )
         if self.base_dir is not None:
             return LocalLedgerStore(self.base_dir, fsync=self.fsync)
+        assert self.bucket is not None
+        if self.s3 is not None:
+            _no_connection_fields_with(self, _LEDGER_CONNECTION_FIELDS, "JobLedgerResource")
+            return S3LedgerStore(s3_resource_client(self.s3), self.bucket, self.prefix)
         import boto3
         from botocore.config import Config as BotoConfig
 
@@ -558,5 +613,14 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
                 max_pool_connections=64,
             ),
         )
-        assert self.bucket is not None
         return S3LedgerStore(client, self.bucket, self.prefix)
+
+
+# The fields of JobLedgerResource an S3Resource replaces.
+_LEDGER_CONNECTION_FIELDS = (
+    "endpoint_url",
+    "region_name",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "addressing_style",
+)

@@ -14,6 +14,7 @@ from typing import Any
 from dagster import (
     AssetKey,
     AssetsDefinition,
+    AssetSelection,
     DagsterRunStatus,
     DefaultSensorStatus,
     DynamicPartitionsDefinition,
@@ -22,8 +23,10 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    define_asset_job,
     sensor,
 )
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from .api.client import OctoAIClient
 from .storage.ticker import (
@@ -95,6 +98,7 @@ def octoai_async_sensor(
     settings: AsyncSensorSettings | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
     client_factory: ClientFactory | None = None,
+    job: UnresolvedAssetJobDefinition | None = None,
 ) -> SensorDefinition:
     """A sensor that polls the ledger's async jobs and requests a persist run for each result.
 
@@ -111,6 +115,8 @@ def octoai_async_sensor(
             defaults of :class:`~dagster_octoai.AsyncSensorSettings` when unset.
         default_status: Whether the sensor starts running when deployed.
         client_factory: Builds the poll client; default: from the OctoAI resource.
+        job: The job its runs run (an asset job selecting ``asset``), so they show under a
+            name of yours; default: ``<asset>_persist_job``, made here.
 
     Examples:
         >>> from dagster_octoai.async_assets import octoai_async_results_asset
@@ -138,10 +144,19 @@ def octoai_async_sensor(
         )
     asset_key = asset.key
     make_client = client_factory or _client_from_resource(octoai_resource_key)
+    # A named job: with `target=asset` the runs would show as `__anonymous_asset_job_...`.
+    persist_job = job or define_asset_job(
+        f"{asset_key.to_python_identifier()}_persist_job",
+        selection=AssetSelection.assets(asset),
+        description=(
+            f"Fetches one completed OctoAI async job and stores its images as a partition of "
+            f"{asset_key.to_user_string()} (run by {name})."
+        ),
+    )
 
     @sensor(
         name=name,
-        target=asset,
+        job=persist_job,
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
         required_resource_keys={ledger_resource_key, octoai_resource_key},

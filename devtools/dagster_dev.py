@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -80,6 +81,8 @@ class DagsterDev(StartStopContext):
             interactive ``make dev``) instead of the log file.
         startup_timeout_s: How long to wait for the UI and the code location.
         stop_grace_s: How long SIGTERM gets before SIGKILL.
+        abort: Set it (e.g. from a signal handler) to give up waiting for the UI: the start
+            then raises :class:`DagsterDevError` after stopping what it started.
 
     Examples:
         >>> with DagsterDev(module="example_project.definitions") as dev:  # doctest: +SKIP
@@ -99,6 +102,7 @@ class DagsterDev(StartStopContext):
         echo_output: bool = False,
         startup_timeout_s: float = 180.0,
         stop_grace_s: float = 10.0,
+        abort: threading.Event | None = None,
     ) -> None:
         if (module is None) == (python_file is None):
             raise ValueError("DagsterDev needs exactly one of `module` or `python_file`.")
@@ -112,6 +116,7 @@ class DagsterDev(StartStopContext):
         self._echo_output = echo_output
         self._startup_timeout_s = startup_timeout_s
         self._stop_grace_s = stop_grace_s
+        self._abort = abort
         self._process: subprocess.Popen[bytes] | None = None
         self._tmp: Path | None = None
         self.host = "127.0.0.1"
@@ -192,6 +197,8 @@ class DagsterDev(StartStopContext):
     def _problem(self, http: httpx.Client) -> str | None:
         """Why ``dagster dev`` is not ready yet, or None; raises if it cannot become ready."""
         assert self._process is not None
+        if self._abort is not None and self._abort.is_set():
+            raise DagsterDevError("stop requested while dagster dev was starting")
         if self._process.poll() is not None:
             raise DagsterDevError(
                 f"dagster dev exited with code {self._process.returncode} before its UI "
@@ -210,6 +217,16 @@ class DagsterDev(StartStopContext):
         if self._process is None:
             raise DagsterDevError("dagster dev is not running")
         return self._process.wait()
+
+    def wait_or_stop(self, stop: threading.Event, poll_s: float = 0.5) -> int | None:
+        """Block until ``dagster dev`` exits (its exit code) or ``stop`` is set (``None``)."""
+        if self._process is None:
+            raise DagsterDevError("dagster dev is not running")
+        while not stop.wait(poll_s):
+            code = self._process.poll()
+            if code is not None:
+                return code
+        return None
 
     def stop(self) -> None:
         """Kill ``dagster dev``'s process group (SIGTERM, then SIGKILL) and remove the temp home."""

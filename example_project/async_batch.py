@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dagster import AssetExecutionContext, DefaultSensorStatus
+from dagster import AssetExecutionContext, AssetSelection, DefaultSensorStatus, define_asset_job
 
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from dagster_octoai.sensors import octoai_async_sensor
@@ -47,9 +47,16 @@ lifestyle_jobs = octoai_async_submit_asset(
     description="Submits one async lifestyle-shot job per product and records it in the ledger.",
 )
 
+#: What the sensor's run requests run: fetch and store one job's images. Named, so the
+#: sensor's runs show as `lifestyle_persist_job` in the UI.
+lifestyle_persist_job = define_asset_job(
+    "lifestyle_persist_job", selection=AssetSelection.assets(lifestyle_shots)
+)
+
 lifestyle_shots_sensor = octoai_async_sensor(
     asset=lifestyle_shots,
     name="lifestyle_shots_sensor",
+    job=lifestyle_persist_job,
     minimum_interval_seconds=15,
     # Running by default: in `make dev` the submitted jobs are persisted without a click.
     default_status=DefaultSensorStatus.RUNNING,

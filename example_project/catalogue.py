@@ -6,7 +6,14 @@ re-run of one partition regenerates only that product.
 """
 
 # No `from __future__ import annotations`: Dagster reads the context's annotation at definition time.
-from dagster import AssetExecutionContext, MetadataValue, Output, StaticPartitionsDefinition, asset
+from dagster import (
+    AssetExecutionContext,
+    MetadataValue,
+    Output,
+    StaticPartitionsDefinition,
+    asset,
+    template_var,
+)
 
 #: Product key (the partition key) -> what to draw. Few products keep the demo quick.
 PRODUCTS: dict[str, str] = {
@@ -16,6 +23,12 @@ PRODUCTS: dict[str, str] = {
 }
 
 product_partitions = StaticPartitionsDefinition(list(PRODUCTS))
+
+
+@template_var
+def product_partitions_def() -> StaticPartitionsDefinition:
+    """The product partitions, for YAML components: ``partitions_def: "{{ product_partitions_def }}"``."""
+    return product_partitions
 
 
 @asset(

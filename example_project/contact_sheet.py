@@ -135,6 +135,6 @@ def contact_sheet(
             "products": MetadataValue.int(len(products)),
             "seeds": MetadataValue.json(seeds),
             "sha256": MetadataValue.text(hashlib.sha256(png).hexdigest()),
-            "preview": MetadataValue.md(f"![contact sheet]({thumbnail_data_uri(png, 320)})"),
+            "thumbnail": MetadataValue.md(f"![contact sheet]({thumbnail_data_uri(png, 320)})"),
         },
     )

@@ -1,5 +1,7 @@
 """The example project's ``Definitions``: ``dagster dev -m example_project.definitions``.
 
+Python definitions and the YAML ones under ``defs/`` (Dagster Components, loaded with
+``load_defs`` as ``dg`` loads a project's) are merged into one ``Definitions``.
 Resources are configured from environment variables with local defaults (see
 :class:`example_project.settings.ExampleSettings`): the OctoAI resource talks to
 ``OCTOAI_BASE_URL`` (the local server by default) with the token from
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from dagster import (
     AssetSelection,
@@ -21,13 +24,20 @@ from dagster import (
     RunRequest,
     ScheduleEvaluationContext,
     define_asset_job,
+    load_defs,
     schedule,
 )
 
-from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
+from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager, with_image_uris
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 
-from .async_batch import lifestyle_jobs, lifestyle_shots, lifestyle_shots_sensor
+from . import defs as yaml_defs
+from .async_batch import (
+    lifestyle_jobs,
+    lifestyle_persist_job,
+    lifestyle_shots,
+    lifestyle_shots_sensor,
+)
 from .catalogue import prompt_catalogue
 from .contact_sheet import contact_sheet
 from .generation import GROUP as PRODUCTS_GROUP, IMAGES_IO, PRODUCT_ASSETS
@@ -46,10 +56,6 @@ contact_sheet_job = define_asset_job(
 )
 lifestyle_submit_job = define_asset_job(
     "lifestyle_submit_job", selection=AssetSelection.assets(lifestyle_jobs)
-)
-#: What the async sensor's run requests run: fetch and store one job's images.
-lifestyle_persist_job = define_asset_job(
-    "lifestyle_persist_job", selection=AssetSelection.assets(lifestyle_shots)
 )
 
 
@@ -112,7 +118,7 @@ def build_resources(config: ExampleSettings) -> dict[str, object]:
 
 def build_definitions(config: ExampleSettings) -> Definitions:
     """The project's definitions with resources for ``config`` (tests pass their own)."""
-    return Definitions(
+    python = Definitions(
         assets=[
             prompt_catalogue,
             *PRODUCT_ASSETS,
@@ -125,6 +131,11 @@ def build_definitions(config: ExampleSettings) -> Definitions:
         sensors=[lifestyle_shots_sensor],
         resources=build_resources(config),
     )
+    # with_image_uris: each image asset shows where its images go (dagster/uri) before it runs.
+    return with_image_uris(Definitions.merge(python, load_defs(yaml_defs, project_root=_REPO)))
+
+
+_REPO = Path(__file__).resolve().parent.parent
 
 
 defs = build_definitions(settings)

@@ -29,7 +29,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _services import BUCKET, PREFIX, REPO, Services, fail, progress, running_services
+from _services import (
+    BUCKET,
+    PREFIX,
+    REPO,
+    Services,
+    StopRequested,
+    fail,
+    progress,
+    running_services,
+)
 
 #: How long the async batch may take to be submitted, completed and persisted.
 ASYNC_DEADLINE_S = 120.0
@@ -60,7 +69,10 @@ def _run_job(defs: Any, instance: Any, name: str, **kwargs: Any) -> Any:
 def _materialize_products(defs: Any, instance: Any) -> None:
     job = defs.resolve_job_def("product_images_job")
     for product in job.partitions_def.get_partition_keys():
-        progress(f"product {product}: catalogue, SDXL shot, img2img, ControlNet, inpainting")
+        progress(
+            f"product {product}: catalogue, SDXL shot, img2img, ControlNet, inpainting, "
+            "poster (YAML)"
+        )
         result = _run_job(defs, instance, "product_images_job", partition_key=product)
         for event in result.get_asset_materialization_events():
             mat = event.materialization
@@ -153,6 +165,7 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
         "product_watercolor",
         "product_controlnet",
         "product_inpainted",
+        "product_poster",
         "lifestyle_shots",
         "contact_sheet",
     }
@@ -321,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                         if args.no_diffusers
                         else _materialize_through_diffusers(services, instance, output_dir)
                     )
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StopRequested):
             return fail("interrupted; everything started was stopped")
         except Exception as exc:
             return fail(f"{type(exc).__name__}: {exc}")

@@ -432,3 +432,24 @@ def test_the_sensor_needs_a_dynamic_partitioned_asset() -> None:
 
     with pytest.raises(ValueError, match="DynamicPartitionsDefinition"):
         octoai_async_sensor(asset=plain)
+
+
+def test_the_sensors_runs_carry_a_named_job(tmp_path: Path) -> None:
+    from dagster import AssetSelection, Definitions, define_asset_job
+
+    images = octoai_async_results_asset("heron_images", io_manager_key="images")
+    resources = {
+        "octoai": OctoAIResource(base_url="http://127.0.0.1:9"),
+        "octoai_ledger": JobLedgerResource(base_dir=str(tmp_path)),
+        "images": LocalImageIOManager(base_dir=str(tmp_path)),
+    }
+    # By default, a job named after the asset (not `__anonymous_asset_job_<sensor>`).
+    sensor = octoai_async_sensor(asset=images, name="heron_sensor")
+    defs = Definitions(assets=[images], sensors=[sensor], resources=resources)
+    assert sensor.job_name == "heron_images_persist_job"
+    job = defs.resolve_job_def("heron_images_persist_job")
+    assert job.partitions_def == images.partitions_def
+    # Or one of the project's own.
+    own = define_asset_job("persist_herons", selection=AssetSelection.assets(images))
+    named = octoai_async_sensor(asset=images, name="heron_sensor", job=own)
+    assert named.job_name == "persist_herons"

@@ -58,12 +58,14 @@ def free_port() -> int:
 # ---- construction ------------------------------------------------------------------------
 
 
-def test_repr_hides_token_and_defaults() -> None:
+def test_repr_hides_token_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OCTOAI_BASE_URL", raising=False)
     client = OctoAIClient(TOKEN)
     try:
         assert repr(client) == f"OctoAIClient(base_url={DEFAULT_BASE_URL!r}, token=***)"
         assert TOKEN not in repr(client) and TOKEN not in str(vars(client).get("_redactor"))
-        assert client.base_url == "https://image.octoai.run"
+        # The hosted service has closed: the default is where `dagster-octoai serve` listens.
+        assert client.base_url == "http://127.0.0.1:8000"
         assert client.max_concurrency == 4
         assert client.retry == HTTPRetryPolicy()
     finally:
@@ -95,6 +97,18 @@ def test_token_from_environment_and_missing(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(errors.RequestValidationError, match="OCTOAI_TOKEN") as info:
         OctoAIClient()
     assert info.value.errors[0]["field"] == "token"
+
+
+def test_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OCTOAI_BASE_URL", "http://images.internal:8080/")
+    with OctoAIClient(TOKEN) as client:
+        assert client.base_url == "http://images.internal:8080"
+    with OctoAIClient(TOKEN, base_url="http://127.0.0.1:9") as client:
+        assert client.base_url == "http://127.0.0.1:9"  # an argument wins over the variable
+    monkeypatch.setenv("OCTOAI_BASE_URL", "images.internal")
+    with pytest.raises(errors.RequestValidationError, match="OCTOAI_BASE_URL") as info:
+        OctoAIClient(TOKEN)
+    assert info.value.errors[0]["field"] == "OCTOAI_BASE_URL"
 
 
 @pytest.mark.parametrize(
@@ -360,10 +374,27 @@ def test_connection_refused_is_retried_then_raised(caplog: pytest.LogCaptureFixt
     url = f"http://127.0.0.1:{free_port()}"
     with (
         OctoAIClient(TOKEN, base_url=url, retry=policy) as client,
-        pytest.raises(errors.ConnectionFailedError, match="could not connect"),
+        pytest.raises(errors.ConnectionFailedError, match="could not connect") as info,
     ):
         client.generate({"prompt": "a fox"})
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 2
+    # The error names where it tried to connect, and what to check.
+    message = str(info.value)
+    assert f"could not connect to {url.removeprefix('http://')} (" in message
+    assert "nothing is listening there: check base_url (or OCTOAI_BASE_URL)" in message
+
+
+def test_unresolvable_host_is_named_with_its_port() -> None:
+    with (
+        OctoAIClient(
+            TOKEN, base_url="https://no-such-host.invalid", retry=HTTPRetryPolicy.none()
+        ) as c,
+        pytest.raises(errors.ConnectionFailedError) as info,
+    ):
+        c.generate({"prompt": "a fox"})
+    message = str(info.value)
+    assert "POST /generate/sdxl: could not connect to no-such-host.invalid:443" in message
+    assert "the host name does not resolve" in message
 
 
 # ---- error mapping -----------------------------------------------------------------------

@@ -37,7 +37,14 @@ __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "dagster-octoai"
-PRODUCT_ASSETS = ("product_images", "product_watercolor", "product_controlnet", "product_inpainted")
+# product_poster is the one defined in YAML (defs/product_poster/defs.yaml, a Component).
+PRODUCT_ASSETS = (
+    "product_images",
+    "product_watercolor",
+    "product_controlnet",
+    "product_inpainted",
+    "product_poster",
+)
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -149,7 +156,7 @@ def test_example_runs_end_to_end(
             )
             assert result.success
             assert all(e.passed for e in result.get_asset_check_evaluations())
-        assert server.stats()["paid_generations"] == 4 * len(PRODUCTS)
+        assert server.stats()["paid_generations"] == len(PRODUCT_ASSETS) * len(PRODUCTS)
 
         submit = defs.resolve_job_def("lifestyle_submit_job").execute_in_process(
             instance=instance, run_config=QUIET
@@ -226,9 +233,9 @@ def test_example_job_runs_under_the_multiprocess_executor(
         assert result.success
         step_pids = {e.pid for e in result.all_events if e.is_step_success and e.pid is not None}
     # Each step ran in a process of its own, none in this one.
-    assert len(step_pids) == 5
+    assert len(step_pids) == 1 + len(PRODUCT_ASSETS)  # the catalogue and each image asset
     assert os.getpid() not in step_pids
-    assert server.stats()["paid_generations"] == 4
+    assert server.stats()["paid_generations"] == len(PRODUCT_ASSETS)
     images = _image_keys(_keys(seaweedfs, s3_bucket))
     assert sorted(k.split("/")[1] for k in images) == sorted(PRODUCT_ASSETS)
     assert all("/trail-sneaker/" in k for k in images)
@@ -264,8 +271,8 @@ def test_demo_script_succeeds(seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Pa
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     images = _image_keys(_keys(seaweedfs, s3_bucket))
-    # Four product assets per product, plus one async lifestyle shot per product.
-    assert len(images) == 5 * len(PRODUCTS), (images, demo.stdout[-3000:])
+    # The product assets per product, plus one async lifestyle shot per product.
+    assert len(images) == (len(PRODUCT_ASSETS) + 1) * len(PRODUCTS), (images, demo.stdout[-3000:])
     for key in images:
         assert f"s3://{s3_bucket}/{key}" in demo.stdout, (key, demo.stdout[-3000:])
     head = seaweedfs.client().head_object(Bucket=s3_bucket, Key=images[0])

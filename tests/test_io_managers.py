@@ -73,15 +73,17 @@ def test_unpartitioned_asset_round_trip(io_manager: Any) -> None:
     store = io_manager.store
     meta = output_metadata(result, "foxes")
     keys = ["octoai/foxes/000-seed11.jpg", "octoai/foxes/001-seed12.jpg"]
-    assert meta["uri"] == store.backend.uri("octoai/foxes/")
+    assert meta["dagster/uri"] == store.backend.uri("octoai/foxes/")
     assert meta["manifest_uri"] == store.backend.uri("octoai/foxes/manifest.json")
     assert meta["image_uris"] == [store.backend.uri(k) for k in keys]
     assert meta["seeds"] == [11, 12]
-    assert meta["image_count"] == 2 and meta["removed_count"] == 0
+    assert meta["images"] == 2 and meta["removed_for_safety"] == 0
     assert meta["total_bytes"] == len(image_bytes(11)) + len(image_bytes(12))
-    assert meta["reused"] is False and meta["reused_count"] == 0
-    assert "data:image/jpeg;base64," in meta["preview"]
-    assert len(meta["preview"]) < 20_000
+    assert meta["reused"] == 0
+    assert "data:image/jpeg;base64," in meta["thumbnail"]
+    assert len(meta["thumbnail"]) < 20_000
+    # One key per fact: no second name for the URI, the counts or the thumbnail.
+    assert not {"uri", "image_count", "removed_count", "reused_count", "preview"} & set(meta)
 
     [images] = loaded
     assert [im.data for im in images] == [image_bytes(11), image_bytes(12)]
@@ -130,7 +132,7 @@ def test_static_partitions_keys_are_sanitised_and_load_as_dict(io_manager: Any) 
         result = dg.materialize([shots], partition_key=key, resources=resources)
         meta = output_metadata(result, "shots")
         base = f"octoai/shots/{safe_segment(key)}/"
-        assert meta["uri"] == io_manager.store.backend.uri(base)
+        assert meta["dagster/uri"] == io_manager.store.backend.uri(base)
         seed = HOSTILE.index(key) + 1
         assert meta["image_uris"] == [io_manager.store.backend.uri(f"{base}000-seed{seed}.jpg")]
     assert safe_segment("normal-2024-01-01") == "normal-2024-01-01"
@@ -183,7 +185,7 @@ def test_multi_partitions_layout_and_single_partition_load(io_manager: Any) -> N
     )
     meta = output_metadata(result, "tiles")
     store = io_manager.store
-    assert meta["uri"] == store.backend.uri("octoai/tiles/color=blue/date=2024-01-02/")
+    assert meta["dagster/uri"] == store.backend.uri("octoai/tiles/color=blue/date=2024-01-02/")
     assert meta["image_uris"] == [
         store.backend.uri("octoai/tiles/color=blue/date=2024-01-02/000-seed2.jpg")
     ]
@@ -265,7 +267,7 @@ def test_reuse_through_the_io_manager(io_manager: Any) -> None:
     second = dg.materialize([foxes], resources=resources)
     assert paid == [1]
     meta = output_metadata(second, "foxes")
-    assert meta["reused"] is True and meta["reused_count"] == 2
+    assert meta["reused"] == 2
     assert meta["image_uris"] == output_metadata(first, "foxes")["image_uris"]
     manifest = io_manager.store.read_manifest(["foxes"], None)
     assert manifest["run_id"] == second.run_id
@@ -300,7 +302,7 @@ def test_lazy_batch_through_materialize(io_manager: Any) -> None:
 
     result = dg.materialize([film], resources={"io_manager": io_manager})
     meta = output_metadata(result, "film")
-    assert meta["image_count"] == count - 1 and meta["removed_count"] == 1
+    assert meta["images"] == count and meta["removed_for_safety"] == 1
     assert len(meta["image_uris"]) == count - 1
     images = io_manager.store.read(["film"], None)
     assert [im.seed for im in images] == [i for i in range(count) if i != 7]
@@ -403,7 +405,7 @@ def test_end_to_end_with_the_local_server(seaweedfs: SeaweedFS, s3_bucket: str) 
         first = dg.materialize([lighthouse], resources={"io_manager": io}, instance=instance)
         second = dg.materialize([lighthouse], resources={"io_manager": io}, instance=instance)
         assert srv.stats()["generation_requests"] == 1  # the second run reused it
-        assert output_metadata(second, "lighthouse")["reused"] is True
+        assert output_metadata(second, "lighthouse")["reused"] == 2  # both images
 
         [response] = answers
         store = io.store
@@ -448,7 +450,7 @@ def test_bucket_and_prefix_from_env_vars_are_checked_once_resolved(
     monkeypatch.setenv("OCTOAI_TEST_PREFIX", "from-env")
     result = dg.materialize([env_configured], resources={"io_manager": io_manager()})
     assert result.success
-    uri = result.asset_materializations_for_node("env_configured")[0].metadata["uri"].value
+    uri = result.asset_materializations_for_node("env_configured")[0].metadata["dagster/uri"].value
     assert uri == f"s3://{s3_bucket}/from-env/env_configured/"
 
     monkeypatch.setenv("OCTOAI_TEST_BUCKET", "Not_A_Bucket")

@@ -439,6 +439,54 @@ def test_several_problems_are_all_named() -> None:
     assert isinstance(err, ValueError)
 
 
+def test_field_and_cross_field_problems_come_in_one_error() -> None:
+    # A bad prompt, steps and sampler used to hide the unsupported size until they were
+    # fixed (pydantic runs the rules across fields only once every field is valid).
+    err = refused(prompt="", steps=500, sampler="FOO", engine="sd", width=1024, height=1024)
+    assert fields_of(err) == {"prompt", "steps", "sampler", "width"}
+    message = str(err)
+    assert "steps: 500 is out of range; allowed: 1..200" in message
+    assert "sampler: 'FOO' is not a sampler; allowed: DDIM, DDPM" in message
+    assert (
+        "width: 1024x1024 (width x height) is not supported by engine 'sd'; allowed: 512x512"
+        in message
+    )
+    assert "prompt: must not be empty" in message
+    # No pydantic boilerplate.
+    assert "[type=" not in message and "errors.pydantic.dev" not in message
+
+
+def test_rules_naming_a_failed_field_are_left_out() -> None:
+    # width failed on its own: "set width and height together" would be noise.
+    err = refused(width="wide", height=512, engine="sd", prompt_2="x")
+    assert fields_of(err) == {"width", "prompt_2"}
+    assert "'wide' is not a whole number" in str(err)
+    # With a bad engine no rule can be judged; the engine error lists the engines.
+    err = refused(engine="sdxxl", width=512, height=512)
+    assert fields_of(err) == {"engine"}
+    assert "allowed: sdxl, sd, controlnet-sdxl, controlnet-sd15" in str(err)
+
+
+def test_errors_say_what_is_allowed_in_plain_words() -> None:
+    err = refused(cfg_scale=0, num_images=17, image_encoding="gif", negativ_prompt="x")
+    by_field = {e["field"]: e["message"] for e in err.errors}
+    assert by_field == {
+        "cfg_scale": "0 is out of range; allowed: > 0 and <= 50",
+        "num_images": "17 is out of range; allowed: 1..16",
+        "image_encoding": "'gif' is not allowed; allowed: 'jpeg', 'png'",
+        "negativ_prompt": "unknown field; the API rejects keys it does not know; "
+        "did you mean 'negative_prompt'?",
+    }
+
+
+def test_the_server_sees_every_problem_too() -> None:
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.from_wire(
+            {"prompt": "x", "steps": 0, "width": 1024, "height": 1024}, "sd"
+        )
+    assert {e["loc"][0] for e in info.value.errors()} == {"steps", "width"}
+
+
 def test_direct_construction_raises_validation_error() -> None:
     with pytest.raises(ValidationError):
         ImageGenerationRequest(prompt="x", engine="sd", width=1024, height=1024)

@@ -41,7 +41,7 @@ def test_op_job_generates_from_run_config_and_records_usage(
     (event,) = [e for e in result.all_events if e.event_type_value == "HANDLED_OUTPUT"]
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     md = outputs[0].step_output_data.metadata
-    assert md["octoai/images"].value == 2 and md["octoai/steps"].value == 6
+    assert md["octoai/generated_images"].value == 2 and md["octoai/steps"].value == 6
     assert md["seeds"].value == batch.responses[0].seeds
     assert event is not None
 

@@ -57,10 +57,10 @@ def test_two_assets_in_one_run_get_their_own_usage(octoai: OctoAIResource) -> No
     result = materialize([few, many], resources={"octoai": octoai})
     assert result.success
     a, b = _metadata(result, "few"), _metadata(result, "many")
-    assert (a["octoai/calls"], a["octoai/images"], a["octoai/steps"]) == (1, 2, 20)
+    assert (a["octoai/calls"], a["octoai/generated_images"], a["octoai/steps"]) == (1, 2, 20)
     assert a["octoai/premium_images"] == 0
     assert len(a["octoai/request_ids"]) == 1
-    assert (b["octoai/calls"], b["octoai/images"], b["octoai/steps"]) == (2, 4, 80)
+    assert (b["octoai/calls"], b["octoai/generated_images"], b["octoai/steps"]) == (2, 4, 80)
     assert b["octoai/premium_images"] == 1
     assert len(b["octoai/request_ids"]) == 2
     assert not set(a["octoai/request_ids"]) & set(b["octoai/request_ids"])
@@ -82,8 +82,14 @@ def test_multi_asset_outputs_each_get_their_own_usage(octoai: OctoAIResource) ->
         e.asset_key.path[-1]: e.materialization.metadata
         for e in result.get_asset_materialization_events()
     }
-    assert mats["left"]["octoai/images"].value == 1 and mats["left"]["octoai/steps"].value == 5
-    assert mats["right"]["octoai/images"].value == 2 and mats["right"]["octoai/steps"].value == 14
+    assert (
+        mats["left"]["octoai/generated_images"].value == 1
+        and mats["left"]["octoai/steps"].value == 5
+    )
+    assert (
+        mats["right"]["octoai/generated_images"].value == 2
+        and mats["right"]["octoai/steps"].value == 14
+    )
 
 
 def test_get_client_shares_one_pooled_client_and_never_rewraps_it(
@@ -249,9 +255,9 @@ def test_stream_generates_while_stored_and_the_io_manager_records_usage(
     # Requests were pulled as slots freed: the first answer was stored after 4, not all.
     assert pulled_at_first_result == [4]
     meta = _metadata(result, "frames")
-    assert meta["octoai/images"] == count and meta["octoai/calls"] == count
+    assert meta["octoai/generated_images"] == count and meta["octoai/calls"] == count
     assert meta["octoai/steps"] == 2 * count
-    assert meta["image_count"] == count
+    assert meta["images"] == count
     assert octoai_server.stats()["paid_generations"] - before == count
     stored = images.store.read(["frames"], None)
     assert sorted(im.seed for im in stored) == list(range(500, 500 + count))

@@ -117,6 +117,23 @@ def _where(method: str, url: str) -> str:
     return f"{method} {parsed_url(url).path}"
 
 
+def endpoint(url: str) -> str:
+    """``host:port`` of ``url`` (the scheme's port when none is written), for error messages.
+
+    Never the user info or the query, which may carry credentials or signatures.
+
+    Examples:
+        >>> endpoint("https://image.octoai.run/generate/sdxl")
+        'image.octoai.run:443'
+        >>> endpoint("http://[::1]:8000/healthcheck")
+        '[::1]:8000'
+    """
+    parsed = parsed_url(url)
+    port = parsed.port or {"https": 443, "http": 80}.get(parsed.scheme)
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return f"{host}:{port}" if port else host
+
+
 def tls_context() -> ssl.SSLContext:
     """httpx's default certificate verification, built once per CA setting and shared.
 
@@ -256,7 +273,7 @@ class Call:
         """The wait before retrying after a failed connection; raises when done."""
         if isinstance(exc, httpx.TimeoutException) and self._clipped:
             raise self.deadline_error() from exc
-        what = _describe_transport_error(exc)
+        what = _describe_transport_error(exc, endpoint(self.url))
         if not isinstance(
             exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
         ):
@@ -264,10 +281,11 @@ class Call:
             raise ConnectionFailedError(
                 self.redactor.text(f"{self.where}: {what}"), response_id=self.response_id
             ) from exc
+        hint = _connect_hint(exc)
 
         def build(note: str) -> OctoAIError:
             return ConnectionFailedError(
-                self.redactor.text(f"{self.where}: {what}{note}"),
+                self.redactor.text(f"{self.where}: {what}{note}{hint}"),
                 request_id=self._last_request_id(),
                 response_id=self.response_id,
             )
@@ -339,19 +357,41 @@ class Call:
         )
 
 
-def _describe_transport_error(exc: httpx.TransportError) -> str:
+def _describe_transport_error(exc: httpx.TransportError, where: str) -> str:
+    """What failed, with the server's ``host:port`` and, for a failed connect, what to check."""
     kind = {
-        httpx.ConnectTimeout: "connect timed out",
-        httpx.ReadTimeout: "read timed out",
-        httpx.WriteTimeout: "write timed out",
-        httpx.PoolTimeout: "timed out waiting for a pooled connection",
-        httpx.ConnectError: "could not connect",
-        httpx.RemoteProtocolError: "connection dropped",
-        httpx.ReadError: "connection dropped while reading",
-        httpx.WriteError: "connection dropped while sending",
-    }.get(type(exc), type(exc).__name__)
+        httpx.ConnectTimeout: f"connect to {where} timed out",
+        httpx.ReadTimeout: f"read from {where} timed out",
+        httpx.WriteTimeout: f"write to {where} timed out",
+        httpx.PoolTimeout: f"timed out waiting for a pooled connection to {where}",
+        httpx.ConnectError: f"could not connect to {where}",
+        httpx.RemoteProtocolError: f"connection to {where} dropped",
+        httpx.ReadError: f"connection to {where} dropped while reading",
+        httpx.WriteError: f"connection to {where} dropped while sending",
+    }.get(type(exc), f"{type(exc).__name__} talking to {where}")
     detail = str(exc).strip()
-    return f"{kind} ({detail})" if detail and detail != kind else kind
+    return f"{kind} ({detail})" if detail else kind
+
+
+def _connect_hint(exc: httpx.TransportError) -> str:
+    """For a connection that never opened, what to check (after the error's own text)."""
+    if not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ""
+    lowered = str(exc).lower()
+    if (
+        "name or service not known" in lowered
+        or "nodename nor servname" in lowered
+        or ("temporary failure in name resolution" in lowered)
+    ):
+        problem = "the host name does not resolve"
+    elif "connection refused" in lowered:
+        problem = "nothing is listening there"
+    else:
+        problem = "the server did not answer"
+    return (
+        f"; {problem}: check base_url (or OCTOAI_BASE_URL) and that the server is running "
+        "(`dagster-octoai serve` starts a local one on 127.0.0.1:8000)"
+    )
 
 
 # ---- errors -------------------------------------------------------------------------

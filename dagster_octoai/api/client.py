@@ -62,12 +62,22 @@ from .models import (
     PollResult,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "HTTPRetryPolicy", "OctoAIClient"]
+__all__ = [
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "AsyncOctoAIClient",
+    "HTTPRetryPolicy",
+    "OctoAIClient",
+]
 
 logger = logging.getLogger("dagster_octoai.api.client")
 
-#: The historical production host; point ``base_url`` at any OctoAI-compatible server.
-DEFAULT_BASE_URL = "https://image.octoai.run"
+#: Where ``dagster-octoai serve`` listens by default. OctoAI's hosted service
+#: (``https://image.octoai.run``) has closed, so no remote host is a safe default: unset,
+#: the client talks to the local server, and a missing one fails naming this address.
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+#: Read for ``base_url`` when none is passed, as the OpenAI client reads ``OPENAI_BASE_URL``.
+BASE_URL_ENV = "OCTOAI_BASE_URL"
 TOKEN_ENV = "OCTOAI_TOKEN"
 # Connecting should be quick; a stuck connect is retried rather than waited out.
 _CONNECT_TIMEOUT_S = 10.0
@@ -96,12 +106,29 @@ def _resolve_token(token: str | None) -> str:
     return value
 
 
-def _check_base_url(base_url: str) -> str:
-    url = httpx.URL(base_url)
-    if url.scheme not in ("http", "https") or not url.host:
+def resolve_base_url(base_url: str | None) -> str:
+    """``base_url``, else ``$OCTOAI_BASE_URL``, else :data:`DEFAULT_BASE_URL`; checked.
+
+    Raises:
+        RequestValidationError: the URL is not an absolute http(s) URL; the message says
+            where it came from.
+
+    Examples:
+        >>> resolve_base_url("http://images.internal:8000/")
+        'http://images.internal:8000'
+    """
+    source = "base_url"
+    if base_url is None:
+        env = os.environ.get(BASE_URL_ENV, "").strip()
+        base_url, source = (env, BASE_URL_ENV) if env else (DEFAULT_BASE_URL, "base_url")
+    try:
+        url = httpx.URL(base_url)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
         raise RequestValidationError(
-            f"base_url: {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL!r}",
-            [{"field": "base_url", "message": "must be an absolute http or https URL"}],
+            f"{source}: {base_url!r} is not an http(s) URL, e.g. {DEFAULT_BASE_URL!r}",
+            [{"field": source, "message": "must be an absolute http or https URL"}],
         )
     return base_url.rstrip("/")
 
@@ -134,7 +161,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         self,
         token: str | None = None,
         *,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | None = None,
         timeout: float | httpx.Timeout = 120.0,
         retry: HTTPRetryPolicy | None = None,
         max_concurrency: int = 4,
@@ -143,7 +170,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         # A SecretStr: vars(client), a debugger's locals and any repr show '**********'.
         self._token = SecretStr(_resolve_token(token))
         self._redactor = Redactor(self._token)
-        self._base_url = _check_base_url(base_url)
+        self._base_url = resolve_base_url(base_url)
         self._timeout = _timeout(timeout)
         self._retry = retry if retry is not None else HTTPRetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
@@ -372,7 +399,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
 
     Args:
         token: API token; defaults to the ``OCTOAI_TOKEN`` environment variable.
-        base_url: The server, e.g. a self-hosted OctoAI-compatible one.
+        base_url: The server, e.g. a self-hosted OctoAI-compatible one; defaults to the
+            ``OCTOAI_BASE_URL`` environment variable, else ``http://127.0.0.1:8000`` (the
+            local server's default address).
         timeout: Per-attempt timeout in seconds (connect is capped at 10 s), or an
             ``httpx.Timeout``.
         retry: How calls are retried; see :class:`HTTPRetryPolicy`.

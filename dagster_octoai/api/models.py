@@ -8,6 +8,7 @@ accepts is one the server accepts, and the other way round.
 from __future__ import annotations
 
 import binascii
+import difflib
 import enum
 import hashlib
 import io
@@ -501,10 +502,61 @@ class ImageGenerationRequest(BaseModel):
 
     # ---- rules across fields ---------------------------------------------------------
 
-    @model_validator(mode="after")
-    def _check_engine_rules(self) -> ImageGenerationRequest:
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_rules(cls, data: Any, handler: Any) -> ImageGenerationRequest:
+        """Field checks, then the rules across fields, every problem reported at once.
+
+        Pydantic runs an ``after`` model validator only once every field is valid, so a
+        bad prompt would hide a bad size until it was fixed. Here, when some fields
+        fail, the rules still run on the fields that passed (those naming a failed
+        field are left out, as they cannot be judged), and one error lists everything.
+        """
+        try:
+            request: ImageGenerationRequest = handler(data)
+        except ValidationError as exc:
+            if not isinstance(data, Mapping):
+                raise
+            errors = exc.errors()
+            failed = {str(e["loc"][0]) for e in errors if e["loc"]}
+            rules = cls._rules_of_valid_fields(data, failed, handler)
+            if not rules:
+                raise
+            raise _validation_error(
+                cls.__name__, [*(_line_error(e) for e in errors), *rules]
+            ) from None
+        problems = request._rule_problems()
+        if problems:
+            raise _validation_error(
+                cls.__name__,
+                [_rule_error(field, msg, getattr(request, field)) for field, msg, _ in problems],
+            )
+        return request
+
+    @classmethod
+    def _rules_of_valid_fields(
+        cls, data: Mapping[str, Any], failed: set[str], handler: Any
+    ) -> list[InitErrorDetails]:
+        # The rules all depend on the engine: with a bad engine none can be judged.
+        if "engine" in failed:
+            return []
+        valid = {k: v for k, v in data.items() if k not in failed}
+        # The prompt is never part of a rule; a stand-in keeps it from failing again.
+        valid["prompt"] = "prompt"
+        try:
+            partial: ImageGenerationRequest = handler(valid)
+        except ValidationError:
+            return []
+        return [
+            _rule_error(field, msg, getattr(partial, field))
+            for field, msg, involved in partial._rule_problems()
+            if not involved & failed
+        ]
+
+    def _rule_problems(self) -> list[tuple[str, str, frozenset[str]]]:
+        """Each broken rule across fields: (field named, message, every field it involves)."""
         engine = self.engine
-        problems: list[tuple[str, str]] = []
+        problems: list[tuple[str, str, frozenset[str]]] = []
         if not engine.is_sdxl:
             for name in SDXL_ONLY_FIELDS:
                 if getattr(self, name) is not None:
@@ -513,12 +565,19 @@ class ImageGenerationRequest(BaseModel):
                             name,
                             f"only SDXL engines (sdxl, controlnet-sdxl) take it; "
                             f"engine {engine.value!r} does not",
+                            frozenset({name, "engine"}),
                         )
                     )
         if engine.is_controlnet:
             for name in ("controlnet", "controlnet_image"):
                 if getattr(self, name) is None:
-                    problems.append((name, f"required on ControlNet engine {engine.value!r}"))
+                    problems.append(
+                        (
+                            name,
+                            f"required on ControlNet engine {engine.value!r}",
+                            frozenset({name, "engine"}),
+                        )
+                    )
         else:
             for name in CONTROLNET_FIELDS:
                 if getattr(self, name) is not None:
@@ -527,11 +586,13 @@ class ImageGenerationRequest(BaseModel):
                             name,
                             "only ControlNet engines (controlnet-sdxl, controlnet-sd15) "
                             f"take it; engine {engine.value!r} does not",
+                            frozenset({name, "engine"}),
                         )
                     )
+        size = frozenset({"width", "height"})
         if (self.width is None) != (self.height is None):
             missing = "height" if self.height is None else "width"
-            problems.append((missing, "set width and height together, or neither"))
+            problems.append((missing, "set width and height together, or neither", size))
         elif self.width is not None and (self.width, self.height) not in engine.resolutions:
             pairs = ", ".join(f"{w}x{h}" for w, h in engine.resolutions)
             problems.append(
@@ -539,6 +600,7 @@ class ImageGenerationRequest(BaseModel):
                     "width",
                     f"{self.width}x{self.height} (width x height) is not supported by "
                     f"engine {engine.value!r}; allowed: {pairs}",
+                    size | {"engine"},
                 )
             )
         if isinstance(self.seed, list) and len(self.seed) != (self.num_images or 1):
@@ -547,25 +609,26 @@ class ImageGenerationRequest(BaseModel):
                     "seed",
                     f"a list of {len(self.seed)} seeds needs num_images={len(self.seed)} "
                     f"(num_images is {self.num_images or 1})",
+                    frozenset({"seed", "num_images"}),
                 )
             )
         if self.mask_image is not None and self.init_image is None:
-            problems.append(("mask_image", "inpainting needs init_image too"))
-        if self.outpainting and self.init_image is None:
-            problems.append(("outpainting", "needs init_image (the picture to extend)"))
-        if problems:
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("value_error", msg),
-                        loc=(field,),
-                        input=getattr(self, field),
-                    )
-                    for field, msg in problems
-                ],
+            problems.append(
+                (
+                    "mask_image",
+                    "inpainting needs init_image too",
+                    frozenset({"mask_image", "init_image"}),
+                )
             )
-        return self
+        if self.outpainting and self.init_image is None:
+            problems.append(
+                (
+                    "outpainting",
+                    "needs init_image (the picture to extend)",
+                    frozenset({"outpainting", "init_image"}),
+                )
+            )
+        return problems
 
     # ---- construction ------------------------------------------------------------
 
@@ -679,24 +742,114 @@ def _image_digest(b64: str) -> str:
     )
 
 
+def _rule_error(field: str, message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}),
+        loc=(field,),
+        input=value,
+    )
+
+
+def _line_error(error: Any) -> InitErrorDetails:
+    """A pydantic error as reported, to be raised again beside others (type and text kept)."""
+    # The context (bounds, expected values) is kept for the messages that read it.
+    context = {k: v for k, v in (error.get("ctx") or {}).items() if k != "error"}
+    return InitErrorDetails(
+        type=PydanticCustomError(error["type"], "{message}", {**context, "message": error["msg"]}),
+        loc=tuple(error["loc"]),
+        input=error.get("input"),
+    )
+
+
+def _validation_error(title: str, errors: list[InitErrorDetails]) -> ValidationError:
+    return ValidationError.from_exception_data(title, errors)
+
+
 def validation_error(exc: ValidationError) -> RequestValidationError:
-    """A :class:`RequestValidationError` naming each field of a pydantic error."""
+    """A :class:`RequestValidationError` naming each field of a pydantic error.
+
+    Every problem is listed, each as ``field: what is wrong; allowed: ...``, in plain
+    words (no pydantic error codes or links).
+
+    Examples:
+        >>> try:
+        ...     ImageGenerationRequest(prompt="a fox", steps=500, cfg_scale=0)
+        ... except ValidationError as exc:
+        ...     print(validation_error(exc))
+        invalid image generation request: cfg_scale: 0 is out of range; allowed: > 0 and <= 50; steps: 500 is out of range; allowed: 1..200
+    """
     errors = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "request"
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field; the API rejects keys it does not know"
-        errors.append({"field": loc, "message": msg})
-    text = "; ".join(
-        e["message"]
-        if e["message"].startswith(f"{e['field']}:")
-        else f"{e['field']}: {e['message']}"
-        for e in errors
-    )
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        # Some rules name their field in their message already; the field is said once.
+        message = _plain(err).removeprefix(f"{field}: ")
+        errors.append({"field": field, "message": message})
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return RequestValidationError(f"invalid image generation request: {text}", errors)
+
+
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+}
+
+
+def _plain(err: Any) -> str:
+    """One pydantic error in this package's words, with what is allowed where it is known."""
+    kind: str = err["type"]
+    msg: str = err["msg"]
+    loc = err["loc"]
+    top = str(loc[0]) if loc else ""
+    field = ImageGenerationRequest.model_fields.get(top)
+    value = err.get("input")
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    if kind == "extra_forbidden" and len(loc) == 1:
+        close = difflib.get_close_matches(top, ImageGenerationRequest.model_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown field; the API rejects keys it does not know{hint}"
+    if kind == "missing":
+        about = (field.description or "").rstrip(".") if field else ""
+        return f"required ({about[:1].lower()}{about[1:]})" if about else "required"
+    if kind in _RANGE_ERRORS and field is not None and len(loc) == 1:
+        return f"{value!r} is out of range; allowed: {_allowed_range(field)}"
+    if kind == "string_too_short" and err.get("ctx", {}).get("min_length") == 1:
+        return "must not be empty"
+    if kind == "string_too_long":
+        limit = err.get("ctx", {}).get("max_length")
+        return f"{len(value)} characters; allowed: at most {limit}"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{value!r} is not allowed; allowed: {expected.replace(' or ', ', ')}"
+    for prefix, words in _TYPE_WORDS.items():
+        if kind.startswith(f"{prefix}_") and kind.endswith(("_type", "_parsing")):
+            return f"{value!r} is not {words}"
+    return msg
+
+
+def _allowed_range(field: Any) -> str:
+    """The bounds of a numeric field, e.g. ``1..200`` or ``> 0 and <= 50``."""
+    low: tuple[str, float] | None = None
+    high: tuple[str, float] | None = None
+    for bound in field.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">=")):
+            if getattr(bound, attr, None) is not None:
+                low = (op, getattr(bound, attr))
+        for attr, op in (("lt", "<"), ("le", "<=")):
+            if getattr(bound, attr, None) is not None:
+                high = (op, getattr(bound, attr))
+    integer = "int" in str(field.annotation)
+    if integer and low is not None and high is not None:
+        first = low[1] + 1 if low[0] == ">" else low[1]
+        last = high[1] - 1 if high[0] == "<" else high[1]
+        return f"{first:g}..{last:g}"
+    parts = [f"{bound[0]} {bound[1]:g}" for bound in (low, high) if bound is not None]
+    return " and ".join(parts) or "see the field's description"
 
 
 # ---- answers ---------------------------------------------------------------------------

@@ -105,6 +105,9 @@ class SeaweedFS(StartStopContext):
             keep a test's files small; writing hundreds of megabytes into them makes the
             store stop to grow a volume every few dozen large images (the benchmarks
             use 1024).
+        data_dir: keep the data (buckets, objects) in this directory, across restarts; it
+            is created if missing and never deleted. Default: a temporary directory,
+            deleted on :meth:`stop`.
 
     Attributes:
         endpoint_url: ``http://127.0.0.1:<port>`` of the S3 gateway (after :meth:`start`).
@@ -121,8 +124,10 @@ class SeaweedFS(StartStopContext):
         startup_timeout: float = 60.0,
         stop_grace: float = 2.0,
         volume_size_limit_mb: int = 64,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.weed = weed or find_weed()
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
         self.volume_size_limit_mb = volume_size_limit_mb
@@ -159,8 +164,8 @@ class SeaweedFS(StartStopContext):
 
     def _start_once(self) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix="seaweedfs-"))
-        data = self._workdir / "data"
-        data.mkdir()
+        data = self.data_dir or self._workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
         (self._workdir / "master.toml").write_text(_MASTER_TOML)
         s3_config = self._workdir / "s3.json"
         s3_config.write_text(
@@ -247,7 +252,8 @@ class SeaweedFS(StartStopContext):
         )
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, SIGKILL after ``stop_grace``) and delete its data."""
+        """Stop the server (SIGTERM, SIGKILL after ``stop_grace``) and delete its data
+        (unless it is kept in ``data_dir``)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_process(proc, grace_s=self.stop_grace, reap_s=10)

@@ -1,0 +1,1 @@
+"""The example's YAML-defined definitions (Dagster Components), loaded by ``definitions.py``."""

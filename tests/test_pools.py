@@ -1,0 +1,111 @@
+"""Concurrency pools hold the endpoint's replica count across steps and runs.
+
+Two runs launched at once by the ``dagster`` CLI (each under the multiprocess executor,
+four generation steps each, up to four at a time) share one instance whose ``octoai``
+pool is limited to 2 in ``dagster.yaml``. The local server, which would run eight at
+once, counts the most generations it ever had in flight: never more than 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dagster_octoai.server import LocalOctoAIServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+PROJECT = """
+from dagster import Definitions, define_asset_job, multiprocess_executor
+
+from dagster_octoai import OctoAIResource, octoai_image_asset
+
+frames = [
+    octoai_image_asset(f"frame_{i}", {"engine": "sd", "prompt": f"frame {i}", "seed": i})
+    for i in range(4)
+]
+# Up to four steps of a run at once: without the pool, two runs would send eight.
+frames_job = define_asset_job(
+    "frames_job",
+    frames,
+    executor_def=multiprocess_executor.configured({"max_concurrent": 4}),
+)
+defs = Definitions(
+    assets=frames,
+    jobs=[frames_job],
+    # Base URL and token from OCTOAI_BASE_URL and OCTOAI_TOKEN.
+    resources={"octoai": OctoAIResource(timeout_s=60)},
+)
+"""
+
+LIMIT = 2
+
+
+def _instance_home(root: Path, limit: int) -> Path:
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            telemetry:
+              enabled: false
+            concurrency:
+              pools:
+                default_limit: {limit}
+            """
+        )
+    )
+    return home
+
+
+def _launch_runs(root: Path, home: Path, server: LocalOctoAIServer, count: int) -> list[Any]:
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "OCTOAI_BASE_URL": server.url,
+        "OCTOAI_TOKEN": server.token or "",
+        "PYTHONPATH": str(root),
+    }
+    command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "poolproj", "-j"]
+    runs = [
+        subprocess.Popen(
+            [*command, "frames_job"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    outputs = []
+    for run in runs:
+        out, _ = run.communicate(timeout=600)
+        outputs.append((run.returncode, out))
+    return outputs
+
+
+def test_two_runs_never_have_more_generations_in_flight_than_the_pool_allows(
+    octoai_server_factory: Any, tmp_path: Path
+) -> None:
+    # Eight replicas and a second per image: the server itself would not hold anything back.
+    server = octoai_server_factory(latency_per_image_s=1.0, replicas=8)
+    (tmp_path / "poolproj.py").write_text(PROJECT)
+    home = _instance_home(tmp_path, LIMIT)
+
+    outputs = _launch_runs(tmp_path, home, server, count=2)
+
+    for code, out in outputs:
+        assert code == 0, out[-3000:]
+        assert "RUN_SUCCESS" in out, out[-3000:]
+    stats = server.stats()
+    assert stats["generation_requests"] == 8  # every step of both runs generated
+    assert stats["in_flight_max"] <= LIMIT, stats
+    # The steps queued for the pool's slots rather than failing.
+    assert any("Step blocked by limit for pool octoai" in out for _, out in outputs)
