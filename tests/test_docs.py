@@ -134,7 +134,7 @@ def test_there_are_snippets_and_few_are_skipped() -> None:
 @pytest.fixture(scope="module")
 def docs_server() -> Iterator[LocalOctoAIServer]:
     """One server for every snippet; it accepts any bearer token."""
-    with LocalOctoAIServer(ServerConfig(token=None)) as server:
+    with LocalOctoAIServer(ServerConfig(token=None, public=True)) as server:
         yield server
 
 
