@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 from ..api.errors import OctoAIError
 
 __all__ = [
+    "ConflictError",
     "LocalBackend",
     "ObjectNotFoundError",
     "S3Backend",
@@ -42,6 +43,13 @@ class StorageError(OctoAIError):
 
 class ObjectNotFoundError(StorageError):
     """An object (image, manifest) that should exist is not there."""
+
+
+class ConflictError(StorageError):
+    """A conditional write lost a race: another writer changed the object after it was read.
+
+    Nothing was written. Read the object again and decide from what is there now.
+    """
 
 
 class StorageBackend(ABC):
