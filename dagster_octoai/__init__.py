@@ -38,6 +38,7 @@ from .api.errors import (
     ServerError as ServerError,
     TransportError as TransportError,
     UnprocessableEntityError as UnprocessableEntityError,
+    UntrustedOriginError as UntrustedOriginError,
 )
 from .version import __version__ as __version__
 
@@ -153,6 +154,7 @@ __all__ = [
     "StoredImage",
     "TransportError",
     "UnprocessableEntityError",
+    "UntrustedOriginError",
     "__version__",
     "data_version_for",
     "edge_map",

@@ -229,6 +229,7 @@ class S3ImageIOManager(_ImageIOManager):
         default=None,
         repr=False,
         description="Secret access key; pass it with EnvVar so it is never shown. Unset uses boto3's default chain.",
+        json_schema_extra={"dagster__is_secret": True},
     )
     addressing_style: str = Field(
         default="auto",

@@ -234,6 +234,13 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     max_concurrency: int = Field(
         default=4, ge=1, description="Generations in flight at once: the endpoint's replica count."
     )
+    trusted_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Origins (scheme://host[:port]) besides base_url's that the server's poll_url "
+            "and response_url may point at; the token is never sent anywhere else."
+        ),
+    )
     rate_limit_step_retries: int = Field(
         default=3,
         ge=0,
@@ -272,6 +279,7 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
             timeout=self.timeout_s,
             retry=self.retry_policy(),
             max_concurrency=self.max_concurrency,
+            trusted_origins=self.trusted_origins,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
@@ -477,7 +485,10 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
         default=None, description="Access key id; default: boto3's credential chain."
     )
     aws_secret_access_key: str | None = Field(
-        default=None, description="Secret access key; supply it with EnvVar."
+        default=None,
+        repr=False,
+        description="Secret access key; supply it with EnvVar. Never shown in a repr.",
+        json_schema_extra={"dagster__is_secret": True},
     )
     addressing_style: Literal["auto", "virtual", "path"] = Field(
         default="path", description="S3 addressing style; 'path' suits most S3-compatible stores."

@@ -50,6 +50,7 @@ from .errors import (
     JobNotReadyError,
     OctoAIError,
     RequestValidationError,
+    UntrustedOriginError,
 )
 from .models import (
     ASYNC_BODY_LIMIT_BYTES,
@@ -67,6 +68,8 @@ logger = logging.getLogger("dagster_octoai.api.client")
 
 #: The historical production host; point ``base_url`` at any OctoAI-compatible server.
 DEFAULT_BASE_URL = "https://image.octoai.run"
+#: Where the historical service answered polls and served results: trusted with its base URL.
+_DEFAULT_ASYNC_ORIGIN = "https://async.octoai.run"
 TOKEN_ENV = "OCTOAI_TOKEN"
 # Connecting should be quick; a stuck connect is retried rather than waited out.
 _CONNECT_TIMEOUT_S = 10.0
@@ -87,10 +90,12 @@ def _resolve_token(token: str | None) -> str:
             f"token: no API token; pass token=... or set the {TOKEN_ENV} environment variable",
             [{"field": "token", "message": f"missing; pass token=... or set {TOKEN_ENV}"}],
         )
-    if any(c in value for c in "\r\n\0"):
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        # Never echo the value: an HTTP library's own error would show the whole header.
         raise RequestValidationError(
-            "token: contains a line break or NUL; it cannot be sent in a header",
-            [{"field": "token", "message": "contains a line break or NUL"}],
+            "token: holds a space, a control character or a non-ASCII character, which a "
+            "bearer token cannot (check how it was pasted; no character of it is shown)",
+            [{"field": "token", "message": "only printable ASCII without spaces is allowed"}],
         )
     return value
 
@@ -103,6 +108,37 @@ def _check_base_url(base_url: str) -> str:
             [{"field": "base_url", "message": "must be an absolute http or https URL"}],
         )
     return base_url.rstrip("/")
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, the port always written out.
+
+    Examples:
+        >>> origin_of("https://Example.com/v1/x?y=1")
+        'https://example.com:443'
+    """
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
+    return f"{parsed.scheme}://{parsed.host.lower()}:{port}"
+
+
+def _check_origins(origins: Iterable[str]) -> frozenset[str]:
+    checked = set()
+    for value in origins:
+        url = httpx.URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise RequestValidationError(
+                f"trusted_origins: {value!r} is not an origin; give scheme, host and "
+                "optional port only, e.g. 'https://async.example.com'",
+                [
+                    {
+                        "field": "trusted_origins",
+                        "message": "each entry must be scheme://host[:port]",
+                    }
+                ],
+            )
+        checked.add(origin_of(value))
+    return frozenset(checked)
 
 
 def _timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
@@ -138,10 +174,14 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         retry: RetryPolicy | None = None,
         max_concurrency: int = 4,
         http_client: HttpT | None = None,
+        trusted_origins: Iterable[str] = (),
     ) -> None:
         self._token = _resolve_token(token)
         self._redactor = Redactor(self._token)
         self._base_url = _check_base_url(base_url)
+        self._origin = origin_of(self._base_url)
+        defaults = [_DEFAULT_ASYNC_ORIGIN] if self._base_url == DEFAULT_BASE_URL else []
+        self._trusted = _check_origins([*defaults, *trusted_origins]) | {self._origin}
         self._timeout = _timeout(timeout)
         self._retry = retry if retry is not None else RetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
@@ -252,10 +292,35 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
             )
         return body
 
+    @property
+    def trusted_origins(self) -> frozenset[str]:
+        """The origins the token is sent to: ``base_url``'s and those given as trusted."""
+        return self._trusted
+
+    def _trusted_url(self, url: str, what: str, response_id: str | None) -> str:
+        """``url`` resolved against the base URL, refused if the token may not go there.
+
+        Poll and response URLs come from the server's answers, and the client sends the
+        token to them: a server (or anything that can change its answers) could
+        otherwise name a host of its choosing and receive the token.
+        """
+        resolved = resolve_url(self._base_url, url)
+        origin = origin_of(resolved)
+        if origin not in self._trusted:
+            raise UntrustedOriginError(
+                f"the {what}{_label(response_id)} points at {origin}, not at base_url's origin "
+                f"{self._origin}; the token was not sent there. If that host is yours, add "
+                f"it to trusted_origins (e.g. trusted_origins=[{origin!r}])",
+                origin=origin,
+                response_id=response_id,
+            )
+        return resolved
+
     def _poll_target(self, job: AsyncJob | str) -> tuple[str, str | None]:
         if isinstance(job, AsyncJob):
-            return resolve_url(self._base_url, job.poll_url), job.response_id
-        return resolve_url(self._base_url, job), None
+            url = self._trusted_url(job.poll_url, "poll_url of async job", job.response_id)
+            return url, job.response_id
+        return self._trusted_url(job, "poll_url", None), None
 
     def _completed_url(self, result: PollResult, response_id: str | None) -> str | None:
         """The response URL of a finished job; raises for a failed one; None while running."""
@@ -273,7 +338,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
                 "response_url",
                 response_id=response_id,
             )
-        return resolve_url(self._base_url, result.response_url)
+        return self._trusted_url(result.response_url, "response_url of async job", response_id)
 
     def _log_done(self, what: str, result: ImageGenerationResponse) -> None:
         call = result.call_info
@@ -367,6 +432,10 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         max_concurrency: Most generations in flight at once.
         http_client: An ``httpx.Client`` to use instead of the client's own (it is
             not closed by :meth:`close`).
+        trusted_origins: Origins (``scheme://host[:port]``) besides ``base_url``'s that
+            the server's ``poll_url`` / ``response_url`` may point at; the token is sent
+            to no other. With the default ``base_url``, OctoAI's own async host
+            (``https://async.octoai.run``) is trusted too.
 
     Examples:
         >>> with OctoAIClient("my-token", base_url="http://127.0.0.1:9") as client:
@@ -412,6 +481,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         hdrs = self._headers[async_, content is not None]
         while True:
             timeout = call.start_attempt()
+            failure: httpx.TransportError | None = None
             try:
                 with self._slot(call):
                     if self._direct is None:
@@ -427,7 +497,11 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
                         finally:
                             response.close()
             except httpx.TransportError as exc:
-                wait = call.on_transport_error(exc)
+                # Handled outside the except block: an error raised for it then chains to
+                # it only where on_transport_error chooses (never when it holds the token).
+                failure = exc
+            if failure is not None:
+                wait = call.on_transport_error(failure)
             else:
                 retry_wait = call.on_response(response)
                 if retry_wait is None:
@@ -658,7 +732,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
                 raise _not_ready(job, result)
             response_id: str | None = job.response_id
         else:
-            url, response_id = resolve_url(self._base_url, job), None
+            url, response_id = self._trusted_url(job, "response_url", None), None
         return self._fetch_url(url, response_id, deadline)
 
     def _fetch_url(
@@ -782,6 +856,7 @@ class AsyncOctoAIClient(
             timeout = call.start_attempt()
             if bounded:
                 await self._acquire(call)
+            failure: httpx.TransportError | None = None
             try:
                 if self._direct is None:
                     response = await self._http.request(
@@ -796,15 +871,17 @@ class AsyncOctoAIClient(
                     finally:
                         await response.aclose()
             except httpx.TransportError as exc:
-                wait = call.on_transport_error(exc)
+                failure = exc  # handled outside the except block, as in OctoAIClient._send
+            finally:
+                if bounded:
+                    self._slots.release()
+            if failure is not None:
+                wait = call.on_transport_error(failure)
             else:
                 retry_wait = call.on_response(response)
                 if retry_wait is None:
                     return response
                 wait = retry_wait
-            finally:
-                if bounded:
-                    self._slots.release()
             await asyncio.sleep(wait)
 
     async def _acquire(self, call: Call) -> None:
@@ -968,7 +1045,7 @@ class AsyncOctoAIClient(
             if url is None:
                 raise _not_ready(job, result)
             return await self._fetch_url(url, job.response_id, None)
-        return await self._fetch_url(resolve_url(self._base_url, job), None, None)
+        return await self._fetch_url(self._trusted_url(job, "response_url", None), None, None)
 
     async def _fetch_url(
         self, url: str, response_id: str | None, deadline: float | None

@@ -8,6 +8,7 @@ client redacts it from every message before an exception is built.
 OctoAIError
 ├── RequestValidationError        bad input, refused before anything is sent
 ├── ResponseFormatError           the server's answer is not a valid OctoAI body
+├── UntrustedOriginError          a poll or response URL on another origin; the token stays home
 ├── ImageError
 │   ├── ImageDecodeError          an image's bytes cannot be decoded
 │   └── ImageRemovedForSafetyError  reading the bytes of a blocked image
@@ -56,6 +57,7 @@ __all__ = [
     "ServerError",
     "TransportError",
     "UnprocessableEntityError",
+    "UntrustedOriginError",
 ]
 
 
@@ -106,6 +108,18 @@ class RequestValidationError(OctoAIError, ValueError):
 
 class ResponseFormatError(OctoAIError):
     """The server's answer is not a valid OctoAI body (bad JSON, HTML page, missing fields)."""
+
+
+class UntrustedOriginError(OctoAIError):
+    """A ``poll_url`` or ``response_url`` points at an origin other than ``base_url``'s.
+
+    Raised before anything is sent there: the token goes only to the configured server
+    and to the origins named in ``trusted_origins``. ``url`` is the refused URL's origin.
+    """
+
+    def __init__(self, message: str, *, origin: str, response_id: str | None = None) -> None:
+        self.origin = origin
+        super().__init__(message, response_id=response_id)
 
 
 class ImageError(OctoAIError):
