@@ -254,12 +254,12 @@ def octoai_image_asset(
             expected = sum(
                 build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
             )
-            preflight_store(context.resources, io_manager_key)
+            preflight_store(context.resources, io_manager_key, context.asset_key, partition_key)
             yield from _stream(context, octoai, (build(i) for i in items), expected, checks)
             return
         req = build({})
         # A wrong bucket or refused credentials must fail before an image is paid for.
-        preflight_store(context.resources, io_manager_key)
+        preflight_store(context.resources, io_manager_key, context.asset_key, partition_key)
         # Usage is recorded on every materialization, a reuse included (as zero images).
         with octoai.get_client(context) as client:
             result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)

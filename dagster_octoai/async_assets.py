@@ -245,7 +245,9 @@ def octoai_async_submit_asset(
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
         built = _build_requests(context, requests)
-        preflight_store(context.resources, io_manager_key)
+        # The results are stored under a partition named by each response id: not known
+        # yet, so the key length is checked for the widest partition a key can get.
+        preflight_store(context.resources, io_manager_key, target, any_partition=True)
         ledger = _ledger(context, ledger_resource_key)
         client = _octoai(context, octoai_resource_key).client
         ids = _job_ids(context, context.asset_key.to_user_string(), built)
@@ -357,7 +359,7 @@ def octoai_async_results_asset(
     )
     def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         partition = context.partition_key
-        preflight_store(context.resources, io_manager_key)
+        preflight_store(context.resources, io_manager_key, context.asset_key, partition)
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
         if record is None:
@@ -634,11 +636,11 @@ def octoai_async_blocking_asset(
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         built = _build_requests(context, requests)
-        preflight_store(context.resources, io_manager_key)
+        partition = context.partition_key if context.has_partition_key else None
+        preflight_store(context.resources, io_manager_key, context.asset_key, partition)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()
         ids = _job_ids(context, key, built)
-        partition = context.partition_key if context.has_partition_key else None
         lock = threading.Lock()
         width = max(1, min(max_concurrency, len(built)))
         with (

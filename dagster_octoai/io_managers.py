@@ -113,23 +113,31 @@ class _ImageIOManager(ConfigurableIOManager):
                 )
             return self._store
 
-    def preflight(self) -> None:
-        """Check now that outputs can be stored: the bucket exists and takes these credentials.
+    def preflight(
+        self,
+        asset_key: AssetKey | Sequence[str] | None = None,
+        partition_key: str | None = None,
+        *,
+        any_partition: bool = False,
+    ) -> None:
+        """Check now that outputs can be stored, before anything is generated or paid for.
 
-        The generation assets call this before sending any request, so a wrong
-        bucket, refused credentials, an unreachable endpoint or an unwritable
-        directory fail the step before an image is paid for. S3 is checked with one
-        ``HeadBucket`` (it writes nothing): an identity that may read the bucket but
-        not write to it is still only found when the output is stored.
+        The generation assets call this before sending any request, so what the store
+        would refuse later fails the step first: a wrong bucket, refused credentials
+        (read-only ones too: a probe object is written under ``{prefix}/_preflight/``
+        and deleted), an unreachable endpoint, a store that ignores conditional writes,
+        an unwritable directory, and, given the output's asset key and partition, a key
+        longer than the store allows (S3: 1,024 bytes).
 
         Raises:
             StorageError: the store cannot be used; the message names the bucket or
                 directory and what is wrong.
 
         Examples:
-            >>> LocalImageIOManager(base_dir="/tmp/images").preflight()
+            >>> LocalImageIOManager(base_dir="/tmp/images").preflight(["fox"])
         """
-        self.store.backend.check()
+        path = None if asset_key is None else _key_path(asset_key)
+        self.store.preflight(path, partition_key, any_partition=any_partition)
 
     # ---- Dagster interface -------------------------------------------------------------
 
@@ -182,15 +190,7 @@ class _ImageIOManager(ConfigurableIOManager):
             >>> io.find_existing(ImageGenerationRequest(prompt="a fox"), ["fox"]) is None
             True
         """
-        path: list[str] | None
-        if asset_key is None:
-            path = None
-        elif isinstance(asset_key, AssetKey):
-            path = list(asset_key.path)
-        elif isinstance(asset_key, str):
-            path = list(AssetKey.from_user_string(asset_key).path)
-        else:
-            path = list(asset_key)
+        path = None if asset_key is None else _key_path(asset_key)
         return self.store.find_existing(request, path, partition_key)
 
 
@@ -311,10 +311,18 @@ class LocalImageIOManager(_ImageIOManager):
 # ---- helpers ---------------------------------------------------------------------------
 
 
-def preflight_store(resources: Any, io_manager_key: str | None) -> None:
+def preflight_store(
+    resources: Any,
+    io_manager_key: str | None,
+    asset_key: AssetKey | Sequence[str] | None = None,
+    partition_key: str | None = None,
+    *,
+    any_partition: bool = False,
+) -> None:
     """Run ``preflight()`` of the IO manager at ``io_manager_key``, if it has one.
 
-    What the generation assets call before paying for anything. IO managers without
+    What the generation assets call before paying for anything, with the key and
+    partition of the output the IO manager will store. IO managers without
     ``preflight`` (Dagster's own) are left alone.
 
     Raises:
@@ -323,17 +331,25 @@ def preflight_store(resources: Any, io_manager_key: str | None) -> None:
     if io_manager_key is None:
         return
     io_manager = getattr(resources, io_manager_key, None)
-    check: Callable[[], None] | None = getattr(io_manager, "preflight", None)
+    check: Callable[..., None] | None = getattr(io_manager, "preflight", None)
     if check is None:
         return
     try:
-        check()
+        check(asset_key, partition_key, any_partition=any_partition)
     except StorageError as exc:
         raise StorageError(
             f"IO manager {io_manager_key!r} cannot store images, so nothing was generated "
             f"or paid for: {exc.message}",
             status_code=exc.status_code,
         ) from None
+
+
+def _key_path(asset_key: AssetKey | Sequence[str] | str) -> list[str]:
+    if isinstance(asset_key, AssetKey):
+        return list(asset_key.path)
+    if isinstance(asset_key, str):
+        return list(AssetKey.from_user_string(asset_key).path)
+    return list(asset_key)
 
 
 AddressingStyle = Literal["auto", "path", "virtual"]

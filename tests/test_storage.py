@@ -388,6 +388,9 @@ class RecordingBackend(StorageBackend):
     def check(self) -> None:
         self.inner.check()
 
+    def check_key(self, key: str) -> None:
+        self.inner.check_key(key)
+
 
 @pytest.mark.parametrize("fail_on_put", [2, 4])
 def test_failure_mid_write_keeps_the_previous_manifest_valid(

@@ -94,8 +94,20 @@ class StorageBackend(ABC):
     def check(self) -> None:
         """Raise a clear :class:`StorageError` when the store cannot be used (no bucket, bad credentials)."""
 
+    @abstractmethod
+    def check_key(self, key: str) -> None:
+        """Raise :class:`StorageError` when the store would refuse ``key`` (too long)."""
+
+    def probe(self, key: str) -> None:
+        """Write an empty object at ``key`` and delete it: can these credentials write here?"""
+        self.put(key, b"", "application/octet-stream", {})
+        self.delete([key])
+
 
 # ---- S3 ---------------------------------------------------------------------------------
+
+#: S3's limit on a key's length, in bytes of UTF-8 (AWS, and SeaweedFS: KeyTooLongError).
+S3_MAX_KEY_BYTES = 1024
 
 # Error codes that mean "slow down / try again"; botocore retries them too, this is
 # the extra patience for a store that keeps throttling after botocore gives up.
@@ -287,6 +299,41 @@ class S3Backend(StorageBackend):
     def check(self) -> None:
         self._call("head_bucket", "", lambda: self.client.head_bucket(Bucket=self.bucket))
 
+    def check_key(self, key: str) -> None:
+        size = len(key.encode("utf-8"))
+        if size > S3_MAX_KEY_BYTES:
+            raise StorageError(
+                f"a write of this output would use keys of up to {size:,} bytes, over S3's "
+                f"{S3_MAX_KEY_BYTES:,}-byte limit (e.g. {key[:60]!r}...); shorten the IO "
+                "manager's prefix or the asset key"
+            )
+
+    def probe(self, key: str) -> None:
+        """Write a probe object twice with ``If-None-Match: *``, then delete it.
+
+        The first write shows that these credentials may write to the bucket (HeadBucket
+        only shows that they may read it); the second must be refused, or the store
+        ignores the conditional writes the job ledger and the manifests rely on.
+        """
+
+        def put() -> Any:
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+
+        self._call("put", key, put)
+        try:
+            try:
+                self._call("put", key, put)
+            except ConflictError:
+                return
+            raise StorageError(
+                f"{self.uri(key)}: this S3 store accepted a second write with "
+                "If-None-Match: * to an existing key, so it ignores conditional writes; the "
+                "job ledger and the image manifests need them to keep concurrent runs apart "
+                "(AWS S3, SeaweedFS, MinIO and Cloudflare R2 honour them)"
+            )
+        finally:
+            self.delete([key])
+
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         from botocore.exceptions import (
             BotoCoreError,
@@ -335,6 +382,18 @@ class S3Backend(StorageBackend):
             )
         if code in ("NoSuchKey", "404", "NotFound"):
             return ObjectNotFoundError(f"no object at {where}", status_code=status)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return ConflictError(
+                f"{where} was changed by another writer (S3 {op} answered {code}); nothing "
+                "was written",
+                status_code=status,
+            )
+        if code == "KeyTooLongError":
+            return StorageError(
+                f"S3 refused the key of {op} as too long ({len(key.encode()):,} bytes, over "
+                f"{S3_MAX_KEY_BYTES:,}): {where[:80]}...",
+                status_code=status,
+            )
         if code in _CREDENTIAL_CODES:
             return StorageError(
                 f"S3 refused the credentials for {op} of {where} ({code}); check "
@@ -345,6 +404,11 @@ class S3Backend(StorageBackend):
 
 
 # ---- local filesystem -------------------------------------------------------------------
+
+
+# Linux's NAME_MAX and PATH_MAX; most file systems (ext4, xfs, APFS) share the first.
+_NAME_MAX = 255
+_PATH_MAX = 4096
 
 
 class LocalBackend(StorageBackend):
@@ -415,6 +479,22 @@ class LocalBackend(StorageBackend):
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
             self.path(key).unlink(missing_ok=True)
+
+    def check_key(self, key: str) -> None:
+        path = str(self.base_dir / key).encode("utf-8", "surrogatepass")
+        longest = max(len(part) for part in path.split(b"/"))
+        if longest > _NAME_MAX:
+            raise StorageError(
+                f"a write of this output would use a path segment of {longest} bytes, over "
+                f"the {_NAME_MAX}-byte file name limit of most file systems; shorten the IO "
+                "manager's prefix or the asset key"
+            )
+        if len(path) >= _PATH_MAX:
+            raise StorageError(
+                f"a write of this output would use paths of up to {len(path):,} bytes, over "
+                f"the {_PATH_MAX:,}-byte path limit; shorten base_dir, the prefix or the "
+                "asset key"
+            )
 
     def check(self) -> None:
         try:

@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "INDEX_DIR",
     "MANIFEST_NAME",
+    "PREFLIGHT_DIR",
     "image_name",
     "index_key",
+    "longest_key",
     "normalize_prefix",
     "output_key",
     "partition_dimensions",
@@ -27,7 +29,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 INDEX_DIR = "_index"
 STAGING_DIR = "_staging"
-_RESERVED = frozenset({INDEX_DIR, STAGING_DIR, MANIFEST_NAME})
+PREFLIGHT_DIR = "_preflight"
+_RESERVED = frozenset({INDEX_DIR, STAGING_DIR, PREFLIGHT_DIR, MANIFEST_NAME})
 
 # Kept as they are: what Dagster names and date partitions look like. No leading dot
 # (no ".", "..", hidden files), no "~" (the escape marker), no "=" (the dimension mark).
@@ -112,6 +115,22 @@ def output_key(prefix: str, asset_key: Sequence[str], partition_key: str | None)
 def image_name(index: int, seed: int, fmt: str | None) -> str:
     """``{index:03d}-seed{seed}.{ext}``, e.g. ``000-seed42.jpg``."""
     return f"{index:03d}-seed{int(seed)}.{_EXTENSIONS.get(fmt or '', 'bin')}"
+
+
+#: The widest segment a partition key can become (a kept key is at most 100 characters).
+WIDEST_PARTITION = "p" * 100
+# The longest image name: a 7-digit index, the largest seed, the longest extension.
+_LONGEST_NAME = image_name(9_999_999, 2**32 - 1, "webp")
+
+
+def longest_key(base: str) -> str:
+    """The longest key a write of the output at ``base`` may use (for preflight checks).
+
+    Examples:
+        >>> longest_key("gen/fox")
+        'gen/fox/_staging/00000000000000000000000000000000/9999999-seed4294967295.webp'
+    """
+    return f"{base}/{STAGING_DIR}/{'0' * 32}/{_LONGEST_NAME}"
 
 
 def index_key(prefix: str, fingerprint: str) -> str:

@@ -41,9 +41,12 @@ from ..api.models import (
 from .backends import ObjectNotFoundError, StorageBackend, StorageError
 from .layout import (
     MANIFEST_NAME,
+    PREFLIGHT_DIR,
     STAGING_DIR,
+    WIDEST_PARTITION,
     image_name,
     index_key,
+    longest_key,
     normalize_prefix,
     output_key,
     partition_dimensions,
@@ -255,6 +258,34 @@ class ImageStore:
 
     def manifest_key(self, asset_key: Sequence[str], partition_key: str | None) -> str:
         return f"{self.output_key(asset_key, partition_key)}/{MANIFEST_NAME}"
+
+    # ---- preflight -----------------------------------------------------------------
+
+    def preflight(
+        self,
+        asset_key: Sequence[str] | None = None,
+        partition_key: str | None = None,
+        *,
+        any_partition: bool = False,
+    ) -> None:
+        """Refuse now what storing an output would refuse later, before anything is paid for.
+
+        Checks that the bucket (or directory) exists and takes these credentials for
+        writing (one probe object, written and deleted, under ``{prefix}/_preflight/``),
+        that the store honours conditional writes, and, given the output's
+        ``asset_key`` and ``partition_key`` (or ``any_partition=True`` when the
+        partition is not known yet, e.g. a response id), that no key a write of it
+        would use is longer than the store allows.
+
+        Raises:
+            StorageError: the message names what is wrong and what to change.
+        """
+        self.backend.check()
+        if asset_key:
+            partition = WIDEST_PARTITION if any_partition else partition_key
+            self.backend.check_key(longest_key(self.output_key(asset_key, partition)))
+        parts = [self.prefix] if self.prefix else []
+        self.backend.probe("/".join([*parts, PREFLIGHT_DIR, f"{uuid.uuid4().hex}.probe"]))
 
     # ---- manifests -----------------------------------------------------------------
 
