@@ -11,8 +11,8 @@ from typing import Any
 
 from dagster import AssetExecutionContext, AssetsDefinition, DagsterInstance, asset, materialize
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.batch import ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.resources import OctoAIResource
 
@@ -26,18 +26,16 @@ def lazy_images_asset(count: int) -> AssetsDefinition:
 
     @asset(name=ASSET, io_manager_key="images")
     def p4_images(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
-        requests: dict[int, ImageGenerationRequest] = {}
-
         def source() -> Iterator[ImageGenerationRequest]:
             for i in range(count):
-                requests[i] = ImageGenerationRequest(prompt=f"p4 image {i}", engine="sdxl", seed=7)
-                yield requests[i]
+                yield ImageGenerationRequest(prompt=f"p4 image {i}", engine="sdxl", seed=7)
 
-        def results() -> Iterator[GenerationResult]:
+        def results() -> Iterator[ImageGenerationResponse]:
             # The run's pooled client: the batch is consumed by the IO manager after
-            # this function returns, while the resource is still set up.
-            for index, response in octoai.client.iter_generate(source()):
-                yield GenerationResult(requests.pop(index), response)
+            # this function returns, while the resource is still set up. Each answer
+            # carries its request.
+            for _index, response in octoai.client.iter_generate(source()):
+                yield response
 
         return ImageBatch(results(), expected_images=count)
 

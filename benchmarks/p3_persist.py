@@ -22,9 +22,9 @@ from typing import Any
 from botocore.config import Config
 from dagster import build_output_context
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.api.client import OctoAIClient
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
@@ -58,7 +58,7 @@ def _pairs(
     io: S3ImageIOManager,
     raw_client: Any,
     bucket: str,
-    results: list[GenerationResult],
+    results: list[ImageGenerationResponse],
     blobs: list[bytes],
     reps: int,
     tag: str,
@@ -77,7 +77,7 @@ def _pairs(
     return io_times, raw_times
 
 
-def _persist_io(io: S3ImageIOManager, results: list[GenerationResult], key: str) -> float:
+def _persist_io(io: S3ImageIOManager, results: list[ImageGenerationResponse], key: str) -> float:
     batch = ImageBatch(results)
     context = build_output_context(asset_key=[key], run_id=secrets.token_hex(8))
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def run(settings: Settings) -> list[Row]:
         with OctoAIClient(TOKEN, base_url=server.url, max_concurrency=4) as client:
             requests = big_image_requests(count, "p3")
             responses = client.generate_many(requests)
-        results = [GenerationResult(q, r) for q, r in zip(requests, responses, strict=True)]
+        results = responses
         blobs = [r.images[0].data for r in results]
         bucket = "bench-" + secrets.token_hex(4)
         raw_client = s3.client(

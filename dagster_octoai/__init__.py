@@ -1,8 +1,15 @@
 """dagster-octoai: OctoAI-style image generation for Dagster.
 
-Every public name is importable from here. The errors load at once; every other name is
-loaded on first use, so the client never loads Dagster and the local server loads neither
-Dagster nor the HTTP client.
+Every name a user of the client or of the Dagster layer needs is importable from here
+(``__all__`` is the list). The errors load at once; every other name is loaded on first
+use, so the client never loads Dagster and the local server loads neither Dagster nor the
+HTTP client.
+
+Not here, on purpose: the storage layer's own classes (``ImageStore``, ``JobLedger`` and
+its ``JobRecord``/``JobState``, in :mod:`dagster_octoai.storage`), the async sensor's
+engine and cursor (:mod:`dagster_octoai.storage.ticker`), and the helpers of
+:mod:`dagster_octoai.api.batch` beyond ``ImageBatch``. They are importable from their
+modules for scripts that read the stores directly, and are documented there.
 
 The ``TYPE_CHECKING`` block below is the one table of where each lazy name lives: type
 checkers read it as imports, and :func:`__getattr__` reads the same lines at run time.
@@ -20,6 +27,7 @@ from .api.errors import (
     APIStatusError as APIStatusError,
     AuthenticationError as AuthenticationError,
     BadRequestError as BadRequestError,
+    ConflictError as ConflictError,
     ConnectionFailedError as ConnectionFailedError,
     DeadlineExceededError as DeadlineExceededError,
     ImageDecodeError as ImageDecodeError,
@@ -29,6 +37,7 @@ from .api.errors import (
     JobFailedError as JobFailedError,
     JobNotReadyError as JobNotReadyError,
     NotFoundError as NotFoundError,
+    ObjectNotFoundError as ObjectNotFoundError,
     OctoAIError as OctoAIError,
     PermissionDeniedError as PermissionDeniedError,
     PolicyViolationError as PolicyViolationError,
@@ -36,6 +45,7 @@ from .api.errors import (
     RequestValidationError as RequestValidationError,
     ResponseFormatError as ResponseFormatError,
     ServerError as ServerError,
+    StorageError as StorageError,
     TransportError as TransportError,
     UnprocessableEntityError as UnprocessableEntityError,
     UntrustedOriginError as UntrustedOriginError,
@@ -43,15 +53,11 @@ from .api.errors import (
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .api.batch import (
-        GenerationResult as GenerationResult,
-        ImageBatch as ImageBatch,
-        StoredImage as StoredImage,
-    )
+    from .api.batch import ImageBatch as ImageBatch
     from .api.client import (
         AsyncOctoAIClient as AsyncOctoAIClient,
+        HTTPRetryPolicy as HTTPRetryPolicy,
         OctoAIClient as OctoAIClient,
-        RetryPolicy as RetryPolicy,
     )
     from .api.edges import edge_map as edge_map
     from .api.models import (
@@ -83,6 +89,7 @@ if TYPE_CHECKING:
         S3ImageIOManager as S3ImageIOManager,
     )
     from .metadata import (
+        Usage as Usage,
         data_version_for as data_version_for,
         generation_metadata as generation_metadata,
     )
@@ -93,31 +100,22 @@ if TYPE_CHECKING:
         OctoAISession as OctoAISession,
     )
     from .sensors import octoai_async_sensor as octoai_async_sensor
-    from .storage import StorageError as StorageError
-    from .storage.ledger import (
-        JobLedger as JobLedger,
-        JobRecord as JobRecord,
-        JobState as JobState,
-    )
-    from .storage.ticker import (
-        AsyncSensorCursor as AsyncSensorCursor,
-        AsyncSensorSettings as AsyncSensorSettings,
-    )
+    from .storage.ticker import AsyncSensorSettings as AsyncSensorSettings
 
 __all__ = [
     "APIStatusError",
     "AsyncJob",
     "AsyncOctoAIClient",
-    "AsyncSensorCursor",
     "AsyncSensorSettings",
     "AuthenticationError",
     "BadRequestError",
     "CallInfo",
+    "ConflictError",
     "ConnectionFailedError",
     "DeadlineExceededError",
     "Engine",
     "GeneratedImage",
-    "GenerationResult",
+    "HTTPRetryPolicy",
     "ImageBatch",
     "ImageDecodeError",
     "ImageError",
@@ -127,14 +125,12 @@ __all__ = [
     "ImageRemovedForSafetyError",
     "JobExpiredError",
     "JobFailedError",
-    "JobLedger",
     "JobLedgerResource",
     "JobNotReadyError",
-    "JobRecord",
-    "JobState",
     "JobStatus",
     "LocalImageIOManager",
     "NotFoundError",
+    "ObjectNotFoundError",
     "OctoAIClient",
     "OctoAIError",
     "OctoAIResource",
@@ -146,15 +142,14 @@ __all__ = [
     "RateLimitError",
     "RequestValidationError",
     "ResponseFormatError",
-    "RetryPolicy",
     "S3ImageIOManager",
     "Sampler",
     "ServerError",
     "StorageError",
-    "StoredImage",
     "TransportError",
     "UnprocessableEntityError",
     "UntrustedOriginError",
+    "Usage",
     "__version__",
     "data_version_for",
     "edge_map",

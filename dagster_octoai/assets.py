@@ -33,13 +33,12 @@ from dagster import (
 from PIL import Image
 from pydantic import ValidationError
 
-from .api.batch import GenerationResult, ImageBatch, StoredImage
+from .api.batch import ImageBatch, UnstorableValueError, images_of
 from .api.edges import edge_map
 from .api.errors import RequestValidationError
-from .api.models import GeneratedImage, ImageGenerationRequest
+from .api.models import ImageGenerationRequest, ImageGenerationResponse
 from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
-from .io_managers import preflight_store
 from .metadata import data_version_for, generation_metadata
 from .resources import OctoAIResource
 
@@ -254,17 +253,17 @@ def octoai_image_asset(
             expected = sum(
                 build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
             )
-            preflight_store(context.resources, io_manager_key, context.asset_key, partition_key)
+            # stream() checks the image IO manager's store before anything is generated.
             yield from _stream(context, octoai, (build(i) for i in items), expected, checks)
             return
         req = build({})
-        # A wrong bucket or refused credentials must fail before an image is paid for.
-        preflight_store(context.resources, io_manager_key, context.asset_key, partition_key)
         # Usage is recorded on every materialization, a reuse included (as zero images).
+        # get_client checks the IO manager's store first: a wrong bucket or refused
+        # credentials fail before an image is paid for.
         with octoai.get_client(context) as client:
             result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
             if result is None:
-                result = GenerationResult(req, client.generate(req))
+                result = client.generate(req)
             else:
                 context.log.info(f"reused {result.reused_from}: no generation paid for")
         batch = ImageBatch([result])
@@ -293,7 +292,7 @@ def _stream(
     streamed = octoai.stream(context, requests, expected_images=expected_images)
     tally = _CheckTally(context.asset_key)
 
-    def observed() -> Iterator[GenerationResult]:
+    def observed() -> Iterator[ImageGenerationResponse]:
         for result in streamed:
             if checks:
                 tally.add(result)
@@ -317,7 +316,7 @@ class _CheckTally:
         self._severity: dict[str, Any] = {}
         self._metadata: dict[str, dict[str, Any]] = {}
 
-    def add(self, result: GenerationResult) -> None:
+    def add(self, result: ImageGenerationResponse) -> None:
         for check in evaluate_image_checks(self._key, [result]):
             name = str(check.check_name)
             self._passed[name] = self._passed.get(name, True) and check.passed
@@ -423,15 +422,16 @@ _PLACEHOLDER = _tiny_png()
 
 
 def _images_of(value: Any, partition_key: str | None = None) -> list[Any]:
-    """Every image in an input value, in order, as something ``to_base64`` takes."""
-    if isinstance(value, ImageBatch):
-        return [im.data for im in value.images if im.available]
-    if isinstance(value, GenerationResult):
-        return [im.data for im in value.images if im.available]
-    if isinstance(value, GeneratedImage):
-        return [value.data] if value.available else []
-    if isinstance(value, StoredImage):
-        return [value.data]
+    """Every image in an input value, in order, as something ``to_base64`` takes.
+
+    Generated or stored images (answers, batches, what the image IO managers load, maps
+    by partition) give their bytes; anything else (a ``PIL.Image``, bytes, a path) is
+    one image as it is.
+    """
+    try:
+        return [im.data for im in images_of(value, partition_key) if im.available]
+    except UnstorableValueError:
+        pass
     if isinstance(value, Mapping):
         if partition_key is not None and partition_key in value:
             return _images_of(value[partition_key])
@@ -461,12 +461,14 @@ def _reuse(
     reuse_existing: bool | None,
     request: ImageGenerationRequest,
     partition_key: str | None,
-) -> GenerationResult | None:
+) -> ImageGenerationResponse | None:
     explicit = request.explicit_seeds is not None
     if reuse_existing is False or not explicit or io_manager_key is None:
         return None
     io_manager = getattr(context.resources, io_manager_key)
-    find: Callable[..., GenerationResult | None] | None = getattr(io_manager, "find_existing", None)
+    find: Callable[..., ImageGenerationResponse | None] | None = getattr(
+        io_manager, "find_existing", None
+    )
     if find is None:
         if reuse_existing:
             context.log.warning(

@@ -32,9 +32,10 @@ from dagster import (
     asset,
 )
 
-from .api.batch import GenerationResult, ImageBatch
+from .api.batch import ImageBatch
 from .api.client import OctoAIClient
 from .api.errors import (
+    ConflictError,
     JobExpiredError,
     JobFailedError,
     OctoAIError,
@@ -47,7 +48,6 @@ from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGen
 from .io_managers import preflight_store
 from .metadata import generation_metadata
 from .resources import OctoAIResource, OctoAISession
-from .storage.backends import ConflictError
 from .storage.ledger import JobLedger, JobRecord, JobState, job_id_for
 
 __all__ = [
@@ -326,9 +326,9 @@ def octoai_async_results_asset(
     """The asset that fetches one completed async job and hands its images to the IO manager.
 
     Partitioned by a dynamic partition per response id (added by
-    :func:`octoai_async_sensor`). The output is an :class:`ImageBatch` of one
-    :class:`GenerationResult` with ``response_id`` set, so the image IO manager records
-    the response id with each image. Once the IO manager has stored the output, the
+    :func:`octoai_async_sensor`). The output is an :class:`ImageBatch` of the job's
+    answer, which carries its request and ``response_id``, so the image IO manager
+    records both with each image. Once the IO manager has stored the output, the
     ledger record is marked ``persisted``. A job the ledger records as failed or
     expired makes the run fail with the job's details in the failure's metadata.
 
@@ -359,7 +359,6 @@ def octoai_async_results_asset(
     )
     def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         partition = context.partition_key
-        preflight_store(context.resources, io_manager_key, context.asset_key, partition)
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
         if record is None:
@@ -378,11 +377,11 @@ def octoai_async_results_asset(
                 f"resubmission {record.response_id}; materialize that partition instead",
                 metadata=_failure_metadata(record),
             )
+        # get_client checks the image IO manager's store before the result is fetched.
         with _octoai(context, octoai_resource_key).get_client(context) as session:
-            response = session.fetch(record.async_job())
-        result = GenerationResult(record.request_model(), response, response_id=partition)
+            result = session.fetch(record.async_job())
         metadata = {
-            **generation_metadata([result]),
+            **generation_metadata(result),
             **_job_metadata(record),
             "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
         }
@@ -616,8 +615,8 @@ def octoai_async_blocking_asset(
     (and, for random seeds, the root run id), so a retried or re-executed run resumes
     the same jobs instead of paying again. Expired or failed jobs are resubmitted with
     the same request up to ``max_resubmits`` times. The output is an :class:`ImageBatch`
-    with each result's ``response_id``, for the image IO manager, whose store is checked
-    (``preflight``) before anything is submitted.
+    of the jobs' answers, each carrying its request and ``response_id``, for the image IO
+    manager, whose store is checked (``preflight``) before anything is submitted.
 
     Examples:
         >>> fox = octoai_async_blocking_asset("fox", [{"prompt": "a red fox", "seed": 7}])
@@ -636,13 +635,13 @@ def octoai_async_blocking_asset(
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
         built = _build_requests(context, requests)
-        partition = context.partition_key if context.has_partition_key else None
-        preflight_store(context.resources, io_manager_key, context.asset_key, partition)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()
         ids = _job_ids(context, key, built)
+        partition = context.partition_key if context.has_partition_key else None
         lock = threading.Lock()
         width = max(1, min(max_concurrency, len(built)))
+        # get_client checks the image IO manager's store before anything is submitted.
         with (
             _octoai(context, octoai_resource_key).get_client(context) as session,
             ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-wait") as pool,
@@ -666,10 +665,7 @@ def octoai_async_blocking_asset(
                     zip(built, ids, strict=True),
                 )
             )
-        results = [
-            GenerationResult(rec.request_model(), resp, response_id=rec.response_id)
-            for rec, resp, _ in done
-        ]
+        results = [resp for _, resp, _ in done]
         resumed = sum(1 for _, _, r in done if r)
         resubmitted = sum(max(rec.attempts - 1, 0) for rec, _, _ in done)
         context.log.info(

@@ -6,6 +6,9 @@ Two ways to get them:
   evaluated on the images in memory as each materialization happens;
 - :func:`octoai_image_checks` for any asset whose value is images (your own
   ``@asset``, or one stored by an image IO manager): loads the stored value and checks it.
+
+Either way the images are read with :func:`~dagster_octoai.api.batch.images_of`, and each
+image's expected size comes from the request it carries.
 """
 
 # No `from __future__ import annotations`: Dagster reads the compute functions'
@@ -27,9 +30,10 @@ from dagster import (
     multi_asset_check,
 )
 
-from .api.batch import GenerationResult, ImageBatch, StoredImage
+from .api.batch import images_of
 from .api.errors import OctoAIError
 from .api.images import whole_image_size
+from .api.models import GeneratedImage
 
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
@@ -80,27 +84,23 @@ def image_check_specs(
     ]
 
 
-def _collect(value: Any, where: str = "") -> Iterator[_Image]:
-    if isinstance(value, ImageBatch):
-        for i, r in enumerate(value.results):
-            yield from _collect(r, f"{where}result {i}")
-    elif isinstance(value, GenerationResult):
-        size = value.request.size
-        for j, im in enumerate(value.images):
-            yield _Image(im.seed, im.data if im.available else None, size, f"{where} image {j}")
-    elif isinstance(value, StoredImage):
-        yield _Image(value.seed, value.data, value.request.size, value.uri)
-    elif isinstance(value, Mapping):
-        for key, v in value.items():
-            yield from _collect(v, f"partition {key}: ")
-    elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        for v in value:
-            yield from _collect(v, where)
-    else:
-        raise TypeError(
-            f"image checks take an ImageBatch, GenerationResults or StoredImages, "
-            f"not {type(value).__name__}"
+def _collect(value: Any) -> Iterator[_Image]:
+    for position, im in enumerate(images_of(value)):
+        if im.request is None:
+            raise TypeError(
+                f"image {position} (seed {im.seed}) carries no request, so its expected size "
+                "is unknown; check answers that carry theirs (what generate() returns)"
+            )
+        yield _Image(
+            im.seed, im.data if im.available else None, im.request.size, _where(im, position)
         )
+
+
+def _where(image: GeneratedImage, position: int) -> str:
+    if image.uri is not None:
+        return image.uri
+    partition = "" if image.partition_key is None else f"partition {image.partition_key}: "
+    return f"{partition}image {position}"
 
 
 def evaluate_image_checks(
@@ -113,8 +113,8 @@ def evaluate_image_checks(
 
     Args:
         asset_key: The checked asset.
-        value: An ``ImageBatch``, ``GenerationResult``\\ s, ``StoredImage``\\ s, or
-            a mapping of partition key to any of those.
+        value: Some images: an answer, a list of answers, an ``ImageBatch``, the images
+            an image IO manager loads, or a mapping of partition key to any of those.
         removed_count: Images removed for safety, when ``value`` cannot tell (stored
             images keep only the ones that exist).
     """
@@ -175,9 +175,10 @@ def octoai_image_checks(
 ) -> AssetChecksDefinition:
     """The three image checks for an asset, as one check definition that loads its value.
 
-    The asset's value is loaded through its IO manager (an ``ImageBatch``, or the
-    ``StoredImage`` lists of the image IO managers). For the safety count of stored
-    images, the latest materialization's ``removed_for_safety`` metadata is used.
+    The asset's value is loaded through its IO manager (answers or an ``ImageBatch``, or
+    the lists of stored :class:`~dagster_octoai.GeneratedImage` the image IO managers
+    load). For the safety count of stored images, the latest materialization's
+    ``removed_for_safety`` metadata is used.
 
     Examples:
         >>> checks = octoai_image_checks("foxes")
@@ -201,8 +202,8 @@ def octoai_image_checks(
 
 
 def _is_stored(value: Any) -> bool:
-    if isinstance(value, StoredImage):
-        return True
+    if isinstance(value, GeneratedImage):
+        return value.uri is not None
     if isinstance(value, Mapping):
         return any(_is_stored(v) for v in value.values())
     if isinstance(value, list | tuple):

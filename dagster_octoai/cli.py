@@ -41,6 +41,9 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
         return None, False
     if typing.get_origin(inner) is tuple:
         return (lambda text: tuple(w.strip() for w in text.split(",") if w.strip())), False
+    if typing.get_origin(inner) is typing.Literal:
+        # The model says what is allowed (its error names the choices); here it is text.
+        inner = str
     base: Callable[[str], Any] = str if inner is SecretStr else inner
 
     def parse(text: str) -> Any:
@@ -165,6 +168,7 @@ def _describe(config: Any, url: str) -> str:
         f"  auth: {auth}; replicas: {config.replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
         f"  stats: GET {url}/_local/stats; OpenAPI: {url}/openapi.json",
+        f"  backend: {config.backend}; GET {url}/_local/backend says what it serves",
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -188,7 +192,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
+    from .server.app import create_app
+    from .server.backends import BackendError
     from .server.runner import _url, bind_socket, serve
+
+    try:
+        # Loaded before listening: a wrong model directory or device fails here, clearly.
+        app = create_app(config)
+    except BackendError as exc:
+        print(f"dagster-octoai serve: {exc}", file=sys.stderr)
+        return 2
 
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
@@ -204,12 +217,22 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     if args.log_level in ("info", "debug", "trace"):
         print(_describe(config, _url(host, port)), file=sys.stderr, flush=True)
+        for line in _backend_lines(app.state.octoai.backend.describe()):
+            print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
     # the previous handler: make that a clean exit rather than a traceback or a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(config, sock, log_level=args.log_level)
+        serve(config, sock, log_level=args.log_level, app=app)
     return 0
+
+
+def _backend_lines(description: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: {value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in description.items()
+        if key != "backend"
+    ]
 
 
 def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:

@@ -3,14 +3,17 @@
 Both are thin: the key layout, manifest and write order live in
 :class:`dagster_octoai.storage.ImageStore`, so S3 and local outputs look the same.
 
-``handle_output`` takes an :class:`~dagster_octoai.api.batch.ImageBatch` (or a
-:class:`~dagster_octoai.api.batch.GenerationResult`, or a list of them) and stores it
-as it is iterated. ``load_input`` gives back :class:`~dagster_octoai.api.batch.StoredImage`
-objects:
+``handle_output`` takes some images: an answer
+(:class:`~dagster_octoai.api.models.ImageGenerationResponse`, which carries its request), a
+list of answers, or an :class:`~dagster_octoai.api.batch.ImageBatch` (lazy ones are stored
+as they are generated), and stores them with their lineage: the manifest, each object's
+metadata and the output's data version. ``load_input`` gives back the stored images as
+:class:`~dagster_octoai.api.models.GeneratedImage` objects that know their request, seed,
+URI and partition:
 
-- ``list[StoredImage]`` for an unpartitioned upstream, or for one upstream partition
+- ``list[GeneratedImage]`` for an unpartitioned upstream, or for one upstream partition
   when the downstream run is itself for one partition;
-- ``dict[partition_key, list[StoredImage]]`` when the input spans several upstream
+- ``dict[partition_key, list[GeneratedImage]]`` when the input spans several upstream
   partitions, or the downstream is unpartitioned (so the partition of each image
   stays visible). An input annotated ``dict`` always gets the mapping; one annotated
   ``list`` always gets a flat list in partition order.
@@ -18,10 +21,13 @@ objects:
 
 from __future__ import annotations
 
+import collections.abc
+import inspect
 import re
 import threading
+import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from dagster import (
@@ -33,13 +39,15 @@ from dagster import (
     MultiPartitionsDefinition,
     OutputContext,
 )
+from dagster._core.errors import DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr, field_validator
 
-from .api.batch import GenerationResult, ImageBatch, StoredImage
-from .api.models import ImageGenerationRequest
+from .api.batch import STORABLE, ImageBatch, UnstorableValueError, responses_of
+from .api.models import GeneratedImage, ImageGenerationRequest, ImageGenerationResponse
+from .metadata import DataVersionDigest
 from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, StorageError, WriteReport
 from .storage.layout import normalize_prefix
-from .storage.store import ConvertFormat
+from .storage.store import ConvertFormat, answer_request
 
 __all__ = ["LocalImageIOManager", "S3ImageIOManager"]
 
@@ -141,18 +149,78 @@ class _ImageIOManager(ConfigurableIOManager):
 
     # ---- Dagster interface -------------------------------------------------------------
 
+    def check_output_type(self, annotation: Any, where: str) -> None:
+        """Refuse, before anything is generated, an output annotated with a type this IO
+        manager cannot store (``bytes``, ``PIL.Image.Image``, ``list[GeneratedImage]``...).
+
+        :meth:`~dagster_octoai.OctoAIResource.get_client` calls this as its block starts,
+        so an asset that would return what cannot be stored fails before paying. Types it
+        cannot judge (none, ``Any``, a generator) pass.
+
+        Raises:
+            UnstorableValueError: the annotation is a type that is never some images.
+
+        Examples:
+            >>> LocalImageIOManager(base_dir="/tmp/images").check_output_type(bytes, "asset 'fox'")
+            Traceback (most recent call last):
+            ...
+            dagster_octoai.api.batch.UnstorableValueError: asset 'fox' is annotated to return bytes, ...
+        """
+        if _storable_annotation(annotation) is False:
+            raise UnstorableValueError(
+                f"{where} is annotated to return {_type_name(annotation)}, which "
+                f"{type(self).__name__} cannot store; nothing was generated or paid for. "
+                f"Return {STORABLE}, and annotate it so (or not at all)"
+            )
+
     def handle_output(self, context: OutputContext, obj: Any) -> None:
-        results = _results_of(obj)
+        seen: list[ImageGenerationResponse] = []
+        try:
+            responses = responses_of(obj)
+            if not isinstance(obj, ImageBatch) or not obj.lazy:
+                # Every answer checked before the first byte is written.
+                for i, answer in enumerate(responses):
+                    answer_request(answer, i)
+        except UnstorableValueError as exc:
+            raise self._refusal(context, obj, exc, seen) from None
+        version = DataVersionDigest()
+
+        def observed() -> Iterator[ImageGenerationResponse]:
+            for answer in responses:
+                seen.append(answer)
+                version.add(answer)
+                yield answer
+
         asset_key = _output_path(context)
         partition_key = context.partition_key if context.has_partition_key else None
-        report = self.store.write(
-            results, asset_key=asset_key, partition_key=partition_key, run_id=context.run_id
-        )
+        try:
+            report = self.store.write(
+                observed(), asset_key=asset_key, partition_key=partition_key, run_id=context.run_id
+            )
+        except UnstorableValueError as exc:
+            raise self._refusal(context, obj, exc, seen) from None
         # A streamed batch knows its usage only now that it has been generated and stored.
         late = obj.late_metadata() if isinstance(obj, ImageBatch) else {}
         context.add_output_metadata({**_output_metadata(report), **late})
+        _set_data_version(context, version)
 
-    def load_input(self, context: InputContext) -> list[StoredImage] | dict[str, list[StoredImage]]:
+    def _refusal(
+        self,
+        context: OutputContext,
+        obj: Any,
+        exc: UnstorableValueError,
+        seen: Sequence[ImageGenerationResponse],
+    ) -> UnstorableValueError:
+        """The error for a value this IO manager cannot store: what to return, what was paid."""
+        return UnstorableValueError(
+            f"{type(self).__name__} cannot store the output of {_output_label(context)}: {exc}. "
+            f"Return {STORABLE} instead. Nothing of this output was stored. "
+            f"{_paid_for(context, obj, seen)}"
+        )
+
+    def load_input(
+        self, context: InputContext
+    ) -> list[GeneratedImage] | dict[str, list[GeneratedImage]]:
         asset_key = _input_path(context)
         if not context.has_asset_partitions:
             return self.store.read(asset_key, None)
@@ -175,15 +243,15 @@ class _ImageIOManager(ConfigurableIOManager):
         request: ImageGenerationRequest,
         asset_key: AssetKey | Sequence[str] | str | None = None,
         partition_key: str | None = None,
-    ) -> GenerationResult | None:
-        """An already stored result of an identical request, to reuse instead of paying again.
+    ) -> ImageGenerationResponse | None:
+        """An already stored answer to an identical request, to reuse instead of paying again.
 
         Only requests with every seed explicit qualify. The output at ``asset_key`` /
         ``partition_key`` (pass ``context.partition_key`` as is: a multi-partition key
         keeps its dimensions) is checked first, then (with ``fingerprint_index``) the
-        fingerprint index of the whole prefix. The returned result has ``reused_from``
-        set to the manifest URI; returning it from the asset stores it without
-        uploading the bytes again.
+        fingerprint index of the whole prefix. The returned answer carries its request
+        and ``reused_from`` (the manifest URI); returning it from the asset stores it
+        without uploading the bytes again.
 
         Examples:
             >>> io = LocalImageIOManager(base_dir="/tmp/images")
@@ -240,13 +308,13 @@ class S3ImageIOManager(_ImageIOManager):
         description="botocore retry mode; 'adaptive' also rate-limits the client when throttled.",
     )
     max_attempts: int = Field(
-        default=5, ge=1, le=20, description="Attempts per S3 call made by botocore's retries."
-    )
-    throttle_retries: int = Field(
-        default=4,
-        ge=0,
+        default=5,
+        ge=1,
         le=20,
-        description="Extra attempts, with backoff, when S3 still answers SlowDown / 503 after botocore's retries.",
+        description=(
+            "Attempts per S3 call, botocore's retries (SlowDown, 5xx, dropped connections) "
+            "included; the only retries there are."
+        ),
     )
 
     @field_validator("addressing_style", mode="before")
@@ -285,7 +353,6 @@ class S3ImageIOManager(_ImageIOManager):
             retry_mode=typing.cast(RetryMode, self.retry_mode),
             max_attempts=self.max_attempts,
             max_pool_connections=max(10, self.max_concurrency),
-            throttle_retries=self.throttle_retries,
         )
 
 
@@ -365,17 +432,115 @@ def _one_of(field: str, value: str | None, allowed: tuple[str | None, ...]) -> s
     return value
 
 
-def _results_of(obj: Any) -> Iterable[GenerationResult]:
-    if isinstance(obj, ImageBatch):
-        return obj
-    if isinstance(obj, GenerationResult):
-        return [obj]
-    if isinstance(obj, list | tuple) and all(isinstance(r, GenerationResult) for r in obj):
-        return list(obj)
-    raise TypeError(
-        "an image IO manager stores an ImageBatch, a GenerationResult or a list of "
-        f"GenerationResult; the asset returned {type(obj).__name__}"
+def _storable_annotation(annotation: Any) -> bool | None:
+    """Whether values of an output type can be some images: ``None`` when it cannot tell."""
+    if annotation is Any or annotation is object or annotation is None:
+        return None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        verdicts = {_storable_annotation(a) for a in args if a is not type(None)}
+        return True if True in verdicts else (None if None in verdicts else False)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not args or args[0] is Any:
+            return None
+        item = args[0]
+        if inspect.isclass(item):
+            return issubclass(item, ImageGenerationResponse)
+        return None
+    if origin in (dict, set, frozenset, collections.abc.Mapping, collections.abc.Set):
+        return False
+    if origin is not None or not inspect.isclass(annotation):
+        return None  # generators, Output[...], forward references: not for us to judge
+    if issubclass(annotation, ImageGenerationResponse | ImageBatch):
+        return True
+    if annotation in (list, tuple):
+        return None  # of what, it does not say
+    if annotation.__module__.startswith("dagster."):
+        return None  # MaterializeResult, Nothing and the like
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    if inspect.isclass(annotation) and typing.get_origin(annotation) is None:
+        return annotation.__qualname__
+    return repr(annotation).replace("typing.", "")
+
+
+def _output_label(context: OutputContext) -> str:
+    if context.has_asset_key:
+        return f"asset {context.asset_key.to_user_string()!r}"
+    return f"output {context.name!r} of step {context.step_key!r}"
+
+
+def _paid_for(context: OutputContext, obj: Any, seen: Sequence[ImageGenerationResponse]) -> str:
+    """What was already generated (and paid for) for this output, as far as can be told.
+
+    From the OctoAI session's usage on the output (``octoai/images``, ``octoai/request_ids``)
+    and from the answers found in the value: request ids and seeds, never the token.
+    """
+    answers = [*seen, *(a for a in _answers_in(obj) if all(a is not s for s in seen))]
+    seeds = [im.seed for a in answers for im in a.images]
+    request_ids = [rid for a in answers for rid in a.call_info.request_ids]
+    usage = context.output_metadata
+    images = _metadata_value(usage.get("octoai/images"))
+    for rid in _metadata_value(usage.get("octoai/request_ids")) or []:
+        if rid not in request_ids:
+            request_ids.append(rid)
+    count = images if isinstance(images, int) else len(seeds)
+    if not count and not request_ids:
+        return (
+            "If images were generated for it, they were already paid for and are not stored: "
+            "re-running the asset generates (and pays for) them again."
+        )
+    parts = [f"{count} image(s)"]
+    if seeds:
+        parts.append(f"seeds {seeds[:_METADATA_LIST_MAX]}")
+    if request_ids:
+        parts.append(f"request ids {request_ids[:_METADATA_LIST_MAX]}")
+    return (
+        f"The generation was already paid for and is not stored: {'; '.join(parts)}. "
+        "Re-running the asset generates (and pays for) it again."
     )
+
+
+def _answers_in(value: Any, depth: int = 0) -> Iterator[ImageGenerationResponse]:
+    """The answers somewhere in a refused value (an image names its seed only)."""
+    if depth > 3:
+        return
+    if isinstance(value, ImageGenerationResponse):
+        yield value
+    elif isinstance(value, ImageBatch) and not value.lazy:
+        yield from value.responses
+    elif isinstance(value, GeneratedImage):
+        yield ImageGenerationResponse(images=[value])
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _answers_in(v, depth + 1)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _answers_in(v, depth + 1)
+
+
+def _metadata_value(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _set_data_version(context: OutputContext, version: DataVersionDigest) -> None:
+    """The output's data version from what was stored, unless the asset gave one itself.
+
+    An asset that returns an answer (or a streamed batch, whose seeds are known only now)
+    gets the same version :func:`~dagster_octoai.data_version_for` gives: same request,
+    same seeds, same version.
+    """
+    if not context.has_asset_key:
+        return
+    try:
+        step = context.step_context
+    except DagsterInvariantViolationError:
+        return  # an OutputContext built for a test has no step
+    if not step.has_data_version(context.asset_key):
+        step.set_data_version(context.asset_key, version.version())
 
 
 def _output_path(context: OutputContext) -> list[str]:

@@ -12,17 +12,18 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from dagster import DataVersion, MetadataValue
 
-from .api.batch import GenerationResult, ImageBatch
+from .api.batch import ImageBatch, responses_of
 from .api.errors import OctoAIError
 from .api.images import thumbnail_data_uri
 from .api.models import ImageGenerationRequest, ImageGenerationResponse
 
 __all__ = [
     "MAX_THUMBNAIL_BYTES",
+    "DataVersionDigest",
     "Usage",
     "data_version_for",
     "generation_metadata",
@@ -35,11 +36,23 @@ MAX_THUMBNAIL_BYTES = 40_000
 #: The service's default step count, used to count the steps of requests that leave it unset.
 DEFAULT_STEPS = 30
 
-Results = ImageBatch | Sequence[GenerationResult]
+#: Some images: an answer, a list of answers, or an :class:`ImageBatch`.
+Results: TypeAlias = ImageGenerationResponse | ImageBatch | Sequence[ImageGenerationResponse]
 
 
-def _results(results: Results) -> list[GenerationResult]:
-    return results.results if isinstance(results, ImageBatch) else list(results)
+def _results(results: Results) -> list[ImageGenerationResponse]:
+    """The answers of some images (a lazy batch is drained: metadata needs them all)."""
+    found = responses_of(results)
+    return found.responses if isinstance(found, ImageBatch) else list(found)
+
+
+def _request(response: ImageGenerationResponse) -> ImageGenerationRequest:
+    if response.request is None:
+        raise ValueError(
+            f"an answer with seeds {response.seeds} carries no request (fetched by a bare "
+            "response URL?): its metadata cannot name it; fetch the AsyncJob instead"
+        )
+    return response.request
 
 
 def model_assets(request: ImageGenerationRequest) -> dict[str, Any]:
@@ -53,21 +66,41 @@ def model_assets(request: ImageGenerationRequest) -> dict[str, Any]:
     return {n: getattr(request, n) for n in names if getattr(request, n) is not None}
 
 
+class DataVersionDigest:
+    """The data version of answers seen one at a time (a streamed batch, as it is stored).
+
+    Examples:
+        >>> DataVersionDigest().version() == data_version_for([])
+        True
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, response: ImageGenerationResponse) -> None:
+        """Count one answer: its request's fingerprint and the seeds it got back."""
+        self._digest.update(_request(response).fingerprint().encode())
+        self._digest.update(json.dumps(response.seeds).encode())
+
+    def version(self) -> DataVersion:
+        return DataVersion(self._digest.hexdigest())
+
+
 def data_version_for(results: Results) -> DataVersion:
     """A data version from each request's fingerprint and the seeds it got back.
 
     Same request, same seeds: same images, same version. With random seeds the
-    returned seeds differ from run to run, and so does the version.
+    returned seeds differ from run to run, and so does the version. The image IO
+    managers record the same version for every output they store.
 
     Examples:
         >>> data_version_for([]).value[:8]
         'e3b0c442'
     """
-    digest = hashlib.sha256()
+    digest = DataVersionDigest()
     for r in _results(results):
-        digest.update(r.request.fingerprint().encode())
-        digest.update(json.dumps(r.response.seeds).encode())
-    return DataVersion(digest.hexdigest())
+        digest.add(r)
+    return digest.version()
 
 
 def thumbnail_markdown(
@@ -113,29 +146,29 @@ def generation_metadata(results: Results, *, thumbnail: bool = True) -> dict[str
     summary is listed under ``requests``. Numbers are numeric values so the UI plots them.
     """
     rs = _results(results)
+    requests = [_request(r) for r in rs]
     images = [im for r in rs for im in r.images]
     removed = sum(1 for im in images if not im.available)
-    engines = sorted({r.request.engine.value for r in rs})
+    engines = sorted({q.engine.value for q in requests})
     out: dict[str, MetadataValue] = {
         "images": MetadataValue.int(len(images)),
         "removed_for_safety": MetadataValue.int(removed),
         "seeds": MetadataValue.json([im.seed for im in images]),
         "engine": MetadataValue.text(", ".join(engines)),
-        "prediction_time_ms": MetadataValue.float(
-            float(sum(r.response.prediction_time_ms for r in rs))
-        ),
+        "prediction_time_ms": MetadataValue.float(float(sum(r.prediction_time_ms for r in rs))),
     }
-    if len(rs) == 1:
-        out["request"] = MetadataValue.json(rs[0].request.summary())
-        out["request_fingerprint"] = MetadataValue.text(rs[0].request.fingerprint())
-        out["model_assets"] = MetadataValue.json(model_assets(rs[0].request))
-        size = rs[0].request.size
+    if len(requests) == 1:
+        (request,) = requests
+        out["request"] = MetadataValue.json(request.summary())
+        out["request_fingerprint"] = MetadataValue.text(request.fingerprint())
+        out["model_assets"] = MetadataValue.json(model_assets(request))
+        size = request.size
         out["size"] = MetadataValue.text(f"{size[0]}x{size[1]}")
-    elif rs:
-        out["requests"] = MetadataValue.json([r.request.summary() for r in rs])
+    elif requests:
+        out["requests"] = MetadataValue.json([q.summary() for q in requests])
         merged: dict[str, Any] = {}
-        for r in rs:
-            for key, value in model_assets(r.request).items():
+        for q in requests:
+            for key, value in model_assets(q).items():
                 merged.setdefault(key, [])
                 if value not in merged[key]:
                     merged[key].append(value)
@@ -169,17 +202,19 @@ class Usage:
     engines: set[str] = field(default_factory=set)
     request_ids: list[str] = field(default_factory=list)
 
-    def add(self, request: ImageGenerationRequest, response: ImageGenerationResponse) -> None:
-        """Count one answered call."""
+    def add(self, response: ImageGenerationResponse) -> None:
+        """Count one answered call (its steps and price from the request it carries)."""
+        request = response.request
         n = len(response.images)
         self.calls += 1
         self.images += n
-        self.steps += n * (request.steps or DEFAULT_STEPS)
-        self.premium_images += n if request.is_premium else 0
+        self.steps += n * ((request.steps if request else None) or DEFAULT_STEPS)
+        self.premium_images += n if request is not None and request.is_premium else 0
         self.removed_for_safety += response.removed_count
         self.prediction_time_ms += response.prediction_time_ms
         self.retries += response.call_info.retries
-        self.engines.add(request.engine.value)
+        if request is not None:
+            self.engines.add(request.engine.value)
         self.request_ids.extend(response.call_info.request_ids)
 
     def merge(self, other: Usage) -> None:

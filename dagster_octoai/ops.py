@@ -9,7 +9,7 @@ from typing import Any, cast
 from dagster import Failure, OpDefinition, OpExecutionContext, Out, Output, op
 from pydantic import ValidationError
 
-from .api.batch import GenerationResult, ImageBatch
+from .api.batch import ImageBatch
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
 from .config import ImageGenerationConfig
@@ -69,8 +69,7 @@ def octoai_generate_op(
             raise Failure(description=f"invalid run config for op {name!r}: {exc}") from None
         octoai: OctoAIResource = getattr(context.resources, resource_key)
         with octoai.get_client(context) as client:
-            response = client.generate(req)
-        batch = ImageBatch([GenerationResult(req, response)])
+            batch = ImageBatch([client.generate(req)])
         yield Output(batch, metadata=generation_metadata(batch))
 
     return _generate

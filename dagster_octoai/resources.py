@@ -28,8 +28,8 @@ from dagster import (
 from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr
 
-from .api.batch import GenerationResult, ImageBatch
-from .api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from .api.batch import ImageBatch, UnstorableValueError
+from .api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
 from .api.errors import RateLimitError
 from .api.models import (
     AsyncJob,
@@ -38,6 +38,7 @@ from .api.models import (
     ImageGenerationResponse,
     PollResult,
 )
+from .io_managers import preflight_store
 from .metadata import Usage
 from .storage.ledger import JobLedger, LedgerStore, LocalLedgerStore, S3LedgerStore
 
@@ -51,8 +52,10 @@ class OctoAISession:
     """The handle :meth:`OctoAIResource.get_client` yields: the shared client, counted.
 
     Each call delegates to the run's pooled client and adds its answer to this
-    session's :class:`~dagster_octoai.metadata.Usage`. Sessions are cheap, one per
-    output, and safe to use from several threads.
+    session's :class:`~dagster_octoai.Usage`. Every answer carries the request that
+    produced it (``answer.request``), so an asset can return it as it is for an image IO
+    manager to store. Sessions are cheap, one per output, and safe to use from several
+    threads.
 
     Examples:
         >>> from dagster_octoai.api.client import OctoAIClient
@@ -74,18 +77,25 @@ class OctoAISession:
             copy.merge(self._usage)
             return copy
 
-    def _record(self, request: ImageGenerationRequest, response: ImageGenerationResponse) -> None:
+    def _record(self, response: ImageGenerationResponse) -> ImageGenerationResponse:
         with self._lock:
-            self._usage.add(request, response)
+            self._usage.add(response)
+        return response
 
     def generate(
         self, request: RequestLike, *, engine: Engine | str | None = None
     ) -> ImageGenerationResponse:
-        """Generate images and wait; see :meth:`OctoAIClient.generate`."""
-        req = ImageGenerationRequest.build(request, engine=engine)
-        response = self._client.generate(req)
-        self._record(req, response)
-        return response
+        """Generate images and wait; see :meth:`OctoAIClient.generate`.
+
+        Examples:
+            .. code-block:: python
+
+                @asset(io_manager_key="images")
+                def fox(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageGenerationResponse:
+                    with octoai.get_client(context) as session:
+                        return session.generate({"prompt": "a red fox", "seed": 7})
+        """
+        return self._record(self._client.generate(request, engine=engine))
 
     def iter_generate(
         self,
@@ -94,48 +104,17 @@ class OctoAISession:
         engine: Engine | str | None = None,
         max_concurrency: int | None = None,
     ) -> Iterator[tuple[int, ImageGenerationResponse]]:
-        """Generate a batch, yielding ``(index, response)`` as each completes.
+        """Generate a batch, yielding ``(input index, answer)`` as each completes.
 
-        Requests are validated as they are pulled, so a bad one fails before it is sent.
+        Requests are validated as they are pulled, so a bad one fails before it is sent,
+        and at most ``max_concurrency`` answers are held: ``(a for _, a in ...)`` feeds a
+        lazy :class:`ImageBatch` of any size.
         """
-        for index, _request, response in self._iter(requests, engine, max_concurrency):
-            yield index, response
-
-    def iter_results(
-        self,
-        requests: Iterable[RequestLike],
-        *,
-        engine: Engine | str | None = None,
-        max_concurrency: int | None = None,
-    ) -> Iterator[GenerationResult]:
-        """Generate a batch, yielding a :class:`GenerationResult` as each request completes.
-
-        Results come in completion order (each holds its request), and the requests
-        are pulled as slots free up: at most ``max_concurrency`` answers are held, so
-        this feeds a lazy :class:`ImageBatch` of any size.
-        """
-        for _index, request, response in self._iter(requests, engine, max_concurrency):
-            yield GenerationResult(request, response)
-
-    def _iter(
-        self,
-        requests: Iterable[RequestLike],
-        engine: Engine | str | None,
-        max_concurrency: int | None,
-    ) -> Iterator[tuple[int, ImageGenerationRequest, ImageGenerationResponse]]:
-        built: dict[int, ImageGenerationRequest] = {}
-
-        def validated() -> Iterator[ImageGenerationRequest]:
-            for i, r in enumerate(requests):
-                built[i] = ImageGenerationRequest.build(r, engine=engine)
-                yield built[i]
-
+        validated = (ImageGenerationRequest.build(r, engine=engine) for r in requests)
         for index, response in self._client.iter_generate(
-            validated(), max_concurrency=max_concurrency
+            validated, max_concurrency=max_concurrency
         ):
-            request = built.pop(index)
-            self._record(request, response)
-            yield index, request, response
+            yield index, self._record(response)
 
     def generate_many(
         self,
@@ -157,16 +136,13 @@ class OctoAISession:
         return self._client.poll(job)
 
     def fetch(self, job: AsyncJob) -> ImageGenerationResponse:
-        """Fetch a completed async job's answer (and count it)."""
-        response = self._client.fetch(job)
-        self._record(job.request, response)
-        return response
+        """Fetch a completed async job's answer (and count it); it carries the job's request
+        and ``response_id``."""
+        return self._record(self._client.fetch(job))
 
     def wait(self, job: AsyncJob, timeout: float = 600.0) -> ImageGenerationResponse:
-        """Poll until the job completes, then fetch it (and count it)."""
-        response = self._client.wait(job, timeout=timeout)
-        self._record(job.request, response)
-        return response
+        """Poll until the job completes, then fetch it (and count it); see :meth:`fetch`."""
+        return self._record(self._client.wait(job, timeout=timeout))
 
     def __repr__(self) -> str:
         return f"OctoAISession(client={self._client!r}, images={self._usage.images})"
@@ -188,17 +164,19 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         .. code-block:: python
 
             from dagster import AssetExecutionContext, Definitions, EnvVar, asset
-            from dagster_octoai import OctoAIResource
+            from dagster_octoai import ImageGenerationResponse, OctoAIResource, S3ImageIOManager
 
-            @asset
-            def fox(context: AssetExecutionContext, octoai: OctoAIResource) -> bytes:
-                with octoai.get_client(context) as client:
-                    response = client.generate({"prompt": "a red fox", "seed": 7})
-                return response.images[0].data
+            @asset(io_manager_key="images")
+            def fox(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageGenerationResponse:
+                with octoai.get_client(context) as session:
+                    return session.generate({"prompt": "a red fox", "seed": 7})
 
             defs = Definitions(
                 assets=[fox],
-                resources={"octoai": OctoAIResource(token=EnvVar("OCTOAI_TOKEN"))},
+                resources={
+                    "octoai": OctoAIResource(token=EnvVar("OCTOAI_TOKEN")),
+                    "images": S3ImageIOManager(bucket="images"),
+                },
             )
     """
 
@@ -258,9 +236,9 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     def _is_dagster_maintained(cls) -> bool:
         return False
 
-    def retry_policy(self) -> RetryPolicy:
+    def retry_policy(self) -> HTTPRetryPolicy:
         """The client's retry policy from this resource's fields."""
-        return RetryPolicy(
+        return HTTPRetryPolicy(
             max_attempts=self.max_attempts,
             initial_backoff_s=self.initial_backoff_s,
             max_backoff_s=self.max_backoff_s,
@@ -308,6 +286,11 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     ) -> Iterator[OctoAISession]:
         """A session whose usage is recorded as metadata on one output when the block ends.
 
+        Before the block runs, the output is checked against its IO manager where that
+        can be known without generating: an image IO manager's store must be usable
+        (``preflight``), and an output annotated with a type it cannot store (``bytes``,
+        ``PIL.Image.Image``...) is refused. Either way nothing has been paid for yet.
+
         Args:
             context: The asset's or op's context.
             asset_key: In a multi-asset, the asset whose output gets the usage.
@@ -318,7 +301,10 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
 
         Raises:
             RetryRequested: the quota is exhausted (429 after the client's retries).
+            UnstorableValueError: the output's image IO manager cannot store its type.
+            StorageError: the output's image IO manager cannot store anything now.
         """
+        _check_output(context, asset_key, output_name, lazy=False)
         session = OctoAISession(self.client)
         with self._failures(context, session, retry_on_quota=True):
             yield session
@@ -359,6 +345,11 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
             A lazy batch for :class:`~dagster_octoai.S3ImageIOManager` or
             :class:`~dagster_octoai.LocalImageIOManager` (it can be iterated once).
 
+        Raises:
+            UnstorableValueError: the output is not stored by an image IO manager (no
+                other can store a lazy batch); nothing was generated.
+            StorageError: the image IO manager cannot store anything now.
+
         Examples:
             .. code-block:: python
 
@@ -367,15 +358,17 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
                     requests = ({"prompt": f"frame {i}", "seed": i} for i in range(500))
                     return octoai.stream(context, requests, expected_images=500)
         """
+        _check_output(context, None, None, lazy=True)
         session = OctoAISession(self.client)
 
-        def results() -> Iterator[GenerationResult]:
+        def results() -> Iterator[ImageGenerationResponse]:
             # Runs inside the IO manager's handle_output: a step retry cannot be asked
             # for from there, so an exhausted quota fails the step like any error.
             with self._failures(context, session, retry_on_quota=False):
-                yield from session.iter_results(
+                for _index, answer in session.iter_generate(
                     requests, engine=engine, max_concurrency=max_concurrency
-                )
+                ):
+                    yield answer
 
         return ImageBatch(
             results(),
@@ -407,6 +400,58 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
         except BaseException:
             _warn_paid(context, session)
             raise
+
+
+def _check_output(
+    context: ExecutionContext,
+    asset_key: AssetKey | str | None,
+    output_name: str | None,
+    *,
+    lazy: bool,
+) -> None:
+    """What can be known of storing an output before anything is generated for it.
+
+    The output's IO manager is looked up as Dagster will use it. An image IO manager
+    (one with ``check_output_type``) is asked whether the output's declared type can be
+    stored and whether its store is usable (``preflight``). A lazy batch can only be
+    stored by an image IO manager.
+    """
+    try:
+        name = output_name or _output_name(context, asset_key)
+        if name is None and len(context.op_def.output_defs) == 1:
+            name = context.op_def.output_defs[0].name
+        out = None if name is None else context.op_def.output_def_named(name)
+    except (DagsterInvalidPropertyError, DagsterInvariantViolationError):
+        return  # a context built for a test, bound to no definition
+    if out is None:
+        return
+    io_manager = getattr(context.resources, out.io_manager_key, None)
+    check = getattr(io_manager, "check_output_type", None)
+    where = _output_label(context, name)
+    if check is None:
+        if lazy:
+            raise UnstorableValueError(
+                f"octoai.stream() makes a lazy ImageBatch, generated while an image IO manager "
+                f"stores it, but {where} is stored by IO manager {out.io_manager_key!r} "
+                f"({type(io_manager).__name__}), which cannot store it; give it "
+                "io_manager_key= of an S3ImageIOManager or LocalImageIOManager. Nothing was "
+                "generated or paid for."
+            )
+        return
+    check(out.dagster_type.typing_type, where)
+    asset = None
+    if context.has_assets_def and name is not None:
+        asset = context.assets_def.keys_by_output_name.get(name)
+    partition = context.partition_key if context.has_partition_key else None
+    preflight_store(context.resources, out.io_manager_key, asset, partition)
+
+
+def _output_label(context: ExecutionContext, output_name: str | None) -> str:
+    if context.has_assets_def and output_name is not None:
+        key = context.assets_def.keys_by_output_name.get(output_name)
+        if key is not None:
+            return f"asset {key.to_user_string()!r}"
+    return f"output {output_name!r} of op {context.op_def.name!r}"
 
 
 def _warn_paid(context: ExecutionContext, session: OctoAISession) -> None:

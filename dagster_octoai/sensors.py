@@ -92,13 +92,7 @@ def octoai_async_sensor(
     ledger_resource_key: str = "octoai_ledger",
     octoai_resource_key: str = "octoai",
     minimum_interval_seconds: int = 30,
-    max_concurrent_polls: int = 16,
-    tick_time_budget_s: float = 25.0,
-    max_resubmits: int = 2,
-    max_persist_runs: int = 3,
-    result_ttl_s: float = 24 * 3600.0,
-    warn_before_expiry_s: float = 6 * 3600.0,
-    intent_grace_s: float = 900.0,
+    settings: AsyncSensorSettings | None = None,
     default_status: DefaultSensorStatus = DefaultSensorStatus.STOPPED,
     client_factory: ClientFactory | None = None,
 ) -> SensorDefinition:
@@ -111,13 +105,10 @@ def octoai_async_sensor(
         ledger_resource_key: Key of the :class:`JobLedgerResource`.
         octoai_resource_key: Key of the :class:`OctoAIResource` (token and base URL).
         minimum_interval_seconds: Seconds between ticks.
-        max_concurrent_polls: Polls in flight at once.
-        tick_time_budget_s: No poll starts after this many seconds of a tick.
-        max_resubmits: Resubmissions of an expired or failed job before it is reported.
-        max_persist_runs: Failed persist runs before a job is reported failed.
-        result_ttl_s: How long the service keeps results (24 h on OctoAI).
-        warn_before_expiry_s: Warn this long before an unpersisted result expires.
-        intent_grace_s: Age at which an unanswered submission is taken as lost.
+        settings: How the sensor polls, resubmits and warns (polls in flight, the tick's
+            time budget, resubmissions, persist runs, result lifetime and warnings,
+            intent grace, how often a record is rewritten for its poll time); the
+            defaults of :class:`~dagster_octoai.AsyncSensorSettings` when unset.
         default_status: Whether the sensor starts running when deployed.
         client_factory: Builds the poll client; default: from the OctoAI resource.
 
@@ -126,16 +117,18 @@ def octoai_async_sensor(
         >>> results = octoai_async_results_asset(name="async_images")
         >>> octoai_async_sensor(asset=results).name
         'octoai_async_sensor'
+        >>> octoai_async_sensor(
+        ...     asset=results, settings=AsyncSensorSettings(max_concurrent_polls=4)
+        ... ).name
+        'octoai_async_sensor'
     """
-    settings = AsyncSensorSettings(
-        max_concurrent_polls=max_concurrent_polls,
-        tick_time_budget_s=tick_time_budget_s,
-        max_resubmits=max_resubmits,
-        max_persist_runs=max_persist_runs,
-        result_ttl_s=result_ttl_s,
-        warn_before_expiry_s=warn_before_expiry_s,
-        intent_grace_s=intent_grace_s,
-    )
+    if settings is None:
+        settings = AsyncSensorSettings()
+    elif not isinstance(settings, AsyncSensorSettings):
+        raise TypeError(
+            f"settings: expected an AsyncSensorSettings, got {type(settings).__name__}; "
+            "e.g. settings=AsyncSensorSettings(max_concurrent_polls=4)"
+        )
     partitions_def = asset.partitions_def
     if not isinstance(partitions_def, DynamicPartitionsDefinition) or partitions_def.name is None:
         raise ValueError(
@@ -201,14 +194,14 @@ def _client_from_resource(resource_key: str) -> ClientFactory:
 
 def sensor_client(resource: Any, settings: AsyncSensorSettings) -> OctoAIClient:
     """A client for one tick: the resource's token and URL, with timeouts that fit the budget."""
-    from .api._retry import RetryPolicy
+    from .api._retry import HTTPRetryPolicy
 
     per_call = max(min(10.0, settings.tick_time_budget_s / 4), 1.0)
     return OctoAIClient(
         resource.token,
         base_url=resource.base_url,
         timeout=per_call,
-        retry=RetryPolicy(max_attempts=2, deadline_s=per_call * 2, max_retry_after_s=per_call),
+        retry=HTTPRetryPolicy(max_attempts=2, deadline_s=per_call * 2, max_retry_after_s=per_call),
         max_concurrency=settings.max_concurrent_polls,
         trusted_origins=getattr(resource, "trusted_origins", ()) or (),
     )

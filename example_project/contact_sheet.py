@@ -19,8 +19,8 @@ from dagster import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-from dagster_octoai.api.batch import StoredImage
 from dagster_octoai.api.images import thumbnail_data_uri
+from dagster_octoai.api.models import GeneratedImage
 
 from .generation import IMAGES_IO
 from .settings import ExampleSettings
@@ -34,7 +34,7 @@ PADDING = 8
 
 
 def render_contact_sheet(
-    rows: Mapping[str, Sequence[StoredImage | None]], columns: Sequence[str]
+    rows: Mapping[str, Sequence[GeneratedImage | None]], columns: Sequence[str]
 ) -> bytes:
     """A PNG grid: a labelled row per product, a cell per column captioned with its seed.
 
@@ -81,7 +81,9 @@ def render_contact_sheet(
     return buf.getvalue()
 
 
-def _latest(by_partition: Mapping[str, list[StoredImage]], product: str) -> StoredImage | None:
+def _latest(
+    by_partition: Mapping[str, list[GeneratedImage]], product: str
+) -> GeneratedImage | None:
     images = by_partition.get(product) or []
     return images[0] if images else None
 
@@ -97,10 +99,10 @@ def _latest(by_partition: Mapping[str, list[StoredImage]], product: str) -> Stor
 )
 def contact_sheet(
     context: AssetExecutionContext,
-    product_images: dict[str, list[StoredImage]],
-    product_watercolor: dict[str, list[StoredImage]],
-    product_controlnet: dict[str, list[StoredImage]],
-    product_inpainted: dict[str, list[StoredImage]],
+    product_images: dict[str, list[GeneratedImage]],
+    product_watercolor: dict[str, list[GeneratedImage]],
+    product_controlnet: dict[str, list[GeneratedImage]],
+    product_inpainted: dict[str, list[GeneratedImage]],
 ) -> MaterializeResult[None]:
     """Renders the sheet, writes it locally and stores it beside the images."""
     sources = (product_images, product_watercolor, product_controlnet, product_inpainted)

@@ -32,6 +32,7 @@ from dagster_octoai.io_managers import LocalImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.sensors import octoai_async_sensor
 from dagster_octoai.storage.ledger import JobLedger
+from dagster_octoai.storage.ticker import AsyncSensorSettings
 
 #: One explicit-seed request per partition: the same partition asks for the same image.
 PARTITIONS = dg.StaticPartitionsDefinition(["harbour"])
@@ -89,7 +90,9 @@ def sensor_definitions(place: dict[str, Any], server_url: str, token: str, barri
     def client(context: Any, settings: Any) -> OctoAIClient:
         return MeetingClient(token, base_url=server_url, timeout=20.0, barrier=barrier)
 
-    sensor = octoai_async_sensor(asset=results, client_factory=client, max_resubmits=3)
+    sensor = octoai_async_sensor(
+        asset=results, client_factory=client, settings=AsyncSensorSettings(max_resubmits=3)
+    )
     resources = {
         "octoai": OctoAIResource(token=token, base_url=server_url),
         "octoai_ledger": ledger_resource(place),

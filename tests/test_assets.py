@@ -135,7 +135,7 @@ def test_img2img_takes_init_image_from_upstream_asset(
     )
     result = materialize([photo, variation], resources={"octoai": octoai})
     assert result.success
-    req = _batch(result, "variation").results[0].request
+    req = _batch(result, "variation").responses[0].request
     assert req.strength == 0.4 and req.init_image is not None
     summary = _mat(result, "variation").metadata["request"].value
     assert summary["init_image"].startswith("<image ")  # a digest, never the payload
@@ -195,7 +195,7 @@ def test_photo_merge_transfer_images_from_upstream(octoai: OctoAIResource) -> No
     )
     result = materialize([portraits, merged], resources={"octoai": octoai})
     assert result.success
-    req = _batch(result, "merged").results[0].request
+    req = _batch(result, "merged").responses[0].request
     assert req.transfer_images is not None and len(req.transfer_images["sks"]) == 2
 
 
@@ -239,7 +239,7 @@ def test_controlnet_sdxl_local_edge_map_from_generated_upstream(
     result = materialize([base, edges], resources={"octoai": octoai})
     assert result.success
     assert _stats_delta(octoai_server, before)["requests"] == 2
-    req = _batch(result, "edges").results[0].request
+    req = _batch(result, "edges").responses[0].request
     assert req.controlnet_preprocess is False
     control = Image.open(io.BytesIO(__import__("base64").b64decode(req.controlnet_image)))
     assert control.size == (1024, 1024)

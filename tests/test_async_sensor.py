@@ -35,7 +35,7 @@ from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.sensors import octoai_async_sensor
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
 from dagster_octoai.storage.ledger import JobLedger, JobRecord, JobState
-from dagster_octoai.storage.ticker import RESPONSE_ID_TAG, AsyncSensorCursor
+from dagster_octoai.storage.ticker import RESPONSE_ID_TAG, AsyncSensorCursor, AsyncSensorSettings
 
 __all__ = ["module_instance", "module_server"]  # fixtures used by this module
 
@@ -55,7 +55,7 @@ class Harness:
         server_url: str,
         tmp: Path,
         requests: Sequence[dict[str, Any]] = (),
-        **sensor_kwargs: Any,
+        **settings: Any,
     ) -> None:
         self.instance = instance
         self.ledger_dir = tmp / "ledger"
@@ -71,8 +71,11 @@ class Harness:
         self.submit = octoai_async_submit_asset(
             "async_jobs", list(requests), results_asset=self.results
         )
-        sensor_kwargs.setdefault("minimum_interval_seconds", 1)
-        self.sensor = octoai_async_sensor(asset=self.results, **sensor_kwargs)
+        self.sensor = octoai_async_sensor(
+            asset=self.results,
+            minimum_interval_seconds=1,
+            settings=AsyncSensorSettings(**settings),
+        )
         self.defs = Definitions(
             assets=[self.submit, self.results], sensors=[self.sensor], resources=self.resources
         )
@@ -278,6 +281,33 @@ def test_a_corrupt_or_old_cursor_is_recovered_from(
     assert "cursor unreadable" in capfd.readouterr().err
     assert len(data.run_requests) == 2
     assert AsyncSensorCursor.parse(data.cursor).version == 1
+
+
+@pytest.mark.parametrize(("interval_s", "rewritten"), [(0.0, True), (300.0, False)])
+def test_the_sensor_takes_its_settings_object_poll_record_interval_included(
+    instance: DagsterInstance,
+    server: LocalOctoAIServer,
+    tmp_path: Path,
+    interval_s: float,
+    rewritten: bool,
+) -> None:
+    """Every AsyncSensorSettings field reaches the ticker (this one had no parameter before)."""
+    server.configure(async_queue_delay_s=60.0)  # the job stays pending across the ticks
+    h = Harness(instance, server.url, tmp_path, _requests(1), poll_record_interval_s=interval_s)
+    h.submit_jobs()
+    h.tick()
+    (first,) = h.ledger.iter_records()
+    assert first.last_polled_at is not None
+    time.sleep(0.05)
+    h.tick()
+    (second,) = h.ledger.iter_records()
+    assert (second.last_polled_at != first.last_polled_at) is rewritten
+
+
+def test_the_sensor_refuses_settings_of_another_type() -> None:
+    results = octoai_async_results_asset("typed_images")
+    with pytest.raises(TypeError, match="settings: expected an AsyncSensorSettings, got dict"):
+        octoai_async_sensor(asset=results, settings={"max_concurrent_polls": 4})  # type: ignore[arg-type]
 
 
 def test_an_expired_result_is_resubmitted_with_the_same_request_and_seed(

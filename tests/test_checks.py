@@ -10,7 +10,7 @@ import pytest
 from dagster import AssetExecutionContext, EnvVar, asset, materialize
 from PIL import Image
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.checks import (
     CHECK_DECODES,
@@ -29,10 +29,9 @@ def octoai(octoai_server: Any, monkeypatch: pytest.MonkeyPatch) -> OctoAIResourc
     return OctoAIResource(token=EnvVar("OCTOAI_TOKEN"), base_url=octoai_server.url)
 
 
-def _generate(octoai: OctoAIResource, prompt: str) -> GenerationResult:
+def _generate(octoai: OctoAIResource, prompt: str) -> ImageGenerationResponse:
     with octoai.client as client:
-        req = ImageGenerationRequest(prompt=prompt, engine="sd", steps=2, seed=3)
-        return GenerationResult(req, client.generate(req))
+        return client.generate(ImageGenerationRequest(prompt=prompt, engine="sd", steps=2, seed=3))
 
 
 def _passed(results: list[Any]) -> dict[str, bool]:
@@ -46,7 +45,7 @@ def test_all_checks_pass_on_a_served_image(octoai: OctoAIResource) -> None:
 
 def test_safety_check_fails_when_the_server_removes_an_image(octoai: OctoAIResource) -> None:
     result = _generate(octoai, "a nsfw cat")  # the server's safety trigger word
-    assert result.response.removed_count == 1
+    assert result.removed_count == 1
     checks = evaluate_image_checks("x", [result])
     assert _passed(checks)[CHECK_NO_REMOVED] is False
     assert checks[0].metadata["removed_seeds"].value == [3]
@@ -55,26 +54,28 @@ def test_safety_check_fails_when_the_server_removes_an_image(octoai: OctoAIResou
 def test_size_check_fails_when_the_image_is_not_the_requested_size(octoai: OctoAIResource) -> None:
     served = _generate(octoai, "a cat")  # 512x512
     asked_wider = ImageGenerationRequest(prompt="a cat", engine="sd", width=768, height=512)
-    checks = evaluate_image_checks("x", [GenerationResult(asked_wider, served.response)])
+    checks = evaluate_image_checks(
+        "x", ImageGenerationResponse(images=served.images, request=asked_wider)
+    )
     assert _passed(checks)[CHECK_SIZE] is False
     assert "512x512, requested 768x512" in checks[1].metadata["wrong_size"].value[0]
 
 
 def test_decode_check_fails_on_a_truncated_image(octoai: OctoAIResource) -> None:
     served = _generate(octoai, "a cat")
-    data = served.response.images[0].data
-    body = served.response.model_dump()
+    data = served.images[0].data
+    body = served.model_dump()
     body["images"][0]["image_b64"] = base64.b64encode(data[: len(data) // 2]).decode()
-    truncated = ImageGenerationResponse.model_validate(body)
-    checks = evaluate_image_checks("x", [GenerationResult(served.request, truncated)])
+    truncated = ImageGenerationResponse(request=served.request, **body)
+    checks = evaluate_image_checks("x", [truncated])
     assert _passed(checks)[CHECK_DECODES] is False
     assert _passed(checks)[CHECK_SIZE] is True  # not judged: it does not decode
 
 
-def _with_image(served: GenerationResult, data: bytes) -> GenerationResult:
-    body = served.response.model_dump()
+def _with_image(served: ImageGenerationResponse, data: bytes) -> ImageGenerationResponse:
+    body = served.model_dump()
     body["images"][0]["image_b64"] = base64.b64encode(data).decode()
-    return GenerationResult(served.request, ImageGenerationResponse.model_validate(body))
+    return ImageGenerationResponse(request=served.request, **body)
 
 
 def test_decode_check_fails_on_a_corrupt_header_that_keeps_its_end_marker(
@@ -82,7 +83,7 @@ def test_decode_check_fails_on_a_corrupt_header_that_keeps_its_end_marker(
 ) -> None:
     # The end marker alone does not pass an image: its header must parse too.
     served = _generate(octoai, "a cat")
-    data = served.response.images[0].data
+    data = served.images[0].data
     corrupt = data[:3] + b"\x00" * 64 + data[-2:]
     checks = evaluate_image_checks("x", [_with_image(served, corrupt)])
     assert _passed(checks)[CHECK_DECODES] is False
@@ -107,10 +108,9 @@ def test_standalone_checks_on_users_asset_stored_by_the_image_io_manager(
     octoai: OctoAIResource, tmp_path: Any
 ) -> None:
     @asset(io_manager_key="images")
-    def cats(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
+    def cats(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageGenerationResponse:
         with octoai.get_client(context) as client:
-            req = ImageGenerationRequest(prompt="cats", engine="sd", steps=2, num_images=2)
-            return ImageBatch([GenerationResult(req, client.generate(req))])
+            return client.generate({"prompt": "cats", "engine": "sd", "steps": 2, "num_images": 2})
 
     checks = octoai_image_checks(cats)
     result = materialize(
@@ -139,7 +139,7 @@ def test_standalone_decode_check_fails_on_corrupted_stored_image(
         buf = io.BytesIO()
         Image.new("RGB", (512, 512)).save(buf, format="PNG")
         body["images"][0]["image_b64"] = base64.b64encode(buf.getvalue()[:200]).decode()
-        return ImageBatch([GenerationResult(req, ImageGenerationResponse.model_validate(body))])
+        return ImageBatch([ImageGenerationResponse(request=req, **body)])
 
     result = materialize([broken, octoai_image_checks(broken)], resources={"octoai": octoai})
     assert result.success

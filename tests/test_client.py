@@ -27,14 +27,15 @@ from _scripted_server import (
     scripted_server,
     server,
 )
+from pydantic import SecretStr
 
 from dagster_octoai.api import _retry, client as client_module, errors
-from dagster_octoai.api.client import DEFAULT_BASE_URL, OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import DEFAULT_BASE_URL, HTTPRetryPolicy, OctoAIClient
 from dagster_octoai.api.models import AsyncJob, Engine, ImageGenerationRequest, JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-test-SECRET-0123456789"
-FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
+FAST = HTTPRetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
 
 __all__ = ["module_scripted_server", "server"]  # fixtures used by this module
 
@@ -64,15 +65,32 @@ def test_repr_hides_token_and_defaults() -> None:
         assert TOKEN not in repr(client) and TOKEN not in str(vars(client).get("_redactor"))
         assert client.base_url == "https://image.octoai.run"
         assert client.max_concurrency == 4
-        assert client.retry == RetryPolicy()
+        assert client.retry == HTTPRetryPolicy()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("cls", [OctoAIClient, client_module.AsyncOctoAIClient])
+def test_the_token_is_never_held_in_clear_where_a_debugger_looks(cls: Any) -> None:
+    client = cls(TOKEN, base_url="http://127.0.0.1:9")
+    # What a debugger's variables view shows: each attribute and one level inside it
+    # (but inside the SecretStr itself, which is what holds the token).
+    shown = [repr(vars(client)), str(vars(client))]
+    for value in vars(client).values():
+        shown.append(repr(value))
+        if isinstance(value, SecretStr):
+            continue
+        shown += [repr(v) for v in getattr(value, "__dict__", {}).values()]
+        if isinstance(value, dict):
+            shown += [repr(v) for v in value.values()]
+    assert all(TOKEN not in text for text in shown)
+    assert isinstance(client._token, SecretStr) and client._token.get_secret_value() == TOKEN
 
 
 def test_token_from_environment_and_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OCTOAI_TOKEN", "env-token")
     with OctoAIClient() as client:
-        assert client._token == "env-token"
+        assert client._token.get_secret_value() == "env-token"
     monkeypatch.delenv("OCTOAI_TOKEN")
     with pytest.raises(errors.RequestValidationError, match="OCTOAI_TOKEN") as info:
         OctoAIClient()
@@ -94,9 +112,9 @@ def test_bad_construction_names_the_field(kwargs: dict[str, Any], field: str) ->
 
 def test_retry_policy_validates() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
-        RetryPolicy(max_attempts=0)
+        HTTPRetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
-        RetryPolicy(unknown=1)  # type: ignore[call-arg]
+        HTTPRetryPolicy(unknown=1)  # type: ignore[call-arg]
 
 
 # ---- generate ----------------------------------------------------------------------------
@@ -234,7 +252,7 @@ def test_retries_run_out(
     server: ScriptedServer, status: int, cls: type[errors.APIStatusError]
 ) -> None:
     server.default = Reply(status, {"message": "nope"}, headers={"X-User-Request-ID": "rid"})
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(cls) as info,
@@ -249,7 +267,7 @@ def test_retries_run_out(
 def test_rate_limit_error_carries_retry_after(server: ScriptedServer) -> None:
     server.default = Reply(429, {"message": "slow down"}, headers={"Retry-After": "0"})
     with (
-        OctoAIClient(TOKEN, base_url=server.url, retry=RetryPolicy(max_attempts=2)) as client,
+        OctoAIClient(TOKEN, base_url=server.url, retry=HTTPRetryPolicy(max_attempts=2)) as client,
         pytest.raises(errors.RateLimitError) as info,
     ):
         client.generate({"prompt": "a fox"})
@@ -276,7 +294,7 @@ def test_retry_after_http_date_is_honoured(server: ScriptedServer, client: OctoA
 
 def test_retry_after_over_the_cap_is_not_waited(server: ScriptedServer) -> None:
     server.default = Reply(429, {"message": "quota"}, headers={"Retry-After": "3600"})
-    policy = RetryPolicy(max_retry_after_s=5)
+    policy = HTTPRetryPolicy(max_retry_after_s=5)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(errors.RateLimitError) as info,
@@ -289,7 +307,7 @@ def test_retry_after_over_the_cap_is_not_waited(server: ScriptedServer) -> None:
 
 def test_a_wait_past_the_deadline_is_not_started(server: ScriptedServer) -> None:
     server.default = Reply(503, {"message": "busy"}, headers={"Retry-After": "30"})
-    policy = RetryPolicy(deadline_s=2)
+    policy = HTTPRetryPolicy(deadline_s=2)
     with OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client:
         started = time.monotonic()
         with pytest.raises(errors.ServerError, match="deadline"):
@@ -300,7 +318,7 @@ def test_a_wait_past_the_deadline_is_not_started(server: ScriptedServer) -> None
 
 def test_deadline_cuts_a_slow_attempt(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), delay_s=5)
-    policy = RetryPolicy(deadline_s=0.5)
+    policy = HTTPRetryPolicy(deadline_s=0.5)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy, timeout=30) as client,
         pytest.raises(errors.DeadlineExceededError, match="deadline"),
@@ -326,7 +344,7 @@ def test_dropped_connection_is_retried(server: ScriptedServer, client: OctoAICli
 
 def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), drop=True)
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     with (
         OctoAIClient(TOKEN, base_url=server.url, retry=policy) as client,
         pytest.raises(errors.ConnectionFailedError, match="dropped") as info,
@@ -337,7 +355,7 @@ def test_dropped_every_time_raises_connection_failed(server: ScriptedServer) -> 
 
 
 def test_connection_refused_is_retried_then_raised(caplog: pytest.LogCaptureFixture) -> None:
-    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=3, initial_backoff_s=0.01)
     caplog.set_level(logging.WARNING, logger="dagster_octoai.api.client")
     url = f"http://127.0.0.1:{free_port()}"
     with (
@@ -857,7 +875,7 @@ def test_local_server_faults_are_retried(octoai_server_factory: Any) -> None:
     faults = FaultConfig(error_500=0.2, error_503=0.2, drop_connection=0.2, seed=3)
     server = octoai_server_factory(faults=faults, replicas=4)
     requests = [{"prompt": "fox", "engine": "sd", "seed": s} for s in range(12)]
-    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.01, max_backoff_s=0.05)
+    policy = HTTPRetryPolicy(max_attempts=10, initial_backoff_s=0.01, max_backoff_s=0.05)
     with local_client(server, retry=policy) as client:
         results = client.generate_many(requests)
     assert [r.seeds for r in results] == [[s] for s in range(12)]
@@ -882,7 +900,7 @@ def test_local_server_retrying_a_lost_answer_pays_twice(octoai_server_factory: A
     from dagster_octoai.server import FaultConfig
 
     server = octoai_server_factory(faults=FaultConfig(drop_after_render=1.0))
-    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.01)
+    policy = HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.01)
     with local_client(server, retry=policy) as client, pytest.raises(errors.ConnectionFailedError):
         client.generate({"prompt": "fox", "engine": "sd", "seed": 1})
     assert server.stats()["paid_generations"] == 2
@@ -981,3 +999,36 @@ def test_conformance_with_the_official_sdk(
     ]
     if params.get("image_encoding") == "png":
         assert all(im.format == "png" for im in ours.images)
+
+
+# ---- the answer carries its request ----------------------------------------------------
+
+
+def test_every_answer_carries_the_request_that_produced_it(
+    server: ScriptedServer, client: OctoAIClient
+) -> None:
+    server.default = ok([3])
+    asked = {"prompt": "a red fox", "seed": 3, "steps": 9}
+    built = ImageGenerationRequest.build(asked, engine="sd")
+
+    one = client.generate(asked, engine="sd")
+    assert one.request == built and one.response_id is None and one.reused_from is None
+    assert all(im.request == built for im in one.images)
+    many = client.generate_many([{**asked, "seed": s} for s in (1, 2)], engine="sd")
+    assert [r.request.seed for r in many if r.request] == [1, 2]
+    streamed = dict(client.iter_generate([{**asked, "seed": s} for s in (4, 5)], engine="sd"))
+    assert {i: r.request.seed for i, r in streamed.items() if r.request} == {0: 4, 1: 5}
+
+    rurl = f"{server.url}/v1/responses/job-1"
+    server.script(job_reply(server), poll_reply("completed", rurl), ok([3]))
+    job = client.submit(built)
+    waited = client.wait(job, timeout=10, poll_interval_s=0.01)
+    assert waited.request == built and waited.response_id == "job-1"
+    assert all(im.response_id == "job-1" and im.request == built for im in waited.images)
+    server.script(poll_reply("completed", rurl), ok([3]))
+    fetched = client.fetch(job)
+    assert fetched.request == built and fetched.response_id == "job-1"
+    # A bare response URL says nothing of the request that made it.
+    server.script(ok([3]))
+    bare = client.fetch(rurl)
+    assert bare.request is None and bare.response_id is None

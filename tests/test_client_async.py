@@ -21,12 +21,12 @@ from _scripted_server import (
 )
 
 from dagster_octoai.api import errors
-from dagster_octoai.api.client import AsyncOctoAIClient, RetryPolicy
+from dagster_octoai.api.client import AsyncOctoAIClient, HTTPRetryPolicy
 from dagster_octoai.api.models import JobStatus
 from dagster_octoai.version import __version__
 
 TOKEN = "sk-async-SECRET-9876543210"
-FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
+FAST = HTTPRetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=30)
 T = TypeVar("T")
 
 __all__ = ["module_scripted_server", "server"]  # fixtures used by this module
@@ -112,7 +112,7 @@ def test_retries_run_out(server: ScriptedServer) -> None:
         run(
             server,
             lambda c: c.generate({"prompt": "a fox"}),
-            retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01),
+            retry=HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.01),
         )
     assert len(server.requests) == 2
 
@@ -120,7 +120,9 @@ def test_retries_run_out(server: ScriptedServer) -> None:
 def test_deadline(server: ScriptedServer) -> None:
     server.default = Reply(200, generation_body(), delay_s=5)
     with pytest.raises(errors.DeadlineExceededError):
-        run(server, lambda c: c.generate({"prompt": "a fox"}), retry=RetryPolicy(deadline_s=0.5))
+        run(
+            server, lambda c: c.generate({"prompt": "a fox"}), retry=HTTPRetryPolicy(deadline_s=0.5)
+        )
     assert len(server.requests) == 1
 
 
@@ -429,3 +431,36 @@ def test_local_server_failed_and_expired_jobs(octoai_server_factory: Any) -> Non
 
     with pytest.raises(errors.JobExpiredError):
         run_local(server, expiring)
+
+
+def test_every_answer_carries_the_request_that_produced_it(server: ScriptedServer) -> None:
+    rurl = f"{server.url}/v1/responses/j2"
+    asked = {"prompt": "a red fox", "seed": 3}
+
+    async def body(client: AsyncOctoAIClient) -> Any:
+        server.default = ok([3])
+        one = await client.generate(asked, engine="sd")
+        many = await client.generate_many([{**asked, "seed": s} for s in (1, 2)])
+        streamed = [r async for _, r in client.iter_generate([asked])]
+        server.script(
+            Reply(201, {"response_id": "j2", "poll_url": f"{server.url}/v1/requests/j2"}),
+            Reply(200, {"status": "completed", "response_url": rurl}),
+            ok([3]),
+            Reply(200, {"status": "completed", "response_url": rurl}),
+            ok([3]),
+            ok([3]),
+        )
+        job = await client.submit(asked)
+        waited = await client.wait(job, timeout=10, poll_interval_s=0.02)
+        fetched = await client.fetch(job)
+        bare = await client.fetch(rurl)
+        return job, one, many, streamed, waited, fetched, bare
+
+    job, one, many, streamed, waited, fetched, bare = run(server, body)
+    assert one.request.engine.value == "sd" and one.images[0].request == one.request
+    assert [r.request.seed for r in many] == [1, 2]
+    assert streamed[0].request.prompt == "a red fox"
+    for answer in (waited, fetched):
+        assert answer.request == job.request and answer.response_id == "j2"
+        assert answer.images[0].response_id == "j2"
+    assert bare.request is None and bare.response_id is None

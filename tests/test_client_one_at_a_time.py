@@ -18,7 +18,7 @@ from _scripted_server import (
 )
 
 from dagster_octoai.api import errors
-from dagster_octoai.api.client import OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import HTTPRetryPolicy, OctoAIClient
 
 __all__ = ["module_scripted_server", "server"]
 
@@ -36,7 +36,7 @@ def _by_seed(request: Recorded) -> Reply:
 @pytest.fixture
 def client(server: ScriptedServer) -> Iterator[OctoAIClient]:
     server.default = _by_seed
-    with OctoAIClient(TOKEN, base_url=server.url, retry=RetryPolicy.none()) as client:
+    with OctoAIClient(TOKEN, base_url=server.url, retry=HTTPRetryPolicy.none()) as client:
         yield client
 
 

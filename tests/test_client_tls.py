@@ -14,7 +14,7 @@ import trustme
 from _scripted_server import ScriptedServer, ok
 
 from dagster_octoai.api._http import tls_context
-from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import AsyncOctoAIClient, HTTPRetryPolicy, OctoAIClient
 from dagster_octoai.api.errors import ConnectionFailedError
 
 TOKEN = "sk-test-SECRET-tls-5150"
@@ -58,7 +58,7 @@ def clean_ca_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_an_unknown_certificate_is_refused(https_server: ScriptedServer) -> None:
     with (
-        OctoAIClient(TOKEN, base_url=https_server.url, retry=RetryPolicy.none()) as client,
+        OctoAIClient(TOKEN, base_url=https_server.url, retry=HTTPRetryPolicy.none()) as client,
         pytest.raises(ConnectionFailedError, match="CERTIFICATE_VERIFY_FAILED") as caught,
     ):
         client.generate({"prompt": "a fox", "seed": 9})

@@ -22,7 +22,7 @@ from _scripted_server import (
     server,
 )
 
-from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import AsyncOctoAIClient, HTTPRetryPolicy, OctoAIClient
 from dagster_octoai.api.errors import ConnectionFailedError
 from dagster_octoai.version import __version__
 
@@ -116,7 +116,7 @@ def _through_proxy(
 ) -> list[Recorded]:
     monkeypatch.setenv(variable, server.url)
     server.default = ok([5])
-    with OctoAIClient(TOKEN, base_url=UNRESOLVABLE, retry=RetryPolicy.none()) as client:
+    with OctoAIClient(TOKEN, base_url=UNRESOLVABLE, retry=HTTPRetryPolicy.none()) as client:
         response = client.generate({"prompt": "a fox", "seed": 5})
     assert response.seeds == [5]
     return server.requests
@@ -155,7 +155,7 @@ def test_no_proxy_alone_keeps_calls_direct(
     with OctoAIClient(TOKEN, base_url=server.url) as client:
         assert client.generate({"prompt": "a fox", "seed": 7}).seeds == [7]
     with (
-        OctoAIClient(TOKEN, base_url=UNRESOLVABLE, retry=RetryPolicy.none()) as client,
+        OctoAIClient(TOKEN, base_url=UNRESOLVABLE, retry=HTTPRetryPolicy.none()) as client,
         pytest.raises(ConnectionFailedError, match="could not connect"),
     ):
         client.generate({"prompt": "a fox"})
@@ -165,9 +165,13 @@ def test_no_proxy_alone_keeps_calls_direct(
 @pytest.mark.parametrize(
     "make",
     [
-        lambda url: OctoAIClient(TOKEN, base_url=url, retry=RetryPolicy.none(), timeout=0.5),
+        lambda url: OctoAIClient(TOKEN, base_url=url, retry=HTTPRetryPolicy.none(), timeout=0.5),
         lambda url: OctoAIClient(
-            TOKEN, base_url=url, retry=RetryPolicy.none(), timeout=0.5, http_client=httpx.Client()
+            TOKEN,
+            base_url=url,
+            retry=HTTPRetryPolicy.none(),
+            timeout=0.5,
+            http_client=httpx.Client(),
         ),
     ],
     ids=["own pool", "passed-in"],

@@ -10,8 +10,12 @@ import pytest
 from dagster import AssetExecutionContext
 from test_storage import image_bytes, make_result, sha
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch, StoredImage
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.batch import ImageBatch
+from dagster_octoai.api.models import (
+    GeneratedImage,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+)
 from dagster_octoai.io_managers import LocalImageIOManager, S3ImageIOManager
 from dagster_octoai.storage import S3Backend, StorageError, safe_segment
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
@@ -58,10 +62,10 @@ def test_unpartitioned_asset_round_trip(io_manager: Any) -> None:
     def foxes() -> ImageBatch:
         return ImageBatch([make_result("a red fox", [11, 12], steps=20)])
 
-    loaded: list[list[StoredImage]] = []
+    loaded: list[list[GeneratedImage]] = []
 
     @dg.asset
-    def fox_sizes(foxes: list[StoredImage]) -> None:
+    def fox_sizes(foxes: list[GeneratedImage]) -> None:
         loaded.append(foxes)
 
     result = dg.materialize([foxes, fox_sizes], resources={"io_manager": io_manager})
@@ -115,10 +119,10 @@ def test_static_partitions_keys_are_sanitised_and_load_as_dict(io_manager: Any) 
         seed = HOSTILE.index(context.partition_key) + 1
         return ImageBatch([make_result(f"shot {context.partition_key}", [seed])])
 
-    got: list[dict[str, list[StoredImage]]] = []
+    got: list[dict[str, list[GeneratedImage]]] = []
 
     @dg.asset
-    def all_shots(shots: dict[str, list[StoredImage]]) -> None:
+    def all_shots(shots: dict[str, list[GeneratedImage]]) -> None:
         got.append(shots)
 
     resources = {"io_manager": io_manager}
@@ -167,10 +171,10 @@ def test_multi_partitions_layout_and_single_partition_load(io_manager: Any) -> N
         seed = 1 if dims["color"] == "red" else 2
         return ImageBatch([make_result(f"{dims['color']} tile", [seed])])
 
-    got: list[list[StoredImage]] = []
+    got: list[list[GeneratedImage]] = []
 
     @dg.asset(partitions_def=parts)
-    def tile_check(tiles: list[StoredImage]) -> None:
+    def tile_check(tiles: list[GeneratedImage]) -> None:
         got.append(tiles)
 
     key = dg.MultiPartitionKey({"date": "2024-01-02", "color": "blue"})
@@ -233,7 +237,7 @@ def test_annotation_list_flattens_a_range(tmp_path: Path) -> None:
     got: list[Any] = []
 
     @dg.asset
-    def flat(src: list[StoredImage]) -> None:
+    def flat(src: list[GeneratedImage]) -> None:
         got.append(src)
 
     for key in ("a", "b"):
@@ -286,7 +290,7 @@ def test_lazy_batch_through_materialize(io_manager: Any) -> None:
 
     @dg.asset
     def film() -> ImageBatch:
-        def frames() -> Iterator[GenerationResult]:
+        def frames() -> Iterator[ImageGenerationResponse]:
             for i in range(count):
                 yield make_result(
                     f"frame {i}", [i], removed=frozenset({7}) if i == 7 else frozenset()
@@ -388,13 +392,13 @@ def test_end_to_end_with_the_local_server(seaweedfs: SeaweedFS, s3_bucket: str) 
         answers: list[Any] = []
 
         @dg.asset(required_resource_keys={"io_manager"})
-        def lighthouse(context: AssetExecutionContext) -> ImageBatch:
+        def lighthouse(context: AssetExecutionContext) -> ImageGenerationResponse:
             found = context.resources.io_manager.find_existing(request, context.asset_key, None)
             if found is not None:
-                return ImageBatch([found])
+                return found
             response = client.generate(request)
             answers.append(response)
-            return ImageBatch([GenerationResult(request, response)])
+            return response
 
         first = dg.materialize([lighthouse], resources={"io_manager": io}, instance=instance)
         second = dg.materialize([lighthouse], resources={"io_manager": io}, instance=instance)

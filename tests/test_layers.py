@@ -84,3 +84,26 @@ def test_the_client_layer_and_server_load_no_dagster() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_the_surface_exports_what_users_need_and_no_internals() -> None:
+    surface = set(dagster_octoai.__all__)
+    assert {"Usage", "ObjectNotFoundError", "StorageError", "HTTPRetryPolicy"} <= surface
+    internals = {"AsyncSensorCursor", "JobState", "JobRecord", "JobLedger", "AsyncJobTicker"}
+    assert not internals & surface
+    for gone in ("GenerationResult", "StoredImage", "RetryPolicy"):
+        assert gone not in surface
+        with pytest.raises(AttributeError):
+            getattr(dagster_octoai, gone)
+    # The client's retry policy no longer shadows Dagster's step retry policy.
+    import dagster
+
+    assert dagster_octoai.HTTPRetryPolicy.__name__ != dagster.RetryPolicy.__name__
+    # One exception hierarchy: the storage errors are OctoAIErrors, defined with the rest.
+    from dagster_octoai import storage
+
+    assert issubclass(dagster_octoai.ObjectNotFoundError, dagster_octoai.StorageError)
+    assert issubclass(dagster_octoai.StorageError, dagster_octoai.OctoAIError)
+    assert dagster_octoai.StorageError.__module__ == "dagster_octoai.api.errors"
+    assert storage.StorageError is dagster_octoai.StorageError
+    assert storage.ObjectNotFoundError is dagster_octoai.ObjectNotFoundError

@@ -530,6 +530,62 @@ def test_response_and_call_info() -> None:
     assert response.with_call_info(call).call_info.retries == 2
 
 
+def test_an_answer_carries_its_request_and_its_images_do_too() -> None:
+    request = ImageGenerationRequest(prompt="a red fox", seed=[1, 2], num_images=2)
+    images = [GeneratedImage(image_b64=b64(jpeg()), seed=s) for s in (1, 2)]
+    answer = ImageGenerationResponse(
+        images=images, request=request, response_id="job-1", reused_from="s3://b/m.json"
+    )
+    assert answer.request is request
+    assert (answer.response_id, answer.reused_from) == ("job-1", "s3://b/m.json")
+    assert [(im.request, im.response_id) for im in answer.images] == [(request, "job-1")] * 2
+    # Pickled (Dagster's default IO manager) and copied answers keep what produced them.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(answer))
+    assert again.request == request and again.images[0].request == request
+    assert again == answer and answer.model_copy().reused_from == "s3://b/m.json"
+    # The wire form is the server's body only: parsing it knows no request.
+    parsed = ImageGenerationResponse.model_validate_json(answer.model_dump_json())
+    assert parsed.request is None and parsed.seeds == [1, 2]
+
+
+def test_an_answer_around_another_answers_images_leaves_them_theirs() -> None:
+    first = ImageGenerationResponse(
+        images=[GeneratedImage(image_b64=b64(jpeg()), seed=1)],
+        request=ImageGenerationRequest(prompt="first"),
+    )
+    other = ImageGenerationRequest(prompt="other", engine="sd", width=768, height=512)
+    second = ImageGenerationResponse(images=first.images, request=other)
+    assert second.images[0].request == other
+    assert first.images[0].request is not None and first.images[0].request.prompt == "first"
+
+
+def test_an_image_from_stored_bytes_keeps_them_and_says_where_they_are() -> None:
+    data = png((20, 10))
+    request = ImageGenerationRequest(prompt="x", seed=3)
+    image = GeneratedImage.from_bytes(
+        data,
+        seed=3,
+        request=request,
+        uri="s3://b/k/000-seed3.png",
+        index=0,
+        partition_key="p1",
+        metadata={"seed": "3"},
+    )
+    assert image.data is data and image.image_b64 is None and image.available
+    assert (image.uri, image.index, image.partition_key) == ("s3://b/k/000-seed3.png", 0, "p1")
+    assert image.request is request and image.metadata == {"seed": "3"}
+    assert image.to_pil().size == (20, 10)
+    # Encoded only when dumped: the dump is a valid wire image.
+    dumped = GeneratedImage.model_validate(image.model_dump())
+    assert dumped.data == data
+    with pytest.raises(errors.ImageDecodeError, match="s3://b/k/x: 5 bytes that are not an image"):
+        GeneratedImage.from_bytes(b"hello", seed=1, uri="s3://b/k/x")
+    plain = GeneratedImage(image_b64=b64(data), seed=3)
+    assert (plain.uri, plain.index, plain.partition_key, plain.metadata) == (None, None, None, {})
+
+
 def test_job_status_parse() -> None:
     assert JobStatus.parse("COMPLETED") is JobStatus.COMPLETED
     assert JobStatus.parse("pending") is JobStatus.PENDING

@@ -37,12 +37,12 @@ def test_op_job_generates_from_run_config_and_records_usage(
     assert octoai_server.stats()["paid_generations"] - before == 2
     batch = result.output_for_node("generate")
     assert isinstance(batch, ImageBatch) and batch.image_count == 2
-    assert batch.results[0].request.steps == 3  # from the template
+    assert batch.responses[0].request.steps == 3  # from the template
     (event,) = [e for e in result.all_events if e.event_type_value == "HANDLED_OUTPUT"]
     outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     md = outputs[0].step_output_data.metadata
     assert md["octoai/images"].value == 2 and md["octoai/steps"].value == 6
-    assert md["seeds"].value == batch.results[0].response.seeds
+    assert md["seeds"].value == batch.responses[0].seeds
     assert event is not None
 
 

@@ -22,7 +22,7 @@ def _python_blocks() -> list[str]:
 def test_readme_quickstart_materializes_a_partition(
     octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, s3_bucket: str
 ) -> None:
-    (block,) = _python_blocks()
+    block, _ = _python_blocks()
     namespace: dict[str, Any] = {}
     exec(compile(block, str(README), "exec"), namespace)
     defs: dg.Definitions = namespace["defs"]
@@ -49,3 +49,32 @@ def test_readme_quickstart_materializes_a_partition(
     mat = result.asset_materializations_for_node("product_images")[0]
     uri = mat.metadata["uri"].value
     assert uri == f"s3://{s3_bucket}/generated/product_images/blue-kettle/"
+
+
+def test_readme_own_asset_stores_the_answer_it_returns(
+    octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, s3_bucket: str
+) -> None:
+    _, block = _python_blocks()
+    namespace: dict[str, Any] = {}
+    # As a user's module runs it: without this file's `from __future__ import annotations`.
+    exec(compile(block, str(README), "exec", dont_inherit=True), namespace)
+    images = S3ImageIOManager(
+        bucket=s3_bucket,
+        prefix="generated",
+        endpoint_url=seaweedfs.endpoint_url,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+    )
+    result = dg.materialize(
+        [namespace["fox"]],
+        resources={
+            "octoai": OctoAIResource(token=octoai_server.token, base_url=octoai_server.url),
+            "images": images,
+        },
+    )
+    assert result.success
+    manifest = images.store.read_manifest(["fox"], None)
+    assert manifest is not None
+    (record,) = manifest["results"]
+    assert record["request"] == {"engine": "sdxl", "body": {"prompt": "a red fox", "seed": 7}}
+    assert [im["seed"] for im in record["images"]] == [7]

@@ -213,7 +213,8 @@ def _images_io(tmp_path: Any) -> Any:
 def test_stream_generates_while_stored_and_the_io_manager_records_usage(
     octoai_server: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dagster_octoai.api.batch import GenerationResult, ImageBatch
+    from dagster_octoai.api.batch import ImageBatch
+    from dagster_octoai.api.models import ImageGenerationResponse
 
     monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "any-token")
     octoai = OctoAIResource(
@@ -233,7 +234,7 @@ def test_stream_generates_while_stored_and_the_io_manager_records_usage(
         streamed = octoai.stream(context, requests(), expected_images=count)
         assert pulled == []  # nothing is sent before the IO manager iterates the batch
 
-        def watched() -> Iterator[GenerationResult]:
+        def watched() -> Iterator[ImageGenerationResponse]:
             for result in streamed:
                 if not pulled_at_first_result:
                     pulled_at_first_result.append(len(pulled))
@@ -259,15 +260,17 @@ def test_stream_generates_while_stored_and_the_io_manager_records_usage(
 def test_get_client_inside_a_lazy_batch_no_longer_fails_the_stored_output(
     octoai: OctoAIResource, tmp_path: Any, instance: DagsterInstance
 ) -> None:
-    from dagster_octoai.api.batch import GenerationResult, ImageBatch
+    from dagster_octoai.api.batch import ImageBatch
+    from dagster_octoai.api.models import ImageGenerationResponse
 
     @asset(io_manager_key="images")
     def lazy(context: AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
-        def results() -> Iterator[GenerationResult]:
+        def results() -> Iterator[ImageGenerationResponse]:
             with octoai.get_client(context) as client:
-                yield from client.iter_results(
+                for _, answer in client.iter_generate(
                     [{"engine": "sd", "prompt": f"x {i}", "seed": i, "steps": 2} for i in range(3)]
-                )
+                ):
+                    yield answer
 
         return ImageBatch(results())
 

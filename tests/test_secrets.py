@@ -30,7 +30,7 @@ from dagster import AssetExecutionContext, DagsterInstance, asset, materialize
 
 from dagster_octoai.api import errors
 from dagster_octoai.api._http import Call, Redactor
-from dagster_octoai.api.client import OctoAIClient, RetryPolicy, origin_of
+from dagster_octoai.api.client import HTTPRetryPolicy, OctoAIClient, origin_of
 from dagster_octoai.api.models import AsyncJob, ImageGenerationRequest
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from devtools.secrets import TokenScanner
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(120)
 #: A token with the characters encoders change: '/', '+', '=', '&'.
 TOKEN = "sk-LEAK/CHECK+9f3b=2c7d&41e8a6b5"
 SCANNER = TokenScanner(TOKEN)
-FAST = RetryPolicy(max_attempts=1, deadline_s=30)
+FAST = HTTPRetryPolicy(max_attempts=1, deadline_s=30)
 
 #: Every form of the token a server, a proxy or a library could write into a text.
 FORMS: dict[str, Callable[[str], str]] = {
@@ -107,7 +107,7 @@ def test_a_transport_error_holding_the_token_is_not_chained() -> None:
         method="GET",
         url="http://127.0.0.1:9/v1/requests/x",
         kind="poll",
-        policy=RetryPolicy(max_attempts=1),
+        policy=HTTPRetryPolicy(max_attempts=1),
         timeout=httpx.Timeout(1.0),
         redactor=Redactor(TOKEN),
     )

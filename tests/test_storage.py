@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
+from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.api.models import (
     CallInfo,
     GeneratedImage,
@@ -57,8 +57,8 @@ def make_result(
     response_id: str | None = None,
     explicit: bool = True,
     **fields: Any,
-) -> GenerationResult:
-    """A GenerationResult built from real images, as the client would return it."""
+) -> ImageGenerationResponse:
+    """An answer built from real images, carrying its request, as the client returns it."""
     seeds = seeds if seeds is not None else [7]
     request = ImageGenerationRequest(
         prompt=prompt,
@@ -76,10 +76,15 @@ def make_result(
         )
         for s in seeds
     ]
-    response = ImageGenerationResponse(images=images, prediction_time_ms=123.5).with_call_info(
-        CallInfo(attempts=2, request_ids=("req-1", "req-2"), elapsed_s=1.5, response_id=response_id)
+    return ImageGenerationResponse(
+        images=images,
+        prediction_time_ms=123.5,
+        request=request,
+        response_id=response_id,
+        call_info=CallInfo(
+            attempts=2, request_ids=("req-1", "req-2"), elapsed_s=1.5, response_id=response_id
+        ),
     )
-    return GenerationResult(request=request, response=response, response_id=response_id)
 
 
 def sha(data: bytes) -> str:
@@ -312,6 +317,9 @@ def test_load_back(store: ImageStore) -> None:
     assert images[0].to_pil().size == (64, 64)
     assert images[0].metadata["seed"] == "11"
     assert images[0].metadata["run_id"] == "run-1"
+    assert [im.index for im in images] == [0, 1]
+    # The stored bytes as they are: no base64 to encode and decode again.
+    assert all(isinstance(im, GeneratedImage) and im.image_b64 is None for im in images)
     with pytest.raises(ObjectNotFoundError, match="materialized"):
         store.read(["fox"], "p2")
 
@@ -401,15 +409,12 @@ def test_failure_mid_write_keeps_the_previous_manifest_valid(
     before = store.read_manifest(["a"], None)
 
     # Same seeds, other prompt: every key collides with the old one, with other bytes.
-    second = make_result("y", [1, 2, 3, 4], fmt="JPEG")
-    second = GenerationResult(
-        request=second.request,
-        response=ImageGenerationResponse(
-            images=[
-                GeneratedImage(image_b64=base64.b64encode(image_bytes(s + 100)).decode(), seed=s)
-                for s in (1, 2, 3, 4)
-            ]
-        ),
+    second = ImageGenerationResponse(
+        images=[
+            GeneratedImage(image_b64=base64.b64encode(image_bytes(s + 100)).decode(), seed=s)
+            for s in (1, 2, 3, 4)
+        ],
+        request=make_result("y", [1, 2, 3, 4], fmt="JPEG").request,
     )
     failing = ImageStore(
         RecordingBackend(store.backend, fail_on_put), prefix="gen", max_concurrency=2
@@ -426,7 +431,7 @@ def test_failure_mid_write_keeps_the_previous_manifest_valid(
 def test_failure_while_generating_keeps_the_previous_output(store: ImageStore) -> None:
     store.write([make_result("x", [1, 2])], asset_key=["a"], partition_key=None, run_id="r1")
 
-    def results() -> Iterator[GenerationResult]:
+    def results() -> Iterator[ImageGenerationResponse]:
         yield make_result("y", [1])
         raise RuntimeError("the API went away")
 
@@ -454,7 +459,7 @@ def test_lazy_batch_is_streamed_with_bounded_memory(store: ImageStore) -> None:
             with lock:
                 stored += 1
 
-    def results() -> Iterator[GenerationResult]:
+    def results() -> Iterator[ImageGenerationResponse]:
         nonlocal yielded, ahead_max
         for seed in range(count):
             with lock:
@@ -493,6 +498,8 @@ def test_find_existing_and_reuse(store: ImageStore) -> None:
     assert found.reused_from == store.backend.uri("gen/fox/p1/manifest.json")
     assert [im.data for im in found.images] == [image_bytes(11), image_bytes(12)]
     assert found.response_id == "job-9"
+    assert found.request == same and all(im.request == same for im in found.images)
+    assert all(im.image_b64 is None for im in found.images)  # bytes kept, never base64
     # Through the fingerprint index, from another asset.
     via_index = store.find_existing(same)
     assert via_index is not None and via_index.reused_from == found.reused_from
@@ -622,38 +629,37 @@ def test_missing_bucket_gives_a_clear_error(seaweedfs: SeaweedFS) -> None:
         backend.check()
 
 
-def test_throttling_is_retried_then_reported() -> None:
-    # One branch, no server: the retry loop around a call that answers SlowDown.
+def test_retries_are_botocores_alone(seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    # The client's retries config is the one retry loop: no second loop on top of it.
+    backend = S3Backend.from_config(
+        s3_bucket,
+        endpoint_url=seaweedfs.endpoint_url,
+        region_name=seaweedfs.region,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+        addressing_style="path",
+        retry_mode="standard",
+        max_attempts=3,
+    )
+    retries = backend.client.meta.config.retries
+    assert retries == {"mode": "standard", "total_max_attempts": 3}
     from botocore.exceptions import ClientError
 
-    backend = S3Backend(client=None, bucket="bkt", throttle_retries=2, backoff_s=0.001)
     calls: list[int] = []
 
     def slow_down() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise ClientError(
-                {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
-                 "ResponseMetadata": {"HTTPStatusCode": 503}},
-                "PutObject",
-            )  # fmt: skip
-        return "ok"
-
-    assert backend._call("put", "k", slow_down) == "ok"
-    assert len(calls) == 3
-    calls.clear()
-
-    def always() -> str:
+        # What botocore raises once its own attempts are spent.
         calls.append(1)
         raise ClientError(
-            {"Error": {"Code": "SlowDown", "Message": "Reduce"},
+            {"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"},
              "ResponseMetadata": {"HTTPStatusCode": 503}},
             "PutObject",
         )  # fmt: skip
 
-    with pytest.raises(StorageError, match="SlowDown"):
-        backend._call("put", "k", always)
-    assert len(calls) == 3
+    with pytest.raises(StorageError, match="SlowDown") as info:
+        backend._call("put", "k", slow_down)
+    assert len(calls) == 1
+    assert info.value.status_code == 503
 
 
 def test_local_backend_refuses_keys_outside_base_dir(tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from ..version import __version__
-from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
+from ._retry import HTTPRetryPolicy, is_retryable_status, parse_retry_after
 from .errors import (
     APIStatusError,
     AuthenticationError,
@@ -104,6 +104,18 @@ def _base64_cores(token: str) -> list[str]:
     return cores
 
 
+class _Hidden:
+    """Holds the redactor's pattern (the token, spelled out in alternatives): no repr shows it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: re.Pattern[str]) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
 class Redactor:
     """Removes the token from any text that might echo it (error bodies, exception text).
 
@@ -116,6 +128,9 @@ class Redactor:
     ``POST /generate/sd`` stays as it is, while ``Bearer t`` becomes ``Bearer ***``.
     Such a token cannot be told from ordinary text; give a real one.
 
+    Holds the token as a ``SecretStr`` and its pattern in a holder whose repr hides it,
+    so neither the redactor's repr nor ``vars()`` shows the token.
+
     Examples:
         >>> Redactor("sk-abc/123456").text("echo: sk-abc%2F123456 and sk-abc\\/123456")
         'echo: *** and ***'
@@ -123,16 +138,18 @@ class Redactor:
         'POST /generate/sd with Bearer ***'
     """
 
-    def __init__(self, token: str | None) -> None:
-        self._token = token or None
-        self._pattern: re.Pattern[str] | None = None
-        if self._token:
-            body = "".join(f"(?:{'|'.join(_char_forms(c))})" for c in self._token)
-            if len(self._token) < MIN_SUBSTRING_TOKEN_CHARS:
+    def __init__(self, token: SecretStr | str | None) -> None:
+        secret = token if isinstance(token, SecretStr) else SecretStr(token or "")
+        self._token: SecretStr | None = secret if secret.get_secret_value() else None
+        self._pattern: _Hidden | None = None
+        value = secret.get_secret_value()
+        if value:
+            body = "".join(f"(?:{'|'.join(_char_forms(c))})" for c in value)
+            if len(value) < MIN_SUBSTRING_TOKEN_CHARS:
                 body = f"(?<![{_WORD}]){body}(?![{_WORD}])"
             else:
-                body = "|".join([body, *(re.escape(c) for c in _base64_cores(self._token))])
-            self._pattern = re.compile(body)
+                body = "|".join([body, *(re.escape(c) for c in _base64_cores(value))])
+            self._pattern = _Hidden(re.compile(body))
 
     def __repr__(self) -> str:
         return "Redactor(token=***)"
@@ -141,11 +158,11 @@ class Redactor:
         """``value`` with every occurrence of the token, in any form, replaced by ``***``."""
         if self._pattern is None:
             return value
-        return self._pattern.sub("***", value)
+        return self._pattern.value.sub("***", value)
 
     def contains(self, value: str) -> bool:
         """Whether ``value`` holds the token in any form :meth:`text` would remove."""
-        return self._pattern is not None and self._pattern.search(value) is not None
+        return self._pattern is not None and self._pattern.value.search(value) is not None
 
     def obj(self, value: Any) -> Any:
         """A copy of a parsed JSON value with the token removed from every string."""
@@ -275,7 +292,7 @@ class Call:
         method: str,
         url: str,
         kind: CallKind,
-        policy: RetryPolicy,
+        policy: HTTPRetryPolicy,
         timeout: httpx.Timeout,
         redactor: Redactor,
         deadline: float | None = None,

@@ -11,13 +11,13 @@ from email.utils import parsedate_to_datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["RetryPolicy", "is_retryable_status", "parse_retry_after"]
+__all__ = ["HTTPRetryPolicy", "is_retryable_status", "parse_retry_after"]
 
 # 501 Not Implemented and 505 HTTP Version Not Supported never heal by waiting.
 _PERMANENT_5XX = frozenset({501, 505})
 
 
-class RetryPolicy(BaseModel):
+class HTTPRetryPolicy(BaseModel):
     """How a client retries one HTTP call.
 
     Retried: 408, 429, 5xx (but 501 and 505), failed or dropped connections and
@@ -30,9 +30,9 @@ class RetryPolicy(BaseModel):
     waits together; a wait that would overrun it is not started.
 
     Examples:
-        >>> RetryPolicy(max_attempts=3, deadline_s=60).max_attempts
+        >>> HTTPRetryPolicy(max_attempts=3, deadline_s=60).max_attempts
         3
-        >>> RetryPolicy.none().max_attempts
+        >>> HTTPRetryPolicy.none().max_attempts
         1
     """
 
@@ -61,7 +61,7 @@ class RetryPolicy(BaseModel):
     )
 
     @classmethod
-    def none(cls) -> RetryPolicy:
+    def none(cls) -> HTTPRetryPolicy:
         """A policy that makes exactly one attempt."""
         return cls(max_attempts=1)
 

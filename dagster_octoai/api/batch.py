@@ -1,54 +1,44 @@
-"""What a generation asset outputs and an image IO manager stores and loads.
+"""Some images: what a generation asset outputs and an image IO manager stores.
 
-Imports no Dagster: the data flows request -> client -> answer -> :class:`ImageBatch`
--> IO manager -> storage, and back as :class:`StoredImage` for downstream assets.
+Imports no Dagster. Each answer (:class:`~dagster_octoai.api.models.ImageGenerationResponse`)
+carries the request that produced it, so nothing has to pair them up: an asset may return
+one answer, a list of answers, or an :class:`ImageBatch` (of many answers, possibly
+generated while they are stored). :func:`responses_of` is the one place those shapes are
+told apart, for the IO managers, the metadata and the checks alike; :func:`images_of`
+flattens them (and images loaded back from storage) for those who need images only.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from .models import GeneratedImage, ImageGenerationResponse
 
-from .errors import ImageDecodeError
-from .images import content_type_for, sniff_format
-from .models import GeneratedImage, ImageGenerationRequest, ImageGenerationResponse
+__all__ = ["STORABLE", "ImageBatch", "UnstorableValueError", "images_of", "responses_of"]
 
-__all__ = ["GenerationResult", "ImageBatch", "StoredImage"]
+#: What an image IO manager stores, as error messages name it.
+STORABLE = (
+    "an ImageGenerationResponse (what generate(), fetch() and wait() return), a list of "
+    "them, or an ImageBatch (e.g. octoai.stream(context, requests) for a large batch)"
+)
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """One request and the answer it got.
-
-    ``response_id`` is the async job's id when the answer came through the async
-    flow; ``reused_from`` is the manifest URI when an identical, already persisted
-    result was reused instead of paying for it again.
-    """
-
-    request: ImageGenerationRequest
-    response: ImageGenerationResponse
-    response_id: str | None = None
-    reused_from: str | None = None
-
-    @property
-    def images(self) -> list[GeneratedImage]:
-        return self.response.images
+class UnstorableValueError(TypeError):
+    """A value that is not some images: not an answer, a list of answers or an ImageBatch."""
 
 
 class ImageBatch:
-    """The output of a generation asset: the results of one or more requests.
+    """The answers of one or more requests, as one output.
 
     Built from a list, it can be read many times. Built from an iterator (``lazy``),
-    results are produced while the IO manager persists them, so a large batch is
-    never held in memory whole; such a batch can be iterated once only.
+    answers are produced while the IO manager persists them, so a large batch is never
+    held in memory whole; such a batch can be iterated once only, and only an image IO
+    manager can store it (it cannot be pickled).
 
-    ``late_metadata`` gives metadata known only once the batch has been iterated
-    (the usage of a streamed batch, counted as it is generated): the image IO
-    managers add it to the output's metadata after storing the batch.
+    ``late_metadata`` gives metadata known only once the batch has been iterated (the
+    usage of a streamed batch, counted as it is generated): the image IO managers add it
+    to the output's metadata after storing the batch.
 
     Examples:
         >>> ImageBatch([]).image_count
@@ -59,13 +49,17 @@ class ImageBatch:
 
     def __init__(
         self,
-        results: Iterable[GenerationResult],
+        responses: Iterable[ImageGenerationResponse],
         *,
         expected_images: int | None = None,
         late_metadata: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
-        self._lazy = not isinstance(results, list | tuple)
-        self._results: Iterable[GenerationResult] = results if self._lazy else list(results)
+        self._lazy = not isinstance(responses, list | tuple)
+        self._responses: Iterable[ImageGenerationResponse] = (
+            responses
+            if self._lazy
+            else [_answer(r, f"ImageBatch[{i}]") for i, r in enumerate(responses)]
+        )
         self._consumed = False
         self._late_metadata = late_metadata
         self.expected_images = expected_images
@@ -79,65 +73,110 @@ class ImageBatch:
         return self._lazy
 
     @property
-    def results(self) -> list[GenerationResult]:
-        """All results (a lazy batch is drained into memory; prefer iterating it)."""
+    def responses(self) -> list[ImageGenerationResponse]:
+        """Every answer (a lazy batch is drained into memory; prefer iterating it)."""
         if self._lazy:
-            self._results = list(self)
+            self._responses = list(self)
             self._lazy = False
-        assert isinstance(self._results, list)
-        return self._results
+        assert isinstance(self._responses, list)
+        return self._responses
 
-    def __iter__(self) -> Iterator[GenerationResult]:
-        if self._lazy:
-            if self._consumed:
-                raise RuntimeError("a lazy ImageBatch can be iterated only once")
-            self._consumed = True
-        return iter(self._results)
+    def __iter__(self) -> Iterator[ImageGenerationResponse]:
+        if not self._lazy:
+            return iter(self._responses)
+        if self._consumed:
+            raise RuntimeError("a lazy ImageBatch can be iterated only once")
+        self._consumed = True
+        return (_answer(r, f"ImageBatch item {i}") for i, r in enumerate(self._responses))
 
     @property
     def images(self) -> list[GeneratedImage]:
-        return [im for r in self.results for im in r.images]
+        return [im for r in self.responses for im in r.images]
 
     @property
     def image_count(self) -> int:
-        return sum(len(r.images) for r in self.results)
+        return sum(len(r.images) for r in self.responses)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._lazy:
+            raise TypeError(
+                "a lazy ImageBatch generates its images while an image IO manager "
+                "(S3ImageIOManager, LocalImageIOManager) stores them, and cannot be pickled: "
+                "give its output io_manager_key= of an image IO manager; nothing was generated"
+            )
+        return {**self.__dict__, "_late_metadata": None}
 
     def __repr__(self) -> str:
         if self._lazy:
             return f"ImageBatch(lazy, expected_images={self.expected_images})"
-        return f"ImageBatch(results={len(self.results)}, images={self.image_count})"
+        return f"ImageBatch(responses={len(self.responses)}, images={self.image_count})"
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    """A persisted image as a downstream asset loads it back.
+def _answer(value: Any, where: str) -> ImageGenerationResponse:
+    if not isinstance(value, ImageGenerationResponse):
+        raise UnstorableValueError(
+            f"{where} is {type(value).__name__}; an ImageBatch holds ImageGenerationResponse "
+            "objects (what generate() returns)"
+        )
+    return value
 
-    ``request`` is the full request that made it (from the manifest), so the image
-    can be regenerated; ``uri`` is where it is stored.
+
+def responses_of(value: Any) -> Iterable[ImageGenerationResponse]:
+    """The answers in some images: an answer, a list or tuple of answers, or an ImageBatch.
+
+    A lazy batch stays lazy (its answers are produced as the result is iterated).
+
+    Raises:
+        UnstorableValueError: ``value`` is none of those; the message says what it is.
+
+    Examples:
+        >>> responses_of(ImageBatch([]))
+        ImageBatch(responses=0, images=0)
+        >>> responses_of(b"...")
+        Traceback (most recent call last):
+        ...
+        dagster_octoai.api.batch.UnstorableValueError: bytes is not some images; expected an ImageGenerationResponse ...
     """
+    if isinstance(value, ImageBatch):
+        return value
+    if isinstance(value, ImageGenerationResponse):
+        return [value]
+    if isinstance(value, list | tuple) and all(
+        isinstance(r, ImageGenerationResponse) for r in value
+    ):
+        return list(value)
+    raise UnstorableValueError(f"{_describe(value)} is not some images; expected {STORABLE}")
 
-    data: bytes = field(repr=False)
-    seed: int
-    index: int
-    uri: str
-    request: ImageGenerationRequest
-    partition_key: str | None = None
-    response_id: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def format(self) -> str | None:
-        return sniff_format(self.data)
+def images_of(value: Any, partition_key: str | None = None) -> Iterator[GeneratedImage]:
+    """Every image in ``value``, in order: anything :func:`responses_of` takes, an image,
+    or lists and ``{partition: ...}`` mappings of those (what the image IO managers load).
 
-    @property
-    def content_type(self) -> str:
-        return content_type_for(self.format)
+    With ``partition_key`` a mapping that holds it gives that entry only.
 
-    def to_pil(self) -> Image.Image:
-        """The image as a loaded ``PIL.Image``."""
-        try:
-            im = Image.open(io.BytesIO(self.data))
-            im.load()
-        except (OSError, SyntaxError) as exc:
-            raise ImageDecodeError(f"{self.uri} does not decode: {exc}") from None
-        return im
+    Raises:
+        UnstorableValueError: something in ``value`` is not an image or an answer.
+    """
+    if isinstance(value, GeneratedImage):
+        yield value
+    elif isinstance(value, Mapping):
+        if partition_key is not None and partition_key in value:
+            yield from images_of(value[partition_key])
+        else:
+            for v in value.values():
+                yield from images_of(v)
+    elif isinstance(value, list | tuple) and not all(
+        isinstance(v, ImageGenerationResponse) for v in value
+    ):
+        for v in value:
+            yield from images_of(v)
+    else:
+        for response in responses_of(value):
+            yield from response.images
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__

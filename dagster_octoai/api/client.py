@@ -2,7 +2,7 @@
 
 Imports no Dagster. Each client holds one pooled ``httpx`` client for its
 lifetime, validates every request before sending it, retries what is worth
-retrying (see :class:`RetryPolicy`), and raises the typed errors of
+retrying (see :class:`HTTPRetryPolicy`), and raises the typed errors of
 :mod:`dagster_octoai.api.errors`. The token never appears in a repr, a log line or
 an exception.
 """
@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
 
 import httpx
+from pydantic import SecretStr
 
 from ._http import (
     USER_AGENT,
@@ -43,7 +44,7 @@ from ._http import (
     resolve_url,
     tls_context,
 )
-from ._retry import RetryPolicy
+from ._retry import HTTPRetryPolicy
 from .errors import (
     DeadlineExceededError,
     JobFailedError,
@@ -62,7 +63,7 @@ from .models import (
     PollResult,
 )
 
-__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "OctoAIClient", "RetryPolicy"]
+__all__ = ["DEFAULT_BASE_URL", "AsyncOctoAIClient", "HTTPRetryPolicy", "OctoAIClient"]
 
 logger = logging.getLogger("dagster_octoai.api.client")
 
@@ -171,24 +172,26 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         *,
         base_url: str = DEFAULT_BASE_URL,
         timeout: float | httpx.Timeout = 120.0,
-        retry: RetryPolicy | None = None,
+        retry: HTTPRetryPolicy | None = None,
         max_concurrency: int = 4,
         http_client: HttpT | None = None,
         trusted_origins: Iterable[str] = (),
     ) -> None:
-        self._token = _resolve_token(token)
+        # A SecretStr: vars(client), a debugger's locals and any repr show '**********'.
+        self._token = SecretStr(_resolve_token(token))
         self._redactor = Redactor(self._token)
         self._base_url = _check_base_url(base_url)
         self._origin = origin_of(self._base_url)
         defaults = [_DEFAULT_ASYNC_ORIGIN] if self._base_url == DEFAULT_BASE_URL else []
         self._trusted = _check_origins([*defaults, *trusted_origins]) | {self._origin}
         self._timeout = _timeout(timeout)
-        self._retry = retry if retry is not None else RetryPolicy()
+        self._retry = retry if retry is not None else HTTPRetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
         # Built once: the four header sets a call can need (never mutated after this).
+        # httpx.Headers shows an Authorization header as '[secure]' in its repr.
         self._headers = {
             (async_, json_body): httpx.Headers(
-                headers(self._token, async_=async_, json_body=json_body)
+                headers(self._token.get_secret_value(), async_=async_, json_body=json_body)
             )
             for async_ in (False, True)
             for json_body in (False, True)
@@ -244,7 +247,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         return self._max_concurrency
 
     @property
-    def retry(self) -> RetryPolicy:
+    def retry(self) -> HTTPRetryPolicy:
         """The retry policy of every HTTP call."""
         return self._retry
 
@@ -267,7 +270,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         *,
         deadline: float | None = None,
         response_id: str | None = None,
-        retry: RetryPolicy | None = None,
+        retry: HTTPRetryPolicy | None = None,
         timeout: httpx.Timeout | None = None,
     ) -> Call:
         return Call(
@@ -362,6 +365,15 @@ def _build(request: RequestLike, engine: Engine | str | None) -> ImageGeneration
     return ImageGenerationRequest.build(request, engine=engine)
 
 
+def _job_answer(
+    answer: ImageGenerationResponse, job: AsyncJob | None, call: Call
+) -> ImageGenerationResponse:
+    """An async result carrying its job's request and response id (none for a bare URL)."""
+    if job is None:
+        return answer._attach(None, call=call.info())
+    return answer._attach(job.request, response_id=job.response_id, call=call.info())
+
+
 def _label(response_id: str | None) -> str:
     return f" {response_id}" if response_id else ""
 
@@ -428,7 +440,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         base_url: The server, e.g. a self-hosted OctoAI-compatible one.
         timeout: Per-attempt timeout in seconds (connect is capped at 10 s), or an
             ``httpx.Timeout``.
-        retry: How calls are retried; see :class:`RetryPolicy`.
+        retry: How calls are retried; see :class:`HTTPRetryPolicy`.
         max_concurrency: Most generations in flight at once.
         http_client: An ``httpx.Client`` to use instead of the client's own (it is
             not closed by :meth:`close`).
@@ -524,7 +536,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             engine: Overrides the request's engine (default ``sdxl``).
 
         Returns:
-            The answer; ``call_info`` holds attempts, request ids and elapsed time.
+            The answer: its ``request`` is the validated request sent, ``call_info``
+            holds attempts, request ids and elapsed time. Return it from an asset whose
+            output an image IO manager stores.
 
         Raises:
             RequestValidationError: the request breaks a rule; nothing was sent.
@@ -542,7 +556,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = self._send(call, content=req.wire_bytes())
-        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        result = parse_generation(response, call.where, self._redactor)._attach(
+            req, call=call.info()
+        )
         self._log_done(call.where, result)
         return result
 
@@ -715,7 +731,9 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
     def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job, or of a ``response_url`` given as a str.
 
-        Given an :class:`AsyncJob`, polls once for its ``response_url``.
+        Given an :class:`AsyncJob`, polls once for its ``response_url``; the answer carries
+        the job's request and ``response_id``. One fetched by a bare URL knows neither, so
+        an image IO manager cannot store it with its lineage: fetch the job instead.
 
         Raises:
             JobExpiredError: the result is gone (kept 24 hours).
@@ -730,18 +748,18 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             url = self._completed_url(result, job.response_id)
             if url is None:
                 raise _not_ready(job, result)
-            response_id: str | None = job.response_id
-        else:
-            url, response_id = self._trusted_url(job, "response_url", None), None
-        return self._fetch_url(url, response_id, deadline)
+            return self._fetch_url(url, job, deadline)
+        return self._fetch_url(self._trusted_url(job, "response_url", None), None, deadline)
 
     def _fetch_url(
-        self, url: str, response_id: str | None, deadline: float | None
+        self, url: str, job: AsyncJob | None, deadline: float | None
     ) -> ImageGenerationResponse:
+        response_id = None if job is None else job.response_id
         call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
         response = self._send(call)
-        result = parse_generation(response, call.where, self._redactor, response_id)
-        return result.with_call_info(call.info())
+        return _job_answer(
+            parse_generation(response, call.where, self._redactor, response_id), job, call
+        )
 
     def wait(
         self,
@@ -764,7 +782,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             result = self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = self._fetch_url(url, job.response_id, wait.deadline)
+                answer = self._fetch_url(url, job, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
             time.sleep(wait.pause(result))
@@ -778,7 +796,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             "GET",
             f"{self._base_url}/healthcheck",
             "health",
-            retry=RetryPolicy.none(),
+            retry=HTTPRetryPolicy.none(),
             timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
         )
         try:
@@ -901,7 +919,9 @@ class AsyncOctoAIClient(
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
         response = await self._send(call, content=req.wire_bytes())
-        result = parse_generation(response, call.where, self._redactor).with_call_info(call.info())
+        result = parse_generation(response, call.where, self._redactor)._attach(
+            req, call=call.info()
+        )
         self._log_done(call.where, result)
         return result
 
@@ -1044,16 +1064,18 @@ class AsyncOctoAIClient(
             url = self._completed_url(result, job.response_id)
             if url is None:
                 raise _not_ready(job, result)
-            return await self._fetch_url(url, job.response_id, None)
+            return await self._fetch_url(url, job, None)
         return await self._fetch_url(self._trusted_url(job, "response_url", None), None, None)
 
     async def _fetch_url(
-        self, url: str, response_id: str | None, deadline: float | None
+        self, url: str, job: AsyncJob | None, deadline: float | None
     ) -> ImageGenerationResponse:
+        response_id = None if job is None else job.response_id
         call = self._call("GET", url, "fetch", deadline=deadline, response_id=response_id)
         response = await self._send(call)
-        result = parse_generation(response, call.where, self._redactor, response_id)
-        return result.with_call_info(call.info())
+        return _job_answer(
+            parse_generation(response, call.where, self._redactor, response_id), job, call
+        )
 
     async def wait(
         self,
@@ -1069,7 +1091,7 @@ class AsyncOctoAIClient(
             result = await self._poll(job, wait.deadline)
             url = self._completed_url(result, job.response_id)
             if url is not None:
-                answer = await self._fetch_url(url, job.response_id, wait.deadline)
+                answer = await self._fetch_url(url, job, wait.deadline)
                 self._log_done(f"job {job.response_id}", answer)
                 return answer
             await asyncio.sleep(wait.pause(result))
@@ -1081,7 +1103,7 @@ class AsyncOctoAIClient(
             "GET",
             f"{self._base_url}/healthcheck",
             "health",
-            retry=RetryPolicy.none(),
+            retry=HTTPRetryPolicy.none(),
             timeout=httpx.Timeout(min(_HEALTH_TIMEOUT_S, self._timeout.read or _HEALTH_TIMEOUT_S)),
         )
         try:

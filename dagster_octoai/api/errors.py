@@ -1,8 +1,10 @@
-"""Every exception the client raises, in one hierarchy.
+"""Every exception dagster-octoai raises, in one hierarchy.
 
 Each error carries what a support ticket needs (HTTP status, the server's
 ``X-User-Request-ID``, the async ``response_id``) and never the API token: the
-client redacts it from every message before an exception is built.
+client redacts it from every message before an exception is built. The storage
+errors live here too, so that the one hierarchy is in one file; the image stores in
+:mod:`dagster_octoai.storage` raise them.
 
 ```
 OctoAIError
@@ -26,7 +28,10 @@ OctoAIError
 │   ├── RateLimitError (429)
 │   └── ServerError (5xx)
 ├── JobFailedError                an async job ended in a failed status
-└── JobNotReadyError              fetching an async job that is not completed yet
+├── JobNotReadyError              fetching an async job that is not completed yet
+└── StorageError                  storing or loading images failed (bucket, credentials...)
+    ├── ObjectNotFoundError       an image or manifest that should exist is not there
+    └── ConflictError             a conditional write lost a race to another writer
 ```
 """
 
@@ -39,6 +44,7 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BadRequestError",
+    "ConflictError",
     "ConnectionFailedError",
     "DeadlineExceededError",
     "ImageDecodeError",
@@ -48,6 +54,7 @@ __all__ = [
     "JobFailedError",
     "JobNotReadyError",
     "NotFoundError",
+    "ObjectNotFoundError",
     "OctoAIError",
     "PermissionDeniedError",
     "PolicyViolationError",
@@ -55,6 +62,7 @@ __all__ = [
     "RequestValidationError",
     "ResponseFormatError",
     "ServerError",
+    "StorageError",
     "TransportError",
     "UnprocessableEntityError",
     "UntrustedOriginError",
@@ -227,4 +235,22 @@ class JobNotReadyError(OctoAIError):
     """An async job was fetched before it completed; ``wait(job)`` or poll again later.
 
     Nothing is lost: the job goes on running on the server. ``response_id`` names it.
+    """
+
+
+# Storage errors: the image stores (dagster_octoai.storage) and the IO managers.
+
+
+class StorageError(OctoAIError):
+    """Storing or loading images failed (missing bucket, refused credentials, missing object...)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """An object (image, manifest) that should exist is not there."""
+
+
+class ConflictError(StorageError):
+    """A conditional write lost a race: another writer changed the object after it was read.
+
+    Nothing was written. Read the object again and decide from what is there now.
     """

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
+import pybase64
 from PIL import Image
 from pydantic import (
     BaseModel,
@@ -30,6 +31,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -748,32 +750,34 @@ def validation_error(exc: ValidationError) -> RequestValidationError:
 # ---- answers ---------------------------------------------------------------------------
 
 
-def _load_pybase64() -> Any:
-    try:
-        import pybase64
-    except ImportError:  # optional: the standard library decodes the same bytes, slower
-        return None
-    return pybase64
-
-
-_pybase64: Any = _load_pybase64()
-
-
 def _b64decode(value: str) -> bytes:
     """Strict base64 decode (any character outside the alphabet raises ``binascii.Error``).
 
-    pybase64 (SIMD) when installed: CPython's decoder runs at about 100 MB/s on a
-    busy 2-core box, about a third of the client's CPU per SDXL answer (benchmark P1).
+    pybase64 (SIMD): CPython's decoder runs at about 100 MB/s on a busy 2-core box, about a
+    third of the client's CPU per SDXL answer (benchmark P1).
     """
-    if _pybase64 is not None:
-        return bytes(_pybase64.b64decode(value, validate=True))
-    return binascii.a2b_base64(value, strict_mode=True)
+    return bytes(pybase64.b64decode(value, validate=True))
 
 
 class GeneratedImage(BaseModel):
-    """One image of an answer. A blocked image has ``image_b64=None`` and ``removed_for_safety``.
+    """One image: of an answer the server sent, or loaded back from an image IO manager.
 
-    ``data`` decodes lazily and returns the bytes in the server's encoding (no re-encode).
+    An image of an answer holds the server's ``image_b64`` and decodes it lazily; a blocked
+    one has ``image_b64=None`` and ``removed_for_safety``. An image an IO manager loads
+    holds the stored bytes as they are (:meth:`from_bytes`: no base64 on the way) and says
+    where they are: :attr:`uri`, :attr:`index` in the output's manifest,
+    :attr:`partition_key` and the stored object's :attr:`metadata`. Either way
+    :attr:`request` is the request that made it, and :attr:`response_id` the async job's
+    id when it came through the async flow.
+
+    Examples:
+        >>> import io
+        >>> from PIL import Image
+        >>> buf = io.BytesIO()
+        >>> Image.new("RGB", (8, 4)).save(buf, format="PNG")
+        >>> image = GeneratedImage.from_bytes(buf.getvalue(), seed=7, uri="file:///tmp/a.png")
+        >>> image.format, image.size, image.uri
+        ('png', (8, 4), 'file:///tmp/a.png')
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -784,10 +788,57 @@ class GeneratedImage(BaseModel):
     safety_score: float | None = None
 
     _data: bytes | None = PrivateAttr(None)
+    _request: ImageGenerationRequest | None = PrivateAttr(None)
+    _response_id: str | None = PrivateAttr(None)
+    _uri: str | None = PrivateAttr(None)
+    _index: int | None = PrivateAttr(None)
+    _partition_key: str | None = PrivateAttr(None)
+    _metadata: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        seed: int,
+        safety_score: float | None = None,
+        request: ImageGenerationRequest | None = None,
+        response_id: str | None = None,
+        uri: str | None = None,
+        index: int | None = None,
+        partition_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> GeneratedImage:
+        """An image from its encoded bytes (e.g. as stored), kept as they are.
+
+        Raises:
+            ImageDecodeError: the bytes are not JPEG, PNG, WebP or GIF.
+        """
+        if sniff_format(data) is None:
+            where = uri or f"image with seed {seed}"
+            raise ImageDecodeError(
+                f"{where}: {len(data)} bytes that are not an image (start {data[:8]!r})"
+            )
+        image = cls(seed=seed, safety_score=safety_score)
+        image._data = data
+        image._request = request
+        image._response_id = response_id
+        image._uri = uri
+        image._index = index
+        image._partition_key = partition_key
+        image._metadata = dict(metadata or {})
+        return image
+
+    @field_serializer("image_b64")
+    def _dump_b64(self, value: str | None) -> str | None:
+        # An image built from bytes is encoded only when it is dumped, never to be read.
+        if value is None and self._data is not None:
+            return pybase64.b64encode(self._data).decode("ascii")
+        return value
 
     @property
     def data(self) -> bytes:
-        """The image bytes as the server encoded them.
+        """The image bytes as the server encoded them (or as they were stored).
 
         Raises:
             ImageRemovedForSafetyError: the server removed this image.
@@ -815,13 +866,15 @@ class GeneratedImage(BaseModel):
     @property
     def available(self) -> bool:
         """False for an image removed for safety."""
-        return not self.removed_for_safety and self.image_b64 is not None
+        return not self.removed_for_safety and (
+            self._data is not None or self.image_b64 is not None
+        )
 
     @property
     def format(self) -> ImageFormat:
-        """``jpeg`` or ``png``, as the server encoded it."""
+        """``jpeg`` or ``png`` as the server encoded it (``webp`` or ``gif`` once converted)."""
         fmt = sniff_format(self.data)
-        assert fmt is not None  # data checked it
+        assert fmt is not None  # data and from_bytes checked it
         return fmt
 
     @property
@@ -834,7 +887,41 @@ class GeneratedImage(BaseModel):
         try:
             return image_size(self.data)
         except ValueError as exc:
-            raise ImageDecodeError(f"image with seed {self.seed}: {exc}") from None
+            raise ImageDecodeError(f"{self._where()}: {exc}") from None
+
+    @property
+    def request(self) -> ImageGenerationRequest | None:
+        """The request that made this image (``None`` only where its answer has none)."""
+        return self._request
+
+    @property
+    def response_id(self) -> str | None:
+        """The async job's response id, when the image came through the async flow."""
+        return self._response_id
+
+    @property
+    def uri(self) -> str | None:
+        """Where an image IO manager stored it (``s3://...`` or ``file://...``); else ``None``."""
+        return self._uri
+
+    @property
+    def index(self) -> int | None:
+        """Its index in the stored output's manifest (``None`` for an image not loaded from one)."""
+        return self._index
+
+    @property
+    def partition_key(self) -> str | None:
+        """The partition of the output it was loaded from (``None``: unpartitioned, or not loaded)."""
+        return self._partition_key
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What the store recorded of a loaded image: the object metadata (seed, engine, run id...),
+        ``sha256``, ``safety_score``, ``manifest_uri`` and ``run_id``; empty for an answer's image."""
+        return dict(self._metadata)
+
+    def _where(self) -> str:
+        return self._uri or f"image with seed {self.seed}"
 
     def to_pil(self) -> Image.Image:
         """The image as a loaded ``PIL.Image`` (raises :class:`ImageDecodeError` if truncated)."""
@@ -842,7 +929,7 @@ class GeneratedImage(BaseModel):
             im = Image.open(io.BytesIO(self.data))
             im.load()
         except (OSError, SyntaxError) as exc:
-            raise ImageDecodeError(f"image with seed {self.seed} does not decode: {exc}") from None
+            raise ImageDecodeError(f"{self._where()} does not decode: {exc}") from None
         return im
 
     def verify(self) -> None:
@@ -866,7 +953,22 @@ class CallInfo(BaseModel):
 
 
 class ImageGenerationResponse(BaseModel):
-    """The generation body of sync generate and of an async result."""
+    """An answer: the images of one generation, and the request that produced it.
+
+    As httpx's ``Response.request`` does, the answer knows what asked for it: the client
+    and the session set :attr:`request` (and, for an async job, :attr:`response_id`), and
+    an IO manager's :meth:`~dagster_octoai.S3ImageIOManager.find_existing` sets
+    :attr:`reused_from` on a stored result it hands back instead of paying again. So an
+    answer alone is enough to store the images with full lineage: return it from an asset.
+
+    The images of an answer carry its request and response id too.
+
+    Examples:
+        >>> request = ImageGenerationRequest(prompt="a red fox", seed=7)
+        >>> answer = ImageGenerationResponse(images=[], request=request)
+        >>> answer.request.prompt, answer.response_id, answer.reused_from
+        ('a red fox', None, None)
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -874,6 +976,65 @@ class ImageGenerationResponse(BaseModel):
     prediction_time_ms: float = 0.0
 
     _call: CallInfo = PrivateAttr(default_factory=CallInfo)
+    _request: ImageGenerationRequest | None = PrivateAttr(None)
+    _response_id: str | None = PrivateAttr(None)
+    _reused_from: str | None = PrivateAttr(None)
+
+    def __init__(
+        self,
+        /,
+        *,
+        request: ImageGenerationRequest | None = None,
+        response_id: str | None = None,
+        reused_from: str | None = None,
+        call_info: CallInfo | None = None,
+        **data: Any,
+    ) -> None:
+        super().__init__(**data)
+        self._attach(request, response_id=response_id, reused_from=reused_from, call=call_info)
+
+    def _attach(
+        self,
+        request: ImageGenerationRequest | None,
+        *,
+        response_id: str | None = None,
+        reused_from: str | None = None,
+        call: CallInfo | None = None,
+    ) -> ImageGenerationResponse:
+        """Set what produced this answer (the client's and the store's step after parsing)."""
+        self._request = request
+        self._response_id = response_id
+        self._reused_from = reused_from
+        if call is not None:
+            self._call = call
+        if request is None:
+            return self
+        for i, image in enumerate(self.images):
+            if image._request is not None and image._request is not request:
+                # Images of another answer: this one gets copies, theirs stay as they are.
+                image = self.images[i] = image.model_copy()
+            image._request = request
+            image._response_id = response_id
+        return self
+
+    @property
+    def request(self) -> ImageGenerationRequest | None:
+        """The request this answer answers.
+
+        ``None`` only for an answer fetched by a bare ``response_url``
+        (``client.fetch(str)``), which says nothing of its request, or one built without it.
+        """
+        return self._request
+
+    @property
+    def response_id(self) -> str | None:
+        """The async job's response id, when the answer came through the async flow."""
+        return self._response_id
+
+    @property
+    def reused_from(self) -> str | None:
+        """The manifest URI of the stored result this answer reuses (nothing was paid for it)."""
+        return self._reused_from
 
     @property
     def call_info(self) -> CallInfo:

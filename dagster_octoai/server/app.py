@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,10 +32,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
-from .config import ServerConfig
+from .backends import Backend, load_backend
+from .config import BACKEND_FIELDS, ServerConfig
 from .jobs import Job, JobStore, ReplicaPool
 from .openapi import openapi_document
-from .renderer import choose_seeds, render, undecodable_images
+from .renderer import choose_seeds, undecodable_images
 from .stats import RequestRecord, ServerStats
 
 __all__ = ["ServerState", "create_app"]
@@ -73,18 +75,24 @@ def _message(status: int, message: str, headers: dict[str, str] | None = None) -
 
 
 class ServerState:
-    """Everything one app instance knows: config, counters, replicas, jobs, random sources."""
+    """Everything one app instance knows: config, backend, counters, replicas, jobs, random sources."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
         self.config = config
+        # What renders the images; the rest of this module is the same for every backend.
+        self.backend = backend if backend is not None else load_backend(config)
         self.stats = ServerStats()
-        self.pool = ReplicaPool(lambda: self.config.replicas, self.stats.observe_pool)
+        self.pool = ReplicaPool(self._replicas, self.stats.observe_pool)
         self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
         self.fault_rng = random.Random(config.faults.seed)
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
         self.rate_window: deque[float] = deque()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="octoai-render")
+
+    def _replicas(self) -> int:
+        # A backend with devices runs one generation per device; the rest queue here.
+        return self.backend.replicas or self.config.replicas
 
     def _count_expired(self, count: int) -> None:
         self.stats.async_expired += count
@@ -98,6 +106,21 @@ class ServerState:
 
     async def reconfigure(self, changes: dict[str, Any]) -> ServerConfig:
         old = self.config
+        if fixed := sorted(set(changes) & set(BACKEND_FIELDS)):
+            raise ValidationError.from_exception_data(
+                "ServerConfig",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "value_error",
+                            "the backend is chosen at start-up; restart the server to change it",
+                        ),
+                        loc=(name,),
+                        input=changes[name],
+                    )
+                    for name in fixed
+                ],
+            )
         self.config = old.updated(changes)
         if "faults" in changes:
             self.fault_rng = random.Random(self.config.faults.seed)
@@ -165,10 +188,7 @@ class ServerState:
         config = self.config
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(
-            self.executor,
-            lambda: render(
-                req, seeds, safety_trigger_word=config.safety_trigger_word, detail=config.detail
-            ),
+            self.executor, lambda: self.backend.render(req, seeds, config)
         )
         encoded = [None if im.data is None else _b64(im.data) for im in images]
         # Render first, then sleep what is left of the configured time: an image takes
@@ -296,6 +316,9 @@ async def generate(request: Request) -> Response:
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
     bad_images = await loop.run_in_executor(state.executor, undecodable_images, req)
+    # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
+    # is the client's 422, before the request waits for a replica.
+    bad_images = bad_images or state.backend.check(req)
     if bad_images:
         state.stats.validation_errors += 1
         return _validation_response(
@@ -384,6 +407,13 @@ async def local_stats(request: Request) -> Response:
     if request.method == "DELETE":
         state.stats.reset()
     return JSONResponse(state.snapshot())
+
+
+async def local_backend(request: Request) -> Response:
+    state = _state(request)
+    if (denied := state.auth_error(request)) is not None:
+        return denied
+    return JSONResponse(state.backend.describe())
 
 
 async def local_requests(request: Request) -> Response:
@@ -568,17 +598,18 @@ async def _drop(send: Send) -> None:
 # ---- the app --------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig | None = None) -> Starlette:
+def create_app(config: ServerConfig | None = None, *, backend: Backend | None = None) -> Starlette:
     """The local OctoAI-compatible server as an ASGI app (run it with uvicorn).
 
-    ``app.state.octoai`` is the :class:`ServerState` (config, stats, jobs).
+    ``app.state.octoai`` is the :class:`ServerState` (config, backend, stats, jobs).
+    ``backend`` defaults to the one ``config.backend`` names (loaded here, before serving).
 
     Examples:
         >>> app = create_app(ServerConfig(token="t0k"))
         >>> app.state.octoai.config.replicas
         4
     """
-    state = ServerState(config or ServerConfig())
+    state = ServerState(config or ServerConfig(), backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -588,6 +619,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             for task in state.jobs.running_tasks():
                 task.cancel()
             state.executor.shutdown(wait=False, cancel_futures=True)
+            state.backend.close()
 
     app = Starlette(
         routes=[
@@ -598,6 +630,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
             Route("/_local/requests", local_requests, methods=["GET"]),
+            Route("/_local/backend", local_backend, methods=["GET"]),
             Route("/_local/config", local_config, methods=["GET", "POST"]),
         ],
         exception_handlers={404: _error_answer, 405: _error_answer, 500: _error_answer},

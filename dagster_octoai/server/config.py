@@ -6,13 +6,19 @@ command line, the pytest fixtures and ``POST /_local/config`` change the same th
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-__all__ = ["FaultConfig", "ServerConfig"]
+__all__ = ["BACKEND_FIELDS", "FaultConfig", "ServerConfig"]
 
 DEFAULT_RESULT_TTL_S = 24 * 3600.0  # the seed: async results are kept 24 hours
+
+#: The fields that choose and load the backend: fixed at start-up (a running server
+#: cannot swap its models through ``POST /_local/config``).
+BACKEND_FIELDS = ("backend", "models", "device", "dtype", "torch_compile")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
 class FaultConfig(BaseModel):
@@ -171,6 +177,49 @@ class ServerConfig(BaseModel):
         description="Base of the absolute poll and response URLs; None = from the request's Host.",
     )
     faults: FaultConfig = Field(default_factory=FaultConfig, description="Injected failures.")
+    backend: Literal["placeholder", "diffusers"] = Field(
+        default="placeholder",
+        description="What renders images: placeholder (pictures without model weights) or "
+        "diffusers (Stable Diffusion with PyTorch; needs models).",
+    )
+    models: str | None = Field(
+        default=None,
+        description="diffusers backend: the model directory (see 'dagster-octoai tiny-models').",
+    )
+    device: tuple[str, ...] = Field(
+        default=(),
+        description="diffusers backend: devices (cpu, cuda, cuda:N, mps), one replica each; "
+        "none = the first CUDA GPU, else the CPU.",
+    )
+    dtype: Literal["fp16", "bf16", "fp32"] | None = Field(
+        default=None,
+        description="diffusers backend: weight dtype; none = fp16 on CUDA, fp32 elsewhere.",
+    )
+    torch_compile: bool = Field(
+        default=False,
+        description="diffusers backend: torch.compile the UNet (slow first images, faster after).",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for device in value:
+            if not _DEVICE.match(device):
+                raise ValueError(
+                    f"{device!r} is not a device; allowed: cpu, cuda, cuda:N (N = 0, 1, ...), mps"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"devices {list(value)} name one device twice")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> ServerConfig:
+        if self.backend == "diffusers" and not self.models:
+            raise ValueError(
+                "models: the diffusers backend needs a model directory "
+                "(make one with 'dagster-octoai tiny-models DIR', or see docs/local-server.md)"
+            )
+        return self
 
     def token_value(self) -> str | None:
         """The accepted token in clear, for a client in the same test."""

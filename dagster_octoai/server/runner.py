@@ -52,13 +52,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(config: ServerConfig, log_level: str) -> Any:
+def _uvicorn_server(config: ServerConfig, log_level: str, app: Any = None) -> Any:
     import uvicorn
 
     from .app import create_app
 
     uv_config = uvicorn.Config(
-        create_app(config),
+        create_app(config) if app is None else app,
         log_level=log_level,
         access_log=False,
         lifespan="on",
@@ -70,9 +70,11 @@ def _uvicorn_server(config: ServerConfig, log_level: str) -> Any:
     return uvicorn.Server(uv_config)
 
 
-def serve(config: ServerConfig, sock: socket.socket, *, log_level: str = "info") -> None:
-    """Serve on ``sock`` in the foreground until SIGINT or SIGTERM."""
-    _uvicorn_server(config, log_level).run(sockets=[sock])
+def serve(
+    config: ServerConfig, sock: socket.socket, *, log_level: str = "info", app: Any = None
+) -> None:
+    """Serve ``app`` (default: ``create_app(config)``) on ``sock`` until SIGINT or SIGTERM."""
+    _uvicorn_server(config, log_level, app).run(sockets=[sock])
 
 
 def _url(host: str, port: int) -> str:

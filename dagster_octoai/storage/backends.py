@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
-from ..api.errors import OctoAIError
+from ..api.errors import ConflictError, ObjectNotFoundError, StorageError
 
 __all__ = [
     "ConflictError",
@@ -32,24 +29,8 @@ __all__ = [
     "StorageError",
 ]
 
-logger = logging.getLogger("dagster_octoai.storage")
 
 T = TypeVar("T")
-
-
-class StorageError(OctoAIError):
-    """Storing or loading images failed (missing bucket, refused credentials, missing object...)."""
-
-
-class ObjectNotFoundError(StorageError):
-    """An object (image, manifest) that should exist is not there."""
-
-
-class ConflictError(StorageError):
-    """A conditional write lost a race: another writer changed the object after it was read.
-
-    Nothing was written. Read the object again and decide from what is there now.
-    """
 
 
 class StorageBackend(ABC):
@@ -108,22 +89,6 @@ class StorageBackend(ABC):
 
 #: S3's limit on a key's length, in bytes of UTF-8 (AWS, and SeaweedFS: KeyTooLongError).
 S3_MAX_KEY_BYTES = 1024
-
-# Error codes that mean "slow down / try again"; botocore retries them too, this is
-# the extra patience for a store that keeps throttling after botocore gives up.
-_THROTTLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "ServiceUnavailable",
-        "503",
-        "RequestTimeout",
-        "InternalError",
-        "500",
-    }
-)
 _CREDENTIAL_CODES = frozenset(
     {
         "InvalidAccessKeyId",
@@ -159,20 +124,19 @@ def _shared_loader() -> Any:
 class S3Backend(StorageBackend):
     """Objects in one S3 bucket through one boto3 client (thread-safe, shared by all uploads).
 
+    Retries are botocore's own (its ``retries`` config: ``SlowDown``, 5xx, throttling and
+    dropped connections, with backoff, and in ``adaptive`` mode a client-side rate
+    limit); this class adds none on top, and turns what still fails into a
+    :class:`StorageError` that says what is wrong.
+
     Args:
         client: a boto3 S3 client.
         bucket: the bucket name.
-        throttle_retries: extra attempts after botocore's own on SlowDown / 503 answers.
-        backoff_s: first pause between those attempts (doubles, with jitter).
     """
 
-    def __init__(
-        self, client: Any, bucket: str, *, throttle_retries: int = 4, backoff_s: float = 0.5
-    ) -> None:
+    def __init__(self, client: Any, bucket: str) -> None:
         self.client = client
         self.bucket = bucket
-        self.throttle_retries = throttle_retries
-        self.backoff_s = backoff_s
 
     def __repr__(self) -> str:
         return f"S3Backend(bucket={self.bucket!r})"
@@ -190,7 +154,6 @@ class S3Backend(StorageBackend):
         retry_mode: Literal["standard", "adaptive"] = "adaptive",
         max_attempts: int = 5,
         max_pool_connections: int = 10,
-        throttle_retries: int = 4,
     ) -> S3Backend:
         """A backend with its S3 client built from plain settings (``None`` = the default chain).
 
@@ -218,7 +181,7 @@ class S3Backend(StorageBackend):
             aws_secret_access_key=aws_secret_access_key or None,
             config=config,
         )
-        return cls(client, bucket, throttle_retries=throttle_retries)
+        return cls(client, bucket)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -342,33 +305,21 @@ class S3Backend(StorageBackend):
             NoCredentialsError,
         )
 
-        delay = self.backoff_s
-        for attempt in range(self.throttle_retries + 1):
-            try:
-                return fn()
-            except ClientError as exc:
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                throttled = code in _THROTTLE_CODES or status in (500, 503)
-                if throttled and attempt < self.throttle_retries:
-                    pause = delay * (1 + random.random())
-                    logger.warning(
-                        "S3 %s of %r throttled (%s); retrying in %.1fs", op, key, code, pause
-                    )
-                    time.sleep(pause)
-                    delay *= 2
-                    continue
-                raise self._translate(op, key, code, status, exc) from None
-            except NoCredentialsError:
-                raise StorageError(
-                    "no AWS credentials: set aws_access_key_id / aws_secret_access_key "
-                    "(e.g. with EnvVar) or configure boto3's default credential chain"
-                ) from None
-            except EndpointConnectionError as exc:
-                raise StorageError(f"cannot reach the S3 endpoint: {exc}") from None
-            except BotoCoreError as exc:
-                raise StorageError(f"S3 {op} of {self.uri(key)} failed: {exc}") from None
-        raise AssertionError("unreachable")
+        try:
+            return fn()
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise self._translate(op, key, code, status, exc) from None
+        except NoCredentialsError:
+            raise StorageError(
+                "no AWS credentials: set aws_access_key_id / aws_secret_access_key "
+                "(e.g. with EnvVar) or configure boto3's default credential chain"
+            ) from None
+        except EndpointConnectionError as exc:
+            raise StorageError(f"cannot reach the S3 endpoint: {exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {op} of {self.uri(key)} failed: {exc}") from None
 
     def _translate(
         self, op: str, key: str, code: str, status: int | None, exc: Exception

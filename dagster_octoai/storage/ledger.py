@@ -50,8 +50,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from ..api.errors import ConflictError, StorageError
 from ..api.models import AsyncJob, ImageGenerationRequest
-from .backends import ConflictError, StorageError
 
 __all__ = [
     "ConflictError",

@@ -1,4 +1,4 @@
-"""Persisting an :class:`~dagster_octoai.api.batch.ImageBatch`: images, manifest, fingerprint index.
+"""Persisting answers (some images): images, manifest, fingerprint index.
 
 The write order keeps readers safe: images first (with the optional fingerprint index
 entries of fresh results alongside), the manifest last, then the clean-up of what the
@@ -11,7 +11,6 @@ manifest and all its images as they were.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from urllib.parse import quote
 from PIL import Image
 from pydantic import ValidationError
 
-from ..api.batch import GenerationResult, StoredImage
+from ..api.batch import UnstorableValueError
 from ..api.errors import ImageDecodeError
 from ..api.images import content_type_for, sniff_format, thumbnail_data_uri, whole_image_size
 from ..api.models import (
@@ -189,6 +188,27 @@ def _utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def answer_request(answer: Any, position: int) -> ImageGenerationRequest:
+    """The request an answer to be stored carries; refuses anything else, naming it.
+
+    Raises:
+        UnstorableValueError: ``answer`` is not an answer, or one without its request.
+    """
+    if not isinstance(answer, ImageGenerationResponse):
+        raise UnstorableValueError(
+            f"item {position} of the output is {type(answer).__name__}, not an "
+            "ImageGenerationResponse"
+        )
+    if answer.request is None:
+        raise UnstorableValueError(
+            f"answer {position} (seeds {answer.seeds}) carries no request, so its images "
+            "cannot be stored with the request that made them: it was fetched by a bare "
+            "response URL (client.fetch(url)) or built without request=; fetch the AsyncJob "
+            "instead (client.fetch(job)), or build it with ImageGenerationResponse(..., request=...)"
+        )
+    return answer.request
+
+
 def request_record(request: ImageGenerationRequest) -> dict[str, Any]:
     """The manifest form of a request: engine plus the full wire body."""
     return {"engine": request.engine.value, "body": request.to_wire()}
@@ -312,16 +332,19 @@ class ImageStore:
 
     def write(
         self,
-        results: Iterable[GenerationResult],
+        results: Iterable[ImageGenerationResponse],
         *,
         asset_key: Sequence[str],
         partition_key: str | None,
         run_id: str,
     ) -> WriteReport:
-        """Store every image of ``results`` (iterated once, lazily) and then the manifest.
+        """Store every image of the answers ``results`` (iterated once, lazily), then the manifest.
+
+        Each answer must carry its request (the manifest records it).
 
         Raises:
             StorageError: the store refused a write; the previous manifest is untouched.
+            UnstorableValueError: an item is not an answer, or one without its request.
         """
         base = self.output_key(asset_key, partition_key)
         manifest_key = f"{base}/{MANIFEST_NAME}"
@@ -353,12 +376,8 @@ class ImageStore:
                 # bytes in memory) need not hold them to one at a time.
                 _Uploader(max(self.max_concurrency, _INDEX_WIDTH)) as index_uploader,
             ):
-                for result in results:
-                    if not isinstance(result, GenerationResult):
-                        raise TypeError(
-                            f"an ImageBatch holds GenerationResult objects, got {type(result).__name__}"
-                        )
-                    request = result.request
+                for position_in_batch, result in enumerate(results):
+                    request = answer_request(result, position_in_batch)
                     fingerprint = request.fingerprint()
                     source = self._reuse_source(result, fingerprint, sources)
                     image_records: list[dict[str, Any]] = []
@@ -432,7 +451,7 @@ class ImageStore:
                         if thumbnail is None:
                             thumbnail = thumbnail_data_uri(data)
                         del data
-                    record = self._result_record(result, fingerprint, image_records)
+                    record = self._result_record(result, request, fingerprint, image_records)
                     result_records.append(record)
                     # A fresh result's entry goes out now, while the batch is still being
                     # generated, instead of after the manifest (100 entries added a tenth
@@ -532,15 +551,18 @@ class ImageStore:
 
     @staticmethod
     def _result_record(
-        result: GenerationResult, fingerprint: str, images: list[dict[str, Any]]
+        result: ImageGenerationResponse,
+        request: ImageGenerationRequest,
+        fingerprint: str,
+        images: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        call = result.response.call_info
+        call = result.call_info
         return {
-            "request": request_record(result.request),
+            "request": request_record(request),
             "fingerprint": fingerprint,
             "response_id": result.response_id,
             "reused_from": result.reused_from,
-            "prediction_time_ms": result.response.prediction_time_ms,
+            "prediction_time_ms": result.prediction_time_ms,
             "call_info": {
                 "attempts": call.attempts,
                 "request_ids": list(call.request_ids),
@@ -577,7 +599,7 @@ class ImageStore:
 
     def _reuse_source(
         self,
-        result: GenerationResult,
+        result: ImageGenerationResponse,
         fingerprint: str,
         cache: dict[str, dict[str, Any] | None],
     ) -> dict[str, Any] | None:
@@ -645,14 +667,14 @@ class ImageStore:
         request: ImageGenerationRequest,
         asset_key: Sequence[str] | None = None,
         partition_key: str | None = None,
-    ) -> GenerationResult | None:
-        """An already stored result of an identical request, or ``None``.
+    ) -> ImageGenerationResponse | None:
+        """An already stored answer to an identical request, or ``None``.
 
         Only requests whose every seed is explicit qualify (others are not
         reproducible). The output at ``asset_key``/``partition_key`` is looked at
-        first, then (with ``fingerprint_index``) the fingerprint index. The result's
-        images are read back and checked against their sha256; ``reused_from`` is the
-        manifest's URI.
+        first, then (with ``fingerprint_index``) the fingerprint index. The answer's
+        images are read back and checked against their sha256; it carries ``request``,
+        and ``reused_from`` is the manifest's URI.
         """
         if request.explicit_seeds is None:
             return None
@@ -679,7 +701,7 @@ class ImageStore:
 
     def _load_result(
         self, manifest_key: str, request: ImageGenerationRequest, fingerprint: str
-    ) -> GenerationResult | None:
+    ) -> ImageGenerationResponse | None:
         manifest = self.read_manifest_key(manifest_key)
         if manifest is None:
             return None
@@ -702,28 +724,28 @@ class ImageStore:
                 if data is None or _sha256(data) != im["sha256"]:
                     return None
                 images.append(
-                    GeneratedImage(
-                        image_b64=base64.b64encode(data).decode("ascii"),
-                        seed=im["seed"],
-                        removed_for_safety=False,
-                        safety_score=im["safety_score"],
+                    GeneratedImage.from_bytes(
+                        data, seed=im["seed"], safety_score=im["safety_score"]
                     )
                 )
-            response = ImageGenerationResponse(
-                images=images, prediction_time_ms=record.get("prediction_time_ms") or 0.0
-            ).with_call_info(CallInfo(attempts=0, response_id=record.get("response_id")))
-            return GenerationResult(
+            response_id = record.get("response_id")
+            return ImageGenerationResponse(
+                images=images,
+                prediction_time_ms=record.get("prediction_time_ms") or 0.0,
                 request=request,
-                response=response,
-                response_id=record.get("response_id"),
+                response_id=response_id,
                 reused_from=self.backend.uri(manifest_key),
+                call_info=CallInfo(attempts=0, response_id=response_id),
             )
         return None
 
     # ---- read ------------------------------------------------------------------------
 
-    def read(self, asset_key: Sequence[str], partition_key: str | None) -> list[StoredImage]:
+    def read(self, asset_key: Sequence[str], partition_key: str | None) -> list[GeneratedImage]:
         """The stored images of an output in index order (blocked images have none).
+
+        Each carries its ``request``, ``response_id``, ``uri``, ``index``, ``partition_key``
+        and ``metadata``; the bytes are the stored ones.
 
         Raises:
             ObjectNotFoundError: the output has no manifest (never materialized).
@@ -746,7 +768,7 @@ class ImageStore:
 
         def fetch(
             item: tuple[dict[str, Any], dict[str, Any], ImageGenerationRequest],
-        ) -> StoredImage:
+        ) -> GeneratedImage:
             record, im, request = item
             try:
                 data = self.backend.get(im["key"])
@@ -757,9 +779,10 @@ class ImageStore:
                     f"{im['uri']} does not match the sha256 in {manifest_uri}; it was "
                     "overwritten outside this IO manager"
                 )
-            return StoredImage(
-                data=data,
+            return GeneratedImage.from_bytes(
+                data,
                 seed=im["seed"],
+                safety_score=im["safety_score"],
                 index=im["index"],
                 uri=im["uri"],
                 request=request,

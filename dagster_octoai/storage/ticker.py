@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..api.client import OctoAIClient
 from ..api.errors import (
     APIStatusError,
+    ConflictError,
     JobExpiredError,
     OctoAIError,
     RateLimitError,
@@ -43,7 +44,6 @@ from ..api.errors import (
     TransportError,
 )
 from ..api.models import JobStatus
-from .backends import ConflictError
 from .ledger import JobLedger, JobRecord, JobState
 
 __all__ = [

@@ -9,7 +9,7 @@ import os
 
 import dagster as dg
 
-from dagster_octoai.api.batch import StoredImage
+from dagster_octoai.api.models import GeneratedImage
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.resources import OctoAIResource
@@ -29,7 +29,7 @@ reefs = octoai_image_asset(
 
 
 @dg.asset
-def pg_reef_sizes(pg_reefs: list[StoredImage]) -> dg.MaterializeResult[None]:
+def pg_reef_sizes(pg_reefs: list[GeneratedImage]) -> dg.MaterializeResult[None]:
     """Loads the images through the S3 IO manager in another process than the one that stored them."""
     return dg.MaterializeResult(
         metadata={

@@ -28,7 +28,7 @@ from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from dagster_octoai.io_managers import S3ImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
-from dagster_octoai.sensors import octoai_async_sensor
+from dagster_octoai.sensors import AsyncSensorSettings, octoai_async_sensor
 from dagster_octoai.storage import S3Backend
 from dagster_octoai.storage.ledger import JobLedger, JobState
 
@@ -95,7 +95,9 @@ class SensorSetup:
             "kelp_jobs", sensor_requests(settings["tag"]), results_asset=self.results
         )
         self.sensor = octoai_async_sensor(
-            asset=self.results, minimum_interval_seconds=1, max_concurrent_polls=2
+            asset=self.results,
+            minimum_interval_seconds=1,
+            settings=AsyncSensorSettings(max_concurrent_polls=2),
         )
         self.resources: dict[str, Any] = {
             "octoai": self.octoai,

@@ -27,7 +27,7 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
 
-from dagster_octoai.api.client import OctoAIClient, RetryPolicy
+from dagster_octoai.api.client import HTTPRetryPolicy, OctoAIClient
 from dagster_octoai.api.errors import RequestValidationError
 from dagster_octoai.api.models import Engine, ImageGenerationRequest, Sampler
 from dagster_octoai.assets import octoai_image_asset
@@ -117,7 +117,7 @@ def test_every_invalid_request_is_refused_before_any_network_call(
 ) -> None:
     server.reset_stats()
     refused = 0
-    client = OctoAIClient(LEAK_TOKEN, base_url=server.url, retry=RetryPolicy.none())
+    client = OctoAIClient(LEAK_TOKEN, base_url=server.url, retry=HTTPRetryPolicy.none())
 
     @given(case=invalid_requests())
     @settings(

@@ -20,8 +20,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.batch import ImageBatch
+from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationResponse
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
@@ -152,7 +152,7 @@ def test_throttling_is_retried_and_every_image_lands(
     scanner: TokenScanner,
 ) -> None:
     with ThrottlingProxy(seaweedfs.endpoint_url, fraction=0.2, seed=7) as proxy:
-        io = s3_io(seaweedfs, bucket, endpoint_url=proxy.url, max_attempts=8, throttle_retries=6)
+        io = s3_io(seaweedfs, bucket, endpoint_url=proxy.url, max_attempts=12)
         resources = {"octoai": _resource(octoai_server), "images": io}
         for key in ("a", "b"):
             result = dg.materialize([_asset()], resources=resources, partition_key=key)
@@ -243,16 +243,16 @@ def test_seaweedfs_killed_mid_upload_leaves_no_manifest_then_rerun_completes(
         def storm(context: dg.AssetExecutionContext, octoai: OctoAIResource) -> ImageBatch:
             client = octoai.client  # a lazy batch outlives a get_client() block
 
-            def results() -> Iterator[GenerationResult]:
+            def results() -> Iterator[ImageGenerationResponse]:
                 for i, request in enumerate(requests):
-                    yield GenerationResult(request, client.generate(request))
+                    yield client.generate(request)
                     if i == 1 and not killed:
                         # The store dies while the batch is being uploaded.
                         killed["proc"] = _restart_weed_later(store)
 
             return ImageBatch(results())
 
-        io = s3_io(store, "outage", max_attempts=2, throttle_retries=1)
+        io = s3_io(store, "outage", max_attempts=2)
         resources = {"octoai": _resource(octoai_server), "images": io}
         first = dg.materialize([storm], resources=resources, raise_on_error=False)
         assert not first.success

@@ -22,8 +22,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from dagster_octoai.api.batch import GenerationResult, ImageBatch
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.async_assets import octoai_async_blocking_asset
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
@@ -161,12 +160,7 @@ def test_partitioned_sync_batch_through_faults_persists_every_image_once(
         requests = _requests_of(context.partition_key)
         with octoai.get_client(context) as session:
             answers = dict(session.iter_generate(requests))
-        return ImageBatch(
-            [
-                GenerationResult(ImageGenerationRequest.build(requests[i]), answers[i])
-                for i in range(len(requests))
-            ]
-        )
+        return ImageBatch([answers[i] for i in range(len(requests))])
 
     instance = dg.DagsterInstance.ephemeral()
     tally = ServerTally()
