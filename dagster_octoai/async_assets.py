@@ -62,6 +62,27 @@ RequestSource = Sequence[RequestLike] | Callable[[AssetExecutionContext], Iterab
 _MAX_LISTED_IDS = 100
 
 
+def _one_partition(context: AssetExecutionContext, what: str) -> None:
+    """Refuse, before anything is sent, a run over a partition range (a single-run backfill).
+
+    An async job is recorded per partition of the asset that submits it, and each
+    response id is a partition of the results asset: one partition per run.
+    """
+    if context.has_partition_key or not context.has_partition_key_range:
+        return
+    keys = context.partition_keys
+    if len(keys) <= 1:
+        return
+    raise Failure(
+        description=(
+            f"{what} {context.asset_key.to_user_string()!r} runs one partition per run, but "
+            f"this run covers {len(keys)} partitions ({keys[0]} to {keys[-1]}); launch the "
+            "backfill with one run per partition (BackfillPolicy.multi_run(1), Dagster's "
+            "default). Nothing was submitted or paid for."
+        )
+    )
+
+
 def _ledger(context: AssetExecutionContext, key: str) -> JobLedger:
     resource = getattr(context.resources, key)
     ledger: JobLedger = resource.get_ledger()
@@ -244,6 +265,7 @@ def octoai_async_submit_asset(
         kinds={"octoai"},
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
+        _one_partition(context, "the async submit asset")
         built = _build_requests(context, requests)
         # The results are stored under a partition named by each response id: not known
         # yet, so the key length is checked for the widest partition a key can get.
@@ -358,6 +380,7 @@ def octoai_async_results_asset(
         kinds={"octoai"},
     )
     def _results(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+        _one_partition(context, "the async results asset")
         partition = context.partition_key
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
@@ -634,6 +657,7 @@ def octoai_async_blocking_asset(
         kinds={"octoai"},
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Output[ImageBatch]]:
+        _one_partition(context, "the blocking async asset")
         built = _build_requests(context, requests)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()

@@ -12,6 +12,7 @@ run (or two outputs of a multi-asset) each get their own, correct numbers.
 from __future__ import annotations
 
 import threading
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from dagster import (
     ConfigurableResource,
     EnvVar,
     InitResourceContext,
+    MultiPartitionsDefinition,
     OpExecutionContext,
     RetryRequested,
 )
@@ -442,8 +444,44 @@ def _check_output(
     asset = None
     if context.has_assets_def and name is not None:
         asset = context.assets_def.keys_by_output_name.get(name)
+    if _runs_a_range(context):
+        annotation = out.dagster_type.typing_type
+        origin = typing.get_origin(annotation) or annotation
+        if isinstance(origin, type) and issubclass(
+            origin, (ImageGenerationResponse, ImageBatch, list)
+        ):
+            keys = context.partition_keys
+            raise UnstorableValueError(
+                f"{where} is annotated to return {getattr(origin, '__name__', origin)}, but this "
+                f"run covers {len(keys)} partitions ({keys[0]} to {keys[-1]}), each stored "
+                "under its own partition: return {partition_key: answer} (annotated "
+                "dict[str, ImageGenerationResponse], or not at all). Nothing was generated or "
+                "paid for."
+            )
+        # One check for every partition of the range, each stored under its own key.
+        preflight_store(
+            context.resources, out.io_manager_key, asset, partition_keys=_range_keys(context)
+        )
+        return
     partition = context.partition_key if context.has_partition_key else None
     preflight_store(context.resources, out.io_manager_key, asset, partition)
+
+
+def _runs_a_range(context: ExecutionContext) -> bool:
+    """Whether this step materializes a partition range (a single-run backfill)."""
+    return (
+        not context.has_partition_key
+        and context.has_partition_key_range
+        and len(context.partition_keys) > 1
+    )
+
+
+def _range_keys(context: ExecutionContext) -> list[str]:
+    keys: list[str] = list(context.partition_keys)
+    partitions_def = context.assets_def.partitions_def if context.has_assets_def else None
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        keys = [partitions_def.get_partition_key_from_str(k) for k in keys]
+    return keys
 
 
 def _output_label(context: ExecutionContext, output_name: str | None) -> str:

@@ -232,7 +232,7 @@ def test_example_job_runs_under_the_multiprocess_executor(
     assert server.stats()["paid_generations"] == 4
     images = _image_keys(_keys(seaweedfs, s3_bucket))
     assert sorted(k.split("/")[1] for k in images) == sorted(PRODUCT_ASSETS)
-    assert all("/trail-sneaker/" in k for k in images)
+    assert all("/partition=trail-sneaker/" in k for k in images)
 
 
 @pytest.mark.slow

@@ -358,26 +358,30 @@ class ImageStore:
         partition_key: str | None = None,
         *,
         any_partition: bool = False,
+        partition_keys: Sequence[str] | None = None,
     ) -> None:
         """Refuse now what storing an output would refuse later, before anything is paid for.
 
         Checks that the bucket (or directory) exists and takes these credentials for
         writing (one probe object, written and deleted, under ``{prefix}/_preflight/``),
         that the store honours conditional writes, and, given the output's
-        ``asset_key`` and ``partition_key`` (or ``any_partition=True`` when the
-        partition is not known yet, e.g. a response id), that no key a write of it
-        would use is longer than the store allows and that its commit point does not
-        hold another output's manifest.
+        ``asset_key`` and ``partition_key`` (or every key of ``partition_keys``, for a run
+        over a range; or ``any_partition=True`` when the partition is not known yet, e.g.
+        a response id), that no key a write of it would use is longer than the store
+        allows and that its commit point does not hold another output's manifest.
 
         Raises:
             StorageError: the message names what is wrong and what to change.
         """
         self.backend.check()
         if asset_key:
-            partition = WIDEST_PARTITION if any_partition else partition_key
-            self.backend.check_key(longest_key(self.output_key(asset_key, partition)))
-            if not any_partition:
-                self._head(list(asset_key), partition_key)
+            asset = list(asset_key)
+            if any_partition:
+                self.backend.check_key(longest_key(self.output_key(asset, WIDEST_PARTITION)))
+            for partition in partition_keys if partition_keys is not None else [partition_key]:
+                self.backend.check_key(longest_key(self.output_key(asset, partition)))
+                if not any_partition:
+                    self._head(asset, partition)
         parts = [self.prefix] if self.prefix else []
         self.backend.probe("/".join([*parts, PREFLIGHT_DIR, f"{uuid.uuid4().hex}.probe"]))
 
