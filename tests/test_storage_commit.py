@@ -214,6 +214,22 @@ def test_a_failure_while_generating_keeps_the_committed_output(store: ImageStore
     assert_whole(store, ["fox"], "p1", FIRST)
 
 
+def test_a_commit_whose_answer_was_lost_is_still_committed(store: ImageStore) -> None:
+    _first_write(store)
+    real = store.backend.put_if
+
+    def put_if(*args: Any) -> str:
+        real(*args)  # it lands...
+        raise StorageError("cannot reach the S3 endpoint: connection dropped")  # ...unanswered
+
+    lossy = ImageStore(_Wrapped(store.backend, put_if), prefix="gen")  # type: ignore[arg-type]
+    report = lossy.write(
+        [answer("an owl", [3], offset=50)], asset_key=["fox"], partition_key="p1", run_id="r"
+    )
+    assert report.write_id == store.read_manifest(["fox"], "p1")["write_id"]  # type: ignore[index]
+    assert_whole(store, ["fox"], "p1", [picture(53)])
+
+
 # ---- concurrent writers ----------------------------------------------------------------
 
 

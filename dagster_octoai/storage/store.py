@@ -693,6 +693,12 @@ class ImageStore:
                 return manifest, superseded
             except ConflictError:
                 head = self._head(asset, partition_key)
+            except StorageError:
+                # The PUT may have landed and only its answer been lost: then this write
+                # is committed, and its objects must not be discarded.
+                if self._committed_write(manifest_key) == manifest.write_id:
+                    return manifest, superseded
+                raise
             winner = head.manifest
             if winner is not None and _same_images(winner, manifest):
                 raise _Adopted(winner)
@@ -715,6 +721,14 @@ class ImageStore:
             f"{_MAX_REBASES} attempts; this write's images were not committed and are "
             "removed. Run it again once the other runs of this output are done."
         )
+
+    def _committed_write(self, manifest_key: str) -> str | None:
+        """The write id the manifest at ``manifest_key`` commits, if it can be read now."""
+        try:
+            loaded = self._load(manifest_key)
+        except StorageError:
+            return None
+        return None if loaded is None else loaded[0].write_id
 
     def _retire(
         self,
