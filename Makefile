@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# torch goes in first, with pip: `pip install torch==2.13.0` takes the CPU wheel this kind
+# of machine keeps on disk (uv does not look there), while an open `torch` pulls a ~3 GB
+# CUDA build. uv then finds it installed and installs nothing else in its place.
+# On a GPU host without that disk the same line takes PyPI's CUDA build (docs/local-server.md).
+TORCH_VERSION ?= 2.13.0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv test lint typecheck demo dev bench bench-quick reliability docs chromium clean
+.PHONY: venv test lint typecheck demo dev bench bench-quick bench-gpu reliability docs chromium clean
 
 venv: $(STAMP)
 
@@ -16,7 +21,8 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	echo "==> creating the environment in $(VENV) (first run only)"; \
 	$(PYTHON) -m venv $(VENV) && \
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv && \
-	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements-dev.txt -e '.[dagster,server]' && \
+	$(VENV)/bin/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) && \
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements-dev.txt -e '.[dagster,server,diffusion]' && \
 	touch $@ && \
 	echo "==> environment ready in $$(( $$(date +%s) - start ))s"
 
@@ -51,6 +57,10 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m benchmarks --quick --output .bench-quick
+
+# On a CUDA machine: full-size random-weight SDXL / SD 1.5 through the diffusers backend.
+bench-gpu: venv
+	$(PY) -m benchmarks.gpu
 
 reliability: venv
 	$(PY) scripts/reliability_report.py

@@ -25,7 +25,10 @@ SCENARIOS: dict[str, str] = {
     "P4": "benchmarks.p4_memory",
     "P5": "benchmarks.p5_sensor",
     "P6": "benchmarks.p6_asset_overhead",
+    "P7": "benchmarks.p7_ray_serve",
 }
+#: Scenarios a --quick run leaves out unless named with --only (P7 starts a Ray cluster).
+NOT_QUICK = frozenset({"P7"})
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -59,7 +62,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [s for s in wanted if s not in SCENARIOS]
     if unknown:
         parser.error(f"--only: unknown scenario(s) {unknown}; allowed: {', '.join(SCENARIOS)}")
-    args.ids = wanted or list(SCENARIOS)
+    args.ids = wanted or [s for s in SCENARIOS if not (args.quick and s in NOT_QUICK)]
     if args.reps is not None and args.reps < 1:
         parser.error("--reps: must be >= 1")
     return args

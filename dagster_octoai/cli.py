@@ -1,10 +1,18 @@
 """The ``dagster-octoai`` command. Imports no Dagster, so it starts fast.
 
-``dagster-octoai serve`` runs the local OctoAI-compatible server in the foreground.
+``dagster-octoai serve`` runs the OctoAI-compatible server in the foreground;
+``dagster-octoai serve --backend diffusers --models DIR [--device ...] [--dtype ...]``
+serves Stable Diffusion models from a model directory, and ``dagster-octoai
+tiny-models DIR`` writes one with tiny random weights.
 Every :class:`~dagster_octoai.server.ServerConfig` field is an option, made from the
 model itself so that none can be forgotten: ``--latency-per-image-s 0.5``,
 ``--replicas 2``, ``--rate-limit-requests 10``, ``--fault-error-500 0.1``,
 ``--banned-words a,b``, ``--no-fault-on-async-routes`` ... (see ``serve --help``).
+Tokens are best given in the environment (``OCTOAI_TOKEN``, ``OCTOAI_ADMIN_TOKEN``) or a
+config file, never on a command line that other users of the machine can read.
+
+``dagster-octoai serve-ray`` deploys the same API on a Ray Serve cluster (the ``ray``
+extra): see :mod:`dagster_octoai.server.ray_serve`.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
         typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
     )
     inner = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if inner is SecretStr:
+        # A token is taken as typed: an empty one is refused by the model, never read as
+        # "no token" (which once meant "accept any token").
+        return str, False
     if inner is bool:
         return None, True
     if isinstance(inner, type) and issubclass(inner, BaseModel):
@@ -74,13 +86,15 @@ def _add_model_options(
                 help=help_text,
             )
         elif parse is not None:
-            metavar = "LIST" if typing.get_origin(field.annotation) is tuple else name.upper()
+            is_list = typing.get_origin(field.annotation) is tuple
             group.add_argument(
                 flag,
                 dest=dest,
                 type=parse,
+                # A list option takes commas and repeats: --device cuda:0 --device cuda:1.
+                action="extend" if is_list else "store",
                 default=argparse.SUPPRESS,
-                metavar=metavar,
+                metavar="LIST" if is_list else name.upper(),
                 help=help_text.replace("%", "%%"),
             )
 
@@ -102,9 +116,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the local OctoAI-compatible image server",
         description=(
-            "Run the local OctoAI-compatible image server in the foreground. "
-            "The token comes from --token, the config file, or the OCTOAI_TOKEN environment "
-            "variable; without one, any bearer token is accepted (but one is required)."
+            "Run the OctoAI-compatible image server in the foreground. It is private: the "
+            "token comes from the OCTOAI_TOKEN environment variable, the config file or "
+            "--token (seen by other users in the process list), and without one it does not "
+            "start unless --public. The /_local control routes are off unless "
+            "--control-routes, with the admin token from OCTOAI_ADMIN_TOKEN."
         ),
     )
     where = serve.add_argument_group("where to listen")
@@ -122,6 +138,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="uvicorn's log level (default: info)",
     )
     where.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request (method, path, status; paths hold no tokens)",
+    )
+    where.add_argument(
         "--config",
         type=Path,
         default=None,
@@ -132,11 +153,94 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resulting configuration (tokens left out) and exit",
     )
+    tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/endpoint.md)")
+    tls.add_argument("--ssl-certfile", default=None, help="the certificate chain (PEM)")
+    tls.add_argument("--ssl-keyfile", default=None, help="its private key (PEM)")
+    tls.add_argument(
+        "--ssl-keyfile-password-env",
+        default=None,
+        metavar="VAR",
+        help="the environment variable holding the key's password, if it has one",
+    )
+    tls.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="proxies whose X-Forwarded-For/-Proto are trusted (default: 127.0.0.1)",
+    )
     service = serve.add_argument_group("service behaviour (ServerConfig)")
     _add_model_options(service, ServerConfig, "", skip=("faults",))
     faults = serve.add_argument_group("fault injection (FaultConfig)")
     _add_model_options(faults, FaultConfig, "fault-")
+    tiny = commands.add_parser(
+        "tiny-models",
+        help="write a tiny random-weight model directory for the diffusers backend",
+        description=(
+            "Write a model directory for 'serve --backend diffusers --models DIR': SDXL, "
+            "SD 1.5, the SDXL refiner, ControlNets, LoRAs, textual inversions and VAEs with "
+            "tiny random weights, built offline from configs (no download). Its images are "
+            "noise; the layout is the one real weights use. Needs the diffusion extra."
+        ),
+    )
+    tiny.add_argument("directory", type=Path, metavar="DIR", help="where to write (empty or new)")
+    tiny.add_argument(
+        "--scale",
+        choices=["tiny", "full"],
+        default="tiny",
+        help="tiny (a few MB, seconds per image on a CPU; default) or full (the real SDXL "
+        "and SD 1.5 architectures, random fp16 weights, ~10 GB, for GPU benchmarks)",
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    _add_serve_ray(commands, ServerConfig)
     return parser
+
+
+def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
+    from .server.ray_config import RayEndpointConfig
+
+    ray = commands.add_parser(
+        "serve-ray",
+        help="deploy the OctoAI-compatible API on Ray Serve (the ray extra)",
+        description=(
+            "Deploy the same API on a Ray Serve cluster: one generator replica per GPU (a CPU "
+            "slot on CPU), scaling between --min-replicas and --max-replicas, idle replicas "
+            "removed after --idle-timeout-s (0 replicas: scale to zero), sync requests beyond "
+            "the replicas queued up to --max-queued-requests per frontend, then 429. Tokens "
+            "as for 'serve' (OCTOAI_TOKEN, OCTOAI_ADMIN_TOKEN). Runs until Ctrl-C or SIGTERM, "
+            "then removes the application (--detach leaves it running)."
+        ),
+    )
+    cluster = ray.add_argument_group("the Ray cluster")
+    cluster.add_argument(
+        "--address",
+        default=None,
+        help="a running cluster ('auto', or ray://host:10001 / GCS host:port); "
+        "default: start a local one",
+    )
+    cluster.add_argument("--num-cpus", type=int, default=None, help="a local cluster's CPUs")
+    cluster.add_argument("--num-gpus", type=int, default=None, help="a local cluster's GPUs")
+    cluster.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's interface")
+    cluster.add_argument("--port", type=int, default=8000, help="the HTTP proxy's port")
+    cluster.add_argument("--app-name", default="octoai", help="the Serve application's name")
+    cluster.add_argument("--route-prefix", default="/", help="where the API is mounted")
+    cluster.add_argument(
+        "--detach", action="store_true", help="deploy and exit, leaving the application running"
+    )
+    cluster.add_argument(
+        "--config", type=Path, default=None, help="a JSON file of ServerConfig fields"
+    )
+    cluster.add_argument("--ssl-certfile", default=None, help="HTTPS at the proxy: certificate")
+    cluster.add_argument("--ssl-keyfile", default=None, help="HTTPS at the proxy: private key")
+    scaling = ray.add_argument_group("scaling (RayEndpointConfig)")
+    _add_model_options(scaling, RayEndpointConfig, "", skip=("server",))
+    service = ray.add_argument_group("service behaviour (ServerConfig)")
+    # Replicas and their queue are Ray Serve's here (the scaling options above).
+    _add_model_options(
+        service,
+        server_config,
+        "",
+        skip=("faults", "replicas", "max_queued_requests", "queue_retry_after_s"),
+    )
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -148,8 +252,10 @@ def _load_config(args: argparse.Namespace) -> Any:
         base = json.loads(args.config.read_text())
     elif os.environ.get(CONFIG_ENV):
         base = json.loads(os.environ[CONFIG_ENV])
-    elif os.environ.get("OCTOAI_TOKEN"):
-        base = {"token": os.environ["OCTOAI_TOKEN"]}
+    # The environment's tokens fill in what the file leaves out; options override both.
+    for env, name in (("OCTOAI_TOKEN", "token"), ("OCTOAI_ADMIN_TOKEN", "admin_token")):
+        if env in os.environ and name not in base and CONFIG_ENV not in os.environ:
+            base[name] = os.environ[env]
     values = vars(args)
     changes: dict[str, Any] = {n: values[n] for n in ServerConfig.model_fields if n in values}
     fault_changes = {
@@ -160,15 +266,115 @@ def _load_config(args: argparse.Namespace) -> Any:
     return ServerConfig.model_validate(base).updated(changes)
 
 
+def _serve_ray(args: argparse.Namespace) -> int:
+    # Ray installs its own C-level SIGTERM handler in the driver, which aborts the process
+    # after our cleanup, and starts threads (some when imported) that would take the signal.
+    # Connected to a running cluster, the signals are blocked first, before anything imports
+    # Ray, so that they reach no thread's handler: the main thread takes them with sigwait.
+    # A local cluster's processes would inherit a blocked mask (and outlive ray.shutdown),
+    # so there a Python handler waits instead, and the process leaves with os._exit once
+    # everything is cleaned up.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    if args.address is None:
+        code = _serve_ray_blocked(args, None)
+        if "ray" in sys.modules:  # a cluster was started (and is stopped by now)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        return _serve_ray_blocked(args, stop_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
+
+def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
+    from .server.ray_config import RayEndpointConfig
+
+    try:
+        server = _load_config(args)
+        values = vars(args)
+        fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
+        endpoint = RayEndpointConfig(server=server, **fields)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            print(f"dagster-octoai serve-ray: {loc}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"dagster-octoai serve-ray: cannot read the configuration: {exc}", file=sys.stderr)
+        return 2
+    if (problem := server.startup_problem()) is not None:
+        print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from .server.ray_serve import deploy, start_local_cluster
+    except ImportError as exc:
+        print(
+            f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
+            "pip install 'dagster-octoai[server,ray]'",
+            file=sys.stderr,
+        )
+        return 2
+    local = args.address is None
+    try:
+        if local:
+            start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        else:
+            ray.init(address=args.address, configure_logging=False)
+        http: dict[str, Any] = {"host": args.host, "port": args.port}
+        if args.ssl_certfile is not None:
+            http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+        ray_serve.start(http_options=http)
+        deploy(endpoint, name=args.app_name, route_prefix=args.route_prefix)
+        scheme = "https" if args.ssl_certfile else "http"
+        prefix = args.route_prefix.rstrip("/")
+        url = f"{scheme}://{args.host}:{args.port}{prefix}"
+        print(_describe(server, url), file=sys.stderr, flush=True)
+        print(
+            f"  on Ray Serve: replicas {endpoint.min_replicas}..{endpoint.max_replicas}, idle "
+            f"timeout {endpoint.idle_timeout_s:g} s, queue {endpoint.max_queued_requests} "
+            f"per frontend ({endpoint.frontend_replicas})",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not args.detach:
+            if stop_signals is not None:
+                signal.sigwait(stop_signals)
+            else:
+                signal.signal(signal.SIGTERM, _exit_cleanly)
+                with contextlib.suppress(KeyboardInterrupt, SystemExit):
+                    while True:
+                        signal.pause()
+            ray_serve.delete(args.app_name)
+            if local:
+                ray_serve.shutdown()  # type: ignore[no-untyped-call]
+    finally:
+        # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
+        ray.shutdown()
+    return 0
+
+
 def _describe(config: Any, url: str) -> str:
-    auth = "the configured token" if config.token is not None else "any bearer token"
+    tokens = len(config.api_tokens())
+    if config.public:
+        auth = "public: any bearer token"
+    else:
+        auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
-        f"dagster-octoai local OctoAI server on {url}",
+        f"dagster-octoai OctoAI-compatible server on {url}",
         f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15}}",
         f"  auth: {auth}; replicas: {config.replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
-        f"  stats: GET {url}/_local/stats; OpenAPI: {url}/openapi.json",
-        f"  backend: {config.backend}; GET {url}/_local/backend says what it serves",
+        f"  OpenAPI: {url}/openapi.json"
+        + (f"; playground: {url}/playground" if config.playground else ""),
+        "  control routes: "
+        + (f"on, admin token only (GET {url}/_local/stats)" if config.control_routes else "off"),
+        f"  backend: {config.backend}",
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -189,12 +395,24 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.public_dict(), indent=2))
         return 0
+    if (problem := config.startup_problem()) is not None:
+        print(f"dagster-octoai serve: {problem}", file=sys.stderr)
+        return 2
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        print("dagster-octoai serve: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
 
     import socket
 
     from .server.app import create_app
     from .server.backends import BackendError
-    from .server.runner import _url, bind_socket, serve
+    from .server.runner import TLSFiles, _url, bind_socket, serve
+
+    tls = (
+        TLSFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password_env)
+        if args.ssl_certfile is not None
+        else None
+    )
 
     try:
         # Loaded before listening: a wrong model directory or device fails here, clearly.
@@ -216,14 +434,51 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     host, port = sock.getsockname()[:2]
     if args.log_level in ("info", "debug", "trace"):
-        print(_describe(config, _url(host, port)), file=sys.stderr, flush=True)
+        url = _url(host, port)
+        if tls is not None:
+            url = "https" + url[len("http") :]
+        print(_describe(config, url), file=sys.stderr, flush=True)
         for line in _backend_lines(app.state.octoai.backend.describe()):
             print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
     # the previous handler: make that a clean exit rather than a traceback or a kill.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with contextlib.suppress(KeyboardInterrupt):
-        serve(config, sock, log_level=args.log_level, app=app)
+        serve(
+            config,
+            sock,
+            log_level=args.log_level,
+            app=app,
+            tls=tls,
+            forwarded_allow_ips=args.forwarded_allow_ips,
+            access_log=args.access_log,
+        )
+    return 0
+
+
+def _tiny_models(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        from .server.backends.diffusers.tiny import write_models
+    except ImportError as exc:
+        print(
+            f"dagster-octoai tiny-models: needs the diffusion extra ({exc.name} is missing): "
+            "pip install 'dagster-octoai[server,diffusion]'",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.perf_counter()
+    try:
+        root = write_models(args.directory, scale=args.scale, seed=args.seed)
+    except FileExistsError as exc:
+        print(f"dagster-octoai tiny-models: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.scale} random-weight models to {root} in "
+        f"{time.perf_counter() - started:.1f} s (their images are noise)\n"
+        f"serve them: dagster-octoai serve --backend diffusers --models {root}"
+    )
     return 0
 
 
@@ -244,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "serve-ray":
+        return _serve_ray(args)
+    if args.command == "tiny-models":
+        return _tiny_models(args)
     return 2  # argparse refuses unknown commands before this
 
 

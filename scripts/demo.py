@@ -4,9 +4,14 @@ Starts the local OctoAI-compatible server and SeaweedFS, materializes every exam
 asset (every product partition, the async batch through its sensor, the contact sheet)
 in a throwaway Dagster instance, checks that the images are in S3 with their metadata
 and that the contact sheet is a valid PNG, prints the S3 URIs, and stops what it
-started. Exits 0 only when all of that worked.
+started. Then real diffusion: it writes tiny random-weight models
+(``dagster-octoai tiny-models``), serves them with the diffusers backend and
+materializes one asset through it into the same S3 (the images are noise: random
+weights; the code path is the one real SDXL / SD 1.5 weights take). Exits 0 only when
+all of that worked.
 
 Usage: python scripts/demo.py [--output-dir .demo] [--s3-endpoint-url URL --bucket NAME]
+                              [--no-diffusers]
 """
 
 from __future__ import annotations
@@ -181,6 +186,94 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
     return [f"s3://{services.bucket}/{k}" for k in sorted(images)]
 
 
+def _materialize_through_diffusers(
+    services: Services, instance: Any, output_dir: Path
+) -> list[str]:
+    """Tiny random-weight models, the diffusers backend, one asset into S3: the S3 URIs."""
+    import secrets
+    import subprocess
+
+    import boto3
+    from dagster import materialize
+
+    from dagster_octoai.assets import octoai_image_asset
+    from dagster_octoai.io_managers import S3ImageIOManager
+    from dagster_octoai.resources import OctoAIResource
+    from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+
+    models = output_dir / "tiny-models"
+    if not (models / "dagster-octoai-models.json").is_file():
+        progress(f"diffusers: writing tiny random-weight models to {models}")
+        subprocess.run(
+            [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(models)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    token = secrets.token_urlsafe(24)
+    progress("diffusers: starting a server with the diffusers backend on the tiny models")
+    config = ServerConfig(token=token, backend="diffusers", models=str(models))
+    with LocalOctoAIServer(config, mode="process", startup_timeout_s=600) as server:
+        progress(f"diffusers: server at {server.url}; generating (the images are noise)")
+        shots = octoai_image_asset(
+            "diffusers_product_shots",
+            {
+                "engine": "sd",
+                "prompt": "a product shot of a (red:1.2) sneaker, studio light",
+                "negative_prompt": "blurry",
+                "seed": 42,
+                "num_images": 2,
+                "steps": 8,
+                "sampler": "DPM_PLUS_PLUS_2M_KARRAS",
+                "loras": {"tiny-crayon": 0.6},
+            },
+            description="SD 1.5 on tiny random weights: noise, through the real diffusers path.",
+        )
+        env = services.env
+        io_manager = S3ImageIOManager(
+            bucket=services.bucket,
+            prefix=f"{PREFIX}-diffusers",
+            endpoint_url=services.s3_endpoint_url,
+            region_name=env["AWS_REGION"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            addressing_style="path",
+        )
+        result = materialize(
+            [shots],
+            instance=instance,
+            resources={
+                "octoai": OctoAIResource(token=token, base_url=server.url, timeout_s=600),
+                "io_manager": io_manager,
+            },
+            run_config=QUIET_RUN_CONFIG,
+        )
+        if not result.success:
+            raise RuntimeError("the diffusers asset failed; see the log above")
+        paid = server.stats()["paid_generations"]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=services.s3_endpoint_url,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
+    listing = s3.list_objects_v2(Bucket=services.bucket, Prefix=f"{PREFIX}-diffusers/")
+    images = sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".jpg"))
+    if len(images) != 2 or paid != 2:
+        raise RuntimeError(
+            f"diffusers: expected 2 images in S3 and 2 generated, got {images}, {paid}"
+        )
+    for key in images:
+        head = s3.head_object(Bucket=services.bucket, Key=key)
+        # An unpartitioned asset: every key but the partition.
+        wanted = [m for m in REQUIRED_IMAGE_METADATA if m != "partition"]
+        missing = [m for m in wanted if m not in head["Metadata"]]
+        if missing:
+            raise RuntimeError(f"s3://{services.bucket}/{key} lacks metadata {missing}")
+    progress(f"diffusers: verified {len(images)} images (with metadata) in S3")
+    return [f"s3://{services.bucket}/{k}" for k in images]
+
+
 def main(argv: list[str] | None = None) -> int:
     from dagster import BetaWarning, PreviewWarning
 
@@ -200,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         "starting SeaweedFS; the bucket must exist",
     )
     parser.add_argument("--bucket", default=BUCKET, help=f"the bucket (default {BUCKET})")
+    parser.add_argument(
+        "--no-diffusers",
+        action="store_true",
+        help="only the quick placeholder run (skip the diffusers backend on tiny models)",
+    )
     args = parser.parse_args(argv)
     output_dir: Path = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                     progress("contact sheet")
                     _run_job(defs, instance, "contact_sheet_job")
                     uris = _verify_s3(services, contact_sheet)
+                    diffused = (
+                        []
+                        if args.no_diffusers
+                        else _materialize_through_diffusers(services, instance, output_dir)
+                    )
         except KeyboardInterrupt:
             return fail("interrupted; everything started was stopped")
         except Exception as exc:
@@ -232,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     for uri in uris:
         print(f"  {uri}")
     print(f"\nContact sheet: {contact_sheet}")
+    if diffused:
+        print("\nThrough the diffusers backend (tiny random weights, so the pictures are noise):")
+        for uri in diffused:
+            print(f"  {uri}")
     progress("demo finished")
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dagster_octoai.testing.plugin import TEST_TOKEN
+from dagster_octoai.testing.plugin import TEST_ADMIN_TOKEN, TEST_TOKEN
 from devtools.secrets import TokenScanner
 
 _home = Path(tempfile.mkdtemp(prefix="dagster-octoai-home-"))
@@ -28,7 +28,7 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 @pytest.fixture(scope="session")
 def suite_tokens() -> tuple[str, ...]:
     """Tokens no log may hold; a conftest deeper down may add its own."""
-    return (TEST_TOKEN,)
+    return (TEST_TOKEN, TEST_ADMIN_TOKEN)
 
 
 @pytest.fixture(autouse=True)

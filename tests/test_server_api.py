@@ -244,10 +244,10 @@ def test_missing_or_invalid_token_is_401(
         assert httpx.get(f"{octoai_server.url}{path}", headers=headers).status_code == 401
 
 
-def test_forbidden_token_is_403_and_no_token_config_accepts_any(
+def test_forbidden_token_is_403_and_a_public_server_accepts_any(
     octoai_server_factory: Factory,
 ) -> None:
-    srv = octoai_server_factory(token=None, forbidden_tokens=["blocked-token"])
+    srv = octoai_server_factory(token=None, public=True, forbidden_tokens=["blocked-token"])
     url = f"{srv.url}/generate/sd"
     body = {"prompt": "x", "seed": 1}
     assert (
@@ -418,9 +418,12 @@ def test_local_config_changes_and_validates(octoai_server_factory: Factory) -> N
     assert srv.config.faults.error_500 == 1.0
     with pytest.raises(ValueError, match="replicas"):
         srv.configure(replicas=0)
-    r = httpx.post(f"{srv.url}/_local/config", json={"replicas": 0}, headers=headers)
+    admin = {"Authorization": f"Bearer {srv.admin_token}"}
+    r = httpx.post(f"{srv.url}/_local/config", json={"replicas": 0}, headers=admin)
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "replicas"]
-    shown = httpx.get(f"{srv.url}/_local/config", headers=headers).json()
+    shown = httpx.get(f"{srv.url}/_local/config", headers=admin).json()
     assert shown["banned_words"] == ["teapot"]
+    assert srv.token is not None and srv.admin_token is not None
     assert "token" not in shown and srv.token not in str(shown)
+    assert srv.admin_token not in str(shown)

@@ -24,6 +24,7 @@ from dagster_octoai.api.models import ImageGenerationRequest
 from dagster_octoai.server import ServerConfig, create_app
 from dagster_octoai.server.backends import (
     Backend,
+    BackendError,
     Problem,
     RenderedImage,
     load_backend,
@@ -35,6 +36,8 @@ pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "seam-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# The control routes answer only their own admin token (issue 17).
+ADMIN_AUTH = {"Authorization": "Bearer seam-admin-token"}
 
 
 class RecordingBackend:
@@ -93,7 +96,7 @@ class _Served:
 
 
 def _serve(backend: RecordingBackend, **config: Any) -> Iterator[_Served]:
-    cfg = ServerConfig(token=TOKEN, **config)
+    cfg = ServerConfig(token=TOKEN, control_routes=True, admin_token="seam-admin-token", **config)
     sock = bind_socket("127.0.0.1", 0)
     server = _uvicorn_server(cfg, "warning", create_app(cfg, backend=backend))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -150,24 +153,27 @@ def test_backend_problems_are_422s_before_anything_is_rendered(served: _Served) 
     )
     assert r.status_code == 422
     assert served.backend.calls == []
-    stats = httpx.get(f"{served.url}/_local/stats", headers=AUTH).json()
+    stats = httpx.get(f"{served.url}/_local/stats", headers=ADMIN_AUTH).json()
     assert stats["paid_generations"] == 0 and stats["validation_errors"] == 2
 
 
 def test_describe_is_served_and_needs_the_token(served: _Served) -> None:
     assert httpx.get(f"{served.url}/_local/backend").status_code == 401
-    r = httpx.get(f"{served.url}/_local/backend", headers=AUTH)
+    assert httpx.get(f"{served.url}/_local/backend", headers=AUTH).status_code == 401
+    r = httpx.get(f"{served.url}/_local/backend", headers=ADMIN_AUTH)
     assert r.json() == {"backend": "recording", "devices": ["test:0"]}
 
 
 def test_the_backend_is_fixed_at_start_up(served: _Served) -> None:
     r = httpx.post(
-        f"{served.url}/_local/config", json={"backend": "diffusers", "replicas": 2}, headers=AUTH
+        f"{served.url}/_local/config",
+        json={"backend": "diffusers", "replicas": 2},
+        headers=ADMIN_AUTH,
     )
     assert r.status_code == 422
     assert [d["loc"] for d in r.json()["detail"]] == [["body", "backend"]]
     assert "restart the server" in r.json()["detail"][0]["msg"]
-    config = httpx.get(f"{served.url}/_local/config", headers=AUTH).json()
+    config = httpx.get(f"{served.url}/_local/config", headers=ADMIN_AUTH).json()
     assert config["backend"] == "placeholder" and config["replicas"] == 4
 
 
@@ -188,7 +194,7 @@ def test_a_backend_with_devices_sets_the_replica_count() -> None:
                 t.start()
             for t in threads:
                 t.join()
-            stats = client.get(f"{served.url}/_local/stats").json()
+            stats = client.get(f"{served.url}/_local/stats", headers=ADMIN_AUTH).json()
     assert len(backend.calls) == 3
     assert backend.active_max == 1
     assert stats["in_flight_max"] == 1 and stats["queued_max"] >= 1
@@ -201,6 +207,9 @@ def test_load_backend_names_and_config_rules() -> None:
         ServerConfig(backend="diffusers")
     with pytest.raises(ValueError, match="'gpu0' is not a device; allowed: cpu, cuda, cuda:N"):
         ServerConfig(device=("gpu0",))
+    # A wrong model directory fails at once, before torch is imported.
+    with pytest.raises(BackendError, match="not a model directory"):
+        load_backend(ServerConfig(backend="diffusers", models="/nonexistent/models"))
 
 
 def test_a_placeholder_server_never_imports_torch() -> None:

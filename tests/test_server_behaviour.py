@@ -271,3 +271,31 @@ def test_drops_work_with_either_uvicorn_http_implementation(http: str) -> None:
         server.should_exit = True
         thread.join(timeout=10)
     assert app.state.octoai.stats.faults["drop_connection"] == 1
+
+
+def test_a_queue_bound_answers_429_with_retry_after_past_it(octoai_server_factory: Factory) -> None:
+    srv = octoai_server_factory(
+        latency_per_image_s=1.5, replicas=1, max_queued_requests=2, queue_retry_after_s=3
+    )
+    # 1.5 s per image: the six arrive long before the first is done, however loaded the box.
+    answers = asyncio.run(_concurrent_posts_answers(srv, 6, BODY))
+    statuses = sorted(a.status_code for a in answers)
+    # One on the replica, two waiting; the other three are told when to come back.
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    for answer in answers:
+        if answer.status_code == 429:
+            assert answer.headers["retry-after"] == "3"
+    stats = srv.stats()
+    assert stats["queued_max"] == 2 and stats["paid_generations"] == 3
+    # Async jobs are never refused for the queue: they wait.
+    with httpx.Client(base_url=srv.url, headers=_headers(srv), timeout=30) as client:
+        for _ in range(4):
+            r = client.post("/generate/sd", json=BODY, headers={"X-OctoAI-Async": "1"})
+            assert r.status_code == 201
+
+
+async def _concurrent_posts_answers(
+    srv: LocalOctoAIServer, count: int, body: dict[str, Any]
+) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=srv.url, headers=_headers(srv), timeout=60) as client:
+        return await asyncio.gather(*(client.post("/generate/sd", json=body) for _ in range(count)))

@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -179,3 +180,68 @@ def test_server_repr_and_stopped_errors() -> None:
     with pytest.raises(ValueError, match="forbidden_tokens") as caught:
         ServerConfig(forbidden_tokens="hidden-token")  # type: ignore[arg-type]
     assert "hidden-token" not in str(caught.value)
+
+
+def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path, ca_path = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key_path))
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    trusted = ssl.create_default_context(cafile=str(ca_path))
+    env = {**os.environ, "OCTOAI_TOKEN": "tls-token-5e"}
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--port",
+            "0",
+            "--ssl-certfile",
+            str(cert_path),
+            "--ssl-keyfile",
+            str(key_path),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        assert ready, "no startup line within 30 s"
+        line = proc.stderr.readline()
+        match = re.search(r"https://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        url = match.group(0)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthcheck", verify=trusted).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(
+            f"{url}/generate/sd",
+            json={"prompt": "x", "seed": 1},
+            headers={"Authorization": "Bearer tls-token-5e"},
+            verify=trusted,
+            timeout=30,
+        )
+        assert r.status_code == 200
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served there
+            httpx.get(url.replace("https", "http") + "/healthcheck", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -1,9 +1,13 @@
-"""The ASGI application: OctoAI's image routes plus ``/_local`` controls for tests.
+"""The ASGI application: OctoAI's image routes, the playground, and ``/_local`` controls.
 
-Request path, outermost first: the gateway (``X-User-Request-ID``, the request log,
-injected faults), then per route: bearer auth, rate limit, body validation with the
-same :class:`~dagster_octoai.api.models.ImageGenerationRequest` the client uses, the
-policy check, and the generation on a replica (sync) or in the background (async).
+Request path, outermost first: the gateway (``X-User-Request-ID``, security headers, the
+request log, injected faults), the body limits (size and time, before a route reads a
+byte: :mod:`~dagster_octoai.server.limits`), then per route: bearer auth
+(:mod:`~dagster_octoai.server.security`), rate limit, JSON parsing and validation with
+the same :class:`~dagster_octoai.api.models.ImageGenerationRequest` the client uses, the
+input image limits, the policy check, and the generation on a replica (sync) or in the
+background (async). The ``/_local`` controls exist only when ``control_routes`` is on, and
+answer only the admin token.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import random
 import re
@@ -33,13 +36,15 @@ from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
-from .config import BACKEND_FIELDS, ServerConfig
-from .jobs import Job, JobStore, ReplicaPool
+from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
+from .jobs import Job, JobStore, JobView, ReplicaPool
+from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, undecodable_images
-from .stats import RequestRecord, ServerStats
+from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
+from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["GenerationRefused", "ServerState", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,7 +62,7 @@ _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-_STATIC_ROUTES = frozenset({"/healthcheck", "/openapi.json"})
+_STATIC_ROUTES = frozenset({"/healthcheck", "/openapi.json", "/", "/playground"})
 
 
 def _route_of(path: str) -> str:
@@ -67,20 +72,73 @@ def _route_of(path: str) -> str:
             return name
     if path in _STATIC_ROUTES or path.startswith("/_local/"):
         return path
+    if path.startswith("/playground/"):
+        return "/playground/{file}"
     return "(unrouted)"
+
+
+def _app_path(scope: Scope) -> str:
+    """The path below the app's mount point (Ray Serve's route prefix is the root path)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
 
 
 def _message(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"message": message}, status_code=status, headers=headers)
 
 
-class ServerState:
-    """Everything one app instance knows: config, backend, counters, replicas, jobs, random sources."""
+class GenerationRefused(Exception):
+    """A deployment could not generate: every replica busy past the queue bound (429), a
+    replica lost (503), or what the backend cannot serve (422, with ``detail``)."""
 
-    def __init__(self, config: ServerConfig, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        detail: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        if self.detail is not None:
+            return _validation_response(self.detail)
+        headers = None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return _message(self.status, self.message, headers)
+
+
+class ServerState:
+    """Everything one app instance knows: config, backend, counters, replicas, jobs, random sources.
+
+    The async job methods (:meth:`submit_job`, :meth:`job_view`, :meth:`job_counts`) and
+    :meth:`generate` are where a deployment differs: here jobs live in this process and
+    run on its replicas; on Ray Serve a subclass keeps them in a shared job board and runs
+    them on the generator replicas (:mod:`dagster_octoai.server.ray_serve`).
+    """
+
+    #: Which replica of a deployment this app is (``X-OctoAI-Frontend``); None alone.
+    replica_name: str | None = None
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        backend: Backend | None = None,
+        *,
+        owner_key: bytes | None = None,
+    ) -> None:
         self.config = config
         # What renders the images; the rest of this module is the same for every backend.
         self.backend = backend if backend is not None else load_backend(config)
+        self.owner_key = owner_key or new_owner_key()
+        self.gate = Gatekeeper(config, self.owner_key)
         self.stats = ServerStats()
         self.pool = ReplicaPool(self._replicas, self.stats.observe_pool)
         self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
@@ -88,7 +146,9 @@ class ServerState:
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
         self.rate_window: deque[float] = deque()
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="octoai-render")
+        # A backend's render blocks its thread for the whole generation: one per replica.
+        workers = max(4, self.backend.replicas or 0)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="octoai-render")
 
     def _replicas(self) -> int:
         # A backend with devices runs one generation per device; the rest queue here.
@@ -97,14 +157,20 @@ class ServerState:
     def _count_expired(self, count: int) -> None:
         self.stats.async_expired += count
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         return self.stats.snapshot(
             in_flight=self.pool.in_flight,
             queued=self.pool.queued,
-            jobs_by_status=self.jobs.by_status(),
+            jobs_by_status=await self.job_counts(),
         )
 
     async def reconfigure(self, changes: dict[str, Any]) -> ServerConfig:
+        """Apply runtime changes (``ValueError`` for settings fixed at start-up)."""
+        frozen = sorted(RUNTIME_FIXED & set(changes))
+        if frozen:
+            raise ValueError(
+                f"{', '.join(frozen)}: fixed at start-up; restart the server to change it"
+            )
         old = self.config
         if fixed := sorted(set(changes) & set(BACKEND_FIELDS)):
             raise ValidationError.from_exception_data(
@@ -122,6 +188,7 @@ class ServerState:
                 ],
             )
         self.config = old.updated(changes)
+        self.gate = Gatekeeper(self.config, self.owner_key)
         if "faults" in changes:
             self.fault_rng = random.Random(self.config.faults.seed)
         if self.config.replicas > old.replicas:
@@ -129,24 +196,6 @@ class ServerState:
         return self.config
 
     # ---- checks ---------------------------------------------------------------------
-
-    def auth_error(self, request: Request) -> JSONResponse | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return _message(
-                401,
-                "Missing bearer token: send 'Authorization: Bearer <token>'.",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        for forbidden in self.config.forbidden_tokens:
-            if hmac.compare_digest(token.encode(), forbidden.get_secret_value().encode()):
-                return _message(403, "This token is not allowed to use this endpoint.")
-        expected = self.config.token_value()
-        if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
-            return _message(401, "Invalid bearer token.", {"WWW-Authenticate": "Bearer"})
-        return None
 
     def rate_limit_error(self) -> JSONResponse | None:
         limit = self.config.rate_limit_requests
@@ -178,7 +227,23 @@ class ServerState:
     # ---- generation -----------------------------------------------------------------
 
     async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
-        """Wait for a replica, take the configured time, render: the generation body."""
+        """Wait for a replica, take the configured time, render: the generation body.
+
+        Raises:
+            GenerationRefused: every replica is busy and ``max_queued_requests`` wait
+                already (429 with ``Retry-After``); async jobs are never refused so.
+        """
+        bound = self.config.max_queued_requests
+        if (
+            bound is not None
+            and self.pool.in_flight >= self._replicas()
+            and self.pool.queued >= bound
+        ):
+            raise GenerationRefused(
+                429,
+                f"Every replica is busy and {bound} requests are queued; retry later.",
+                retry_after_s=self.config.queue_retry_after_s,
+            )
         async with self.pool:
             return await self._generate_on_replica(req)
 
@@ -215,6 +280,30 @@ class ServerState:
         }
         return json.dumps(body, separators=(",", ":")).encode(), seeds
 
+    # ---- async jobs -----------------------------------------------------------------
+
+    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
+        """Accept an async job for ``caller`` and start it: its response id."""
+        job = self.jobs.add(req, fails=fails, owner=caller.owner)
+        job.task = asyncio.get_running_loop().create_task(self.run_job(job))
+        return job.response_id
+
+    async def job_view(
+        self, response_id: str, caller: Caller, *, with_body: bool
+    ) -> JobView | None:
+        """The job as ``caller`` may see it: None when unknown, expired or someone else's."""
+        return self.jobs.view(response_id, caller.owner, admin=caller.admin, with_body=with_body)
+
+    async def job_counts(self) -> dict[str, int]:
+        return self.jobs.by_status()
+
+    async def close(self) -> None:
+        """Stop background work (called when the app shuts down)."""
+        for task in self.jobs.running_tasks():
+            task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
     async def run_job(self, job: Job) -> None:
         config = self.config
         if config.async_queue_delay_s > 0:
@@ -225,16 +314,19 @@ class ServerState:
                 # The seed: "A long-running inference with duration greater than 1 minute
                 # may occasionally encounter an error."
                 await asyncio.sleep(self.config.faults.job_failure_after_s)
-                job.error = "The inference ran too long and failed; resubmit the request."
-                job.status = JobStatus.FAILED
+                job.finish(
+                    JobStatus.FAILED,
+                    error="The inference ran too long and failed; resubmit the request.",
+                )
             else:
+                assert job.request is not None
                 try:
-                    job.body, _ = await self._generate_on_replica(job.request)
-                    job.status = JobStatus.COMPLETED
+                    body, _ = await self._generate_on_replica(job.request)
+                    job.finish(JobStatus.COMPLETED, body=body)
                 except Exception as exc:  # a renderer bug must not leave the job running forever
-                    job.error = f"The inference failed: {type(exc).__name__}."
-                    job.status = JobStatus.FAILED
-        job.finished_at = time.monotonic()
+                    job.finish(
+                        JobStatus.FAILED, error=f"The inference failed: {type(exc).__name__}."
+                    )
 
 
 def _b64(data: bytes) -> str:
@@ -268,8 +360,9 @@ def _pydantic_detail(exc: ValidationError) -> list[dict[str, Any]]:
 
 async def generate(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
+    caller = state.gate.api_caller(request)
+    if isinstance(caller, Response):
+        return caller
     name = request.path_params["engine"]
     try:
         engine = Engine.parse(name)
@@ -280,21 +373,12 @@ async def generate(request: Request) -> Response:
         return limited
 
     is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    # BodyLimits has read the body already, within its size and time limits.
     raw = await request.body()
-    if is_async and len(raw) > state.config.async_body_limit_bytes:
-        return _message(
-            413,
-            f"Async request body is {len(raw)} bytes; the limit is "
-            f"{state.config.async_body_limit_bytes} bytes.",
-        )
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    body, json_problem = parse_json_body(raw)
+    if json_problem is not None:
         state.stats.validation_errors += 1
-        pos = getattr(exc, "pos", 0)
-        return _validation_response(
-            [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid"}]
-        )
+        return _validation_response(json_problem)
     if not isinstance(body, dict):
         state.stats.validation_errors += 1
         return _validation_response(
@@ -315,7 +399,12 @@ async def generate(request: Request) -> Response:
         state.stats.validation_errors += 1
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
-    bad_images = await loop.run_in_executor(state.executor, undecodable_images, req)
+    config = state.config
+    # Headers first: an image too big to use is refused before anything decodes it. Off
+    # the event loop: base64 of a 10 MB body takes a while.
+    bad_images = await loop.run_in_executor(
+        state.executor, lambda: oversized_images(req, config) or undecodable_images(req)
+    )
     # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
     # is the client's 422, before the request waits for a replica.
     bad_images = bad_images or state.backend.check(req)
@@ -330,24 +419,25 @@ async def generate(request: Request) -> Response:
 
     record: RequestRecord | None = request.scope.get("octoai.record")
     if is_async:
-        config = state.config
         fails = (
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
-        job = state.jobs.add(req, fails=fails)
+        response_id = await state.submit_job(req, caller, fails)
         state.stats.async_submitted += 1
         if fails:
             state.stats.faults["job_failure"] += 1
-        job.task = loop.create_task(state.run_job(job))
         if record is not None:
-            record.engine, record.response_id = engine.value, job.response_id
+            record.engine, record.response_id = engine.value, response_id
         base = _base_url(request, state)
         return JSONResponse(
-            {"response_id": job.response_id, "poll_url": f"{base}/v1/requests/{job.response_id}"},
+            {"response_id": response_id, "poll_url": f"{base}/v1/requests/{response_id}"},
             status_code=201,
         )
 
-    payload, seeds = await state.generate(req)
+    try:
+        payload, seeds = await state.generate(req)
+    except GenerationRefused as refused:
+        return refused.response()
     if record is not None:
         record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
     return Response(payload, media_type="application/json")
@@ -355,9 +445,10 @@ async def generate(request: Request) -> Response:
 
 async def poll(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
-    job = state.jobs.get(request.path_params["response_id"])
+    caller = state.gate.reader(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.job_view(request.path_params["response_id"], caller, with_body=False)
     if job is None:
         return _gone(request.path_params["response_id"])
     answer: dict[str, Any] = {"response_id": job.response_id, "status": job.status.value}
@@ -370,9 +461,10 @@ async def poll(request: Request) -> Response:
 
 async def fetch(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
-        return denied
-    job = state.jobs.get(request.path_params["response_id"])
+    caller = state.gate.reader(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.job_view(request.path_params["response_id"], caller, with_body=True)
     if job is None:
         return _gone(request.path_params["response_id"])
     if job.status is JobStatus.FAILED:
@@ -385,10 +477,11 @@ async def fetch(request: Request) -> Response:
 
 
 def _gone(response_id: str) -> JSONResponse:
+    # The same answer for an id that is someone else's: existence is not confirmed.
     return _message(
         404,
-        f"Response {response_id!r} not found: unknown, or expired "
-        "(async results are kept for a limited time, 24 hours by default).",
+        f"Response {response_id[:64]!r} not found: unknown, submitted with another token, "
+        "or expired (async results are kept for a limited time, 24 hours by default).",
     )
 
 
@@ -402,23 +495,23 @@ async def openapi(request: Request) -> Response:
 
 async def local_stats(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     if request.method == "DELETE":
         state.stats.reset()
-    return JSONResponse(state.snapshot())
+    return JSONResponse(await state.snapshot())
 
 
 async def local_backend(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     return JSONResponse(state.backend.describe())
 
 
 async def local_requests(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     try:
         limit = int(request.query_params.get("limit", "100"))
@@ -429,15 +522,12 @@ async def local_requests(request: Request) -> Response:
 
 async def local_config(request: Request) -> Response:
     state = _state(request)
-    if (denied := state.auth_error(request)) is not None:
+    if isinstance(denied := state.gate.admin(request), Response):
         return denied
     if request.method == "POST":
-        try:
-            changes = json.loads(await request.body())
-        except json.JSONDecodeError:
-            return _validation_response(
-                [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
-            )
+        changes, json_problem = parse_json_body(await request.body())
+        if json_problem is not None:
+            return _validation_response(json_problem)
         if not isinstance(changes, dict):
             return _validation_response(
                 [{"loc": ["body"], "msg": "expected an object of changes", "type": "dict_type"}]
@@ -446,6 +536,8 @@ async def local_config(request: Request) -> Response:
             await state.reconfigure(changes)
         except ValidationError as exc:
             return _validation_response(_pydantic_detail(exc))
+        except ValueError as exc:
+            return _message(400, str(exc))
     return JSONResponse(state.config.public_dict())
 
 
@@ -479,7 +571,7 @@ class _Gateway:
             return
         state = self.state
         request_id = uuid.uuid4().hex
-        path: str = scope["path"]
+        path = _app_path(scope)
         route = _route_of(path)
         record = RequestRecord(
             request_id=request_id,
@@ -490,6 +582,7 @@ class _Gateway:
             started_at=time.time(),
         )
         scope["octoai.record"] = record
+        CURRENT_RECORD.set(record)
         started = time.perf_counter()
         fault = self._draw_fault(scope["method"], route)
         record.fault = fault
@@ -512,6 +605,13 @@ class _Gateway:
                 record.status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-user-request-id", request_id.encode()))
+                headers.extend(SECURITY_HEADERS)
+                if state.replica_name is not None:
+                    headers.append((b"x-octoai-frontend", state.replica_name.encode()))
+                if record.replica is not None:
+                    headers.append((b"x-octoai-replica", record.replica.encode()))
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append(NO_STORE)
                 message["headers"] = headers
                 if fault == "slow":
                     await asyncio.sleep(state.config.faults.slow_s)
@@ -598,46 +698,73 @@ async def _drop(send: Send) -> None:
 # ---- the app --------------------------------------------------------------------------------
 
 
-def create_app(config: ServerConfig | None = None, *, backend: Backend | None = None) -> Starlette:
-    """The local OctoAI-compatible server as an ASGI app (run it with uvicorn).
+def create_app(
+    config: ServerConfig | None = None,
+    *,
+    backend: Backend | None = None,
+    state: ServerState | None = None,
+) -> Starlette:
+    """The OctoAI-compatible server as an ASGI app (run it with uvicorn).
 
     ``app.state.octoai`` is the :class:`ServerState` (config, backend, stats, jobs).
-    ``backend`` defaults to the one ``config.backend`` names (loaded here, before serving).
+    ``backend`` defaults to the one ``config.backend`` names (loaded here, before serving);
+    pass ``state`` for one of your own (a deployment's subclass). A configuration that
+    cannot serve (no token and not public) raises
+    :class:`~dagster_octoai.server.config.StartupError` before any backend loads.
 
     Examples:
         >>> app = create_app(ServerConfig(token="t0k"))
         >>> app.state.octoai.config.replicas
         4
+        >>> create_app(ServerConfig())
+        Traceback (most recent call last):
+        ...
+        dagster_octoai.server.config.StartupError: token: the server is private and has no token; ...
     """
-    state = ServerState(config or ServerConfig(), backend)
+    if state is None:
+        config = config or ServerConfig()
+        config.check_startable()
+        state = ServerState(config, backend)
+    else:
+        state.config.check_startable()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            for task in state.jobs.running_tasks():
-                task.cancel()
-            state.executor.shutdown(wait=False, cancel_futures=True)
-            state.backend.close()
+            await state.close()
 
+    routes = [
+        Route("/generate/{engine}", generate, methods=["POST"]),
+        Route("/v1/requests/{response_id}", poll, methods=["GET"]),
+        Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
+        Route("/healthcheck", healthcheck, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    if state.config.playground:
+        from .playground import playground_routes
+
+        routes.extend(playground_routes())
+    if state.config.control_routes:
+        routes.extend(
+            [
+                Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
+                Route("/_local/requests", local_requests, methods=["GET"]),
+                Route("/_local/backend", local_backend, methods=["GET"]),
+                Route("/_local/config", local_config, methods=["GET", "POST"]),
+            ]
+        )
     app = Starlette(
-        routes=[
-            Route("/generate/{engine}", generate, methods=["POST"]),
-            Route("/v1/requests/{response_id}", poll, methods=["GET"]),
-            Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
-            Route("/healthcheck", healthcheck, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
-            Route("/_local/stats", local_stats, methods=["GET", "DELETE"]),
-            Route("/_local/requests", local_requests, methods=["GET"]),
-            Route("/_local/backend", local_backend, methods=["GET"]),
-            Route("/_local/config", local_config, methods=["GET", "POST"]),
-        ],
+        routes=routes,
         exception_handlers={404: _error_answer, 405: _error_answer, 500: _error_answer},
         lifespan=lifespan,
     )
     app.state.octoai = state
     # The gateway goes outside Starlette's own middleware stack (so it holds uvicorn's
-    # ``send``), while ``app`` stays a Starlette whose __call__ runs through it.
-    app.middleware_stack = _Gateway(app.build_middleware_stack(), state)
+    # ``send``), while ``app`` stays a Starlette whose __call__ runs through it. The body
+    # limits sit inside it, so that their 408s and 413s are logged and carry a request id.
+    app.middleware_stack = _Gateway(
+        BodyLimits(app.build_middleware_stack(), lambda: state.config), state
+    )
     return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     # a few hundred milliseconds to every server start for nothing.
     import httpx
 
-__all__ = ["CONFIG_ENV", "LocalOctoAIServer", "bind_socket", "serve"]
+__all__ = ["CONFIG_ENV", "LocalOctoAIServer", "TLSFiles", "bind_socket", "serve"]
 
 #: The child process reads its whole configuration (token included) from this variable,
 #: so that the token never appears on a command line.
@@ -52,29 +53,77 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(config: ServerConfig, log_level: str, app: Any = None) -> Any:
+def _uvicorn_server(
+    config: ServerConfig,
+    log_level: str,
+    app: Any = None,
+    *,
+    tls: TLSFiles | None = None,
+    forwarded_allow_ips: str | None = None,
+    access_log: bool = False,
+) -> Any:
     import uvicorn
 
     from .app import create_app
+    from .limits import header_timeout_protocol
 
     uv_config = uvicorn.Config(
         create_app(config) if app is None else app,
         log_level=log_level,
-        access_log=False,
+        # Off for tests and demos; an operator turns it on (paths hold no tokens).
+        access_log=access_log,
         lifespan="on",
         # No websockets here; "auto" would import a websockets library on every start.
         ws="none",
         # A slow fault or a long latency must not hold a shutdown for long.
         timeout_graceful_shutdown=3,
+        # Slow headers close the connection (uvicorn alone would keep it for ever).
+        http=header_timeout_protocol(config.header_timeout_s),
+        limit_concurrency=config.max_connections,
+        # "server: uvicorn" tells a scanner which bugs to try; nothing else needs it.
+        server_header=False,
+        forwarded_allow_ips=forwarded_allow_ips,
+        **(tls.uvicorn_options() if tls is not None else {}),
     )
     return uvicorn.Server(uv_config)
 
 
+class TLSFiles:
+    """A certificate and its key for HTTPS (the key's password from an env variable)."""
+
+    def __init__(self, certfile: str, keyfile: str, password_env: str | None = None) -> None:
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.password_env = password_env
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        password = os.environ.get(self.password_env) if self.password_env else None
+        return {
+            "ssl_certfile": self.certfile,
+            "ssl_keyfile": self.keyfile,
+            "ssl_keyfile_password": password,
+        }
+
+
 def serve(
-    config: ServerConfig, sock: socket.socket, *, log_level: str = "info", app: Any = None
+    config: ServerConfig,
+    sock: socket.socket,
+    *,
+    log_level: str = "info",
+    app: Any = None,
+    tls: TLSFiles | None = None,
+    forwarded_allow_ips: str | None = None,
+    access_log: bool = False,
 ) -> None:
     """Serve ``app`` (default: ``create_app(config)``) on ``sock`` until SIGINT or SIGTERM."""
-    _uvicorn_server(config, log_level, app).run(sockets=[sock])
+    _uvicorn_server(
+        config,
+        log_level,
+        app,
+        tls=tls,
+        forwarded_allow_ips=forwarded_allow_ips,
+        access_log=access_log,
+    ).run(sockets=[sock])
 
 
 def _url(host: str, port: int) -> str:
@@ -95,6 +144,11 @@ class LocalOctoAIServer(StartStopContext):
     ``reset_stats()``, ``configure(...)`` and ``requests()`` talk to the ``/_local``
     routes, so they work in both modes.
 
+    The harness turns those control routes on explicitly, with an admin token of its own
+    (random, known only to this object) unless the configuration brings one; pass
+    ``controls=False`` for a server exactly as ``dagster-octoai serve`` runs it. A
+    configuration without a token (and not public) gets a random one: ``token`` says it.
+
     Examples:
         >>> import httpx
         >>> with LocalOctoAIServer(ServerConfig(token="t0k")) as srv:
@@ -113,10 +167,11 @@ class LocalOctoAIServer(StartStopContext):
         port: int = 0,
         log_level: str = "warning",
         startup_timeout_s: float = 30.0,
+        controls: bool = True,
     ) -> None:
         if mode not in ("thread", "process"):
             raise ValueError(f"mode: {mode!r} is not a mode; allowed: 'thread', 'process'")
-        self._config = config or ServerConfig()
+        self._config = _harness_config(config or ServerConfig(), controls)
         self.mode = mode
         self.host = host
         self.port = port
@@ -150,8 +205,13 @@ class LocalOctoAIServer(StartStopContext):
 
     @property
     def token(self) -> str | None:
-        """The accepted token (``None`` when the server accepts any token)."""
+        """The accepted API token (``None`` on a public server without one)."""
         return self._config.token_value()
+
+    @property
+    def admin_token(self) -> str | None:
+        """The control routes' token (``None`` with ``controls=False``)."""
+        return self._config.admin_token_value()
 
     @property
     def config(self) -> ServerConfig:
@@ -172,7 +232,8 @@ class LocalOctoAIServer(StartStopContext):
                 self._start_process(sock)
             import httpx
 
-            headers = {} if self.token is None else {"Authorization": f"Bearer {self.token}"}
+            admin = self._config.admin_token_value()
+            headers = {} if admin is None else {"Authorization": f"Bearer {admin}"}
             self._client = httpx.Client(base_url=_url(self.host, self.port), headers=headers)
             self._wait_healthy(started)
         except BaseException:
@@ -291,6 +352,11 @@ class LocalOctoAIServer(StartStopContext):
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         if self._client is None:
             raise RuntimeError("the server is not running; call start() or use 'with'")
+        if not self._config.control_routes:
+            raise RuntimeError(
+                "the control routes are off on this server (controls=False); stats(), "
+                "requests() and configure() need them"
+            )
         response = self._client.request(method, path, json=body, timeout=30.0)
         if response.status_code == 422:
             raise ValueError(f"invalid server configuration: {response.json()['detail']}")
@@ -323,14 +389,25 @@ class LocalOctoAIServer(StartStopContext):
         ``faults`` may be a :class:`FaultConfig` or a dict of the fault fields to change.
         Changing ``faults`` restarts the fault draws from ``faults.seed``.
         """
+        from .config import RUNTIME_FIXED
+
+        fixed = sorted(RUNTIME_FIXED & set(changes))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: fixed at start-up; start another server")
         new = self._config.updated(changes)  # validate here first: a clear local error
         body = new.secret_dict()
         self._call("POST", "/_local/config", {k: body[k] for k in changes})
         self._config = new
-        if "token" in changes and self._client is not None:
-            token = new.token_value()
-            if token is None:
-                self._client.headers.pop("Authorization", None)
-            else:
-                self._client.headers["Authorization"] = f"Bearer {token}"
         return new
+
+
+def _harness_config(config: ServerConfig, controls: bool) -> ServerConfig:
+    """``config`` with what the harness needs: a token, and (with ``controls``) the controls."""
+    fill: dict[str, Any] = {}
+    if not config.public and not config.api_tokens():
+        fill["token"] = "local-" + secrets.token_urlsafe(24)
+    if controls and not config.control_routes:
+        fill["control_routes"] = True
+        if config.admin_token is None:
+            fill["admin_token"] = "admin-" + secrets.token_urlsafe(24)
+    return config.updated(fill) if fill else config

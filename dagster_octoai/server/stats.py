@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RequestRecord", "ServerStats"]
+__all__ = ["CURRENT_RECORD", "RequestRecord", "ServerStats"]
 
 LOG_SIZE = 1000
 
@@ -32,6 +33,13 @@ class RequestRecord:
     images: int = 0
     seeds: list[int] = field(default_factory=list)
     response_id: str | None = None
+    #: The replica that generated the images, where a deployment has several (Ray Serve).
+    replica: str | None = None
+
+
+#: The record of the request being answered, for code below the routes (a deployment's
+#: generate) to note what it knows, such as the replica that served it.
+CURRENT_RECORD: ContextVar[RequestRecord | None] = ContextVar("octoai_record", default=None)
 
 
 class ServerStats:

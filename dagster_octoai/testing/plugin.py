@@ -8,6 +8,11 @@ Fixtures:
   fields (``latency_per_image_s=0.2, replicas=2, faults=FaultConfig(...)`` ...) for a
   server of your own, started at once and stopped after the test.
 
+Both turn the ``/_local`` control routes on (``stats()``, ``configure()``, ...), behind
+the admin token ``TEST_ADMIN_TOKEN``: a test server, unlike ``dagster-octoai serve``, is
+there to be inspected. Pass ``control_routes=False`` to the factory for a server as an
+endpoint runs it.
+
 The server needs the ``server`` extra (Starlette, uvicorn); the imports happen inside
 the fixtures, so installing the plugin costs a test run nothing when they are unused.
 """
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
     from ..server import LocalOctoAIServer
 
 TEST_TOKEN = "test-token-0c7f3e9a"
+#: The admin token of the fixtures' control routes (never an API token).
+TEST_ADMIN_TOKEN = "test-admin-token-4d2b8e61"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +37,13 @@ def octoai_server() -> Iterator[LocalOctoAIServer]:
     """An instant local OctoAI server (token ``"test-token-0c7f3e9a"``) shared by the session."""
     from ..server import LocalOctoAIServer, ServerConfig
 
-    with LocalOctoAIServer(ServerConfig(token=TEST_TOKEN, latency_per_image_s=0.0)) as server:
+    config = ServerConfig(
+        token=TEST_TOKEN,
+        latency_per_image_s=0.0,
+        control_routes=True,
+        admin_token=TEST_ADMIN_TOKEN,
+    )
+    with LocalOctoAIServer(config) as server:
         yield server
 
 
@@ -52,7 +65,12 @@ def octoai_server_factory() -> Iterator[Callable[..., LocalOctoAIServer]]:
 
     def make(mode: Literal["thread", "process"] = "thread", **fields: Any) -> LocalOctoAIServer:
         fields.setdefault("token", TEST_TOKEN)
-        server = LocalOctoAIServer(ServerConfig(**fields), mode=mode)
+        fields.setdefault("control_routes", True)
+        if fields["control_routes"]:
+            fields.setdefault("admin_token", TEST_ADMIN_TOKEN)
+        server = LocalOctoAIServer(
+            ServerConfig(**fields), mode=mode, controls=bool(fields["control_routes"])
+        )
         servers.append(server)
         return server.start()
 

@@ -22,10 +22,19 @@ from PIL import Image, ImageDraw
 
 from ..server import FaultConfig, LocalOctoAIServer, ServerConfig
 
-__all__ = ["TEST_TOKEN", "FaultConfig", "LocalOctoAIServer", "ServerConfig", "sample_image_b64"]
+__all__ = [
+    "TEST_ADMIN_TOKEN",
+    "TEST_TOKEN",
+    "FaultConfig",
+    "LocalOctoAIServer",
+    "ServerConfig",
+    "sample_image_b64",
+]
 
 #: The token of the ``octoai_server`` fixture.
 TEST_TOKEN = "test-token-0c7f3e9a"
+#: The admin token of the fixtures' control routes.
+TEST_ADMIN_TOKEN = "test-admin-token-4d2b8e61"
 
 SampleImageKind = Literal["photo", "edges", "mask", "transparent"]
 

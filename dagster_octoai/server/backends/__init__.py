@@ -29,6 +29,18 @@ __all__ = ["BACKENDS", "Backend", "BackendError", "Problem", "RenderedImage", "l
 #: The backends ``ServerConfig.backend`` may name.
 BACKENDS = ("placeholder", "diffusers")
 
+# What the diffusion extra installs (an ImportError of anything else is a bug, not a hint).
+_DIFFUSION_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "peft",
+    "torchsde",
+    "cv2",
+)
+
 #: A 422 detail entry before ``"body"`` is prepended: (location, message).
 Problem = tuple[tuple[str | int, ...], str]
 
@@ -83,6 +95,23 @@ def load_backend(config: ServerConfig) -> Backend:
 
         return PlaceholderBackend()
     if config.backend == "diffusers":
-        raise BackendError("backend 'diffusers' is not part of this build yet (issue 14)")
+        from .diffusers.library import ModelLibrary
+
+        # The directory first (no torch needed): a wrong path fails in milliseconds.
+        try:
+            ModelLibrary(config.models or "")
+        except (NotADirectoryError, FileNotFoundError) as exc:
+            raise BackendError(f"models: {exc}") from exc
+        try:
+            from .diffusers.backend import DiffusersBackend
+        except ImportError as exc:
+            if not str(exc.name).startswith(_DIFFUSION_PACKAGES):
+                raise
+            raise BackendError(
+                f"backend 'diffusers' needs the diffusion extra ({exc.name} is missing): "
+                "pip install 'dagster-octoai[server,diffusion]' (on a GPU host, install the "
+                "CUDA build of torch first: docs/local-server.md)"
+            ) from exc
+        return DiffusersBackend.from_config(config)
     allowed = ", ".join(BACKENDS)
     raise BackendError(f"backend: {config.backend!r} is not a backend; allowed: {allowed}")

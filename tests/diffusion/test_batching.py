@@ -1,0 +1,118 @@
+"""A second server: optional batching, on a model directory without the SDXL refiner.
+
+Batching: waiting requests with the same settings share one pipeline call. Without
+refiner weights the server says so and ignores ``use_refiner`` rather than refusing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.testing.plugin import TEST_TOKEN
+
+from .conftest import Generate, images_of, pil
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def batching_server(
+    tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalOctoAIServer]:
+    # The tiny models without sdxl/refiner (links to the rest).
+    models = tmp_path_factory.mktemp("no-refiner")
+    for family in ("sd15", "sdxl"):
+        (models / family).mkdir()
+        for entry in (tiny_models / family).iterdir():
+            if entry.name != "refiner":
+                (models / family / entry.name).symlink_to(entry)
+    config = ServerConfig(
+        token=TEST_TOKEN,
+        backend="diffusers",
+        models=str(models),
+        device=("cpu",),
+        batch_max_images=4,
+    )
+    with LocalOctoAIServer(config, startup_timeout_s=900) as server:
+        yield server
+
+
+def _array(data: bytes) -> np.ndarray:
+    return np.asarray(pil(data).convert("RGB"), dtype=np.int16)
+
+
+def test_waiting_requests_with_the_same_settings_share_a_call(
+    batching_server: LocalOctoAIServer, post: Generate
+) -> None:
+    assert batching_server._client is not None
+    local = batching_server._client
+    described = local.get("/_local/backend").json()
+    assert described["batch_max_images"] == 4 and described["pipeline_calls"] == 0
+    # A request alone is not batched: the same bytes as on the server without batching.
+    body = {"prompt": "a kettle", "seed": 3, "steps": 2, "image_encoding": "png"}
+    alone = local.post("/generate/sd", json=body, headers={}, timeout=600)
+    assert images_of(alone) == images_of(post("sd", **body))
+
+    results: dict[str, bytes] = {}
+    client = httpx.Client(
+        base_url=batching_server.url,
+        headers={"Authorization": f"Bearer {TEST_TOKEN}"},
+        timeout=600,
+    )
+
+    def send(name: str, prompt: str, seed: int, steps: int = 2) -> None:
+        answer = client.post(
+            "/generate/sd",
+            json={"prompt": prompt, "seed": seed, "steps": steps, "image_encoding": "png"},
+        )
+        (results[name],) = images_of(answer)
+
+    # A long request holds the device; three quick ones with the same settings (other
+    # prompts and seeds) arrive meanwhile and wait together.
+    blocker = threading.Thread(target=send, args=("blocker", "a long one", 1, 40))
+    blocker.start()
+    deadline = time.monotonic() + 120
+    while local.get("/_local/stats").json()["in_flight"] < 1:
+        assert time.monotonic() < deadline, "the long request never started"
+        time.sleep(0.01)
+    quick = [
+        threading.Thread(target=send, args=(f"q{i}", prompt, 10 + i))
+        for i, prompt in enumerate(("a red kettle", "a blue kettle", "a green kettle"))
+    ]
+    for t in quick:
+        t.start()
+    for t in [blocker, *quick]:
+        t.join()
+    client.close()
+    described = local.get("/_local/backend").json()
+    # Five requests in three calls at most: the three quick ones shared one.
+    assert described["requests_served"] == 5
+    assert described["pipeline_calls"] <= 3
+
+    # A batched image is its request's image, moved by at most a level or so.
+    for i, prompt in enumerate(("a red kettle", "a blue kettle", "a green kettle")):
+        (single,) = images_of(post("sd", prompt=prompt, seed=10 + i, steps=2, image_encoding="png"))
+        diff = np.abs(_array(results[f"q{i}"]) - _array(single))
+        assert float(diff.mean()) < 1.0, (prompt, float(diff.mean()), int(diff.max()))
+
+
+def test_without_refiner_weights_use_refiner_is_ignored_and_said(
+    batching_server: LocalOctoAIServer,
+) -> None:
+    assert batching_server._client is not None
+    local = batching_server._client
+    described = local.get("/_local/backend").json()
+    assert described["refiner"] is False
+    assert any("use_refiner and high_noise_frac are ignored" in n for n in described["notes"])
+    body = {"prompt": "a tower", "seed": 5, "steps": 2, "image_encoding": "png"}
+    refined = local.post("/generate/sdxl", json={**body, "use_refiner": True}, timeout=600)
+    plain = local.post("/generate/sdxl", json={**body, "use_refiner": False}, timeout=600)
+    assert images_of(refined) == images_of(plain)

@@ -1,0 +1,118 @@
+"""The command line, the model directory's layout, the prompt encoder's shim, the GPU benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dagster_octoai.cli import main
+from dagster_octoai.server import ServerConfig
+from dagster_octoai.server.backends import BackendError, load_backend
+from dagster_octoai.server.backends.diffusers.library import ModelLibrary
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
+    library = ModelLibrary(tiny_models)
+    assert library.families == ("sdxl", "sd15")
+    for family in ("sdxl", "sd15"):
+        base = library.base(family)
+        assert base is not None and (base / "unet" / "config.json").is_file()
+        assert (base / "tokenizer").is_dir()
+    assert library.refiner() is not None
+    described = library.describe()
+    assert described["sdxl"] == {
+        "base": True,
+        "refiner": True,
+        "checkpoints": ["tiny-sdxl-alt", "tiny-sdxl-alt-file"],
+        "controlnets": ["canny_sdxl", "depth_sdxl"],
+        "loras": ["tiny-crayon", "tiny-ink"],
+        "textual_inversions": ["tiny-negative"],
+        "vaes": ["tiny-vae-sdxl"],
+    }
+    # Single files where real weights are single files, folders where they are folders.
+    assert (tiny_models / "sdxl" / "loras" / "tiny-crayon.safetensors").is_file()
+    assert (tiny_models / "sd15" / "textual_inversions" / "tiny-negative.safetensors").is_file()
+    assert (tiny_models / "sdxl" / "vaes" / "tiny-vae-sdxl.safetensors").is_file()
+    assert (tiny_models / "sdxl" / "controlnets" / "canny_sdxl" / "config.json").is_file()
+    assert (tiny_models / "sd15" / "checkpoints" / "tiny-sd15-alt-file.safetensors").is_file()
+    unet = json.loads((tiny_models / "sdxl" / "base" / "unet" / "config.json").read_text())
+    vae = json.loads((tiny_models / "sdxl" / "base" / "vae" / "config.json").read_text())
+    # The real latent scale factor (8: four VAE blocks) at the real SDXL size.
+    assert len(vae["block_out_channels"]) == 4 and vae["sample_size"] == 1024
+    assert unet["addition_embed_type"] == "text_time"
+    assert "random weights" in (tiny_models / "README.txt").read_text().lower()
+
+
+def test_tiny_models_refuses_a_non_empty_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["tiny-models", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_serve_options_of_the_diffusers_backend(
+    tiny_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["serve", "--print-config", "--backend", "diffusers", "--models", str(tiny_models)]
+    assert main([*args, "--device", "cuda:0", "--device", "cuda:1,cpu", "--dtype", "bf16"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["backend"] == "diffusers" and config["models"] == str(tiny_models)
+    assert config["device"] == ["cuda:0", "cuda:1", "cpu"] and config["dtype"] == "bf16"
+    assert main(["serve", "--print-config", "--backend", "diffusers"]) == 2
+    assert "the diffusers backend needs a model directory" in capsys.readouterr().err
+    assert main([*args, "--dtype", "fp8"]) == 2
+    assert "'fp16', 'bf16' or 'fp32'" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_wrong_model_directory_or_device_before_listening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_models: Path
+) -> None:
+    assert main(["serve", "--backend", "diffusers", "--models", str(tmp_path / "none")]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert main(["serve", "--backend", "diffusers", "--models", str(tmp_path)]) == 2
+    assert "has neither sdxl/base nor sd15/base" in capsys.readouterr().err
+    with pytest.raises(BackendError, match="sees no CUDA GPU"):
+        load_backend(ServerConfig(backend="diffusers", models=str(tiny_models), device=("cuda:1",)))
+
+
+def test_clip_skip_finds_the_final_layer_norm_in_either_transformers_layout() -> None:
+    # transformers >= 5.6 flattened CLIPTextModel (no .text_model): diffusers issue 14124.
+    import torch
+
+    from dagster_octoai.server.backends.diffusers.prompts import final_layer_norm
+
+    norm = torch.nn.LayerNorm(4)
+    nested = torch.nn.Module()
+    nested.text_model = torch.nn.Module()
+    nested.text_model.final_layer_norm = norm
+    flat = torch.nn.Module()
+    flat.final_layer_norm = norm
+    assert final_layer_norm(nested) is norm and final_layer_norm(flat) is norm
+
+
+def test_gpu_benchmark_quick_run_on_cpu(
+    tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    argv = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
+    assert gpu.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["quick"] is True and data["device"] == "cpu" and data["gpu"] is None
+    cases = [(r["engine"], r["batch"]) for r in data["results"]]
+    assert cases == [("sdxl", 1), ("sd", 2)]
+    for row in data["results"]:
+        assert row["direct_p50_s"] > 0 and row["api_p50_s"] > 0
+        assert math.isfinite(row["server_overhead"]) and row["images_per_s"] > 0
+    # Without a GPU the full benchmark refuses, instead of printing CPU figures as GPU ones.
+    assert gpu.main(["--device", "cpu", "--output", str(tmp_path / "no.json")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "no.json").exists()

@@ -1,0 +1,479 @@
+"""Endpoints on Ray Serve: a local Ray cluster on loopback, CPU, the placeholder backend.
+
+One cluster for the whole module (Ray is heavy on a 2-core box: 4 logical CPUs, no
+dashboard), one endpoint deployed on it: scale to zero, at most 2 generator replicas,
+a queue of 3 per frontend, 2 frontends, a 3 s idle timeout. The tests run in file order
+and share it: cold start, spread over two replicas, the queue and its 429s, async jobs
+across frontends, the official SDK and the package's client, a replica that dies,
+scale-down after the idle timeout and up again, the example Dagster job, and the command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")  # the ray extra (requirements-dev.txt installs it)
+from ray import serve  # noqa: E402
+
+from dagster_octoai.api.client import OctoAIClient  # noqa: E402
+from dagster_octoai.server import ServerConfig  # noqa: E402
+from dagster_octoai.server.ray_config import RayEndpointConfig  # noqa: E402
+from dagster_octoai.server.ray_serve import deploy, start_local_cluster  # noqa: E402
+from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs  # noqa: E402
+
+__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+TOKEN = "ray-token-51c0de"
+OTHER = "ray-other-token-9e2f"
+ADMIN = "ray-admin-token-3b7a"
+APP = "octoai"
+GENERATOR = "OctoAIGenerator"
+LATENCY_S = 0.3
+ENDPOINT = RayEndpointConfig(
+    server=ServerConfig(
+        token=TOKEN,
+        extra_tokens=[OTHER],
+        control_routes=True,
+        admin_token=ADMIN,
+        latency_per_image_s=LATENCY_S,
+    ),
+    min_replicas=0,
+    max_replicas=2,
+    idle_timeout_s=3,
+    upscale_delay_s=0,
+    look_back_period_s=1,
+    max_queued_requests=3,
+    retry_after_s=2,
+    cpus_per_replica=1,
+    frontend_replicas=2,
+    job_lease_s=3,
+    graceful_shutdown_timeout_s=10,
+)
+# Serve's controller and handles report load every 10 s by default: too slow for a test of
+# scaling. Set before the cluster starts, so that every Ray process inherits them.
+_FAST_METRICS = {
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.2",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.2",
+}
+
+
+@dataclass
+class Endpoint:
+    url: str
+    token: str
+    address: str
+    port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[Endpoint]:
+    started = time.monotonic()
+    saved = {name: os.environ.get(name) for name in _FAST_METRICS}
+    os.environ.update(_FAST_METRICS)
+    port = _free_port()
+    start_local_cluster(num_cpus=4, log_to_driver=False, namespace="dagster-octoai-tests")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deploy(ENDPOINT, name=APP, route_prefix="/")
+        address = ray.get_runtime_context().gcs_address
+        print(f"\nRay cluster and endpoint up in {time.monotonic() - started:.1f} s")
+        yield Endpoint(f"http://127.0.0.1:{port}", TOKEN, address, port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        print(f"Ray module done in {time.monotonic() - started:.1f} s")
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _running_generators() -> int:
+    app = serve.status().applications[APP]
+    states = app.deployments[GENERATOR].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def _wait_for(what: str, check: Any, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.25)
+
+
+async def _burst(url: str, count: int, **body: Any) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, headers=_auth(), timeout=120) as client:
+        return await asyncio.gather(
+            *(
+                client.post("/generate/sd", json={"prompt": f"burst {i}", "seed": i, **body})
+                for i in range(count)
+            )
+        )
+
+
+def test_a_cold_start_from_zero_replicas(endpoint: Endpoint) -> None:
+    _wait_for("no generator replica at first", lambda: _running_generators() == 0)
+    r = httpx.post(
+        f"{endpoint.url}/generate/sd",
+        json={"prompt": "cold", "seed": 1},
+        headers=_auth(),
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["images"][0]["seed"] == 1
+    assert r.headers["x-octoai-replica"]
+    assert _running_generators() >= 1
+
+
+def test_requests_spread_over_two_replicas(endpoint: Endpoint) -> None:
+    # Load until Serve has scaled up (how soon depends on the box's load, not on a count).
+    replicas: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(replicas) < 2:
+        assert time.monotonic() < deadline, f"one replica served everything: {replicas}"
+        answers = asyncio.run(_burst(endpoint.url, 4))
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        replicas |= {a.headers["x-octoai-replica"] for a in answers}
+    assert _running_generators() == 2  # never more than max_replicas
+
+
+def test_requests_beyond_the_replicas_queue_and_past_the_bound_get_429(
+    endpoint: Endpoint,
+) -> None:
+    # 20 requests of 1.2 s each: all of them arrive while the first ones still run.
+    answers = asyncio.run(_burst(endpoint.url, 20, num_images=4))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {200, 429}, [a.text for a in answers if a.status_code not in (200, 429)]
+    # More were served than there are replicas: they queued until a replica was free.
+    assert statuses.count(200) > ENDPOINT.max_replicas
+    # Past 2 replicas and 2 frontends x 3 queued, the rest are told when to come back
+    # (how many exactly depends on how fast the burst arrives: a freed slot takes one more).
+    assert statuses.count(429) >= 1
+    for answer in answers:
+        if answer.status_code == 429:
+            assert answer.headers["retry-after"] == "2"
+            assert "busy" in answer.json()["message"]
+
+
+def _submit(url: str, token: str = TOKEN, **body: Any) -> dict[str, Any]:
+    r = httpx.post(
+        f"{url}/generate/sd",
+        json={"prompt": "async", "seed": 5, **body},
+        headers={**_auth(token), "X-OctoAI-Async": "1"},
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+    accepted: dict[str, Any] = r.json()
+    return accepted
+
+
+def test_async_jobs_are_seen_by_every_frontend(endpoint: Endpoint) -> None:
+    jobs = [_submit(endpoint.url, seed=100 + i, num_images=2) for i in range(3)]
+    frontends: set[str] = set()
+    done: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 90
+    while len(done) < len(jobs) or len(frontends) < 2:
+        assert time.monotonic() < deadline, (done, frontends)
+        for job in jobs:
+            r = httpx.get(job["poll_url"], headers=_auth())
+            assert r.status_code == 200, r.text
+            frontends.add(r.headers["x-octoai-frontend"])
+            if r.json()["status"] == "completed":
+                done[job["response_id"]] = r.json()
+        time.sleep(0.1)
+    assert len(frontends) == 2
+    for i, job in enumerate(jobs):
+        result = httpx.get(done[job["response_id"]]["response_url"], headers=_auth())
+        assert result.status_code == 200
+        assert [im["seed"] for im in result.json()["images"]] == [100 + i, 101 + i]
+        # Another token of the same endpoint finds nothing, on any frontend.
+        for _ in range(4):
+            assert httpx.get(job["poll_url"], headers=_auth(OTHER)).status_code == 404
+    # The same request made synchronously gives the same bytes.
+    sync = httpx.post(
+        f"{endpoint.url}/generate/sd",
+        json={"prompt": "async", "seed": 100, "num_images": 2},
+        headers=_auth(),
+        timeout=120,
+    )
+    first = httpx.get(done[jobs[0]["response_id"]]["response_url"], headers=_auth()).json()
+    assert [im["image_b64"] for im in sync.json()["images"]] == [
+        im["image_b64"] for im in first["images"]
+    ]
+
+
+def test_the_official_sdk_and_the_package_client_unchanged(endpoint: Endpoint) -> None:
+    from octoai.client import OctoAI
+    from octoai.environment import OctoAIEnvironment
+
+    url = endpoint.url
+    env = OctoAIEnvironment(default=url, image_gen=url, text_gen=url)
+    with httpx.Client(headers=_auth(), timeout=120) as http:
+        sdk = OctoAI(api_key=TOKEN, environment=env, httpx_client=http)
+        sdxl = sdk.image_gen.generate_sdxl(prompt="a lighthouse", seed=7, steps=10)
+        assert sdxl.images[0].seed == 7
+        future = sdk.infer_async(f"{url}/generate/sd", {"prompt": "a fox", "seed": 8})
+        _wait_for("the SDK's future", lambda: sdk.is_future_ready(future))
+        result = sdk.get_future_result(future)
+        assert result is not None and result["images"][0]["seed"] == 8
+    with OctoAIClient(TOKEN, base_url=url, timeout=120) as client:
+        response = client.generate({"prompt": "a teapot", "seed": 9}, engine="sd")
+        assert response.images[0].seed == 9 and response.images[0].data
+        job = client.submit({"prompt": "a kettle", "seed": 10}, engine="sd")
+        fetched = client.wait(job)
+        assert fetched.images[0].seed == 10
+
+
+def _replica_actors(deployment: str) -> list[Any]:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [
+        ray.get_actor(item["name"], namespace=item["namespace"])
+        for item in names
+        if f"{APP}#{deployment}#" in item["name"] and "REPLICA" in item["name"]
+    ]
+
+
+def _generator_actors() -> list[Any]:
+    return _replica_actors(GENERATOR)
+
+
+def test_a_replica_that_dies_fails_its_jobs_visibly(endpoint: Endpoint) -> None:
+    accepted = _submit(endpoint.url, seed=1, num_images=16)  # about 5 s on its replica
+
+    def running() -> bool:
+        r = httpx.get(accepted["poll_url"], headers=_auth())
+        return bool(r.json()["status"] == "running")
+
+    _wait_for("the job running", running)
+    for actor in _generator_actors():
+        ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while (answer := httpx.get(accepted["poll_url"], headers=_auth()).json())["status"] != "failed":
+        assert answer["status"] == "running", answer  # never completed, never lost
+        assert time.monotonic() < deadline, "the job of a dead replica never failed"
+        time.sleep(0.2)
+    assert "stopped" in answer["error"] and "resubmit" in answer["error"]
+    # Serve replaces the replicas: the endpoint serves again.
+    r = httpx.post(
+        f"{endpoint.url}/generate/sd",
+        json={"prompt": "after", "seed": 2},
+        headers=_auth(),
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_idle_replicas_scale_down_to_zero_and_back_up(endpoint: Endpoint) -> None:
+    _wait_for("scaled to zero after the idle timeout", lambda: _running_generators() == 0, 120)
+    r = httpx.post(
+        f"{endpoint.url}/generate/sd",
+        json={"prompt": "warm", "seed": 3},
+        headers=_auth(),
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert _running_generators() >= 1
+
+
+def test_a_job_whose_frontend_dies_ends_visibly(endpoint: Endpoint) -> None:
+    # With no generator running, the job waits at the frontend that accepted it (a cold
+    # start); that frontend dies. The job must end (failed when its lease runs out, or
+    # completed if a generator had taken it): never pending for ever.
+    _wait_for("scaled to zero again", lambda: _running_generators() == 0, 120)
+    accepted = _submit(endpoint.url, seed=21)
+    for actor in _replica_actors("OctoAIFrontend"):
+        ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 90
+    status = "pending"
+    while status not in ("failed", "completed"):
+        assert time.monotonic() < deadline, f"the job is still {status}"
+        time.sleep(0.5)
+        try:
+            r = httpx.get(accepted["poll_url"], headers=_auth(), timeout=10)
+        except httpx.TransportError:
+            continue  # Serve is replacing the frontends
+        if r.status_code == 200:
+            status = r.json()["status"]
+            if status == "failed":
+                assert "resubmit" in r.json()["error"]
+
+
+def test_the_example_dagster_job_runs_against_it(
+    endpoint: Endpoint,
+    seaweedfs: SeaweedFS,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from _support import example_project_env
+    from dagster import instance_for_test
+
+    from example_project.definitions import build_definitions
+    from example_project.settings import ExampleSettings
+
+    env = example_project_env(endpoint, seaweedfs, s3_bucket, tmp_path / "output")  # type: ignore[arg-type]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    defs = build_definitions(ExampleSettings.from_env(env))
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with instance_for_test() as instance:
+        result = defs.resolve_job_def("product_images_job").execute_in_process(
+            instance=instance, partition_key="desk-lamp", run_config=quiet
+        )
+        assert result.success
+        assert all(e.passed for e in result.get_asset_check_evaluations())
+    keys = seaweedfs.client().list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+    assert any("product_images/desk-lamp/000-seed" in k["Key"] for k in keys)
+
+
+def _tiny_models(tmp_path: Path) -> Path:
+    reuse = os.environ.get("DAGSTER_OCTOAI_TINY_MODELS")
+    if reuse:
+        return Path(reuse)
+    root = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tmp_path: Path) -> None:
+    # The diffusion extra and the diffusers backend (issue 14); the tiny random-weight models.
+    pytest.importorskip("dagster_octoai.server.backends.diffusers")
+    models = _tiny_models(tmp_path)
+    config = RayEndpointConfig(
+        server=ServerConfig(token=TOKEN, backend="diffusers", models=str(models), device=("cpu",)),
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=1,
+    )
+    deploy(config, name="octoai-diffusers", route_prefix="/diffusers")
+    url = f"{endpoint.url}/diffusers"
+    try:
+        with OctoAIClient(TOKEN, base_url=url, timeout=600) as client:
+            response = client.generate(
+                {"prompt": "a red fox", "seed": 11, "steps": 2, "width": 512, "height": 512},
+                engine="sd",
+            )
+            assert response.images[0].seed == 11
+            assert response.images[0].size == (512, 512)
+            again = client.generate(
+                {"prompt": "a red fox", "seed": 11, "steps": 2, "width": 512, "height": 512},
+                engine="sd",
+            )
+            assert again.images[0].data == response.images[0].data  # same seed, same bytes
+            job = client.submit({"prompt": "a fox", "seed": 12, "steps": 2}, engine="sd")
+            assert client.wait(job).images[0].seed == 12
+        # What only the backend can judge is still the client's 422, naming the field.
+        r = httpx.post(
+            f"{url}/generate/sd",
+            json={"prompt": "x", "steps": 2, "checkpoint": "no-such-checkpoint"},
+            headers=_auth(),
+            timeout=600,
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "checkpoint"]
+    finally:
+        serve.delete("octoai-diffusers")
+
+
+def test_the_serve_ray_command(endpoint: Endpoint) -> None:
+    # The command connects to the running cluster and mounts a second application.
+    env = {**os.environ, "OCTOAI_TOKEN": "cli-ray-token-7f"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dagster_octoai.cli",
+            "serve-ray",
+            "--address",
+            endpoint.address,
+            "--app-name",
+            "octoai-cli",
+            "--route-prefix",
+            "/cli",
+            "--port",
+            str(endpoint.port),
+            "--min-replicas",
+            "1",
+            "--max-replicas",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = f"{endpoint.url}/cli"
+
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                return httpx.get(f"{url}/healthcheck").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait_for("the command's application", healthy, 180)
+        r = httpx.post(
+            f"{url}/generate/sd",
+            json={"prompt": "cli", "seed": 4},
+            headers=_auth("cli-ray-token-7f"),
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        accepted = httpx.post(
+            f"{url}/generate/sd",
+            json={"prompt": "cli", "seed": 4},
+            headers={**_auth("cli-ray-token-7f"), "X-OctoAI-Async": "1"},
+        ).json()
+        assert accepted["poll_url"].startswith(f"{url}/v1/requests/")
+        # The first application's token is not this one's.
+        assert (
+            httpx.post(f"{url}/generate/sd", json={"prompt": "x"}, headers=_auth()).status_code
+            == 401
+        )
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read() if proc.stderr else ""
+        ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
+        assert code == 0, ours[-4000:]
+        assert "octoai-cli" not in serve.status().applications
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()
