@@ -27,6 +27,7 @@ from .api.errors import (
     APIStatusError as APIStatusError,
     AuthenticationError as AuthenticationError,
     BadRequestError as BadRequestError,
+    ConflictError as ConflictError,
     ConnectionFailedError as ConnectionFailedError,
     DeadlineExceededError as DeadlineExceededError,
     ImageDecodeError as ImageDecodeError,
@@ -47,6 +48,7 @@ from .api.errors import (
     StorageError as StorageError,
     TransportError as TransportError,
     UnprocessableEntityError as UnprocessableEntityError,
+    UntrustedOriginError as UntrustedOriginError,
 )
 from .version import __version__ as __version__
 
@@ -109,6 +111,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "CallInfo",
+    "ConflictError",
     "ConnectionFailedError",
     "DeadlineExceededError",
     "Engine",
@@ -146,6 +149,7 @@ __all__ = [
     "StorageError",
     "TransportError",
     "UnprocessableEntityError",
+    "UntrustedOriginError",
     "Usage",
     "__version__",
     "data_version_for",

@@ -36,6 +36,7 @@ from dagster import (
     Failure,
     LocalFileCodeReference,
     MultiPartitionKey,
+    MultiPartitionsDefinition,
     Output,
     PartitionsDefinition,
     RetryPolicy,
@@ -51,7 +52,7 @@ from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest, ImageGenerationResponse, PromptTooLongWarning
 from .checks import evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
-from .metadata import data_version_for, generation_metadata
+from .metadata import Usage, data_version_for, generation_metadata
 from .resources import OctoAIResource
 
 # dagster does not export its own alias of this.
@@ -297,63 +298,93 @@ def octoai_image_asset(
             config = config_cls.from_run_config(context.op_execution_context.op_config)
         except RequestValidationError as exc:
             raise _invalid(f"invalid run config for asset {name!r}: ", exc) from None
-        partition_key = _partition_key(context)
-        fill: dict[str, Any] = {}
-        if prompt_template is not None:
-            fill["prompt"] = _fill_prompt(prompt_template, partition_key, context, inputs)
-        transfer: dict[str, list[Any]] = {}
-        for field, input_name in image_map.items():
-            value = inputs[input_name]
-            if field.startswith(_TRANSFER):
-                transfer[field[len(_TRANSFER) :]] = _all_images(value, field)
-            else:
-                fill[field] = _first_image(value, field, partition_key)
-        if transfer:
-            fill["transfer_images"] = {**(template.get("transfer_images") or {}), **transfer}
+        # One request per partition: a run over a range (a single-run backfill) makes
+        # each partition's request as a run of that partition alone would.
+        partitions = _run_partitions(context)
+        ranged = _is_range(context)
 
-        def build(extra: Mapping[str, Any], where: str = "") -> ImageGenerationRequest:
-            try:
-                req = config.to_request(template, **{**fill, **extra})
-                if local_edge_map and req.controlnet_image is not None:
-                    # PNG, not the JPEG a PIL image would become: edges must stay crisp.
-                    buf = io.BytesIO()
-                    edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
-                    req = ImageGenerationRequest.build(
-                        req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
-                    )
-            except RequestValidationError as exc:
-                raise _invalid(f"asset {name!r}: {where}", exc) from None
-            return req
+        def builder(partition_key: str | None) -> Callable[..., ImageGenerationRequest]:
+            fill: dict[str, Any] = {}
+            if prompt_template is not None:
+                fill["prompt"] = _fill_prompt(prompt_template, partition_key, context, inputs)
+            transfer: dict[str, list[Any]] = {}
+            for field, input_name in image_map.items():
+                value = inputs[input_name]
+                if field.startswith(_TRANSFER):
+                    transfer[field[len(_TRANSFER) :]] = _all_images(value, field)
+                else:
+                    fill[field] = _first_image(value, field, partition_key)
+            if transfer:
+                fill["transfer_images"] = {**(template.get("transfer_images") or {}), **transfer}
+            label = f"partition {str(partition_key)!r}: " if ranged else ""
 
+            def build(extra: Mapping[str, Any], where: str = "") -> ImageGenerationRequest:
+                try:
+                    req = config.to_request(template, **{**fill, **extra})
+                    if local_edge_map and req.controlnet_image is not None:
+                        # PNG, not the JPEG a PIL image would become: edges must stay crisp.
+                        buf = io.BytesIO()
+                        edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
+                        req = ImageGenerationRequest.build(
+                            req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
+                        )
+                except RequestValidationError as exc:
+                    raise _invalid(f"asset {name!r}: {label}{where}", exc) from None
+                return req
+
+            return build
+
+        builds = {key: builder(key) for key in partitions}
         octoai: OctoAIResource = getattr(context.resources, resource_key)
         if requests is not None:
-            items = [_fields(item) for item in requests(partition_key, inputs)]
-            # Every request checked before anything is sent; rebuilt as it is streamed, so
-            # only the (small) field overrides are held, not hundreds of built bodies.
-            expected = sum(
-                build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
-            )
+            plans: dict[str | None, tuple[list[dict[str, Any]], Any, int]] = {}
+            for key, build in builds.items():
+                items = [_fields(item) for item in requests(key, inputs)]
+                # Every request (of every partition) checked before anything is sent;
+                # rebuilt as it is streamed, so only the small field overrides are held.
+                expected = sum(
+                    build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
+                )
+                plans[key] = (items, build, expected)
             # stream() checks the image IO manager's store before anything is generated.
-            yield from _stream(context, octoai, (build(i) for i in items), expected, bool(checks))
+            yield from _stream(context, octoai, plans, bool(checks), ranged)
             return
-        req = build({})
+        built = {key: build({}) for key, build in builds.items()}
         # Usage is recorded on every materialization, a reuse included (as zero images).
         # get_client checks the IO manager's store first: a wrong bucket or refused
         # credentials fail before an image is paid for.
+        answers: dict[str | None, ImageGenerationResponse] = {}
         with octoai.get_client(context) as client:
-            result = _reuse(context, io_manager_key, reuse_existing, req, partition_key)
-            if result is None:
-                result = client.generate(req)
-            else:
-                context.log.info(f"reused {result.reused_from}: no generation paid for")
-        batch = ImageBatch([result])
-        yield Output(
-            batch,
-            data_version=data_version_for(batch),
-            metadata=generation_metadata(batch),
-        )
+            for key, req in built.items():
+                result = _reuse(context, io_manager_key, reuse_existing, req, key)
+                if result is None:
+                    result = client.generate(req)
+                else:
+                    context.log.info(f"reused {result.reused_from}: no generation paid for")
+                answers[key] = result
+        if not ranged:
+            batch = ImageBatch(list(answers.values()))
+            yield Output(
+                batch,
+                data_version=data_version_for(batch),
+                metadata=generation_metadata(batch),
+            )
+        else:
+            for key, result in answers.items():
+                # The session's usage covers the whole run; each partition gets its own.
+                usage = Usage()
+                if result.reused_from is None:
+                    usage.add(result)
+                context.add_asset_metadata(
+                    {**generation_metadata([result]), **usage.to_metadata()},
+                    partition_key=key,
+                )
+            yield Output(
+                {str(key): ImageBatch([result]) for key, result in answers.items()},
+                metadata={"partitions": len(answers)},
+            )
         if checks:
-            yield from evaluate_image_checks(context.asset_key, batch)
+            yield from evaluate_image_checks(context.asset_key, list(answers.values()))
 
     return _generate
 
@@ -468,24 +499,38 @@ def requests_code_version(requests: Iterable[Any] | Callable[..., Any]) -> str |
 def _stream(
     context: AssetExecutionContext,
     octoai: OctoAIResource,
-    requests: Iterator[ImageGenerationRequest],
-    expected_images: int,
+    plans: Mapping[str | None, tuple[list[dict[str, Any]], Any, int]],
     checks: bool,
+    ranged: bool,
 ) -> Iterator[Any]:
-    """Yield a lazy batch that the IO manager generates as it stores, then the checks."""
-    streamed = octoai.stream(context, requests, expected_images=expected_images)
+    """Yield lazy batches that the IO manager generates as it stores, then the checks.
+
+    One batch for the run's partition, or one per partition of a range (a mapping of
+    partition key to batch, each stored under its own partition).
+    """
     tally = _CheckTally(context.asset_key)
+    batches: dict[str | None, ImageBatch] = {}
+    for key, (items, build, expected) in plans.items():
+        streamed = octoai.stream(context, (build(i) for i in items), expected_images=expected)
 
-    def observed() -> Iterator[ImageGenerationResponse]:
-        for result in streamed:
-            if checks:
-                tally.add(result)
-            yield result
+        def observed(streamed: ImageBatch = streamed) -> Iterator[ImageGenerationResponse]:
+            for result in streamed:
+                if checks:
+                    tally.add(result)
+                yield result
 
-    batch = ImageBatch(
-        observed(), expected_images=expected_images, late_metadata=streamed.late_metadata
-    )
-    yield Output(batch, metadata={"streamed": True, "expected_images": expected_images})
+        batches[key] = ImageBatch(
+            observed(), expected_images=expected, late_metadata=streamed.late_metadata
+        )
+    total = sum(expected for _, _, expected in plans.values())
+    if ranged:
+        yield Output(
+            {str(key): batch for key, batch in batches.items()},
+            metadata={"streamed": True, "expected_images": total, "partitions": len(batches)},
+        )
+    else:
+        (batch,) = batches.values()
+        yield Output(batch, metadata={"streamed": True, "expected_images": total})
     # Dagster resumes here once the IO manager has stored (and so generated) the batch.
     if checks:
         yield from tally.results()
@@ -562,8 +607,26 @@ def _describe(template: Mapping[str, Any], prompt_template: PromptTemplate | Non
     return f"OctoAI {engine} images: {prompt}".strip()
 
 
-def _partition_key(context: AssetExecutionContext) -> str | None:
-    return context.partition_key if context.has_partition_key else None
+def _is_range(context: AssetExecutionContext) -> bool:
+    """Whether this run materializes several partitions at once (a single-run backfill)."""
+    return (
+        not context.has_partition_key
+        and context.has_partition_key_range
+        and len(context.partition_keys) > 1
+    )
+
+
+def _run_partitions(context: AssetExecutionContext) -> list[str | None]:
+    """The partitions this run materializes: ``[None]`` unpartitioned, else each key in order."""
+    if context.has_partition_key:
+        return [context.partition_key]
+    if not context.has_partition_key_range:
+        return [None]
+    keys: list[str | None] = list(context.partition_keys)
+    partitions_def = context.assets_def.partitions_def
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        keys = [partitions_def.get_partition_key_from_str(str(k)) for k in keys]
+    return keys
 
 
 def _fill_prompt(
@@ -575,8 +638,8 @@ def _fill_prompt(
     if not isinstance(template, str):
         return template(partition_key, inputs)
     values: dict[str, Any] = {"partition_key": partition_key}
-    if context.has_partition_key and isinstance(context.partition_key, MultiPartitionKey):
-        values.update(context.partition_key.keys_by_dimension)
+    if isinstance(partition_key, MultiPartitionKey):
+        values.update(partition_key.keys_by_dimension)
     for input_name, value in inputs.items():
         if isinstance(value, Mapping) and partition_key in value:
             value = value[partition_key]

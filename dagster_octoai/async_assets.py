@@ -13,6 +13,7 @@ Two ways to run async jobs:
 """
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from dagster import (
 from .api.batch import ImageBatch
 from .api.client import OctoAIClient
 from .api.errors import (
+    ConflictError,
     JobExpiredError,
     JobFailedError,
     OctoAIError,
@@ -70,6 +72,27 @@ RequestLike = ImageGenerationRequest | Mapping[str, Any]
 RequestSource = Sequence[RequestLike] | Callable[[AssetExecutionContext], Iterable[RequestLike]]
 
 _MAX_LISTED_IDS = 100
+
+
+def _one_partition(context: AssetExecutionContext, what: str) -> None:
+    """Refuse, before anything is sent, a run over a partition range (a single-run backfill).
+
+    An async job is recorded per partition of the asset that submits it, and each
+    response id is a partition of the results asset: one partition per run.
+    """
+    if context.has_partition_key or not context.has_partition_key_range:
+        return
+    keys = context.partition_keys
+    if len(keys) <= 1:
+        return
+    raise Failure(
+        description=(
+            f"{what} {context.asset_key.to_user_string()!r} runs one partition per run, but "
+            f"this run covers {len(keys)} partitions ({keys[0]} to {keys[-1]}); launch the "
+            "backfill with one run per partition (BackfillPolicy.multi_run(1), Dagster's "
+            "default). Nothing was submitted or paid for."
+        )
+    )
 
 
 def _ledger(context: AssetExecutionContext, key: str) -> JobLedger:
@@ -135,7 +158,7 @@ _TRANSIENT = (TransportError, RateLimitError, ServerError)
 @dataclass
 class _Submitted:
     job_id: str
-    outcome: Literal["submitted", "resumed", "deferred", "refused"]
+    outcome: Literal["submitted", "resumed", "raced", "deferred", "refused"]
     response_id: str | None = None
     error: str | None = None
 
@@ -159,18 +182,34 @@ def _submit_one(
     record = JobRecord.new(
         request, asset_key=asset_key, partition_key=partition_key, job_id=job_id, run_id=run_id
     )
-    intent = ledger.record_intent(record)
+    try:
+        # The claim: a concurrent run that read the same (missing or final) record loses
+        # this compare-and-swap and does not POST.
+        intent = ledger.record_intent(record, replaces=existing)
+    except ConflictError:
+        now = ledger.get(job_id)
+        return _Submitted(job_id, "raced", now.response_id if now is not None else None)
     try:
         job = client.submit(request)
     except _TRANSIENT as exc:
         # Maybe accepted, maybe not: the intent stays, marked, and the sensor resubmits it.
-        ledger.save(intent.evolve(error=f"submission failed: {exc}"))
+        _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
         return _Submitted(job_id, "deferred", error=str(exc))
     except OctoAIError as exc:
-        ledger.save(intent.evolve(state=JobState.FAILED, error=f"submission refused: {exc}"))
+        _mark_attempt(ledger, intent, state=JobState.FAILED, error=f"submission refused: {exc}")
         return _Submitted(job_id, "refused", error=str(exc))
     ledger.record_submitted(intent, job)
     return _Submitted(job_id, "submitted", job.response_id)
+
+
+def _mark_attempt(ledger: JobLedger, intent: JobRecord, **changes: Any) -> None:
+    """Record what became of the submission ``intent`` claimed, unless the job moved on."""
+
+    def apply(current: JobRecord) -> JobRecord | None:
+        same = current.state is JobState.INTENT and current.attempts == intent.attempts
+        return current.evolve(**changes) if same else None
+
+    ledger.update(intent, apply)
 
 
 def octoai_async_submit_asset(
@@ -274,8 +313,11 @@ def octoai_async_submit_asset(
         backfill_policy=options.backfill_policy,
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
+        _one_partition(context, "the async submit asset")
         built = _build_requests(context, requests)
-        preflight_store(context.resources, io_manager_key)
+        # The results are stored under a partition named by each response id: not known
+        # yet, so the key length is checked for the widest partition a key can get.
+        preflight_store(context.resources, io_manager_key, target, any_partition=True)
         ledger = _ledger(context, ledger_resource_key)
         client = _octoai(context, octoai_resource_key).client
         ids = _job_ids(context, context.asset_key.to_user_string(), built)
@@ -299,18 +341,24 @@ def octoai_async_submit_asset(
         counts = Counter(o.outcome for o in outcomes)
         context.log.info(
             f"octoai async submit: {len(outcomes)} job(s): {counts['submitted']} submitted, "
-            f"{counts['resumed']} already in the ledger, {counts['deferred']} deferred to the "
-            f"sensor (transient error), {counts['refused']} refused; "
-            f"{len(ledger.list_open())} open in the ledger"
+            f"{counts['resumed']} already in the ledger, {counts['raced']} submitted by a "
+            f"concurrent run, {counts['deferred']} deferred to the sensor (transient error), "
+            f"{counts['refused']} refused; {len(ledger.list_open())} open in the ledger"
         )
         for o in outcomes:
             if o.error:
                 context.log.warning(f"job {o.job_id}: {o.outcome}: {o.error}")
+            elif o.outcome == "raced":
+                context.log.info(
+                    f"job {o.job_id}: a concurrent run recorded its submission first; "
+                    "not submitted again (nothing paid)"
+                )
         refused = [o for o in outcomes if o.outcome == "refused"]
         metadata: dict[str, Any] = {
             "jobs": MetadataValue.int(len(outcomes)),
             "submitted": MetadataValue.int(counts["submitted"]),
             "resumed": MetadataValue.int(counts["resumed"]),
+            "raced": MetadataValue.int(counts["raced"]),
             "deferred": MetadataValue.int(counts["deferred"]),
             "refused": MetadataValue.int(counts["refused"]),
             "job_ids": MetadataValue.json([o.job_id for o in outcomes][:_MAX_LISTED_IDS]),
@@ -419,6 +467,7 @@ def octoai_async_results_asset(
         backfill_policy=options.backfill_policy,
     )
     def _results(context: AssetExecutionContext) -> Iterator[Any]:
+        _one_partition(context, "the async results asset")
         partition = context.partition_key
         ledger = _ledger(context, ledger_resource_key)
         record = ledger.find_by_response_id(partition) or ledger.get(partition)
@@ -448,11 +497,29 @@ def octoai_async_results_asset(
         }
         yield Output(ImageBatch([result]), metadata=metadata)
         # Dagster resumes this generator only after the IO manager stored the output.
-        ledger.save(record.evolve(state=JobState.PERSISTED, persisted_at=ledger.now()))
+        _record_persisted(ledger, record, context.log)
         if checks:
             yield from evaluate_image_checks(context.asset_key, [result])
 
     return _results
+
+
+def _record_persisted(ledger: JobLedger, record: JobRecord, log: Any) -> None:
+    """Mark the job persisted by compare-and-swap: once, whichever run or tick gets there first."""
+    response_id = record.response_id
+
+    def apply(current: JobRecord) -> JobRecord | None:
+        if current.response_id != response_id or current.state is JobState.PERSISTED:
+            return None  # persisted by a concurrent run, or superseded by a resubmission
+        return current.evolve(state=JobState.PERSISTED, persisted_at=ledger.now())
+
+    if ledger.update(record, apply) is None:
+        current = ledger.get(record.job_id)
+        state = current.state.value if current is not None else "gone"
+        log.info(
+            f"job {record.job_id}: the ledger already records response {response_id} as "
+            f"{state} (a concurrent run or tick got there first); left as it is"
+        )
 
 
 def _job_metadata(record: JobRecord) -> dict[str, MetadataValue]:
@@ -492,10 +559,16 @@ def _wait_one(
     max_resubmits: int,
     log: Any,
     lock: threading.Lock,
+    run_is_active: Callable[[str], bool],
 ) -> tuple[JobRecord, ImageGenerationResponse, bool]:
     record = ledger.get(job_id)
+    deadline = time.monotonic() + wait_timeout_s
+    if record is not None and _submitting_elsewhere(record, run_id, run_is_active):
+        with lock:
+            log.info(f"job {job_id}: run {record.run_id} is submitting it; waiting for its answer")
+        record = _await_submission(ledger, job_id, deadline)
     if record is None or record.state in (JobState.FAILED, JobState.EXPIRED):
-        record = JobRecord.new(
+        fresh = JobRecord.new(
             request,
             asset_key=asset_key,
             partition_key=partition_key,
@@ -503,30 +576,135 @@ def _wait_one(
             mode="blocking",
             run_id=run_id,
         )
-    resumed = record.response_id is not None
-    if record.response_id is None:
-        record = ledger.record_submitted(ledger.record_intent(record), session.submit(request))
+        record = _claim_and_submit(ledger, session, request, fresh, record, deadline, log, lock)
+        resumed = record.run_id != run_id
+    elif record.response_id is None:
+        # An intent left by a run that is no longer running: its answer is lost.
+        record = _claim_and_submit(
+            ledger, session, request, record.evolve(run_id=run_id), None, deadline, log, lock
+        )
+        resumed = record.run_id != run_id
     else:
+        resumed = True
         with lock:
             log.info(f"job {job_id}: resuming response {record.response_id} from the ledger")
     while True:
         try:
-            response = session.wait(record.async_job(), timeout=wait_timeout_s)
+            response = session.wait(
+                record.async_job(), timeout=max(deadline - time.monotonic(), 1.0)
+            )
         except (JobExpiredError, JobFailedError) as exc:
             if record.attempts > max_resubmits:
-                ledger.save(
-                    record.evolve(
-                        state=JobState.FAILED,
-                        error=f"{exc.message}; gave up after {record.attempts} submission(s)",
-                    )
+                _give_up(
+                    ledger, record, f"{exc.message}; gave up after {record.attempts} submission(s)"
                 )
                 raise
             with lock:
                 log.warning(f"job {job_id}: {exc.message}; resubmitting the same request")
-            record = ledger.record_submitted(ledger.record_intent(record), session.submit(request))
+            record = _claim_and_submit(
+                ledger, session, request, record.evolve(run_id=run_id), None, deadline, log, lock
+            )
             continue
-        record = ledger.save(record.evolve(state=JobState.COMPLETED, completed_at=ledger.now()))
-        return record, response, resumed
+        completed = _record_completed(ledger, record)
+        return completed, response, resumed
+
+
+def _submitting_elsewhere(
+    record: JobRecord, run_id: str, run_is_active: Callable[[str], bool]
+) -> bool:
+    """An intent without an answer yet whose writer may still be submitting it.
+
+    A writer on this host is known alive or dead by its pid (a SIGKILLed run's status
+    stays "started" until run monitoring notices); one elsewhere by its run's status.
+    """
+    if record.state is not JobState.INTENT or record.response_id is not None:
+        return False
+    if record.error is not None:
+        return False  # its writer saw the submission fail and gave it up
+    alive = record.claimant_alive()
+    if alive is not None:
+        return alive
+    return record.run_id is not None and record.run_id != run_id and run_is_active(record.run_id)
+
+
+def _await_submission(ledger: JobLedger, job_id: str, deadline: float) -> JobRecord | None:
+    """Poll the ledger until another run's claimed submission is answered (or given up)."""
+    pause = 0.1
+    while True:
+        record = ledger.get(job_id)
+        if record is None or record.state is not JobState.INTENT:
+            return record
+        if time.monotonic() >= deadline:
+            raise Failure(
+                description=f"async job {job_id}: another run claimed its submission and "
+                "recorded no answer within the wait timeout; run this asset again"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def _claim_and_submit(
+    ledger: JobLedger,
+    session: OctoAISession,
+    request: ImageGenerationRequest,
+    record: JobRecord,
+    replaces: JobRecord | None,
+    deadline: float,
+    log: Any,
+    lock: threading.Lock,
+) -> JobRecord:
+    """Claim the next submission by compare-and-swap and POST it; a lost claim waits instead.
+
+    The run that loses the claim pays nothing: it waits for the winner's response id
+    and then for the same job.
+    """
+    try:
+        intent = ledger.record_intent(record, replaces=replaces)
+    except ConflictError:
+        with lock:
+            log.info(
+                f"job {record.job_id}: a concurrent run claimed its submission first; "
+                "waiting for that job instead of paying again"
+            )
+        won = _await_submission(ledger, record.job_id, deadline)
+        if won is None or won.response_id is None or won.state in _GIVEN_UP:
+            error = won.error if won is not None else "its record is gone"
+            raise Failure(
+                description=f"async job {record.job_id}: the concurrent run that claimed its "
+                f"submission got no usable answer ({error}); run this asset again"
+            ) from None
+        return won
+    try:
+        job = session.submit(request)
+    except BaseException as exc:
+        # Say so, so that no run waits for an answer this one will never record.
+        _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
+        raise
+    return ledger.record_submitted(intent, job)
+
+
+_GIVEN_UP = (JobState.FAILED, JobState.EXPIRED)
+
+
+def _give_up(ledger: JobLedger, record: JobRecord, error: str) -> None:
+    def apply(current: JobRecord) -> JobRecord | None:
+        if current.response_id != record.response_id or current.state.is_final:
+            return None
+        return current.evolve(state=JobState.FAILED, error=error)
+
+    ledger.update(record, apply)
+
+
+def _record_completed(ledger: JobLedger, record: JobRecord) -> JobRecord:
+    def apply(current: JobRecord) -> JobRecord | None:
+        if current.response_id != record.response_id or current.state.is_final:
+            return None
+        if current.state is JobState.COMPLETED:
+            return None
+        return current.evolve(state=JobState.COMPLETED, completed_at=ledger.now())
+
+    saved = ledger.update(record, apply)
+    return saved if saved is not None else (ledger.get(record.job_id) or record)
 
 
 def octoai_async_blocking_asset(
@@ -601,6 +779,7 @@ def octoai_async_blocking_asset(
         backfill_policy=options.backfill_policy,
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Any]:
+        _one_partition(context, "the blocking async asset")
         built = _build_requests(context, requests)
         ledger = _ledger(context, ledger_resource_key)
         key = context.asset_key.to_user_string()
@@ -627,6 +806,7 @@ def octoai_async_blocking_asset(
                         max_resubmits=max_resubmits,
                         log=context.log,
                         lock=lock,
+                        run_is_active=_run_is_active(context),
                     ),
                     zip(built, ids, strict=True),
                 )
@@ -649,9 +829,8 @@ def octoai_async_blocking_asset(
                 "job_ids": MetadataValue.json(ids[:_MAX_LISTED_IDS]),
             },
         )
-        now = ledger.now()
         for rec, _, _ in done:
-            ledger.save(rec.evolve(state=JobState.PERSISTED, persisted_at=now))
+            _record_persisted(ledger, rec, context.log)
         if checks:
             yield from evaluate_image_checks(context.asset_key, results)
 
@@ -660,3 +839,13 @@ def octoai_async_blocking_asset(
 
 def _check_specs(name: str, checks: Checks) -> list[AssetCheckSpec] | None:
     return image_check_specs(name, blocking=checks == "blocking") if checks else None
+
+
+def _run_is_active(context: AssetExecutionContext) -> Callable[[str], bool]:
+    """Whether a run of this instance is still going (an intent it wrote may yet be answered)."""
+
+    def active(run_id: str) -> bool:
+        run = context.instance.get_run_by_id(run_id)
+        return run is not None and not run.is_finished
+
+    return active

@@ -29,7 +29,7 @@ import threading
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from dagster import (
@@ -90,6 +90,7 @@ class _ImageIOManager(ConfigurableIOManager):
     )
 
     _store: ImageStore | None = PrivateAttr(default=None)
+    _preflighted: set[Any] = PrivateAttr(default_factory=set)
     _store_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @field_validator("convert_to", mode="before")
@@ -128,23 +129,43 @@ class _ImageIOManager(ConfigurableIOManager):
                 )
             return self._store
 
-    def preflight(self) -> None:
-        """Check now that outputs can be stored: the bucket exists and takes these credentials.
+    def preflight(
+        self,
+        asset_key: AssetKey | Sequence[str] | None = None,
+        partition_key: str | None = None,
+        *,
+        any_partition: bool = False,
+        partition_keys: Sequence[str] | None = None,
+    ) -> None:
+        """Check now that outputs can be stored, before anything is generated or paid for.
 
-        The generation assets call this before sending any request, so a wrong
-        bucket, refused credentials, an unreachable endpoint or an unwritable
-        directory fail the step before an image is paid for. S3 is checked with one
-        ``HeadBucket`` (it writes nothing): an identity that may read the bucket but
-        not write to it is still only found when the output is stored.
+        The generation assets call this before sending any request, so what the store
+        would refuse later fails the step first: a wrong bucket, refused credentials
+        (read-only ones too: a probe object is written under ``{prefix}/_preflight/``
+        and deleted), an unreachable endpoint, a store that ignores conditional writes,
+        an unwritable directory, and, given the output's asset key and partition (or the
+        ``partition_keys`` of a run over a range), a key longer than the store allows
+        (S3: 1,024 bytes) or a commit point holding another output's manifest. The same
+        check is made once per IO manager instance (Dagster makes one per run).
 
         Raises:
             StorageError: the store cannot be used; the message names the bucket or
                 directory and what is wrong.
 
         Examples:
-            >>> LocalImageIOManager(base_dir="/tmp/images").preflight()
+            >>> LocalImageIOManager(base_dir="/tmp/images").preflight(["fox"])
         """
-        self.store.backend.check()
+        path = None if asset_key is None else _key_path(asset_key)
+        keys = None if partition_keys is None else tuple(str(k) for k in partition_keys)
+        memo = (tuple(path or ()), None if partition_key is None else str(partition_key), keys)
+        with self._store_lock:
+            if (memo, any_partition) in self._preflighted:
+                return
+        self.store.preflight(
+            path, partition_key, any_partition=any_partition, partition_keys=partition_keys
+        )
+        with self._store_lock:
+            self._preflighted.add((memo, any_partition))
 
     def location_uri(
         self, asset_key: AssetKey | Sequence[str], partition_key: str | None = None
@@ -194,6 +215,9 @@ class _ImageIOManager(ConfigurableIOManager):
             )
 
     def handle_output(self, context: OutputContext, obj: Any) -> None:
+        if _covers_a_range(context):
+            self._handle_range(context, obj)
+            return
         seen: list[ImageGenerationResponse] = []
         try:
             responses = responses_of(obj)
@@ -225,6 +249,57 @@ class _ImageIOManager(ConfigurableIOManager):
         late = obj.late_metadata() if isinstance(obj, ImageBatch) else {}
         context.add_output_metadata({**_output_metadata(report, facts), **late})
         _set_data_version(context, version)
+
+    def _handle_range(self, context: OutputContext, obj: Any) -> None:
+        """A run over a partition range: each partition stored as a run of its own would.
+
+        The value maps each partition key of the range to its images (what
+        :func:`~dagster_octoai.octoai_image_asset` returns in such a run); each is
+        committed under its own partition, with its own materialization metadata.
+        """
+        keys = _range_keys(context)
+        names = [str(k) for k in keys]
+        given = list(obj) if isinstance(obj, Mapping) else None
+        if given is None or sorted(map(str, given)) != sorted(names):
+            raise UnstorableValueError(
+                f"{type(self).__name__} cannot store the output of {_output_label(context)}: "
+                f"this run covers {len(names)} partitions ({names[0]} to {names[-1]}), and "
+                "each is stored under its own partition, so the output must map each "
+                "partition key to its images ({partition_key: answer}); got "
+                f"{_type_name(type(obj)) if given is None else 'keys ' + repr(sorted(map(str, given))[:5])}. "
+                f"Nothing of this output was stored. {_paid_for(context, obj, [])}"
+            )
+        by_name = {str(k): v for k, v in obj.items()}
+        totals = {"images": 0, "removed_for_safety": 0, "total_bytes": 0}
+        for key in keys:
+            value = by_name[str(key)]
+            facts = _Facts()
+            try:
+                answers: Any = responses_of(value)
+                if not isinstance(value, ImageBatch) or not value.lazy:
+                    answers = list(answers)  # every answer checked before a byte is written
+                    for i, answer in enumerate(answers):
+                        answer_request(answer, i)
+                report = self.store.write(
+                    facts.observe(answers),
+                    asset_key=_output_path(context),
+                    partition_key=key,
+                    run_id=context.run_id,
+                )
+            except UnstorableValueError as exc:
+                raise self._refusal(context, value, exc, []) from None
+            late = value.late_metadata() if isinstance(value, ImageBatch) else {}
+            metadata = {**_output_metadata(report, facts), **late}
+            _add_partition_metadata(context, str(key), metadata)
+            totals["images"] += report.image_count + report.removed_count
+            totals["removed_for_safety"] += report.removed_count
+            totals["total_bytes"] += report.total_bytes
+        context.add_output_metadata(
+            {
+                "partitions": MetadataValue.int(len(keys)),
+                **{name: MetadataValue.int(value) for name, value in totals.items()},
+            }
+        )
 
     def _refusal(
         self,
@@ -280,26 +355,20 @@ class _ImageIOManager(ConfigurableIOManager):
             >>> io.find_existing(ImageGenerationRequest(prompt="a fox"), ["fox"]) is None
             True
         """
-        path: list[str] | None
-        if asset_key is None:
-            path = None
-        elif isinstance(asset_key, AssetKey):
-            path = list(asset_key.path)
-        elif isinstance(asset_key, str):
-            path = list(AssetKey.from_user_string(asset_key).path)
-        else:
-            path = list(asset_key)
+        path = None if asset_key is None else _key_path(asset_key)
         return self.store.find_existing(request, path, partition_key)
 
 
 class S3ImageIOManager(_ImageIOManager):
     """Stores generated images in S3 or an S3-compatible store (MinIO, R2, SeaweedFS).
 
-    One object per image at ``{prefix}/{asset key path}/{partition}/{index:03d}-seed{seed}.{ext}``
-    with the bytes exactly as the API returned them, S3 user metadata (seed, engine,
-    sampler, steps, cfg scale, size, request fingerprint, run id, asset key,
-    partition, index, response id) and a ``manifest.json`` beside them holding the
-    full requests. See ``docs/storage.md`` for the layout and the manifest schema.
+    One object per image, written once under
+    ``{prefix}/{asset key path}/[partition=<key>/]_objects/{write id}/{index:03d}-seed{seed}.{ext}``
+    with the bytes exactly as the API returned them and S3 user metadata (seed, engine,
+    sampler, steps, cfg scale, size, request fingerprint, run id, asset key, partition,
+    index, response id); the output's ``manifest.json``, holding the full requests, is its
+    commit point, written with a conditional PUT. See ``docs/storage.md`` for the layout,
+    the manifest schema and the commit protocol.
 
     The connection comes from a dagster-aws ``S3Resource`` (``s3=``: its endpoint,
     region, credentials, profile, session token and SSL settings, the same configuration
@@ -348,6 +417,7 @@ class S3ImageIOManager(_ImageIOManager):
         default=None,
         repr=False,
         description="Secret access key; pass it with EnvVar so it is never shown. Unset uses boto3's default chain.",
+        json_schema_extra={"dagster__is_secret": True},
     )
     addressing_style: str = Field(
         default="auto",
@@ -523,10 +593,19 @@ def with_image_uris(defs: Definitions) -> Definitions:
 # ---- helpers ---------------------------------------------------------------------------
 
 
-def preflight_store(resources: Any, io_manager_key: str | None) -> None:
+def preflight_store(
+    resources: Any,
+    io_manager_key: str | None,
+    asset_key: AssetKey | Sequence[str] | None = None,
+    partition_key: str | None = None,
+    *,
+    any_partition: bool = False,
+    partition_keys: Sequence[str] | None = None,
+) -> None:
     """Run ``preflight()`` of the IO manager at ``io_manager_key``, if it has one.
 
-    What the generation assets call before paying for anything. IO managers without
+    What the generation assets call before paying for anything, with the key and
+    partition of the output the IO manager will store. IO managers without
     ``preflight`` (Dagster's own) are left alone.
 
     Raises:
@@ -535,17 +614,28 @@ def preflight_store(resources: Any, io_manager_key: str | None) -> None:
     if io_manager_key is None:
         return
     io_manager = getattr(resources, io_manager_key, None)
-    check: Callable[[], None] | None = getattr(io_manager, "preflight", None)
+    check: Callable[..., None] | None = getattr(io_manager, "preflight", None)
     if check is None:
         return
     try:
-        check()
+        if partition_keys is None:
+            check(asset_key, partition_key, any_partition=any_partition)
+        else:
+            check(asset_key, partition_key, partition_keys=partition_keys)
     except StorageError as exc:
         raise StorageError(
             f"IO manager {io_manager_key!r} cannot store images, so nothing was generated "
             f"or paid for: {exc.message}",
             status_code=exc.status_code,
         ) from None
+
+
+def _key_path(asset_key: AssetKey | Sequence[str] | str) -> list[str]:
+    if isinstance(asset_key, AssetKey):
+        return list(asset_key.path)
+    if isinstance(asset_key, str):
+        return list(AssetKey.from_user_string(asset_key).path)
+    return list(asset_key)
 
 
 AddressingStyle = Literal["auto", "path", "virtual"]
@@ -594,6 +684,34 @@ def _type_name(annotation: Any) -> str:
     if inspect.isclass(annotation) and typing.get_origin(annotation) is None:
         return annotation.__qualname__
     return repr(annotation).replace("typing.", "")
+
+
+def _covers_a_range(context: OutputContext) -> bool:
+    """Whether the output is a partitioned asset's over more than one partition (a range)."""
+    return (
+        context.has_asset_key
+        and context.has_asset_partitions
+        and not context.has_partition_key
+        and len(context.asset_partition_keys) > 1
+    )
+
+
+def _range_keys(context: OutputContext) -> list[Any]:
+    """The partition keys of a range output (multi-partition keys keep their dimensions)."""
+    keys: list[Any] = list(context.asset_partition_keys)
+    partitions_def = context.asset_partitions_def
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        keys = [partitions_def.get_partition_key_from_str(k) for k in keys]
+    return keys
+
+
+def _add_partition_metadata(context: OutputContext, partition: str, metadata: Any) -> None:
+    """Metadata on the materialization of one partition of a range output."""
+    try:
+        step = context.step_context
+    except DagsterInvariantViolationError:
+        return  # an OutputContext built for a test: no materializations to add to
+    step.add_asset_metadata(metadata, asset_key=context.asset_key, partition_key=partition)
 
 
 def _output_label(context: OutputContext) -> str:
@@ -712,6 +830,14 @@ class _Facts:
         self.prediction_time_ms += answer.prediction_time_ms
         if len(self.seeds) < _METADATA_LIST_MAX:
             self.seeds.extend(answer.seeds[: _METADATA_LIST_MAX - len(self.seeds)])
+
+    def observe(
+        self, answers: Iterable[ImageGenerationResponse]
+    ) -> Iterator[ImageGenerationResponse]:
+        """``answers`` as they are, each one added as it passes (for lazy batches too)."""
+        for answer in answers:
+            self.add(answer)
+            yield answer
 
 
 def _output_metadata(report: WriteReport, facts: _Facts) -> dict[str, Any]:

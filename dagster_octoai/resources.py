@@ -13,6 +13,7 @@ run (or two outputs of a multi-asset) each get their own, correct numbers.
 # of `s3` when the class is made (a string would not be recognised as one).
 
 import threading
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal, cast
@@ -23,6 +24,7 @@ from dagster import (
     ConfigurableResource,
     EnvVar,
     InitResourceContext,
+    MultiPartitionsDefinition,
     OpExecutionContext,
     ResourceDependency,
     RetryRequested,
@@ -220,6 +222,13 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     max_concurrency: int = Field(
         default=4, ge=1, description="Generations in flight at once: the endpoint's replica count."
     )
+    trusted_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Origins (scheme://host[:port]) besides base_url's that the server's poll_url "
+            "and response_url may point at; the token is never sent anywhere else."
+        ),
+    )
     rate_limit_step_retries: int = Field(
         default=3,
         ge=0,
@@ -279,6 +288,7 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
             timeout=self.timeout_s,
             retry=self.retry_policy(),
             max_concurrency=self.max_concurrency,
+            trusted_origins=self.trusted_origins,
         )
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
@@ -467,7 +477,47 @@ def _check_output(
             )
         return
     check(out.dagster_type.typing_type, where)
-    preflight_store(context.resources, out.io_manager_key)
+    asset = None
+    if context.has_assets_def and name is not None:
+        asset = context.assets_def.keys_by_output_name.get(name)
+    if _runs_a_range(context):
+        annotation = out.dagster_type.typing_type
+        origin = typing.get_origin(annotation) or annotation
+        if isinstance(origin, type) and issubclass(
+            origin, (ImageGenerationResponse, ImageBatch, list)
+        ):
+            keys = context.partition_keys
+            raise UnstorableValueError(
+                f"{where} is annotated to return {getattr(origin, '__name__', origin)}, but this "
+                f"run covers {len(keys)} partitions ({keys[0]} to {keys[-1]}), each stored "
+                "under its own partition: return {partition_key: answer} (annotated "
+                "dict[str, ImageGenerationResponse], or not at all). Nothing was generated or "
+                "paid for."
+            )
+        # One check for every partition of the range, each stored under its own key.
+        preflight_store(
+            context.resources, out.io_manager_key, asset, partition_keys=_range_keys(context)
+        )
+        return
+    partition = context.partition_key if context.has_partition_key else None
+    preflight_store(context.resources, out.io_manager_key, asset, partition)
+
+
+def _runs_a_range(context: ExecutionContext) -> bool:
+    """Whether this step materializes a partition range (a single-run backfill)."""
+    return (
+        not context.has_partition_key
+        and context.has_partition_key_range
+        and len(context.partition_keys) > 1
+    )
+
+
+def _range_keys(context: ExecutionContext) -> list[str]:
+    keys: list[str] = list(context.partition_keys)
+    partitions_def = context.assets_def.partitions_def if context.has_assets_def else None
+    if isinstance(partitions_def, MultiPartitionsDefinition):
+        keys = [partitions_def.get_partition_key_from_str(k) for k in keys]
+    return keys
 
 
 def _output_label(context: ExecutionContext, output_name: str | None) -> str:
@@ -557,7 +607,10 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
         default=None, description="Access key id; default: boto3's credential chain."
     )
     aws_secret_access_key: str | None = Field(
-        default=None, description="Secret access key; supply it with EnvVar."
+        default=None,
+        repr=False,
+        description="Secret access key; supply it with EnvVar. Never shown in a repr.",
+        json_schema_extra={"dagster__is_secret": True},
     )
     addressing_style: Literal["auto", "virtual", "path"] = Field(
         default="auto",

@@ -218,4 +218,5 @@ def sensor_client(resource: Any, settings: AsyncSensorSettings) -> OctoAIClient:
         timeout=per_call,
         retry=HTTPRetryPolicy(max_attempts=2, deadline_s=per_call * 2, max_retry_after_s=per_call),
         max_concurrency=settings.max_concurrent_polls,
+        trusted_origins=getattr(resource, "trusted_origins", ()) or (),
     )

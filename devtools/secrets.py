@@ -1,8 +1,9 @@
-"""Find a token where it must never be: strings, files, S3 objects, Dagster event logs.
+r"""Find a token where it must never be: strings, files, S3 objects, Dagster event logs.
 
 A leak scan is only as good as the forms it looks for, so :class:`TokenScanner` looks
-for the token as written, URL-encoded, base64-encoded (at each of the three byte
-alignments, so a token inside a larger base64 blob is found too), JSON-escaped and
+for the token as written, URL-encoded (with and without ``/`` kept, and as a form
+body), base64-encoded (at each of the three byte alignments, so a token inside a
+larger base64 blob is found too), JSON-escaped (also with ``\/``), HTML-escaped and
 as UTF-16: the ways a token is turned into text by the layers between a client and
 a log file. Every finding names where it was and never repeats the token itself.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import html
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -25,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 __all__ = ["Leak", "TokenScanner"]
 
@@ -81,7 +83,16 @@ class TokenScanner:
         forms: dict[str, bytes] = {
             "plain": raw,
             "url-encoded": quote(token, safe="").encode(),
+            "url-encoded-path": quote(token).encode(),
+            "form-encoded": quote_plus(token).encode(),
             "json-escaped": json.dumps(token)[1:-1].encode(),
+            "json-escaped-slash": json.dumps(token)[1:-1].replace("/", "\\/").encode(),
+            # The same inside a repr() (an exception message quoting a body excerpt).
+            "json-escaped-slash-repr": json.dumps(token)[1:-1]
+            .replace("/", "\\/")
+            .replace("\\", "\\\\")
+            .encode(),
+            "html-escaped": html.escape(token).encode(),
             "utf-16": token.encode("utf-16-le"),
             **_base64_forms(raw),
         }
@@ -189,11 +200,37 @@ class TokenScanner:
         count = 0
         for run in instance.get_runs():
             where = f"run {run.run_id}"
-            leaks += self.scan_text(serialize_value(run), f"{where} (run record)")
+            leaks += self.scan_serialized(serialize_value(run), f"{where} (run record)")
             for record in instance.all_logs(run.run_id):
                 count += 1
-                leaks += self.scan_text(serialize_value(record), f"{where} (event log)")
+                leaks += self.scan_serialized(serialize_value(record), f"{where} (event log)")
         return leaks, count
+
+    def scan_serialized(self, text: str, where: str) -> list[Leak]:
+        """A JSON document as stored, and every string in it as it reads once decoded.
+
+        Serializing escapes again what a message had already escaped (``\\/`` becomes
+        ``\\\\/``); the decoded strings show each form as the message held it.
+        """
+        found = {leak.form: leak for leak in self.scan_text(text, where)}
+        with contextlib.suppress(ValueError):
+            for value in _strings(json.loads(text)):
+                for leak in self.scan_text(value, f"{where} (decoded)"):
+                    found.setdefault(leak.form, leak)
+        return list(found.values())
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a decoded JSON value (keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
 
 
 def _s3_keys(client: Any, bucket: str, prefix: str) -> Iterator[str]:

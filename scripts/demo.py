@@ -157,7 +157,12 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
         Bucket=services.bucket, Prefix=f"{PREFIX}/"
     ):
         keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    images = [k for k in keys if k.endswith((".jpg", ".jpeg", ".png")) and "/_" not in k]
+    # Images sit under each output's _objects/; the contact sheet beside its manifest.
+    images = [
+        k
+        for k in keys
+        if k.endswith((".jpg", ".jpeg", ".png")) and ("/_objects/" in k or "/_" not in k)
+    ]
     manifests = [k for k in keys if k.endswith("/manifest.json")]
     image_assets = {k.split("/")[1] for k in images}
     wanted_assets = {
@@ -184,8 +189,8 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
             )
     for key in manifests:
         manifest = json.loads(s3.get_object(Bucket=services.bucket, Key=key)["Body"].read())
-        if manifest.get("schema_version") != 1:
-            raise RuntimeError(f"s3://{services.bucket}/{key} is not a version 1 manifest")
+        if manifest.get("schema_version") != 2:
+            raise RuntimeError(f"s3://{services.bucket}/{key} is not a version 2 manifest")
     with Image.open(io.BytesIO(contact_sheet.read_bytes())) as sheet:
         sheet.verify()
         if sheet.format != "PNG":

@@ -70,6 +70,10 @@ Regenerate this page with `make reliability` (it runs
   a loud reason only where it can be neither found nor installed) and runs the async
   sensor's ticks and persist runs, and an image job under the multiprocess executor,
   on a Dagster instance whose run, event and schedule storage is `dagster-postgres`.
+- **Races and kills at the commit points**: sensor evaluations and runs racing to
+  (re)submit one job (each reads the job's record, then waits until every racer has read
+  it, so the race is certain), an image write SIGKILLed before each step of the commit
+  protocol, and concurrent writers of one image output.
 - **S3 faults**, **bad input** and **corrupt answers**: see the rows' names.
 
 """
@@ -85,7 +89,9 @@ NOTES = """
 - **Retried failures** counts failed HTTP attempts that were retried (429 with
   Retry-After, 500, 503, dropped connections), plus resubmitted async jobs.
 - **Duplicates in S3** counts image objects with the same bytes or the same seed as
-  another one under the scenario's prefix.
+  another one under the scenario's prefix, after the store's clean-up removed what
+  killed or failed writes left (`orphans removed by clean up`: those objects, under
+  their own write ids and listed by no manifest).
 - A dash means the figure does not apply to the scenario.
 
 ## Known limits
@@ -97,12 +103,11 @@ NOTES = """
 - The async variant's paid count excludes lost submissions whose job then failed on
   the server (nothing was rendered for them); the test asks the server which those are.
 
-- A missing bucket or refused S3 credentials: with explicit seeds the generation
-  asset first looks for a stored identical result, so the run fails on the store
-  before anything is paid (0 paid generations in those rows). With random seeds
-  nothing reads the store before generating: the clear `StorageError` then comes when
-  the output is stored, after the images were paid for. Check the store before a
-  large random-seed batch.
+- A missing bucket, refused or read-only S3 credentials, a store that ignores
+  conditional writes and keys over 1,024 bytes are refused by the preflight before
+  anything is paid (0 paid generations in those rows), for random seeds too. A store
+  that starts refusing writes after the preflight (an outage) still fails the output
+  after its images were paid for.
 - The published OpenAPI schemas express cross-field rules with `allOf`/`anyOf`,
   which schemathesis cannot generate from; the fuzz test drops those blocks so
   schemathesis sends bodies that are valid field by field, and checks that the

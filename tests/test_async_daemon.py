@@ -149,8 +149,12 @@ def test_the_daemon_persists_submitted_jobs(
         states,
         (tmp_path / "daemon.log").read_text()[-4000:],
     )
-    manifests = sorted((images_dir / "dagster-octoai" / "daemon_images").glob("*/manifest.json"))
-    assert sorted(m.parent.name for m in manifests) == sorted(r.response_id or "" for r in records)
+    manifests = sorted(
+        (images_dir / "dagster-octoai" / "daemon_images").glob("partition=*/manifest.json")
+    )
+    assert sorted(m.parent.name.removeprefix("partition=") for m in manifests) == sorted(
+        r.response_id or "" for r in records
+    )
     for m in manifests:
         data = json.loads(m.read_text())
         assert data["image_count"] == 1

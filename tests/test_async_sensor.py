@@ -145,8 +145,8 @@ class Harness:
         """Partition -> manifest of every stored output of the results asset."""
         root = self.images_dir / "img" / "async_images"
         out = {}
-        for manifest in sorted(root.glob("*/manifest.json")):
-            out[manifest.parent.name] = json.loads(manifest.read_text())
+        for manifest in sorted(root.glob("partition=*/manifest.json")):
+            out[manifest.parent.name.removeprefix("partition=")] = json.loads(manifest.read_text())
         return out
 
 

@@ -588,8 +588,13 @@ def test_submit_answer_must_name_the_job(server: ScriptedServer, client: OctoAIC
         client.submit({"prompt": "a fox"})
 
 
-def test_poll_and_fetch_follow_absolute_urls_to_another_host(client: OctoAIClient) -> None:
-    with scripted_server() as other:
+def test_poll_and_fetch_follow_absolute_urls_to_a_trusted_host(server: ScriptedServer) -> None:
+    with (
+        scripted_server() as other,
+        OctoAIClient(
+            TOKEN, base_url=server.url, retry=FAST, timeout=10, trusted_origins=[other.url]
+        ) as client,
+    ):
         other.script(
             poll_reply("completed", f"{other.url}/v1/responses/job-9"),
             ok([11]),

@@ -181,23 +181,24 @@ def test_example_runs_end_to_end(
     images = _image_keys(keys)
     for asset in PRODUCT_ASSETS:
         for product in PRODUCTS:
-            assert any(k.startswith(f"{PREFIX}/{asset}/{product}/000-seed") for k in images), (
+            base = f"{PREFIX}/{asset}/partition={product}/_objects/"
+            assert any(k.startswith(base) and "/000-seed" in k for k in images), (
                 asset,
                 product,
             )
     assert len([k for k in images if k.startswith(f"{PREFIX}/lifestyle_shots/")]) == len(PRODUCTS)
 
     s3 = seaweedfs.client()
-    key = next(k for k in images if k.startswith(f"{PREFIX}/product_images/ceramic-mug/"))
+    key = next(k for k in images if k.startswith(f"{PREFIX}/product_images/partition=ceramic-mug/"))
     head = s3.head_object(Bucket=s3_bucket, Key=key)
     assert head["ContentType"] == "image/jpeg"
     assert head["Metadata"]["seed"] == "1001"
     assert head["Metadata"]["engine"] == "sdxl"
     assert head["Metadata"]["partition"] == "ceramic-mug"
     manifest = json.loads(
-        s3.get_object(Bucket=s3_bucket, Key=f"{PREFIX}/product_images/ceramic-mug/manifest.json")[
-            "Body"
-        ].read()
+        s3.get_object(
+            Bucket=s3_bucket, Key=f"{PREFIX}/product_images/partition=ceramic-mug/manifest.json"
+        )["Body"].read()
     )
     assert manifest["partition"] == "ceramic-mug"
 
@@ -238,7 +239,7 @@ def test_example_job_runs_under_the_multiprocess_executor(
     assert server.stats()["paid_generations"] == len(PRODUCT_ASSETS)
     images = _image_keys(_keys(seaweedfs, s3_bucket))
     assert sorted(k.split("/")[1] for k in images) == sorted(PRODUCT_ASSETS)
-    assert all("/trail-sneaker/" in k for k in images)
+    assert all("/partition=trail-sneaker/" in k for k in images)
 
 
 @pytest.mark.slow

@@ -72,7 +72,9 @@ def test_unpartitioned_asset_round_trip(io_manager: Any) -> None:
     assert result.success
     store = io_manager.store
     meta = output_metadata(result, "foxes")
-    keys = ["octoai/foxes/000-seed11.jpg", "octoai/foxes/001-seed12.jpg"]
+    manifest = store.read_manifest(["foxes"], None)
+    write = f"octoai/foxes/_objects/{manifest['write_id']}"
+    keys = [f"{write}/000-seed11.jpg", f"{write}/001-seed12.jpg"]
     assert meta["dagster/uri"] == store.backend.uri("octoai/foxes/")
     assert meta["manifest_uri"] == store.backend.uri("octoai/foxes/manifest.json")
     assert meta["image_uris"] == [store.backend.uri(k) for k in keys]
@@ -91,7 +93,6 @@ def test_unpartitioned_asset_round_trip(io_manager: Any) -> None:
         prompt="a red fox", engine="sd", num_images=2, seed=[11, 12], steps=20
     )
     assert images[0].partition_key is None
-    manifest = store.read_manifest(["foxes"], None)
     assert manifest["run_id"] == result.run_id
     assert manifest["results"][0]["images"][1]["metadata"]["run-id"] == result.run_id
     if isinstance(store.backend, S3Backend):
@@ -131,10 +132,13 @@ def test_static_partitions_keys_are_sanitised_and_load_as_dict(io_manager: Any) 
     for key in HOSTILE:
         result = dg.materialize([shots], partition_key=key, resources=resources)
         meta = output_metadata(result, "shots")
-        base = f"octoai/shots/{safe_segment(key)}/"
+        base = f"octoai/shots/partition={safe_segment(key)}/"
         assert meta["dagster/uri"] == io_manager.store.backend.uri(base)
         seed = HOSTILE.index(key) + 1
-        assert meta["image_uris"] == [io_manager.store.backend.uri(f"{base}000-seed{seed}.jpg")]
+        write_id = io_manager.store.read_manifest(["shots"], key)["write_id"]
+        assert meta["image_uris"] == [
+            io_manager.store.backend.uri(f"{base}_objects/{write_id}/000-seed{seed}.jpg")
+        ]
     assert safe_segment("normal-2024-01-01") == "normal-2024-01-01"
 
     dg.materialize([shots, all_shots], selection=[all_shots], resources=resources)
@@ -186,8 +190,11 @@ def test_multi_partitions_layout_and_single_partition_load(io_manager: Any) -> N
     meta = output_metadata(result, "tiles")
     store = io_manager.store
     assert meta["dagster/uri"] == store.backend.uri("octoai/tiles/color=blue/date=2024-01-02/")
+    write_id = store.read_manifest(["tiles"], key)["write_id"]
     assert meta["image_uris"] == [
-        store.backend.uri("octoai/tiles/color=blue/date=2024-01-02/000-seed2.jpg")
+        store.backend.uri(
+            f"octoai/tiles/color=blue/date=2024-01-02/_objects/{write_id}/000-seed2.jpg"
+        )
     ]
     [images] = got
     assert [im.data for im in images] == [image_bytes(2)]
@@ -268,7 +275,11 @@ def test_reuse_through_the_io_manager(io_manager: Any) -> None:
     assert paid == [1]
     meta = output_metadata(second, "foxes")
     assert meta["reused"] == 2
-    assert meta["image_uris"] == output_metadata(first, "foxes")["image_uris"]
+    # Copied server-side into the new write's own keys: the same bytes, not the same keys.
+    first_uris = output_metadata(first, "foxes")["image_uris"]
+    assert [u.rsplit("/", 1)[1] for u in meta["image_uris"]] == [
+        u.rsplit("/", 1)[1] for u in first_uris
+    ]
     manifest = io_manager.store.read_manifest(["foxes"], None)
     assert manifest["run_id"] == second.run_id
     assert manifest["results"][0]["reused_from"] == io_manager.store.backend.uri(
@@ -411,7 +422,8 @@ def test_end_to_end_with_the_local_server(seaweedfs: SeaweedFS, s3_bucket: str) 
         store = io.store
         manifest = store.read_manifest(["lighthouse"], None)
         keys = [im["key"] for im in manifest["results"][0]["images"]]
-        assert keys == ["octoai/lighthouse/000-seed3.jpg", "octoai/lighthouse/001-seed4.jpg"]
+        write = f"octoai/lighthouse/_objects/{manifest['write_id']}"
+        assert keys == [f"{write}/000-seed3.jpg", f"{write}/001-seed4.jpg"]
         stored = [store.backend.get(k) for k in keys]
         assert stored == [im.data for im in response.images]
 

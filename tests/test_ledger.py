@@ -78,9 +78,9 @@ def test_a_job_goes_from_intent_to_persisted_with_its_marker_in_step(ledger: Job
     found = ledger.find_by_response_id("resp-1")
     assert found is not None and found.job_id == "job1"
 
-    ledger.save(submitted.evolve(state=JobState.COMPLETED))
+    completed = ledger.save(submitted.evolve(state=JobState.COMPLETED))
     assert ledger.list_open() == [intent.open_marker]
-    ledger.save(submitted.evolve(state=JobState.PERSISTED))
+    ledger.save(completed.evolve(state=JobState.PERSISTED))
     assert ledger.list_open() == []
     final = ledger.get("job1")
     assert final is not None and final.state is JobState.PERSISTED

@@ -48,7 +48,7 @@ def test_readme_quickstart_materializes_a_partition(
     assert octoai_server.stats()["paid_generations"] == before + 1
     mat = result.asset_materializations_for_node("product_images")[0]
     uri = mat.metadata["dagster/uri"].value
-    assert uri == f"s3://{s3_bucket}/generated/product_images/blue-kettle/"
+    assert uri == f"s3://{s3_bucket}/generated/product_images/partition=blue-kettle/"
 
 
 def test_readme_own_asset_stores_the_answer_it_returns(

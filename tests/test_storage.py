@@ -113,6 +113,23 @@ def s3_client(store: ImageStore) -> Any:
     return store.backend.client
 
 
+def image_keys(store: ImageStore, asset_key: list[str], partition: Any = None) -> list[str]:
+    """The object keys the committed manifest of an output lists, in index order."""
+    manifest = store.read_manifest(asset_key, partition)
+    assert manifest is not None
+    return [im["key"] for r in manifest["results"] for im in r["images"] if im["key"]]
+
+
+def stored_keys(store: ImageStore) -> list[str]:
+    """Every object under the store's prefix (lock files of the local backend aside)."""
+    return sorted(o.key for o in store.backend.list("gen/"))
+
+
+def objects_of(base: str, manifest: dict[str, Any], *names: str) -> list[str]:
+    """``{base}/_objects/{the manifest's write id}/{name}`` for each name."""
+    return [f"{base}/_objects/{manifest['write_id']}/{name}" for name in names]
+
+
 # ---- layout ----------------------------------------------------------------------------
 
 
@@ -155,7 +172,7 @@ def test_output_key_layout_and_multi_partitions() -> None:
         keys_by_dimension = {"region": "eu/west", "date": "2024-01-01"}
 
     assert output_key("gen", ["fox", "raw"], None) == "gen/fox/raw"
-    assert output_key("", ["fox"], "2024-01-01") == "fox/2024-01-01"
+    assert output_key("", ["fox"], "2024-01-01") == "fox/partition=2024-01-01"
     multi = output_key("gen", ["fox"], MultiKey("2024-01-01|eu/west"))
     assert multi == f"gen/fox/date=2024-01-01/region={safe_segment('eu/west')}"
     assert multi.startswith("gen/fox/") and multi.count("/") == 3
@@ -173,10 +190,13 @@ def test_write_stores_exact_bytes_metadata_and_manifest(store: ImageStore) -> No
     png = make_result("a blue owl", [5], fmt="PNG", response_id="job-1")
     report = store.write([jpeg, png], asset_key=["fox"], partition_key="p1", run_id="run-1")
 
-    keys = ["gen/fox/p1/000-seed11.jpg", "gen/fox/p1/001-seed12.jpg", "gen/fox/p1/002-seed5.png"]
+    manifest = store.read_manifest(["fox"], "p1")
+    assert manifest is not None and manifest["write_id"] == report.write_id
+    base = "gen/fox/partition=p1"
+    keys = objects_of(base, manifest, "000-seed11.jpg", "001-seed12.jpg", "002-seed5.png")
     assert report.image_uris == [store.backend.uri(k) for k in keys]
-    assert report.uri == store.backend.uri("gen/fox/p1/")
-    assert report.manifest_uri == store.backend.uri("gen/fox/p1/manifest.json")
+    assert report.uri == store.backend.uri(f"{base}/")
+    assert report.manifest_uri == store.backend.uri(f"{base}/manifest.json")
     assert report.seeds == [11, 12, 5]
     expected = [image_bytes(11), image_bytes(12), image_bytes(5, "PNG")]
     assert report.total_bytes == sum(len(b) for b in expected)
@@ -185,9 +205,8 @@ def test_write_stores_exact_bytes_metadata_and_manifest(store: ImageStore) -> No
     assert report.thumbnail is not None and report.thumbnail.startswith("data:image/jpeg;base64,")
     assert len(report.thumbnail) < 20_000
 
-    manifest = store.read_manifest(["fox"], "p1")
-    assert manifest is not None
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
+    assert manifest["supersedes"] == []
     assert manifest["asset_key"] == ["fox"]
     assert manifest["partition"] == "p1"
     assert manifest["partition_dimensions"] is None
@@ -254,15 +273,8 @@ def test_write_stores_exact_bytes_metadata_and_manifest(store: ImageStore) -> No
         assert head["ContentType"] == "image/jpeg"
         assert head["Metadata"] == metadata
         assert store.backend.head(keys[2])["ContentType"] == "image/png"
-        assert store.backend.head("gen/fox/p1/manifest.json")["ContentType"] == "application/json"
-    else:
-        assert isinstance(store.backend, LocalBackend)
-        files = sorted(
-            p.relative_to(store.backend.base_dir).as_posix()
-            for p in store.backend.base_dir.rglob("*")
-            if p.is_file()
-        )
-        assert files == sorted([*keys, "gen/fox/p1/manifest.json"])  # no index by default
+        assert store.backend.head(f"{base}/manifest.json")["ContentType"] == "application/json"
+    assert stored_keys(store) == sorted([*keys, f"{base}/manifest.json"])  # no index by default
 
 
 def test_manifest_alone_regenerates_the_request(store: ImageStore) -> None:
@@ -288,7 +300,7 @@ def test_removed_images_are_in_the_manifest_without_objects(store: ImageStore) -
     blocked = manifest["results"][0]["images"][1]
     assert blocked["removed_for_safety"] is True
     assert blocked["key"] is None and blocked["bytes"] == 0 and blocked["safety_score"] == 0.9
-    assert store.backend.get_or_none("gen/a/001-seed2.jpg") is None
+    assert not any("seed2" in k for k in stored_keys(store))
     assert [im.seed for im in store.read(["a"], None)] == [1, 3]
     assert [im.index for im in store.read(["a"], None)] == [0, 2]
 
@@ -296,11 +308,12 @@ def test_removed_images_are_in_the_manifest_without_objects(store: ImageStore) -
 def test_convert_to_png(store: ImageStore) -> None:
     store.convert_to = "png"
     report = store.write([make_result("x", [4])], asset_key=["a"], partition_key=None, run_id="r")
-    assert report.image_uris == [store.backend.uri("gen/a/000-seed4.png")]
-    data = store.backend.get("gen/a/000-seed4.png")
-    assert data.startswith(b"\x89PNG")
     manifest = store.read_manifest(["a"], None)
     assert manifest is not None
+    (key,) = objects_of("gen/a", manifest, "000-seed4.png")
+    assert report.image_uris == [store.backend.uri(key)]
+    data = store.backend.get(key)
+    assert data.startswith(b"\x89PNG")
     image = manifest["results"][0]["images"][0]
     assert image["converted_from"] == "jpeg" and image["content_type"] == "image/png"
 
@@ -313,7 +326,8 @@ def test_load_back(store: ImageStore) -> None:
     assert [im.seed for im in images] == [11, 12]
     assert images[0].request == result.request
     assert images[0].partition_key == "p1"
-    assert images[0].uri == store.backend.uri("gen/fox/p1/000-seed11.jpg")
+    assert images[0].uri == store.backend.uri(image_keys(store, ["fox"], "p1")[0])
+    assert "/fox/partition=p1/_objects/" in images[0].uri
     assert images[0].to_pil().size == (64, 64)
     assert images[0].metadata["seed"] == "11"
     assert images[0].metadata["run_id"] == "run-1"
@@ -326,8 +340,12 @@ def test_load_back(store: ImageStore) -> None:
 
 def test_read_detects_an_image_replaced_behind_its_back(store: ImageStore) -> None:
     store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
-    store.backend.put("gen/a/000-seed1.jpg", image_bytes(99), "image/jpeg", {})
-    with pytest.raises(StorageError, match="sha256"):
+    (key,) = image_keys(store, ["a"])
+    store.backend.put(key, image_bytes(99), "image/jpeg", {})
+    with pytest.raises(StorageError, match=r"sha256 in .* changed outside this IO manager"):
+        store.read(["a"], None)
+    store.backend.delete([key])
+    with pytest.raises(StorageError, match=r"listed in .* but missing: it was deleted outside"):
         store.read(["a"], None)
 
 
@@ -336,21 +354,21 @@ def test_read_detects_an_image_replaced_behind_its_back(store: ImageStore) -> No
 
 def test_rerun_replaces_cleanly(store: ImageStore) -> None:
     store.write([make_result("x", [1, 2, 3])], asset_key=["a"], partition_key=None, run_id="r1")
+    first = store.read_manifest(["a"], None)
     store.write([make_result("y", [1, 9])], asset_key=["a"], partition_key=None, run_id="r2")
     manifest = store.read_manifest(["a"], None)
-    assert manifest is not None and manifest["run_id"] == "r2"
-    assert [im["key"] for im in manifest["results"][0]["images"]] == [
-        "gen/a/000-seed1.jpg",
-        "gen/a/001-seed9.jpg",
-    ]
-    # Same key, same bytes: kept (metadata refreshed); stale keys deleted.
-    assert store.backend.get_or_none("gen/a/002-seed3.jpg") is None
-    assert store.backend.get_or_none("gen/a/001-seed2.jpg") is None
-    assert store.backend.get("gen/a/001-seed9.jpg") == image_bytes(9)
+    assert manifest is not None and first is not None and manifest["run_id"] == "r2"
+    assert manifest["supersedes"] == [first["write_id"]]
+    keys = objects_of("gen/a", manifest, "000-seed1.jpg", "001-seed9.jpg")
+    assert image_keys(store, ["a"]) == keys
+    # The new write owns its objects (the unchanged image copied server-side, never
+    # written over the old key); the old write's objects are retired after the commit.
+    assert stored_keys(store) == sorted([*keys, "gen/a/manifest.json"])
+    assert store.backend.get(keys[1]) == image_bytes(9)
     if isinstance(store.backend, S3Backend):
-        assert store.backend.head("gen/a/000-seed1.jpg")["Metadata"]["run-id"] == "r2"
+        assert store.backend.head(keys[0])["Metadata"]["run-id"] == "r2"
         assert (
-            store.backend.head("gen/a/000-seed1.jpg")["Metadata"]["request-fingerprint"]
+            store.backend.head(keys[0])["Metadata"]["request-fingerprint"]
             == make_result("y", [1, 9]).request.fingerprint()
         )
     assert [im.data for im in store.read(["a"], None)] == [image_bytes(1), image_bytes(9)]
@@ -367,6 +385,14 @@ class RecordingBackend(StorageBackend):
         self.copies: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
+    def _count(self, key: str) -> None:
+        with self.lock:
+            self.puts.append(key)
+            counted = [k for k in self.puts if "/_index/" not in k]
+            fail = "/_index/" not in key and len(counted) == self.fail_on_put
+        if fail:
+            raise StorageError(f"simulated outage writing {key}")
+
     def uri(self, key: str) -> str:
         return self.inner.uri(key)
 
@@ -374,13 +400,14 @@ class RecordingBackend(StorageBackend):
         return self.inner.key_for_uri(uri)
 
     def put(self, key: str, data: bytes, content_type: str, metadata: Any) -> None:
-        with self.lock:
-            self.puts.append(key)
-            counted = [k for k in self.puts if "/_index/" not in k]
-            fail = "/_index/" not in key and len(counted) == self.fail_on_put
-        if fail:
-            raise StorageError(f"simulated outage writing {key}")
+        self._count(key)
         self.inner.put(key, data, content_type, metadata)
+
+    def put_if(
+        self, key: str, data: bytes, content_type: str, metadata: Any, expected: str | None
+    ) -> str:
+        self._count(key)
+        return self.inner.put_if(key, data, content_type, metadata, expected)
 
     def copy(self, source_key: str, key: str, content_type: str, metadata: Any) -> None:
         with self.lock:
@@ -390,11 +417,23 @@ class RecordingBackend(StorageBackend):
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
 
+    def get_versioned(self, key: str) -> Any:
+        return self.inner.get_versioned(key)
+
     def delete(self, keys: Any) -> None:
         self.inner.delete(keys)
 
+    def delete_if(self, key: str, expected: str) -> bool:
+        return self.inner.delete_if(key, expected)
+
+    def list(self, prefix: str) -> Any:
+        return self.inner.list(prefix)
+
     def check(self) -> None:
         self.inner.check()
+
+    def check_key(self, key: str) -> None:
+        self.inner.check_key(key)
 
 
 @pytest.mark.parametrize("fail_on_put", [2, 4])
@@ -422,7 +461,8 @@ def test_failure_mid_write_keeps_the_previous_manifest_valid(
     assert store.read_manifest(["a"], None) == before
     loaded = store.read(["a"], None)  # checks every sha256 against the manifest
     assert [im.data for im in loaded] == [image_bytes(1), image_bytes(2), image_bytes(3)]
-    assert store.backend.get_or_none("gen/a/003-seed4.jpg") is None
+    # What the failed write stored is gone; what the committed manifest lists is all there.
+    assert stored_keys(store) == sorted([*image_keys(store, ["a"]), "gen/a/manifest.json"])
 
 
 def test_failure_while_generating_keeps_the_previous_output(store: ImageStore) -> None:
@@ -477,7 +517,7 @@ def test_lazy_batch_is_streamed_with_bounded_memory(store: ImageStore) -> None:
     assert 1 <= ahead_max <= limit + 1
     manifest = store.read_manifest(["frames"], None)
     assert manifest is not None and manifest["image_count"] == count
-    last = f"gen/frames/{count - 1:03d}-seed{count - 1}.jpg"
+    (last,) = objects_of("gen/frames", manifest, f"{count - 1:03d}-seed{count - 1}.jpg")
     assert store.backend.get(last) == image_bytes(count - 1)
 
 
@@ -492,7 +532,7 @@ def test_find_existing_and_reuse(store: ImageStore) -> None:
     same = ImageGenerationRequest.build(original.request)
     found = store.find_existing(same, ["fox"], "p1")
     assert found is not None
-    assert found.reused_from == store.backend.uri("gen/fox/p1/manifest.json")
+    assert found.reused_from == store.backend.uri("gen/fox/partition=p1/manifest.json")
     assert [im.data for im in found.images] == [image_bytes(11), image_bytes(12)]
     assert found.response_id == "job-9"
     assert found.request == same and all(im.request == same for im in found.images)
@@ -505,27 +545,33 @@ def test_find_existing_and_reuse(store: ImageStore) -> None:
     random_seed = make_result("a red fox", [11], explicit=False).request
     assert store.find_existing(random_seed) is None
 
-    # Storing the reused result at the same key: no upload, and in another asset: a copy.
+    # Storing the reused result, in the same output or another: server-side copies into
+    # the new write's own keys, no upload of the bytes.
+    old_keys = image_keys(store, ["fox"], "p1")
     counting = RecordingBackend(store.backend)
     reuse_store = ImageStore(counting, prefix="gen", fingerprint_index=True)
     report = reuse_store.write([found], asset_key=["fox"], partition_key="p1", run_id="r2")
-    assert counting.puts == ["gen/fox/p1/manifest.json", index_key("gen", same.fingerprint())]
+    new_keys = image_keys(store, ["fox"], "p1")
+    assert sorted(counting.copies) == sorted(zip(old_keys, new_keys, strict=True))
+    assert counting.puts == [
+        "gen/fox/partition=p1/manifest.json",
+        index_key("gen", same.fingerprint()),
+    ]
     assert report.reused_count == 2
     counting.puts.clear()
+    counting.copies.clear()
+    found = store.find_existing(same, ["fox"], "p1")
+    assert found is not None
     report = reuse_store.write([found], asset_key=["fox_copy"], partition_key=None, run_id="r3")
-    assert sorted(counting.copies) == [
-        ("gen/fox/p1/000-seed11.jpg", "gen/fox/p1/000-seed11.jpg"),
-        ("gen/fox/p1/000-seed11.jpg", "gen/fox_copy/000-seed11.jpg"),
-        ("gen/fox/p1/001-seed12.jpg", "gen/fox/p1/001-seed12.jpg"),
-        ("gen/fox/p1/001-seed12.jpg", "gen/fox_copy/001-seed12.jpg"),
-    ]
+    copies = image_keys(store, ["fox_copy"])
+    assert sorted(counting.copies) == sorted(zip(new_keys, copies, strict=True))
     assert counting.puts == ["gen/fox_copy/manifest.json", index_key("gen", same.fingerprint())]
-    assert store.backend.get("gen/fox_copy/001-seed12.jpg") == image_bytes(12)
+    assert store.backend.get(copies[1]) == image_bytes(12)
     manifest = store.read_manifest(["fox_copy"], None)
     assert manifest is not None
     assert manifest["results"][0]["reused_from"] == found.reused_from
     if isinstance(store.backend, S3Backend):
-        meta = store.backend.head("gen/fox_copy/001-seed12.jpg")["Metadata"]
+        meta = store.backend.head(copies[1])["Metadata"]
         assert meta["asset-key"] == "fox_copy" and meta["run-id"] == "r3"
         assert "partition" not in meta
 
@@ -555,13 +601,13 @@ def test_index_entries_written_before_the_manifest_never_answer_wrongly(
     )
     with pytest.raises(StorageError, match=r"simulated outage writing gen/b/manifest\.json"):
         failing.write([lost], asset_key=["b"], partition_key=None, run_id="r2")
+    assert not [k for k in stored_keys(store) if k.startswith("gen/b/")]  # cleaned up
 
     raw = store.backend.get_or_none(index_key("gen", lost.request.fingerprint()))
     if raw is not None:
         assert json.loads(raw)["manifest_key"] == "gen/b/manifest.json"
     assert store.read_manifest(["b"], None) is None
     assert store.find_existing(lost.request) is None  # a miss, never a wrong answer
-    assert store.backend.get_or_none("gen/b/000-seed2.jpg") is None  # cleaned up
     found = store.find_existing(kept.request)
     assert found is not None and found.images[0].data == image_bytes(1)
 
@@ -571,7 +617,7 @@ def test_without_the_index_nothing_is_indexed_or_looked_up(store: ImageStore) ->
     counting = RecordingBackend(store.backend)
     plain = ImageStore(counting, prefix="gen")
     plain.write([result], asset_key=["owl"], partition_key=None, run_id="r1")
-    assert counting.puts == ["gen/owl/000-seed8.jpg", "gen/owl/manifest.json"]
+    assert counting.puts == [*image_keys(store, ["owl"]), "gen/owl/manifest.json"]
     assert plain.find_existing(result.request, ["owl"], None) is not None  # its manifest
     # An entry another store wrote is not followed either.
     indexed(store).write([result], asset_key=["elsewhere"], partition_key=None, run_id="r2")
@@ -668,7 +714,7 @@ def test_local_backend_refuses_keys_outside_base_dir(tmp_path: Path) -> None:
 
 def test_manifest_json_is_readable_by_plain_json(store: ImageStore) -> None:
     store.write([make_result("x", [1])], asset_key=["a"], partition_key=None, run_id="r")
-    assert json.loads(store.backend.get("gen/a/manifest.json"))["schema_version"] == 1
+    assert json.loads(store.backend.get("gen/a/manifest.json"))["schema_version"] == 2
 
 
 def test_key_injection_through_asset_key_partition_and_prompt(store: ImageStore) -> None:
@@ -680,11 +726,13 @@ def test_key_injection_through_asset_key_partition_and_prompt(store: ImageStore)
         partition_key=partition,
         run_id="../run\n",
     )
-    base = "gen/" + "/".join(safe_segment(p) for p in ["..", "a/b", ".git", partition])
-    assert report.image_uris == [store.backend.uri(f"{base}/000-seed8.jpg")]
-    assert store.backend.get(f"{base}/000-seed8.jpg") == image_bytes(8)
+    asset = "/".join(safe_segment(p) for p in ["..", "a/b", ".git"])
+    base = f"gen/{asset}/partition={safe_segment(partition)}"
     manifest = store.read_manifest(["..", "a/b", ".git"], partition)
     assert manifest is not None
+    (key,) = objects_of(base, manifest, "000-seed8.jpg")
+    assert report.image_uris == [store.backend.uri(key)]
+    assert store.backend.get(key) == image_bytes(8)
     assert manifest["partition"] == partition
     assert manifest["results"][0]["request"]["body"]["prompt"] == prompt
     metadata = manifest["results"][0]["images"][0]["metadata"]
@@ -693,7 +741,7 @@ def test_key_injection_through_asset_key_partition_and_prompt(store: ImageStore)
     assert metadata["asset-key"] == "../a/b/.git"
     assert all(v.isascii() and v.isprintable() for v in metadata.values())
     if isinstance(store.backend, S3Backend):
-        assert store.backend.head(f"{base}/000-seed8.jpg")["Metadata"] == metadata
+        assert store.backend.head(key)["Metadata"] == metadata
     else:
         assert isinstance(store.backend, LocalBackend)
         for path in store.backend.base_dir.rglob("*"):

@@ -6,6 +6,7 @@ two cannot drift apart.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -50,24 +51,118 @@ EXCERPT_CHARS = 200
 CallKind = Literal["generate", "submit", "poll", "fetch", "health"]
 
 
+#: Tokens shorter than this are hidden only where they stand alone (see :class:`Redactor`).
+MIN_SUBSTRING_TOKEN_CHARS = 8
+
+_NAMED_ENTITIES = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}
+_WORD = "A-Za-z0-9"
+
+
+def _char_forms(char: str) -> list[str]:
+    """Regex alternatives for one character of the token, in the forms texts write it in.
+
+    As is; percent-encoded (once or twice, any hex case: URLs, form bodies, a URL in a
+    URL); as a JSON or JavaScript ``\\uXXXX`` escape, a Python ``\\xXX`` escape, a
+    backslash escape (JSON's ``\\/``, ``\\"``, ``\\\\``); as an HTML character
+    reference (decimal, hex, named); ``+`` for a space in a form body.
+    """
+    forms = [re.escape(char)]
+    utf8 = char.encode("utf-8")
+    percent = "".join(f"%{b:02x}" for b in utf8)
+    forms.append(f"(?i:{re.escape(percent)})")
+    forms.append(f"(?i:{re.escape(percent.replace('%', '%25'))})")
+    code = ord(char)
+    if code <= 0xFFFF:
+        forms.append(f"(?i:\\\\u{code:04x})")
+    if code <= 0xFF:
+        forms.append(f"(?i:\\\\x{code:02x})")
+    if not char.isalnum():
+        forms.append(re.escape("\\" + char))
+    forms.append(f"&\\#0*{code};")
+    forms.append(f"(?i:&\\#x0*{code:x};)")
+    if char in _NAMED_ENTITIES:
+        forms.append(f"&{_NAMED_ENTITIES[char]};")
+    if char == " ":
+        forms.append("\\+")
+    return forms
+
+
+def _base64_cores(token: str) -> list[str]:
+    """The part of the token's base64 that does not depend on its neighbours, per alignment.
+
+    A token inside base64 (an echoed ``Basic`` header, a base64 blob) starts at one of
+    three byte alignments; the first and last characters also mix in the bytes around
+    it, so only the middle is searched for.
+    """
+    raw = token.encode("utf-8")
+    cores = []
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw).decode("ascii").rstrip("=")
+        core = encoded[-(-shift * 4 // 3) + 1 : -3]
+        if len(core) >= MIN_SUBSTRING_TOKEN_CHARS:
+            cores.append(core)
+    return cores
+
+
+class _Hidden:
+    """Holds the redactor's pattern (the token, spelled out in alternatives): no repr shows it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: re.Pattern[str]) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
 class Redactor:
     """Removes the token from any text that might echo it (error bodies, exception text).
 
-    Holds the token as a ``SecretStr``, so neither its repr nor ``vars()`` shows it.
+    The token is found in every form a layer between the client and a log could give
+    it, mixed character by character: percent-encoded (once or twice), JSON-, Python- or
+    backslash-escaped (``\\/``), as HTML character references, and inside base64.
+
+    A token shorter than :data:`MIN_SUBSTRING_TOKEN_CHARS` characters is replaced only
+    where it stands alone, not inside a longer word: with the token ``t``, the text
+    ``POST /generate/sd`` stays as it is, while ``Bearer t`` becomes ``Bearer ***``.
+    Such a token cannot be told from ordinary text; give a real one.
+
+    Holds the token as a ``SecretStr`` and its pattern in a holder whose repr hides it,
+    so neither the redactor's repr nor ``vars()`` shows the token.
+
+    Examples:
+        >>> Redactor("sk-abc/123456").text("echo: sk-abc%2F123456 and sk-abc\\/123456")
+        'echo: *** and ***'
+        >>> Redactor("t").text("POST /generate/sd with Bearer t")
+        'POST /generate/sd with Bearer ***'
     """
 
     def __init__(self, token: SecretStr | str | None) -> None:
         secret = token if isinstance(token, SecretStr) else SecretStr(token or "")
         self._token: SecretStr | None = secret if secret.get_secret_value() else None
+        self._pattern: _Hidden | None = None
+        value = secret.get_secret_value()
+        if value:
+            body = "".join(f"(?:{'|'.join(_char_forms(c))})" for c in value)
+            if len(value) < MIN_SUBSTRING_TOKEN_CHARS:
+                body = f"(?<![{_WORD}]){body}(?![{_WORD}])"
+            else:
+                body = "|".join([body, *(re.escape(c) for c in _base64_cores(value))])
+            self._pattern = _Hidden(re.compile(body))
 
     def __repr__(self) -> str:
         return "Redactor(token=***)"
 
     def text(self, value: str) -> str:
-        token = self._token.get_secret_value() if self._token is not None else ""
-        if token and token in value:
-            return value.replace(token, "***")
-        return value
+        """``value`` with every occurrence of the token, in any form, replaced by ``***``."""
+        if self._pattern is None:
+            return value
+        return self._pattern.value.sub("***", value)
+
+    def contains(self, value: str) -> bool:
+        """Whether ``value`` holds the token in any form :meth:`text` would remove."""
+        return self._pattern is not None and self._pattern.value.search(value) is not None
 
     def obj(self, value: Any) -> Any:
         """A copy of a parsed JSON value with the token removed from every string."""
@@ -270,9 +365,15 @@ class Call:
         )
 
     def on_transport_error(self, exc: httpx.TransportError) -> float:
-        """The wait before retrying after a failed connection; raises when done."""
+        """The wait before retrying after a failed connection; raises when done.
+
+        The error raised chains to ``exc`` (``__cause__``, which Dagster stores with a
+        failed run) only when ``exc``'s text is free of the token in every form; else
+        it stands alone, with the token redacted from its own message.
+        """
+        cause: BaseException | None = None if self.redactor.contains(f"{exc!r} {exc}") else exc
         if isinstance(exc, httpx.TimeoutException) and self._clipped:
-            raise self.deadline_error() from exc
+            raise self.deadline_error() from cause
         what = _describe_transport_error(exc, endpoint(self.url))
         if not isinstance(
             exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
@@ -280,7 +381,7 @@ class Call:
             # An unsupported scheme or a malformed request: waiting will not fix it.
             raise ConnectionFailedError(
                 self.redactor.text(f"{self.where}: {what}"), response_id=self.response_id
-            ) from exc
+            ) from cause
         hint = _connect_hint(exc)
 
         def build(note: str) -> OctoAIError:
@@ -290,7 +391,7 @@ class Call:
                 response_id=self.response_id,
             )
 
-        return self._next_wait(build, cause=what, retry_after=None, exc=exc)
+        return self._next_wait(build, cause=what, retry_after=None, exc=cause)
 
     def info(self) -> CallInfo:
         return CallInfo(

@@ -51,6 +51,7 @@ from .errors import (
     JobNotReadyError,
     OctoAIError,
     RequestValidationError,
+    UntrustedOriginError,
 )
 from .models import (
     ASYNC_BODY_LIMIT_BYTES,
@@ -78,6 +79,10 @@ logger = logging.getLogger("dagster_octoai.api.client")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 #: Read for ``base_url`` when none is passed, as the OpenAI client reads ``OPENAI_BASE_URL``.
 BASE_URL_ENV = "OCTOAI_BASE_URL"
+#: OctoAI's historical hosted service and the origin that answered its polls and served its
+#: results: that origin is trusted with the token only when ``base_url`` is the hosted one.
+_HOSTED_BASE_URL = "https://image.octoai.run"
+_HOSTED_ASYNC_ORIGIN = "https://async.octoai.run"
 TOKEN_ENV = "OCTOAI_TOKEN"
 # Connecting should be quick; a stuck connect is retried rather than waited out.
 _CONNECT_TIMEOUT_S = 10.0
@@ -98,10 +103,12 @@ def _resolve_token(token: str | None) -> str:
             f"token: no API token; pass token=... or set the {TOKEN_ENV} environment variable",
             [{"field": "token", "message": f"missing; pass token=... or set {TOKEN_ENV}"}],
         )
-    if any(c in value for c in "\r\n\0"):
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        # Never echo the value: an HTTP library's own error would show the whole header.
         raise RequestValidationError(
-            "token: contains a line break or NUL; it cannot be sent in a header",
-            [{"field": "token", "message": "contains a line break or NUL"}],
+            "token: holds a space, a control character or a non-ASCII character, which a "
+            "bearer token cannot (check how it was pasted; no character of it is shown)",
+            [{"field": "token", "message": "only printable ASCII without spaces is allowed"}],
         )
     return value
 
@@ -131,6 +138,37 @@ def resolve_base_url(base_url: str | None) -> str:
             [{"field": source, "message": "must be an absolute http or https URL"}],
         )
     return base_url.rstrip("/")
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, the port always written out.
+
+    Examples:
+        >>> origin_of("https://Example.com/v1/x?y=1")
+        'https://example.com:443'
+    """
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
+    return f"{parsed.scheme}://{parsed.host.lower()}:{port}"
+
+
+def _check_origins(origins: Iterable[str]) -> frozenset[str]:
+    checked = set()
+    for value in origins:
+        url = httpx.URL(value)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise RequestValidationError(
+                f"trusted_origins: {value!r} is not an origin; give scheme, host and "
+                "optional port only, e.g. 'https://async.example.com'",
+                [
+                    {
+                        "field": "trusted_origins",
+                        "message": "each entry must be scheme://host[:port]",
+                    }
+                ],
+            )
+        checked.add(origin_of(value))
+    return frozenset(checked)
 
 
 def _timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
@@ -166,11 +204,15 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
         retry: HTTPRetryPolicy | None = None,
         max_concurrency: int = 4,
         http_client: HttpT | None = None,
+        trusted_origins: Iterable[str] = (),
     ) -> None:
         # A SecretStr: vars(client), a debugger's locals and any repr show '**********'.
         self._token = SecretStr(_resolve_token(token))
         self._redactor = Redactor(self._token)
         self._base_url = resolve_base_url(base_url)
+        self._origin = origin_of(self._base_url)
+        defaults = [_HOSTED_ASYNC_ORIGIN] if self._base_url == _HOSTED_BASE_URL else []
+        self._trusted = _check_origins([*defaults, *trusted_origins]) | {self._origin}
         self._timeout = _timeout(timeout)
         self._retry = retry if retry is not None else HTTPRetryPolicy()
         self._max_concurrency = _check_concurrency(max_concurrency)
@@ -282,10 +324,35 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
             )
         return body
 
+    @property
+    def trusted_origins(self) -> frozenset[str]:
+        """The origins the token is sent to: ``base_url``'s and those given as trusted."""
+        return self._trusted
+
+    def _trusted_url(self, url: str, what: str, response_id: str | None) -> str:
+        """``url`` resolved against the base URL, refused if the token may not go there.
+
+        Poll and response URLs come from the server's answers, and the client sends the
+        token to them: a server (or anything that can change its answers) could
+        otherwise name a host of its choosing and receive the token.
+        """
+        resolved = resolve_url(self._base_url, url)
+        origin = origin_of(resolved)
+        if origin not in self._trusted:
+            raise UntrustedOriginError(
+                f"the {what}{_label(response_id)} points at {origin}, not at base_url's origin "
+                f"{self._origin}; the token was not sent there. If that host is yours, add "
+                f"it to trusted_origins (e.g. trusted_origins=[{origin!r}])",
+                origin=origin,
+                response_id=response_id,
+            )
+        return resolved
+
     def _poll_target(self, job: AsyncJob | str) -> tuple[str, str | None]:
         if isinstance(job, AsyncJob):
-            return resolve_url(self._base_url, job.poll_url), job.response_id
-        return resolve_url(self._base_url, job), None
+            url = self._trusted_url(job.poll_url, "poll_url of async job", job.response_id)
+            return url, job.response_id
+        return self._trusted_url(job, "poll_url", None), None
 
     def _completed_url(self, result: PollResult, response_id: str | None) -> str | None:
         """The response URL of a finished job; raises for a failed one; None while running."""
@@ -303,7 +370,7 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
                 "response_url",
                 response_id=response_id,
             )
-        return resolve_url(self._base_url, result.response_url)
+        return self._trusted_url(result.response_url, "response_url of async job", response_id)
 
     def _log_done(self, what: str, result: ImageGenerationResponse) -> None:
         call = result.call_info
@@ -408,6 +475,10 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         max_concurrency: Most generations in flight at once.
         http_client: An ``httpx.Client`` to use instead of the client's own (it is
             not closed by :meth:`close`).
+        trusted_origins: Origins (``scheme://host[:port]``) besides ``base_url``'s that
+            the server's ``poll_url`` / ``response_url`` may point at; the token is sent
+            to no other. With ``base_url`` OctoAI's historical ``https://image.octoai.run``,
+            its async host (``https://async.octoai.run``) is trusted too.
 
     Examples:
         >>> with OctoAIClient("my-token", base_url="http://127.0.0.1:9") as client:
@@ -453,6 +524,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         hdrs = self._headers[async_, content is not None]
         while True:
             timeout = call.start_attempt()
+            failure: httpx.TransportError | None = None
             try:
                 with self._slot(call):
                     if self._direct is None:
@@ -468,7 +540,11 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
                         finally:
                             response.close()
             except httpx.TransportError as exc:
-                wait = call.on_transport_error(exc)
+                # Handled outside the except block: an error raised for it then chains to
+                # it only where on_transport_error chooses (never when it holds the token).
+                failure = exc
+            if failure is not None:
+                wait = call.on_transport_error(failure)
             else:
                 retry_wait = call.on_response(response)
                 if retry_wait is None:
@@ -704,7 +780,7 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
             if url is None:
                 raise _not_ready(job, result)
             return self._fetch_url(url, job, deadline)
-        return self._fetch_url(resolve_url(self._base_url, job), None, deadline)
+        return self._fetch_url(self._trusted_url(job, "response_url", None), None, deadline)
 
     def _fetch_url(
         self, url: str, job: AsyncJob | None, deadline: float | None
@@ -829,6 +905,7 @@ class AsyncOctoAIClient(
             timeout = call.start_attempt()
             if bounded:
                 await self._acquire(call)
+            failure: httpx.TransportError | None = None
             try:
                 if self._direct is None:
                     response = await self._http.request(
@@ -843,15 +920,17 @@ class AsyncOctoAIClient(
                     finally:
                         await response.aclose()
             except httpx.TransportError as exc:
-                wait = call.on_transport_error(exc)
+                failure = exc  # handled outside the except block, as in OctoAIClient._send
+            finally:
+                if bounded:
+                    self._slots.release()
+            if failure is not None:
+                wait = call.on_transport_error(failure)
             else:
                 retry_wait = call.on_response(response)
                 if retry_wait is None:
                     return response
                 wait = retry_wait
-            finally:
-                if bounded:
-                    self._slots.release()
             await asyncio.sleep(wait)
 
     async def _acquire(self, call: Call) -> None:
@@ -1017,7 +1096,7 @@ class AsyncOctoAIClient(
             if url is None:
                 raise _not_ready(job, result)
             return await self._fetch_url(url, job, None)
-        return await self._fetch_url(resolve_url(self._base_url, job), None, None)
+        return await self._fetch_url(self._trusted_url(job, "response_url", None), None, None)
 
     async def _fetch_url(
         self, url: str, job: AsyncJob | None, deadline: float | None

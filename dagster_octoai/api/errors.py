@@ -10,6 +10,7 @@ errors live here too, so that the one hierarchy is in one file; the image stores
 OctoAIError
 ├── RequestValidationError        bad input, refused before anything is sent
 ├── ResponseFormatError           the server's answer is not a valid OctoAI body
+├── UntrustedOriginError          a poll or response URL on another origin; the token stays home
 ├── ImageError
 │   ├── ImageDecodeError          an image's bytes cannot be decoded
 │   └── ImageRemovedForSafetyError  reading the bytes of a blocked image
@@ -29,7 +30,8 @@ OctoAIError
 ├── JobFailedError                an async job ended in a failed status
 ├── JobNotReadyError              fetching an async job that is not completed yet
 └── StorageError                  storing or loading images failed (bucket, credentials...)
-    └── ObjectNotFoundError       an image or manifest that should exist is not there
+    ├── ObjectNotFoundError       an image or manifest that should exist is not there
+    └── ConflictError             a conditional write lost a race to another writer
 ```
 """
 
@@ -42,6 +44,7 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BadRequestError",
+    "ConflictError",
     "ConnectionFailedError",
     "DeadlineExceededError",
     "ImageDecodeError",
@@ -62,6 +65,7 @@ __all__ = [
     "StorageError",
     "TransportError",
     "UnprocessableEntityError",
+    "UntrustedOriginError",
 ]
 
 
@@ -112,6 +116,18 @@ class RequestValidationError(OctoAIError, ValueError):
 
 class ResponseFormatError(OctoAIError):
     """The server's answer is not a valid OctoAI body (bad JSON, HTML page, missing fields)."""
+
+
+class UntrustedOriginError(OctoAIError):
+    """A ``poll_url`` or ``response_url`` points at an origin other than ``base_url``'s.
+
+    Raised before anything is sent there: the token goes only to the configured server
+    and to the origins named in ``trusted_origins``. ``url`` is the refused URL's origin.
+    """
+
+    def __init__(self, message: str, *, origin: str, response_id: str | None = None) -> None:
+        self.origin = origin
+        super().__init__(message, response_id=response_id)
 
 
 class ImageError(OctoAIError):
@@ -231,3 +247,10 @@ class StorageError(OctoAIError):
 
 class ObjectNotFoundError(StorageError):
     """An object (image, manifest) that should exist is not there."""
+
+
+class ConflictError(StorageError):
+    """A conditional write lost a race: another writer changed the object after it was read.
+
+    Nothing was written. Read the object again and decide from what is there now.
+    """

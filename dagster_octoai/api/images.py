@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "content_type_for",
     "decode_base64_image",
     "image_size",
+    "picture_digest",
     "sniff_format",
     "thumbnail_data_uri",
     "to_base64",
@@ -146,32 +148,32 @@ def decode_base64_image(value: str) -> bytes:
         raise ValueError(f"not valid base64: {exc}") from None
 
 
-def _read_input(value: Any, field: str) -> bytes:
+def _read_input(value: Any, field: str) -> tuple[bytes, str]:
+    """The encoded bytes of an image input, and what they came from (for error messages)."""
     if isinstance(value, Image.Image):
         buf = io.BytesIO()
-        # JPEG is the seed's advice for latency; keep PNG for images with transparency.
-        if value.mode in ("RGBA", "LA", "P") or value.mode not in ("RGB", "L"):
-            value.save(buf, format="PNG")
-        else:
-            value.save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
+        # Lossless, whatever the mode: a mask or a control map must reach the server
+        # pixel for pixel (a JPEG blurs its edges), and the same picture must give the
+        # same request whether it is passed as a PIL image, as bytes or as a file.
+        value.save(buf, format="PNG")
+        return buf.getvalue(), "the PIL image"
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
+        return bytes(value), "the bytes"
     if isinstance(value, os.PathLike):
         path = Path(value)
         if not path.is_file():
             raise ValueError(f"{field}: no file at path {str(path)!r}")
-        return path.read_bytes()
+        return path.read_bytes(), f"the file {str(path)!r}"
     if isinstance(value, str):
         if len(value) <= _MAX_PATH_LEN and not value.startswith("data:"):
             path = Path(value)
             try:
                 if path.is_file():
-                    return path.read_bytes()
+                    return path.read_bytes(), f"the file {value!r}"
             except OSError:
                 pass
         try:
-            return decode_base64_image(value)
+            return decode_base64_image(value), "the base64 data"
         except ValueError:
             raise ValueError(
                 f"{field}: a str must be base64 image data or the path of an existing file; "
@@ -185,24 +187,57 @@ def _read_input(value: Any, field: str) -> bytes:
 def to_base64(value: Any, field: str = "image") -> str:
     """Encode an image input for the wire, checking that it is a readable image.
 
-    Accepts a ``PIL.Image.Image``, encoded ``bytes``, a path (``str`` or ``Path``),
-    or a base64 string (a ``data:`` URI prefix is dropped).
+    Accepts a ``PIL.Image.Image`` (sent as PNG: lossless), encoded ``bytes``, a path
+    (``str`` or ``Path``), or a base64 string (a ``data:`` URI prefix is dropped).
+    Bytes and files are sent as they are.
+
+    Raises:
+        ValueError: the input is not an image; the message names the field and the
+            file, never any of its bytes (a mistyped path could name a secret).
 
     Examples:
         >>> from PIL import Image
-        >>> to_base64(Image.new("RGB", (8, 8)), "init_image")[:4]
-        '/9j/'
+        >>> to_base64(Image.new("L", (8, 8)), "mask_image")[:4]
+        'iVBO'
     """
-    data = _read_input(value, field)
+    data, source = _read_input(value, field)
     if sniff_format(data) is None:
         try:
             image_size(data)
         except ValueError:
             raise ValueError(
-                f"{field}: the data is not an image (expected JPEG or PNG bytes, "
-                f"got {len(data)} bytes starting {data[:8]!r})"
+                f"{field}: {source} is not an image ({len(data)} bytes that no image "
+                "format reads; expected JPEG, PNG, WebP or GIF)"
             ) from None
     return base64.b64encode(data).decode("ascii")
+
+
+def picture_digest(data: bytes) -> str:
+    """A SHA-256 of the picture in encoded image bytes: mode, size and pixels.
+
+    The same picture gives the same digest whichever lossless encoding carries it (a
+    PNG written by PIL or by another tool, with or without metadata chunks), so a
+    request fingerprints by what the server will see. Bytes PIL cannot decode are
+    hashed as they are.
+
+    Examples:
+        >>> a, b = io.BytesIO(), io.BytesIO()
+        >>> Image.new("L", (4, 4), 255).save(a, format="PNG")
+        >>> Image.new("L", (4, 4), 255).save(b, format="PNG", compress_level=0)
+        >>> a.getvalue() != b.getvalue() and picture_digest(a.getvalue()) == picture_digest(b.getvalue())
+        True
+    """
+    digest = hashlib.sha256()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            digest.update(f"picture|{im.mode}|{im.width}x{im.height}|".encode())
+            if im.mode == "P":
+                digest.update(bytes(im.getpalette() or []))
+            digest.update(im.tobytes())
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        digest = hashlib.sha256(b"bytes|" + data)
+    return digest.hexdigest()
 
 
 def thumbnail_data_uri(data: bytes, max_side: int = 160, quality: int = 70) -> str:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import threading
 import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -43,6 +44,7 @@ from .images import (
     content_type_for,
     decode_base64_image,
     image_size,
+    picture_digest,
     sniff_format,
     to_base64,
 )
@@ -311,7 +313,11 @@ class ImageGenerationRequest(BaseModel):
         dagster_octoai.api.errors.RequestValidationError: invalid image generation request: width: 1024x1024 ...
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # allow_inf_nan=False: JSON has no Infinity or NaN, and json.dumps would send them as
+    # bare words no strict server parses; refused here, naming the field.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False
+    )
 
     engine: Engine = Field(
         default=Engine.SDXL, description="Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15."
@@ -688,9 +694,23 @@ class ImageGenerationRequest(BaseModel):
         return json.dumps(self.to_wire(), separators=(",", ":"), ensure_ascii=False).encode()
 
     def fingerprint(self) -> str:
-        """A stable SHA-256 of the engine and body: same fingerprint, same images for explicit seeds."""
+        """A stable SHA-256 of the engine and body: same fingerprint, same images for explicit seeds.
+
+        Image inputs count by their picture (mode, size, pixels), not by the bytes that
+        carry it, so a mask passed as a PIL image, as PNG bytes or as a file gives the
+        same fingerprint (:func:`~dagster_octoai.api.images.picture_digest`).
+        """
+        body = self.to_wire()
+        for key in IMAGE_FIELDS:
+            if key in body:
+                body[key] = _picture_of(body[key])
+        if "transfer_images" in body:
+            body["transfer_images"] = {
+                word: [_picture_of(v) for v in images]
+                for word, images in body["transfer_images"].items()
+            }
         canon = json.dumps(
-            {"engine": self.engine.value, "body": self.to_wire()},
+            {"engine": self.engine.value, "body": body},
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -734,6 +754,29 @@ class ImageGenerationRequest(BaseModel):
     def is_premium(self) -> bool:
         """True when the sampler is premium (twice the price per image)."""
         return self.sampler is not None and self.sampler.is_premium
+
+
+_PICTURES: dict[bytes, str] = {}
+_PICTURES_LOCK = threading.Lock()
+_PICTURES_MAX = 256
+
+
+def _picture_of(b64: str) -> str:
+    """``picture:<digest>`` of a base64 image, remembered by the hash of its base64.
+
+    Decoding the pixels costs milliseconds; a batch fingerprints the same init image
+    or mask once per request, so the digest is kept (a hash, not the image).
+    """
+    key = hashlib.sha256(b64.encode("ascii", "surrogateescape")).digest()
+    with _PICTURES_LOCK:
+        known = _PICTURES.get(key)
+    if known is None:
+        known = "picture:" + picture_digest(decode_base64_image(b64))
+        with _PICTURES_LOCK:
+            if len(_PICTURES) >= _PICTURES_MAX:
+                _PICTURES.pop(next(iter(_PICTURES)))
+            _PICTURES[key] = known
+    return known
 
 
 def _image_digest(b64: str) -> str:
@@ -813,6 +856,8 @@ def _plain(err: Any) -> str:
         close = difflib.get_close_matches(top, ImageGenerationRequest.model_fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown field; the API rejects keys it does not know{hint}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r} (JSON has no Infinity or NaN); nothing was sent"
     if kind == "missing":
         about = (field.description or "").rstrip(".") if field else ""
         return f"required ({about[:1].lower()}{about[1:]})" if about else "required"

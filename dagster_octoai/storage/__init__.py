@@ -12,16 +12,20 @@ from .backends import (
     StorageError as StorageError,
 )
 from .layout import safe_segment as safe_segment
+from .manifest import Manifest as Manifest
 from .store import (
     MANIFEST_SCHEMA_VERSION as MANIFEST_SCHEMA_VERSION,
+    CleanupReport as CleanupReport,
     ImageStore as ImageStore,
     WriteReport as WriteReport,
 )
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
+    "CleanupReport",
     "ImageStore",
     "LocalBackend",
+    "Manifest",
     "ObjectNotFoundError",
     "S3Backend",
     "StorageBackend",

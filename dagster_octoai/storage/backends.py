@@ -7,33 +7,57 @@ live in :mod:`dagster_octoai.storage.store`, so both backends behave the same.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
-from ..api.errors import ObjectNotFoundError, StorageError
+from ..api.errors import ConflictError, ObjectNotFoundError, StorageError
 
 __all__ = [
+    "ConflictError",
     "LocalBackend",
+    "ObjectInfo",
     "ObjectNotFoundError",
     "S3Backend",
     "StorageBackend",
     "StorageError",
+    "Versioned",
 ]
 
 
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the version they are (an S3 ETag; a digest of a local file)."""
+
+    data: bytes
+    version: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size and when it was last written."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
 class StorageBackend(ABC):
-    """Put, copy, get and delete objects by key."""
+    """Put, copy, get and delete objects by key; replace one conditionally (the commit point)."""
 
     @abstractmethod
     def uri(self, key: str) -> str:
@@ -74,9 +98,50 @@ class StorageBackend(ABC):
     def check(self) -> None:
         """Raise a clear :class:`StorageError` when the store cannot be used (no bucket, bad credentials)."""
 
+    @abstractmethod
+    def check_key(self, key: str) -> None:
+        """Raise :class:`StorageError` when the store would refuse ``key`` (too long)."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> Versioned | None:
+        """The bytes of an object with their version, or ``None`` when it is missing."""
+
+    @abstractmethod
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: Mapping[str, str],
+        expected: str | None,
+    ) -> str:
+        """Write an object only if it is still at version ``expected`` (``None``: absent).
+
+        The one conditional write of the commit protocol. Returns the new version.
+
+        Raises:
+            ConflictError: the object is at another version, exists, or is gone; nothing
+                was written.
+        """
+
+    @abstractmethod
+    def delete_if(self, key: str, expected: str) -> bool:
+        """Delete an object only if it is still at version ``expected``; whether it was."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``."""
+
+    def probe(self, key: str) -> None:
+        """Write an empty object at ``key`` and delete it: can these credentials write here?"""
+        self.put(key, b"", "application/octet-stream", {})
+        self.delete([key])
+
 
 # ---- S3 ---------------------------------------------------------------------------------
 
+#: S3's limit on a key's length, in bytes of UTF-8 (AWS, and SeaweedFS: KeyTooLongError).
+S3_MAX_KEY_BYTES = 1024
 _CREDENTIAL_CODES = frozenset(
     {
         "InvalidAccessKeyId",
@@ -219,6 +284,73 @@ class S3Backend(StorageBackend):
 
         return self._call("get", key, read)
 
+    def get_versioned(self, key: str) -> Versioned | None:
+        def read() -> Versioned:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+            body = answer["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return Versioned(data, str(answer["ETag"]))
+
+        try:
+            return self._call("get", key, read)
+        except ObjectNotFoundError:
+            return None
+
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: Mapping[str, str],
+        expected: str | None,
+    ) -> str:
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+
+        def put() -> str:
+            answer = self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                Metadata=dict(metadata),
+                **condition,
+            )
+            return str(answer["ETag"])
+
+        try:
+            return self._call("put", key, put)
+        except ConflictError:
+            # botocore retries a PUT whose answer was lost; if that attempt landed, the
+            # retry is refused although the object holds exactly these bytes (what is
+            # written this way, a manifest, names its own write and is never repeated).
+            current = self.get_versioned(key)
+            if current is not None and current.data == data:
+                return current.version
+            raise
+
+    def delete_if(self, key: str, expected: str) -> bool:
+        try:
+            self._call(
+                "delete",
+                key,
+                lambda: self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=expected),
+            )
+        except (ConflictError, ObjectNotFoundError):
+            return False
+        return True
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(
+            "list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix))
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(str(obj["Key"]), int(obj.get("Size", 0)), obj["LastModified"])
+
     def head(self, key: str) -> dict[str, Any]:
         """``ContentType``, ``ContentLength`` and user ``Metadata`` of an object."""
         answer: dict[str, Any] = self._call(
@@ -249,6 +381,41 @@ class S3Backend(StorageBackend):
 
     def check(self) -> None:
         self._call("head_bucket", "", lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def check_key(self, key: str) -> None:
+        size = len(key.encode("utf-8"))
+        if size > S3_MAX_KEY_BYTES:
+            raise StorageError(
+                f"a write of this output would use keys of up to {size:,} bytes, over S3's "
+                f"{S3_MAX_KEY_BYTES:,}-byte limit (e.g. {key[:60]!r}...); shorten the IO "
+                "manager's prefix or the asset key"
+            )
+
+    def probe(self, key: str) -> None:
+        """Write a probe object twice with ``If-None-Match: *``, then delete it.
+
+        The first write shows that these credentials may write to the bucket (HeadBucket
+        only shows that they may read it); the second must be refused, or the store
+        ignores the conditional writes the job ledger and the manifests rely on.
+        """
+
+        def put() -> Any:
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+
+        self._call("put", key, put)
+        try:
+            try:
+                self._call("put", key, put)
+            except ConflictError:
+                return
+            raise StorageError(
+                f"{self.uri(key)}: this S3 store accepted a second write with "
+                "If-None-Match: * to an existing key, so it ignores conditional writes; the "
+                "job ledger and the image manifests need them to keep concurrent runs apart "
+                "(AWS S3, SeaweedFS, MinIO and Cloudflare R2 honour them)"
+            )
+        finally:
+            self.delete([key])
 
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         from botocore.exceptions import (
@@ -286,6 +453,18 @@ class S3Backend(StorageBackend):
             )
         if code in ("NoSuchKey", "404", "NotFound"):
             return ObjectNotFoundError(f"no object at {where}", status_code=status)
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return ConflictError(
+                f"{where} was changed by another writer (S3 {op} answered {code}); nothing "
+                "was written",
+                status_code=status,
+            )
+        if code == "KeyTooLongError":
+            return StorageError(
+                f"S3 refused the key of {op} as too long ({len(key.encode()):,} bytes, over "
+                f"{S3_MAX_KEY_BYTES:,}): {where[:80]}...",
+                status_code=status,
+            )
         if code in _CREDENTIAL_CODES:
             return StorageError(
                 f"S3 refused the credentials for {op} of {where} ({code}); check "
@@ -296,6 +475,15 @@ class S3Backend(StorageBackend):
 
 
 # ---- local filesystem -------------------------------------------------------------------
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+# Linux's NAME_MAX and PATH_MAX; most file systems (ext4, xfs, APFS) share the first.
+_NAME_MAX = 255
+_PATH_MAX = 4096
 
 
 class LocalBackend(StorageBackend):
@@ -318,10 +506,10 @@ class LocalBackend(StorageBackend):
         return path
 
     def uri(self, key: str) -> str:
-        return "file://" + quote(str(self.base_dir / key))
+        return "file://" + quote(str(self.base_dir / key), safe="/=")
 
     def key_for_uri(self, uri: str) -> str | None:
-        head = "file://" + quote(str(self.base_dir)) + "/"
+        head = "file://" + quote(str(self.base_dir), safe="/=") + "/"
         return unquote(uri[len(head) :]) if uri.startswith(head) else None
 
     def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> None:
@@ -363,9 +551,102 @@ class LocalBackend(StorageBackend):
         except FileNotFoundError:
             raise ObjectNotFoundError(f"no object at {self.uri(key)}") from None
 
+    def get_versioned(self, key: str) -> Versioned | None:
+        data = self.get_or_none(key)
+        return None if data is None else Versioned(data, _digest(data))
+
+    def put_if(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str,
+        metadata: Mapping[str, str],
+        expected: str | None,
+    ) -> str:
+        path = self.path(key)
+        with self._locked(path):
+            current = self.get_versioned(key)
+            if (None if current is None else current.version) != expected:
+                what = "exists" if expected is None else "changed" if current else "is gone"
+                raise ConflictError(
+                    f"{self.uri(key)} {what} since it was read (another writer committed "
+                    "first); nothing was written"
+                )
+            self.put(key, data, content_type, metadata)
+        return _digest(data)
+
+    def delete_if(self, key: str, expected: str) -> bool:
+        path = self.path(key)
+        with self._locked(path):
+            current = self.get_versioned(key)
+            if current is None or current.version != expected:
+                return False
+            path.unlink(missing_ok=True)
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        """An exclusive ``flock`` on the directory of ``path``: one committer at a time.
+
+        The directory, not a lock file: it is the one stable thing a manifest's
+        committers share (the manifest itself is replaced by a rename, a new inode), and
+        it leaves no file behind. Held only while comparing and renaming; threads and
+        processes of this machine take turns (``flock`` is machine-local: share outputs
+        between machines through S3).
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def delete(self, keys: Sequence[str]) -> None:
+        parents: set[Path] = set()
         for key in keys:
-            self.path(key).unlink(missing_ok=True)
+            path = self.path(key)
+            path.unlink(missing_ok=True)
+            parents.add(path.parent)
+        # A write's directory under _objects/ goes with its last file.
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            if parent != self.base_dir and parent.name != "":
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        start = self.path(prefix) if prefix else self.base_dir
+        root = start if start.is_dir() else start.parent
+        if not root.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(root):
+            for name in filenames:
+                path = Path(dirpath) / name
+                key = path.relative_to(self.base_dir).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # removed while listing
+                modified = datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc)
+                yield ObjectInfo(key, stat.st_size, modified)
+
+    def check_key(self, key: str) -> None:
+        path = str(self.base_dir / key).encode("utf-8", "surrogatepass")
+        longest = max(len(part) for part in path.split(b"/"))
+        if longest > _NAME_MAX:
+            raise StorageError(
+                f"a write of this output would use a path segment of {longest} bytes, over "
+                f"the {_NAME_MAX}-byte file name limit of most file systems; shorten the IO "
+                "manager's prefix or the asset key"
+            )
+        if len(path) >= _PATH_MAX:
+            raise StorageError(
+                f"a write of this output would use paths of up to {len(path):,} bytes, over "
+                f"the {_PATH_MAX:,}-byte path limit; shorten base_dir, the prefix or the "
+                "asset key"
+            )
 
     def check(self) -> None:
         try:

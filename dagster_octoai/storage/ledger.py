@@ -18,36 +18,54 @@ markers sort by creation time, so a sensor walks the jobs oldest first. A
 marker is created before a record enters an open state and removed after a
 record is closed, so a crash between the two writes leaves at worst a stale
 marker, which the next listing reader removes, never an open job without one.
+
+Every record write is a compare-and-swap: it names the version of the record it
+was computed from (the S3 ETag, ``If-Match``; ``If-None-Match: *`` for a new
+record; a locked compare-and-rename on a local directory) and raises
+:class:`~dagster_octoai.storage.backends.ConflictError` when another writer got
+there first. Claiming a submission (:meth:`JobLedger.record_intent`) is such a
+write, so of any number of sensor ticks or runs that race to submit or resubmit
+one job, exactly one POSTs it; the others see the conflict and leave it alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from ..api.errors import ConflictError, StorageError
 from ..api.models import AsyncJob, ImageGenerationRequest
 
 __all__ = [
+    "ConflictError",
     "JobLedger",
     "JobRecord",
     "JobState",
     "LedgerStore",
     "LocalLedgerStore",
     "S3LedgerStore",
+    "Versioned",
     "job_id_for",
 ]
+
+logger = logging.getLogger("dagster_octoai.storage")
 
 RECORD_VERSION = 1
 
@@ -90,7 +108,14 @@ class JobRecord(BaseModel):
     ``request`` is the full wire body (``request.to_wire()``) and ``engine`` its
     endpoint; the token is never part of either. ``attempts`` counts the POSTs
     made for this job (1 + resubmissions); ``previous_response_ids`` lists the
-    response ids of attempts that expired or failed.
+    response ids of attempts that expired or failed. ``revision`` counts the
+    writes of the record and ``write_id`` is unique per write, so no two writes
+    ever store the same bytes (a compare-and-swap on content can then never be
+    fooled by a record that changed and changed back).
+
+    A record read from the ledger remembers the version it was read at
+    (:attr:`stored_version`; ``evolve`` keeps it): saving a changed copy succeeds
+    only while the stored record is still that version.
 
     Examples:
         >>> req = ImageGenerationRequest(prompt="a fox", seed=1)
@@ -128,6 +153,25 @@ class JobRecord(BaseModel):
     persisted_at: datetime | None = None
     persist_runs: int = 0
     error: str | None = None
+    revision: int = 0
+    write_id: str | None = None
+    claimed_by: str | None = Field(
+        default=None,
+        description="'host:pid' of the process that wrote the current intent (who is submitting).",
+    )
+
+    _version: str | None = PrivateAttr(default=None)
+
+    @property
+    def stored_version(self) -> str | None:
+        """The version of the stored record this one was read (or derived) from; ``None``: new."""
+        return self._version
+
+    def at_version(self, version: str | None) -> JobRecord:
+        """This record, to be saved over the stored version ``version`` (``None``: a new record)."""
+        copy = self.model_copy()
+        copy._version = version
+        return copy
 
     @classmethod
     def new(
@@ -188,6 +232,23 @@ class JobRecord(BaseModel):
             "request": self.request_model().summary(),
         }
 
+    def claimant_alive(self) -> bool | None:
+        """Whether the process that claimed the current submission is still running.
+
+        ``True`` or ``False`` for a process of this host; ``None`` when it ran on
+        another host (or is not recorded): then only its run's status can tell.
+        """
+        host, _, pid = (self.claimed_by or "").rpartition(":")
+        if not host or not pid.isdigit() or host != socket.gethostname():
+            return None
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, owned by another user
+        return True
+
     @property
     def open_marker(self) -> str:
         """The name of this job's ``open/`` marker: sorts by creation time."""
@@ -224,14 +285,35 @@ def job_id_for(
 # ---- storage backends -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes and the version they are (an S3 ETag, a digest of a local file)."""
+
+    data: bytes
+    version: str
+
+
 class LedgerStore(Protocol):
     """Where the ledger's small objects live. Each ``write`` must be atomic."""
 
     def read(self, key: str) -> bytes | None:
         """The object's bytes, or ``None`` if it does not exist."""
 
+    def read_versioned(self, key: str) -> Versioned | None:
+        """The object's bytes with their version, or ``None`` if it does not exist."""
+
     def write(self, key: str, data: bytes) -> None:
         """Create or replace an object atomically: a reader sees the old or the new bytes."""
+
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
+        """Replace an object only if it is still at version ``expected`` (``None``: absent).
+
+        Returns the new version.
+
+        Raises:
+            ConflictError: the object is at another version (or exists, or is gone);
+                nothing was written.
+        """
 
     def delete(self, key: str) -> None:
         """Remove an object; removing a missing one is not an error."""
@@ -253,11 +335,21 @@ def _safe_name(value: str) -> str:
     return "sha256-" + hashlib.sha256(value.encode()).hexdigest()
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
 class LocalLedgerStore:
     """A ledger in a local directory: temp file + ``fsync`` + ``os.replace`` per write.
 
     ``fsync=False`` skips the flushes (tests, benchmarks); a crash may then lose the
     latest writes, but a reader still never sees a half-written record.
+
+    A conditional write (:meth:`write_if`) holds an exclusive ``flock`` on the key's
+    lock file under ``.locks/`` while it compares the file's digest and renames the
+    new bytes into place, so threads and processes on one machine take turns; a
+    reader needs no lock (a rename is atomic). ``flock`` is POSIX and machine-local:
+    share a ledger between machines through S3, not a network file system.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -284,9 +376,42 @@ class LocalLedgerStore:
         except FileNotFoundError:
             return None
 
+    def read_versioned(self, key: str) -> Versioned | None:
+        data = self.read(key)
+        return None if data is None else Versioned(data, _digest(data))
+
     def write(self, key: str, data: bytes) -> None:
         path = self._path(key)
         self._ensure_dir(path.parent)
+        self._replace(path, data)
+
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
+        path = self._path(key)
+        self._ensure_dir(path.parent)
+        with self._locked(key):
+            try:
+                current: str | None = _digest(path.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                raise ConflictError(_conflict_message(self.uri(key), expected, current is None))
+            self._replace(path, data)
+        return _digest(data)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        lock = self._path(f".locks/{key}.lock")
+        self._ensure_dir(lock.parent)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # flock, not lockf: two threads of one process opening the file each get a
+            # lock of their own, so they exclude each other as two processes do.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _replace(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -337,17 +462,51 @@ class S3LedgerStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def read(self, key: str) -> bytes | None:
+        got = self.read_versioned(key)
+        return None if got is None else got.data
+
+    def read_versioned(self, key: str) -> Versioned | None:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except self.client.exceptions.NoSuchKey:
             return None
-        data: bytes = obj["Body"].read()
-        return data
+        body = obj["Body"]
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        return Versioned(data, str(obj["ETag"]))
 
     def write(self, key: str, data: bytes) -> None:
         self.client.put_object(
             Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
         )
+
+    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        try:
+            answer = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType="application/json",
+                **condition,
+            )
+        except ClientError as exc:
+            if not _lost_condition(exc):
+                raise
+            # botocore retries a PUT whose answer was lost; if that first attempt landed,
+            # the retry is refused although the object holds exactly these bytes (every
+            # record write is unique: it carries its own write_id).
+            current = self.read_versioned(key)
+            if current is not None and current.data == data:
+                return current.version
+            raise ConflictError(
+                _conflict_message(self.uri(key), expected, current is None)
+            ) from None
+        return str(answer["ETag"])
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -362,6 +521,26 @@ class S3LedgerStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def _lost_condition(exc: Any) -> bool:
+    """Whether an S3 error says a conditional write's precondition did not hold."""
+    error = getattr(exc, "response", {}) or {}
+    code = str(error.get("Error", {}).get("Code", ""))
+    status = error.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # 409 ConditionalRequestConflict: AWS's answer while another conditional write of
+    # the same key is in flight.
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def _conflict_message(uri: str, expected: str | None, missing: bool) -> str:
+    if expected is None:
+        what = "was created by another writer first"
+    elif missing:
+        what = "was removed since it was read"
+    else:
+        what = "was changed by another writer since it was read"
+    return f"{uri} {what}; nothing was written"
 
 
 # ---- the ledger -------------------------------------------------------------------------
@@ -387,9 +566,32 @@ class JobLedger:
     # -- reading --
 
     def get(self, job_id: str) -> JobRecord | None:
-        """The record of ``job_id``, or ``None``."""
-        raw = self.store.read(f"jobs/{_safe_name(job_id)}.json")
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        """The record of ``job_id`` (knowing the version it was read at), or ``None``.
+
+        Raises:
+            StorageError: the stored record is not a valid record (names the object).
+        """
+        key = self._record_key(job_id)
+        got = self.store.read_versioned(key)
+        if got is None:
+            return None
+        try:
+            record = JobRecord.model_validate_json(got.data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                for e in exc.errors()[:3]
+            )
+            raise StorageError(
+                f"{self.store.uri(key)} is not a valid job record ({problems}); restore it "
+                "from a backup, or delete it to forget the job (its images would then be "
+                "paid for again)"
+            ) from None
+        return record.at_version(got.version)
+
+    @staticmethod
+    def _record_key(job_id: str) -> str:
+        return f"jobs/{_safe_name(job_id)}.json"
 
     def find_by_response_id(self, response_id: str) -> JobRecord | None:
         """The job that has (or had) ``response_id``, or ``None``."""
@@ -422,65 +624,165 @@ class JobLedger:
 
     def uri(self, job_id: str) -> str:
         """Where the record of ``job_id`` lives."""
-        return self.store.uri(f"jobs/{_safe_name(job_id)}.json")
+        return self.store.uri(self._record_key(job_id))
 
     # -- writing --
 
     def save(self, record: JobRecord, *, marker_exists: bool = False) -> JobRecord:
-        """Write ``record``, keeping its ``open/`` marker in step with its state.
+        """Write ``record`` if the stored one is still the version it was read at.
 
+        A record from :meth:`get` (or evolved from one) replaces that version
+        only; a :meth:`JobRecord.new` one is created only if the job has no record
+        yet. The ``open/`` marker is kept in step with the record's state.
         ``marker_exists=True`` says the caller has just seen the record's open marker
         (a sensor tick walks the markers), which saves rewriting it: on a local ledger
         that is one fsync'd write of two per poll that changes a job's state.
-        """
-        record = record.evolve(updated_at=self.clock())
-        marker = f"open/{record.open_marker}"
-        if not record.state.is_final and not marker_exists:
-            # Marker first: an open record never lacks a marker, even after a crash.
-            self.store.write(marker, b"")
-        self.store.write(
-            f"jobs/{_safe_name(record.job_id)}.json", record.model_dump_json().encode()
-        )
-        if record.state.is_final:
-            self.store.delete(marker)
-        return record
 
-    def record_intent(self, record: JobRecord) -> JobRecord:
-        """Write the ``intent`` record of an attempt that is about to be POSTed.
+        Returns:
+            The record as stored (its new version, revision and write id).
+
+        Raises:
+            ConflictError: another writer changed the record first; nothing was
+                written. Read it again (or use :meth:`update`).
+        """
+        stored = record.evolve(
+            updated_at=self.clock(), revision=record.revision + 1, write_id=uuid.uuid4().hex
+        )
+        marker = f"open/{stored.open_marker}"
+        if not stored.state.is_final and not marker_exists:
+            # Marker first: an open record never lacks a marker, even after a crash. A
+            # writer that then loses the race leaves at worst a stale marker (its
+            # creation time may differ from the winner's), which ticks discard.
+            self.store.write(marker, b"")
+        version = self.store.write_if(
+            self._record_key(stored.job_id),
+            stored.model_dump_json().encode(),
+            record.stored_version,
+        )
+        if stored.state.is_final:
+            self.store.delete(marker)
+        return stored.at_version(version)
+
+    def update(
+        self,
+        record: JobRecord,
+        change: Callable[[JobRecord], JobRecord | None],
+        *,
+        attempts: int = 5,
+    ) -> JobRecord | None:
+        """Save ``change(record)``, re-reading and re-applying ``change`` on a lost race.
+
+        ``change`` gets the record as it now is and returns the record to store, or
+        ``None`` when the change no longer applies (nothing is written).
+
+        Returns:
+            The stored record, or ``None`` when ``change`` declined.
+
+        Raises:
+            ConflictError: the race was lost ``attempts`` times in a row.
+        """
+        current = record
+        for _ in range(attempts):
+            changed = change(current)
+            if changed is None:
+                return None
+            try:
+                return self.save(changed)
+            except ConflictError:
+                latest = self.get(record.job_id)
+                if latest is None:
+                    raise
+                current = latest
+        raise ConflictError(
+            f"{self.uri(record.job_id)} kept changing under {attempts} attempts to update it; "
+            "nothing was written"
+        )
+
+    def record_intent(self, record: JobRecord, *, replaces: JobRecord | None = None) -> JobRecord:
+        """Claim the next submission of a job: write its ``intent`` before the POST is sent.
+
+        This is the compare-and-swap that makes a submission happen once: of any
+        number of ticks or runs that read the same record and race to (re)submit
+        it, one writes the intent and the others get :class:`ConflictError` and
+        must not POST. A new job (``attempts == 0``) is created only if it has no
+        record yet, unless ``replaces`` names the final record it supersedes.
 
         If the process dies after the POST and before :meth:`record_submitted`, the
         record stays in ``intent``: detectable, but the response id is unknown (the
         API has no way to look a job up without it), so it can only be resubmitted.
+
+        Raises:
+            ConflictError: another writer claimed or changed the job first.
         """
         if record.attempts == 0:
             # A new job: its open marker sorts by the ledger's clock (tests move it).
             record = record.evolve(created_at=self.clock())
+        if replaces is not None:
+            record = record.at_version(replaces.stored_version)
         return self.save(
             record.evolve(
-                state=JobState.INTENT, attempts=record.attempts + 1, error=None, raw_status=None
+                state=JobState.INTENT,
+                attempts=record.attempts + 1,
+                error=None,
+                raw_status=None,
+                claimed_by=f"{socket.gethostname()}:{os.getpid()}",
             )
         )
 
-    def record_submitted(self, record: JobRecord, job: AsyncJob) -> JobRecord:
-        """Record the service's answer to a submission (response id and poll URL)."""
-        previous = list(record.previous_response_ids)
-        if record.response_id and record.response_id != job.response_id:
-            previous.append(record.response_id)
-        self.store.write(f"responses/{_safe_name(job.response_id)}", record.job_id.encode())
-        return self.save(
-            record.evolve(
-                state=JobState.SUBMITTED,
-                response_id=job.response_id,
-                poll_url=job.poll_url,
-                response_url=None,
-                submitted_at=job.submitted_at,
-                previous_response_ids=previous,
-                running_since=None,
-                completed_at=None,
-                raw_status=None,
-                error=None,
+    def record_submitted(self, intent: JobRecord, job: AsyncJob) -> JobRecord:
+        """Record the service's answer to the submission ``intent`` claimed.
+
+        The response id is never lost: if the record moved on after the intent (a
+        tick took the intent for a lost submission and resubmitted it, or gave the
+        job up), the answer joins ``previous_response_ids`` and a warning says the
+        job was paid for twice.
+        """
+        self.store.write(f"responses/{_safe_name(job.response_id)}", intent.job_id.encode())
+
+        def apply(current: JobRecord) -> JobRecord | None:
+            if current.write_id == intent.write_id or (
+                current.state is JobState.INTENT
+                and current.attempts == intent.attempts
+                and current.response_id == intent.response_id
+            ):
+                previous = list(current.previous_response_ids)
+                if current.response_id and current.response_id != job.response_id:
+                    previous.append(current.response_id)
+                return current.evolve(
+                    state=JobState.SUBMITTED,
+                    response_id=job.response_id,
+                    poll_url=job.poll_url,
+                    response_url=None,
+                    submitted_at=job.submitted_at,
+                    previous_response_ids=previous,
+                    running_since=None,
+                    completed_at=None,
+                    raw_status=None,
+                    error=None,
+                )
+            known = {current.response_id, *current.previous_response_ids}
+            if job.response_id in known:
+                return None
+            logger.warning(
+                "job %s: submission %d was answered with response %s after the record moved "
+                "on (now %s, attempt %d); it is kept in previous_response_ids, but this job "
+                "was paid for twice",
+                intent.job_id,
+                intent.attempts,
+                job.response_id,
+                current.state.value,
+                current.attempts,
             )
-        )
+            return current.evolve(
+                previous_response_ids=[*current.previous_response_ids, job.response_id]
+            )
+
+        saved = self.update(intent, apply)
+        if saved is not None:
+            return saved
+        latest = self.get(intent.job_id)
+        assert latest is not None  # apply declined only after reading it
+        return latest
 
     def discard_marker(self, marker: str) -> None:
         """Remove a stale ``open/`` marker (its record is final or gone)."""

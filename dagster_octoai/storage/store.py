@@ -1,12 +1,24 @@
-"""Persisting answers (some images): images, manifest, fingerprint index.
+"""Persisting answers (some images) with a commit protocol: objects, then one manifest.
 
-The write order keeps readers safe: images first (with the optional fingerprint index
-entries of fresh results alongside), the manifest last, then the clean-up of what the
-new manifest no longer lists. An
-image whose key the previous manifest lists with other bytes is written to a
-staging key first and moved into place only once every image is stored, so a
-failure while the batch is still generating (the long part) leaves the previous
-manifest and all its images as they were.
+A write, as table formats (Iceberg, Delta) commit one:
+
+1. Read the output's committed manifest and its version (the commit point).
+2. Write every image once, under a key no other write uses:
+   ``{output}/_objects/{write id}/{index:03d}-seed{seed}.{ext}``. Nothing committed is
+   touched: an image the committed manifest already holds with the same bytes is copied
+   server-side into the new write's keys, never written over a live key.
+3. Commit: write the manifest with a conditional PUT, ``If-Match`` on the version read
+   in step 1 (``If-None-Match: *`` when there was none); on a local directory the same
+   compare-and-rename under a lock. The manifest lists only its own write's objects.
+4. Retire: delete the objects of the manifest(s) the commit replaced. They are listed by
+   no committed manifest any more, and only now are they deleted.
+
+A write that fails or is killed at any step leaves the committed manifest and every
+object it lists as they were; what it wrote is under its own write id, deleted by the
+writer when it can and found by :meth:`ImageStore.clean_up` when it cannot. A writer
+that loses the race at step 3 re-reads the new manifest: if it holds the same images it
+adopts it (deleting its own), otherwise its own version replaces it (an output is
+replaced whole, so the last commit wins, and it is never torn).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote
@@ -29,7 +41,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..api.batch import UnstorableValueError
-from ..api.errors import ImageDecodeError
+from ..api.errors import ConflictError, ImageDecodeError
 from ..api.images import content_type_for, sniff_format, thumbnail_data_uri, whole_image_size
 from ..api.models import (
     CallInfo,
@@ -37,22 +49,43 @@ from ..api.models import (
     ImageGenerationRequest,
     ImageGenerationResponse,
 )
-from .backends import ObjectNotFoundError, StorageBackend, StorageError
+from .backends import ObjectInfo, ObjectNotFoundError, StorageBackend, StorageError
 from .layout import (
     MANIFEST_NAME,
+    OBJECTS_DIR,
+    PREFLIGHT_DIR,
     STAGING_DIR,
+    WIDEST_PARTITION,
     image_name,
     index_key,
+    legacy_output_key,
+    longest_key,
+    new_write_id,
     normalize_prefix,
+    object_key,
     output_key,
     partition_dimensions,
+    write_id_of,
+)
+from .manifest import (
+    MANIFEST_SCHEMA_VERSION,
+    ImageRecord,
+    Manifest,
+    ResultRecord,
+    owner_label,
+    parse_manifest,
 )
 
-__all__ = ["MANIFEST_SCHEMA_VERSION", "ConvertFormat", "ImageStore", "WriteReport"]
+__all__ = [
+    "MANIFEST_SCHEMA_VERSION",
+    "CleanupReport",
+    "ConvertFormat",
+    "ImageStore",
+    "WriteReport",
+]
 
 logger = logging.getLogger("dagster_octoai.storage")
 
-MANIFEST_SCHEMA_VERSION = 1
 ConvertFormat = Literal["png", "jpeg", "webp"]
 _METADATA_VALUE_MAX = 256
 
@@ -83,6 +116,7 @@ class WriteReport:
     removed_count: int
     reused_count: int
     thumbnail: str | None = field(default=None, repr=False)
+    write_id: str | None = None
 
     @property
     def image_count(self) -> int:
@@ -90,11 +124,44 @@ class WriteReport:
 
 
 @dataclass
-class _Staged:
-    staging_key: str
-    key: str
-    content_type: str
-    metadata: dict[str, str]
+class CleanupReport:
+    """What :meth:`ImageStore.clean_up` found and removed (or would remove, dry run)."""
+
+    removed_keys: list[str] = field(default_factory=list)
+    removed_bytes: int = 0
+    removed_writes: list[str] = field(default_factory=list)
+    kept_in_progress: list[str] = field(default_factory=list)
+    unreadable_manifests: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        """One line for a log or the command line."""
+        verb = "would remove" if self.dry_run else "removed"
+        return (
+            f"{verb} {len(self.removed_keys)} object(s), {self.removed_bytes:,} bytes, of "
+            f"{len(self.removed_writes)} uncommitted write(s); kept "
+            f"{len(self.kept_in_progress)} write(s) that may still commit; "
+            f"{len(self.unreadable_manifests)} unreadable manifest(s) left alone"
+        )
+
+
+@dataclass
+class _Head:
+    """What an output's commit point holds: the base of a write, and its condition."""
+
+    manifest: Manifest | None
+    version: str | None
+    #: A version-1 manifest of this output at its old key, retired after the next commit.
+    legacy: tuple[str, Manifest, str] | None = None
+    corrupt: bool = False
+
+
+class _Adopted(Exception):
+    """The write lost the commit race to one of the same images: it adopts the winner's."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__(manifest.write_id)
+        self.manifest = manifest
 
 
 class _Uploader:
@@ -223,8 +290,14 @@ def request_from_record(record: Mapping[str, Any]) -> ImageGenerationRequest:
         raise StorageError(f"the manifest's request record is not a valid request: {exc}") from None
 
 
+#: Commits a write retries on top of other writers' before giving up.
+_MAX_REBASES = 8
+#: The shortest age :meth:`ImageStore.clean_up` accepts for an uncommitted write.
+MIN_ORPHAN_AGE = timedelta(hours=1)
+
+
 class ImageStore:
-    """Images of generation outputs in a backend, under one prefix.
+    """Images of generation outputs in a backend, under one prefix, committed by manifest.
 
     Args:
         backend: where the bytes go (:class:`S3Backend` or :class:`LocalBackend`).
@@ -240,7 +313,7 @@ class ImageStore:
         >>> from dagster_octoai.storage import ImageStore, LocalBackend
         >>> store = ImageStore(LocalBackend("/tmp/images"), prefix="gen")
         >>> store.output_key(["fox"], "2024-01-01")
-        'gen/fox/2024-01-01'
+        'gen/fox/partition=2024-01-01'
     """
 
     def __init__(
@@ -266,36 +339,159 @@ class ImageStore:
     # ---- layout ------------------------------------------------------------------
 
     def output_key(self, asset_key: Sequence[str], partition_key: str | None) -> str:
-        """The key prefix of an output (no trailing slash)."""
+        """The namespace of an output (no trailing slash): its manifest and ``_objects/``."""
         return output_key(self.prefix, asset_key, partition_key)
 
     def output_uri(self, asset_key: Sequence[str], partition_key: str | None) -> str:
-        """The URI of an output's prefix, partition included, with a trailing slash."""
+        """The URI of an output's namespace, partition included, with a trailing slash."""
         return self.backend.uri(self.output_key(asset_key, partition_key) + "/")
 
     def manifest_key(self, asset_key: Sequence[str], partition_key: str | None) -> str:
+        """The key of an output's manifest: its commit point."""
         return f"{self.output_key(asset_key, partition_key)}/{MANIFEST_NAME}"
+
+    # ---- preflight -----------------------------------------------------------------
+
+    def preflight(
+        self,
+        asset_key: Sequence[str] | None = None,
+        partition_key: str | None = None,
+        *,
+        any_partition: bool = False,
+        partition_keys: Sequence[str] | None = None,
+    ) -> None:
+        """Refuse now what storing an output would refuse later, before anything is paid for.
+
+        Checks that the bucket (or directory) exists and takes these credentials for
+        writing (one probe object, written and deleted, under ``{prefix}/_preflight/``),
+        that the store honours conditional writes, and, given the output's
+        ``asset_key`` and ``partition_key`` (or every key of ``partition_keys``, for a run
+        over a range; or ``any_partition=True`` when the partition is not known yet, e.g.
+        a response id), that no key a write of it would use is longer than the store
+        allows and that its commit point does not hold another output's manifest.
+
+        Raises:
+            StorageError: the message names what is wrong and what to change.
+        """
+        self.backend.check()
+        if asset_key:
+            asset = list(asset_key)
+            if any_partition:
+                self.backend.check_key(longest_key(self.output_key(asset, WIDEST_PARTITION)))
+            for partition in partition_keys if partition_keys is not None else [partition_key]:
+                self.backend.check_key(longest_key(self.output_key(asset, partition)))
+                if not any_partition:
+                    self._head(asset, partition)
+        parts = [self.prefix] if self.prefix else []
+        self.backend.probe("/".join([*parts, PREFLIGHT_DIR, f"{uuid.uuid4().hex}.probe"]))
 
     # ---- manifests -----------------------------------------------------------------
 
-    def read_manifest_key(self, key: str) -> dict[str, Any] | None:
-        """A manifest by key, or ``None`` when there is none."""
-        raw = self.backend.get_or_none(key)
-        if raw is None:
+    def _load(self, key: str) -> tuple[Manifest, str] | None:
+        """The manifest at ``key`` and its version, or ``None``; raises if it does not parse."""
+        got = self.backend.get_versioned(key)
+        if got is None:
             return None
-        try:
-            manifest = json.loads(raw)
-        except ValueError as exc:
-            raise StorageError(f"{self.backend.uri(key)} is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("schema_version") != 1:
-            raise StorageError(f"{self.backend.uri(key)} is not a schema_version 1 image manifest")
-        return manifest
+        return parse_manifest(got.data, self.backend.uri(key)), got.version
+
+    def read_manifest_key(self, key: str) -> dict[str, Any] | None:
+        """The manifest at ``key`` in its JSON form (any output's), or ``None``.
+
+        Raises:
+            StorageError: the object is not a valid manifest.
+        """
+        loaded = self._load(key)
+        return None if loaded is None else loaded[0].model_dump(mode="json")
+
+    def manifest(self, asset_key: Sequence[str], partition_key: str | None) -> Manifest | None:
+        """The committed manifest of an output (checked to be that output's), or ``None``.
+
+        A version-1 manifest, written before the commit protocol at the old key of a
+        partition, is found there too (and checked the same way).
+
+        Raises:
+            StorageError: the manifest does not parse, or belongs to another output;
+                the message names the object and what to do.
+        """
+        found = self._committed(list(asset_key), partition_key)
+        return None if found is None else found[0]
 
     def read_manifest(
         self, asset_key: Sequence[str], partition_key: str | None
     ) -> dict[str, Any] | None:
-        """The manifest of an output, or ``None`` when it was never written."""
-        return self.read_manifest_key(self.manifest_key(asset_key, partition_key))
+        """The committed manifest of an output in its JSON form, or ``None``.
+
+        Raises:
+            StorageError: as :meth:`manifest`.
+        """
+        found = self.manifest(asset_key, partition_key)
+        return None if found is None else found.model_dump(mode="json")
+
+    def _committed(
+        self, asset_key: list[str], partition_key: str | None
+    ) -> tuple[Manifest, str, str] | None:
+        """(manifest, version, key) of an output's committed manifest, checked, or ``None``."""
+        partition = None if partition_key is None else str(partition_key)
+        key = self.manifest_key(asset_key, partition_key)
+        loaded = self._load(key)
+        if loaded is not None:
+            manifest, version = loaded
+            if not manifest.belongs_to(asset_key, partition):
+                raise self._foreign(key, manifest, asset_key, partition)
+            return manifest, version, key
+        legacy = self._legacy(asset_key, partition_key)
+        return None if legacy is None else (legacy[1], legacy[2], legacy[0])
+
+    def _legacy(
+        self, asset_key: list[str], partition_key: str | None
+    ) -> tuple[str, Manifest, str] | None:
+        """A version-1 manifest of this output at its old key (if that key differs), or ``None``."""
+        key = f"{legacy_output_key(self.prefix, asset_key, partition_key)}/{MANIFEST_NAME}"
+        if key == self.manifest_key(asset_key, partition_key):
+            return None
+        try:
+            loaded = self._load(key)
+        except StorageError:
+            return None  # whatever is there, it is no readable manifest of this output
+        if loaded is None:
+            return None
+        manifest, version = loaded
+        partition = None if partition_key is None else str(partition_key)
+        # The old key is shared: a version-2 manifest of another output may sit there.
+        if manifest.schema_version != 1 or not manifest.belongs_to(asset_key, partition):
+            return None
+        return key, manifest, version
+
+    def _foreign(
+        self, key: str, manifest: Manifest, asset_key: list[str], partition: str | None
+    ) -> StorageError:
+        asked = owner_label(asset_key, partition)
+        return StorageError(
+            f"{self.backend.uri(key)} is the manifest of {manifest.owner()}, not of {asked}: "
+            "version 1 of the layout let the two share this key. Nothing was read or "
+            f"written. Materialize {manifest.owner()} again (its manifest moves to its own "
+            "key), or move that manifest away, then run this output again."
+        )
+
+    def _head(self, asset_key: list[str], partition_key: str | None) -> _Head:
+        """The commit point of an output as a write finds it.
+
+        A manifest that does not parse does not block the write (it is replaced, and a
+        warning says so); one of another output does (nothing is written over it).
+        """
+        partition = None if partition_key is None else str(partition_key)
+        key = self.manifest_key(asset_key, partition_key)
+        got = self.backend.get_versioned(key)
+        if got is not None:
+            try:
+                manifest = parse_manifest(got.data, self.backend.uri(key))
+            except StorageError as exc:
+                logger.warning("%s; this write replaces it", exc)
+                return _Head(None, got.version, corrupt=True)
+            if not manifest.belongs_to(asset_key, partition):
+                raise self._foreign(key, manifest, asset_key, partition)
+            return _Head(manifest, got.version)
+        return _Head(None, None, legacy=self._legacy(asset_key, partition_key))
 
     # ---- write -----------------------------------------------------------------------
 
@@ -307,37 +503,38 @@ class ImageStore:
         partition_key: str | None,
         run_id: str,
     ) -> WriteReport:
-        """Store every image of the answers ``results`` (iterated once, lazily), then the manifest.
+        """Store every image of the answers ``results`` (iterated once, lazily), then commit.
 
-        Each answer must carry its request (the manifest records it).
+        Each answer must carry its request (the manifest records it). See the module
+        docstring for the protocol: whatever fails, the committed output stays whole.
 
         Raises:
-            StorageError: the store refused a write; the previous manifest is untouched.
+            StorageError: the store refused a write, or the output's key holds another
+                output's manifest; the committed manifest is untouched.
+            ConflictError: other writers kept committing this output, on every attempt.
             UnstorableValueError: an item is not an answer, or one without its request.
         """
-        base = self.output_key(asset_key, partition_key)
+        asset = list(asset_key)
+        partition = None if partition_key is None else str(partition_key)
+        base = self.output_key(asset, partition_key)
         manifest_key = f"{base}/{MANIFEST_NAME}"
-        old = self.read_manifest_key(manifest_key)
-        old_images = {
-            im["key"]: im for r in (old or {}).get("results", []) for im in r["images"] if im["key"]
-        }
-        staging_root = f"{base}/{STAGING_DIR}/{uuid.uuid4().hex}"
-        direct: list[str] = []
-        staged: list[_Staged] = []
-        result_records: list[dict[str, Any]] = []
-        sources: dict[str, dict[str, Any] | None] = {}
+        # Before the first answer is pulled: a lazy batch pays nothing if this refuses.
+        head = self._head(asset, partition_key)
+        write_id = new_write_id()
+        held = _held_images(head)
+        written: list[str] = []
+        records: list[ResultRecord] = []
+        sources: dict[str, Manifest | None] = {}
         thumbnail: str | None = None
-        asset_path = "/".join(asset_key)
         index = 0
-        manifest_uri = self.backend.uri(manifest_key)
         # What every index entry of this output says of where its result is stored.
         index_target = {
             "manifest_key": manifest_key,
-            "manifest_uri": manifest_uri,
-            "asset_key": list(asset_key),
-            "partition": None if partition_key is None else str(partition_key),
+            "manifest_uri": self.backend.uri(manifest_key),
+            "asset_key": asset,
+            "partition": partition,
         }
-        index_later: list[tuple[ImageGenerationRequest, dict[str, Any]]] = []
+        index_later: list[tuple[ImageGenerationRequest, ResultRecord]] = []
         try:
             with (
                 _Uploader(self.max_concurrency) as uploader,
@@ -349,12 +546,11 @@ class ImageStore:
                     request = answer_request(result, position_in_batch)
                     fingerprint = request.fingerprint()
                     source = self._reuse_source(result, fingerprint, sources)
-                    image_records: list[dict[str, Any]] = []
+                    images: list[ImageRecord] = []
                     for position, image in enumerate(result.images):
-                        record = self._image_record(image, index)
-                        image_records.append(record)
-                        index += 1
                         if not image.available:
+                            images.append(_removed_record(image, index))
+                            index += 1
                             continue
                         data = image.data
                         converted_from = None
@@ -363,206 +559,266 @@ class ImageStore:
                             data = _convert(data, self.convert_to)
                         fmt = sniff_format(data)
                         width, height = _checked_size(data, image.seed)
-                        key = f"{base}/{image_name(record['index'], image.seed, fmt)}"
+                        key = object_key(base, write_id, image_name(index, image.seed, fmt))
                         sha = _sha256(data)
-                        metadata = {
-                            "seed": str(image.seed),
-                            "engine": request.engine.value,
-                            **({"sampler": request.sampler.value} if request.sampler else {}),
-                            **({"steps": str(request.steps)} if request.steps is not None else {}),
-                            **(
-                                {"cfg-scale": repr(request.cfg_scale)}
-                                if request.cfg_scale is not None
-                                else {}
-                            ),
-                            "width": str(width),
-                            "height": str(height),
-                            "request-fingerprint": fingerprint,
-                            "run-id": ascii_value(run_id),
-                            "asset-key": ascii_value(asset_path),
-                            **(
-                                {"partition": ascii_value(partition_key)}
-                                if partition_key is not None
-                                else {}
-                            ),
-                            "index": str(record["index"]),
-                            **(
-                                {"response-id": ascii_value(result.response_id)}
-                                if result.response_id
-                                else {}
-                            ),
-                        }
                         content_type = content_type_for(fmt)
-                        record.update(
-                            key=key,
-                            uri=self.backend.uri(key),
-                            bytes=len(data),
-                            sha256=sha,
-                            content_type=content_type,
-                            format=fmt,
-                            width=width,
-                            height=height,
-                            converted_from=converted_from,
-                            metadata=metadata,
+                        metadata = _object_metadata(
+                            request,
+                            result,
+                            seed=image.seed,
+                            index=index,
+                            size=(width, height),
+                            fingerprint=fingerprint,
+                            run_id=run_id,
+                            asset_path="/".join(asset),
+                            partition=partition,
                         )
-                        source_key = self._source_key(source, position, sha)
-                        old_image = old_images.get(key)
-                        if old_image is not None and old_image.get("sha256") == sha:
-                            # Same bytes already there: refresh the metadata only, no upload.
-                            uploader.submit(self.backend.copy, key, key, content_type, metadata)
-                        elif old_image is not None:
-                            target = f"{staging_root}/{key.rsplit('/', 1)[1]}"
-                            staged.append(_Staged(target, key, content_type, metadata))
-                            self._submit(uploader, data, source_key, target, content_type, metadata)
-                        else:
-                            direct.append(key)
-                            self._submit(uploader, data, source_key, key, content_type, metadata)
+                        images.append(
+                            ImageRecord(
+                                index=index,
+                                seed=image.seed,
+                                key=key,
+                                uri=self.backend.uri(key),
+                                bytes=len(data),
+                                sha256=sha,
+                                content_type=content_type,
+                                format=fmt,
+                                width=width,
+                                height=height,
+                                converted_from=converted_from,
+                                removed_for_safety=False,
+                                safety_score=image.safety_score,
+                                metadata=metadata,
+                            )
+                        )
+                        index += 1
+                        # Bytes already stored (by this output's committed write, or by the
+                        # output a reused result came from) are copied server-side into
+                        # this write's own key: never written over a live key, and no
+                        # object is ever listed by two writes.
+                        copy_from = held.get(sha) or _source_key(source, position, sha)
+                        written.append(key)
+                        uploader.submit(
+                            self._put_object, key, data, copy_from, content_type, metadata
+                        )
                         if thumbnail is None:
                             thumbnail = thumbnail_data_uri(data)
                         del data
-                    record = self._result_record(result, request, fingerprint, image_records)
-                    result_records.append(record)
+                    record = _result_record(result, request, fingerprint, images)
+                    records.append(record)
                     # A fresh result's entry goes out now, while the batch is still being
                     # generated, instead of after the manifest (100 entries added a tenth
-                    # to a 100-image run, P6). Until the manifest is written the entry
+                    # to a 100-image run, P6). Until the manifest is committed the entry
                     # points at this output's previous manifest or at nothing, and
                     # find_existing checks fingerprint and SHA-256 there, so an early or
                     # orphaned entry can only miss, never return the wrong images. A
                     # reused result's entry already points at a valid manifest elsewhere:
-                    # it is moved only once this one exists.
+                    # it is moved only once this one is committed.
                     if self.fingerprint_index and result.reused_from is None:
                         self._submit_index(index_uploader, request, record, index_target)
                     elif self.fingerprint_index:
                         index_later.append((request, record))
                 uploader.wait()
-                for item in staged:
-                    uploader.submit(
-                        self.backend.copy,
-                        item.staging_key,
-                        item.key,
-                        item.content_type,
-                        item.metadata,
+                draft = self._manifest(asset, partition_key, run_id, base, write_id, records, head)
+                try:
+                    manifest, superseded = self._commit(
+                        manifest_key, draft, head, asset, partition_key
                     )
-                uploader.wait()
-                manifest = self._manifest(asset_key, partition_key, run_id, base, result_records)
-                self.backend.put(
-                    manifest_key,
-                    json.dumps(manifest, indent=2, sort_keys=True).encode(),
-                    "application/json",
-                    {"asset-key": ascii_value(asset_path), "run-id": ascii_value(run_id)},
-                )
+                except _Adopted as adopted:
+                    logger.info(
+                        "%s was committed with the same images while this write stored its "
+                        "own; this write's copies are removed",
+                        self.backend.uri(manifest_key),
+                    )
+                    self._discard(written)
+                    return self._report(base, adopted.manifest, thumbnail)
+                written = []  # committed: the objects belong to the output now
                 for later_request, record in index_later:
                     self._submit_index(index_uploader, later_request, record, index_target)
                 index_uploader.wait()
         except BaseException:
-            self._discard([*direct, *(s.staging_key for s in staged)])
+            self._discard(written)
             raise
+        self._retire(base, manifest, superseded, head.legacy)
+        return self._report(base, manifest, thumbnail)
 
-        new_keys = {im["key"] for r in result_records for im in r["images"] if im["key"]}
-        stale = [k for k in old_images if k not in new_keys]
-        try:
-            self.backend.delete([*(s.staging_key for s in staged), *stale])
-        except StorageError as exc:
-            # The new manifest is written and valid; left-overs only cost space.
-            logger.warning("could not clean up after writing %s: %s", manifest_uri, exc)
-        stored = [im for r in result_records for im in r["images"] if im["key"]]
-        return WriteReport(
-            uri=self.backend.uri(base + "/"),
-            manifest_uri=manifest_uri,
-            image_uris=[im["uri"] for im in stored],
-            seeds=[im["seed"] for im in stored],
-            total_bytes=sum(im["bytes"] for im in stored),
-            removed_count=sum(
-                1 for r in result_records for im in r["images"] if im["removed_for_safety"]
-            ),
-            reused_count=sum(len(r["images"]) for r in result_records if r["reused_from"]),
-            thumbnail=thumbnail,
-        )
-
-    def _submit(
+    def _put_object(
         self,
-        uploader: _Uploader,
-        data: bytes,
-        source_key: str | None,
         key: str,
+        data: bytes,
+        copy_from: str | None,
         content_type: str,
         metadata: dict[str, str],
     ) -> None:
-        if source_key is not None:
-            uploader.submit(self.backend.copy, source_key, key, content_type, metadata)
-        else:
-            uploader.submit(self.backend.put, key, data, content_type, metadata)
+        if copy_from is not None:
+            try:
+                self.backend.copy(copy_from, key, content_type, metadata)
+                return
+            except ObjectNotFoundError:
+                pass  # retired by a concurrent commit since it was read: the bytes are here
+        self.backend.put(key, data, content_type, metadata)
+
+    def _commit(
+        self,
+        manifest_key: str,
+        draft: Manifest,
+        head: _Head,
+        asset: list[str],
+        partition_key: str | None,
+    ) -> tuple[Manifest, list[Manifest]]:
+        """Write the manifest conditionally; on a lost race, adopt the winner or replace it.
+
+        Returns the committed manifest and every manifest it superseded (whose objects
+        are now to be retired).
+
+        Raises:
+            _Adopted: the winner holds the same images; this write's are not needed.
+            ConflictError: the race was lost :data:`_MAX_REBASES` times in a row.
+        """
+        superseded = [head.manifest] if head.manifest is not None else []
+        manifest = draft
+        for _ in range(_MAX_REBASES):
+            try:
+                self.backend.put_if(
+                    manifest_key,
+                    manifest.model_dump_json(indent=2).encode(),
+                    "application/json",
+                    {
+                        "asset-key": ascii_value("/".join(asset)),
+                        "run-id": ascii_value(manifest.run_id),
+                        "write-id": manifest.write_id or "",
+                    },
+                    head.version,
+                )
+                return manifest, superseded
+            except ConflictError:
+                head = self._head(asset, partition_key)
+            except StorageError:
+                # The PUT may have landed and only its answer been lost: then this write
+                # is committed, and its objects must not be discarded.
+                if self._committed_write(manifest_key) == manifest.write_id:
+                    return manifest, superseded
+                raise
+            winner = head.manifest
+            if winner is not None and _same_images(winner, manifest):
+                raise _Adopted(winner)
+            logger.warning(
+                "%s was committed by write %s (run %s) while this write (%s, run %s) stored "
+                "its images; this write's version replaces it (an output is replaced whole)",
+                self.backend.uri(manifest_key),
+                winner.write_id if winner else "?",
+                winner.run_id if winner else "?",
+                manifest.write_id,
+                manifest.run_id,
+            )
+            if winner is not None:
+                superseded.append(winner)
+            manifest = manifest.model_copy(
+                update={"supersedes": [m.write_id for m in superseded if m.write_id]}
+            )
+        raise ConflictError(
+            f"{self.backend.uri(manifest_key)} was committed by other writes on each of "
+            f"{_MAX_REBASES} attempts; this write's images were not committed and are "
+            "removed. Run it again once the other runs of this output are done."
+        )
+
+    def _committed_write(self, manifest_key: str) -> str | None:
+        """The write id the manifest at ``manifest_key`` commits, if it can be read now."""
+        try:
+            loaded = self._load(manifest_key)
+        except StorageError:
+            return None
+        return None if loaded is None else loaded[0].write_id
+
+    def _retire(
+        self,
+        base: str,
+        manifest: Manifest,
+        superseded: list[Manifest],
+        legacy: tuple[str, Manifest, str] | None,
+    ) -> None:
+        """Delete what the commit of ``manifest`` retired: listed by no committed manifest now.
+
+        Only objects a superseded manifest of this very output wrote are deleted: a
+        version-2 write's own ``_objects/{write id}/``, or a version-1 manifest's images
+        beside it, never anything under another output's key.
+        """
+        keep = set(manifest.object_keys())
+        doomed: list[str] = []
+        for old in superseded:
+            doomed += [k for k in _own_objects(base, old) if k not in keep]
+        if legacy is not None:
+            key, old, version = legacy
+            # Conditional: the old key may meanwhile hold another output's manifest.
+            if self.backend.delete_if(key, version):
+                doomed += [k for k in _own_objects(key.rsplit("/", 1)[0], old) if k not in keep]
+        if not doomed:
+            return
+        try:
+            self.backend.delete(doomed)
+        except StorageError as exc:
+            # The new manifest is committed and whole; left-overs only cost space, and
+            # clean_up() finds them (the new manifest's `supersedes` names their write).
+            logger.warning(
+                "could not delete %d retired object(s) under %s: %s",
+                len(doomed),
+                self.backend.uri(base + "/"),
+                exc,
+            )
 
     def _discard(self, keys: list[str]) -> None:
+        if not keys:
+            return
         try:
             self.backend.delete(keys)
         except Exception as exc:  # the original error matters more
-            logger.warning("could not delete %d partial object(s): %s", len(keys), exc)
-
-    @staticmethod
-    def _image_record(image: GeneratedImage, index: int) -> dict[str, Any]:
-        return {
-            "index": index,
-            "seed": image.seed,
-            "key": None,
-            "uri": None,
-            "bytes": 0,
-            "sha256": None,
-            "content_type": None,
-            "format": None,
-            "width": None,
-            "height": None,
-            "converted_from": None,
-            "removed_for_safety": not image.available,
-            "safety_score": image.safety_score,
-            "metadata": {},
-        }
-
-    @staticmethod
-    def _result_record(
-        result: ImageGenerationResponse,
-        request: ImageGenerationRequest,
-        fingerprint: str,
-        images: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        call = result.call_info
-        return {
-            "request": request_record(request),
-            "fingerprint": fingerprint,
-            "response_id": result.response_id,
-            "reused_from": result.reused_from,
-            "prediction_time_ms": result.prediction_time_ms,
-            "call_info": {
-                "attempts": call.attempts,
-                "request_ids": list(call.request_ids),
-                "elapsed_s": call.elapsed_s,
-                "response_id": call.response_id,
-            },
-            "images": images,
-        }
+            logger.warning(
+                "could not delete %d object(s) of an uncommitted write (clean_up() will): %s",
+                len(keys),
+                exc,
+            )
 
     def _manifest(
         self,
-        asset_key: Sequence[str],
+        asset: list[str],
         partition_key: str | None,
         run_id: str,
         base: str,
-        results: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        images = [im for r in results for im in r["images"]]
-        return {
-            "schema_version": MANIFEST_SCHEMA_VERSION,
-            "asset_key": list(asset_key),
-            "partition": None if partition_key is None else str(partition_key),
-            "partition_dimensions": partition_dimensions(partition_key),
-            "run_id": run_id,
-            "created_at": _utcnow(),
-            "uri": self.backend.uri(base + "/"),
-            "image_count": sum(1 for im in images if im["key"]),
-            "removed_count": sum(1 for im in images if im["removed_for_safety"]),
-            "total_bytes": sum(im["bytes"] for im in images),
-            "results": results,
-        }
+        write_id: str,
+        results: list[ResultRecord],
+        head: _Head,
+    ) -> Manifest:
+        images = [im for r in results for im in r.images]
+        previous = head.manifest.write_id if head.manifest is not None else None
+        return Manifest(
+            schema_version=MANIFEST_SCHEMA_VERSION,
+            asset_key=asset,
+            partition=None if partition_key is None else str(partition_key),
+            partition_dimensions=partition_dimensions(partition_key),
+            run_id=run_id,
+            write_id=write_id,
+            supersedes=[previous] if previous else [],
+            created_at=_utcnow(),
+            uri=self.backend.uri(base + "/"),
+            image_count=sum(1 for im in images if im.key),
+            removed_count=sum(1 for im in images if im.removed_for_safety),
+            total_bytes=sum(im.bytes for im in images),
+            results=results,
+        )
+
+    def _report(self, base: str, manifest: Manifest, thumbnail: str | None) -> WriteReport:
+        stored = [im for im in manifest.images() if im.key]
+        return WriteReport(
+            uri=self.backend.uri(base + "/"),
+            manifest_uri=self.backend.uri(f"{base}/{MANIFEST_NAME}"),
+            image_uris=[im.uri or "" for im in stored],
+            seeds=[im.seed for im in stored],
+            total_bytes=sum(im.bytes for im in stored),
+            removed_count=sum(1 for im in manifest.images() if im.removed_for_safety),
+            reused_count=sum(len(r.images) for r in manifest.results if r.reused_from),
+            thumbnail=thumbnail,
+            write_id=manifest.write_id,
+        )
 
     # ---- idempotent generation -------------------------------------------------------
 
@@ -570,8 +826,8 @@ class ImageStore:
         self,
         result: ImageGenerationResponse,
         fingerprint: str,
-        cache: dict[str, dict[str, Any] | None],
-    ) -> dict[str, Any] | None:
+        cache: dict[str, Manifest | None],
+    ) -> ResultRecord | None:
         """The manifest record a reused result came from, for server-side copies."""
         if not result.reused_from:
             return None
@@ -580,29 +836,20 @@ class ImageStore:
             return None
         if key not in cache:
             try:
-                cache[key] = self.read_manifest_key(key)
+                loaded = self._load(key)
             except StorageError:
-                cache[key] = None
+                loaded = None
+            cache[key] = None if loaded is None else loaded[0]
         manifest = cache[key]
         if manifest is None:
             return None
-        for record in manifest["results"]:
-            if record.get("fingerprint") == fingerprint:
-                return dict(record)
-        return None
-
-    @staticmethod
-    def _source_key(source: dict[str, Any] | None, position: int, sha: str) -> str | None:
-        if source is None or position >= len(source["images"]):
-            return None
-        image = source["images"][position]
-        return image["key"] if image.get("sha256") == sha and image.get("key") else None
+        return next((r for r in manifest.results if r.fingerprint == fingerprint), None)
 
     def _submit_index(
         self,
         uploader: _Uploader,
         request: ImageGenerationRequest,
-        record: dict[str, Any],
+        record: ResultRecord,
         target: dict[str, Any],
     ) -> None:
         """Queue the fingerprint index entry of one result (only explicit-seed requests)."""
@@ -610,12 +857,12 @@ class ImageStore:
             return
         entry = {
             "schema_version": MANIFEST_SCHEMA_VERSION,
-            "fingerprint": record["fingerprint"],
+            "fingerprint": record.fingerprint,
             **target,
-            "image_keys": [im["key"] for im in record["images"]],
+            "image_keys": [im.key for im in record.images],
             "written_at": _utcnow(),
         }
-        key = index_key(self.prefix, record["fingerprint"])
+        key = index_key(self.prefix, record.fingerprint)
         body = json.dumps(entry, indent=2, sort_keys=True).encode()
 
         def put() -> None:
@@ -643,14 +890,22 @@ class ImageStore:
         reproducible). The output at ``asset_key``/``partition_key`` is looked at
         first, then (with ``fingerprint_index``) the fingerprint index. The answer's
         images are read back and checked against their sha256; it carries ``request``,
-        and ``reused_from`` is the manifest's URI.
+        and ``reused_from`` is the manifest's URI. A manifest that does not parse, or
+        is another output's, is passed over with a warning: it must not keep a fresh
+        write from replacing it.
         """
         if request.explicit_seeds is None:
             return None
         fingerprint = request.fingerprint()
-        candidates: list[str] = []
+        candidates: list[tuple[Manifest, str]] = []
         if asset_key:
-            candidates.append(self.manifest_key(asset_key, partition_key))
+            try:
+                found = self._committed(list(asset_key), partition_key)
+            except StorageError as exc:
+                logger.warning("not reusing the stored output: %s", exc)
+                found = None
+            if found is not None:
+                candidates.append((found[0], found[2]))
         raw = (
             self.backend.get_or_none(index_key(self.prefix, fingerprint))
             if self.fingerprint_index
@@ -658,53 +913,49 @@ class ImageStore:
         )
         if raw is not None:
             try:
-                entry = json.loads(raw)
-                candidates.append(str(entry["manifest_key"]))
-            except (ValueError, KeyError, TypeError):
+                entry_key = str(json.loads(raw)["manifest_key"])
+                loaded = self._load(entry_key)
+                if loaded is not None:
+                    candidates.append((loaded[0], entry_key))
+            except (ValueError, KeyError, TypeError, StorageError):
                 logger.warning("ignoring an unreadable fingerprint index entry for %s", fingerprint)
-        for manifest_key in dict.fromkeys(candidates):
-            found = self._load_result(manifest_key, request, fingerprint)
-            if found is not None:
-                return found
+        for manifest, key in candidates:
+            answer = self._load_result(manifest, key, request, fingerprint)
+            if answer is not None:
+                return answer
         return None
 
     def _load_result(
-        self, manifest_key: str, request: ImageGenerationRequest, fingerprint: str
+        self, manifest: Manifest, key: str, request: ImageGenerationRequest, fingerprint: str
     ) -> ImageGenerationResponse | None:
-        manifest = self.read_manifest_key(manifest_key)
-        if manifest is None:
-            return None
-        for record in manifest["results"]:
-            if record.get("fingerprint") != fingerprint:
+        for record in manifest.results:
+            if record.fingerprint != fingerprint:
                 continue
             images: list[GeneratedImage] = []
-            for im in record["images"]:
-                if im["removed_for_safety"] or not im["key"]:
+            for im in record.images:
+                if im.removed_for_safety or not im.key:
                     images.append(
                         GeneratedImage(
                             image_b64=None,
-                            seed=im["seed"],
+                            seed=im.seed,
                             removed_for_safety=True,
-                            safety_score=im["safety_score"],
+                            safety_score=im.safety_score,
                         )
                     )
                     continue
-                data = self.backend.get_or_none(im["key"])
-                if data is None or _sha256(data) != im["sha256"]:
+                data = self.backend.get_or_none(im.key)
+                if data is None or _sha256(data) != im.sha256:
                     return None
                 images.append(
-                    GeneratedImage.from_bytes(
-                        data, seed=im["seed"], safety_score=im["safety_score"]
-                    )
+                    GeneratedImage.from_bytes(data, seed=im.seed, safety_score=im.safety_score)
                 )
-            response_id = record.get("response_id")
             return ImageGenerationResponse(
                 images=images,
-                prediction_time_ms=record.get("prediction_time_ms") or 0.0,
+                prediction_time_ms=record.prediction_time_ms or 0.0,
                 request=request,
-                response_id=response_id,
-                reused_from=self.backend.uri(manifest_key),
-                call_info=CallInfo(attempts=0, response_id=response_id),
+                response_id=record.response_id,
+                reused_from=self.backend.uri(key),
+                call_info=CallInfo(attempts=0, response_id=record.response_id),
             )
         return None
 
@@ -714,57 +965,276 @@ class ImageStore:
         """The stored images of an output in index order (blocked images have none).
 
         Each carries its ``request``, ``response_id``, ``uri``, ``index``, ``partition_key``
-        and ``metadata``; the bytes are the stored ones.
+        and ``metadata``; the bytes are the stored ones. A read that overlaps a commit
+        (the objects of the version it read are retired under it) reads the new one.
 
         Raises:
             ObjectNotFoundError: the output has no manifest (never materialized).
-            StorageError: an image is missing or its bytes do not match the manifest.
+            StorageError: the manifest does not parse or is another output's, or an
+                image is missing or its bytes do not match the manifest.
         """
-        manifest_key = self.manifest_key(asset_key, partition_key)
-        manifest = self.read_manifest_key(manifest_key)
-        if manifest is None:
-            where = self.backend.uri(manifest_key)
-            part = "" if partition_key is None else f" partition {str(partition_key)!r} of"
-            raise ObjectNotFoundError(
-                f"no manifest at {where}: was{part} asset {'/'.join(asset_key)!r} materialized "
-                "with this IO manager and prefix?"
-            )
-        manifest_uri = self.backend.uri(manifest_key)
-        work: list[tuple[dict[str, Any], dict[str, Any], ImageGenerationRequest]] = []
-        for record in manifest["results"]:
-            request = request_from_record(record["request"])
-            work += [(record, im, request) for im in record["images"] if im["key"]]
-
-        def fetch(
-            item: tuple[dict[str, Any], dict[str, Any], ImageGenerationRequest],
-        ) -> GeneratedImage:
-            record, im, request = item
+        asset = list(asset_key)
+        for _ in range(_READ_ATTEMPTS):
+            found = self._committed(asset, partition_key)
+            if found is None:
+                where = self.backend.uri(self.manifest_key(asset, partition_key))
+                part = "" if partition_key is None else f" partition {str(partition_key)!r} of"
+                raise ObjectNotFoundError(
+                    f"no manifest at {where}: was{part} asset {'/'.join(asset)!r} "
+                    "materialized with this IO manager and prefix?"
+                )
+            manifest, version, key = found
             try:
-                data = self.backend.get(im["key"])
-            except ObjectNotFoundError:
-                raise StorageError(f"{im['uri']} is listed in {manifest_uri} but missing") from None
-            if _sha256(data) != im["sha256"]:
+                return self._read_images(manifest, self.backend.uri(key))
+            except ObjectNotFoundError as missing:
+                latest = self.backend.get_versioned(key)
+                if latest is not None and latest.version != version:
+                    continue  # a commit retired what this read was fetching: read the new one
                 raise StorageError(
-                    f"{im['uri']} does not match the sha256 in {manifest_uri}; it was "
-                    "overwritten outside this IO manager"
+                    f"{missing.message.removeprefix('no object at ')} is listed in "
+                    f"{self.backend.uri(key)} but missing: it was deleted outside this IO "
+                    "manager; materialize the output again"
+                ) from None
+        raise StorageError(
+            f"{self.output_uri(asset, partition_key)} was committed again on each of "
+            f"{_READ_ATTEMPTS} attempts to read it; read it again later"
+        )
+
+    def _read_images(self, manifest: Manifest, manifest_uri: str) -> list[GeneratedImage]:
+        work: list[tuple[ResultRecord, ImageRecord, ImageGenerationRequest]] = []
+        for record in manifest.results:
+            request = request_from_record(record.request.model_dump())
+            work += [(record, im, request) for im in record.images if im.key]
+
+        def fetch(item: tuple[ResultRecord, ImageRecord, ImageGenerationRequest]) -> GeneratedImage:
+            record, im, request = item
+            assert im.key is not None
+            data = self.backend.get(im.key)
+            if _sha256(data) != im.sha256:
+                raise StorageError(
+                    f"{im.uri} does not match the sha256 in {manifest_uri}: objects are never "
+                    "written twice, so it was changed outside this IO manager; materialize "
+                    "the output again"
                 )
             return GeneratedImage.from_bytes(
                 data,
-                seed=im["seed"],
-                safety_score=im["safety_score"],
-                index=im["index"],
-                uri=im["uri"],
+                seed=im.seed,
+                safety_score=im.safety_score,
+                index=im.index,
+                uri=im.uri,
                 request=request,
-                partition_key=manifest["partition"],
-                response_id=record["response_id"],
+                partition_key=manifest.partition,
+                response_id=record.response_id,
                 metadata={
-                    **im["metadata"],
-                    "sha256": im["sha256"],
-                    "safety_score": im["safety_score"],
+                    **im.metadata,
+                    "sha256": im.sha256,
+                    "safety_score": im.safety_score,
                     "manifest_uri": manifest_uri,
-                    "run_id": manifest["run_id"],
+                    "run_id": manifest.run_id,
                 },
             )
 
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
             return list(pool.map(fetch, work))
+
+    # ---- clean-up --------------------------------------------------------------------
+
+    def clean_up(
+        self,
+        *,
+        older_than: timedelta = timedelta(hours=24),
+        dry_run: bool = False,
+        now: datetime | None = None,
+    ) -> CleanupReport:
+        """Remove what killed and failed writes left under this store's prefix.
+
+        An object under an output's ``_objects/{write id}/`` is removed when that write
+        is not the one the output's manifest commits, and either
+
+        - the committed manifest names it in ``supersedes`` (a write it replaced, whose
+          retiring was cut short), or
+        - nothing was written under that write id for ``older_than`` (at least
+          :data:`MIN_ORPHAN_AGE`): a write that died before committing. A write still
+          storing its images keeps adding to its directory, so it is never taken for
+          dead while it runs faster than one image per ``older_than``.
+
+        Also removed, once ``older_than`` old: version 1's ``_staging/`` objects and
+        preflight probes. Never removed: anything a committed manifest lists, and every
+        output whose manifest does not parse (it is reported instead). The manifest is
+        read again just before an output's objects are deleted, so a write that commits
+        meanwhile keeps its objects.
+
+        Examples:
+            >>> from dagster_octoai.storage import ImageStore, LocalBackend
+            >>> ImageStore(LocalBackend("/tmp/images"), prefix="gen").clean_up(dry_run=True).dry_run
+            True
+        """
+        if older_than < MIN_ORPHAN_AGE:
+            raise ValueError(
+                f"older_than: {older_than} is too short; a write may still commit what it "
+                f"stored that long ago (use at least {MIN_ORPHAN_AGE})"
+            )
+        cutoff = (now or datetime.now(timezone.utc)) - older_than
+        report = CleanupReport(dry_run=dry_run)
+        listing = list(self.backend.list(f"{self.prefix}/" if self.prefix else ""))
+        writes: dict[tuple[str, str], list[ObjectInfo]] = {}
+        loose: list[ObjectInfo] = []
+        for info in listing:
+            parts = info.key.split("/")
+            if OBJECTS_DIR in parts[:-1]:
+                at = len(parts) - 1 - parts[::-1].index(OBJECTS_DIR)
+                if at + 2 <= len(parts) - 1:
+                    base, write_id = "/".join(parts[:at]), parts[at + 1]
+                    writes.setdefault((base, write_id), []).append(info)
+            elif (STAGING_DIR in parts[:-1] or PREFLIGHT_DIR in parts[:-1]) and (
+                info.modified < cutoff
+            ):
+                loose.append(info)
+        for base in sorted({b for b, _ in writes}):
+            self._clean_output(base, writes, cutoff, report)
+        self._remove(loose, report)
+        return report
+
+    def _clean_output(
+        self,
+        base: str,
+        writes: dict[tuple[str, str], list[ObjectInfo]],
+        cutoff: datetime,
+        report: CleanupReport,
+    ) -> None:
+        key = f"{base}/{MANIFEST_NAME}"
+        try:
+            loaded = self._load(key)
+        except StorageError:
+            report.unreadable_manifests.append(self.backend.uri(key))
+            return
+        committed = loaded[0] if loaded is not None else None
+        retired = set(committed.supersedes) if committed is not None else set()
+        doomed: dict[str, list[ObjectInfo]] = {}
+        for (b, write_id), objects in writes.items():
+            if b != base or (committed is not None and write_id == committed.write_id):
+                continue
+            if write_id in retired or max(o.modified for o in objects) < cutoff:
+                doomed[write_id] = objects
+            else:
+                report.kept_in_progress.append(
+                    self.backend.uri(f"{base}/{OBJECTS_DIR}/{write_id}/")
+                )
+        if not doomed:
+            return
+        # A write may have committed since the listing: it keeps its objects.
+        again = self._load(key)
+        if again is not None:
+            doomed.pop(again[0].write_id or "", None)
+        for write_id, objects in doomed.items():
+            report.removed_writes.append(self.backend.uri(f"{base}/{OBJECTS_DIR}/{write_id}/"))
+            self._remove(objects, report)
+
+    def _remove(self, objects: list[ObjectInfo], report: CleanupReport) -> None:
+        if not objects:
+            return
+        report.removed_keys += [o.key for o in objects]
+        report.removed_bytes += sum(o.size for o in objects)
+        if not report.dry_run:
+            self.backend.delete([o.key for o in objects])
+
+
+_READ_ATTEMPTS = 3
+
+
+def _held_images(head: _Head) -> dict[str, str]:
+    """SHA-256 -> key of every image the output's committed (or version-1) manifest lists."""
+    manifests = [head.manifest] if head.manifest is not None else []
+    if head.legacy is not None:
+        manifests.append(head.legacy[1])
+    return {im.sha256: im.key for m in manifests for im in m.images() if im.key and im.sha256}
+
+
+def _own_objects(base: str, manifest: Manifest) -> list[str]:
+    """The listed keys a manifest's own write put under ``base`` (nothing of other outputs)."""
+    if manifest.write_id is None:  # version 1: its images beside the manifest
+        return [k for k in manifest.object_keys() if k.rsplit("/", 1)[0] == base]
+    return [k for k in manifest.object_keys() if write_id_of(base, k) == manifest.write_id]
+
+
+def _same_images(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests hold the same requests with the same bytes, in order."""
+
+    def shape(m: Manifest) -> list[tuple[str, list[str | None]]]:
+        return [(r.fingerprint, [im.sha256 for im in r.images]) for r in m.results]
+
+    return shape(a) == shape(b)
+
+
+def _source_key(source: ResultRecord | None, position: int, sha: str) -> str | None:
+    if source is None or position >= len(source.images):
+        return None
+    image = source.images[position]
+    return image.key if image.sha256 == sha and image.key else None
+
+
+def _removed_record(image: GeneratedImage, index: int) -> ImageRecord:
+    return ImageRecord(
+        index=index,
+        seed=image.seed,
+        key=None,
+        uri=None,
+        sha256=None,
+        removed_for_safety=True,
+        safety_score=image.safety_score,
+    )
+
+
+def _result_record(
+    result: ImageGenerationResponse,
+    request: ImageGenerationRequest,
+    fingerprint: str,
+    images: list[ImageRecord],
+) -> ResultRecord:
+    call = result.call_info
+    return ResultRecord.model_validate(
+        {
+            "request": request_record(request),
+            "fingerprint": fingerprint,
+            "response_id": result.response_id,
+            "reused_from": result.reused_from,
+            "prediction_time_ms": result.prediction_time_ms,
+            "call_info": {
+                "attempts": call.attempts,
+                "request_ids": list(call.request_ids),
+                "elapsed_s": call.elapsed_s,
+                "response_id": call.response_id,
+            },
+            "images": images,
+        }
+    )
+
+
+def _object_metadata(
+    request: ImageGenerationRequest,
+    result: ImageGenerationResponse,
+    *,
+    seed: int,
+    index: int,
+    size: tuple[int, int],
+    fingerprint: str,
+    run_id: str,
+    asset_path: str,
+    partition: str | None,
+) -> dict[str, str]:
+    """The S3 user metadata of one image object (ASCII values, see :func:`ascii_value`)."""
+    return {
+        "seed": str(seed),
+        "engine": request.engine.value,
+        **({"sampler": request.sampler.value} if request.sampler else {}),
+        **({"steps": str(request.steps)} if request.steps is not None else {}),
+        **({"cfg-scale": repr(request.cfg_scale)} if request.cfg_scale is not None else {}),
+        "width": str(size[0]),
+        "height": str(size[1]),
+        "request-fingerprint": fingerprint,
+        "run-id": ascii_value(run_id),
+        "asset-key": ascii_value(asset_path),
+        **({"partition": ascii_value(partition)} if partition is not None else {}),
+        "index": str(index),
+        **({"response-id": ascii_value(result.response_id)} if result.response_id else {}),
+    }

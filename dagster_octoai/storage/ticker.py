@@ -11,6 +11,11 @@ by a failed run of the same asset carrying the job's details.
 The ledger is the source of truth; the cursor only remembers where the round-robin
 walk stopped and a few counters, so a lost or corrupt cursor costs one extra pass,
 never a job.
+
+Ticks may overlap (a tick the daemon timed out goes on running in the code server):
+every record write is a compare-and-swap on the version the tick read, so a
+resubmission, a completed transition or a persisted transition happens in one tick
+only; a tick that loses the race logs it (``raced``) and leaves the job to the winner.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..api.client import OctoAIClient
 from ..api.errors import (
     APIStatusError,
+    ConflictError,
     JobExpiredError,
     OctoAIError,
     RateLimitError,
@@ -201,7 +207,7 @@ class TickReport:
             f"pending {c['pending']}, running {c['running']}, completed {c['completed']}, "
             f"persisted {c['persisted']}, awaiting persist {c['awaiting_persist']}, "
             f"resubmitted {c['resubmitted']}, failed {c['failed']}, unknown status {c['unknown']}, "
-            f"poll errors {c['error']}"
+            f"poll errors {c['error']}, lost races {c['raced']}"
         )
 
 
@@ -384,14 +390,18 @@ class AsyncJobTicker:
         status = result.status
         changes: dict[str, Any] = {"raw_status": result.raw_status, "last_polled_at": now}
         if status is JobStatus.COMPLETED:
-            self.ledger.save(
-                record.evolve(
-                    state=JobState.COMPLETED,
-                    response_url=result.response_url,
-                    completed_at=now,
-                    **changes,
+            try:
+                self.ledger.save(
+                    record.evolve(
+                        state=JobState.COMPLETED,
+                        response_url=result.response_url,
+                        completed_at=now,
+                        **changes,
+                    )
                 )
-            )
+            except ConflictError:
+                # The tick that won asks for the persist run (or a later reconcile does).
+                return _raced(record, "recording its completion")
             return _Outcome(
                 "completed",
                 record,
@@ -419,7 +429,10 @@ class AsyncJobTicker:
         warning = warning or self._expiry_warning(record, now)
         if self._worth_writing(record, changes, now):
             # The tick came here through this record's open marker: no need to write it again.
-            self.ledger.save(record.evolve(**changes), marker_exists=True)
+            try:
+                self.ledger.save(record.evolve(**changes), marker_exists=True)
+            except ConflictError:
+                return _raced(record, f"recording its {status.value} status")
         return _Outcome(kind, record, warning=warning)
 
     def _worth_writing(self, record: JobRecord, changes: Mapping[str, Any], now: datetime) -> bool:
@@ -446,12 +459,15 @@ class AsyncJobTicker:
 
     def _resubmit_or_fail(self, record: JobRecord, reason: str, final: JobState) -> _Outcome:
         if record.attempts > self.settings.max_resubmits:
-            failed = self.ledger.save(
-                record.evolve(
-                    state=final,
-                    error=f"{reason}; gave up after {record.attempts} submission(s)",
+            try:
+                failed = self.ledger.save(
+                    record.evolve(
+                        state=final,
+                        error=f"{reason}; gave up after {record.attempts} submission(s)",
+                    )
                 )
-            )
+            except ConflictError:
+                return _raced(record, "giving it up")
             return _Outcome(
                 "failed",
                 failed,
@@ -459,21 +475,28 @@ class AsyncJobTicker:
                 warning=f"job {record.job_id} {final.value}: {failed.error}",
             )
         request = record.request_model()
-        intent = self.ledger.record_intent(record.evolve(error=None))
+        try:
+            # The claim: of the ticks (and runs) that read this record, one writes the
+            # intent and POSTs; the others lose here and pay nothing.
+            intent = self.ledger.record_intent(record.evolve(error=None))
+        except ConflictError:
+            return _raced(record, "resubmitting it")
         try:
             job = self.client.submit(request)
         except (TransportError, RateLimitError, ServerError) as exc:
             # Unclear whether the service accepted it: leave the intent, marked, for next tick.
-            self.ledger.save(intent.evolve(error=f"resubmission failed: {exc}"))
+            self._mark(intent, error=f"resubmission failed: {exc}")
             return _Outcome(
                 "error", record, warning=f"job {record.job_id}: resubmission failed, retried: {exc}"
             )
         except OctoAIError as exc:
-            failed = self.ledger.save(
-                intent.evolve(state=JobState.FAILED, error=f"{reason}; resubmission refused: {exc}")
+            refused = self._mark(
+                intent, state=JobState.FAILED, error=f"{reason}; resubmission refused: {exc}"
             )
+            if refused is None:
+                return _raced(record, "recording its refused resubmission")
             return _Outcome(
-                "failed", failed, request=self._failure_request(failed), warning=failed.error
+                "failed", refused, request=self._failure_request(refused), warning=refused.error
             )
         self.ledger.record_submitted(intent, job)
         return _Outcome(
@@ -484,6 +507,18 @@ class AsyncJobTicker:
                 f"(attempt {intent.attempts} of {self.settings.max_resubmits + 1})"
             ),
         )
+
+    def _mark(self, intent: JobRecord, **changes: Any) -> JobRecord | None:
+        """Record what became of the submission ``intent`` claimed, if it is still that attempt.
+
+        ``None`` when the record has moved on (another writer took the job over).
+        """
+
+        def apply(current: JobRecord) -> JobRecord | None:
+            same = current.state is JobState.INTENT and current.attempts == intent.attempts
+            return current.evolve(**changes) if same else None
+
+        return self.ledger.update(intent, apply)
 
     # ---- persist runs ------------------------------------------------------------------------
 
@@ -501,7 +536,11 @@ class AsyncJobTicker:
         for response_id, record in records.items():
             check = checks.get(response_id, PersistCheck())
             if check.materialized:
-                self.ledger.save(record.evolve(state=JobState.PERSISTED, persisted_at=now))
+                try:
+                    self.ledger.save(record.evolve(state=JobState.PERSISTED, persisted_at=now))
+                except ConflictError:
+                    yield _raced(record, "recording it persisted")
+                    continue
                 yield _Outcome("persisted", record)
                 continue
             warning = self._expiry_warning(record, now)
@@ -517,13 +556,17 @@ class AsyncJobTicker:
                     warning=warning,
                 )
             elif check.failed_runs >= self.settings.max_persist_runs:
-                failed = self.ledger.save(
-                    record.evolve(
-                        state=JobState.FAILED,
-                        persist_runs=check.failed_runs,
-                        error=f"{check.failed_runs} persist run(s) failed; the result was not stored",
+                try:
+                    failed = self.ledger.save(
+                        record.evolve(
+                            state=JobState.FAILED,
+                            persist_runs=check.failed_runs,
+                            error=f"{check.failed_runs} persist run(s) failed; the result was not stored",
+                        )
                     )
-                )
+                except ConflictError:
+                    yield _raced(record, "giving it up")
+                    continue
                 yield _Outcome(
                     "failed",
                     failed,
@@ -546,7 +589,10 @@ class AsyncJobTicker:
                 "error", record, warning=f"job {record.response_id}: poll failed: {exc}"
             )
         if result.status is JobStatus.COMPLETED:
-            self.ledger.save(record.evolve(persist_runs=failed_runs))
+            try:
+                self.ledger.save(record.evolve(persist_runs=failed_runs))
+            except ConflictError:
+                return _raced(record, "asking for another persist run")
             return _Outcome(
                 "persist_retried",
                 record,
@@ -557,6 +603,17 @@ class AsyncJobTicker:
         return self._resubmit_or_fail(
             record, f"persist run failed and the job is now {result.raw_status!r}", JobState.FAILED
         )
+
+
+def _raced(record: JobRecord, doing: str) -> _Outcome:
+    return _Outcome(
+        "raced",
+        record,
+        warning=(
+            f"job {record.job_id}: lost the race {doing}: a concurrent sensor tick or run "
+            "wrote its record first; left to it (nothing was paid for)"
+        ),
+    )
 
 
 def _rotate(markers: Sequence[str], position: str | None) -> list[str]:

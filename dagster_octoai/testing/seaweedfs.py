@@ -111,7 +111,9 @@ class SeaweedFS(StartStopContext):
 
     Attributes:
         endpoint_url: ``http://127.0.0.1:<port>`` of the S3 gateway (after :meth:`start`).
-        access_key, secret_key: the one identity the gateway accepts.
+        access_key, secret_key: the identity that may do everything.
+        read_only_access_key, read_only_secret_key: an identity that may read and list
+            but not write (what a misconfigured IAM policy gives).
         region: the region name to sign with.
     """
 
@@ -133,6 +135,8 @@ class SeaweedFS(StartStopContext):
         self.volume_size_limit_mb = volume_size_limit_mb
         self.access_key = "AK" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(24)
+        self.read_only_access_key = "RO" + secrets.token_hex(8).upper()
+        self.read_only_secret_key = secrets.token_urlsafe(24)
         self.endpoint_url = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
@@ -178,7 +182,17 @@ class SeaweedFS(StartStopContext):
                                 {"accessKey": self.access_key, "secretKey": self.secret_key}
                             ],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
+                        },
+                        {
+                            "name": "read-only",
+                            "credentials": [
+                                {
+                                    "accessKey": self.read_only_access_key,
+                                    "secretKey": self.read_only_secret_key,
+                                }
+                            ],
+                            "actions": ["Read", "List"],
+                        },
                     ]
                 }
             )

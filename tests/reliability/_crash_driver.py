@@ -6,7 +6,7 @@ reaches ``point``; without it the run goes to the end. Points:
 ``after_submit`` (the service accepted a job, the ledger does not know its id yet),
 ``mid_poll`` (a poll was answered), ``mid_fetch`` (a result was downloaded, nothing
 stored), ``mid_upload`` (some images are in S3, no manifest) and ``before_manifest``
-(every image is in S3, the manifest is not).
+(every image is in S3, the manifest is not committed).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _install(crash_at: str) -> None:
         "mid_poll": (OctoAIClient, "_poll", {"nth": nth}),
         "mid_fetch": (OctoAIClient, "_fetch_url", {"nth": nth}),
         "mid_upload": (S3Backend, "put", {"nth": nth, "when": is_image}),
-        "before_manifest": (S3Backend, "put", {"before": True, "when": is_manifest}),
+        # The manifest is the commit point, written with a conditional PUT.
+        "before_manifest": (S3Backend, "put_if", {"before": True, "when": is_manifest}),
     }
     owner, name, options = hooks[point]
     kill_at(owner, name, **options)

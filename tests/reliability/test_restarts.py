@@ -122,5 +122,6 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
         duplicates_in_s3=inv.duplicate_contents,
         paid_generations=paid_after_rerun,
         paid_for_lost_answers=orphaned,
+        orphans_removed_by_clean_up=inv.orphans_removed,
         leaks_found=len(leaks) + len(s3_leaks),
     )

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dagster_octoai.api.models import ImageGenerationRequest, ImageGenerationRes
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.storage import ImageStore, S3Backend
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from devtools.secrets import TokenScanner
 
@@ -268,6 +270,12 @@ def test_seaweedfs_killed_mid_upload_leaves_no_manifest_then_rerun_completes(
         assert inv.manifests == []
         second = dg.materialize([storm], resources={**resources, "images": s3_io(store, "outage")})
         assert second.success
+        # The failed run's uploads are orphans under its own write id: the clean-up
+        # removes them, and leaves exactly what the committed manifest lists.
+        orphans = len(inventory(client, "outage", "").images) - 16
+        later = datetime.now(timezone.utc) + timedelta(days=3)
+        cleaned = ImageStore(S3Backend(client, "outage")).clean_up(now=later)
+        assert len(cleaned.removed_keys) == orphans
         inv = inventory(client, "outage", "")
         assert len(inv.images) == 16 and len(inv.manifests) == 1
         assert manifest_problems(client, "outage", inv) == []
@@ -277,6 +285,7 @@ def test_seaweedfs_killed_mid_upload_leaves_no_manifest_then_rerun_completes(
             images_persisted=len(inv.images),
             duplicates_in_s3=inv.duplicate_contents,
             manifests_pointing_at_missing_objects=0,
+            orphans_removed_by_clean_up=orphans,
             leaks_found=0,
         )
     finally:
