@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -129,14 +130,18 @@ def test_a_yaml_asset_loads_as_dg_loads_it_and_materializes_into_s3(
     assert mat.metadata["seeds"].value == [17]
     objects = seaweedfs.client().list_objects_v2(Bucket=s3_bucket, Prefix="yaml/")
     stored = sorted(o["Key"] for o in objects.get("Contents", []))
-    assert stored == [
-        "yaml/wildlife/foxes/arctic/000-seed17.png",
-        "yaml/wildlife/foxes/arctic/manifest.json",
-    ]
+    # The partition's manifest and its image, under the write that committed it.
+    assert len(stored) == 2 and stored[1] == "yaml/wildlife/foxes/partition=arctic/manifest.json"
+    assert re.fullmatch(
+        r"yaml/wildlife/foxes/partition=arctic/_objects/[0-9TZ]+-[0-9a-f]+/000-seed17\.png",
+        stored[0],
+    ), stored
     # The request template came from YAML: the prompt was filled in at run time.
     manifest = json.loads(
         seaweedfs.client()
-        .get_object(Bucket=s3_bucket, Key="yaml/wildlife/foxes/arctic/manifest.json")["Body"]
+        .get_object(Bucket=s3_bucket, Key="yaml/wildlife/foxes/partition=arctic/manifest.json")[
+            "Body"
+        ]
         .read()
     )
     assert manifest["results"][0]["request"]["body"]["prompt"] == "a arctic fox"

@@ -66,7 +66,7 @@ def test_one_key_per_fact_and_the_uri_with_its_partition(
         [posters], partition_key="mug", resources=_resources(octoai_server, seaweedfs, s3_bucket)
     )
     md = _metadata(result, "posters")
-    assert md["dagster/uri"] == f"s3://{s3_bucket}/facts/posters/mug/"
+    assert md["dagster/uri"] == f"s3://{s3_bucket}/facts/posters/partition=mug/"
     assert not DUPLICATE_NAMES & set(md), DUPLICATE_NAMES & set(md)
     # What the output holds (said once, by whichever records it) ...
     assert md["images"] == 2 and md["seeds"] == [1, 2] and md["removed_for_safety"] == 0

@@ -350,7 +350,10 @@ def test_the_example_dagster_job_runs_against_it(
         assert result.success
         assert all(e.passed for e in result.get_asset_check_evaluations())
     keys = seaweedfs.client().list_objects_v2(Bucket=s3_bucket).get("Contents", [])
-    assert any("product_images/desk-lamp/000-seed" in k["Key"] for k in keys)
+    assert any(
+        "product_images/partition=desk-lamp/_objects/" in k["Key"] and "/000-seed" in k["Key"]
+        for k in keys
+    )
 
 
 def _tiny_models(tmp_path: Path) -> Path:

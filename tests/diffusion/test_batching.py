@@ -45,6 +45,19 @@ def batching_server(
         yield server
 
 
+def _control(server: LocalOctoAIServer) -> httpx.Client:
+    """The runner's own client: the admin token, for the ``/_local/*`` control routes."""
+    assert server._client is not None
+    return server._client
+
+
+def _user(server: LocalOctoAIServer) -> httpx.Client:
+    """A client with the user token (the admin token is refused on the API routes)."""
+    return httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=600
+    )
+
+
 def _array(data: bytes) -> np.ndarray:
     return np.asarray(pil(data).convert("RGB"), dtype=np.int16)
 
@@ -52,21 +65,16 @@ def _array(data: bytes) -> np.ndarray:
 def test_waiting_requests_with_the_same_settings_share_a_call(
     batching_server: LocalOctoAIServer, post: Generate
 ) -> None:
-    assert batching_server._client is not None
-    local = batching_server._client
+    local = _control(batching_server)
     described = local.get("/_local/backend").json()
     assert described["batch_max_images"] == 4 and described["pipeline_calls"] == 0
     # A request alone is not batched: the same bytes as on the server without batching.
     body = {"prompt": "a kettle", "seed": 3, "steps": 2, "image_encoding": "png"}
-    alone = local.post("/generate/sd", json=body, headers={}, timeout=600)
+    client = _user(batching_server)
+    alone = client.post("/generate/sd", json=body)
     assert images_of(alone) == images_of(post("sd", **body))
 
     results: dict[str, bytes] = {}
-    client = httpx.Client(
-        base_url=batching_server.url,
-        headers={"Authorization": f"Bearer {TEST_TOKEN}"},
-        timeout=600,
-    )
 
     def send(name: str, prompt: str, seed: int, steps: int = 2) -> None:
         answer = client.post(
@@ -107,12 +115,12 @@ def test_waiting_requests_with_the_same_settings_share_a_call(
 def test_without_refiner_weights_use_refiner_is_ignored_and_said(
     batching_server: LocalOctoAIServer,
 ) -> None:
-    assert batching_server._client is not None
-    local = batching_server._client
+    local = _control(batching_server)
     described = local.get("/_local/backend").json()
     assert described["refiner"] is False
     assert any("use_refiner and high_noise_frac are ignored" in n for n in described["notes"])
     body = {"prompt": "a tower", "seed": 5, "steps": 2, "image_encoding": "png"}
-    refined = local.post("/generate/sdxl", json={**body, "use_refiner": True}, timeout=600)
-    plain = local.post("/generate/sdxl", json={**body, "use_refiner": False}, timeout=600)
+    with _user(batching_server) as user:
+        refined = user.post("/generate/sdxl", json={**body, "use_refiner": True})
+        plain = user.post("/generate/sdxl", json={**body, "use_refiner": False})
     assert images_of(refined) == images_of(plain)

@@ -74,12 +74,18 @@ def test_serve_options_of_the_diffusers_backend(
 def test_serve_refuses_a_wrong_model_directory_or_device_before_listening(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_models: Path
 ) -> None:
-    assert main(["serve", "--backend", "diffusers", "--models", str(tmp_path / "none")]) == 2
+    # --public: past the token check (a private server without a token is refused first).
+    serve = ["serve", "--public", "--backend", "diffusers", "--models"]
+    assert main([*serve, str(tmp_path / "none")]) == 2
     assert "is not a model directory" in capsys.readouterr().err
-    assert main(["serve", "--backend", "diffusers", "--models", str(tmp_path)]) == 2
+    assert main([*serve, str(tmp_path)]) == 2
     assert "has neither sdxl/base nor sd15/base" in capsys.readouterr().err
     with pytest.raises(BackendError, match="sees no CUDA GPU"):
-        load_backend(ServerConfig(backend="diffusers", models=str(tiny_models), device=("cuda:1",)))
+        load_backend(
+            ServerConfig(
+                public=True, backend="diffusers", models=str(tiny_models), device=("cuda:1",)
+            )
+        )
 
 
 def test_clip_skip_finds_the_final_layer_norm_in_either_transformers_layout() -> None:
