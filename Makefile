@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 # CUDA build. uv then finds it installed and installs nothing else in its place.
 # On a GPU host without that disk the same line takes PyPI's CUDA build (docs/local-server.md).
 TORCH_VERSION ?= 2.13.0
+# The suite runs on several workers (pytest-xdist): most tests wait on servers, S3 and
+# subprocesses, so more workers than cores pays (docs/testing.md).
+TEST_WORKERS ?= 3
 export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: venv test lint typecheck demo dev bench bench-quick bench-gpu reliability docs chromium clean
@@ -42,7 +45,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 test: venv chromium lint typecheck
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 # The main job end to end on the local server and SeaweedFS.
 demo: venv

@@ -11,7 +11,7 @@ weights; the code path is the one real SDXL / SD 1.5 weights take). Exits 0 only
 all of that worked.
 
 Usage: python scripts/demo.py [--output-dir .demo] [--s3-endpoint-url URL --bucket NAME]
-                              [--no-diffusers]
+                              [--no-diffusers | --tiny-models DIR]
 """
 
 from __future__ import annotations
@@ -200,9 +200,13 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
 
 
 def _materialize_through_diffusers(
-    services: Services, instance: Any, output_dir: Path
+    services: Services, instance: Any, output_dir: Path, models: Path | None = None
 ) -> list[str]:
-    """Tiny random-weight models, the diffusers backend, one asset into S3: the S3 URIs."""
+    """Tiny random-weight models, the diffusers backend, one asset into S3: the S3 URIs.
+
+    ``models``: where the models are (the test suite passes the ones it wrote for its
+    run); by default ``output_dir/tiny-models``. Written there first when missing.
+    """
     import secrets
     import subprocess
 
@@ -214,7 +218,10 @@ def _materialize_through_diffusers(
     from dagster_octoai.resources import OctoAIResource
     from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 
-    models = output_dir / "tiny-models"
+    if models is not None:
+        progress(f"diffusers: the tiny random-weight models in {models}")
+    else:
+        models = output_dir / "tiny-models"
     if not (models / "dagster-octoai-models.json").is_file():
         progress(f"diffusers: writing tiny random-weight models to {models}")
         subprocess.run(
@@ -311,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the quick placeholder run (skip the diffusers backend on tiny models)",
     )
+    parser.add_argument(
+        "--tiny-models",
+        type=Path,
+        metavar="DIR",
+        help="the tiny models' directory (written there first if it holds none; "
+        "default: OUTPUT_DIR/tiny-models)",
+    )
     args = parser.parse_args(argv)
     output_dir: Path = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                     diffused = (
                         []
                         if args.no_diffusers
-                        else _materialize_through_diffusers(services, instance, output_dir)
+                        else _materialize_through_diffusers(
+                            services, instance, output_dir, args.tiny_models
+                        )
                     )
         except (KeyboardInterrupt, StopRequested):
             return fail("interrupted; everything started was stopped")

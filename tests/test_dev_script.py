@@ -265,8 +265,8 @@ sys.path.insert(0, {scripts!r})
 from _services import Shutdown
 
 shutdown = Shutdown(interrupt={interrupt}).install()
-print("ready", flush=True)
 try:
+    print("ready", flush=True)  # inside the try: a signal right after it is handled there
     if {interrupt}:
         time.sleep(60)  # the work a first signal interrupts
     else:

@@ -36,6 +36,8 @@ from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs  # 
 
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
 
+# One worker of a parallel run holds the module's cluster, its tests in file order (the
+# ``ray`` group of tests/conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TOKEN = "ray-token-51c0de"
@@ -356,25 +358,11 @@ def test_the_example_dagster_job_runs_against_it(
     )
 
 
-def _tiny_models(tmp_path: Path) -> Path:
-    reuse = os.environ.get("DAGSTER_OCTOAI_TINY_MODELS")
-    if reuse:
-        return Path(reuse)
-    root = tmp_path / "models"
-    done = subprocess.run(
-        [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root
-
-
-def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tmp_path: Path) -> None:
-    # The diffusion extra and the diffusers backend (issue 14); the tiny random-weight models.
+def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tiny_models: Path) -> None:
+    # The diffusion extra and the diffusers backend (issue 14); the tiny random-weight models
+    # (tests/conftest.py: written once per run, shared with the diffusion tests).
     pytest.importorskip("dagster_octoai.server.backends.diffusers")
-    models = _tiny_models(tmp_path)
+    models = tiny_models
     config = RayEndpointConfig(
         server=ServerConfig(token=TOKEN, backend="diffusers", models=str(models), device=("cpu",)),
         min_replicas=1,

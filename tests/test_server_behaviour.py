@@ -140,10 +140,17 @@ def test_status_faults(octoai_server_factory: Factory, fault: str, status: int) 
     assert stats["paid_generations"] == 0
 
 
+#: What a client may see of a connection closed without an answer: the server's FIN
+#: (RemoteProtocolError), or its RST (ReadError, WriteError) when the request's last bytes
+#: were still unread by the server as it closed, which happens on a loaded box. Never an answer,
+#: never a refused connection (ConnectError).
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 def test_dropped_connection_is_a_connection_error_not_a_500(octoai_server_factory: Factory) -> None:
     srv = octoai_server_factory(faults=FaultConfig(drop_connection=1.0))
     with httpx.Client(base_url=srv.url, headers=_headers(srv), timeout=30) as client:
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(DROPPED):
             client.post("/generate/sd", json=BODY)
         # The server lives on, and the next connection works.
         assert client.get("/healthcheck").status_code == 200
@@ -264,7 +271,7 @@ def test_drops_work_with_either_uvicorn_http_implementation(http: str) -> None:
             assert time.monotonic() < deadline and thread.is_alive()
             time.sleep(0.01)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(DROPPED):
             httpx.post(f"{url}/generate/sd", json=BODY, headers={"Authorization": "Bearer t"})
         assert httpx.get(f"{url}/healthcheck").status_code == 200
     finally:

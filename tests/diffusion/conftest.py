@@ -1,17 +1,16 @@
-"""The diffusers backend's fixtures: tiny models written once, one server for the session.
+"""The diffusers backend's fixtures: one server for the session, on the tiny models.
 
-The models are written by the real command (``dagster-octoai tiny-models DIR``, its
-``main`` called in this process) and served by one diffusers-backend server (uvicorn in a thread of
+The models are written once per run by the real command (``tiny_models`` in
+tests/conftest.py) and served by one diffusers-backend server (uvicorn in a thread of
 this process) that every module here shares: loading torch and the models takes most
-of a test's time on a small CPU, so it happens once.
+of a test's time on a small CPU, so it happens once. For the same reason every test
+here runs in one xdist worker (the ``diffusers`` group of tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,31 +19,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from dagster_octoai.cli import main
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
 
 #: Few steps: a test checks code paths and pixels' dependence on inputs, not quality.
 STEPS = 2
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory written by ``dagster-octoai tiny-models``.
-
-    ``DAGSTER_OCTOAI_TINY_MODELS=DIR`` reuses a directory the command wrote before (it
-    saves a minute when re-running a few tests by hand; the suite never sets it).
-    """
-    reuse = os.environ.get("DAGSTER_OCTOAI_TINY_MODELS")
-    if reuse:
-        return Path(reuse)
-    root = tmp_path_factory.mktemp("tiny-models") / "models"
-    # The command itself, in this process (a child would import torch a second time).
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["tiny-models", str(root)]) == 0
-    assert "serve them: dagster-octoai serve --backend diffusers --models" in out.getvalue()
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
@@ -50,9 +51,11 @@ def figures() -> Iterator[Figures]:
     target = os.environ.get(FIGURES_ENV)
     if target:
         path = Path(target)
-        existing: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        existing.update(collected.rows)
-        path.write_text(json.dumps(existing, indent=2, sort_keys=True))
+        # Each worker of a parallel run adds its figures: one at a time.
+        with FileLock(f"{path}.lock"):
+            existing: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+            existing.update(collected.rows)
+            path.write_text(json.dumps(existing, indent=2, sort_keys=True))
 
 
 @pytest.fixture(scope="module")

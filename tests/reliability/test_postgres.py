@@ -40,6 +40,10 @@ from ._sensor_support import (
 )
 from ._support import LEAK_TOKEN, Figures, inventory, manifest_problems, stored_once
 
+# One worker of a parallel run starts the session's cluster (and installs PostgreSQL
+# first on a machine without it: two apt-gets at once would fight over dpkg's lock):
+# the ``postgres`` group of tests/conftest.py.
+
 
 @pytest.fixture
 def pg_instance(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dg.DagsterInstance]:
