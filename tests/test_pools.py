@@ -45,6 +45,8 @@ defs = Definitions(
 """
 
 LIMIT = 2
+#: Both runs take seconds (tens on a loaded box): far past that, they are stuck.
+RUN_TIMEOUT_S = 300
 
 
 def _instance_home(root: Path, limit: int) -> Path:
@@ -65,6 +67,12 @@ def _instance_home(root: Path, limit: int) -> Path:
 
 
 def _launch_runs(root: Path, home: Path, server: LocalOctoAIServer, count: int) -> list[Any]:
+    """Launch ``count`` runs of the job at once; each one's exit code and output.
+
+    The output goes to a file (left in ``root`` for a look after a failure), and a run
+    that takes far too long fails the test with what both runs said: a step process that
+    ends without reporting keeps its pool slot, and the other steps would wait for ever.
+    """
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -73,22 +81,28 @@ def _launch_runs(root: Path, home: Path, server: LocalOctoAIServer, count: int) 
         "PYTHONPATH": str(root),
     }
     command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "poolproj", "-j"]
-    runs = [
-        subprocess.Popen(
-            [*command, "frames_job"],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    outputs = []
-    for run in runs:
-        out, _ = run.communicate(timeout=600)
-        outputs.append((run.returncode, out))
-    return outputs
+    logs = [root / f"run-{i}.log" for i in range(count)]
+    runs = []
+    for log in logs:
+        with log.open("w") as out:
+            runs.append(
+                subprocess.Popen(
+                    [*command, "frames_job"],
+                    cwd=root,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    try:
+        codes = [run.wait(timeout=RUN_TIMEOUT_S) for run in runs]
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+            run.wait()
+        told = "\n----\n".join(log.read_text()[-3000:] for log in logs)
+        pytest.fail(f"the runs took over {RUN_TIMEOUT_S} s:\n{told}")
+    return [(code, log.read_text()) for code, log in zip(codes, logs, strict=True)]
 
 
 def test_two_runs_never_have_more_generations_in_flight_than_the_pool_allows(

@@ -335,7 +335,7 @@ def test_the_example_dagster_job_runs_against_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from _support import example_project_env
-    from dagster import instance_for_test
+    from dagster import AssetKey, instance_for_test
 
     from example_project.definitions import build_definitions
     from example_project.settings import ExampleSettings
@@ -346,8 +346,13 @@ def test_the_example_dagster_job_runs_against_it(
     defs = build_definitions(ExampleSettings.from_env(env))
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with instance_for_test() as instance:
+        # The catalogue and the product shot with its checks: the job's other images go
+        # through the same client and endpoint (tests/test_example_project.py runs them all).
         result = defs.resolve_job_def("product_images_job").execute_in_process(
-            instance=instance, partition_key="desk-lamp", run_config=quiet
+            instance=instance,
+            partition_key="desk-lamp",
+            run_config=quiet,
+            asset_selection=[AssetKey("prompt_catalogue"), AssetKey("product_images")],
         )
         assert result.success
         assert all(e.passed for e in result.get_asset_check_evaluations())
