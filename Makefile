@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 TEST_WORKERS ?= 3
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv test lint typecheck demo dev bench bench-quick bench-gpu reliability docs chromium clean
+.PHONY: venv test pytest lint typecheck demo dev bench bench-quick bench-gpu reliability docs chromium clean
 
 venv: $(STAMP)
 
@@ -44,7 +44,12 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: venv chromium lint typecheck
+# Lint and the type check run beside the tests (their output may interleave); `make test`
+# fails if any of the three does.
+test: venv chromium
+	@$(MAKE) --no-print-directory -j 3 lint typecheck pytest
+
+pytest: venv
 	$(PY) -m pytest -n $(TEST_WORKERS)
 
 # The main job end to end on the local server and SeaweedFS.

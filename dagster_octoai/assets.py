@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypedDict, cast
 
 from dagster import (
     AssetCheckResult,
@@ -279,14 +279,7 @@ def octoai_image_asset(
             "octoai/engine": str(template.get("engine", "sdxl")),
             **code_reference_metadata(code_references),
         },
-        pool=options.pool,
-        retry_policy=options.retry_policy,
-        automation_condition=options.automation_condition,
-        code_version=options.code_version,
-        owners=options.owners,
-        kinds=set(options.kinds),
-        op_tags=options.op_tags,
-        backfill_policy=options.backfill_policy,
+        **options.asset_arguments(),
     )
     def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
         # A PromptTooLongWarning (or any warning about the requests) goes to the event log.
@@ -389,6 +382,19 @@ def octoai_image_asset(
     return _generate
 
 
+class AssetArguments(TypedDict):
+    """``AssetOptions`` as the keyword arguments of ``@asset`` (typed, for ``**``)."""
+
+    pool: str | None
+    retry_policy: RetryPolicy | None
+    automation_condition: AutomationCondition[Any] | None
+    code_version: str | None
+    owners: Sequence[str] | None
+    kinds: set[str]
+    op_tags: Mapping[str, Any] | None
+    backfill_policy: BackfillPolicy | None
+
+
 @dataclass(frozen=True)
 class AssetOptions:
     """The ``@asset`` arguments every factory of this package passes through.
@@ -409,6 +415,19 @@ class AssetOptions:
     kinds: frozenset[str] = frozenset({"octoai"})
     op_tags: Mapping[str, Any] | None = None
     backfill_policy: BackfillPolicy | None = None
+
+    def asset_arguments(self) -> AssetArguments:
+        """These options as ``@asset`` keyword arguments (``kinds`` as the set it takes)."""
+        return {
+            "pool": self.pool,
+            "retry_policy": self.retry_policy,
+            "automation_condition": self.automation_condition,
+            "code_version": self.code_version,
+            "owners": self.owners,
+            "kinds": set(self.kinds),
+            "op_tags": self.op_tags,
+            "backfill_policy": self.backfill_policy,
+        }
 
 
 def asset_options(

@@ -303,14 +303,7 @@ def octoai_async_submit_asset(
         description=description
         or f"Submits OctoAI async jobs whose images are persisted by {target}.",
         metadata=code_reference_metadata(None),
-        pool=options.pool,
-        retry_policy=options.retry_policy,
-        automation_condition=options.automation_condition,
-        code_version=options.code_version,
-        owners=options.owners,
-        kinds=set(options.kinds),
-        op_tags=options.op_tags,
-        backfill_policy=options.backfill_policy,
+        **options.asset_arguments(),
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
         _one_partition(context, "the async submit asset")
@@ -457,14 +450,7 @@ def octoai_async_results_asset(
         description=description or "Images of one OctoAI async job (partition = response id).",
         metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
-        pool=options.pool,
-        retry_policy=options.retry_policy,
-        automation_condition=options.automation_condition,
-        code_version=options.code_version,
-        owners=options.owners,
-        kinds=set(options.kinds),
-        op_tags=options.op_tags,
-        backfill_policy=options.backfill_policy,
+        **options.asset_arguments(),
     )
     def _results(context: AssetExecutionContext) -> Iterator[Any]:
         _one_partition(context, "the async results asset")
@@ -769,14 +755,7 @@ def octoai_async_blocking_asset(
         description=description or "Images from OctoAI async jobs, waited for in the run.",
         metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
-        pool=options.pool,
-        retry_policy=options.retry_policy,
-        automation_condition=options.automation_condition,
-        code_version=options.code_version,
-        owners=options.owners,
-        kinds=set(options.kinds),
-        op_tags=options.op_tags,
-        backfill_policy=options.backfill_policy,
+        **options.asset_arguments(),
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Any]:
         _one_partition(context, "the blocking async asset")
