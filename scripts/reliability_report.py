@@ -52,7 +52,8 @@ Regenerate this page with `make reliability` (it runs
 
 ## What the scenarios do
 
-- **Transient faults**: 1,000 images (4 partitions x 25 requests x 10 images), once
+- **Transient faults**: 1,000 images (4 partitions x 25 requests x 10 images; `make test`
+  runs the same 100 requests with 4 images each), once
   through a partitioned sync asset and once through async jobs, with 20 % of requests
   answered 429 with `Retry-After`, 500, 503, a dropped connection (before or after the
   images were rendered) or a slow answer, from a seeded fault draw.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dagster import DagsterInstance
 
 from dagster_octoai.server import LocalOctoAIServer
 
@@ -63,6 +64,11 @@ def _instance_home(root: Path, limit: int) -> Path:
             """
         )
     )
+    # The instance's databases made here, once: two runs starting on an empty home would
+    # both create them and race on the schema's version row (seen under load).
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+        instance.event_log_storage.get_concurrency_keys()
     return home
 
 
