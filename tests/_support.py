@@ -6,6 +6,7 @@ reads as used): tests/conftest.py stays the suite-wide set-up.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,29 @@ def example_project_env(
         "AWS_SECRET_ACCESS_KEY": s3.secret_key,
         "AWS_REGION": s3.region,
     }
+
+
+# ---- the browser tests' Chromium ---------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's chromium, headless, without the background traffic a CI box cannot reach.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    """Debian's chromium, installed with apt-get by scripts/ensure_chromium.sh when missing."""
+    if not CHROMIUM.exists():
+        script = Path(__file__).resolve().parent.parent / "scripts" / "ensure_chromium.sh"
+        subprocess.run([str(script)], check=True, timeout=900)
+    assert CHROMIUM.exists(), f"{CHROMIUM} is still missing after ensure_chromium.sh"
+    return CHROMIUM

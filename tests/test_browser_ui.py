@@ -21,28 +21,17 @@ from typing import Any
 
 import httpx
 import pytest
-from _support import example_project_env
+from _support import CHROMIUM_ARGS, chromium, example_project_env
 
 from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 from devtools.dagster_dev import DagsterDev
 
-__all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
+__all__ = ["chromium", "s3_bucket", "seaweedfs"]  # fixtures used by name
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = REPO / "test-output" / "browser"
 ASSET = "product_images"
 PARTITION = "desk-lamp"
@@ -68,15 +57,6 @@ query ($key: AssetKeyInput!, $partition: String!) {
   }
 }
 """
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    """Debian's chromium, installed with apt-get by scripts/ensure_chromium.sh when missing."""
-    if not CHROMIUM.exists():
-        subprocess.run([str(REPO / "scripts" / "ensure_chromium.sh")], check=True, timeout=900)
-    assert CHROMIUM.exists(), f"{CHROMIUM} is still missing after ensure_chromium.sh"
-    return CHROMIUM
 
 
 @pytest.fixture

@@ -7,41 +7,24 @@ the page reaches the API with the token a person types, as any client would.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from _support import CHROMIUM_ARGS, chromium
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.server.playground import playground_options
 
+__all__ = ["chromium"]  # a fixture used by name
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = REPO / "test-output" / "browser"
 TOKEN = "playground-token-93c1a7"
 UI_TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        subprocess.run([str(REPO / "scripts" / "ensure_chromium.sh")], check=True, timeout=900)
-    assert CHROMIUM.exists(), f"{CHROMIUM} is still missing after ensure_chromium.sh"
-    return CHROMIUM
 
 
 @pytest.fixture(scope="module")
