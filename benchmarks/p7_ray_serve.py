@@ -63,7 +63,7 @@ def run(settings: Settings) -> list[Row]:
     from ray import serve
 
     from dagster_octoai.server.ray_config import RayEndpointConfig
-    from dagster_octoai.server.ray_serve import deploy, start_local_cluster
+    from dagster_octoai.server.ray_serve import deploy, start_local_cluster, start_serve
 
     duration_s = 2.0 if settings.quick else 8.0
     single: dict[int, list[float]] = {1: [], 2: []}
@@ -71,7 +71,7 @@ def run(settings: Settings) -> list[Row]:
     port = _free_port()
     start_local_cluster(num_cpus=4, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port})
         for replicas in (1, 2):
             endpoint = RayEndpointConfig(
                 server=ServerConfig(token=TOKEN, latency_per_image_s=LATENCY_S),

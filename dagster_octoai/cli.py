@@ -312,7 +312,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         import ray
         from ray import serve as ray_serve
 
-        from .server.ray_serve import deploy, start_local_cluster
+        from .server.ray_serve import deploy, start_local_cluster, start_serve
     except ImportError as exc:
         print(
             f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
@@ -329,7 +329,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         http: dict[str, Any] = {"host": args.host, "port": args.port}
         if args.ssl_certfile is not None:
             http.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
-        ray_serve.start(http_options=http)
+        start_serve(http)
         deploy(endpoint, name=args.app_name, route_prefix=args.route_prefix)
         scheme = "https" if args.ssl_certfile else "http"
         prefix = args.route_prefix.rstrip("/")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 import typing
@@ -46,7 +47,14 @@ from .ray_config import RayEndpointConfig
 from .security import Caller
 from .stats import CURRENT_RECORD
 
-__all__ = ["APP_NAME", "RayEndpointConfig", "build_app", "deploy", "start_local_cluster"]
+__all__ = [
+    "APP_NAME",
+    "RayEndpointConfig",
+    "build_app",
+    "deploy",
+    "start_local_cluster",
+    "start_serve",
+]
 
 APP_NAME = "octoai"
 _BACKPRESSURE_RETRY_S = 0.25
@@ -389,6 +397,13 @@ def deploy(config: RayEndpointConfig, *, name: str = APP_NAME, route_prefix: str
     serve.run(build_app(config, cluster_gpus=gpus), name=name, route_prefix=route_prefix)
 
 
+# Serve's controller gives a new HTTP proxy 5 s to answer its first ready check before it
+# kills the proxy and starts another (10 s, 15 s... after that). Starting the proxy's Python
+# process alone can take longer on a loaded machine (a shared 2-core CI box); a local
+# cluster gives it 30 s. A variable already set in the environment wins.
+LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
 def start_local_cluster(
     *, num_cpus: int | None = None, num_gpus: int | None = None, attempts: int = 3, **init: Any
 ) -> None:
@@ -399,17 +414,49 @@ def start_local_cluster(
     """
     import ray
 
+    # Every Ray process of the new cluster inherits the environment ray.init starts it in;
+    # the caller's own environment is left as it was.
+    saved = {name: os.environ.get(name) for name in LOCAL_CLUSTER_ENV}
+    for name, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    include_dashboard=False,
+                    configure_logging=False,
+                    **init,
+                )
+                return
+            except Exception as exc:
+                ray.shutdown()
+                if attempt == attempts or "timed out during startup" not in str(exc):
+                    raise
+    finally:
+        for name, was in saved.items():
+            if was is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = was
+
+
+def start_serve(http_options: dict[str, Any], *, attempts: int = 3) -> None:
+    """``serve.start`` on the connected cluster, started again if its first proxy died.
+
+    Serve waits a fixed 60 s for its HTTP proxy, and its controller kills a proxy that does
+    not answer its ready check in time (then starts another, which ``serve.start`` does not
+    wait for): on a loaded machine ``serve.start`` then fails with the first proxy's
+    ``ActorDiedError``. Serve is shut down and started again, ``attempts`` times in all.
+    """
+    import ray
+
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                include_dashboard=False,
-                configure_logging=False,
-                **init,
-            )
+            serve.start(http_options=http_options)
             return
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == attempts or "timed out during startup" not in str(exc):
+        except (ray.exceptions.ActorDiedError, TimeoutError):
+            serve.shutdown()  # type: ignore[no-untyped-call]
+            if attempt == attempts:
                 raise
