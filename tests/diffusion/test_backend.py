@@ -289,9 +289,12 @@ def test_checkpoint_vae_loras_and_textual_inversions_change_the_output(
     ):
         changed[name] = one(post, engine, **body, **change)
         assert float(np.abs(plain - changed[name]).mean()) > 0.5, change
-    # The same weights as one original-format file (from_single_file): the same bytes.
+    # The same weights as one original-format file (from_single_file): the same picture.
+    # The weights are bit for bit the same (test_cli_and_tools), but tensors loaded another
+    # way may take other CPU kernels: seen here, 185 of 3.1 M channel values a level apart.
     single_file = one(post, engine, **body, checkpoint=f"tiny-{family}-alt-file")
-    assert np.array_equal(single_file, changed["checkpoint"])
+    apart = np.abs(single_file - changed["checkpoint"])
+    assert int(apart.max()) <= 1 and float((apart > 0).mean()) < 0.001
     if engine == "sd":  # several weighted LoRAs: on the cheaper engine
         crayon = one(post, engine, **body, loras={"tiny-crayon": 1.0})
         both = one(post, engine, **body, loras={"tiny-crayon": 1.0, "octoai:tiny-ink": 0.6})

@@ -48,6 +48,39 @@ def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     assert "random weights" in (tiny_models / "README.txt").read_text().lower()
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd15"])
+def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(
+    tiny_models: Path, family: str
+) -> None:
+    # The single file is written by ldm.py, the inverse of diffusers' own conversion;
+    # from_single_file must read back exactly the folder's weights, in every component.
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {"safety_checker": None} if family == "sd15" else {}
+    checkpoints = tiny_models / family / "checkpoints"
+    folder = cls.from_pretrained(
+        str(checkpoints / f"tiny-{family}-alt"), local_files_only=True, **extra
+    )
+    single = cls.from_single_file(
+        str(checkpoints / f"tiny-{family}-alt-file.safetensors"),
+        config=str(tiny_models / family / "base"),
+        local_files_only=True,
+        **extra,
+    )
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    for name in ["unet", "vae", *encoders]:
+        mine, theirs = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert mine.keys() == theirs.keys(), name
+        unequal = [key for key in mine if not torch.equal(mine[key], theirs[key])]
+        assert not unequal, (name, unequal[:5])
+    # ...and they are the alternative checkpoint's own, not the base's.
+    base = cls.from_pretrained(str(tiny_models / family / "base"), local_files_only=True, **extra)
+    alt_unet, base_unet = folder.unet.state_dict(), base.unet.state_dict()
+    assert any(not torch.equal(alt_unet[key], base_unet[key]) for key in alt_unet)
+
+
 def test_tiny_models_refuses_a_non_empty_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
