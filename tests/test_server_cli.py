@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -180,6 +181,24 @@ def test_server_repr_and_stopped_errors() -> None:
     with pytest.raises(ValueError, match="forbidden_tokens") as caught:
         ServerConfig(forbidden_tokens="hidden-token")  # type: ignore[arg-type]
     assert "hidden-token" not in str(caught.value)
+
+
+def test_the_startup_wait_fits_the_backend(tmp_path: Path) -> None:
+    # The diffusers backend loads its base models before it answers: minutes for real SDXL
+    # weights, where the placeholder answers in well under a second.
+    assert LocalOctoAIServer(ServerConfig()).startup_timeout_s == 30
+    diffusers = ServerConfig(backend="diffusers", models=str(tmp_path))
+    assert LocalOctoAIServer(diffusers).startup_timeout_s == 900
+    assert LocalOctoAIServer(diffusers, startup_timeout_s=60).startup_timeout_s == 60
+    with pytest.raises(ValueError, match=r"startup_timeout_s: 0 must be > 0"):
+        LocalOctoAIServer(startup_timeout_s=0)
+    # A server that does not answer in time is stopped, and the error says what to raise.
+    late = LocalOctoAIServer(ServerConfig(), mode="process", startup_timeout_s=0.05)
+    with pytest.raises(TimeoutError, match=r"within 0.05 s .*startup_timeout_s=\.\.\."):
+        late.start()
+    assert not late.running
+    with pytest.raises(ConnectionRefusedError):  # the child is gone, its port closed
+        socket.create_connection(("127.0.0.1", late.port), timeout=5).close()
 
 
 def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:

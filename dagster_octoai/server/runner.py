@@ -136,6 +136,11 @@ def _url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+#: :class:`LocalOctoAIServer`'s default start-up wait, per backend.
+STARTUP_TIMEOUT_S = 30.0
+DIFFUSERS_STARTUP_TIMEOUT_S = 900.0
+
+
 class LocalOctoAIServer(StartStopContext):
     """The local OctoAI-compatible server on a free loopback port, for tests and demos.
 
@@ -166,17 +171,28 @@ class LocalOctoAIServer(StartStopContext):
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
-        startup_timeout_s: float = 30.0,
+        startup_timeout_s: float | None = None,
         controls: bool = True,
     ) -> None:
         if mode not in ("thread", "process"):
             raise ValueError(f"mode: {mode!r} is not a mode; allowed: 'thread', 'process'")
+        if startup_timeout_s is not None and not startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s: {startup_timeout_s!r} must be > 0 seconds")
         self._config = _harness_config(config or ServerConfig(), controls)
         self.mode = mode
         self.host = host
         self.port = port
         self.log_level = log_level
-        self.startup_timeout_s = startup_timeout_s
+        #: How long :meth:`start` waits for the first health check. By default 30 s for the
+        #: placeholder backend and 900 s for diffusers, which loads its base models (and
+        #: warms them up) before it answers: real SDXL weights take minutes from a cold disk.
+        self.startup_timeout_s = (
+            startup_timeout_s
+            if startup_timeout_s is not None
+            else DIFFUSERS_STARTUP_TIMEOUT_S
+            if self._config.backend == "diffusers"
+            else STARTUP_TIMEOUT_S
+        )
         #: Seconds from :meth:`start` until the server answered its first health check.
         self.startup_s: float | None = None
         self._thread: threading.Thread | None = None
@@ -295,7 +311,8 @@ class LocalOctoAIServer(StartStopContext):
             interval_s=0.005 if self._server is not None else 0.02,
             on_timeout=lambda reason: TimeoutError(
                 f"the local OctoAI server did not answer /healthcheck within "
-                f"{self.startup_timeout_s} s ({reason})"
+                f"{self.startup_timeout_s:g} s ({reason}); a slower start needs a larger "
+                "LocalOctoAIServer(startup_timeout_s=...)"
             ),
         )
 
