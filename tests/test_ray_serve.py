@@ -162,6 +162,20 @@ def test_serve_is_started_again_when_its_first_proxy_dies(
     assert len(calls) == 2
 
 
+def test_a_frontend_that_cannot_see_the_model_directory_leaves_names_to_the_generators(
+    tmp_path: Path,
+) -> None:
+    from dagster_octoai.api.models import ImageGenerationRequest
+    from dagster_octoai.server.ray_serve import _RemoteBackend
+
+    unseen = ServerConfig(backend="diffusers", models=str(tmp_path / "on-another-node"))
+    request = ImageGenerationRequest.model_validate(
+        {"prompt": "x", "engine": "sd", "checkpoint": "anything"}
+    )
+    assert _RemoteBackend(unseen).check(request) == []
+    assert _RemoteBackend(ServerConfig()).check(request) == []  # the placeholder: no names
+
+
 def test_the_local_cluster_gives_serve_proxies_time_to_start(endpoint: Endpoint) -> None:
     def proxy_timeout() -> str | None:
         return os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")
@@ -432,6 +446,17 @@ def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tiny_models: Pa
         )
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "checkpoint"]
+        # The frontends see the model directory here: an async job naming an unknown LoRA
+        # is refused at once, not accepted to fail later.
+        r = httpx.post(
+            f"{url}/generate/sd",
+            json={"prompt": "x", "steps": 2, "loras": {"tiny-crayon": 0.5, "no-such-lora": 1}},
+            headers={**_auth(), "X-OctoAI-Async": "1"},
+            timeout=60,
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "loras", "no-such-lora"]
+        assert "tiny-crayon, tiny-ink" in r.json()["detail"][0]["msg"]
     finally:
         serve.delete("octoai-diffusers")
 

@@ -175,15 +175,26 @@ class Generator:
 class _RemoteBackend:
     """The frontend's stand-in for the backend, which lives on the generators.
 
-    The frontend loads no weights; what only the backend can judge (an unknown asset) is
-    judged on the generator: a sync request's problems come back as its 422, an async
-    job's make it fail with the same message.
+    The frontend loads no weights. The asset names a request gives (checkpoint, VAE,
+    ControlNet, LoRAs, textual inversions) it checks against the diffusers model
+    directory when this node sees it (one machine, or a volume every node mounts), so that
+    an unknown name is a 422 before anything queues, for async jobs too. What remains, or
+    everything where the directory is not visible here, is judged on the generator: a sync
+    request's problems come back as its 422, an async job's make it fail with the same
+    message.
     """
 
     name = "ray-serve"
 
-    def __init__(self, backend: str) -> None:
-        self._backend = backend
+    def __init__(self, config: ServerConfig) -> None:
+        self._backend = config.backend
+        self._library: Any = None
+        if config.backend == "diffusers" and config.models:
+            from .backends.diffusers.library import ModelLibrary  # no torch
+
+            # Not visible from this node (no shared volume): the generators judge names.
+            with contextlib.suppress(OSError):
+                self._library = ModelLibrary(config.models)
 
     @property
     def replicas(self) -> int | None:
@@ -193,7 +204,10 @@ class _RemoteBackend:
         return {"backend": self._backend, "deployment": "ray-serve"}
 
     def check(self, request: ImageGenerationRequest) -> list[Problem]:
-        return []
+        if self._library is None:
+            return []
+        problems: list[Problem] = self._library.missing(request)
+        return problems
 
     def render(
         self, request: ImageGenerationRequest, seeds: list[int], config: ServerConfig
@@ -221,7 +235,7 @@ class FrontendState(ServerState):
         # The frontend never queues: Serve's handle does, up to max_queued_requests.
         super().__init__(
             config.updated({"replicas": 1024}),
-            _RemoteBackend(config.backend),
+            _RemoteBackend(config),
             owner_key=owner_key,
         )
         self.generator = generator
