@@ -204,8 +204,10 @@ def test_requests_spread_over_two_replicas(endpoint: Endpoint) -> None:
     deadline = time.monotonic() + 120
     while len(replicas) < 2:
         assert time.monotonic() < deadline, f"one replica served everything: {replicas}"
-        answers = asyncio.run(_burst(endpoint.url, 4))
-        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        # Three at once: within one frontend's queue bound (3) even if all land on one
+        # frontend whose handle still counts its replica busy (seen once with four: a 429).
+        answers = asyncio.run(_burst(endpoint.url, 3))
+        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
         replicas |= {a.headers["x-octoai-replica"] for a in answers}
     assert _running_generators() == 2  # never more than max_replicas
 
