@@ -10,10 +10,7 @@ missing), never one downloaded by Playwright.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,36 +58,43 @@ query ($key: AssetKeyInput!, $partition: String!) {
 
 @pytest.fixture
 def dagster_ui(
-    octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path
+    octoai_server: LocalOctoAIServer,
+    seaweedfs: SeaweedFS,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[DagsterDev]:
     """``dagster dev`` on the example project, with the upstream catalogue partition present."""
+    from dagster import AssetKey, DagsterInstance
+
+    from example_project.definitions import build_definitions
+    from example_project.settings import ExampleSettings
+
     env = example_project_env(octoai_server, seaweedfs, s3_bucket, tmp_path / "output")
+    for name, value in env.items():  # the resources read the token and S3 keys from it
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # The UI test is about product_images: its catalogue record is made first, in this
+    # process, on the instance dagster dev then opens.
+    defs = build_definitions(ExampleSettings.from_env(env))
+    with DagsterInstance.from_config(str(home)) as instance:
+        setup = defs.resolve_job_def("product_images_job").execute_in_process(
+            instance=instance,
+            partition_key=PARTITION,
+            asset_selection=[AssetKey("prompt_catalogue")],
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+        assert setup.success
     # A loaded 2-core box can take minutes to start the webserver, daemon and code server.
     with DagsterDev(
-        module="example_project.definitions", cwd=REPO, env=env, startup_timeout_s=400
+        module="example_project.definitions",
+        cwd=REPO,
+        env=env,
+        dagster_home=home,
+        startup_timeout_s=400,
     ) as dev:
-        # The UI test is about product_images; its catalogue record is set up from the CLI.
-        setup = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dagster",
-                "asset",
-                "materialize",
-                "-m",
-                "example_project.definitions",
-                "--select",
-                "prompt_catalogue",
-                "--partition",
-                PARTITION,
-            ],
-            cwd=REPO,
-            env={**os.environ, **env, "DAGSTER_HOME": str(dev.dagster_home)},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert setup.returncode == 0, setup.stderr[-3000:]
         yield dev
 
 
