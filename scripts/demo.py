@@ -232,7 +232,7 @@ def _materialize_through_diffusers(
     token = secrets.token_urlsafe(24)
     progress("diffusers: starting a server with the diffusers backend on the tiny models")
     config = ServerConfig(token=token, backend="diffusers", models=str(models))
-    with LocalOctoAIServer(config, mode="process", startup_timeout_s=600) as server:
+    with LocalOctoAIServer(config, mode="process") as server:  # the diffusers start-up wait (900 s)
         progress(f"diffusers: server at {server.url}; generating (the images are noise)")
         shots = octoai_image_asset(
             "diffusers_product_shots",

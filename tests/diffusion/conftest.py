@@ -32,7 +32,7 @@ def diffusers_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
     config = ServerConfig(
         token=TEST_TOKEN, backend="diffusers", models=str(tiny_models), device=("cpu",)
     )
-    with LocalOctoAIServer(config, startup_timeout_s=900) as server:
+    with LocalOctoAIServer(config) as server:  # 900 s: the diffusers default
         yield server
 
 

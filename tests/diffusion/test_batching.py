@@ -41,7 +41,7 @@ def batching_server(
         device=("cpu",),
         batch_max_images=4,
     )
-    with LocalOctoAIServer(config, startup_timeout_s=900) as server:
+    with LocalOctoAIServer(config) as server:  # 900 s: the diffusers default
         yield server
 
 
