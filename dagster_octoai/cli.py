@@ -350,9 +350,18 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
                 with contextlib.suppress(KeyboardInterrupt, SystemExit):
                     while True:
                         signal.pause()
+            # Serve lets each replica finish what it is doing first (up to the graceful
+            # shutdown timeout): say what the stop waits on.
+            print(
+                f"dagster-octoai serve-ray: stopping: deleting application {args.app_name!r}",
+                file=sys.stderr,
+                flush=True,
+            )
             ray_serve.delete(args.app_name)
             if local:
+                print("dagster-octoai serve-ray: stopping Serve", file=sys.stderr, flush=True)
                 ray_serve.shutdown()  # type: ignore[no-untyped-call]
+            print("dagster-octoai serve-ray: stopped", file=sys.stderr, flush=True)
     finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()

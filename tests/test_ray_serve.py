@@ -521,10 +521,21 @@ def test_the_serve_ray_command(endpoint: Endpoint) -> None:
             == 401
         )
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
+        try:
+            # Serve drains the application's replicas first: seconds, once over a minute
+            # on a loaded box.
+            code = proc.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            app = serve.status().applications.get("octoai-cli")
+            told = proc.stderr.read()[-4000:] if proc.stderr else ""
+            pytest.fail(f"serve-ray still stopping after 150 s; the app: {app}\n{told}")
         err = proc.stderr.read() if proc.stderr else ""
         ours = "\n".join(line for line in err.splitlines() if "pid=" not in line)
         assert code == 0, ours[-4000:]
+        assert "stopping: deleting application 'octoai-cli'" in ours
+        assert ours.rstrip().endswith("dagster-octoai serve-ray: stopped"), ours[-2000:]
         assert "octoai-cli" not in serve.status().applications
     finally:
         if proc.poll() is None:
