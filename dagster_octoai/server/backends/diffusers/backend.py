@@ -26,9 +26,11 @@ from PIL import Image, ImageDraw
 
 from ....api.edges import edge_map
 from ....api.images import decode_base64_image
+from ....api.models import Engine
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
-from .library import Asset, Family, ModelLibrary, family_of
+from .flow import FLOW_PIPELINES, flow_call_kwargs
+from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of
 from .prompts import PromptEmbeddings, encode_prompt
 from .samplers import build_scheduler
 from .styles import apply_style
@@ -42,7 +44,6 @@ __all__ = ["DiffusersBackend"]
 logger = logging.getLogger("dagster_octoai.server")
 
 # The API's defaults (the seed), where the request leaves a field unset.
-DEFAULT_STEPS = 30
 DEFAULT_CFG_SCALE = 12.0
 DEFAULT_STRENGTH = 0.8
 DEFAULT_HIGH_NOISE_FRAC = 0.8
@@ -67,6 +68,9 @@ _PIPELINES: dict[tuple[Family, bool, str], str] = {
     ("sd15", True, "img2img"): "StableDiffusionControlNetImg2ImgPipeline",
     ("sd15", True, "inpaint"): "StableDiffusionControlNetInpaintPipeline",
 }
+# SSD-1B is the SDXL architecture: the SDXL pipelines. FLUX and SD3: see .flow.
+_PIPELINES.update({("ssd", cn, m): n for (f, cn, m), n in list(_PIPELINES.items()) if f == "sdxl"})
+_PIPELINES.update({(f, False, m): n for (f, m), n in FLOW_PIPELINES.items()})  # type: ignore[misc]
 # The modes whose base pipeline hands its latents to the refiner (denoising_end).
 _REFINED_MODES = frozenset({(False, "txt2img"), (False, "img2img"), (True, "txt2img")})
 
@@ -139,9 +143,12 @@ class _Device:
         dtype: torch.dtype,
         library: ModelLibrary,
         compile_unet: bool,
+        flow_dtype: torch.dtype | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+        #: FLUX and SD3 run in bf16 on a GPU unless the server's dtype is set (fp16 overflows).
+        self.flow_dtype = flow_dtype or dtype
         self.library = library
         self.compile_unet = compile_unet
         self.bases: dict[Family, _Checkpoint] = {}
@@ -164,12 +171,17 @@ class _Device:
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile_unet:
-            pipe.unet.compile()
+            # FLUX and SD3 have a transformer where SD has its UNet.
+            (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
         return pipe
 
     def _load_pipeline(self, family: Family, path: Path) -> Any:
         cls = _pipeline_class(_PIPELINES[family, False, "txt2img"])
         extra: dict[str, Any] = {}
+        if family in FLOW_FAMILIES:
+            return self._prepare(
+                cls.from_pretrained(str(path), dtype=self.flow_dtype, local_files_only=True)
+            )
         if family == "sd15":
             extra = {"safety_checker": None, "requires_safety_checker": False}
         if path.is_file():
@@ -256,7 +268,7 @@ def _textual_inversions(
             asset = library.find(family, "textual_inversions", name)
             assert asset is not None  # checked before the request queued
             path = asset.weights_file()
-            if family == "sdxl":
+            if family in XL_FAMILIES:
                 tensors = load_file(str(path))
                 targets = [
                     (tensors["clip_l"], pipe.text_encoder, pipe.tokenizer),
@@ -390,6 +402,7 @@ class DiffusersBackend:
         dtype_name: str,
         compile_unet: bool = False,
         batch_max_images: int = 1,
+        flow_dtype: torch.dtype | None = None,
     ) -> None:
         _quiet_libraries()
         self.library = library
@@ -400,7 +413,7 @@ class DiffusersBackend:
         #: Pipeline calls made, and the requests they served (more requests: batching).
         self.calls = 0
         self.requests = 0
-        self._devices = [_Device(d, dtype, library, compile_unet) for d in devices]
+        self._devices = [_Device(d, dtype, library, compile_unet, flow_dtype) for d in devices]
         # One worker thread per device takes the oldest waiting request and, with
         # batching, the waiting requests of the same settings whose images still fit.
         self._pending: deque[_Job] = deque()
@@ -463,6 +476,8 @@ class DiffusersBackend:
             dtype_name,
             config.torch_compile,
             batch_max_images=config.batch_max_images,
+            # FLUX and SD3 were trained in bf16; fp16 overflows in their activations.
+            flow_dtype=torch.bfloat16 if on_gpu and config.dtype is None else None,
         )
 
     # ---- the Backend protocol --------------------------------------------------------
@@ -472,10 +487,17 @@ class DiffusersBackend:
         # With batching, a device's worth of requests must be able to wait here together.
         return len(self._devices) * self.batch_max_images
 
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The engines this server has weights for; the others answer 404 as unknown."""
+        return self.library.engines
+
     def describe(self) -> dict[str, object]:
         notes = [
             "no safety classifier: removed_for_safety is always false",
             "transfer_images (photo merge) is not supported",
+            "flux-dev: cfg_scale is FLUX's distilled guidance (default 3.5); flux-schnell "
+            "has none, so cfg_scale changes nothing there",
             "the refiner refines text-to-image, img2img and ControlNet text-to-image; "
             "inpainting, outpainting and ControlNet img2img/inpainting do not use it",
         ]
@@ -486,6 +508,7 @@ class DiffusersBackend:
             )
         return {
             "backend": self.name,
+            "engines": [e.value for e in self.engines],
             "devices": self.device_names,
             "dtype": self.dtype_name,
             "torch_compile": self.compile_unet,
@@ -632,6 +655,8 @@ class DiffusersBackend:
             return None if name is None else library.find(family, kind, name)
 
         ckpt = device.checkpoint(family, find("checkpoints", request.checkpoint))
+        if family in FLOW_FAMILIES:
+            return self._generate_flow(device, batch, ckpt, seeds)
         mode = mode_of(request)
         controlled = request.engine.is_controlnet
         extra: dict[str, Any] = {}
@@ -650,7 +675,7 @@ class DiffusersBackend:
         )
 
         width, height = request.size
-        steps = request.steps or DEFAULT_STEPS
+        steps = request.steps or request.engine.default_steps
         kwargs: dict[str, Any] = {
             "num_inference_steps": steps,
             "guidance_scale": request.cfg_scale or DEFAULT_CFG_SCALE,
@@ -726,6 +751,31 @@ class DiffusersBackend:
                 **refiner_embeds.as_kwargs(),
             )
             return list(out.images)
+
+    def _generate_flow(
+        self, device: _Device, batch: list[_Job], ckpt: _Checkpoint, seeds: list[int]
+    ) -> list[Image.Image]:
+        """FLUX and SD3 (:mod:`.flow`): the pipeline called with the prompts as text."""
+        request = batch[0].request
+        mode = mode_of(request)
+        base = ckpt.pipe
+        # from_pipe shares the scheduler object: a fresh one per call.
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        pipe = _pipeline_class(FLOW_PIPELINES[ckpt.family, mode]).from_pipe(
+            base, scheduler=scheduler
+        )
+        pipe.set_progress_bar_config(disable=True)
+        library = self.library
+        ckpt.use_loras(
+            [
+                (asset, weight)
+                for name, weight in (request.loras or {}).items()
+                if (asset := library.find(ckpt.family, "loras", name))
+            ]
+        )
+        kwargs = flow_call_kwargs([(j.request, len(j.seeds)) for j in batch], mode)
+        with torch.inference_mode():
+            return list(pipe(**kwargs, generator=device.generators(seeds)).images)
 
     @staticmethod
     def _embed(pipe: Any, request: ImageGenerationRequest, device: _Device) -> PromptEmbeddings:
