@@ -750,7 +750,7 @@ def create_app(
     if state.config.playground:
         from .playground import playground_routes
 
-        routes.extend(playground_routes())
+        routes.extend(playground_routes(getattr(state.backend, "engines", None)))
     if state.config.control_routes:
         routes.extend(
             [

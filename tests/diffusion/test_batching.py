@@ -124,3 +124,21 @@ def test_without_refiner_weights_use_refiner_is_ignored_and_said(
         refined = user.post("/generate/sdxl", json={**body, "use_refiner": True})
         plain = user.post("/generate/sdxl", json={**body, "use_refiner": False})
     assert images_of(refined) == images_of(plain)
+
+
+def test_engines_without_weights_answer_404_as_unknown_engines(
+    batching_server: LocalOctoAIServer,
+) -> None:
+    described = _control(batching_server).get("/_local/backend").json()
+    assert described["engines"] == ["sdxl", "sd", "controlnet-sdxl", "controlnet-sd15"]
+    with _user(batching_server) as user:
+        # The playground offers exactly the engines served (those it has inputs for).
+        options = user.get("/playground/options.json").json()
+        assert [e["name"] for e in options["engines"]] == ["sdxl", "sd"]
+        for engine in ("ssd", "sd3", "flux-schnell", "flux-dev"):
+            answer = user.post(f"/generate/{engine}", json={"prompt": "a tower", "steps": 2})
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["message"] == (
+                f"Engine {engine!r} not found; available: sdxl, sd, controlnet-sdxl, "
+                "controlnet-sd15."
+            )

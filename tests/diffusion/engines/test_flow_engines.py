@@ -185,6 +185,15 @@ def test_server_refuses_unsupported_fields_and_unserved_engines(
     assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "loras"]
     answer = post("flux-schnell", prompt="x", loras={"tiny-crayon": 1.0})  # an SDXL LoRA
     assert answer.status_code == 422 and "tiny-flux-crayon" in answer.text
+    options = httpx.get(f"{engines_server.url}/playground/options.json").json()
+    assert [(e["name"], e["refused"], e["default_steps"]) for e in options["engines"]] == [
+        ("sdxl", [], 30),
+        ("sd", [], 30),
+        ("ssd", [], 30),
+        ("sd3", ["sampler", "style_preset"], 30),
+        ("flux-schnell", ["negative_prompt", "sampler", "style_preset"], 4),
+        ("flux-dev", ["negative_prompt", "sampler", "style_preset"], 30),
+    ]
     described = engines_server._client.get("/_local/backend").json()
     assert described["engines"] == [
         "sdxl", "sd", "controlnet-sdxl", "controlnet-sd15", "ssd", "sd3", "flux-schnell", "flux-dev"

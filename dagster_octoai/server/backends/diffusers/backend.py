@@ -144,8 +144,10 @@ class _Device:
         library: ModelLibrary,
         compile_unet: bool,
         flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.offload = offload
         self.dtype = dtype
         #: FLUX and SD3 run in bf16 on a GPU unless the server's dtype is set (fp16 overflows).
         self.flow_dtype = flow_dtype or dtype
@@ -168,7 +170,11 @@ class _Device:
             )
 
     def _prepare(self, pipe: Any) -> Any:
-        pipe.to(self.device)
+        if self.offload:
+            # Weights stay in CPU memory; each model moves to the GPU while it runs.
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile_unet:
             # FLUX and SD3 have a transformer where SD has its UNet.
@@ -403,6 +409,7 @@ class DiffusersBackend:
         compile_unet: bool = False,
         batch_max_images: int = 1,
         flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
     ) -> None:
         _quiet_libraries()
         self.library = library
@@ -413,7 +420,10 @@ class DiffusersBackend:
         #: Pipeline calls made, and the requests they served (more requests: batching).
         self.calls = 0
         self.requests = 0
-        self._devices = [_Device(d, dtype, library, compile_unet, flow_dtype) for d in devices]
+        self.offload = offload
+        self._devices = [
+            _Device(d, dtype, library, compile_unet, flow_dtype, offload) for d in devices
+        ]
         # One worker thread per device takes the oldest waiting request and, with
         # batching, the waiting requests of the same settings whose images still fit.
         self._pending: deque[_Job] = deque()
@@ -464,6 +474,11 @@ class DiffusersBackend:
             elif device == "mps" and not torch.backends.mps.is_available():
                 raise BackendError("device: 'mps' is not available on this machine")
         on_gpu = any(d != "cpu" for d in devices)
+        if config.offload and not all(d.startswith("cuda") for d in devices):
+            raise BackendError(
+                f"offload: model CPU offload moves models onto a CUDA GPU as they run; the "
+                f"devices are {', '.join(devices)} (drop --offload, or serve on cuda devices)"
+            )
         dtype_name = config.dtype or ("fp16" if on_gpu else "fp32")
         if on_gpu:
             # Same request, seed and device, same bytes: no autotuned kernel choice.
@@ -478,6 +493,7 @@ class DiffusersBackend:
             batch_max_images=config.batch_max_images,
             # FLUX and SD3 were trained in bf16; fp16 overflows in their activations.
             flow_dtype=torch.bfloat16 if on_gpu and config.dtype is None else None,
+            offload=config.offload,
         )
 
     # ---- the Backend protocol --------------------------------------------------------
@@ -512,6 +528,7 @@ class DiffusersBackend:
             "devices": self.device_names,
             "dtype": self.dtype_name,
             "torch_compile": self.compile_unet,
+            "offload": self.offload,
             "batch_max_images": self.batch_max_images,
             "pipeline_calls": self.calls,
             "requests_served": self.requests,
