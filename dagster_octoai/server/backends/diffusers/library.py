@@ -140,7 +140,7 @@ class ModelLibrary:
                 "flux/schnell or flux/dev: a diffusers folder with model_index.json); see "
                 "docs/local-server.md for the layout"
             )
-        self.families: tuple[Family, ...] = tuple(families)  # type: ignore[arg-type]
+        self.families: tuple[Family, ...] = tuple(families)
 
     def folder(self, family: Family) -> Path:
         """The family's folder: ``DIR/<family>``, FLUX's two in ``DIR/flux``."""
