@@ -31,6 +31,7 @@ from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
 from .flow import FLOW_PIPELINES, flow_call_kwargs
 from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of
+from .photo_merge import photo_merge
 from .prompts import PromptEmbeddings, encode_prompt
 from .samplers import build_scheduler
 from .styles import apply_style
@@ -307,6 +308,13 @@ def _open_image(b64: str, size: tuple[int, int], mode: str) -> Image.Image:
     return converted
 
 
+def _reference_image(b64: str) -> Image.Image:
+    """A photo merge reference, as sent (the image encoder's processor resizes it)."""
+    with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
+        im.load()
+        return im.convert("RGB")
+
+
 def _outpainting_inputs(
     request: ImageGenerationRequest, size: tuple[int, int]
 ) -> tuple[Image.Image, Image.Image]:
@@ -511,12 +519,22 @@ class DiffusersBackend:
     def describe(self) -> dict[str, object]:
         notes = [
             "no safety classifier: removed_for_safety is always false",
-            "transfer_images (photo merge) is not supported",
             "flux-dev: cfg_scale is FLUX's distilled guidance (default 3.5); flux-schnell "
             "has none, so cfg_scale changes nothing there",
             "the refiner refines text-to-image, img2img and ControlNet text-to-image; "
             "inpainting, outpainting and ControlNet img2img/inpainting do not use it",
         ]
+        merging = [f for f in XL_FAMILIES if self.library.ip_adapter(f) is not None]
+        if merging:
+            notes.append(
+                "transfer_images (photo merge): IP-Adapter, one adapter per trigger word, on "
+                + ", ".join(sorted(merging))
+            )
+        else:
+            notes.append(
+                "transfer_images (photo merge) is not supported: no IP-Adapter "
+                f"({self.library.root / 'sdxl' / 'ip_adapters'} is empty or missing)"
+            )
         if not self.has_refiner:
             notes.append(
                 f"no SDXL refiner ({self.library.root / 'sdxl' / 'refiner'}): "
@@ -544,12 +562,23 @@ class DiffusersBackend:
             return problems
         family = family_of(request.engine)
         if request.transfer_images:
-            problems.append(
-                (
-                    ("transfer_images",),
-                    "transfer_images (photo merge) is not supported by this server",
+            if family not in XL_FAMILIES:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images: photo merge works with the SDXL engines only "
+                        f"(sdxl, controlnet-sdxl, ssd), not {request.engine.value!r}",
+                    )
                 )
-            )
+            elif self.library.ip_adapter(family) is None:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images (photo merge) is not supported by this server: it "
+                        f"has no IP-Adapter for {family} (add one under "
+                        f"{self.library.folder(family) / 'ip_adapters'}/NAME/)",
+                    )
+                )
         if request.clip_skip is not None:
             layers = self._clip_layers[family]
             # SDXL already reads the penultimate layer, so it has one layer fewer to skip.
@@ -740,14 +769,20 @@ class DiffusersBackend:
         if refine and frac >= 1.0:
             refine = False  # the base does every step; the refiner would have none
 
+        words = [
+            [_reference_image(b64) for b64 in images]
+            for images in (request.transfer_images or {}).values()
+        ]
         # Textual inversions add rows to the embedding tables: outside inference mode.
         with (
             _textual_inversions(pipe, library, family, request.textual_inversions or {}),
+            photo_merge(pipe, library.ip_adapter(family), words) as merge,
             torch.inference_mode(),
         ):
             embeds = _stack([(self._embed(pipe, j.request, device), len(j.seeds)) for j in batch])
             if embeds is None:
                 return None
+            kwargs.update(merge)
             if not refine:
                 return list(pipe(**kwargs, **embeds.as_kwargs()).images)
             latents = pipe(

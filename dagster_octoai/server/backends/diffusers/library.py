@@ -11,6 +11,7 @@ Layout (``dagster-octoai tiny-models`` writes it; real weights go in the same pl
     DIR/<family>/vaes/NAME/ | NAME.safetensors
     DIR/flux/schnell/ DIR/flux/dev/            FLUX.1 [schnell] and [dev] (diffusers folders)
     DIR/flux/loras/NAME.safetensors            FLUX LoRAs, shared by both
+    DIR/sdxl/ip_adapters/NAME/                 photo merge: an IP-Adapter file, image_encoder/
 
 ``<family>`` is ``sdxl`` (engines ``sdxl``, ``controlnet-sdxl``), ``sd15`` (``sd``,
 ``controlnet-sd15``), ``ssd`` (SSD-1B, the SDXL layout) or ``sd3``; FLUX's families
@@ -154,6 +155,16 @@ class ModelLibrary:
             path = self.root / family / "base"
         return path if (path / "model_index.json").is_file() else None
 
+    def ip_adapter(self, family: Family) -> Path | None:
+        """The folder of the family's IP-Adapter for photo merge (the first by name), or None."""
+        from .photo_merge import adapter_file
+
+        folder = self.folder(family) / "ip_adapters"
+        if family not in XL_FAMILIES or not folder.is_dir():
+            return None
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir() and adapter_file(p)]
+        return found[0] if found else None
+
     @property
     def engines(self) -> tuple[Engine, ...]:
         """The engines this directory has a base model for."""
@@ -247,6 +258,9 @@ class ModelLibrary:
             entry: dict[str, object] = {"base": True}
             if family == "sdxl":
                 entry["refiner"] = self.refiner() is not None
+            if family in XL_FAMILIES:
+                adapter = self.ip_adapter(family)
+                entry["photo_merge"] = None if adapter is None else adapter.name
             entry.update({kind: sorted(self.assets(family, kind)) for kind in ASSET_KINDS})
             out[family] = entry
         return out

@@ -616,6 +616,7 @@ diffusers backend reads for real weights too (docs/local-server.md):
   <family>/loras/NAME.safetensors             LoRAs (diffusers / kohya files)
   <family>/textual_inversions/NAME.safetensors textual inversions
   <family>/vaes/NAME/ or NAME.safetensors     VAEs
+  sdxl/ip_adapters/NAME/          photo merge: an IP-Adapter .safetensors and image_encoder/
 
 Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15);
 ssd/base (engine ssd, SDXL's layout), sd3/base (engine sd3), flux/schnell and flux/dev
@@ -711,6 +712,12 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
             family, fam_dir / "textual_inversions" / "tiny-negative.safetensors", seed + 40
         )
         xl = name == "sdxl"
+        if xl:
+            from .photo_merge import write_tiny_ip_adapter
+
+            write_tiny_ip_adapter(
+                family.unet, fam_dir / "ip_adapters" / "tiny-photo-merge", seed + 60
+            )
         _write_vae_file(
             sizes,
             0.13025 if xl else 0.18215,
