@@ -39,6 +39,7 @@ def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     assert described["sdxl"] == {
         "base": True,
         "refiner": True,
+        "photo_merge": "tiny-photo-merge",
         "checkpoints": ["tiny-sdxl-alt", "tiny-sdxl-alt-file"],
         "controlnets": ["canny_sdxl", "depth_sdxl"],
         "loras": ["tiny-crayon", "tiny-ink"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,3 +69,23 @@ def test_photo_merge_refused_where_there_are_no_weights_or_no_sdxl(
     described = engines_server._client.get("/_local/backend").json()
     assert described["library"]["sdxl"]["photo_merge"] == "tiny-photo-merge"
     assert described["library"]["ssd"]["photo_merge"] is None
+
+
+def test_gpu_benchmark_new_cases_quick_on_cpu(tiny_models: Path, tmp_path: Path) -> None:
+    """The benchmark's FLUX and photo merge rows run (figures on a CPU mean nothing)."""
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    common = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
+    assert gpu.main([*common, "--only", "flux-schnell,sdxl-photo-merge"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["engine"], r["photo_merge"]) for r in rows] == [
+        ("flux-schnell", False),
+        ("sdxl", True),
+    ]
+    assert all(r["direct_p50_s"] > 0 and r["api_p50_s"] > 0 for r in rows)
+    # A spent budget starts no case, and still writes the (empty) figures.
+    assert gpu.main([*common, "--budget-s", "0"]) == 0
+    assert json.loads(out.read_text())["results"] == []
+    with pytest.raises(SystemExit):
+        gpu.main([*common, "--only", "flux-pro"])
