@@ -179,3 +179,12 @@ def test_new_engines_routes_on_the_placeholder(http: httpx.Client, engine: str) 
     (image,) = response.json()["images"]
     with Image.open(io.BytesIO(base64.b64decode(image["image_b64"]))) as im:
         assert im.size == (1024, 1024)
+
+
+def test_list_prices_price_usage() -> None:
+    from dagster_octoai.api.models import LIST_PRICES
+    from dagster_octoai.metadata import image_cost
+    from dagster_octoai.resources import OctoAIResource
+
+    assert image_cost("flux-schnell", images=3, premium_images=0, prices=LIST_PRICES) == 0.006
+    assert OctoAIResource(token="t", prices=LIST_PRICES).prices["sd3"] == 0.03

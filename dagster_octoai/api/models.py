@@ -161,7 +161,7 @@ class Engine(str, enum.Enum):
     def list_price(self) -> float | None:
         """OctoAI's published price of one default image (USD), or None where its pages
         give none: 1024x1024 at the default steps (30; schnell 4), without LoRAs."""
-        return LIST_PRICES.get(self)
+        return LIST_PRICES.get(self.value)
 
 
 _ENGINE_ALIASES = {"controlnet-sd": "controlnet-sd15"}
@@ -181,13 +181,14 @@ FLUX_RESOLUTIONS: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 # OctoAI's pricing page (fern/docs/getting-started/pricing-and-billing.mdx and the
-# engines' pages): USD per 1024x1024 image at the default steps. SSD and SD 1.5 had none.
-LIST_PRICES: dict[Engine, float] = {
-    Engine.SDXL: 0.004,
-    Engine.CONTROLNET_SDXL: 0.008,
-    Engine.SD3: 0.03,
-    Engine.FLUX_SCHNELL: 0.002,
-    Engine.FLUX_DEV: 0.02,
+# engines' pages): USD per 1024x1024 image at the default steps, by engine name (the
+# ``prices`` of OctoAIResource take it as is). SSD and SD 1.5 had none.
+LIST_PRICES: dict[str, float] = {
+    "sdxl": 0.004,
+    "controlnet-sdxl": 0.008,
+    "sd3": 0.03,
+    "flux-schnell": 0.002,
+    "flux-dev": 0.02,
 }
 
 
