@@ -203,14 +203,18 @@ def _measure(
         body["sampler"] = "K_EULER"
     if case.engine == "sdxl":
         body["use_refiner"] = False
-    reference = None
+    words: list[list[Any]] = []
     if case.photo_merge:
+        import base64
+        import io
+
         from PIL import Image
 
         from dagster_octoai.testing.server import sample_image_b64
 
         reference = sample_image_b64((512, 512), "photo")
         body["transfer_images"] = {"sks": [reference]}
+        words = [[Image.open(io.BytesIO(base64.b64decode(reference))).convert("RGB")]]
 
     def direct() -> float:
         # What a diffusers user writes: text in, PIL images out, a fresh scheduler.
@@ -221,12 +225,7 @@ def _measure(
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         _sync(torch)
         started = time.perf_counter()
-        words = []
-        if reference is not None:
-            import base64
-            import io
-
-            words = [[Image.open(io.BytesIO(base64.b64decode(reference))).convert("RGB")]]
+        # Photo merge loads its adapters per call, as the server does per request.
         with photo_merge(pipe, ip_adapter, words) as merge:
             images = pipe(
                 prompt=PROMPT,

@@ -188,3 +188,13 @@ def test_list_prices_price_usage() -> None:
 
     assert image_cost("flux-schnell", images=3, premium_images=0, prices=LIST_PRICES) == 0.006
     assert OctoAIResource(token="t", prices=LIST_PRICES).prices["sd3"] == 0.03
+
+
+def test_launchpad_config_takes_the_same_rules() -> None:
+    """The Dagster run config validates with the request model: the same refusals."""
+    from dagster_octoai.config import ImageGenerationConfig
+
+    config = ImageGenerationConfig(prompt="a fox", engine="flux-dev", loras={"tiny-flux": 0.5})
+    assert config.to_request().engine is Engine.FLUX_DEV
+    with pytest.raises(Exception, match=r"negative_prompt.*not supported on engine 'flux-dev'"):
+        ImageGenerationConfig(prompt="a fox", engine="flux-dev", negative_prompt="blurry")

@@ -53,6 +53,7 @@ def default_guidance(engine: Engine) -> float:
     return 12.0
 
 
+# Copied from backend._open_image (backend imports this module).
 def _image(b64: str, size: tuple[int, int], mode: str) -> Image.Image:
     with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
         im.load()
