@@ -376,7 +376,8 @@ def _describe(config: Any, url: str) -> str:
         auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
         f"dagster-octoai OctoAI-compatible server on {url}",
-        f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15}}",
+        f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15,ssd,sd3,"
+        "flux-schnell,flux-dev}",
         f"  auth: {auth}; replicas: {config.replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
         f"  OpenAPI: {url}/openapi.json"

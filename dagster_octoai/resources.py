@@ -242,7 +242,9 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     prices: dict[str, float] = Field(
         default_factory=dict,
         description=(
-            "Price of one image per engine (sdxl, sd, controlnet-sdxl, controlnet-sd15), in "
+            "Price of one image per engine (sdxl, sd, controlnet-sdxl, controlnet-sd15, ssd, sd3, "
+            "flux-schnell, flux-dev; OctoAI's published ones: dagster_octoai.api.models."
+            "LIST_PRICES), in "
             "your currency; an image made with a premium sampler costs twice that. An engine "
             "not listed counts 1.0, so without prices octoai/cost counts standard images."
         ),

@@ -94,6 +94,8 @@ def _tokens_never_logged(
 #: of a parallel run, in file order, so that its fixture is set up once (not once per
 #: worker, nor again each time the worker comes back to the group).
 XDIST_GROUPS = {
+    # FLUX, SD3, SSD: a server of their own, beside the other (the first prefix that matches)
+    "tests/diffusion/engines/": "diffusers-engines",
     "tests/diffusion/": "diffusers",  # one diffusers server on the tiny models
     "tests/test_ray_serve.py": "ray",  # one Ray cluster and endpoint
     "tests/reliability/test_postgres.py": "postgres",  # one PostgreSQL cluster

@@ -300,3 +300,6 @@ def test_demo_script_succeeds(
     with Image.open(io.BytesIO(png)) as im:
         im.verify()
     assert "demo finished" in demo.stdout
+    # The diffusers step: two SD 1.5 images and a FLUX.1 [schnell] one.
+    assert demo.stdout.count(f"s3://{s3_bucket}/{PREFIX}-diffusers/") == 3, demo.stdout[-3000:]
+    assert f"{PREFIX}-diffusers/diffusers_flux_shot/" in demo.stdout

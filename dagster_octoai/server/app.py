@@ -364,10 +364,15 @@ async def generate(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     name = request.path_params["engine"]
+    # A backend that names its engines (the diffusers one: those it has weights for)
+    # answers the others as the service answers an engine it does not have.
+    served: tuple[Engine, ...] = getattr(state.backend, "engines", tuple(Engine))
     try:
         engine = Engine.parse(name)
     except ValueError:
-        allowed = ", ".join(e.value for e in Engine)
+        engine = None
+    if engine is None or engine not in served:
+        allowed = ", ".join(e.value for e in served)
         return _message(404, f"Engine {name!r} not found; available: {allowed}.")
     if (limited := state.rate_limit_error()) is not None:
         return limited
@@ -745,7 +750,7 @@ def create_app(
     if state.config.playground:
         from .playground import playground_routes
 
-        routes.extend(playground_routes())
+        routes.extend(playground_routes(getattr(state.backend, "engines", None)))
     if state.config.control_routes:
         routes.extend(
             [

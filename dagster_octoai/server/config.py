@@ -48,7 +48,15 @@ def _check_token(value: SecretStr | None, field: str) -> SecretStr | None:
 
 #: The fields that choose and load the backend: fixed at start-up (a running server
 #: cannot swap its models through ``POST /_local/config``).
-BACKEND_FIELDS = ("backend", "models", "device", "dtype", "torch_compile", "batch_max_images")
+BACKEND_FIELDS = (
+    "backend",
+    "models",
+    "device",
+    "dtype",
+    "torch_compile",
+    "batch_max_images",
+    "offload",
+)
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
@@ -292,6 +300,11 @@ class ServerConfig(BaseModel):
     torch_compile: bool = Field(
         default=False,
         description="diffusers backend: torch.compile the UNet (slow first images, faster after).",
+    )
+    offload: bool = Field(
+        default=False,
+        description="diffusers backend: model CPU offload on CUDA devices (each model moves to "
+        "the GPU while it runs): FLUX or SD3 on a GPU smaller than their weights, slower.",
     )
     batch_max_images: int = Field(
         default=1,

@@ -41,6 +41,10 @@ _ENGINE_PATHS = {
     "controlnet-sdxl": Engine.CONTROLNET_SDXL,
     "controlnet-sd15": Engine.CONTROLNET_SD15,
     "controlnet-sd": Engine.CONTROLNET_SD15,
+    "ssd": Engine.SSD,
+    "sd3": Engine.SD3,
+    "flux-schnell": Engine.FLUX_SCHNELL,
+    "flux-dev": Engine.FLUX_DEV,
 }
 
 
@@ -142,9 +146,11 @@ def _request_schema(engine: Engine) -> dict[str, Any]:
     base, _ = _base_request_schema()
     schema = copy.deepcopy(base)
     props: dict[str, Any] = schema["properties"]
+    for name in engine.refused_fields:
+        props.pop(name)
     if not engine.is_sdxl:
         for name in SDXL_ONLY_FIELDS:
-            props.pop(name)
+            props.pop(name, None)
     if engine.is_controlnet:
         schema["required"] = ["prompt", "controlnet", "controlnet_image"]
         for name in ("controlnet", "controlnet_image"):
@@ -153,7 +159,7 @@ def _request_schema(engine: Engine) -> dict[str, Any]:
             }
     else:
         for name in CONTROLNET_FIELDS:
-            props.pop(name)
+            props.pop(name, None)
     schema["allOf"] = [*_CROSS_FIELD_RULES, _size_rule(engine)]
     schema["title"] = f"ImageGenerationRequest ({engine.value})"
     return schema

@@ -332,8 +332,8 @@ def test_unknown_assets_and_unsupported_features_are_422s_naming_the_field(
     assert loc == ["body", "controlnet"] and "canny_sdxl, depth_sdxl" in msg
     loc, msg = problem("controlnet-sdxl", controlnet="depth_sdxl", controlnet_image=photo(SD, 1))
     assert loc == ["body", "controlnet_preprocess"] and "controlnet_preprocess false" in msg
-    loc, msg = problem("sdxl", transfer_images={"tok": [sample_image_b64((64, 64))]})
-    assert loc == ["body", "transfer_images"] and "not supported by this server" in msg
+    loc, msg = problem("sd", transfer_images={"tok": [sample_image_b64((64, 64))]})
+    assert loc == ["body", "transfer_images"] and "photo merge works with the SDXL engines" in msg
     loc, msg = problem("sdxl", clip_skip=12)
     assert loc == ["body", "clip_skip"] and "allowed: 1..11" in msg
     assert diffusers_server.stats()["paid_generations"] == before

@@ -26,9 +26,12 @@ from PIL import Image, ImageDraw
 
 from ....api.edges import edge_map
 from ....api.images import decode_base64_image
+from ....api.models import Engine
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
-from .library import Asset, Family, ModelLibrary, family_of
+from .flow import FLOW_PIPELINES, flow_call_kwargs
+from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of
+from .photo_merge import photo_merge
 from .prompts import PromptEmbeddings, encode_prompt
 from .samplers import build_scheduler
 from .styles import apply_style
@@ -42,7 +45,6 @@ __all__ = ["DiffusersBackend"]
 logger = logging.getLogger("dagster_octoai.server")
 
 # The API's defaults (the seed), where the request leaves a field unset.
-DEFAULT_STEPS = 30
 DEFAULT_CFG_SCALE = 12.0
 DEFAULT_STRENGTH = 0.8
 DEFAULT_HIGH_NOISE_FRAC = 0.8
@@ -67,6 +69,9 @@ _PIPELINES: dict[tuple[Family, bool, str], str] = {
     ("sd15", True, "img2img"): "StableDiffusionControlNetImg2ImgPipeline",
     ("sd15", True, "inpaint"): "StableDiffusionControlNetInpaintPipeline",
 }
+# SSD-1B is the SDXL architecture: the SDXL pipelines. FLUX and SD3: see .flow.
+_PIPELINES.update({("ssd", cn, m): n for (f, cn, m), n in list(_PIPELINES.items()) if f == "sdxl"})
+_PIPELINES.update({(f, False, m): n for (f, m), n in FLOW_PIPELINES.items()})  # type: ignore[misc]
 # The modes whose base pipeline hands its latents to the refiner (denoising_end).
 _REFINED_MODES = frozenset({(False, "txt2img"), (False, "img2img"), (True, "txt2img")})
 
@@ -139,9 +144,14 @@ class _Device:
         dtype: torch.dtype,
         library: ModelLibrary,
         compile_unet: bool,
+        flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.offload = offload
         self.dtype = dtype
+        #: FLUX and SD3 run in bf16 on a GPU unless the server's dtype is set (fp16 overflows).
+        self.flow_dtype = flow_dtype or dtype
         self.library = library
         self.compile_unet = compile_unet
         self.bases: dict[Family, _Checkpoint] = {}
@@ -161,15 +171,24 @@ class _Device:
             )
 
     def _prepare(self, pipe: Any) -> Any:
-        pipe.to(self.device)
+        if self.offload:
+            # Weights stay in CPU memory; each model moves to the GPU while it runs.
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile_unet:
-            pipe.unet.compile()
+            # FLUX and SD3 have a transformer where SD has its UNet.
+            (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
         return pipe
 
     def _load_pipeline(self, family: Family, path: Path) -> Any:
         cls = _pipeline_class(_PIPELINES[family, False, "txt2img"])
         extra: dict[str, Any] = {}
+        if family in FLOW_FAMILIES:
+            return self._prepare(
+                cls.from_pretrained(str(path), dtype=self.flow_dtype, local_files_only=True)
+            )
         if family == "sd15":
             extra = {"safety_checker": None, "requires_safety_checker": False}
         if path.is_file():
@@ -256,7 +275,7 @@ def _textual_inversions(
             asset = library.find(family, "textual_inversions", name)
             assert asset is not None  # checked before the request queued
             path = asset.weights_file()
-            if family == "sdxl":
+            if family in XL_FAMILIES:
                 tensors = load_file(str(path))
                 targets = [
                     (tensors["clip_l"], pipe.text_encoder, pipe.tokenizer),
@@ -287,6 +306,13 @@ def _open_image(b64: str, size: tuple[int, int], mode: str) -> Image.Image:
     if converted.size != size:
         converted = converted.resize(size, Image.Resampling.BILINEAR)
     return converted
+
+
+def _reference_image(b64: str) -> Image.Image:
+    """A photo merge reference, as sent (the image encoder's processor resizes it)."""
+    with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
+        im.load()
+        return im.convert("RGB")
 
 
 def _outpainting_inputs(
@@ -390,6 +416,8 @@ class DiffusersBackend:
         dtype_name: str,
         compile_unet: bool = False,
         batch_max_images: int = 1,
+        flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
     ) -> None:
         _quiet_libraries()
         self.library = library
@@ -400,7 +428,10 @@ class DiffusersBackend:
         #: Pipeline calls made, and the requests they served (more requests: batching).
         self.calls = 0
         self.requests = 0
-        self._devices = [_Device(d, dtype, library, compile_unet) for d in devices]
+        self.offload = offload
+        self._devices = [
+            _Device(d, dtype, library, compile_unet, flow_dtype, offload) for d in devices
+        ]
         # One worker thread per device takes the oldest waiting request and, with
         # batching, the waiting requests of the same settings whose images still fit.
         self._pending: deque[_Job] = deque()
@@ -451,6 +482,11 @@ class DiffusersBackend:
             elif device == "mps" and not torch.backends.mps.is_available():
                 raise BackendError("device: 'mps' is not available on this machine")
         on_gpu = any(d != "cpu" for d in devices)
+        if config.offload and not all(d.startswith("cuda") for d in devices):
+            raise BackendError(
+                f"offload: model CPU offload moves models onto a CUDA GPU as they run; the "
+                f"devices are {', '.join(devices)} (drop --offload, or serve on cuda devices)"
+            )
         dtype_name = config.dtype or ("fp16" if on_gpu else "fp32")
         if on_gpu:
             # Same request, seed and device, same bytes: no autotuned kernel choice.
@@ -463,6 +499,9 @@ class DiffusersBackend:
             dtype_name,
             config.torch_compile,
             batch_max_images=config.batch_max_images,
+            # FLUX and SD3 were trained in bf16; fp16 overflows in their activations.
+            flow_dtype=torch.bfloat16 if on_gpu and config.dtype is None else None,
+            offload=config.offload,
         )
 
     # ---- the Backend protocol --------------------------------------------------------
@@ -472,13 +511,30 @@ class DiffusersBackend:
         # With batching, a device's worth of requests must be able to wait here together.
         return len(self._devices) * self.batch_max_images
 
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The engines this server has weights for; the others answer 404 as unknown."""
+        return self.library.engines
+
     def describe(self) -> dict[str, object]:
         notes = [
             "no safety classifier: removed_for_safety is always false",
-            "transfer_images (photo merge) is not supported",
+            "flux-dev: cfg_scale is FLUX's distilled guidance (default 3.5); flux-schnell "
+            "has none, so cfg_scale changes nothing there",
             "the refiner refines text-to-image, img2img and ControlNet text-to-image; "
             "inpainting, outpainting and ControlNet img2img/inpainting do not use it",
         ]
+        merging = [f for f in XL_FAMILIES if self.library.ip_adapter(f) is not None]
+        if merging:
+            notes.append(
+                "transfer_images (photo merge): IP-Adapter, one adapter per trigger word, on "
+                + ", ".join(sorted(merging))
+            )
+        else:
+            notes.append(
+                "transfer_images (photo merge) is not supported: no IP-Adapter "
+                f"({self.library.root / 'sdxl' / 'ip_adapters'} is empty or missing)"
+            )
         if not self.has_refiner:
             notes.append(
                 f"no SDXL refiner ({self.library.root / 'sdxl' / 'refiner'}): "
@@ -486,9 +542,11 @@ class DiffusersBackend:
             )
         return {
             "backend": self.name,
+            "engines": [e.value for e in self.engines],
             "devices": self.device_names,
             "dtype": self.dtype_name,
             "torch_compile": self.compile_unet,
+            "offload": self.offload,
             "batch_max_images": self.batch_max_images,
             "pipeline_calls": self.calls,
             "requests_served": self.requests,
@@ -504,12 +562,23 @@ class DiffusersBackend:
             return problems
         family = family_of(request.engine)
         if request.transfer_images:
-            problems.append(
-                (
-                    ("transfer_images",),
-                    "transfer_images (photo merge) is not supported by this server",
+            if family not in XL_FAMILIES:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images: photo merge works with the SDXL engines only "
+                        f"(sdxl, controlnet-sdxl, ssd), not {request.engine.value!r}",
+                    )
                 )
-            )
+            elif self.library.ip_adapter(family) is None:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images (photo merge) is not supported by this server: it "
+                        f"has no IP-Adapter for {family} (add one under "
+                        f"{self.library.folder(family) / 'ip_adapters'}/NAME/)",
+                    )
+                )
         if request.clip_skip is not None:
             layers = self._clip_layers[family]
             # SDXL already reads the penultimate layer, so it has one layer fewer to skip.
@@ -632,6 +701,8 @@ class DiffusersBackend:
             return None if name is None else library.find(family, kind, name)
 
         ckpt = device.checkpoint(family, find("checkpoints", request.checkpoint))
+        if family in FLOW_FAMILIES:
+            return self._generate_flow(device, batch, ckpt, seeds)
         mode = mode_of(request)
         controlled = request.engine.is_controlnet
         extra: dict[str, Any] = {}
@@ -650,7 +721,7 @@ class DiffusersBackend:
         )
 
         width, height = request.size
-        steps = request.steps or DEFAULT_STEPS
+        steps = request.steps or request.engine.default_steps
         kwargs: dict[str, Any] = {
             "num_inference_steps": steps,
             "guidance_scale": request.cfg_scale or DEFAULT_CFG_SCALE,
@@ -698,14 +769,20 @@ class DiffusersBackend:
         if refine and frac >= 1.0:
             refine = False  # the base does every step; the refiner would have none
 
+        words = [
+            [_reference_image(b64) for b64 in images]
+            for images in (request.transfer_images or {}).values()
+        ]
         # Textual inversions add rows to the embedding tables: outside inference mode.
         with (
             _textual_inversions(pipe, library, family, request.textual_inversions or {}),
+            photo_merge(pipe, library.ip_adapter(family), words) as merge,
             torch.inference_mode(),
         ):
             embeds = _stack([(self._embed(pipe, j.request, device), len(j.seeds)) for j in batch])
             if embeds is None:
                 return None
+            kwargs.update(merge)
             if not refine:
                 return list(pipe(**kwargs, **embeds.as_kwargs()).images)
             latents = pipe(
@@ -726,6 +803,31 @@ class DiffusersBackend:
                 **refiner_embeds.as_kwargs(),
             )
             return list(out.images)
+
+    def _generate_flow(
+        self, device: _Device, batch: list[_Job], ckpt: _Checkpoint, seeds: list[int]
+    ) -> list[Image.Image]:
+        """FLUX and SD3 (:mod:`.flow`): the pipeline called with the prompts as text."""
+        request = batch[0].request
+        mode = mode_of(request)
+        base = ckpt.pipe
+        # from_pipe shares the scheduler object: a fresh one per call.
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        pipe = _pipeline_class(FLOW_PIPELINES[ckpt.family, mode]).from_pipe(
+            base, scheduler=scheduler
+        )
+        pipe.set_progress_bar_config(disable=True)
+        library = self.library
+        ckpt.use_loras(
+            [
+                (asset, weight)
+                for name, weight in (request.loras or {}).items()
+                if (asset := library.find(ckpt.family, "loras", name))
+            ]
+        )
+        kwargs = flow_call_kwargs([(j.request, len(j.seeds)) for j in batch], mode)
+        with torch.inference_mode():
+            return list(pipe(**kwargs, generator=device.generators(seeds)).images)
 
     @staticmethod
     def _embed(pipe: Any, request: ImageGenerationRequest, device: _Device) -> PromptEmbeddings:

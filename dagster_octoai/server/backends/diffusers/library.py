@@ -9,9 +9,13 @@ Layout (``dagster-octoai tiny-models`` writes it; real weights go in the same pl
     DIR/<family>/loras/NAME.safetensors | NAME/ (a folder with one .safetensors file)
     DIR/<family>/textual_inversions/NAME.safetensors | NAME.bin | NAME.pt
     DIR/<family>/vaes/NAME/ | NAME.safetensors
+    DIR/flux/schnell/ DIR/flux/dev/            FLUX.1 [schnell] and [dev] (diffusers folders)
+    DIR/flux/loras/NAME.safetensors            FLUX LoRAs, shared by both
+    DIR/sdxl/ip_adapters/NAME/                 photo merge: an IP-Adapter file, image_encoder/
 
-``<family>`` is ``sdxl`` (engines ``sdxl``, ``controlnet-sdxl``) or ``sd15`` (``sd``,
-``controlnet-sd15``). A request names an asset the way OctoAI's did: ``octoai:NAME`` (the
+``<family>`` is ``sdxl`` (engines ``sdxl``, ``controlnet-sdxl``), ``sd15`` (``sd``,
+``controlnet-sd15``), ``ssd`` (SSD-1B, the SDXL layout) or ``sd3``; FLUX's families
+``flux-schnell`` and ``flux-dev`` live in ``flux/``. A request names an asset the way OctoAI's did: ``octoai:NAME`` (the
 public library) and ``NAME`` (a private asset) both resolve to ``NAME`` here, since an
 operator's directory is the only library this server has.
 
@@ -27,9 +31,23 @@ from typing import Literal
 
 from ....api.models import Engine, ImageGenerationRequest
 
-__all__ = ["ASSET_KINDS", "AssetKind", "Family", "ModelLibrary", "family_of"]
+__all__ = [
+    "ASSET_KINDS",
+    "FAMILIES",
+    "FLOW_FAMILIES",
+    "XL_FAMILIES",
+    "AssetKind",
+    "Family",
+    "ModelLibrary",
+    "family_of",
+]
 
-Family = Literal["sdxl", "sd15"]
+Family = Literal["sdxl", "sd15", "ssd", "sd3", "flux-schnell", "flux-dev"]
+FAMILIES: tuple[Family, ...] = ("sdxl", "sd15", "ssd", "sd3", "flux-schnell", "flux-dev")
+#: The families run by diffusers' SDXL pipelines (their text encoders, LoRAs, TIs).
+XL_FAMILIES: frozenset[Family] = frozenset({"sdxl", "ssd"})
+#: The flow-matching families (FLUX.1, SD3), served by :mod:`.flow`.
+FLOW_FAMILIES: frozenset[Family] = frozenset({"sd3", "flux-schnell", "flux-dev"})
 AssetKind = Literal["checkpoints", "controlnets", "loras", "textual_inversions", "vaes"]
 ASSET_KINDS: tuple[AssetKind, ...] = (
     "checkpoints",
@@ -50,7 +68,15 @@ _FIELD: dict[AssetKind, str] = {
 
 
 def family_of(engine: Engine) -> Family:
-    """The model family an engine runs: ``sdxl`` or ``sd15``."""
+    """The model family an engine runs (``sdxl``, ``sd15``, ``ssd``, ``sd3``, ``flux-*``)."""
+    if engine is Engine.SSD:
+        return "ssd"
+    if engine is Engine.SD3:
+        return "sd3"
+    if engine is Engine.FLUX_SCHNELL:
+        return "flux-schnell"
+    if engine is Engine.FLUX_DEV:
+        return "flux-dev"
     return "sdxl" if engine.is_sdxl else "sd15"
 
 
@@ -108,18 +134,41 @@ class ModelLibrary:
                 "'dagster-octoai tiny-models DIR' or lay out real weights as "
                 "docs/local-server.md shows"
             )
-        families = [f for f in ("sdxl", "sd15") if self.base(f) is not None]
+        families = [f for f in FAMILIES if self.base(f) is not None]
         if not families:
             raise FileNotFoundError(
-                f"{self.root} has neither sdxl/base nor sd15/base (a diffusers folder with "
-                "model_index.json); see docs/local-server.md for the layout"
+                f"{self.root} has no base model (sdxl/base, sd15/base, ssd/base, sd3/base, "
+                "flux/schnell or flux/dev: a diffusers folder with model_index.json); see "
+                "docs/local-server.md for the layout"
             )
-        self.families: tuple[Family, ...] = tuple(families)  # type: ignore[arg-type]
+        self.families: tuple[Family, ...] = tuple(families)
+
+    def folder(self, family: Family) -> Path:
+        """The family's folder: ``DIR/<family>``, FLUX's two in ``DIR/flux``."""
+        return self.root / ("flux" if family.startswith("flux-") else family)
 
     def base(self, family: Family) -> Path | None:
         """The family's default checkpoint folder, or None when the directory has none."""
-        path = self.root / family / "base"
+        if family.startswith("flux-"):
+            path = self.root / "flux" / family.removeprefix("flux-")
+        else:
+            path = self.root / family / "base"
         return path if (path / "model_index.json").is_file() else None
+
+    def ip_adapter(self, family: Family) -> Path | None:
+        """The folder of the family's IP-Adapter for photo merge (the first by name), or None."""
+        from .photo_merge import adapter_file
+
+        folder = self.folder(family) / "ip_adapters"
+        if family not in XL_FAMILIES or not folder.is_dir():
+            return None
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir() and adapter_file(p)]
+        return found[0] if found else None
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The engines this directory has a base model for."""
+        return tuple(e for e in Engine if family_of(e) in self.families)
 
     def refiner(self) -> Path | None:
         """The SDXL refiner folder, or None."""
@@ -128,7 +177,7 @@ class ModelLibrary:
 
     def assets(self, family: Family, kind: AssetKind) -> dict[str, Asset]:
         """Every asset of a kind, by name (a file's name without its suffix)."""
-        folder = self.root / family / kind
+        folder = self.folder(family) / kind
         if not folder.is_dir():
             return {}
         found: dict[str, Asset] = {}
@@ -171,8 +220,8 @@ class ModelLibrary:
                 (
                     (),
                     f"engine {request.engine.value!r}: this server has no {family} models "
-                    f"({self.root / family / 'base'} is missing); it serves: "
-                    + ", ".join(e.value for e in Engine if family_of(e) in self.families),
+                    f"({self.folder(family)} has no base); it serves: "
+                    + ", ".join(e.value for e in self.engines),
                 )
             )
             return problems
@@ -199,7 +248,7 @@ class ModelLibrary:
         listing = ", ".join(have) if have else "none"
         return (
             f"{_FIELD[kind]}: {name!r} is not in this server's {family} library; "
-            f"it has: {listing} (add it under {self.root / family / kind})"
+            f"it has: {listing} (add it under {self.folder(family) / kind})"
         )
 
     def describe(self) -> dict[str, object]:
@@ -209,6 +258,9 @@ class ModelLibrary:
             entry: dict[str, object] = {"base": True}
             if family == "sdxl":
                 entry["refiner"] = self.refiner() is not None
+            if family in XL_FAMILIES:
+                adapter = self.ip_adapter(family)
+                entry["photo_merge"] = None if adapter is None else adapter.name
             entry.update({kind: sorted(self.assets(family, kind)) for kind in ASSET_KINDS})
             out[family] = entry
         return out
