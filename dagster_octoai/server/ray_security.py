@@ -89,7 +89,7 @@ def closed_cluster_environment(token: ClusterToken | None) -> Iterator[None]:
     loopback node address.
     """
     import ray._private.ray_constants as ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     changes = dict(LOOPBACK_ENV)
     if token is not None:
@@ -171,7 +171,7 @@ def bind_serve_replicas_to_the_node_address() -> None:
 
     def add_port(server: object, address: str) -> int:
         if address.startswith("[::]:"):
-            host = ray.util.get_node_ip_address()
+            host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
             host = f"[{host}]" if ":" in host else host
             address = f"{host}:{address.rsplit(':', 1)[1]}"
         port: int = original(server, address)
