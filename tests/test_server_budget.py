@@ -111,8 +111,8 @@ def test_a_500_closes_its_connection_and_the_next_request_on_the_client_succeeds
         assert failed.headers["connection"] == "close"
         for _ in range(20):
             assert client.post("/generate/sd", json=body).status_code == 200
-    # The package's client, no retries allowed: a pooled connection the server closed is
-    # not an attempt.
+    # The package's client, no retries allowed: after the 500 its pooled connection is
+    # gone (Connection: close), and the next request opens a new one.
     calls.clear()
     with OctoAIClient(TOKEN, base_url=server.url, retry=HTTPRetryPolicy(max_attempts=1)) as c:
         with pytest.raises(Exception, match="500"):

@@ -331,7 +331,6 @@ class Call:
         self.attempts = 0
         self.request_ids: list[str] = []
         self._clipped = False
-        self._stale_retried = False
         self._backoff = rng or policy.backoff
         self.where = _where(method, url)
 
@@ -375,13 +374,6 @@ class Call:
         cause: BaseException | None = None if self.redactor.contains(f"{exc!r} {exc}") else exc
         if isinstance(exc, httpx.TimeoutException) and self._clipped:
             raise self.deadline_error() from cause
-        if _stale_connection(exc) and not self._stale_retried:
-            # A pooled connection the server had closed: the request never reached it.
-            # Sent again at once on a new connection, not counted as an attempt.
-            self._stale_retried = True
-            self.attempts -= 1
-            logger.debug("%s: pooled connection closed by the server; sending again", self.where)
-            return 0.0
         what = _describe_transport_error(exc, endpoint(self.url))
         if not isinstance(
             exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
@@ -464,11 +456,6 @@ class Call:
             response_id=self.response_id,
             note=note,
         )
-
-
-def _stale_connection(exc: httpx.TransportError) -> bool:
-    """Whether the server closed the connection before answering a byte (h11's words)."""
-    return isinstance(exc, httpx.RemoteProtocolError) and "without sending a response" in str(exc)
 
 
 def _describe_transport_error(exc: httpx.TransportError, where: str) -> str:
