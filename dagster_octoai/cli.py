@@ -217,6 +217,17 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
         help="a running cluster ('auto', or ray://host:10001 / GCS host:port); "
         "default: start a local one",
     )
+    cluster.add_argument(
+        "--allow-ray-without-token-auth",
+        action="store_true",
+        help="connect to a --address cluster that has no Ray token authentication "
+        "(anyone who reaches such a cluster runs code on it; see docs/deploying.md)",
+    )
+    cluster.add_argument(
+        "--ray-dashboard",
+        action="store_true",
+        help="a local cluster's Ray dashboard, on 127.0.0.1 (default: off)",
+    )
     cluster.add_argument("--num-cpus", type=int, default=None, help="a local cluster's CPUs")
     cluster.add_argument("--num-gpus", type=int, default=None, help="a local cluster's GPUs")
     cluster.add_argument("--host", default="127.0.0.1", help="the HTTP proxy's interface")
@@ -308,6 +319,25 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     if (problem := server.startup_problem()) is not None:
         print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
         return 2
+    if args.address is not None:
+        from .server.ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
+
+        if is_loopback_address(args.address):
+            # A loopback cluster's address is its node address: Ray must not swap it for
+            # the host's network address (set before Ray is imported).
+            os.environ.update(LOOPBACK_ENV)
+
+        if (problem := token_auth_problem(os.environ)) is not None:
+            if not args.allow_ray_without_token_auth:
+                print(f"dagster-octoai serve-ray: refused: {problem}", file=sys.stderr)
+                return 2
+            print(
+                "dagster-octoai serve-ray: WARNING: connecting to a Ray cluster WITHOUT "
+                "token authentication (--allow-ray-without-token-auth): anyone who reaches "
+                "it can run code on it",
+                file=sys.stderr,
+                flush=True,
+            )
     try:
         import ray
         from ray import serve as ray_serve
@@ -321,9 +351,12 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         )
         return 2
     local = args.address is None
+    token = None
     try:
         if local:
-            start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+            token = start_local_cluster(
+                num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.ray_dashboard
+            )
         else:
             ray.init(address=args.address, configure_logging=False)
         http: dict[str, Any] = {"host": args.host, "port": args.port}
@@ -365,6 +398,8 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()
+        if token is not None:
+            token.remove()
     return 0
 
 

@@ -294,6 +294,18 @@ FLUX_REFUSED_FIELDS = _NOT_ON_SD3_FLUX | {"negative_prompt"}
 _ASSET_NAME = re.compile(r"^(octoai:)?[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
 
+#: At most this many LoRAs / textual inversions in one request.
+MAX_LORAS = 16
+MAX_TEXTUAL_INVERSIONS = 16
+#: A LoRA weight lies within -LORA_WEIGHT_BOUND..LORA_WEIGHT_BOUND (1 = the LoRA as trained).
+LORA_WEIGHT_BOUND = 10.0
+
+
+def _check_count(value: Mapping[str, Any], field: str, most: int) -> None:
+    if len(value) > most:
+        raise ValueError(f"{field}: {len(value)} names; at most {most} per request")
+
+
 def _check_asset_name(value: str, field: str) -> str:
     if not _ASSET_NAME.match(value):
         raise ValueError(
@@ -448,9 +460,15 @@ class ImageGenerationRequest(BaseModel):
         description="Checkpoint asset: 'octoai:<name>' (public) or '<name>' (private).",
     )
     vae: str | None = Field(default=None, description="VAE asset name.")
-    loras: dict[str, float] | None = Field(default=None, description="LoRA asset name -> weight.")
+    loras: dict[str, float] | None = Field(
+        default=None,
+        description=f"LoRA asset name -> weight (-{LORA_WEIGHT_BOUND:g}..{LORA_WEIGHT_BOUND:g}); "
+        f"at most {MAX_LORAS}.",
+    )
     textual_inversions: dict[str, str] | None = Field(
-        default=None, description="Textual inversion asset name -> trigger word."
+        default=None,
+        description="Textual inversion asset name -> trigger word; "
+        f"at most {MAX_TEXTUAL_INVERSIONS}.",
     )
     init_image: Annotated[Base64Image | None, _coerce_image("init_image")] = Field(
         default=None, description="img2img / inpainting start image."
@@ -550,15 +568,20 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("loras")
     @classmethod
     def _check_loras(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        _check_count(value or {}, "loras", MAX_LORAS)
         for name, weight in (value or {}).items():
             _check_asset_name(name, "loras")
-            if not math.isfinite(weight):
-                raise ValueError(f"LoRA {name!r} weight must be a finite number, got {weight}")
+            if not math.isfinite(weight) or abs(weight) > LORA_WEIGHT_BOUND:
+                raise ValueError(
+                    f"loras: {name!r} has weight {weight:g}; allowed: "
+                    f"-{LORA_WEIGHT_BOUND:g}..{LORA_WEIGHT_BOUND:g}"
+                )
         return value
 
     @field_validator("textual_inversions")
     @classmethod
     def _check_tis(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        _check_count(value or {}, "textual_inversions", MAX_TEXTUAL_INVERSIONS)
         for name, trigger in (value or {}).items():
             _check_asset_name(name, "textual_inversions")
             if not trigger.strip():

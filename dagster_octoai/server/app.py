@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
+from .budget import over_budget
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
 from .jobs import Job, JobStore, JobView, ReplicaPool
 from .limits import BodyLimits, oversized_images, parse_json_body
@@ -149,6 +150,8 @@ class ServerState:
         # A backend's render blocks its thread for the whole generation: one per replica.
         workers = max(4, self.backend.replicas or 0)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="octoai-render")
+        # Checking a request (images, asset names) never waits behind a generation.
+        self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="octoai-check")
 
     def _replicas(self) -> int:
         # A backend with devices runs one generation per device; the rest queue here.
@@ -302,6 +305,7 @@ class ServerState:
         for task in self.jobs.running_tasks():
             task.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
     async def run_job(self, job: Job) -> None:
@@ -405,14 +409,19 @@ async def generate(request: Request) -> Response:
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
     config = state.config
-    # Headers first: an image too big to use is refused before anything decodes it. Off
-    # the event loop: base64 of a 10 MB body takes a while.
+    # The operator's cost budget first, then headers: an image too big to use is refused before anything decodes it. Then
+    # what the backend cannot serve (an unknown asset, photo merge without a backend for
+    # it): the client's 422, before the request waits for a replica. Off the event loop:
+    # base64 of a 10 MB body takes a while, and the backend's checks read the disk.
     bad_images = await loop.run_in_executor(
-        state.executor, lambda: oversized_images(req, config) or undecodable_images(req)
+        state.checks,
+        lambda: (
+            over_budget(req, config)
+            or oversized_images(req, config)
+            or undecodable_images(req)
+            or state.backend.check(req)
+        ),
     )
-    # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
-    # is the client's 422, before the request waits for a replica.
-    bad_images = bad_images or state.backend.check(req)
     if bad_images:
         state.stats.validation_errors += 1
         return _validation_response(
@@ -617,6 +626,12 @@ class _Gateway:
                     headers.append((b"x-octoai-replica", record.replica.encode()))
                 if not any(name.lower() == b"cache-control" for name, _ in headers):
                     headers.append(NO_STORE)
+                if message["status"] >= 500 and not any(
+                    name.lower() == b"connection" for name, _ in headers
+                ):
+                    # uvicorn drops the connection after an unhandled error: say so, or
+                    # a client's next request on it meets a reset instead of an answer.
+                    headers.append((b"connection", b"close"))
                 message["headers"] = headers
                 if fault == "slow":
                     await asyncio.sleep(state.config.faults.slow_s)

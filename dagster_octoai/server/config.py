@@ -56,6 +56,9 @@ BACKEND_FIELDS = (
     "torch_compile",
     "batch_max_images",
     "offload",
+    "lora_cache",
+    "vae_cache",
+    "controlnet_cache",
 )
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
@@ -202,6 +205,32 @@ class ServerConfig(BaseModel):
             "Largest input image, as a multiple of the output's width and height (in pixels: "
             "the square of it); inputs are resized to the output size, so more is never used."
         ),
+    )
+    max_images: int = Field(
+        default=16,
+        ge=1,
+        le=16,
+        description="Most images one request may ask for (num_images, or a list of seeds).",
+    )
+    max_steps: int = Field(
+        default=200, ge=1, le=200, description="Most diffusion steps one request may ask for."
+    )
+    max_megapixel_steps: float = Field(
+        default=2000.0,
+        gt=0,
+        description=(
+            "Most work one request may ask for: images x steps x megapixels, the SDXL "
+            "refiner's steps counted again; past it a 422 before anything queues."
+        ),
+    )
+    lora_cache: int = Field(
+        default=8, ge=1, description="diffusers backend: LoRAs kept loaded per checkpoint (LRU)."
+    )
+    vae_cache: int = Field(
+        default=2, ge=1, description="diffusers backend: VAEs kept loaded per device (LRU)."
+    )
+    controlnet_cache: int = Field(
+        default=2, ge=1, description="diffusers backend: ControlNets kept loaded per device (LRU)."
     )
     header_timeout_s: float = Field(
         default=10.0,

@@ -30,6 +30,7 @@ from ....api.models import Engine
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
 from .flow import FLOW_PIPELINES, flow_call_kwargs
+from .guards import denoising_steps, prompt_weight_problems, trigger_word_problems
 from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of
 from .photo_merge import photo_merge
 from .prompts import PromptEmbeddings, encode_prompt
@@ -51,6 +52,16 @@ DEFAULT_HIGH_NOISE_FRAC = 0.8
 DEFAULT_INPAINT_PADDING = 32
 #: Checkpoints other than the base kept loaded per device (least recently used goes).
 CHECKPOINT_CACHE = 2
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """How many LoRAs (per checkpoint), VAEs and ControlNets (per device) stay loaded."""
+
+    loras: int = 8
+    vaes: int = 2
+    controlnets: int = 2
+
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -104,12 +115,19 @@ def _quiet_libraries() -> None:
 
 @dataclass
 class _Checkpoint:
-    """One checkpoint's pipeline on one device, and the LoRA adapters loaded into it."""
+    """One checkpoint's pipeline on one device, and the LoRA adapters loaded into it.
+
+    The adapters are a least-recently-used cache of ``lora_cache`` LoRAs: past it, the
+    least recently used one not in the current request is deleted from the model (its
+    weights freed).
+    """
 
     name: str | None
     family: Family
     pipe: Any
-    adapters: dict[Path, str] = field(default_factory=dict)
+    lora_cache: int = 8
+    adapters: OrderedDict[Path, str] = field(default_factory=OrderedDict)
+    loaded: int = 0  # adapters ever loaded: each gets a new name
 
     def use_loras(self, loras: list[tuple[Asset, float]]) -> None:
         """Activate exactly these LoRAs at these weights (loading new ones once)."""
@@ -119,20 +137,32 @@ class _Checkpoint:
                 pipe.disable_lora()
             return
         names, weights = [], []
+        wanted = {asset.weights_file() for asset, _ in loras}
         for asset, weight in loras:
             path = asset.weights_file()
             adapter = self.adapters.get(path)
             if adapter is None:
+                self._make_room(wanted)
                 # PEFT adapter names are module keys: no dots or dashes from file names.
-                adapter = f"lora{len(self.adapters)}"
+                adapter = f"lora{self.loaded}"
+                self.loaded += 1
                 pipe.load_lora_weights(
                     str(path.parent), weight_name=path.name, adapter_name=adapter
                 )
                 self.adapters[path] = adapter
+            self.adapters.move_to_end(path)
             names.append(adapter)
             weights.append(weight)
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
+
+    def _make_room(self, wanted: set[Path]) -> None:
+        """Delete least recently used adapters until one more fits (never a wanted one)."""
+        for path in list(self.adapters):
+            if len(self.adapters) < self.lora_cache:
+                return
+            if path not in wanted:
+                self.pipe.delete_adapters(self.adapters.pop(path))
 
 
 class _Device:
@@ -146,6 +176,7 @@ class _Device:
         compile_unet: bool,
         flow_dtype: torch.dtype | None = None,
         offload: bool = False,
+        caches: CacheSizes | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.offload = offload
@@ -154,15 +185,18 @@ class _Device:
         self.flow_dtype = flow_dtype or dtype
         self.library = library
         self.compile_unet = compile_unet
+        self.caches = caches or CacheSizes()
         self.bases: dict[Family, _Checkpoint] = {}
         self.checkpoints: OrderedDict[tuple[Family, Path], _Checkpoint] = OrderedDict()
-        self.vaes: dict[Path, Any] = {}
-        self.controlnets: dict[Path, Any] = {}
+        self.vaes: OrderedDict[Path, Any] = OrderedDict()
+        self.controlnets: OrderedDict[Path, Any] = OrderedDict()
         self.refiner: Any = None
         for family in library.families:
             base = library.base(family)
             assert base is not None
-            self.bases[family] = _Checkpoint(None, family, self._load_pipeline(family, base))
+            self.bases[family] = _Checkpoint(
+                None, family, self._load_pipeline(family, base), self.caches.loras
+            )
         refiner = library.refiner()
         if refiner is not None and "sdxl" in self.bases:
             cls = _pipeline_class("StableDiffusionXLImg2ImgPipeline")
@@ -209,7 +243,9 @@ class _Device:
         key = (family, asset.path)
         loaded = self.checkpoints.get(key)
         if loaded is None:
-            loaded = _Checkpoint(asset.name, family, self._load_pipeline(family, asset.path))
+            loaded = _Checkpoint(
+                asset.name, family, self._load_pipeline(family, asset.path), self.caches.loras
+            )
             self.checkpoints[key] = loaded
             while len(self.checkpoints) > CHECKPOINT_CACHE:
                 self.checkpoints.popitem(last=False)
@@ -235,6 +271,9 @@ class _Device:
                 )
             vae = vae.to(self.device).eval()
             self.vaes[asset.path] = vae
+            while len(self.vaes) > self.caches.vaes:
+                self.vaes.popitem(last=False)
+        self.vaes.move_to_end(asset.path)
         return vae
 
     def controlnet(self, asset: Asset) -> Any:
@@ -247,6 +286,9 @@ class _Device:
             )
             model = model.to(self.device).eval()
             self.controlnets[asset.path] = model
+            while len(self.controlnets) > self.caches.controlnets:
+                self.controlnets.popitem(last=False)
+        self.controlnets.move_to_end(asset.path)
         return model
 
     def generators(self, seeds: list[int]) -> list[torch.Generator]:
@@ -418,6 +460,7 @@ class DiffusersBackend:
         batch_max_images: int = 1,
         flow_dtype: torch.dtype | None = None,
         offload: bool = False,
+        caches: CacheSizes | None = None,
     ) -> None:
         _quiet_libraries()
         self.library = library
@@ -430,7 +473,7 @@ class DiffusersBackend:
         self.requests = 0
         self.offload = offload
         self._devices = [
-            _Device(d, dtype, library, compile_unet, flow_dtype, offload) for d in devices
+            _Device(d, dtype, library, compile_unet, flow_dtype, offload, caches) for d in devices
         ]
         # One worker thread per device takes the oldest waiting request and, with
         # batching, the waiting requests of the same settings whose images still fit.
@@ -451,6 +494,16 @@ class DiffusersBackend:
             for family, ckpt in first.bases.items()
         }
         self.has_refiner = first.refiner is not None
+        # Trigger words must be new words: each family's tokenizers' vocabulary.
+        self._vocabulary: dict[Family, frozenset[str]] = {
+            family: frozenset(
+                word
+                for tokenizer in (ckpt.pipe.tokenizer, getattr(ckpt.pipe, "tokenizer_2", None))
+                if tokenizer is not None
+                for word in tokenizer.get_vocab()
+            )
+            for family, ckpt in first.bases.items()
+        }
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> DiffusersBackend:
@@ -502,6 +555,7 @@ class DiffusersBackend:
             # FLUX and SD3 were trained in bf16; fp16 overflows in their activations.
             flow_dtype=torch.bfloat16 if on_gpu and config.dtype is None else None,
             offload=config.offload,
+            caches=CacheSizes(config.lora_cache, config.vae_cache, config.controlnet_cache),
         )
 
     # ---- the Backend protocol --------------------------------------------------------
@@ -533,11 +587,11 @@ class DiffusersBackend:
         else:
             notes.append(
                 "transfer_images (photo merge) is not supported: no IP-Adapter "
-                f"({self.library.root / 'sdxl' / 'ip_adapters'} is empty or missing)"
+                "(sdxl/ip_adapters in the model directory is empty or missing)"
             )
         if not self.has_refiner:
             notes.append(
-                f"no SDXL refiner ({self.library.root / 'sdxl' / 'refiner'}): "
+                "no SDXL refiner (sdxl/refiner in the model directory): "
                 "use_refiner and high_noise_frac are ignored"
             )
         return {
@@ -550,10 +604,21 @@ class DiffusersBackend:
             "batch_max_images": self.batch_max_images,
             "pipeline_calls": self.calls,
             "requests_served": self.requests,
-            "models": str(self.library.root),
+            # The folder's name: no answer shows where the server's disk keeps it.
+            "models": self.library.root.name,
             "library": self.library.describe(),
             "refiner": self.has_refiner,
+            "loaded": self.loaded(),
             "notes": notes,
+        }
+
+    def loaded(self) -> dict[str, int]:
+        """LoRA adapters, VAEs and ControlNets loaded now, over every device."""
+        ckpts = [c for d in self._devices for c in (*d.bases.values(), *d.checkpoints.values())]
+        return {
+            "loras": sum(len(c.adapters) for c in ckpts),
+            "vaes": sum(len(d.vaes) for d in self._devices),
+            "controlnets": sum(len(d.controlnets) for d in self._devices),
         }
 
     def check(self, request: ImageGenerationRequest) -> list[Problem]:
@@ -561,6 +626,8 @@ class DiffusersBackend:
         if problems:
             return problems
         family = family_of(request.engine)
+        problems += prompt_weight_problems(request)
+        problems += trigger_word_problems(request, self._vocabulary[family])
         if request.transfer_images:
             if family not in XL_FAMILIES:
                 problems.append(
@@ -576,7 +643,7 @@ class DiffusersBackend:
                         ("transfer_images",),
                         "transfer_images (photo merge) is not supported by this server: it "
                         f"has no IP-Adapter for {family} (add one under "
-                        f"{self.library.folder(family) / 'ip_adapters'}/NAME/)",
+                        f"{self.library.relative_folder(family)}/ip_adapters/NAME/)",
                     )
                 )
         if request.clip_skip is not None:
@@ -734,7 +801,9 @@ class DiffusersBackend:
         elif mode == "img2img":
             assert request.init_image is not None
             kwargs["image"] = _open_image(request.init_image, (width, height), "RGB")
-            kwargs["strength"] = request.strength or DEFAULT_STRENGTH
+            kwargs["num_inference_steps"], kwargs["strength"] = denoising_steps(
+                steps, request.strength or DEFAULT_STRENGTH
+            )
         else:
             assert request.init_image is not None
             if request.outpainting:
@@ -745,8 +814,11 @@ class DiffusersBackend:
                 mask = _open_image(request.mask_image, (width, height), "L")
             kwargs.update(image=image, mask_image=mask, width=width, height=height)
             # Inpainting repaints the masked area from noise unless strength says less.
-            kwargs["strength"] = request.strength or 1.0
-            if request.inpaint_full_res:
+            kwargs["num_inference_steps"], kwargs["strength"] = denoising_steps(
+                steps, request.strength or 1.0
+            )
+            # An empty mask has no area to crop to: it paints nothing, at full size.
+            if request.inpaint_full_res and mask.getbbox() is not None:
                 kwargs["padding_mask_crop"] = (
                     request.inpaint_full_res_padding
                     if request.inpaint_full_res_padding is not None
@@ -796,7 +868,7 @@ class DiffusersBackend:
             assert refiner_embeds is not None  # one encoder, one chunk: always stackable
             out = refiner(
                 image=latents,
-                num_inference_steps=steps,
+                num_inference_steps=kwargs["num_inference_steps"],
                 denoising_start=frac,
                 guidance_scale=kwargs["guidance_scale"],
                 generator=device.generators(seeds),

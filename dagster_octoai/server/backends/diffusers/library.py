@@ -19,12 +19,17 @@ Layout (``dagster-octoai tiny-models`` writes it; real weights go in the same pl
 public library) and ``NAME`` (a private asset) both resolve to ``NAME`` here, since an
 operator's directory is the only library this server has.
 
-This module reads the file system only (no torch), so checking a request is cheap.
+This module reads the file system only (no torch). A kind's listing is cached and read
+again only when its folder changes (its modification time), so checking a request costs a
+``stat`` per kind it names, whatever the number of names. No message of this module names
+an absolute path: a caller learns names relative to the model directory, nothing of the
+server's disk.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,6 +70,8 @@ _FIELD: dict[AssetKind, str] = {
     "textual_inversions": "textual_inversions",
     "vaes": "vae",
 }
+#: A 422 lists at most this many of the library's names of a kind.
+LISTED_NAMES = 50
 
 
 def family_of(engine: Engine) -> Family:
@@ -110,14 +117,14 @@ class Asset:
         files = sorted(p for p in self.path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
         if len(files) != 1:
             raise FileNotFoundError(
-                f"{self.kind} {self.name!r}: {self.path} should hold one weights file, "
+                f"{self.kind} {self.name!r}: its folder should hold one weights file, "
                 f"found {len(files)}"
             )
         return files[0]
 
 
 class ModelLibrary:
-    """What a model directory holds, by family and kind; re-read when a name is missing.
+    """What a model directory holds, by family and kind; re-read when a folder changes.
 
     Examples:
         >>> ModelLibrary("/nonexistent")
@@ -142,10 +149,18 @@ class ModelLibrary:
                 "docs/local-server.md for the layout"
             )
         self.families: tuple[Family, ...] = tuple(families)
+        # (family, kind) -> (the folder's mtime_ns, its assets); threads share it.
+        self._listings: dict[tuple[Family, AssetKind], tuple[int, dict[str, Asset]]] = {}
+        self._lock = threading.Lock()
 
     def folder(self, family: Family) -> Path:
         """The family's folder: ``DIR/<family>``, FLUX's two in ``DIR/flux``."""
-        return self.root / ("flux" if family.startswith("flux-") else family)
+        return self.root / self.relative_folder(family)
+
+    @staticmethod
+    def relative_folder(family: Family) -> str:
+        """The family's folder relative to the model directory (what answers may name)."""
+        return "flux" if family.startswith("flux-") else family
 
     def base(self, family: Family) -> Path | None:
         """The family's default checkpoint folder, or None when the directory has none."""
@@ -176,8 +191,23 @@ class ModelLibrary:
         return path if (path / "model_index.json").is_file() else None
 
     def assets(self, family: Family, kind: AssetKind) -> dict[str, Asset]:
-        """Every asset of a kind, by name (a file's name without its suffix)."""
+        """Every asset of a kind, by name (a file's name without its suffix); cached."""
         folder = self.folder(family) / kind
+        try:
+            changed = folder.stat().st_mtime_ns
+        except OSError:
+            return {}
+        with self._lock:
+            cached = self._listings.get((family, kind))
+        if cached is not None and cached[0] == changed:
+            return cached[1]
+        found = self._list(folder, kind)
+        with self._lock:
+            self._listings[(family, kind)] = (changed, found)
+        return found
+
+    @staticmethod
+    def _list(folder: Path, kind: AssetKind) -> dict[str, Asset]:
         if not folder.is_dir():
             return {}
         found: dict[str, Asset] = {}
@@ -219,12 +249,12 @@ class ModelLibrary:
             problems.append(
                 (
                     (),
-                    f"engine {request.engine.value!r}: this server has no {family} models "
-                    f"({self.folder(family)} has no base); it serves: "
-                    + ", ".join(e.value for e in self.engines),
+                    f"engine {request.engine.value!r}: this server has no {family} models; "
+                    "it serves: " + ", ".join(e.value for e in self.engines),
                 )
             )
             return problems
+        listed: set[AssetKind] = set()
         singles: list[tuple[AssetKind, str | None]] = [
             ("checkpoints", request.checkpoint),
             ("vaes", request.vae),
@@ -232,7 +262,7 @@ class ModelLibrary:
         ]
         for kind, name in singles:
             if name is not None and self.find(family, kind, name) is None:
-                problems.append(((_FIELD[kind],), self._unknown(family, kind, name)))
+                problems.append(((_FIELD[kind],), self._unknown(family, kind, name, listed)))
         many: tuple[tuple[AssetKind, list[str]], ...] = (
             ("loras", list(request.loras or {})),
             ("textual_inversions", list(request.textual_inversions or {})),
@@ -240,15 +270,24 @@ class ModelLibrary:
         for kind, names in many:
             for name in names:
                 if self.find(family, kind, name) is None:
-                    problems.append(((_FIELD[kind], name), self._unknown(family, kind, name)))
+                    problems.append(
+                        ((_FIELD[kind], name), self._unknown(family, kind, name, listed))
+                    )
         return problems
 
-    def _unknown(self, family: Family, kind: AssetKind, name: str) -> str:
+    def _unknown(self, family: Family, kind: AssetKind, name: str, listed: set[AssetKind]) -> str:
+        """The message for an unknown name; the library's names only in a kind's first."""
+        unknown = f"{_FIELD[kind]}: {name!r} is not in this server's {family} library"
+        if kind in listed:
+            return f"{unknown} (its names are listed above)"
+        listed.add(kind)
         have = sorted(self.assets(family, kind))
-        listing = ", ".join(have) if have else "none"
+        listing = ", ".join(have[:LISTED_NAMES]) if have else "none"
+        if len(have) > LISTED_NAMES:
+            listing += f" and {len(have) - LISTED_NAMES} more"
         return (
-            f"{_FIELD[kind]}: {name!r} is not in this server's {family} library; "
-            f"it has: {listing} (add it under {self.folder(family) / kind})"
+            f"{unknown}; it has: {listing} (an operator adds it under "
+            f"{self.relative_folder(family)}/{kind})"
         )
 
     def describe(self) -> dict[str, object]:
