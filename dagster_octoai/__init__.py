@@ -72,7 +72,11 @@ if TYPE_CHECKING:
         PromptTooLongWarning as PromptTooLongWarning,
         Sampler as Sampler,
     )
-    from .assets import octoai_image_asset as octoai_image_asset
+    from .assets import (
+        AssetOptions as AssetOptions,
+        octoai_image_asset as octoai_image_asset,
+        octoai_image_batch_asset as octoai_image_batch_asset,
+    )
     from .async_assets import (
         octoai_async_blocking_asset as octoai_async_blocking_asset,
         octoai_async_results_asset as octoai_async_results_asset,
@@ -105,6 +109,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "AssetOptions",
     "AsyncJob",
     "AsyncOctoAIClient",
     "AsyncSensorSettings",
@@ -163,6 +168,7 @@ __all__ = [
     "octoai_async_submit_asset",
     "octoai_generate_op",
     "octoai_image_asset",
+    "octoai_image_batch_asset",
     "octoai_image_checks",
     "with_image_uris",
 ]

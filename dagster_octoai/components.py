@@ -62,7 +62,7 @@ from pydantic.fields import FieldInfo
 
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
-from .assets import DEFAULT_POOL, Checks, octoai_image_asset
+from .assets import DEFAULT_POOL, AssetOptions, Checks, octoai_image_asset, octoai_image_batch_asset
 from .io_managers import LocalImageIOManager, S3ImageIOManager
 from .resources import OctoAIResource
 
@@ -361,52 +361,61 @@ class OctoAIImageAssetComponent(Component, Resolvable, Model):
         if spec.skippable:
             raise ValueError("asset: skippable is not supported by image assets")
         key = spec.key
-        assets_def = octoai_image_asset(
-            key.path[-1],
-            self.request,
-            prompt_template=self.prompt_template,
-            key_prefix=list(key.path[:-1]) or None,
-            partitions_def=spec.partitions_def,
-            ins={name: AssetIn(key=AssetKey.from_user_string(k)) for name, k in self.ins.items()}
+        options: AssetOptions = {
+            "group_name": spec.group_name,
+            "description": spec.description,
+            "tags": {k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")}
             or None,
-            image_inputs=self.image_inputs or None,
-            local_edge_map=self.local_edge_map,
-            deps=[dep.asset_key for dep in spec.deps] or None,
-            resource_key=self.resource_key,
-            io_manager_key=self.io_manager_key,
-            reuse_existing=self.reuse_existing,
-            requests=_static_requests(self.requests),
-            checks=self.checks,
-            group_name=spec.group_name,
-            description=spec.description,
-            tags={k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")} or None,
-            metadata=spec.metadata or None,
-            pool=op.pool if op.pool is not None else DEFAULT_POOL,
-            retry_policy=self.retry_policy,
-            automation_condition=spec.automation_condition,
-            code_version=spec.code_version,
-            owners=list(spec.owners) or None,
-            kinds=spec.kinds - {"octoai"} or None,
-            op_tags=op.tags,
-            backfill_policy=op.backfill_policy,
+            "metadata": spec.metadata or None,
+            "pool": op.pool if op.pool is not None else DEFAULT_POOL,
+            "retry_policy": self.retry_policy,
+            "automation_condition": spec.automation_condition,
+            "freshness_policy": spec.freshness_policy,
+            "code_version": spec.code_version,
+            "owners": list(spec.owners) or None,
+            "kinds": spec.kinds - {"octoai"} or None,
+            "op_tags": op.tags,
+            "backfill_policy": op.backfill_policy,
             # Dagster points the asset at this component's YAML itself.
-            code_references=[],
-        )
-        if spec.freshness_policy is not None:
-            policy = spec.freshness_policy
-            assets_def = assets_def.map_asset_specs(
-                lambda s: s.replace_attributes(freshness_policy=policy)
+            "code_references": [],
+        }
+        common: dict[str, Any] = {
+            "prompt_template": self.prompt_template,
+            "key_prefix": list(key.path[:-1]) or None,
+            "partitions_def": spec.partitions_def,
+            "ins": {name: AssetIn(key=AssetKey.from_user_string(k)) for name, k in self.ins.items()}
+            or None,
+            "image_inputs": self.image_inputs or None,
+            "local_edge_map": self.local_edge_map,
+            "deps": [dep.asset_key for dep in spec.deps] or None,
+            "resource_key": self.resource_key,
+            "reuse_existing": self.reuse_existing,
+            "checks": self.checks,
+        }
+        if self.requests is not None:
+            if self.io_manager_key is None:
+                raise ValueError(
+                    "io_manager_key: requests streams the batch into an image IO manager "
+                    "(S3ImageIOManager or LocalImageIOManager); name its resource key"
+                )
+            return octoai_image_batch_asset(
+                key.path[-1],
+                self.request,
+                _static_requests(self.requests),
+                io_manager_key=self.io_manager_key,
+                **common,
+                **options,
             )
-        return assets_def
+        return octoai_image_asset(
+            key.path[-1], self.request, io_manager_key=self.io_manager_key, **common, **options
+        )
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The asset (and its built-in checks)."""
         return Definitions(assets=[self.assets_def])
 
 
-def _static_requests(items: list[dict[str, Any]] | None) -> Any:
-    if items is None:
-        return None
+def _static_requests(items: list[dict[str, Any]]) -> Any:
     frozen = [dict(i) for i in items]
     return lambda partition_key, inputs: frozen
 

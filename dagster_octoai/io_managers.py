@@ -358,6 +358,20 @@ class _ImageIOManager(ConfigurableIOManager):
         path = None if asset_key is None else _key_path(asset_key)
         return self.store.find_existing(request, path, partition_key)
 
+    def existing_answers(
+        self, asset_key: AssetKey | Sequence[str] | str, partition_key: str | None = None
+    ) -> Callable[[ImageGenerationRequest], ImageGenerationResponse | None]:
+        """A finder of answers to reuse from the output at ``asset_key``/``partition_key``.
+
+        What :func:`~dagster_octoai.octoai_image_batch_asset` uses: the output's manifest
+        is read once, then each request with explicit seeds finds its stored answer.
+
+        Examples:
+            >>> io = LocalImageIOManager(base_dir="/tmp/images")
+            >>> io.existing_answers(["fox"])(ImageGenerationRequest(prompt="a fox", seed=1))
+        """
+        return self.store.existing_answers(_key_path(asset_key), partition_key)
+
 
 class S3ImageIOManager(_ImageIOManager):
     """Stores generated images in S3 or an S3-compatible store (MinIO, R2, SeaweedFS).

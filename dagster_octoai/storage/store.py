@@ -925,6 +925,31 @@ class ImageStore:
                 return answer
         return None
 
+    def existing_answers(
+        self, asset_key: Sequence[str], partition_key: str | None = None
+    ) -> Callable[[ImageGenerationRequest], ImageGenerationResponse | None]:
+        """A finder of answers to reuse from one output, its manifest read once.
+
+        For a batch re-run: each request whose seeds are all explicit finds its answer in
+        the output being replaced, as :meth:`find_existing` would, without reading the
+        manifest again per request (the fingerprint index is not consulted).
+        """
+        try:
+            found = self._committed(list(asset_key), partition_key)
+        except StorageError as exc:
+            logger.warning("not reusing the stored output: %s", exc)
+            found = None
+        if found is None:
+            return lambda request: None
+        manifest, _, key = found
+
+        def find(request: ImageGenerationRequest) -> ImageGenerationResponse | None:
+            if request.explicit_seeds is None:
+                return None
+            return self._load_result(manifest, key, request, request.fingerprint())
+
+        return find
+
     def _load_result(
         self, manifest: Manifest, key: str, request: ImageGenerationRequest, fingerprint: str
     ) -> ImageGenerationResponse | None:
