@@ -37,6 +37,7 @@ from dagster import (
     AssetsDefinition,
     AssetSpec,
     ConfigurableIOManager,
+    DagsterInvariantViolationError,
     Definitions,
     EnvVar,
     InputContext,
@@ -46,7 +47,6 @@ from dagster import (
     PreviewWarning,
     ResourceDependency,
 )
-from dagster._core.errors import DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr, field_validator
 
 from .api.batch import STORABLE, ImageBatch, UnstorableValueError, responses_of

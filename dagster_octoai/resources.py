@@ -22,6 +22,8 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     ConfigurableResource,
+    DagsterError,
+    DagsterInvariantViolationError,
     EnvVar,
     InitResourceContext,
     MultiPartitionsDefinition,
@@ -29,7 +31,6 @@ from dagster import (
     ResourceDependency,
     RetryRequested,
 )
-from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr, field_validator
 
 from ._warnings import warnings_to_log
@@ -459,7 +460,7 @@ def _check_output(
         if name is None and len(context.op_def.output_defs) == 1:
             name = context.op_def.output_defs[0].name
         out = None if name is None else context.op_def.output_def_named(name)
-    except (DagsterInvalidPropertyError, DagsterInvariantViolationError):
+    except DagsterError:
         return  # a context built for a test, bound to no definition
     if out is None:
         return
@@ -549,9 +550,6 @@ def _record_usage(
         if output_name is None:
             output_name = _output_name(context, asset_key)
         context.add_output_metadata(metadata, output_name=output_name)
-    except DagsterInvalidPropertyError:
-        # A context built for a test and not bound to an invocation holds no outputs.
-        context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
     except DagsterInvariantViolationError:
         # The block ended after the output was yielded: a lazy ImageBatch generating
         # inside get_client while the IO manager stores it. Failing here would throw
@@ -562,6 +560,10 @@ def _record_usage(
             "was yielded. To stream a batch with its usage recorded, return "
             "octoai.stream(context, requests) instead."
         )
+    except DagsterError:
+        # A context built for a test and not bound to an invocation holds no outputs
+        # (Dagster raises its invalid-property error, which it does not export).
+        context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
 
 
 def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) -> str | None:
