@@ -90,6 +90,7 @@ if TYPE_CHECKING:
     from .config import ImageGenerationConfig as ImageGenerationConfig
     from .io_managers import (
         LocalImageIOManager as LocalImageIOManager,
+        S3ConnectionConfig as S3ConnectionConfig,
         S3ImageIOManager as S3ImageIOManager,
         with_image_uris as with_image_uris,
     )
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
     )
     from .ops import octoai_generate_op as octoai_generate_op
     from .resources import (
+        HTTPRetryConfig as HTTPRetryConfig,
         JobLedgerResource as JobLedgerResource,
         OctoAIResource as OctoAIResource,
         OctoAISession as OctoAISession,
@@ -121,6 +123,7 @@ __all__ = [
     "DeadlineExceededError",
     "Engine",
     "GeneratedImage",
+    "HTTPRetryConfig",
     "HTTPRetryPolicy",
     "ImageBatch",
     "ImageDecodeError",
@@ -148,6 +151,7 @@ __all__ = [
     "RateLimitError",
     "RequestValidationError",
     "ResponseFormatError",
+    "S3ConnectionConfig",
     "S3ImageIOManager",
     "Sampler",
     "ServerError",
