@@ -368,16 +368,22 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     return 0
 
 
-def _describe(config: Any, url: str) -> str:
+def _describe(config: Any, url: str, backend: Any = None) -> str:
+    """The start-up banner: what the server answers, with what a loaded backend says of
+    itself (its engines, one replica per device) over the configuration's defaults."""
     tokens = len(config.api_tokens())
+    from .api.models import Engine
+
+    engines = getattr(backend, "engines", None) or [e.value for e in Engine]
+    replicas = getattr(backend, "replicas", None) or config.replicas
     if config.public:
         auth = "public: any bearer token"
     else:
         auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
         f"dagster-octoai OctoAI-compatible server on {url}",
-        f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15}}",
-        f"  auth: {auth}; replicas: {config.replicas}; "
+        f"  generate: POST {url}/generate/{{{','.join(engines)}}}",
+        f"  auth: {auth}; replicas: {replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
         f"  OpenAPI: {url}/openapi.json"
         + (f"; playground: {url}/playground" if config.playground else ""),
@@ -446,7 +452,7 @@ def _serve(args: argparse.Namespace) -> int:
         url = _url(host, port)
         if tls is not None:
             url = "https" + url[len("http") :]
-        print(_describe(config, url), file=sys.stderr, flush=True)
+        print(_describe(config, url, app.state.octoai.backend), file=sys.stderr, flush=True)
         for line in _backend_lines(app.state.octoai.backend.describe()):
             print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to

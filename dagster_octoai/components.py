@@ -64,7 +64,7 @@ from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
 from .assets import DEFAULT_POOL, AssetOptions, Checks, octoai_image_asset, octoai_image_batch_asset
 from .io_managers import LocalImageIOManager, S3ImageIOManager
-from .resources import OctoAIResource
+from .resources import HTTPRetryConfig, OctoAIResource
 
 __all__ = [
     "LocalImageIOManagerComponent",
@@ -441,13 +441,40 @@ def _located(context: ResolutionContext, message: str, path: Sequence[str | int]
 # ---- resources --------------------------------------------------------------------------
 
 
-def _fields_of(cls: type[BaseModel], exclude: set[str]) -> dict[str, Any]:
-    """A resource's fields (types, defaults, bounds, descriptions), for a component's schema."""
+def _plain_fields(cls: type[BaseModel]) -> dict[str, Any]:
     return {
-        name: (info.annotation, FieldInfo.merge_field_infos(info))
+        name: (info.annotation, Field(default=info.default, description=info.description))
         for name, info in cls.model_fields.items()
-        if name not in exclude
     }
+
+
+class _NestedModel(Model, Resolvable):
+    """A nested block of a component's YAML (``retry`` of the OctoAI resource)."""
+
+
+def _fields_of(cls: type[BaseModel], exclude: set[str]) -> dict[str, Any]:
+    """A resource's fields (types, defaults, bounds, descriptions), for a component's schema.
+
+    A nested config (``OctoAIResource.retry``) becomes a nested model of its own fields,
+    unset (``None``) unless the YAML sets it.
+    """
+    fields: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        if name in exclude:
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            # Types and descriptions only: the values are judged by the config class
+            # itself when the resource is built (one place for its rules).
+            nested = create_model(
+                f"{annotation.__name__}Model",
+                __base__=_NestedModel,
+                **_plain_fields(annotation),
+            )
+            fields[name] = (nested | None, Field(default=None, description=info.description))
+        else:
+            fields[name] = (annotation, FieldInfo.merge_field_infos(info))
+    return fields
 
 
 # One object per distinct configuration: Definitions refuses two different objects under
@@ -470,7 +497,9 @@ _OctoAIFields = create_model(
 
 
 class OctoAIResourceComponent(_OctoAIFields, Component, Resolvable):
-    """Binds an :class:`~dagster_octoai.OctoAIResource` under ``resource_key``.
+    """Binds an OctoAIResource under resource_key (default octoai), its token from the environment.
+
+    The :class:`~dagster_octoai.OctoAIResource`, bound under ``resource_key``.
 
     Every field of the resource but the token: the token is read at run time from the
     environment variable ``token_env_var`` (``EnvVar``), so it is never in YAML, run
@@ -485,7 +514,13 @@ class OctoAIResourceComponent(_OctoAIFields, Component, Resolvable):
     @property
     def resource(self) -> OctoAIResource:
         """The configured resource (one object per distinct configuration)."""
-        settings = self.model_dump(exclude={"token_env_var", "resource_key"}, exclude_none=True)
+        settings = self.model_dump(
+            exclude={"token_env_var", "resource_key", "retry"}, exclude_none=True
+        )
+        retry = getattr(self, "retry", None)
+        if retry is not None:
+            # Only what the YAML sets: `deadline_s: null` (no deadline) is kept.
+            settings["retry"] = HTTPRetryConfig(**retry.model_dump(exclude_unset=True))
         token_env_var = self.token_env_var
         return _shared(
             f"octoai:{token_env_var}",
@@ -516,7 +551,9 @@ _S3Fields = create_model(
 
 
 class S3ImageIOManagerComponent(_S3Fields, Component, Resolvable):
-    """Binds an :class:`~dagster_octoai.S3ImageIOManager` under ``resource_key``.
+    """Binds an S3ImageIOManager under resource_key (default images): images and manifests in S3.
+
+    The :class:`~dagster_octoai.S3ImageIOManager`, bound under ``resource_key``.
 
     Credentials come from boto3's default chain (``AWS_ACCESS_KEY_ID`` /
     ``AWS_SECRET_ACCESS_KEY``, a profile, an instance role), never from YAML.
@@ -550,8 +587,11 @@ _LocalFields = create_model(
 
 
 class LocalImageIOManagerComponent(_LocalFields, Component, Resolvable):
-    """Binds a :class:`~dagster_octoai.LocalImageIOManager` under ``resource_key``: the S3
-    layout and manifests in a local directory, for development."""
+    """Binds a LocalImageIOManager under resource_key (default images): a local directory.
+
+    The :class:`~dagster_octoai.LocalImageIOManager`, bound under ``resource_key``: the S3
+    layout and manifests in a local directory, for development.
+    """
 
     resource_key: str = Field(default="images", description="Key to bind the IO manager under.")
 

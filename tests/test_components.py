@@ -42,6 +42,7 @@ from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
 
 DG = Path(sys.executable).with_name("dg")
+DOCS_COMPONENTS = Path(__file__).resolve().parents[1] / "docs" / "components.md"
 COMPONENT = "dagster_octoai.components.OctoAIImageAssetComponent"
 
 
@@ -323,41 +324,22 @@ def _dg(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def _docs_block(lang: str, after: str) -> str:
+    """The first ```lang block of docs/components.md after the line holding ``after``."""
+    text = DOCS_COMPONENTS.read_text()
+    start = text.index(f"```{lang}\n", text.index(after)) + len(f"```{lang}\n")
+    return text[start : text.index("```", start)]
+
+
 def _dg_project(root: Path) -> Path:
-    """A minimal dg project: ``pyproject.toml`` with ``[tool.dg]``, a package, a defs folder."""
-    (root / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [project]
-            name = "imageproj"
-            version = "0.1.0"
-
-            [tool.dg]
-            directory_type = "project"
-
-            [tool.dg.project]
-            root_module = "imageproj"
-            """
-        )
-    )
+    """The dg project docs/components.md makes from nothing, file for file as it says."""
+    (root / "pyproject.toml").write_text(_docs_block("toml", "`pyproject.toml`:"))
     package = root / "imageproj"
     (package / "defs").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "defs" / "__init__.py").write_text("")
-    (package / "definitions.py").write_text(
-        textwrap.dedent(
-            """
-            from pathlib import Path
-
-            from dagster import definitions, load_from_defs_folder
-
-
-            @definitions
-            def defs():
-                return load_from_defs_folder(path_within_project=Path(__file__).parent)
-            """
-        )
-    )
+    definitions = _docs_block("py", "`imageproj/definitions.py`:")
+    (package / "definitions.py").write_text(definitions)
     return package
 
 
@@ -373,6 +355,10 @@ def test_dg_list_components_shows_them(tmp_path: Path) -> None:
     ):
         assert f"dagster_octoai.components.{name}" in keys
     assert "image generation asset" in keys[COMPONENT]
+    # Plain text, as dg shows it: no Sphinx roles or literals.
+    for key, summary in keys.items():
+        if key.startswith("dagster_octoai."):
+            assert not re.search(r":(class|func|meth):|``", summary), (key, summary)
     # Telemetry stayed off: nothing was written under the temporary DAGSTER_HOME's siblings.
     assert not (tmp_path / "dagster_home" / ".telemetry").exists()
 
@@ -414,3 +400,13 @@ def test_from_python_the_same_component_builds_the_same_asset() -> None:
         attributes={"asset": {"key": "fox"}, "request": {"prompt": "a fox", "seed": 3}}
     )
     assert component.assets_def.key == AssetKey("fox")
+
+
+def test_the_resource_component_takes_the_nested_retry_policy() -> None:
+    from dagster_octoai.components import OctoAIResourceComponent
+
+    component = OctoAIResourceComponent.resolve_from_yaml(
+        "retry: {max_attempts: 2, deadline_s: null}\nbase_url: http://127.0.0.1:9\n"
+    )
+    policy = component.resource.retry_policy()
+    assert (policy.max_attempts, policy.deadline_s) == (2, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from starlette.requests import Request
@@ -42,8 +43,11 @@ def _file(name: str) -> bytes:
     return (_FILES / name).read_bytes()
 
 
-def playground_options() -> dict[str, object]:
+def playground_options(served: Collection[str] | None = None) -> dict[str, object]:
     """What the page offers, from the request model: engines, sizes, samplers, presets.
+
+    ``served``: the engines the server's backend answers (a diffusers backend without SD
+    1.5 models offers no SD 1.5); ``None``: every engine of the page.
 
     Examples:
         >>> options = playground_options()
@@ -60,6 +64,7 @@ def playground_options() -> dict[str, object]:
                 "style_presets": sorted(STYLE_PRESETS, key=str.lower) if engine.is_sdxl else [],
             }
             for engine in _PAGE_ENGINES
+            if served is None or engine.value in served
         ],
         "samplers": [s.value for s in Sampler],
         "defaults": {"steps": 30, "cfg_scale": 12, "sampler": "DDIM", "num_images": 1},
@@ -82,7 +87,9 @@ async def _page(request: Request) -> Response:
 async def _asset(request: Request) -> Response:
     name = request.path_params["file"]
     if name == "options.json":
-        body = json.dumps(playground_options()).encode()
+        state = getattr(request.app.state, "octoai", None)
+        served = getattr(getattr(state, "backend", None), "engines", None)
+        body = json.dumps(playground_options(served)).encode()
         return Response(body, headers=_headers("application/json"))
     if name not in _TYPES or name == "index.html":
         return Response(b'{"message": "Not Found"}', 404, media_type="application/json")

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from ....api.edges import edge_map
 from ....api.images import decode_base64_image
+from ....api.models import Engine
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
 from .library import Asset, Family, ModelLibrary, family_of
@@ -466,6 +467,11 @@ class DiffusersBackend:
         )
 
     # ---- the Backend protocol --------------------------------------------------------
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The engines this server answers: those of the model families it loaded."""
+        return tuple(e.value for e in Engine if family_of(e) in self.library.families)
 
     @property
     def replicas(self) -> int | None:

@@ -106,13 +106,13 @@ class ModelLibrary:
             raise NotADirectoryError(
                 f"{self.root} is not a model directory: make one with "
                 "'dagster-octoai tiny-models DIR' or lay out real weights as "
-                "docs/local-server.md shows"
+                "docs/diffusers-backend.md shows"
             )
         families = [f for f in ("sdxl", "sd15") if self.base(f) is not None]
         if not families:
             raise FileNotFoundError(
                 f"{self.root} has neither sdxl/base nor sd15/base (a diffusers folder with "
-                "model_index.json); see docs/local-server.md for the layout"
+                "model_index.json); see docs/diffusers-backend.md for the layout"
             )
         self.families: tuple[Family, ...] = tuple(families)  # type: ignore[arg-type]
 
