@@ -470,7 +470,7 @@ def test_the_serve_ray_command(endpoint: Endpoint) -> None:
         [
             sys.executable,
             "-m",
-            "dagster_octoai.cli",
+            "dagster_octoai.server.cli",
             "serve-ray",
             "--address",
             endpoint.address,

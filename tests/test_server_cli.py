@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dagster_octoai.cli import main
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.server.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-m", "dagster_octoai.cli"]
+CLI = [sys.executable, "-m", "dagster_octoai.server.cli"]
 
 
 def test_print_config_applies_options_and_hides_tokens(capsys: pytest.CaptureFixture[str]) -> None:
@@ -272,8 +272,8 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
 def test_the_banner_says_the_engines_and_replicas_the_backend_has() -> None:
     import types
 
-    from dagster_octoai.cli import _describe
     from dagster_octoai.server.app import create_app
+    from dagster_octoai.server.cli import _describe
     from dagster_octoai.server.config import ServerConfig
 
     config = ServerConfig(replicas=4, public=True)

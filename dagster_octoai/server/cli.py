@@ -106,7 +106,7 @@ def _show(value: Any) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .server.config import FaultConfig, ServerConfig
+    from .config import FaultConfig, ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="dagster-octoai", description="dagster-octoai command-line tools."
@@ -196,7 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     ray = commands.add_parser(
         "serve-ray",
@@ -244,8 +244,8 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from .server.config import FaultConfig, ServerConfig
-    from .server.runner import CONFIG_ENV
+    from .config import FaultConfig, ServerConfig
+    from .runner import CONFIG_ENV
 
     base: dict[str, Any] = {}
     if args.config is not None:
@@ -290,7 +290,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
 
 
 def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     try:
         server = _load_config(args)
@@ -312,7 +312,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         import ray
         from ray import serve as ray_serve
 
-        from .server.ray_serve import deploy, start_local_cluster, start_serve
+        from .ray_serve import deploy, start_local_cluster, start_serve
     except ImportError as exc:
         print(
             f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
@@ -372,7 +372,7 @@ def _describe(config: Any, url: str, backend: Any = None) -> str:
     """The start-up banner: what the server answers, with what a loaded backend says of
     itself (its engines, one replica per device) over the configuration's defaults."""
     tokens = len(config.api_tokens())
-    from .api.models import Engine
+    from ..api.models import Engine
 
     engines = getattr(backend, "engines", None) or [e.value for e in Engine]
     replicas = getattr(backend, "replicas", None) or config.replicas
@@ -419,9 +419,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
-    from .server.app import create_app
-    from .server.backends import BackendError
-    from .server.runner import TLSFiles, _url, bind_socket, serve
+    from .app import create_app
+    from .backends import BackendError
+    from .runner import TLSFiles, _url, bind_socket, serve
 
     tls = (
         TLSFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password_env)
@@ -475,7 +475,7 @@ def _tiny_models(args: argparse.Namespace) -> int:
     import time
 
     try:
-        from .server.backends.diffusers.tiny import write_models
+        from .backends.diffusers.tiny import write_models
     except ImportError as exc:
         print(
             f"dagster-octoai tiny-models: needs the diffusion extra ({exc.name} is missing): "
