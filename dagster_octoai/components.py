@@ -38,6 +38,7 @@ from dagster import (
     AssetsDefinition,
     Backoff,
     ComponentLoadContext,
+    DefaultSensorStatus,
     Definitions,
     EnvVar,
     Jitter,
@@ -63,11 +64,15 @@ from pydantic.fields import FieldInfo
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
 from .assets import DEFAULT_POOL, AssetOptions, Checks, octoai_image_asset, octoai_image_batch_asset
+from .async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from .io_managers import LocalImageIOManager, S3ImageIOManager
-from .resources import HTTPRetryConfig, OctoAIResource
+from .resources import HTTPRetryConfig, JobLedgerResource, OctoAIResource
+from .sensors import octoai_async_sensor
 
 __all__ = [
+    "JobLedgerResourceComponent",
     "LocalImageIOManagerComponent",
+    "OctoAIAsyncImagesComponent",
     "OctoAIImageAssetComponent",
     "OctoAIResourceComponent",
     "S3ImageIOManagerComponent",
@@ -613,3 +618,123 @@ class LocalImageIOManagerComponent(_LocalFields, Component, Resolvable):
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The IO manager, under ``resource_key``."""
         return Definitions(resources={self.resource_key: self.resource})
+
+
+_LedgerFields = create_model(
+    "_LedgerFields", __base__=Model, **_fields_of(JobLedgerResource, exclude={"s3"})
+)
+
+
+class JobLedgerResourceComponent(_LedgerFields, Component, Resolvable):
+    """Binds a JobLedgerResource under resource_key (default octoai_ledger): the async job ledger.
+
+    The :class:`~dagster_octoai.JobLedgerResource`: ``base_dir`` (a local directory) or
+    ``bucket`` and ``prefix`` (S3, credentials from boto3's default chain).
+    """
+
+    resource_key: str = Field(default="octoai_ledger", description="Key to bind it under.")
+
+    @property
+    def resource(self) -> JobLedgerResource:
+        """The configured ledger resource (one object per distinct configuration)."""
+        settings = self.model_dump(exclude={"resource_key"}, exclude_none=True)
+        return _shared("ledger", settings, lambda: JobLedgerResource(**settings))
+
+    @classmethod
+    def get_spec(cls) -> ComponentTypeSpec:
+        """What ``dg list components`` shows."""
+        return ComponentTypeSpec(
+            description="A JobLedgerResource: the durable ledger of async jobs.",
+            tags=["octoai"],
+            produces=["resource"],
+        )
+
+    def build_defs(self, context: ComponentLoadContext) -> Definitions:
+        """The ledger resource, under ``resource_key``."""
+        return Definitions(resources={self.resource_key: self.resource})
+
+
+class OctoAIAsyncImagesComponent(Component, Resolvable, Model):
+    """Async image generation in YAML: a submit asset, the job sensor and the results asset.
+
+    The sensor path of :mod:`dagster_octoai.async_assets`: the submit asset
+    (``<key>_jobs``) records each request's async job in the ledger and submits it; the
+    sensor polls the ledger's jobs and requests a run of the results asset (``key``, one
+    dynamic partition per response id) for each completed one, which stores its images
+    with the IO manager at ``io_manager_key``. Each request is judged by
+    ``ImageGenerationRequest`` when the component loads.
+
+    Examples:
+        .. code-block:: yaml
+
+            type: dagster_octoai.components.OctoAIAsyncImagesComponent
+            attributes:
+              key: fox_images
+              requests:
+                - {engine: sdxl, prompt: a red fox, seed: 7}
+                - {engine: sdxl, prompt: an arctic fox, seed: 8}
+              io_manager_key: images
+    """
+
+    key: str = Field(description="Name of the results asset (a partition per response id).")
+    requests: list[dict[str, Any]] = Field(
+        description="The requests the submit asset sends (ImageGenerationRequest fields)."
+    )
+    submit_key: str | None = Field(
+        default=None, description="Name of the submit asset; default <key>_jobs."
+    )
+    io_manager_key: str = Field(
+        default="images", description="The image IO manager the results are stored with."
+    )
+    resource_key: str = Field(default="octoai", description="Key of the OctoAI resource.")
+    ledger_resource_key: str = Field(
+        default="octoai_ledger", description="Key of the JobLedgerResource."
+    )
+    group_name: str | None = Field(default=None, description="Group of both assets.")
+    checks: Checks = Field(default=True, description="The built-in image checks on the results.")
+    minimum_interval_seconds: int = Field(default=30, ge=1, description="Seconds between ticks.")
+    sensor_running: bool = Field(
+        default=False, description="Whether the sensor runs as soon as it is deployed."
+    )
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> OctoAIAsyncImagesComponent:
+        """The component, every request checked (each bad field named, at its request)."""
+        component = super().load(attributes, context)
+        for index, item in enumerate(component.requests):
+            try:
+                ImageGenerationRequest.build(item)
+            except RequestValidationError as exc:
+                raise ResolutionException(f"requests[{index}]: {exc.message}") from None
+        return component
+
+    def build_defs(self, context: ComponentLoadContext) -> Definitions:
+        """The submit and results assets and the sensor between them."""
+        options: AssetOptions = {"group_name": self.group_name, "code_references": []}
+        results = octoai_async_results_asset(
+            self.key,
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            io_manager_key=self.io_manager_key,
+            checks=self.checks,
+            **options,
+        )
+        submit = octoai_async_submit_asset(
+            self.submit_key or f"{self.key}_jobs",
+            [dict(item) for item in self.requests],
+            results_asset=results,
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            **options,
+        )
+        sensor = octoai_async_sensor(
+            asset=results,
+            name=f"{self.key}_sensor",
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            minimum_interval_seconds=self.minimum_interval_seconds,
+            default_status=DefaultSensorStatus.RUNNING
+            if self.sensor_running
+            else DefaultSensorStatus.STOPPED,
+        )
+        return Definitions(assets=[submit, results], sensors=[sensor])

@@ -410,3 +410,81 @@ def test_the_resource_component_takes_the_nested_retry_policy() -> None:
     )
     policy = component.resource.retry_policy()
     assert (policy.max_attempts, policy.deadline_s) == (2, None)
+
+
+def test_the_async_component_from_yaml_submits_senses_and_stores_end_to_end(
+    project: tuple[Path, str],
+    octoai_server: LocalOctoAIServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from dagster import DagsterInstance, build_sensor_context
+
+    monkeypatch.setenv("OCTOAI_BASE_URL", octoai_server.url)
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "")
+    _write(
+        project,
+        "async_foxes",
+        f"""
+        type: dagster_octoai.components.OctoAIAsyncImagesComponent
+        attributes:
+          key: async_foxes
+          requests:
+            - {{engine: sd, prompt: a red fox, seed: 11, steps: 3}}
+            - {{engine: sd, prompt: an arctic fox, seed: 12, steps: 3}}
+          io_manager_key: images
+          minimum_interval_seconds: 1
+        ---
+        type: dagster_octoai.components.OctoAIResourceComponent
+        attributes: {{timeout_s: 30}}
+        ---
+        type: dagster_octoai.components.LocalImageIOManagerComponent
+        attributes: {{base_dir: "{tmp_path / "images"}"}}
+        ---
+        type: dagster_octoai.components.JobLedgerResourceComponent
+        attributes: {{base_dir: "{tmp_path / "ledger"}", fsync: false}}
+        """,
+    )
+    defs = _load(project)
+    submit = defs.resolve_assets_def("async_foxes_jobs")
+    results = defs.resolve_assets_def("async_foxes")
+    sensor = defs.resolve_sensor_def("async_foxes_sensor")
+    resources = defs.resources or {}
+    (tmp_path / "home").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        assert materialize([submit], instance=instance).success
+        stored: dict[str, Any] = {}
+        cursor = None
+        for _ in range(50):
+            with build_sensor_context(
+                instance=instance,
+                instance_ref=instance.get_ref(),
+                cursor=cursor,
+                definitions=defs,
+                resources={k: resources[k] for k in ("octoai", "octoai_ledger")},
+            ) as context:
+                data = sensor.evaluate_tick(context)
+            for added in data.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(
+                    added.partitions_def_name, list(added.partition_keys)
+                )
+            cursor = data.cursor
+            for request in data.run_requests:
+                assert request.partition_key is not None
+                run = materialize(
+                    [results],
+                    instance=instance,
+                    partition_key=request.partition_key,
+                    tags=dict(request.tags),
+                )
+                assert run.success
+                stored[request.partition_key] = run
+            if len(stored) == 2:
+                break
+            time.sleep(0.2)
+    assert len(stored) == 2
+    io_manager = resources["images"]
+    seeds = sorted(im.seed for key in stored for im in io_manager.store.read(["async_foxes"], key))
+    assert seeds == [11, 12]
