@@ -72,7 +72,11 @@ if TYPE_CHECKING:
         PromptTooLongWarning as PromptTooLongWarning,
         Sampler as Sampler,
     )
-    from .assets import octoai_image_asset as octoai_image_asset
+    from .assets import (
+        AssetOptions as AssetOptions,
+        octoai_image_asset as octoai_image_asset,
+        octoai_image_batch_asset as octoai_image_batch_asset,
+    )
     from .async_assets import (
         octoai_async_blocking_asset as octoai_async_blocking_asset,
         octoai_async_results_asset as octoai_async_results_asset,
@@ -86,6 +90,7 @@ if TYPE_CHECKING:
     from .config import ImageGenerationConfig as ImageGenerationConfig
     from .io_managers import (
         LocalImageIOManager as LocalImageIOManager,
+        S3ConnectionConfig as S3ConnectionConfig,
         S3ImageIOManager as S3ImageIOManager,
         with_image_uris as with_image_uris,
     )
@@ -96,6 +101,7 @@ if TYPE_CHECKING:
     )
     from .ops import octoai_generate_op as octoai_generate_op
     from .resources import (
+        HTTPRetryConfig as HTTPRetryConfig,
         JobLedgerResource as JobLedgerResource,
         OctoAIResource as OctoAIResource,
         OctoAISession as OctoAISession,
@@ -105,6 +111,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "AssetOptions",
     "AsyncJob",
     "AsyncOctoAIClient",
     "AsyncSensorSettings",
@@ -116,6 +123,7 @@ __all__ = [
     "DeadlineExceededError",
     "Engine",
     "GeneratedImage",
+    "HTTPRetryConfig",
     "HTTPRetryPolicy",
     "ImageBatch",
     "ImageDecodeError",
@@ -143,6 +151,7 @@ __all__ = [
     "RateLimitError",
     "RequestValidationError",
     "ResponseFormatError",
+    "S3ConnectionConfig",
     "S3ImageIOManager",
     "Sampler",
     "ServerError",
@@ -163,6 +172,7 @@ __all__ = [
     "octoai_async_submit_asset",
     "octoai_generate_op",
     "octoai_image_asset",
+    "octoai_image_batch_asset",
     "octoai_image_checks",
     "with_image_uris",
 ]

@@ -225,7 +225,7 @@ def _materialize_through_diffusers(
     if not (models / "dagster-octoai-models.json").is_file():
         progress(f"diffusers: writing tiny random-weight models to {models}")
         subprocess.run(
-            [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(models)],
+            [sys.executable, "-m", "dagster_octoai.server.cli", "tiny-models", str(models)],
             check=True,
             stdout=subprocess.DEVNULL,
         )

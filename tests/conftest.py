@@ -154,7 +154,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers", reason="the tiny models need the diffusion extra")
     from filelock import FileLock
 
-    from dagster_octoai.cli import main
+    from dagster_octoai.server.cli import main
 
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -242,7 +242,7 @@ def test_the_local_cluster_listens_on_loopback_only_with_token_auth(endpoint: En
 def test_serve_ray_refuses_a_cluster_without_token_auth(endpoint: Endpoint) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     clean["OCTOAI_TOKEN"] = "cli-ray-token-7f"
-    command = [sys.executable, "-m", "dagster_octoai.cli", "serve-ray", "--address"]
+    command = [sys.executable, "-m", "dagster_octoai.server.cli", "serve-ray", "--address"]
     done = subprocess.run(
         [*command, endpoint.address], env=clean, capture_output=True, text=True, timeout=120
     )
@@ -537,7 +537,7 @@ def test_the_serve_ray_command(endpoint: Endpoint) -> None:
         [
             sys.executable,
             "-m",
-            "dagster_octoai.cli",
+            "dagster_octoai.server.cli",
             "serve-ray",
             "--address",
             endpoint.address,

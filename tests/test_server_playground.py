@@ -143,3 +143,10 @@ def test_generate_see_the_image_and_seed_and_field_errors(
             browser.close()
     # docs/images/playground.png is a copy of this screenshot.
     assert (SCREENSHOTS / "playground.png").stat().st_size > 20_000
+
+
+def test_the_playground_offers_only_the_engines_the_backend_serves() -> None:
+    # A diffusers backend with SD 1.5 models only answers sd and controlnet-sd15.
+    names = [e["name"] for e in playground_options(("sd", "controlnet-sd15"))["engines"]]
+    assert names == ["sd"]
+    assert [e["name"] for e in playground_options()["engines"]] == ["sdxl", "sd"]

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..api.models import (
     CONTROLNET_FIELDS,
+    IMAGE_FIELDS,
     SDXL_ONLY_FIELDS,
     STYLE_PRESETS,
     Engine,
@@ -85,7 +86,7 @@ def _base_request_schema() -> tuple[dict[str, Any], dict[str, Any]]:
         "items": {"type": "string", **_IMAGE},
     }
     props["transfer_images"]["anyOf"][0]["propertyNames"] = {"pattern": r"\S"}
-    for name in ("init_image", "mask_image", "controlnet_image"):
+    for name in IMAGE_FIELDS:
         props[name]["anyOf"][0].update(_IMAGE)
         props[name]["description"] = props[name].get("description", "") + " Base64 JPEG or PNG."
     props["image_encoding"]["anyOf"][0].pop("enum", None)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dagster_octoai.cli import main
 from dagster_octoai.server import ServerConfig
 from dagster_octoai.server.backends import BackendError, load_backend
 from dagster_octoai.server.backends.diffusers.library import ModelLibrary
+from dagster_octoai.server.cli import main
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -139,14 +139,14 @@ class ModelLibrary:
             raise NotADirectoryError(
                 f"{self.root} is not a model directory: make one with "
                 "'dagster-octoai tiny-models DIR' or lay out real weights as "
-                "docs/local-server.md shows"
+                "docs/diffusers-backend.md shows"
             )
         families = [f for f in FAMILIES if self.base(f) is not None]
         if not families:
             raise FileNotFoundError(
                 f"{self.root} has no base model (sdxl/base, sd15/base, ssd/base, sd3/base, "
                 "flux/schnell or flux/dev: a diffusers folder with model_index.json); see "
-                "docs/local-server.md for the layout"
+                "docs/diffusers-backend.md for the layout"
             )
         self.families: tuple[Family, ...] = tuple(families)
         # (family, kind) -> (the folder's mtime_ns, its assets); threads share it.

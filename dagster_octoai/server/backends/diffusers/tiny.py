@@ -606,7 +606,7 @@ _README = """\
 A dagster-octoai model directory (written by `dagster-octoai tiny-models`).
 
 Random weights: every image these models make is noise. The layout is the one the
-diffusers backend reads for real weights too (docs/local-server.md):
+diffusers backend reads for real weights too (docs/diffusers-backend.md):
 
   <family>/base/                  the engine's default checkpoint (diffusers folder)
   sdxl/refiner/                   the SDXL refiner (diffusers folder; optional)

@@ -106,7 +106,7 @@ def _show(value: Any) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .server.config import FaultConfig, ServerConfig
+    from .config import FaultConfig, ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="dagster-octoai", description="dagster-octoai command-line tools."
@@ -196,7 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     ray = commands.add_parser(
         "serve-ray",
@@ -255,8 +255,8 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from .server.config import FaultConfig, ServerConfig
-    from .server.runner import CONFIG_ENV
+    from .config import FaultConfig, ServerConfig
+    from .runner import CONFIG_ENV
 
     base: dict[str, Any] = {}
     if args.config is not None:
@@ -301,7 +301,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
 
 
 def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     try:
         server = _load_config(args)
@@ -320,7 +320,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
         return 2
     if args.address is not None:
-        from .server.ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
+        from .ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
 
         if is_loopback_address(args.address):
             # A loopback cluster's address is its node address: Ray must not swap it for
@@ -342,7 +342,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         import ray
         from ray import serve as ray_serve
 
-        from .server.ray_serve import deploy, start_local_cluster, start_serve
+        from .ray_serve import deploy, start_local_cluster, start_serve
     except ImportError as exc:
         print(
             f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
@@ -403,17 +403,22 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     return 0
 
 
-def _describe(config: Any, url: str) -> str:
+def _describe(config: Any, url: str, backend: Any = None) -> str:
+    """The start-up banner: what the server answers, with what a loaded backend says of
+    itself (its engines, one replica per device) over the configuration's defaults."""
     tokens = len(config.api_tokens())
+    from ..api.models import Engine
+
+    engines = [Engine(e).value for e in getattr(backend, "engines", None) or Engine]
+    replicas = getattr(backend, "replicas", None) or config.replicas
     if config.public:
         auth = "public: any bearer token"
     else:
         auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
         f"dagster-octoai OctoAI-compatible server on {url}",
-        f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15,ssd,sd3,"
-        "flux-schnell,flux-dev}",
-        f"  auth: {auth}; replicas: {config.replicas}; "
+        f"  generate: POST {url}/generate/{{{','.join(engines)}}}",
+        f"  auth: {auth}; replicas: {replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
         f"  OpenAPI: {url}/openapi.json"
         + (f"; playground: {url}/playground" if config.playground else ""),
@@ -449,9 +454,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
-    from .server.app import create_app
-    from .server.backends import BackendError
-    from .server.runner import TLSFiles, _url, bind_socket, serve
+    from .app import create_app
+    from .backends import BackendError
+    from .runner import TLSFiles, _url, bind_socket, serve
 
     tls = (
         TLSFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password_env)
@@ -482,7 +487,7 @@ def _serve(args: argparse.Namespace) -> int:
         url = _url(host, port)
         if tls is not None:
             url = "https" + url[len("http") :]
-        print(_describe(config, url), file=sys.stderr, flush=True)
+        print(_describe(config, url, app.state.octoai.backend), file=sys.stderr, flush=True)
         for line in _backend_lines(app.state.octoai.backend.describe()):
             print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
@@ -505,7 +510,7 @@ def _tiny_models(args: argparse.Namespace) -> int:
     import time
 
     try:
-        from .server.backends.diffusers.tiny import write_models
+        from .backends.diffusers.tiny import write_models
     except ImportError as exc:
         print(
             f"dagster-octoai tiny-models: needs the diffusion extra ({exc.name} is missing): "

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from ..api.models import STYLE_PRESETS, Engine, Sampler
+from ...api.models import STYLE_PRESETS, Engine, Sampler
 
 __all__ = ["playground_options", "playground_routes"]
 
-_FILES = Path(__file__).with_name("playground")
+_FILES = Path(__file__).parent
 _TYPES = {
     "index.html": "text/html; charset=utf-8",
     "playground.css": "text/css; charset=utf-8",
