@@ -37,11 +37,13 @@ from starlette.routing import Route
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
-from .jobs import Job, JobStore, JobView, ReplicaPool
+from .jobqueue import CURRENT_CONTROL, JobAnswer, JobControl, JobQueue, QueueFull, ShuttingDown
+from .jobs import ReplicaPool
+from .jobstore import open_job_store
 from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, undecodable_images
-from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
+from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
@@ -137,11 +139,25 @@ class ServerState:
         self.config = config
         # What renders the images; the rest of this module is the same for every backend.
         self.backend = backend if backend is not None else load_backend(config)
-        self.owner_key = owner_key or new_owner_key()
+        # Durable unless the configuration names no store (then in memory, for tests).
+        job_store = open_job_store(
+            state_dir=config.state_dir,
+            jobs_url=config.jobs_url,
+            endpoint_url=config.jobs_endpoint_url,
+        )
+        # Owner hashes come from the store's key, so that a restarted server (or another
+        # frontend on the store) knows whose each stored job is.
+        self.owner_key = owner_key or job_store.owner_key
         self.gate = Gatekeeper(config, self.owner_key)
         self.stats = ServerStats()
         self.pool = ReplicaPool(self._replicas, self.stats.observe_pool)
-        self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
+        self.jobs = JobQueue(
+            job_store,
+            config=lambda: self.config,
+            pool=self.pool,
+            render=self._render_job,
+            stats=self.stats,
+        )
         self.fault_rng = random.Random(config.faults.seed)
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
@@ -153,9 +169,6 @@ class ServerState:
     def _replicas(self) -> int:
         # A backend with devices runs one generation per device; the rest queue here.
         return self.backend.replicas or self.config.replicas
-
-    def _count_expired(self, count: int) -> None:
-        self.stats.async_expired += count
 
     async def snapshot(self) -> dict[str, Any]:
         return self.stats.snapshot(
@@ -247,14 +260,23 @@ class ServerState:
         async with self.pool:
             return await self._generate_on_replica(req)
 
-    async def _generate_on_replica(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def _generate_on_replica(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         started = time.perf_counter()
         seeds = choose_seeds(req, self.seed_rng)
         config = self.config
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(
-            self.executor, lambda: self.backend.render(req, seeds, config)
-        )
+
+        def render() -> list[Any]:
+            # The backend's step callback finds the job's control here (cancel, progress).
+            token = CURRENT_CONTROL.set(control)
+            try:
+                return self.backend.render(req, seeds, config)
+            finally:
+                CURRENT_CONTROL.reset(token)
+
+        images = await loop.run_in_executor(self.executor, render)
         encoded = [None if im.data is None else _b64(im.data) for im in images]
         # Render first, then sleep what is left of the configured time: an image takes
         # latency_per_image_s on its replica, not that plus the local render (which,
@@ -263,7 +285,9 @@ class ServerState:
         # until the full time has passed, so an image never takes less than configured.
         until = started + config.latency_per_image_s * len(seeds)
         while (remaining := until - time.perf_counter()) > 0:
-            await asyncio.sleep(remaining)
+            if control is not None:
+                control.on_step(0, 0)  # a cancelled job stops waiting out its latency
+            await asyncio.sleep(min(remaining, 0.05) if control is not None else remaining)
         removed = sum(1 for im in images if im.removed_for_safety)
         self.stats.record_generation(req.engine.value, len(images), removed)
         body = {
@@ -282,51 +306,55 @@ class ServerState:
 
     # ---- async jobs -----------------------------------------------------------------
 
-    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
-        """Accept an async job for ``caller`` and start it: its response id."""
-        job = self.jobs.add(req, fails=fails, owner=caller.owner)
-        job.task = asyncio.get_running_loop().create_task(self.run_job(job))
+    async def submit_job(
+        self, req: ImageGenerationRequest, caller: Caller, fails: bool, body: bytes
+    ) -> str:
+        """Accept an async job for ``caller`` (``body``: its JSON) and queue it: its response id.
+
+        Raises:
+            GenerationRefused: ``max_queued_jobs`` wait here already (429), or the server
+                is stopping (503); nothing was stored.
+        """
+        try:
+            job = await self.jobs.submit(caller.owner, req, body, fails)
+        except QueueFull:
+            raise GenerationRefused(
+                429,
+                f"{self.config.max_queued_jobs} async jobs are queued already; retry later.",
+                retry_after_s=self.config.queue_retry_after_s,
+            ) from None
+        except ShuttingDown:
+            raise GenerationRefused(
+                503, "The server is stopping; retry in a moment.", retry_after_s=5
+            ) from None
         return job.response_id
 
-    async def job_view(
-        self, response_id: str, caller: Caller, *, with_body: bool
-    ) -> JobView | None:
-        """The job as ``caller`` may see it: None when unknown, expired or someone else's."""
-        return self.jobs.view(response_id, caller.owner, admin=caller.admin, with_body=with_body)
+    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
+        """The job as ``caller`` may see it; ``gone`` says why when there is none for them."""
+        return await self.jobs.answer(
+            response_id, caller.owner, admin=caller.admin, with_body=with_body
+        )
+
+    async def cancel_job(self, response_id: str, caller: Caller) -> JobAnswer:
+        """Cancel ``caller``'s job: a pending one at once, a running one at its next step."""
+        return await self.jobs.cancel(response_id, caller.owner, admin=caller.admin)
 
     async def job_counts(self) -> dict[str, int]:
-        return self.jobs.by_status()
+        return await self.jobs.counts()
+
+    async def start(self) -> None:
+        """Start background work (the app's start-up): the job store's recovery and sweeps."""
+        self.jobs.start()
 
     async def close(self) -> None:
-        """Stop background work (called when the app shuts down)."""
-        for task in self.jobs.running_tasks():
-            task.cancel()
+        """Stop background work (the app's shut-down): running jobs get their grace period."""
+        await self.jobs.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
-    async def run_job(self, job: Job) -> None:
-        config = self.config
-        if config.async_queue_delay_s > 0:
-            await asyncio.sleep(config.async_queue_delay_s)
-        async with self.pool:
-            job.status = JobStatus.RUNNING
-            if job.fails:
-                # The seed: "A long-running inference with duration greater than 1 minute
-                # may occasionally encounter an error."
-                await asyncio.sleep(self.config.faults.job_failure_after_s)
-                job.finish(
-                    JobStatus.FAILED,
-                    error="The inference ran too long and failed; resubmit the request.",
-                )
-            else:
-                assert job.request is not None
-                try:
-                    body, _ = await self._generate_on_replica(job.request)
-                    job.finish(JobStatus.COMPLETED, body=body)
-                except Exception as exc:  # a renderer bug must not leave the job running forever
-                    job.finish(
-                        JobStatus.FAILED, error=f"The inference failed: {type(exc).__name__}."
-                    )
+    async def _render_job(self, req: ImageGenerationRequest, control: JobControl) -> bytes:
+        body, _ = await self._generate_on_replica(req, control)
+        return body
 
 
 def _b64(data: bytes) -> str:
@@ -422,7 +450,10 @@ async def generate(request: Request) -> Response:
         fails = (
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
-        response_id = await state.submit_job(req, caller, fails)
+        try:
+            response_id = await state.submit_job(req, caller, fails, raw)
+        except GenerationRefused as refused:
+            return refused.response()
         state.stats.async_submitted += 1
         if fails:
             state.stats.faults["job_failure"] += 1
@@ -449,13 +480,31 @@ async def poll(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     job = await state.job_view(request.path_params["response_id"], caller, with_body=False)
-    if job is None:
-        return _gone(request.path_params["response_id"])
+    return _poll_answer(request, state, job)
+
+
+async def cancel(request: Request) -> Response:
+    state = _state(request)
+    caller = state.gate.api_caller(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.cancel_job(request.path_params["response_id"], caller)
+    return _poll_answer(request, state, job)
+
+
+def _poll_answer(request: Request, state: ServerState, job: JobAnswer) -> Response:
+    if job.status is None:
+        return _gone(job.response_id, job.gone)
     answer: dict[str, Any] = {"response_id": job.response_id, "status": job.status.value}
     if job.status is JobStatus.COMPLETED:
         answer["response_url"] = f"{_base_url(request, state)}/v1/responses/{job.response_id}"
-    elif job.status is JobStatus.FAILED:
+    elif job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         answer["error"] = job.error
+    # Extra fields, which OctoAI's SDKs ignore: where a job waits, how far it has come.
+    if job.queue_position is not None:
+        answer["queue_position"] = job.queue_position
+    if job.progress is not None:
+        answer["progress"] = {"step": job.progress[0], "steps": job.progress[1]}
     return JSONResponse(answer)
 
 
@@ -465,10 +514,12 @@ async def fetch(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     job = await state.job_view(request.path_params["response_id"], caller, with_body=True)
-    if job is None:
-        return _gone(request.path_params["response_id"])
+    if job.status is None:
+        return _gone(job.response_id, job.gone)
     if job.status is JobStatus.FAILED:
         return _message(500, job.error or "The inference failed; resubmit the request.")
+    if job.status is JobStatus.CANCELLED:
+        return _message(409, f"Response {job.response_id} was cancelled; resubmit the request.")
     if job.body is None:
         return _message(
             409, f"Response {job.response_id} is {job.status.value}; poll until it is completed."
@@ -476,13 +527,19 @@ async def fetch(request: Request) -> Response:
     return Response(job.body, media_type="application/json")
 
 
-def _gone(response_id: str) -> JSONResponse:
-    # The same answer for an id that is someone else's: existence is not confirmed.
-    return _message(
-        404,
-        f"Response {response_id[:64]!r} not found: unknown, submitted with another token, "
-        "or expired (async results are kept for a limited time, 24 hours by default).",
-    )
+def _gone(response_id: str, why: str | None) -> JSONResponse:
+    # Someone else's id is "unknown" too: its existence is not confirmed.
+    if why == "expired":
+        message = (
+            f"Response {response_id[:64]!r} expired: async results are kept for a limited "
+            "time (24 hours by default) after they finish; resubmit the request."
+        )
+    else:
+        message = (
+            f"Response {response_id[:64]!r} not found: unknown here, or submitted with "
+            "another token."
+        )
+    return JSONResponse({"message": message, "reason": why or "unknown"}, status_code=404)
 
 
 async def healthcheck(request: Request) -> Response:
@@ -730,6 +787,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
         try:
             yield
         finally:
@@ -738,6 +796,7 @@ def create_app(
     routes = [
         Route("/generate/{engine}", generate, methods=["POST"]),
         Route("/v1/requests/{response_id}", poll, methods=["GET"]),
+        Route("/v1/requests/{response_id}", cancel, methods=["DELETE"]),
         Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
         Route("/healthcheck", healthcheck, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

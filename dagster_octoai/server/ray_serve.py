@@ -42,6 +42,7 @@ from ..api.models import ImageGenerationRequest, JobStatus
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
+from .jobqueue import JobAnswer
 from .jobs import LOST_MESSAGE, JobStore, JobView
 from .ray_config import RayEndpointConfig
 from .security import Caller
@@ -280,7 +281,9 @@ class FrontendState(ServerState):
         body: bytes = result["body"]
         return body, seeds
 
-    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
+    async def submit_job(
+        self, req: ImageGenerationRequest, caller: Caller, fails: bool, body: bytes
+    ) -> str:
         response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
         self._held.add(response_id)
         if self._renewer is None or self._renewer.done():
@@ -318,13 +321,13 @@ class FrontendState(ServerState):
                 with contextlib.suppress(Exception):  # the next round tries again
                     await self.board.renew.remote(sorted(self._held), self.lease_s)
 
-    async def job_view(
-        self, response_id: str, caller: Caller, *, with_body: bool
-    ) -> JobView | None:
+    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
         view: JobView | None = await self.board.view.remote(
             response_id, caller.owner, caller.admin, with_body
         )
-        return view
+        if view is None:
+            return JobAnswer.missing(response_id, "unknown")
+        return JobAnswer(view.response_id, view.status, view.error, body=view.body)
 
     async def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self.board.counts.remote()

@@ -1,0 +1,112 @@
+"""The durable async job store: one interface over a directory, S3 and memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dagster_octoai.api.models import JobStatus
+from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.server.jobstore import JobStore, MemoryBackend, StoredJob
+from dagster_octoai.storage.backends import LocalBackend, S3Backend
+from dagster_octoai.testing.seaweedfs import SeaweedFS
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "memory":
+        yield JobStore(MemoryBackend())
+    elif request.param == "local":
+        yield JobStore(LocalBackend(tmp_path / "jobs"))
+    else:
+        seaweedfs: SeaweedFS = request.getfixturevalue("seaweedfs")
+        bucket: str = request.getfixturevalue("s3_bucket")
+        backend = S3Backend(seaweedfs.client(), bucket)
+        yield JobStore(backend, "endpoint-a/")
+
+
+def _claim(job: StoredJob) -> StoredJob | None:
+    if job.status is not JobStatus.PENDING:
+        return None
+    return job.evolve(status=JobStatus.RUNNING, attempts=job.attempts + 1)
+
+
+def test_a_job_round_trips_and_only_one_of_racing_claims_wins(store: JobStore) -> None:
+    job = store.create("alice", "sdxl", b'{"prompt":"a fox"}', {"prompt": "a fox"})
+    assert store.input(job.response_id) == b'{"prompt":"a fox"}'
+    read = store.read(job.response_id)
+    assert read == job and read.request == {"prompt": "a fox"}
+    wins: list[StoredJob] = []
+    barrier = threading.Barrier(4)
+
+    def claim() -> None:
+        barrier.wait()
+        if (won := store.swap(job.response_id, _claim)) is not None:
+            wins.append(won)
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and wins[0].attempts == 1
+    assert store.read(job.response_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+    # Two runs of one job, one answer: the first result written stays.
+    store.put_result(job.response_id, b"first")
+    store.put_result(job.response_id, b"second")
+    assert store.result(job.response_id) == b"first"
+    store.finish_files(job.response_id)
+    assert store.input(job.response_id) is None
+    assert [rid for rid, _ in store.ids()] == [job.response_id]
+    assert store.delete(job.response_id)
+    assert store.read(job.response_id) is None and store.result(job.response_id) is None
+
+
+def test_ids_tell_expired_from_unknown_across_store_instances(store: JobStore) -> None:
+    job = store.create("alice", "sd", b"{}")
+    again = JobStore(store.backend, store.prefix)  # a restarted server on the same store
+    assert again.owner_key == store.owner_key
+    assert again.read(job.response_id) == job
+    assert again.origin(job.response_id) == "ours"
+    forged = job.response_id[:-1] + ("0" if job.response_id[-1] != "0" else "1")
+    assert again.origin(forged) == "unknown"
+    assert again.read(forged) is None
+    assert JobStore(MemoryBackend()).origin(job.response_id) == "unknown"
+
+
+def test_an_idempotency_key_binds_its_first_response_id_until_the_ttl(store: JobStore) -> None:
+    first = store.remember("alice", "key-1", "digest-a", "rid-1", ttl_s=60)
+    assert first.response_id == "rid-1"
+    assert store.remember("alice", "key-1", "digest-b", "rid-2", ttl_s=60) == first
+    # Another owner's key of the same name is another key.
+    assert store.remember("bob", "key-1", "digest-b", "rid-3", ttl_s=60).response_id == "rid-3"
+    time.sleep(0.05)
+    assert store.remember("alice", "key-1", "digest-b", "rid-4", ttl_s=0.01).response_id == "rid-4"
+
+
+def test_past_max_queued_jobs_a_submission_is_429_and_nothing_is_stored(
+    tmp_path: Path,
+) -> None:
+    from dagster_octoai.server import ServerConfig
+
+    config = ServerConfig(
+        token="t0k", state_dir=str(tmp_path), max_queued_jobs=2, async_queue_delay_s=3600
+    )
+    with LocalOctoAIServer(config) as srv:
+        headers = {"Authorization": "Bearer t0k", "X-OctoAI-Async": "1"}
+        with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as client:
+            answers = [client.post("/generate/sd", json={"prompt": "x"}) for _ in range(3)]
+            assert [a.status_code for a in answers] == [201, 201, 429]
+            assert int(answers[2].headers["Retry-After"]) >= 1
+            assert "2 async jobs are queued" in answers[2].json()["message"]
+            polls = [client.get(a.json()["poll_url"]).json() for a in answers[:2]]
+        assert [p["queue_position"] for p in polls] == [0, 1]
+        assert srv.stats()["async_jobs"]["pending"] == 2
+    assert len(list((tmp_path / "jobs").iterdir())) == 2
