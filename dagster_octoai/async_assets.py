@@ -42,6 +42,7 @@ from .api.errors import (
     ConflictError,
     JobExpiredError,
     JobFailedError,
+    JobUnknownError,
     OctoAIError,
     RateLimitError,
     RequestValidationError,
@@ -579,7 +580,7 @@ def _wait_one(
             response = session.wait(
                 record.async_job(), timeout=max(deadline - time.monotonic(), 1.0)
             )
-        except (JobExpiredError, JobFailedError) as exc:
+        except (JobExpiredError, JobUnknownError, JobFailedError) as exc:
             if record.attempts > max_resubmits:
                 _give_up(
                     ledger, record, f"{exc.message}; gave up after {record.attempts} submission(s)"

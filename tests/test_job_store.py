@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dagster_octoai import JobExpiredError, JobUnknownError, OctoAIClient
 from dagster_octoai.api.models import JobStatus
-from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.server.jobstore import JobStore, MemoryBackend, StoredJob
 from dagster_octoai.storage.backends import LocalBackend, S3Backend
 from dagster_octoai.testing.seaweedfs import SeaweedFS
@@ -94,8 +95,6 @@ def test_an_idempotency_key_binds_its_first_response_id_until_the_ttl(store: Job
 def test_past_max_queued_jobs_a_submission_is_429_and_nothing_is_stored(
     tmp_path: Path,
 ) -> None:
-    from dagster_octoai.server import ServerConfig
-
     config = ServerConfig(
         token="t0k", state_dir=str(tmp_path), max_queued_jobs=2, async_queue_delay_s=3600
     )
@@ -110,3 +109,24 @@ def test_past_max_queued_jobs_a_submission_is_429_and_nothing_is_stored(
         assert [p["queue_position"] for p in polls] == [0, 1]
         assert srv.stats()["async_jobs"]["pending"] == 2
     assert len(list((tmp_path / "jobs").iterdir())) == 2
+
+
+def test_the_client_tells_an_expired_result_from_an_unknown_id(tmp_path: Path) -> None:
+    config = ServerConfig(
+        token="t0k", extra_tokens=["other"], state_dir=str(tmp_path), result_ttl_s=1.0
+    )
+    with (
+        LocalOctoAIServer(config) as srv,
+        OctoAIClient(token="t0k", base_url=srv.url) as client,
+        OctoAIClient(token="other", base_url=srv.url) as other,
+    ):
+        job = client.submit({"prompt": "a fox", "seed": 1}, engine="sd")
+        client.wait(job, timeout=30)
+        # Another token's job is as unknown as a wrong id: its existence is not confirmed.
+        with pytest.raises(JobUnknownError):
+            other.poll(job.poll_url)
+        with pytest.raises(JobUnknownError, match="unknown here"):
+            client.poll(job.poll_url.replace(job.response_id, "0000000000-" + "0" * 38))
+        time.sleep(1.1)
+        with pytest.raises(JobExpiredError, match="expired"):
+            client.poll(job)

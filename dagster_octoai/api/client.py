@@ -46,11 +46,14 @@ from ._http import (
 )
 from ._retry import HTTPRetryPolicy
 from .errors import (
+    ConnectionFailedError,
     DeadlineExceededError,
+    JobCancelledError,
     JobFailedError,
     JobNotReadyError,
     OctoAIError,
     RequestValidationError,
+    ServerError,
     UntrustedOriginError,
 )
 from .models import (
@@ -356,6 +359,11 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
 
     def _completed_url(self, result: PollResult, response_id: str | None) -> str | None:
         """The response URL of a finished job; raises for a failed one; None while running."""
+        if result.status is JobStatus.CANCELLED:
+            raise JobCancelledError(
+                f"async job{_label(response_id)} was cancelled; resubmit it to run it again",
+                response_id=response_id,
+            )
         if result.status is JobStatus.FAILED:
             raise JobFailedError(
                 f"async job{_label(response_id)} ended with status {result.raw_status!r}; "
@@ -444,16 +452,32 @@ class _JobWait:
             )
         return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
-    def check(self, result: PollResult) -> None:
+    def check(self, result: PollResult | None) -> None:
         """Raise when the deadline has passed; else back the interval off."""
         if time.monotonic() >= self.deadline:
             raise DeadlineExceededError(
-                f"async job {self.job.response_id} still {result.raw_status!r} after waiting "
+                f"async job {self.job.response_id} still "
+                f"{'unreachable' if result is None else repr(result.raw_status)} after waiting "
                 f"{self.timeout:g} s; wait(job) again or fetch it later (results are kept "
                 "24 hours)",
                 response_id=self.job.response_id,
             )
         self._interval = min(self._interval * 2, self._max_interval)
+
+    def outage(self, exc: OctoAIError) -> float:
+        """The pause after a poll or fetch that found no server; raises what is not one.
+
+        A server that restarts (a deploy, a crash) refuses connections or its proxy
+        answers 502/503/504 for a while; its jobs survive, so the wait goes on until its
+        own deadline instead of giving up with the call's retries.
+        """
+        transient = isinstance(exc, ConnectionFailedError) or (
+            isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+        )
+        if not transient or time.monotonic() >= self.deadline:
+            raise exc
+        logger.info("job %s: server unreachable, polling on: %s", self.job.response_id, exc)
+        return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
 
 class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]):
@@ -748,7 +772,8 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         """One status check of a job (or of a ``poll_url``, followed as given).
 
         Raises:
-            JobExpiredError: the job is unknown or its result was deleted (404).
+            JobExpiredError: the job's result was deleted after its time (404, expired).
+            JobUnknownError: the id is unknown here, or another token's (404).
         """
         return self._poll(job, None)
 
@@ -804,18 +829,26 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
 
         Polls back off exponentially from ``poll_interval_s`` to
         ``max_poll_interval_s``. A ``failed`` status raises :class:`JobFailedError`
-        and a 404 :class:`JobExpiredError` at once; any other status (including ones
-        this client does not know) is polled until ``timeout``, then
-        :class:`DeadlineExceededError`.
+        (``cancelled``: :class:`JobCancelledError`), an expired result
+        :class:`JobExpiredError` and an unknown id :class:`JobUnknownError`, at once; any
+        other status (including ones this client does not know) is polled until
+        ``timeout``, then :class:`DeadlineExceededError`. A server that cannot be reached
+        or answers 502/503/504 (restarting) is polled again until ``timeout`` too: its jobs
+        survive a restart.
         """
         wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = self._poll(job, wait.deadline)
-            url = self._completed_url(result, job.response_id)
-            if url is not None:
-                answer = self._fetch_url(url, job, wait.deadline)
-                self._log_done(f"job {job.response_id}", answer)
-                return answer
+            try:
+                result = self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    answer = self._fetch_url(url, job, wait.deadline)
+                    self._log_done(f"job {job.response_id}", answer)
+                    return answer
+            except (ConnectionFailedError, ServerError) as exc:
+                time.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             time.sleep(wait.pause(result))
             wait.check(result)
 
@@ -1119,12 +1152,17 @@ class AsyncOctoAIClient(
         """Poll until completed, then fetch; see :meth:`OctoAIClient.wait`."""
         wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = await self._poll(job, wait.deadline)
-            url = self._completed_url(result, job.response_id)
-            if url is not None:
-                answer = await self._fetch_url(url, job, wait.deadline)
-                self._log_done(f"job {job.response_id}", answer)
-                return answer
+            try:
+                result = await self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    answer = await self._fetch_url(url, job, wait.deadline)
+                    self._log_done(f"job {job.response_id}", answer)
+                    return answer
+            except (ConnectionFailedError, ServerError) as exc:
+                await asyncio.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             await asyncio.sleep(wait.pause(result))
             wait.check(result)
 

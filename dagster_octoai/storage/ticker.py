@@ -38,6 +38,7 @@ from ..api.errors import (
     APIStatusError,
     ConflictError,
     JobExpiredError,
+    JobUnknownError,
     OctoAIError,
     RateLimitError,
     ServerError,
@@ -373,7 +374,7 @@ class AsyncJobTicker:
     def _poll_once(self, record: JobRecord, now: datetime) -> _Outcome:
         try:
             result = self.client.poll(record.async_job())
-        except JobExpiredError as exc:
+        except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired or unknown (404) on poll: {exc.message}", JobState.EXPIRED
             )
@@ -580,7 +581,7 @@ class AsyncJobTicker:
         # A persist run failed: is the result still there (then run again) or gone (resubmit)?
         try:
             result = self.client.poll(record.async_job())
-        except JobExpiredError as exc:
+        except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired before it was persisted: {exc.message}", JobState.EXPIRED
             )
