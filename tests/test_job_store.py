@@ -10,7 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dagster_octoai import JobExpiredError, JobUnknownError, OctoAIClient
+from dagster_octoai import (
+    APIStatusError,
+    ConnectionFailedError,
+    JobExpiredError,
+    JobUnknownError,
+    OctoAIClient,
+)
 from dagster_octoai.api.models import JobStatus
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.server.jobstore import JobStore, MemoryBackend, StoredJob
@@ -130,3 +136,59 @@ def test_the_client_tells_an_expired_result_from_an_unknown_id(tmp_path: Path) -
         time.sleep(1.1)
         with pytest.raises(JobExpiredError, match="expired"):
             client.poll(job)
+
+
+def test_an_idempotency_key_pays_once_and_refuses_another_body(tmp_path: Path) -> None:
+    config = ServerConfig(token="t0k", state_dir=str(tmp_path), latency_per_image_s=0.2)
+    with LocalOctoAIServer(config) as srv, OctoAIClient(token="t0k", base_url=srv.url) as client:
+        # The first POST's answer is lost on the wire, after the job was stored.
+        srv.configure(faults={"drop_after_render": 1.0, "on_async_routes": False})
+        request = {"prompt": "a fox", "seed": 1}
+        with pytest.raises(ConnectionFailedError):
+            client.submit(request, engine="sd", idempotency_key="order-17")
+        srv.configure(faults={"drop_after_render": 0.0})
+        job = client.submit(request, engine="sd", idempotency_key="order-17")
+        again = client.submit(request, engine="sd", idempotency_key="order-17")
+        assert again.response_id == job.response_id
+        client.wait(job, timeout=30)
+        assert srv.stats()["paid_generations"] == 1
+        with pytest.raises(APIStatusError, match="Idempotency-Key") as refused:
+            client.submit({"prompt": "a cat", "seed": 1}, engine="sd", idempotency_key="order-17")
+        assert refused.value.status_code == 409
+        # Sync requests too: the repeat gets the first answer, unpaid.
+        headers = {"Authorization": "Bearer t0k", "Idempotency-Key": "sync-1"}
+        first = httpx.post(f"{srv.url}/generate/sd", json=request, headers=headers, timeout=30)
+        second = httpx.post(f"{srv.url}/generate/sd", json=request, headers=headers, timeout=30)
+        assert first.status_code == second.status_code == 200
+        assert first.content == second.content
+        assert srv.stats()["paid_generations"] == 2
+        other = httpx.post(
+            f"{srv.url}/generate/sd", json={"prompt": "x"}, headers=headers, timeout=30
+        )
+        assert other.status_code == 409
+        bad = httpx.post(
+            f"{srv.url}/generate/sd",
+            json=request,
+            headers={**headers, "Idempotency-Key": "has space"},
+            timeout=30,
+        )
+        assert bad.status_code == 422 and "Idempotency-Key" in bad.text
+
+
+def test_the_ledger_sends_one_key_per_response_it_replaces() -> None:
+    from datetime import timedelta
+
+    from dagster_octoai.api.models import ImageGenerationRequest
+    from dagster_octoai.storage.ledger import JobRecord
+
+    req = ImageGenerationRequest(prompt="a fox", seed=1)
+    first = JobRecord.new(req, asset_key="images", partition_key=None, job_id="j1")
+    # A POST retried after its answer was lost: the same key, so the server's first job.
+    assert first.evolve(attempts=2, error="submission failed").idempotency_key == (
+        first.idempotency_key
+    )
+    # Replacing a response the server gave up (expired, failed): a new key.
+    assert first.evolve(response_id="r1").idempotency_key != first.idempotency_key
+    # The same request in another ledger (or made again later) is another job.
+    later = first.evolve(created_at=first.created_at + timedelta(microseconds=1))
+    assert later.idempotency_key != first.idempotency_key

@@ -316,6 +316,24 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
             response_id=response_id,
         )
 
+    def _request_headers(
+        self, async_: bool, json_body: bool, idempotency_key: str | None
+    ) -> httpx.Headers:
+        hdrs = self._headers[async_, json_body]
+        if idempotency_key is None:
+            return hdrs
+        if not (1 <= len(idempotency_key) <= 255) or not all(
+            "\x21" <= c <= "\x7e" for c in idempotency_key
+        ):
+            raise RequestValidationError(
+                "idempotency_key: expected 1 to 255 printable ASCII characters without "
+                f"spaces, got {len(idempotency_key)} characters",
+                [{"field": "idempotency_key", "message": "1-255 printable ASCII, no spaces"}],
+            )
+        hdrs = hdrs.copy()
+        hdrs["Idempotency-Key"] = idempotency_key
+        return hdrs
+
     def _submit_body(self, request: ImageGenerationRequest) -> bytes:
         body = request.wire_bytes()
         if len(body) > ASYNC_BODY_LIMIT_BYTES:
@@ -543,9 +561,14 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
     # ---- transport -------------------------------------------------------------------
 
     def _send(
-        self, call: Call, *, content: bytes | None = None, async_: bool = False
+        self,
+        call: Call,
+        *,
+        content: bytes | None = None,
+        async_: bool = False,
+        idempotency_key: str | None = None,
     ) -> httpx.Response:
-        hdrs = self._headers[async_, content is not None]
+        hdrs = self._request_headers(async_, content is not None, idempotency_key)
         while True:
             timeout = call.start_attempt()
             failure: httpx.TransportError | None = None
@@ -755,15 +778,25 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
 
     # ---- async jobs ------------------------------------------------------------------
 
-    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+    def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
         """Start an async generation (``X-OctoAI-Async: 1``); returns the job to poll.
 
         Bodies over 10 MB are refused before sending (:class:`RequestValidationError`).
+        ``idempotency_key`` (the ``Idempotency-Key`` header): a server that honours it
+        (this package's does) answers a repeat of the same key and body with the first
+        job instead of paying again, so a submission whose answer was lost on the wire,
+        retried, is paid once; the same key with another body is a 409.
         """
         req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
-        response = self._send(call, content=body, async_=True)
+        response = self._send(call, content=body, async_=True, idempotency_key=idempotency_key)
         job = parse_job(response, call.where, self._redactor, req, self._base_url)
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job
@@ -930,9 +963,14 @@ class AsyncOctoAIClient(
         await self.close()
 
     async def _send(
-        self, call: Call, *, content: bytes | None = None, async_: bool = False
+        self,
+        call: Call,
+        *,
+        content: bytes | None = None,
+        async_: bool = False,
+        idempotency_key: str | None = None,
     ) -> httpx.Response:
-        hdrs = self._headers[async_, content is not None]
+        hdrs = self._request_headers(async_, content is not None, idempotency_key)
         bounded = call.kind == "generate"
         while True:
             timeout = call.start_attempt()
@@ -1100,12 +1138,20 @@ class AsyncOctoAIClient(
             results[index] = response
         return [results[i] for i in range(len(results))]
 
-    async def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+    async def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
         """Start an async generation; see :meth:`OctoAIClient.submit`."""
         req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
-        response = await self._send(call, content=body, async_=True)
+        response = await self._send(
+            call, content=body, async_=True, idempotency_key=idempotency_key
+        )
         job = parse_job(response, call.where, self._redactor, req, self._base_url)
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job

@@ -37,9 +37,17 @@ from starlette.routing import Route
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
-from .jobqueue import CURRENT_CONTROL, JobAnswer, JobControl, JobQueue, QueueFull, ShuttingDown
+from .jobqueue import (
+    CURRENT_CONTROL,
+    IdempotencyConflict,
+    JobAnswer,
+    JobControl,
+    JobQueue,
+    QueueFull,
+    ShuttingDown,
+)
 from .jobs import ReplicaPool
-from .jobstore import open_job_store
+from .jobstore import body_digest, open_job_store
 from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, undecodable_images
@@ -56,6 +64,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 POLICY_MESSAGE = "This request violates our Acceptable Use Policy."
 ASYNC_HEADER = "x-octoai-async"
+IDEMPOTENCY_HEADER = "idempotency-key"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^/generate/[^/]+/?$"), "/generate/{engine}"),
@@ -307,16 +317,26 @@ class ServerState:
     # ---- async jobs -----------------------------------------------------------------
 
     async def submit_job(
-        self, req: ImageGenerationRequest, caller: Caller, fails: bool, body: bytes
+        self,
+        req: ImageGenerationRequest,
+        caller: Caller,
+        fails: bool,
+        body: bytes,
+        idempotency: tuple[str, str] | None = None,
     ) -> str:
         """Accept an async job for ``caller`` (``body``: its JSON) and queue it: its response id.
 
+        ``idempotency`` is (Idempotency-Key, body digest): a repeat gets the first id.
+
         Raises:
-            GenerationRefused: ``max_queued_jobs`` wait here already (429), or the server
-                is stopping (503); nothing was stored.
+            GenerationRefused: ``max_queued_jobs`` wait here already (429), the server
+                is stopping (503), the key was used with another body (409); nothing
+                was stored.
         """
         try:
-            job = await self.jobs.submit(caller.owner, req, body, fails)
+            job, _fresh = await self.jobs.submit(caller.owner, req, body, fails, idempotency)
+        except IdempotencyConflict as conflict:
+            raise _key_conflict(conflict) from None
         except QueueFull:
             raise GenerationRefused(
                 429,
@@ -328,6 +348,32 @@ class ServerState:
                 503, "The server is stopping; retry in a moment.", retry_after_s=5
             ) from None
         return job.response_id
+
+    async def generate_once(
+        self, req: ImageGenerationRequest, caller: Caller, body: bytes, idempotency: tuple[str, str]
+    ) -> bytes:
+        """A sync generation with an Idempotency-Key: a repeat gets the first answer, unpaid.
+
+        Raises:
+            GenerationRefused: as :meth:`generate`, or 409 for a key used with another
+                body, or 500 when the first request with the key failed.
+        """
+
+        async def first() -> bytes:
+            payload, _ = await self.generate(req)
+            return payload
+
+        try:
+            job = await self.jobs.run_sync(caller.owner, req, body, idempotency, first)
+        except IdempotencyConflict as conflict:
+            raise _key_conflict(conflict) from None
+        if job.status is JobStatus.COMPLETED:
+            result = await self.jobs.result(job.response_id)
+            if result is not None:
+                return result
+        raise GenerationRefused(
+            500, job.error or "The first request with this Idempotency-Key failed; retry."
+        )
 
     async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
         """The job as ``caller`` may see it; ``gone`` says why when there is none for them."""
@@ -355,6 +401,14 @@ class ServerState:
     async def _render_job(self, req: ImageGenerationRequest, control: JobControl) -> bytes:
         body, _ = await self._generate_on_replica(req, control)
         return body
+
+
+def _key_conflict(conflict: IdempotencyConflict) -> GenerationRefused:
+    return GenerationRefused(
+        409,
+        "Idempotency-Key: this key was used with another request body (its first request "
+        f"is {conflict.response_id}); use a new key for a new request.",
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -401,8 +455,21 @@ async def generate(request: Request) -> Response:
         return limited
 
     is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        state.stats.validation_errors += 1
+        return _validation_response(
+            [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "expected 1 to 255 printable ASCII characters without spaces",
+                    "type": "value_error",
+                }
+            ]
+        )
     # BodyLimits has read the body already, within its size and time limits.
     raw = await request.body()
+    idempotency = None if key is None else (key, body_digest(engine.value, is_async, raw))
     body, json_problem = parse_json_body(raw)
     if json_problem is not None:
         state.stats.validation_errors += 1
@@ -451,7 +518,7 @@ async def generate(request: Request) -> Response:
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
         try:
-            response_id = await state.submit_job(req, caller, fails, raw)
+            response_id = await state.submit_job(req, caller, fails, raw, idempotency)
         except GenerationRefused as refused:
             return refused.response()
         state.stats.async_submitted += 1
@@ -465,6 +532,14 @@ async def generate(request: Request) -> Response:
             status_code=201,
         )
 
+    if idempotency is not None:
+        try:
+            payload = await state.generate_once(req, caller, raw, idempotency)
+        except GenerationRefused as refused:
+            return refused.response()
+        if record is not None:
+            record.engine = engine.value
+        return Response(payload, media_type="application/json")
     try:
         payload, seeds = await state.generate(req)
     except GenerationRefused as refused:

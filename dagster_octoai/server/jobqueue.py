@@ -41,6 +41,7 @@ from .stats import ServerStats
 
 __all__ = [
     "CURRENT_CONTROL",
+    "IdempotencyConflict",
     "JobAnswer",
     "JobCancelled",
     "JobControl",
@@ -60,6 +61,14 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is stopping and accepts nothing new (answered 503)."""
+
+
+class IdempotencyConflict(Exception):
+    """An ``Idempotency-Key`` already used with another body (answered 409)."""
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(response_id)
+        self.response_id = response_id
 
 
 class JobCancelled(Exception):
@@ -146,18 +155,101 @@ class JobQueue:
     # ---- submit, view, cancel -------------------------------------------------------
 
     async def submit(
-        self, owner: str, req: ImageGenerationRequest, body: bytes, fails: bool
-    ) -> StoredJob:
+        self,
+        owner: str,
+        req: ImageGenerationRequest,
+        body: bytes,
+        fails: bool,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[StoredJob, bool]:
+        """Store and queue a job: it, and whether it is new (not an idempotent repeat).
+
+        ``idempotency`` is (key, body digest): the key's first job is returned instead
+        of a new one while the result TTL lasts.
+
+        Raises:
+            QueueFull, ShuttingDown: nothing was stored.
+            IdempotencyConflict: the key was used with another body.
+        """
         if not self._accepting:
             raise ShuttingDown()
         bound = self._config().max_queued_jobs
         if bound is not None and len(self._pending) >= bound:
             raise QueueFull()
+        rid, fresh = None, True
+        if idempotency is not None:
+            rid, fresh = await self.bind_key(owner, *idempotency)
+        # A repeat whose job is missing: the first submission died between binding its
+        # key and storing its job; this one stores it under the bound id.
         job = await self._call(
-            self.store.create, owner, req.engine.value, body, req.summary(), fails
+            self.store.create, owner, req.engine.value, body, req.summary(), fails, rid
         )
-        self._enqueue(job.response_id)
-        return job
+        if job.status is JobStatus.PENDING:
+            self._enqueue(job.response_id)
+        return job, fresh
+
+    async def bind_key(self, owner: str, key: str, digest: str) -> tuple[str, bool]:
+        """The response id an idempotency key stands for, and whether it was bound just now."""
+        rid = self.store.new_response_id()
+        entry = await self._call(
+            self.store.remember, owner, key, digest, rid, self._config().result_ttl_s
+        )
+        if entry.body_digest != digest:
+            raise IdempotencyConflict(entry.response_id)
+        return entry.response_id, entry.response_id == rid
+
+    async def run_sync(
+        self,
+        owner: str,
+        req: ImageGenerationRequest,
+        body: bytes,
+        idempotency: tuple[str, str],
+        generate: Callable[[], Awaitable[bytes]],
+    ) -> StoredJob:
+        """A sync request with an idempotency key: generated once, its answer kept as a job.
+
+        The first request for the key runs ``generate`` and stores the answer; a repeat
+        waits for that job to end and gets the same answer, paying nothing.
+        """
+        rid, fresh = await self.bind_key(owner, *idempotency)
+        if fresh:
+            # Stored as a pending job first: if this process dies, the job runs again as an
+            # async one (a sweep finds it), and a repeat of the request collects it.
+            await self._call(
+                self.store.create, owner, req.engine.value, body, req.summary(), False, rid
+            )
+            claimed = await self._call(self.store.swap, rid, self._claim)
+            if claimed is not None and claimed.status is JobStatus.RUNNING:
+                try:
+                    answer = await generate()
+                except BaseException:
+                    await self._call(self.store.forget_key, owner, idempotency[0])
+                    await self._call(self.store.delete, rid)
+                    raise
+                await self._call(self.store.put_result, rid, answer)
+                await self._call(
+                    self.store.swap,
+                    rid,
+                    lambda j: self._if_mine(j, lambda: _ended(j, JobStatus.COMPLETED, None)),
+                )
+                await self._call(self.store.finish_files, rid)
+        while True:
+            now = await self._call(self.store.read, rid)
+            if now is None or now.finished:
+                break
+            await asyncio.sleep(0.1)
+        return (
+            now
+            if now is not None
+            else StoredJob(
+                response_id=rid,
+                owner=owner,
+                engine=req.engine.value,
+                submitted_at=time.time(),
+                status=JobStatus.FAILED,
+                error="The first request with this Idempotency-Key failed; retry.",
+            )
+        )
 
     async def answer(
         self, response_id: str, owner: str, *, admin: bool, with_body: bool
@@ -188,6 +280,9 @@ class JobQueue:
             progress if job.status is JobStatus.RUNNING else None,
             body,
         )
+
+    async def result(self, response_id: str) -> bytes | None:
+        return await self._call(self.store.result, response_id)
 
     async def cancel(self, response_id: str, owner: str, *, admin: bool) -> JobAnswer:
         """Cancel a pending job at once, a running one at its next step."""
@@ -374,6 +469,7 @@ class JobQueue:
             by_status[job.status.value] += 1
         if expired:
             self._stats.async_expired += expired
+        self.store.forget_expired_keys(config.result_ttl_s)
         return by_status, queue
 
     async def counts(self) -> dict[str, int]:

@@ -280,21 +280,31 @@ class JobStore:
         body: bytes,
         summary: dict[str, Any] | None = None,
         fails: bool = False,
+        response_id: str | None = None,
     ) -> StoredJob:
         """A new pending job: its input first, then its record (the commit point).
 
         ``summary`` is the request without its images (what the record keeps).
+        ``response_id`` (one from :meth:`new_response_id`) names it ahead, for an
+        idempotency key; if that job exists already, it is returned as it is.
         """
         job = StoredJob(
-            response_id=self.new_response_id(),
+            response_id=response_id or self.new_response_id(),
             owner=owner,
             engine=engine,
             submitted_at=time.time(),
             request=summary,
             fails=fails,
         )
+        if response_id is not None and (found := self.read(response_id)) is not None:
+            return found
         self.backend.put(self._key(job.response_id, "input"), body, _JSON, {})
-        return self._write(job, None)
+        try:
+            return self._write(job, None)
+        except ConflictError:
+            if (found := self.read(job.response_id)) is None:
+                raise
+            return found
 
     def read_versioned(self, response_id: str) -> tuple[StoredJob, str] | None:
         if self.origin(response_id) != "ours":
@@ -405,6 +415,10 @@ class JobStore:
                 continue
             return entry
         raise StorageError(f"idempotency key: {_CAS_ROUNDS} writers raced for it")
+
+    def forget_key(self, owner: str, key: str) -> None:
+        """Unbind a key whose first request was refused or failed: a retry starts afresh."""
+        self.backend.delete([self._idem_key(owner, key)])
 
     def forget_expired_keys(self, ttl_s: float) -> int:
         head = f"{self.prefix}idempotency/"

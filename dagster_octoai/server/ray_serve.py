@@ -282,7 +282,12 @@ class FrontendState(ServerState):
         return body, seeds
 
     async def submit_job(
-        self, req: ImageGenerationRequest, caller: Caller, fails: bool, body: bytes
+        self,
+        req: ImageGenerationRequest,
+        caller: Caller,
+        fails: bool,
+        body: bytes,
+        idempotency: tuple[str, str] | None = None,
     ) -> str:
         response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
         self._held.add(response_id)

@@ -483,7 +483,7 @@ class AsyncJobTicker:
         except ConflictError:
             return _raced(record, "resubmitting it")
         try:
-            job = self.client.submit(request)
+            job = self.client.submit(request, idempotency_key=intent.idempotency_key)
         except (TransportError, RateLimitError, ServerError) as exc:
             # Unclear whether the service accepted it: leave the intent, marked, for next tick.
             self._mark(intent, error=f"resubmission failed: {exc}")
