@@ -136,3 +136,43 @@ def test_sigkill_retries_a_running_job_once_then_fails_it_with_the_reason(
             waited_result
         )
         assert [im.seed for im in waited_result[0].images] == [3]
+
+
+def test_the_sensor_pays_once_across_a_server_crash(tmp_path: Path) -> None:
+    from dagster_octoai.api._retry import HTTPRetryPolicy
+    from dagster_octoai.api.models import ImageGenerationRequest
+    from dagster_octoai.storage.ledger import JobLedger, JobRecord, LocalLedgerStore
+    from dagster_octoai.storage.ticker import (
+        AsyncJobTicker,
+        AsyncSensorCursor,
+        AsyncSensorSettings,
+        PersistCheck,
+    )
+
+    config = _config(tmp_path / "jobs")
+    srv = _start(config)
+    port = srv.port
+    ledger = JobLedger(LocalLedgerStore(tmp_path / "ledger"))
+    req = ImageGenerationRequest(prompt="a fox", seed=5)
+    intent = ledger.record_intent(
+        JobRecord.new(req, asset_key="images", partition_key=None, job_id="fox-5")
+    )
+    # The sensor's client: short and few retries, so a tick meets the outage.
+    retry = HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.05, deadline_s=5)
+    with OctoAIClient(token=TOKEN, base_url=srv.url, retry=retry, timeout=5) as client:
+        job = client.submit(req, idempotency_key=intent.idempotency_key)
+        ledger.record_submitted(intent, job)
+        with _client(srv) as http:
+            _until(http, job.response_id, "completed")
+        srv.kill(signal.SIGKILL)
+        ticker = AsyncJobTicker(
+            ledger, client, AsyncSensorSettings(), lambda ids: {i: PersistCheck() for i in ids}
+        )
+        down = ticker.tick(AsyncSensorCursor())
+        assert down.counts["error"] == 1 and down.counts["resubmitted"] == 0, down.summary()
+        with _start(config, port) as again:
+            up = ticker.tick(down.cursor)
+            assert up.counts["resubmitted"] == 0 and len(up.requests) == 1, up.summary()
+            assert again.stats()["paid_generations"] == 0
+    (record,) = ledger.iter_records()
+    assert record.attempts == 1 and record.response_id == job.response_id
