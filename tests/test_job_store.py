@@ -192,3 +192,40 @@ def test_the_ledger_sends_one_key_per_response_it_replaces() -> None:
     # The same request in another ledger (or made again later) is another job.
     later = first.evolve(created_at=first.created_at + timedelta(microseconds=1))
     assert later.idempotency_key != first.idempotency_key
+
+
+def test_delete_cancels_a_pending_and_a_running_job(tmp_path: Path) -> None:
+    from dagster_octoai import JobCancelledError
+
+    config = ServerConfig(token="t0k", state_dir=str(tmp_path), replicas=1, latency_per_image_s=30)
+    with LocalOctoAIServer(config) as srv, OctoAIClient(token="t0k", base_url=srv.url) as client:
+        running = client.submit({"prompt": "a fox", "seed": 1}, engine="sd")
+        pending = client.submit({"prompt": "a fox", "seed": 2}, engine="sd")
+        headers = {"Authorization": "Bearer t0k"}
+        with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as http:
+            deadline = time.monotonic() + 20
+            while http.get(f"/v1/requests/{running.response_id}").json()["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert http.get(f"/v1/requests/{pending.response_id}").json()["queue_position"] == 0
+            # Another token cannot cancel it: to them it is unknown.
+            assert (
+                http.delete(
+                    f"/v1/requests/{pending.response_id}",
+                    headers={"Authorization": "Bearer nope"},
+                ).status_code
+                == 401
+            )
+            answer = http.delete(f"/v1/requests/{pending.response_id}")
+            assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+            started = time.monotonic()
+            assert http.delete(f"/v1/requests/{running.response_id}").status_code == 200
+            with pytest.raises(JobCancelledError):
+                client.wait(running, timeout=20)
+            assert time.monotonic() - started < 10  # not the 30 s the image would take
+            assert http.get(f"/v1/responses/{pending.response_id}").status_code == 409
+        with pytest.raises(JobCancelledError):
+            client.wait(pending, timeout=5)
+        stats = srv.stats()
+        assert stats["paid_generations"] == 0
+        assert stats["async_jobs"]["cancelled"] == 2
