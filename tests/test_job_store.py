@@ -229,3 +229,21 @@ def test_delete_cancels_a_pending_and_a_running_job(tmp_path: Path) -> None:
         stats = srv.stats()
         assert stats["paid_generations"] == 0
         assert stats["async_jobs"]["cancelled"] == 2
+
+
+def test_a_sync_request_whose_client_left_is_cancelled_and_frees_its_replica() -> None:
+    config = ServerConfig(token="t0k", replicas=1, latency_per_image_s=2.0)
+    with LocalOctoAIServer(config) as srv:
+        headers = {"Authorization": "Bearer t0k"}
+        body = {"prompt": "a fox", "seed": 1, "num_images": 16}  # 32 s on the only replica
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/generate/sd", json=body, headers=headers, timeout=1.0)
+        started = time.monotonic()
+        after = httpx.post(
+            f"{srv.url}/generate/sd", json={"prompt": "x"}, headers=headers, timeout=60
+        )
+        assert after.status_code == 200
+        assert time.monotonic() - started < 15  # not behind the abandoned 32 s
+        stats = srv.stats()
+        assert stats["disconnected_cancels"] == 1
+        assert stats["paid_generations"] == 1

@@ -41,6 +41,7 @@ from .jobqueue import (
     CURRENT_CONTROL,
     IdempotencyConflict,
     JobAnswer,
+    JobCancelled,
     JobControl,
     JobQueue,
     QueueFull,
@@ -65,6 +66,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 POLICY_MESSAGE = "This request violates our Acceptable Use Policy."
 ASYNC_HEADER = "x-octoai-async"
 IDEMPOTENCY_HEADER = "idempotency-key"
+#: How often a sync generation checks that its client is still there, seconds.
+_DISCONNECT_CHECK_S = 0.25
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -249,7 +252,9 @@ class ServerState:
 
     # ---- generation -----------------------------------------------------------------
 
-    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def generate(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         """Wait for a replica, take the configured time, render: the generation body.
 
         Raises:
@@ -268,7 +273,7 @@ class ServerState:
                 retry_after_s=self.config.queue_retry_after_s,
             )
         async with self.pool:
-            return await self._generate_on_replica(req)
+            return await self._generate_on_replica(req, control)
 
     async def _generate_on_replica(
         self, req: ImageGenerationRequest, control: JobControl | None = None
@@ -401,6 +406,30 @@ class ServerState:
     async def _render_job(self, req: ImageGenerationRequest, control: JobControl) -> bytes:
         body, _ = await self._generate_on_replica(req, control)
         return body
+
+
+async def _unless_disconnected(
+    request: Request, work: Awaitable[tuple[bytes, list[int]]], control: JobControl
+) -> tuple[bytes, list[int]]:
+    """``work``, cancelled if the client disconnects first (a sync request nobody awaits).
+
+    The cancel flag stops a diffusers render at its next step; cancelling the task frees
+    the replica slot at once.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_CHECK_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                control.cancel.set()
+                task.cancel()
+                raise JobCancelled()
+    finally:
+        if not task.done():
+            control.cancel.set()
+            task.cancel()
 
 
 def _key_conflict(conflict: IdempotencyConflict) -> GenerationRefused:
@@ -540,10 +569,15 @@ async def generate(request: Request) -> Response:
         if record is not None:
             record.engine = engine.value
         return Response(payload, media_type="application/json")
+    control = JobControl()
     try:
-        payload, seeds = await state.generate(req)
+        payload, seeds = await _unless_disconnected(request, state.generate(req, control), control)
     except GenerationRefused as refused:
         return refused.response()
+    except (JobCancelled, asyncio.CancelledError):
+        # The client left: its generation stopped at its next step and freed its replica.
+        state.stats.disconnected_cancels += 1
+        return _message(499, "The client closed the connection; the generation was cancelled.")
     if record is not None:
         record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
     return Response(payload, media_type="application/json")

@@ -42,7 +42,7 @@ from ..api.models import ImageGenerationRequest, JobStatus
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
-from .jobqueue import JobAnswer
+from .jobqueue import JobAnswer, JobControl
 from .jobs import LOST_MESSAGE, JobStore, JobView
 from .ray_config import RayEndpointConfig
 from .security import Caller
@@ -250,7 +250,9 @@ class FrontendState(ServerState):
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
-    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def generate(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         try:
             result: dict[str, Any] = await self.generator.generate.remote(req)
         except BackPressureError:
