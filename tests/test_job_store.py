@@ -247,3 +247,28 @@ def test_a_sync_request_whose_client_left_is_cancelled_and_frees_its_replica() -
         stats = srv.stats()
         assert stats["disconnected_cancels"] == 1
         assert stats["paid_generations"] == 1
+
+
+def test_two_servers_on_one_s3_store_run_each_job_once(
+    seaweedfs: SeaweedFS, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", seaweedfs.region)
+    config = ServerConfig(
+        token="t0k",
+        jobs_url=f"s3://{s3_bucket}/endpoint",
+        jobs_endpoint_url=seaweedfs.endpoint_url,
+        async_sweep_interval_s=0.2,
+        async_queue_delay_s=0.5,  # both servers see every job pending before it runs
+        latency_per_image_s=0.2,
+    )
+    with LocalOctoAIServer(config) as a, LocalOctoAIServer(config) as b:
+        with OctoAIClient(token="t0k", base_url=a.url) as on_a:
+            jobs = [on_a.submit({"prompt": "a fox", "seed": s}, engine="sd") for s in range(4)]
+            results = [on_a.wait(job, timeout=60) for job in jobs]
+        # Any server answers for any job, with the same bytes.
+        with OctoAIClient(token="t0k", base_url=b.url) as on_b:
+            again = [on_b.fetch(f"{b.url}/v1/responses/{job.response_id}") for job in jobs]
+        assert [r.images[0].image_b64 for r in results] == [r.images[0].image_b64 for r in again]
+        assert a.stats()["paid_generations"] + b.stats()["paid_generations"] == 4
