@@ -16,10 +16,10 @@ idempotency/<digest>.json      an Idempotency-Key's first response id and body d
 
 Every status change is a compare-and-swap of ``record.json`` (``put_if`` with the
 version read), so of two frontends that claim, complete or expire one job, one wins and
-the other sees that it lost. A pending job's input waits in the store, not in memory;
-once the job renders, the record holds the request without its images (their sizes and
-hashes), and the input is kept only so that a job whose server died can run again. A
-finished job is nothing but its files.
+the other sees that it lost. A pending job's input waits in the store, not in memory,
+and is dropped when the job ends (it is kept while the job runs only so that a job whose
+server died can run again); the record holds the request without its images (their
+sizes and hashes). A finished job is nothing but its files.
 
 Response ids carry the second they were made and a keyed check, so that an id whose
 files are gone can be told apart: made here and past its time (expired) or never made

@@ -408,6 +408,11 @@ class AsyncJobTicker:
                 record,
                 request=self._persist_request(record, record.response_id or record.job_id),
             )
+        if status is JobStatus.CANCELLED:
+            # Someone cancelled it on purpose: given up, never paid for again.
+            return self._resubmit_or_fail(
+                record, "cancelled on the server", JobState.FAILED, resubmit=False
+            )
         if status is JobStatus.FAILED:
             ran = ""
             if record.running_since is not None:
@@ -458,8 +463,10 @@ class AsyncJobTicker:
             f"{self.settings.result_ttl_s / 3600:g} h); check the persist runs"
         )
 
-    def _resubmit_or_fail(self, record: JobRecord, reason: str, final: JobState) -> _Outcome:
-        if record.attempts > self.settings.max_resubmits:
+    def _resubmit_or_fail(
+        self, record: JobRecord, reason: str, final: JobState, *, resubmit: bool = True
+    ) -> _Outcome:
+        if not resubmit or record.attempts > self.settings.max_resubmits:
             try:
                 failed = self.ledger.save(
                     record.evolve(
