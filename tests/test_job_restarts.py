@@ -27,14 +27,13 @@ TOKEN = "restart-token-5d1e"
 
 
 def _config(state_dir: Path, **changes: Any) -> ServerConfig:
-    return ServerConfig(
-        token=TOKEN,
-        state_dir=str(state_dir),
-        replicas=1,
-        async_lease_s=1.0,
-        async_sweep_interval_s=0.3,
+    fields: dict[str, Any] = {
+        "replicas": 1,
+        "async_lease_s": 1.0,
+        "async_sweep_interval_s": 0.3,
         **changes,
-    )
+    }
+    return ServerConfig(token=TOKEN, state_dir=str(state_dir), **fields)
 
 
 def _start(config: ServerConfig, port: int = 0) -> LocalOctoAIServer:
@@ -176,3 +175,44 @@ def test_the_sensor_pays_once_across_a_server_crash(tmp_path: Path) -> None:
             assert again.stats()["paid_generations"] == 0
     (record,) = ledger.iter_records()
     assert record.attempts == 1 and record.response_id == job.response_id
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_finished_jobs_hold_nothing_in_the_servers_memory(tmp_path: Path) -> None:
+    import base64
+    import io
+    import os
+
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG", compress_level=0)
+    body = {"prompt": "a fox", "init_image": base64.b64encode(buf.getvalue()).decode()}
+    assert len(body["init_image"]) > 4 * 1024 * 1024  # several MiB per job
+
+    def run(client: httpx.Client, count: int) -> None:
+        rids = []
+        for seed in range(count):
+            answer = client.post(
+                "/generate/sd", json={**body, "seed": seed}, headers={"X-OctoAI-Async": "1"}
+            )
+            assert answer.status_code == 201, answer.text
+            rids.append(answer.json()["response_id"])
+        for rid in rids:
+            _until(client, rid, "completed")
+
+    with _start(_config(tmp_path, replicas=2)) as srv, _client(srv) as client:
+        assert srv.pid is not None
+        run(client, 10)  # warm: allocator arenas, caches, code paths
+        warm = _rss_mib(srv.pid)
+        run(client, 40)
+        grown = _rss_mib(srv.pid) - warm
+        # Kept in memory, 40 inputs alone would be over 160 MiB.
+        assert grown < 48, f"RSS grew {grown:.0f} MiB over 40 completed jobs"

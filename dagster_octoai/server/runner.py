@@ -364,6 +364,11 @@ class LocalOctoAIServer(StartStopContext):
             self._stderr.close()
             self._stderr = None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id with ``mode="process"`` (None in a thread or stopped)."""
+        return None if self._proc is None else self._proc.pid
+
     def kill(self, sig: int = 9, *, timeout_s: float = 60.0) -> int | None:
         """Send ``sig`` (default SIGKILL) to the server's child process and wait for it to end.
 
