@@ -817,6 +817,19 @@ class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.Boun
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
 
+    def cancel(self, job: AsyncJob | str) -> PollResult:
+        """Cancel a job (``DELETE`` its poll URL): a pending one at once, a running one at its
+        next step, on a server that supports it (this package's does; OctoAI had no such
+        route). Returns the job's status after the request: ``cancelled``, or the status it
+        had already ended in.
+
+        Raises:
+            JobExpiredError, JobUnknownError: as :meth:`poll`.
+        """
+        url, response_id = self._poll_target(job)
+        call = self._call("DELETE", url, "poll", response_id=response_id)
+        return parse_poll(self._send(call), call.where, self._redactor, response_id)
+
     def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job, or of a ``response_url`` given as a str.
 
@@ -1166,6 +1179,12 @@ class AsyncOctoAIClient(
         result = parse_poll(await self._send(call), call.where, self._redactor, response_id)
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
+
+    async def cancel(self, job: AsyncJob | str) -> PollResult:
+        """Cancel a job; see :meth:`OctoAIClient.cancel`."""
+        url, response_id = self._poll_target(job)
+        call = self._call("DELETE", url, "poll", response_id=response_id)
+        return parse_poll(await self._send(call), call.where, self._redactor, response_id)
 
     async def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job; see :meth:`OctoAIClient.fetch`."""
