@@ -137,7 +137,7 @@ class JobQueue:
         self._render = render
         self._stats = stats
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="octoai-jobstore")
+        self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="octoai-jobstore")
         self._pending: dict[str, None] = {}  # queued here, in arrival order
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, JobControl] = {}

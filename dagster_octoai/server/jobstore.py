@@ -446,7 +446,9 @@ def open_job_store(
         bucket, _, prefix = jobs_url[len("s3://") :].partition("/")
         from ..storage.backends import S3Backend
 
-        s3 = S3Backend.from_config(bucket, endpoint_url=endpoint_url, addressing_style="path")
+        s3 = S3Backend.from_config(
+            bucket, endpoint_url=endpoint_url, addressing_style="path", max_pool_connections=32
+        )
         s3.check()
         return JobStore(s3, prefix)
     if state_dir:
