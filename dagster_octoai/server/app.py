@@ -594,7 +594,8 @@ async def poll(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     state = _state(request)
-    caller = state.gate.api_caller(request)
+    # The job's own token, or the admin (who may stop anyone's job).
+    caller = state.gate.reader(request)
     if isinstance(caller, Response):
         return caller
     job = await state.cancel_job(request.path_params["response_id"], caller)
