@@ -328,10 +328,11 @@ class ServerState:
         fails: bool,
         body: bytes,
         idempotency: tuple[str, str] | None = None,
-    ) -> str:
-        """Accept an async job for ``caller`` (``body``: its JSON) and queue it: its response id.
+    ) -> tuple[str, bool]:
+        """Accept an async job for ``caller`` (``body``: its JSON) and queue it.
 
-        ``idempotency`` is (Idempotency-Key, body digest): a repeat gets the first id.
+        Returns its response id and whether it is a new job: ``idempotency`` is
+        (Idempotency-Key, body digest), and a repeat gets the first job's id (not new).
 
         Raises:
             GenerationRefused: ``max_queued_jobs`` wait here already (429), the server
@@ -339,7 +340,7 @@ class ServerState:
                 was stored.
         """
         try:
-            job, _fresh = await self.jobs.submit(caller.owner, req, body, fails, idempotency)
+            job, fresh = await self.jobs.submit(caller.owner, req, body, fails, idempotency)
         except IdempotencyConflict as conflict:
             raise _key_conflict(conflict) from None
         except QueueFull:
@@ -352,7 +353,7 @@ class ServerState:
             raise GenerationRefused(
                 503, "The server is stopping; retry in a moment.", retry_after_s=5
             ) from None
-        return job.response_id
+        return job.response_id, fresh
 
     async def generate_once(
         self, req: ImageGenerationRequest, caller: Caller, body: bytes, idempotency: tuple[str, str]
@@ -547,12 +548,14 @@ async def generate(request: Request) -> Response:
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
         try:
-            response_id = await state.submit_job(req, caller, fails, raw, idempotency)
+            response_id, fresh = await state.submit_job(req, caller, fails, raw, idempotency)
         except GenerationRefused as refused:
             return refused.response()
-        state.stats.async_submitted += 1
-        if fails:
-            state.stats.faults["job_failure"] += 1
+        # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.
+        if fresh:
+            state.stats.async_submitted += 1
+            if fails:
+                state.stats.faults["job_failure"] += 1
         if record is not None:
             record.engine, record.response_id = engine.value, response_id
         base = _base_url(request, state)

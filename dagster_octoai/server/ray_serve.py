@@ -290,7 +290,7 @@ class FrontendState(ServerState):
         fails: bool,
         body: bytes,
         idempotency: tuple[str, str] | None = None,
-    ) -> str:
+    ) -> tuple[str, bool]:
         response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
         self._held.add(response_id)
         if self._renewer is None or self._renewer.done():
@@ -298,7 +298,7 @@ class FrontendState(ServerState):
         task = asyncio.get_running_loop().create_task(self._dispatch(response_id, req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return response_id
+        return response_id, True
 
     async def _dispatch(self, response_id: str, req: ImageGenerationRequest) -> None:
         """Hand the job to a generator once one has room; fail it if its replica dies."""
