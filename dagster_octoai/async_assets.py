@@ -39,6 +39,7 @@ from .api.errors import (
     ConflictError,
     JobExpiredError,
     JobFailedError,
+    JobUnknownError,
     OctoAIError,
     RateLimitError,
     RequestValidationError,
@@ -188,7 +189,7 @@ def _submit_one(
         now = ledger.get(job_id)
         return _Submitted(job_id, "raced", now.response_id if now is not None else None)
     try:
-        job = client.submit(request)
+        job = client.submit(request, idempotency_key=intent.idempotency_key)
     except _TRANSIENT as exc:
         # Maybe accepted, maybe not: the intent stays, marked, and the sensor resubmits it.
         _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
@@ -560,7 +561,7 @@ def _wait_one(
             response = session.wait(
                 record.async_job(), timeout=max(deadline - time.monotonic(), 1.0)
             )
-        except (JobExpiredError, JobFailedError) as exc:
+        except (JobExpiredError, JobUnknownError, JobFailedError) as exc:
             if record.attempts > max_resubmits:
                 _give_up(
                     ledger, record, f"{exc.message}; gave up after {record.attempts} submission(s)"
@@ -642,7 +643,7 @@ def _claim_and_submit(
             ) from None
         return won
     try:
-        job = session.submit(request)
+        job = session.submit(request, idempotency_key=intent.idempotency_key)
     except BaseException as exc:
         # Say so, so that no run waits for an answer this one will never record.
         _mark_attempt(ledger, intent, error=f"submission failed: {exc}")

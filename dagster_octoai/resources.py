@@ -135,9 +135,18 @@ class OctoAISession:
         out = dict(self.iter_generate(requests, engine=engine, max_concurrency=max_concurrency))
         return [out[i] for i in range(len(out))]
 
-    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
-        """Start an async generation; its usage is counted when it is fetched."""
-        return self._client.submit(request, engine=engine)
+    def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
+        """Start an async generation; its usage is counted when it is fetched.
+
+        ``idempotency_key``: see :meth:`~dagster_octoai.OctoAIClient.submit`.
+        """
+        return self._client.submit(request, engine=engine, idempotency_key=idempotency_key)
 
     def poll(self, job: AsyncJob) -> PollResult:
         """Poll an async job once."""

@@ -1324,6 +1324,8 @@ class JobStatus(str, enum.Enum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    #: Cancelled by its owner (``DELETE /v1/requests/{id}``); this package's server only.
+    CANCELLED = "cancelled"
     UNKNOWN = "unknown"
 
     @classmethod

@@ -254,7 +254,7 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
     )
 
 
-def _load_config(args: argparse.Namespace) -> Any:
+def _load_config(args: argparse.Namespace, *, default_store: bool = True) -> Any:
     from .config import FaultConfig, ServerConfig
     from .runner import CONFIG_ENV
 
@@ -274,7 +274,25 @@ def _load_config(args: argparse.Namespace) -> Any:
     }
     if fault_changes:
         changes["faults"] = fault_changes
-    return ServerConfig.model_validate(base).updated(changes)
+    config = ServerConfig.model_validate(base).updated(changes)
+    # An operator's server keeps its async jobs on disk unless told where else (or
+    # '--state-dir none': in memory); a harness's child process is told everything.
+    named = {"state_dir", "jobs_url"} & (set(base) | set(changes))
+    if default_store and not named and CONFIG_ENV not in os.environ:
+        config = config.updated({"state_dir": str(default_state_dir())})
+    return config
+
+
+def default_state_dir() -> Path:
+    """Where ``dagster-octoai serve`` keeps async jobs by default.
+
+    ``$DAGSTER_OCTOAI_STATE_DIR``, else ``$XDG_STATE_HOME/dagster-octoai/jobs``, else
+    ``~/.local/state/dagster-octoai/jobs``.
+    """
+    if explicit := os.environ.get("DAGSTER_OCTOAI_STATE_DIR"):
+        return Path(explicit)
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "dagster-octoai" / "jobs"
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -304,7 +322,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     from .ray_config import RayEndpointConfig
 
     try:
-        server = _load_config(args)
+        server = _load_config(args, default_store=False)
         values = vars(args)
         fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
         endpoint = RayEndpointConfig(server=server, **fields)
@@ -425,6 +443,11 @@ def _describe(config: Any, url: str, backend: Any = None) -> str:
         "  control routes: "
         + (f"on, admin token only (GET {url}/_local/stats)" if config.control_routes else "off"),
         f"  backend: {config.backend}",
+        "  async jobs: "
+        + (
+            config.jobs_url
+            or (f"directory {config.state_dir}" if config.state_dir else "in memory (lost on exit)")
+        ),
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -454,6 +477,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
+    from ..api.errors import StorageError
     from .app import create_app
     from .backends import BackendError
     from .runner import TLSFiles, _url, bind_socket, serve
@@ -467,7 +491,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         # Loaded before listening: a wrong model directory or device fails here, clearly.
         app = create_app(config)
-    except BackendError as exc:
+    except (BackendError, StorageError) as exc:
         print(f"dagster-octoai serve: {exc}", file=sys.stderr)
         return 2
 

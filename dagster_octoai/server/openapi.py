@@ -231,9 +231,22 @@ _POLL = {
     "required": ["status"],
     "properties": {
         "response_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["pending", "running", "completed", "failed"]},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "running", "completed", "failed", "cancelled"],
+        },
         "response_url": {"type": "string", "format": "uri"},
         "error": {"type": "string"},
+        "queue_position": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Jobs ahead of this one on its server (0 = next); while pending.",
+        },
+        "progress": {
+            "type": "object",
+            "description": "Denoising steps done and in all; while a diffusers job runs.",
+            "properties": {"step": {"type": "integer"}, "steps": {"type": "integer"}},
+        },
     },
 }
 
@@ -287,7 +300,16 @@ def _generate_operation(path_engine: str, engine: Engine) -> dict[str, Any]:
                     "description": "1 (or true) = run in the background: 201 with a "
                     "poll_url; any other value runs the request synchronously.",
                     "schema": {"type": "string"},
-                }
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "The same key and body from the same token within the "
+                    "result TTL get the first submission's response_id (async) or answer "
+                    "(sync), unpaid; another body is a 409.",
+                    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                },
             ],
             "requestBody": {
                 "required": True,
@@ -302,6 +324,7 @@ def _generate_operation(path_engine: str, engine: Engine) -> dict[str, Any]:
                 ),
                 "400": _json("Message", "The prompt violates the Acceptable Use Policy."),
                 **_auth_responses(),
+                "409": _json("Message", "The Idempotency-Key was used with another body."),
                 "413": _json("Message", "The async request body is over the limit (10 MB)."),
                 "422": _json("HTTPValidationError", "The body is not a valid request."),
                 "429": _json("Message", "Rate limited.", _RETRY_AFTER),
@@ -348,7 +371,18 @@ def _document(base_url: str) -> dict[str, Any]:
                 **_auth_responses(),
                 "404": _json("Message", "Unknown or expired response_id."),
             },
-        }
+        },
+        "delete": {
+            "operationId": "cancel_request",
+            "summary": "Cancel an async job (pending: at once; running: at its next step)",
+            "security": [{"bearer": []}],
+            "parameters": [response_id],
+            "responses": {
+                "200": _json("PollResponse", "The job's status after the request."),
+                **_auth_responses(),
+                "404": _json("Message", "Unknown or expired response_id."),
+            },
+        },
     }
     paths["/v1/responses/{response_id}"] = {
         "get": {

@@ -42,6 +42,7 @@ from ..api.models import ImageGenerationRequest, JobStatus
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
+from .jobqueue import JobAnswer, JobControl
 from .jobs import LOST_MESSAGE, JobStore, JobView
 from .ray_config import RayEndpointConfig
 from .ray_security import (
@@ -256,7 +257,9 @@ class FrontendState(ServerState):
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
-    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def generate(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         try:
             result: dict[str, Any] = await self.generator.generate.remote(req)
         except BackPressureError:
@@ -287,7 +290,14 @@ class FrontendState(ServerState):
         body: bytes = result["body"]
         return body, seeds
 
-    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
+    async def submit_job(
+        self,
+        req: ImageGenerationRequest,
+        caller: Caller,
+        fails: bool,
+        body: bytes,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[str, bool]:
         response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
         self._held.add(response_id)
         if self._renewer is None or self._renewer.done():
@@ -295,7 +305,7 @@ class FrontendState(ServerState):
         task = asyncio.get_running_loop().create_task(self._dispatch(response_id, req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return response_id
+        return response_id, True
 
     async def _dispatch(self, response_id: str, req: ImageGenerationRequest) -> None:
         """Hand the job to a generator once one has room; fail it if its replica dies."""
@@ -325,13 +335,13 @@ class FrontendState(ServerState):
                 with contextlib.suppress(Exception):  # the next round tries again
                     await self.board.renew.remote(sorted(self._held), self.lease_s)
 
-    async def job_view(
-        self, response_id: str, caller: Caller, *, with_body: bool
-    ) -> JobView | None:
+    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
         view: JobView | None = await self.board.view.remote(
             response_id, caller.owner, caller.admin, with_body
         )
-        return view
+        if view is None:
+            return JobAnswer.missing(response_id, "unknown")
+        return JobAnswer(view.response_id, view.status, view.error, body=view.body)
 
     async def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self.board.counts.remote()

@@ -155,6 +155,26 @@ class JobRecord(BaseModel):
     _version: str | None = PrivateAttr(default=None)
 
     @property
+    def idempotency_key(self) -> str:
+        """The ``Idempotency-Key`` of this job's next POST.
+
+        The same for every POST that replaces the same response (a retry after a lost
+        answer gets the job the first POST made, unpaid); new once a response the server
+        gave up (expired or failed) is being replaced. The record's creation time is
+        part of it: a job id is a digest of the request, and two ledgers (or a job made
+        again after it ended) must not share a key.
+        """
+        seed = "\0".join(
+            [
+                self.job_id,
+                self.created_at.isoformat(),
+                self.response_id or "",
+                str(len(self.previous_response_ids)),
+            ]
+        )
+        return "dagster-octoai-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+
+    @property
     def stored_version(self) -> str | None:
         """The version of the stored record this one was read (or derived) from; ``None``: new."""
         return self._version

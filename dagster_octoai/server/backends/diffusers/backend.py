@@ -16,7 +16,7 @@ import io
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from ....api.edges import edge_map
 from ....api.images import decode_base64_image
 from ....api.models import Engine
+from ...jobqueue import CURRENT_CONTROL, JobCancelled, JobControl
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
 from .flow import FLOW_PIPELINES, flow_call_kwargs
@@ -422,6 +423,34 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     images: list[Image.Image] | None = None
     error: BaseException | None = None
+    #: The async job's control (cancel flag, progress); None for a plain request.
+    control: JobControl | None = None
+
+
+def _step_callback(batch: list[_Job], steps: int) -> Callable[..., dict[str, Any]]:
+    """A diffusers ``callback_on_step_end``: each job's progress, and a stop once cancelled.
+
+    A batch stops only when every job in it was cancelled (the others still want their
+    images); the cancel surfaces as :class:`JobCancelled` from the pipeline call.
+    """
+    controls = [j.control for j in batch]
+
+    def on_step_end(
+        pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        cancelled = 0
+        for control in controls:
+            if control is None:
+                continue
+            try:
+                control.on_step(step + 1, steps)
+            except JobCancelled:
+                cancelled += 1
+        if cancelled and cancelled == len(controls):
+            raise JobCancelled()
+        return callback_kwargs
+
+    return on_step_end
 
 
 def _stack(parts: list[tuple[PromptEmbeddings, int]]) -> PromptEmbeddings | None:
@@ -676,7 +705,8 @@ class DiffusersBackend:
     def render(
         self, request: ImageGenerationRequest, seeds: list[int], config: ServerConfig
     ) -> list[RenderedImage]:
-        job = _Job(request, seeds, batch_key(request))
+        # Read here, on the caller's thread: the device worker has a context of its own.
+        job = _Job(request, seeds, batch_key(request), control=CURRENT_CONTROL.get())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the diffusers backend is closed")
@@ -796,6 +826,8 @@ class DiffusersBackend:
             "num_images_per_prompt": 1,
             "generator": device.generators(seeds),
         }
+        if any(j.control is not None for j in batch):
+            kwargs["callback_on_step_end"] = _step_callback(batch, steps)
         if mode == "txt2img":
             kwargs.update(width=width, height=height)
         elif mode == "img2img":
