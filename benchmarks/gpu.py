@@ -257,26 +257,42 @@ def _measure(
         assert len(images) == case.batch
         return time.perf_counter() - started
 
+    # The server must run the models built for this case, not the directory's: count the
+    # denoiser's calls (eager only: a hook inside a compiled module would change it).
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    steps_run = [0]
+
+    def count(*_: Any) -> None:
+        steps_run[0] += 1
+
     def api() -> float:
+        before = steps_run[0]
         started = time.perf_counter()
         r = client.post(f"/generate/{case.engine}", json=body)
         elapsed = time.perf_counter() - started
         r.raise_for_status()
         assert len(r.json()["images"]) == case.batch
+        if not case.compiled and steps_run[0] == before:
+            raise RuntimeError(f"{case.name}: the server did not run the models built for it")
         return elapsed
 
-    if warm_up:
-        # Warm-up (and, when compiled, the compilation) is not measured.
-        direct()
-        api()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    result = Result(case)
-    for i in range(reps):
-        # Interleaved, alternating which goes first: drift hits both alike.
-        order = (direct, api) if i % 2 == 0 else (api, direct)
-        for fn in order:
-            (result.direct_s if fn is direct else result.api_s).append(fn())
+    hook = None if case.compiled else denoiser.register_forward_pre_hook(count)
+    try:
+        if warm_up:
+            # Warm-up (and, when compiled, the compilation) is not measured.
+            direct()
+            api()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        result = Result(case)
+        for i in range(reps):
+            # Interleaved, alternating which goes first: drift hits both alike.
+            order = (direct, api) if i % 2 == 0 else (api, direct)
+            for fn in order:
+                (result.direct_s if fn is direct else result.api_s).append(fn())
+    finally:
+        if hook is not None:
+            hook.remove()
     if on_gpu:
         result.peak_gpu_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
@@ -372,36 +388,39 @@ def run(
     built = _Models(backend, device, published=not quick)
     results: list[Result] = []
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    with (
-        _served(backend, config) as url,
-        httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
-    ):
-        for case in _cases(quick, on_gpu, steps, only):
-            if budget_s is not None and time.monotonic() - started > budget_s:
-                log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
-                break
-            family = family_of(Engine(case.engine))
-            if family not in built.bases:
-                log(f"{case.name}: skipped, {models} has no {family} folder")
-                continue
-            pipe, build_s, size = built.use(family, case.compiled)
-            ip_adapter = built.ip_adapter(family, pipe) if case.photo_merge else None
-            if case.photo_merge and ip_adapter is None:
-                log(f"{case.name}: skipped, {models} has no IP-Adapter for {family}")
-                continue
-            result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
-            result.build_s, result.parameters = build_s, size
-            summary = result.summary()
-            log(
-                f"{case.name} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
-                f"{' compiled' if case.compiled else ''}: {size / 1e6:,.0f} M parameters built "
-                f"in {build_s:.1f} s; direct p50 {summary['direct_p50_s']} s, "
-                f"api p50 {summary['api_p50_s']} s (x{summary['server_overhead']}), "
-                f"{summary['images_per_s']} images/s, peak {summary['peak_gpu_gib']} GiB"
-            )
-            results.append(result)
+    try:
+        with (
+            _served(backend, config) as url,
+            httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
+        ):
+            for case in _cases(quick, on_gpu, steps, only):
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
+                    break
+                family = family_of(Engine(case.engine))
+                if family not in built.bases:
+                    log(f"{case.name}: skipped, {models} has no {family} folder")
+                    continue
+                pipe = None  # the previous family's models go before this one's are built
+                pipe, build_s, size = built.use(family, case.compiled)
+                ip_adapter = built.ip_adapter(family, pipe) if case.photo_merge else None
+                if case.photo_merge and ip_adapter is None:
+                    log(f"{case.name}: skipped, {models} has no IP-Adapter for {family}")
+                    continue
+                result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
+                result.build_s, result.parameters = build_s, size
+                summary = result.summary()
+                log(
+                    f"{case.name} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
+                    f"{' compiled' if case.compiled else ''}: {size / 1e6:,.0f} M parameters built "
+                    f"in {build_s:.1f} s; direct p50 {summary['direct_p50_s']} s, "
+                    f"api p50 {summary['api_p50_s']} s (x{summary['server_overhead']}), "
+                    f"{summary['images_per_s']} images/s, peak {summary['peak_gpu_gib']} GiB"
+                )
+                results.append(result)
+    finally:
         built.release()
-    backend.close()
+        backend.close()
     return results
 
 

@@ -174,6 +174,27 @@ def test_gpu_benchmark_quick_run_on_cpu(
     assert not (tmp_path / "no.json").exists()
 
 
+def test_gpu_benchmark_fails_when_the_server_did_not_run_the_built_models(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row is only written when the API side ran the models built for the case."""
+    from benchmarks import gpu
+
+    real_use = gpu._Models.use
+
+    def use_without_swap(
+        self: gpu._Models, family: str, compiled: bool
+    ) -> tuple[object, float, int]:
+        skeleton = self.bases[family].pipe
+        built = real_use(self, family, compiled)
+        self.bases[family].pipe = skeleton  # the server keeps the directory's models
+        return built
+
+    monkeypatch.setattr(gpu._Models, "use", use_without_swap)
+    with pytest.raises(RuntimeError, match="sd: the server did not run the models built"):
+        gpu.run(tiny_models, "cpu", quick=True, only=("sd",), log=lambda _: None)
+
+
 # Published sizes, in billions of parameters: the SDXL paper (UNet 2.6), SD 1.5 (0.86),
 # Segmind's SSD-1B card (1.3), SD3 Medium (2), FLUX.1 (12), the T5-XXL encoder (4.7).
 PUBLISHED_SIZES = {
