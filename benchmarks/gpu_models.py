@@ -149,8 +149,9 @@ def _rebuild(module: Any, overrides: dict[str, Any], dtype: torch.dtype) -> Any:
     """The same class as ``module``, from its config with ``overrides``, fresh random weights."""
     config = module.config
     if hasattr(config, "to_dict"):  # transformers
-        values = {**config.to_dict(), **overrides}
-        # transformers makes a model in its config's dtype, not the default one.
+        # transformers makes a model in its config's dtype (the directory's float32), not
+        # the default one: set it, so that a T5-XXL is not made in fp32 first (19 GB).
+        values = {**config.to_dict(), **overrides, "dtype": str(dtype).removeprefix("torch.")}
         built = type(module)(type(config).from_dict(values)).to(dtype)
     else:  # diffusers
         built = type(module).from_config({**dict(config), **overrides})
