@@ -14,8 +14,9 @@ tokenize the way CLIP's do, only into more, shorter pieces.
 The sizes keep the real latent scale factor (a four-block VAE, 8x) and the real engine
 sizes (SDXL 1024x1024, SD 1.5 512x512) while staying small enough that one image takes
 seconds on a 2-core CPU: few channels (2-8 in the VAE, 8-32 in the UNet), one layer per
-block, attention only at the lowest resolution. ``scale="full"`` builds the real SDXL / SD 1.5 architectures (random
-weights, gigabytes) for the GPU benchmark. The images are noise either way.
+block, attention only at the lowest resolution. ``scale="full"`` writes the real SDXL /
+SD 1.5 architectures (random weights, gigabytes) to disk; the GPU benchmark builds its
+full-size models in GPU memory instead (``benchmarks/gpu_models.py``). The images are noise either way.
 """
 
 from __future__ import annotations
@@ -654,7 +655,7 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
 
     ``scale="tiny"`` (seconds to write, a few MB) is what tests and the demo use;
     ``scale="full"`` writes the real SDXL and SD 1.5 architectures in fp16 (about 10 GB)
-    for the GPU benchmark.
+    (the GPU benchmark builds its full-size models in GPU memory instead).
 
     Examples:
         >>> import tempfile
