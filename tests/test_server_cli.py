@@ -279,7 +279,10 @@ def test_the_banner_says_the_engines_and_replicas_the_backend_has() -> None:
     config = ServerConfig(replicas=4, public=True)
     placeholder = create_app(config).state.octoai.backend
     banner = _describe(config, "http://h", placeholder)
-    assert "generate/{sdxl,sd,controlnet-sdxl,controlnet-sd15}" in banner
+    from dagster_octoai import Engine
+
+    # The placeholder draws every engine.
+    assert "generate/{" + ",".join(e.value for e in Engine) + "}" in banner
     assert "replicas: 4;" in banner
     # A diffusers backend with one device and SD 1.5 models only (its engines, replicas).
     diffusers = types.SimpleNamespace(engines=("sd", "controlnet-sd15"), replicas=1)

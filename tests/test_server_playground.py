@@ -149,4 +149,5 @@ def test_the_playground_offers_only_the_engines_the_backend_serves() -> None:
     # A diffusers backend with SD 1.5 models only answers sd and controlnet-sd15.
     names = [e["name"] for e in playground_options(("sd", "controlnet-sd15"))["engines"]]
     assert names == ["sd"]
-    assert [e["name"] for e in playground_options()["engines"]] == ["sdxl", "sd"]
+    every = ["sdxl", "sd", "ssd", "sd3", "flux-schnell", "flux-dev"]
+    assert [e["name"] for e in playground_options()["engines"]] == every
