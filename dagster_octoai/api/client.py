@@ -62,6 +62,7 @@ from .models import (
     JobStatus,
     PollResult,
 )
+from .video_client import AsyncVideoCalls, VideoCalls
 
 __all__ = [
     "BASE_URL_ENV",
@@ -456,7 +457,9 @@ class _JobWait:
         self._interval = min(self._interval * 2, self._max_interval)
 
 
-class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]):
+class OctoAIClient(
+    VideoCalls, _ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]
+):
     """A thread-safe client of the OctoAI image API.
 
     One pooled connection pool serves the client's lifetime; close it with
@@ -858,7 +861,7 @@ class _Slot:
 
 
 class AsyncOctoAIClient(
-    _ClientBase[httpx.AsyncClient, httpx.AsyncHTTPTransport, asyncio.Semaphore]
+    AsyncVideoCalls, _ClientBase[httpx.AsyncClient, httpx.AsyncHTTPTransport, asyncio.Semaphore]
 ):
     """The asyncio twin of :class:`OctoAIClient`: same arguments, ``async`` methods.
 
