@@ -60,6 +60,10 @@ def video_renderer(backend: Backend) -> VideoRenderer | None:
         from .backends.placeholder_video import PlaceholderVideoRenderer
 
         return PlaceholderVideoRenderer()
+    if backend.name == "diffusers":
+        from .backends.diffusers.svd import SvdRenderer
+
+        return SvdRenderer.for_backend(backend)
     return None
 
 

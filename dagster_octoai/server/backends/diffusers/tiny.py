@@ -692,6 +692,10 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
             fam_dir / "vaes" / f"tiny-vae-{name}.safetensors",
             seed + 50,
         )
+    if scale == "tiny":
+        from .tiny_svd import write_tiny_svd
+
+        write_tiny_svd(root / "svd" / "base", seed=seed + 60)
     (root / "README.txt").write_text(_README)
     (root / "dagster-octoai-models.json").write_text(
         json.dumps({"format": 1, "scale": scale, "random_weights": True}, indent=2) + "\n"
