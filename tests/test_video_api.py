@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import doctest
 import io
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import av
@@ -16,10 +18,11 @@ from octoai.client import OctoAI
 from octoai.environment import OctoAIEnvironment
 from PIL import Image
 
+from dagster_octoai.api import video as video_models
 from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient
 from dagster_octoai.api.errors import RequestValidationError
 from dagster_octoai.api.video import SVD_FRAMES, VideoGenerationRequest
-from dagster_octoai.server import LocalOctoAIServer
+from dagster_octoai.server import LocalOctoAIServer, mp4, video as video_route
 from dagster_octoai.testing.server import sample_image_b64
 
 pytestmark = pytest.mark.timeout(120)
@@ -163,3 +166,16 @@ def test_official_sdk_generate_svd(octoai_server: LocalOctoAIServer) -> None:
     assert probe(base64.b64decode(response.videos[0].video))[:3] == (SVD_FRAMES, 7.0, (1024, 576))
     assert response.prediction_time_ms >= 0
     assert Image.open(io.BytesIO(base64.b64decode(IMAGE))).size == (160, 90)
+
+
+def test_async_body_over_10_mb_refused_before_sending(client: OctoAIClient) -> None:
+    big = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(11 * 1024 * 1024)).decode()
+    request = VideoGenerationRequest.model_construct(image=big)
+    with pytest.raises(RequestValidationError, match=r"image: the JSON body is .* over the 10 MB"):
+        client.submit_video(request)
+
+
+@pytest.mark.parametrize("module", [video_models, video_route, mp4])
+def test_docstring_examples_run(module: ModuleType) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -8,6 +8,7 @@ same seed gives the same bytes. A model directory without ``svd/base`` answers 4
 from __future__ import annotations
 
 import base64
+import doctest
 import io
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from octoai.environment import OctoAIEnvironment
 from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.api.errors import APIStatusError
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
+from dagster_octoai.server.backends.diffusers import svd
 from dagster_octoai.server.backends.diffusers.tiny_svd import TINY_SVD_FRAMES
 from dagster_octoai.testing.plugin import TEST_TOKEN
 from dagster_octoai.testing.server import sample_image_b64
@@ -69,6 +71,12 @@ def test_svd_clip_client_and_sdk_same_seed_same_bytes(diffusers_server: LocalOct
     video = response.videos[0].video
     assert video is not None and response.videos[0].seed == 2024
     assert base64.b64decode(video) == clip
+
+
+def test_motion_scale_maps_to_svd_motion_buckets() -> None:
+    result = doctest.testmod(svd, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+    assert [svd.motion_bucket(m) for m in (0.0, 0.5, 1.0)] == [0, 127, 255]
 
 
 def test_no_svd_weights_is_unknown_engine(tiny_models: Path, tmp_path: Path) -> None:
