@@ -303,6 +303,7 @@ class VideoGenerationResponse(BaseModel):
     _request: VideoGenerationRequest | None = PrivateAttr(None)
     _response_id: str | None = PrivateAttr(None)
     _call: CallInfo = PrivateAttr(default_factory=CallInfo)
+    _reused: Any = PrivateAttr(None)
 
     def _attach(
         self,
@@ -316,6 +317,17 @@ class VideoGenerationResponse(BaseModel):
         if call is not None:
             self._call = call
         return self
+
+    def _reuse(self, request: VideoGenerationRequest, manifest: Any) -> VideoGenerationResponse:
+        """Mark this answer as standing for a stored output's manifest (nothing generated)."""
+        self._request = request
+        self._reused = manifest
+        return self
+
+    @property
+    def reused_manifest(self) -> Any:
+        """The stored manifest a video IO manager found for this request, or None."""
+        return self._reused
 
     @property
     def request(self) -> VideoGenerationRequest | None:
