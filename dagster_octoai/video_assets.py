@@ -20,22 +20,27 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
+    In,
     InputContext,
     MetadataValue,
+    OpDefinition,
+    OpExecutionContext,
+    Out,
     OutputContext,
     PartitionsDefinition,
     asset,
+    op,
 )
 from PIL import Image
 
 from .api.errors import StorageError
 from .api.models import GeneratedImage, ImageGenerationResponse
 from .api.video import VideoGenerationRequest, VideoGenerationResponse
-from .io_managers import LocalImageIOManager, S3ImageIOManager
+from .io_managers import LocalImageIOManager, S3ImageIOManager, _input_path, _output_path
 from .storage.manifest import Manifest
 from .storage.videos import VideoStore, poster_data_uri
 
-__all__ = ["LocalVideoIOManager", "S3VideoIOManager", "octoai_video_asset"]
+__all__ = ["LocalVideoIOManager", "S3VideoIOManager", "octoai_video_asset", "octoai_video_op"]
 
 
 def _image_bytes(value: Any, where: str) -> bytes:
@@ -76,7 +81,7 @@ class _VideoIO:
         if manifest is None:
             manifest = store.write(
                 obj,
-                asset_key=context.asset_key.path,
+                asset_key=_output_path(context),
                 partition_key=partition,
                 run_id=context.run_id,
             )
@@ -84,7 +89,7 @@ class _VideoIO:
 
     def load_input(self, context: InputContext) -> list[bytes]:
         partition = context.partition_key if context.has_partition_key else None
-        return self.video_store().read(context.asset_key.path, partition)
+        return self.video_store().read(_input_path(context), partition)
 
 
 def _metadata(
@@ -151,11 +156,7 @@ def octoai_video_asset(
         io_manager_key: A video IO manager (:class:`S3VideoIOManager`, :class:`LocalVideoIOManager`).
         resource_key: The :class:`~dagster_octoai.OctoAIResource`.
     """
-    fields = dict(template or {})
-    if "image" in fields:
-        raise ValueError("template: leave 'image' out; the upstream asset's image is used")
-    # Every field but the picture is checked now, with a stand-in picture.
-    VideoGenerationRequest.build({**fields, "image": Image.new("RGB", (8, 8))})
+    fields = _template(template)
     upstream = image if isinstance(image, AssetKey) else AssetKey(image)
 
     @asset(
@@ -183,6 +184,49 @@ def octoai_video_asset(
                 )
         client = getattr(context.resources, resource_key).client
         answer: VideoGenerationResponse = client.generate_video(request)
+        return answer
+
+    return _video
+
+
+def _template(template: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request template without ``image``, every field checked now (with a stand-in picture)."""
+    fields = dict(template or {})
+    if "image" in fields:
+        raise ValueError("template: leave 'image' out; the upstream output's image is used")
+    VideoGenerationRequest.build({**fields, "image": Image.new("RGB", (8, 8))})
+    return fields
+
+
+def octoai_video_op(
+    name: str = "octoai_video",
+    template: Mapping[str, Any] | None = None,
+    *,
+    resource_key: str = "octoai",
+    io_manager_key: str = "video_io_manager",
+) -> OpDefinition:
+    """An op animating its ``image`` input (an upstream output's first image) into videos.
+
+    Examples:
+        >>> octoai_video_op("clip", {"seed": 7, "fps": 6}).name
+        'clip'
+    """
+    fields = _template(template)
+
+    @op(
+        name=name,
+        ins={"image": In()},
+        out=Out(VideoGenerationResponse, io_manager_key=io_manager_key),
+        required_resource_keys={resource_key},
+        description="Animate an image with OctoAI's /generate/svd.",
+    )
+    def _video(context: OpExecutionContext, image: Any) -> VideoGenerationResponse:
+        request = VideoGenerationRequest.build(
+            {**fields, "image": _image_bytes(image, f"op {name!r} input 'image'")}
+        )
+        answer: VideoGenerationResponse = getattr(
+            context.resources, resource_key
+        ).client.generate_video(request)
         return answer
 
     return _video

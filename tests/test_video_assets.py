@@ -4,18 +4,25 @@
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import av
 import boto3
 from _support import ephemeral_instance, octoai, s3_images
-from dagster import DagsterInstance, StaticPartitionsDefinition, materialize
+from dagster import DagsterInstance, StaticPartitionsDefinition, job, materialize, op
+from PIL import Image
 
 from dagster_octoai.api.video import SVD_FRAMES
 from dagster_octoai.assets import octoai_image_asset
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
-from dagster_octoai.video_assets import S3VideoIOManager, octoai_video_asset
+from dagster_octoai.video_assets import (
+    LocalVideoIOManager,
+    S3VideoIOManager,
+    octoai_video_asset,
+    octoai_video_op,
+)
 
 __all__ = ["ephemeral_instance", "octoai", "s3_bucket", "seaweedfs"]  # fixtures used by this module
 
@@ -106,3 +113,29 @@ def test_partitioned_video_from_upstream_image_in_seaweedfs(
         json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{base}/manifest.json")["Body"].read())
         == manifest
     )
+
+
+def test_video_op_in_a_job_stores_locally(octoai: OctoAIResource, tmp_path: Path) -> None:
+    @op
+    def still() -> Image.Image:
+        return Image.new("RGB", (96, 96), "teal")
+
+    clip = octoai_video_op("clip", {"seed": 4, "fps": 5})
+
+    @job(
+        resource_defs={
+            "octoai": octoai,
+            "video_io_manager": LocalVideoIOManager(base_dir=str(tmp_path), prefix="v"),
+        }
+    )
+    def animate() -> None:
+        clip(still())
+
+    result = animate.execute_in_process()
+    assert result.success
+    stored = list(tmp_path.rglob("*-seed4.mp4"))
+    assert len(stored) == 1 and "_ops" in stored[0].parts
+    with av.open(str(stored[0]), mode="r") as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (768, 768)  # square input: the square size
+        assert len(list(container.decode(video=0))) == SVD_FRAMES
