@@ -144,6 +144,7 @@ def octoai_video_asset(
     io_manager_key: str = "video_io_manager",
     resource_key: str = "octoai",
     group_name: str | None = None,
+    key_prefix: Sequence[str] | None = None,
 ) -> AssetsDefinition:
     """A video asset: per partition, the upstream ``image`` asset's picture animated by SVD.
 
@@ -155,12 +156,14 @@ def octoai_video_asset(
         partitions_def: Usually the upstream asset's (one clip per item).
         io_manager_key: A video IO manager (:class:`S3VideoIOManager`, :class:`LocalVideoIOManager`).
         resource_key: The :class:`~dagster_octoai.OctoAIResource`.
+        key_prefix: Segments before ``name`` in the asset's key.
     """
     fields = _template(template)
     upstream = image if isinstance(image, AssetKey) else AssetKey(image)
 
     @asset(
         name=name,
+        key_prefix=list(key_prefix) if key_prefix else None,
         ins={"picture": AssetIn(key=upstream)},
         partitions_def=partitions_def,
         io_manager_key=io_manager_key,
