@@ -616,6 +616,7 @@ diffusers backend reads for real weights too (docs/local-server.md):
   <family>/loras/NAME.safetensors             LoRAs (diffusers / kohya files)
   <family>/textual_inversions/NAME.safetensors textual inversions
   <family>/vaes/NAME/ or NAME.safetensors     VAEs
+  svd/base/                       Stable Video Diffusion (POST /generate/svd; optional)
 
 Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15).
 """
