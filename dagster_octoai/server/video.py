@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api.images import image_size
+from ..api.models import JobStatus
 from ..api.video import SVD_ENGINE, VideoGenerationRequest
 from .app import (
     ASYNC_HEADER,
@@ -202,8 +203,6 @@ class _VideoRoute:
         return json.dumps(body, separators=(",", ":")).encode(), seeds
 
     async def _run_job(self, job: Job, req: VideoGenerationRequest) -> None:
-        from ..api.models import JobStatus
-
         config = self.state.config
         if config.async_queue_delay_s > 0:
             await asyncio.sleep(config.async_queue_delay_s)
