@@ -26,9 +26,10 @@ SCENARIOS: dict[str, str] = {
     "P5": "benchmarks.p5_sensor",
     "P6": "benchmarks.p6_asset_overhead",
     "P7": "benchmarks.p7_ray_serve",
+    "P8": "benchmarks.p8_job_store",
 }
 #: Scenarios a --quick run leaves out unless named with --only (P7 starts a Ray cluster).
-NOT_QUICK = frozenset({"P7"})
+NOT_QUICK = frozenset({"P7", "P8"})
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs"
 
 

@@ -15,9 +15,17 @@ Figures: p50/p95 latency of each, the server's overhead (api p50 / direct p50; t
 <= 1.05), images per second per GPU, peak GPU memory. OctoAI published p50 2.77 s for
 SDXL 1024x1024 30 steps; this project's goal is <= 1.5 s on an H100/H200-class GPU.
 
-``--quick`` runs the same code on the tiny models (CPU allowed, 2 steps, two cases, one
-repetition, no warm-up, no compile): a smoke test whose figures mean nothing. The suite
-runs it.
+The other engines' cases (FLUX.1 [schnell] 1024x1024 4 steps, FLUX.1 [dev] and SD3 at
+30 steps, SSD-1B 1024x1024 30 steps, SDXL with photo merge) run when the model directory
+has their weights (``--models``; the full-size random models written here are SDXL and
+SD 1.5 only) and are skipped, with a line saying so, when it has not. Eager cases run
+before compiled ones. ``--only NAME,...`` picks cases by name (``sdxl``, ``sd``, ``ssd``,
+``sd3``, ``flux-schnell``, ``flux-dev``, ``sdxl-photo-merge``); ``--budget-s S`` starts no
+case once S seconds have passed and writes what was measured so far.
+
+``--quick`` runs the same code on the tiny models (CPU allowed, 2 steps, the sdxl and sd
+cases unless ``--only`` names others, one repetition, no warm-up, no compile): a smoke
+test whose figures mean nothing. The suite runs it.
 """
 
 from __future__ import annotations
@@ -46,12 +54,18 @@ NEGATIVE = "blurry, low quality"
 class Case:
     """One measured configuration."""
 
-    engine: str  # "sdxl" or "sd"
+    engine: str  # sdxl, sd, ssd, sd3, flux-schnell, flux-dev
     width: int
     height: int
     steps: int
     batch: int
     compiled: bool
+    photo_merge: bool = False
+
+    @property
+    def name(self) -> str:
+        """What ``--only`` matches: the engine, or ``sdxl-photo-merge``."""
+        return f"{self.engine}-photo-merge" if self.photo_merge else self.engine
 
 
 @dataclass
@@ -84,18 +98,40 @@ class Result:
         }
 
 
-def _cases(quick: bool, on_gpu: bool, steps: int | None = None) -> list[Case]:
+CASE_NAMES = ("sdxl", "sd", "ssd", "sd3", "flux-schnell", "flux-dev", "sdxl-photo-merge")
+
+
+def _cases(
+    quick: bool, on_gpu: bool, steps: int | None = None, only: Sequence[str] = ()
+) -> list[Case]:
     if quick:
-        # The smoke run: every code path (both engines, a batch), the fewest images.
+        # The smoke run: every code path asked for (a batch among them), the fewest images.
         n = steps or 2
-        return [Case("sdxl", 1024, 1024, n, 1, False), Case("sd", 512, 512, n, 2, False)]
+        cases = [
+            Case("sdxl", 1024, 1024, n, 1, False),
+            Case("sd", 512, 512, n, 2, False),
+            Case("ssd", 1024, 1024, n, 1, False),
+            Case("sd3", 1024, 1024, n, 1, False),
+            Case("flux-schnell", 1024, 1024, n, 1, False),
+            Case("flux-dev", 1024, 1024, n, 1, False),
+            Case("sdxl", 1024, 1024, n, 1, False, photo_merge=True),
+        ]
+        return [c for c in cases if c.name in (only or ("sdxl", "sd"))]
     compiled = (False, True) if on_gpu else (False,)
-    return [
+    cases = [
         Case(engine, w, h, steps or 30, batch, comp)
-        for comp in compiled
+        for comp in compiled  # eager first: a budget that runs out keeps those
         for engine, w, h in (("sdxl", 1024, 1024), ("sd", 512, 512))
         for batch in (1, 2, 4)
     ]
+    cases[3:3] = [
+        Case("flux-schnell", 1024, 1024, steps or 4, 1, False),
+        Case("flux-dev", 1024, 1024, steps or 30, 1, False),
+        Case("sd3", 1024, 1024, steps or 30, 1, False),
+        Case("ssd", 1024, 1024, steps or 30, 1, False),
+        Case("sdxl", 1024, 1024, steps or 30, 1, False, photo_merge=True),
+    ]
+    return [c for c in cases if not only or c.name in only]
 
 
 @contextlib.contextmanager
@@ -128,42 +164,79 @@ def _sync(torch: Any) -> None:
 
 
 def _measure(
-    case: Case, pipe: Any, client: Any, device: str, reps: int, on_gpu: bool, warm_up: bool
+    case: Case,
+    pipe: Any,
+    client: Any,
+    device: str,
+    reps: int,
+    on_gpu: bool,
+    warm_up: bool,
+    ip_adapter: Path | None = None,
 ) -> Result:
     """One case: warm up, then ``reps`` interleaved direct and API generations."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
+    from dagster_octoai.api.models import Engine
+    from dagster_octoai.server.backends.diffusers.photo_merge import photo_merge
+
     seeds = list(range(1, case.batch + 1))
-    body = {
+    engine = Engine(case.engine)
+    flux = engine.is_flux
+    cfg = 3.5 if flux else 7.5
+    body: dict[str, Any] = {
         "prompt": PROMPT,
-        "negative_prompt": NEGATIVE,
         "steps": case.steps,
-        "cfg_scale": 7.5,
+        "cfg_scale": cfg,
         "width": case.width,
         "height": case.height,
         "num_images": case.batch,
         "seed": seeds,
-        "sampler": "K_EULER",
-        **({"use_refiner": False} if case.engine == "sdxl" else {}),
     }
+    call: dict[str, Any] = {"guidance_scale": cfg}
+    if not flux:
+        body["negative_prompt"] = NEGATIVE
+        call["negative_prompt"] = NEGATIVE
+    if engine.refused_fields:  # FLUX, SD3: the prompt's T5 length, their own scheduler
+        call["max_sequence_length"] = engine.token_limit
+    else:
+        body["sampler"] = "K_EULER"
+    if case.engine == "sdxl":
+        body["use_refiner"] = False
+    words: list[list[Any]] = []
+    if case.photo_merge:
+        import base64
+        import io
+
+        from PIL import Image
+
+        from dagster_octoai.testing.server import sample_image_b64
+
+        reference = sample_image_b64((512, 512), "photo")
+        body["transfer_images"] = {"sks": [reference]}
+        words = [[Image.open(io.BytesIO(base64.b64decode(reference))).convert("RGB")]]
 
     def direct() -> float:
         # What a diffusers user writes: text in, PIL images out, a fresh scheduler.
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        if engine.refused_fields:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        else:
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         _sync(torch)
         started = time.perf_counter()
-        images = pipe(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            num_inference_steps=case.steps,
-            guidance_scale=7.5,
-            width=case.width,
-            height=case.height,
-            num_images_per_prompt=case.batch,
-            generator=generators,
-        ).images
+        # Photo merge loads its adapters per call, as the server does per request.
+        with photo_merge(pipe, ip_adapter, words) as merge:
+            images = pipe(
+                prompt=PROMPT,
+                num_inference_steps=case.steps,
+                width=case.width,
+                height=case.height,
+                num_images_per_prompt=case.batch,
+                generator=generators,
+                **call,
+                **merge,
+            ).images
         _sync(torch)
         assert len(images) == case.batch
         return time.perf_counter() - started
@@ -200,14 +273,23 @@ def run(
     quick: bool = False,
     reps: int | None = None,
     steps: int | None = None,
+    only: Sequence[str] = (),
+    budget_s: float | None = None,
     log: Any = print,
 ) -> list[Result]:
-    """Measure every case on ``device`` with the models in ``models``."""
+    """Measure every case on ``device`` with the models in ``models``.
+
+    Cases whose engine the directory has no weights for are skipped; once ``budget_s``
+    seconds have passed, no further case starts.
+    """
     import httpx
 
+    from dagster_octoai.api.models import Engine
     from dagster_octoai.server import ServerConfig
     from dagster_octoai.server.backends.diffusers.backend import DiffusersBackend
+    from dagster_octoai.server.backends.diffusers.library import family_of
 
+    started = time.monotonic()
     on_gpu = device.startswith("cuda")
     reps = reps or (1 if quick else 10)
     config = ServerConfig(token=TOKEN, backend="diffusers", models=str(models), device=(device,))
@@ -220,16 +302,27 @@ def run(
         httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
     ):
         bases = backend._devices[0].bases
-        for case in _cases(quick, on_gpu, steps):
+        for case in _cases(quick, on_gpu, steps, only):
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
+                break
+            family = family_of(Engine(case.engine))
+            ip_adapter = backend.library.ip_adapter(family) if case.photo_merge else None
+            if family not in bases or (case.photo_merge and ip_adapter is None):
+                log(f"{case.name}: skipped, {models} has no weights for it")
+                continue
             if case.compiled and not compiled:
                 for base in bases.values():
-                    base.pipe.unet.compile(mode="max-autotune-no-cudagraphs")
+                    denoiser = (
+                        base.pipe.unet if hasattr(base.pipe, "unet") else base.pipe.transformer
+                    )
+                    denoiser.compile(mode="max-autotune-no-cudagraphs")
                 compiled = True
-            pipe = bases["sdxl" if case.engine == "sdxl" else "sd15"].pipe
-            result = _measure(case, pipe, client, device, reps, on_gpu, warm_up=not quick)
+            pipe = bases[family].pipe
+            result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
             summary = result.summary()
             log(
-                f"{case.engine} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
+                f"{case.name} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
                 f"{' compiled' if case.compiled else ''}: direct p50 {summary['direct_p50_s']} s, "
                 f"api p50 {summary['api_p50_s']} s (x{summary['server_overhead']}), "
                 f"{summary['images_per_s']} images/s"
@@ -258,7 +351,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="diffusion steps (default: 30; quick: 2)"
     )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the JSON figures")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated cases to run, of: {', '.join(CASE_NAMES)} (default: all)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no case after this many seconds; write what was measured",
+    )
+    args = parser.parse_args(argv)
+    args.only = tuple(n for n in args.only.split(",") if n)
+    unknown = sorted(set(args.only) - set(CASE_NAMES))
+    if unknown:
+        parser.error(f"--only: {', '.join(unknown)} not a case; allowed: {', '.join(CASE_NAMES)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,7 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.perf_counter()
             write_models(models, scale="tiny" if args.quick else "full")
             print(f"wrote random-weight models in {time.perf_counter() - started:.0f} s")
-        results = run(models, device, quick=args.quick, reps=args.reps, steps=args.steps)
+        results = run(
+            models,
+            device,
+            quick=args.quick,
+            reps=args.reps,
+            steps=args.steps,
+            only=args.only,
+            budget_s=args.budget_s,
+        )
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     data = {
         "quick": args.quick,

@@ -47,8 +47,15 @@ def run(settings: Settings) -> list[Row]:
     reached: list[int] = []
     open_jobs: list[int] = []
     with (
-        octoai_server(async_queue_delay_s=3600.0, replicas=4) as server,
         tempfile.TemporaryDirectory() as tmp,
+        # Every job stays queued (pending) on the server, in a directory job store as
+        # 'dagster-octoai serve' keeps them, with no bound on how many.
+        octoai_server(
+            async_queue_delay_s=3600.0,
+            replicas=4,
+            max_queued_jobs=None,
+            state_dir=str(Path(tmp) / "server-jobs"),
+        ) as server,
     ):
         instance = DagsterInstance.local_temp(tmp)
         octoai = OctoAIResource(token=TOKEN, base_url=server.url)

@@ -3,7 +3,7 @@
 The issue's scenario is "100 images through asset + IO manager, in-process executor"
 against "the same calls as a plain loop (client + boto3)". The asset side is the
 normal way to run such a batch with the package: **one** ``octoai_image_asset``
-materialization with ``requests=`` (100 SDXL 1024x1024 requests of one image each,
+materialization of ``octoai_image_batch_asset`` (100 SDXL 1024x1024 requests of one image each,
 explicit seeds, the built-in asset checks on) whose streamed ``ImageBatch`` is stored
 by ``S3ImageIOManager`` on SeaweedFS, in one run with the in-process executor on a
 sqlite ``DagsterInstance`` (``DagsterInstance.local_temp``, as ``dagster dev`` uses;
@@ -36,7 +36,7 @@ from typing import Any
 from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from dagster_octoai.api.client import OctoAIClient
-from dagster_octoai.assets import octoai_image_asset
+from dagster_octoai.assets import octoai_image_asset, octoai_image_batch_asset
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
@@ -54,11 +54,11 @@ def _request(i: int) -> dict[str, Any]:
 
 
 def _batch_asset(count: int) -> AssetsDefinition:
-    return octoai_image_asset(
+    return octoai_image_batch_asset(
         "teapots",
         {"engine": "sdxl"},
+        lambda _partition, _inputs: [_request(i) for i in range(count)],
         io_manager_key="images",
-        requests=lambda _partition, _inputs: [_request(i) for i in range(count)],
     )
 
 
@@ -167,7 +167,7 @@ def run(settings: Settings) -> list[Row]:
     return [
         _ratio_row(
             "P6",
-            f"{count} images (SDXL 1024x1024) through one octoai_image_asset(requests=) "
+            f"{count} images (SDXL 1024x1024) through one octoai_image_batch_asset "
             f"materialization + S3ImageIOManager, in-process executor, {one_at_a_time}, "
             f"x {reps} reps",
             asset_s,

@@ -33,9 +33,11 @@ from .api.errors import (
     ImageDecodeError as ImageDecodeError,
     ImageError as ImageError,
     ImageRemovedForSafetyError as ImageRemovedForSafetyError,
+    JobCancelledError as JobCancelledError,
     JobExpiredError as JobExpiredError,
     JobFailedError as JobFailedError,
     JobNotReadyError as JobNotReadyError,
+    JobUnknownError as JobUnknownError,
     NotFoundError as NotFoundError,
     ObjectNotFoundError as ObjectNotFoundError,
     OctoAIError as OctoAIError,
@@ -72,7 +74,11 @@ if TYPE_CHECKING:
         PromptTooLongWarning as PromptTooLongWarning,
         Sampler as Sampler,
     )
-    from .assets import octoai_image_asset as octoai_image_asset
+    from .assets import (
+        AssetOptions as AssetOptions,
+        octoai_image_asset as octoai_image_asset,
+        octoai_image_batch_asset as octoai_image_batch_asset,
+    )
     from .async_assets import (
         octoai_async_blocking_asset as octoai_async_blocking_asset,
         octoai_async_results_asset as octoai_async_results_asset,
@@ -86,6 +92,7 @@ if TYPE_CHECKING:
     from .config import ImageGenerationConfig as ImageGenerationConfig
     from .io_managers import (
         LocalImageIOManager as LocalImageIOManager,
+        S3ConnectionConfig as S3ConnectionConfig,
         S3ImageIOManager as S3ImageIOManager,
         with_image_uris as with_image_uris,
     )
@@ -96,6 +103,7 @@ if TYPE_CHECKING:
     )
     from .ops import octoai_generate_op as octoai_generate_op
     from .resources import (
+        HTTPRetryConfig as HTTPRetryConfig,
         JobLedgerResource as JobLedgerResource,
         OctoAIResource as OctoAIResource,
         OctoAISession as OctoAISession,
@@ -105,6 +113,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIStatusError",
+    "AssetOptions",
     "AsyncJob",
     "AsyncOctoAIClient",
     "AsyncSensorSettings",
@@ -116,6 +125,7 @@ __all__ = [
     "DeadlineExceededError",
     "Engine",
     "GeneratedImage",
+    "HTTPRetryConfig",
     "HTTPRetryPolicy",
     "ImageBatch",
     "ImageDecodeError",
@@ -124,11 +134,13 @@ __all__ = [
     "ImageGenerationRequest",
     "ImageGenerationResponse",
     "ImageRemovedForSafetyError",
+    "JobCancelledError",
     "JobExpiredError",
     "JobFailedError",
     "JobLedgerResource",
     "JobNotReadyError",
     "JobStatus",
+    "JobUnknownError",
     "LocalImageIOManager",
     "NotFoundError",
     "ObjectNotFoundError",
@@ -143,6 +155,7 @@ __all__ = [
     "RateLimitError",
     "RequestValidationError",
     "ResponseFormatError",
+    "S3ConnectionConfig",
     "S3ImageIOManager",
     "Sampler",
     "ServerError",
@@ -163,6 +176,7 @@ __all__ = [
     "octoai_async_submit_asset",
     "octoai_generate_op",
     "octoai_image_asset",
+    "octoai_image_batch_asset",
     "octoai_image_checks",
     "with_image_uris",
 ]

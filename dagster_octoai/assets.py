@@ -1,4 +1,4 @@
-"""``octoai_image_asset``: a configured generation asset from a request template.
+"""``octoai_image_asset`` and ``octoai_image_batch_asset``: generation assets from a request template.
 
 One factory covers every generation mode of the API; the mode is the request:
 text-to-image (``sdxl``, ``sd``), img2img (``init_image`` + ``strength``),
@@ -7,12 +7,18 @@ photo merge (``transfer_images``) and ControlNet (``controlnet-sdxl`` /
 ``controlnet-sd15``, with the server's preprocessing or a local edge map).
 Images and prompt parts can come from upstream assets; a partition per prompt makes
 large batches restartable one partition at a time.
+
+As dagster-sling's ``sling_assets``: a pure builder (:func:`image_asset_plan`) turns the
+template into the asset's specs, checks and run-config schema when the definitions
+load; each factory is a short function over it; the options passed through to
+``@asset`` are one :class:`AssetOptions`, written once for every factory of the package.
 """
 
 # No `from __future__ import annotations`: Dagster reads the compute functions'
 # annotations (the context type) at definition time.
 
 import base64
+import collections
 import hashlib
 import io
 import os
@@ -20,11 +26,11 @@ import string
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, cast
 
 from dagster import (
-    AssetCheckResult,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetIn,
     AssetKey,
@@ -34,39 +40,51 @@ from dagster import (
     BetaWarning,
     CodeReferencesMetadataValue,
     Failure,
+    FreshnessPolicy,
     LocalFileCodeReference,
     MultiPartitionKey,
     MultiPartitionsDefinition,
     Output,
     PartitionsDefinition,
     RetryPolicy,
+    UrlCodeReference,
     asset,
 )
-from dagster._core.definitions.metadata.source_code import CodeReference
 from PIL import Image
+from typing_extensions import Unpack
 
 from ._warnings import warnings_to_log
 from .api.batch import ImageBatch, UnstorableValueError, images_of
 from .api.edges import edge_map
 from .api.errors import RequestValidationError
-from .api.models import ImageGenerationRequest, ImageGenerationResponse, PromptTooLongWarning
-from .checks import evaluate_image_checks, image_check_specs
+from .api.models import (
+    IMAGE_FIELDS,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    PromptTooLongWarning,
+)
+from .checks import ImageCheckTally, evaluate_image_checks, image_check_specs
 from .config import ImageGenerationConfig
 from .metadata import Usage, data_version_for, generation_metadata
 from .resources import OctoAIResource
 
 # dagster does not export its own alias of this.
 CoercibleToAssetKey = AssetKey | str | Sequence[str]
+#: A code reference as ``dagster/code_references`` holds it.
+CodeReference = LocalFileCodeReference | UrlCodeReference
 
 __all__ = [
     "DEFAULT_POOL",
     "AssetOptions",
     "Checks",
+    "ImageAssetPlan",
     "PromptTemplate",
     "RequestSource",
-    "asset_options",
+    "asset_arguments",
     "code_reference_metadata",
+    "image_asset_plan",
     "octoai_image_asset",
+    "octoai_image_batch_asset",
 ]
 
 #: The concurrency pool generation steps run in unless told otherwise. Its limit (set on
@@ -78,15 +96,270 @@ Checks = bool | Literal["blocking"]
 
 #: A prompt template: a ``str.format`` string or a function of (partition key, inputs).
 PromptTemplate = str | Callable[[str | None, Mapping[str, Any]], str]
-#: The requests of a streamed asset: a function of (partition key, inputs) returning
+#: The requests of a batch asset: a function of (partition key, inputs) returning
 #: each request's fields over the template (dicts or ``ImageGenerationRequest``).
 RequestSource = Callable[
     [str | None, Mapping[str, Any]], Iterable[Mapping[str, Any] | ImageGenerationRequest]
 ]
 
-# Request fields that hold one image, and the prefix for photo-merge sample images.
-_IMAGE_FIELDS = ("init_image", "mask_image", "controlnet_image")
+# The prefix for photo-merge sample images in ``image_inputs``.
 _TRANSFER = "transfer_images."
+
+
+class AssetOptions(TypedDict, total=False):
+    """The ``@asset`` options every factory of this package passes through, as for ``@asset``.
+
+    Written once: each factory takes them as keyword arguments (``**options``), so the
+    image, batch and async factories take the same options with the same meaning.
+
+    - ``group_name``, ``description``, ``tags``, ``metadata``, ``owners``,
+      ``automation_condition``, ``freshness_policy``, ``backfill_policy``, ``op_tags``:
+      as for ``@asset``.
+    - ``pool``: the Dagster concurrency pool of the step (each factory says its default;
+      ``None``: no pool).
+    - ``retry_policy``: Dagster's ``RetryPolicy`` for the step (the client's own retries
+      of each HTTP call happen first).
+    - ``code_version``: default a hash of the request template or the fixed requests, so
+      a changed template shows as stale.
+    - ``kinds``: added to ``octoai`` (e.g. ``{"sdxl"}``).
+    - ``code_references``: the asset's ``dagster/code_references``; default the line that
+      called the factory, so the UI's "view source" opens your definition.
+
+    Examples:
+        >>> options = AssetOptions(group_name="images", kinds={"sdxl"})
+        >>> sorted(asset_arguments(options, description="foxes")["kinds"])
+        ['octoai', 'sdxl']
+    """
+
+    group_name: str | None
+    description: str | None
+    tags: Mapping[str, str] | None
+    metadata: Mapping[str, Any] | None
+    pool: str | None
+    retry_policy: RetryPolicy | None
+    automation_condition: AutomationCondition[Any] | None
+    freshness_policy: FreshnessPolicy | None
+    code_version: str | None
+    owners: Sequence[str] | None
+    kinds: Iterable[str] | None
+    op_tags: Mapping[str, Any] | None
+    backfill_policy: BackfillPolicy | None
+    code_references: Sequence[CodeReference] | None
+
+
+def asset_arguments(
+    options: AssetOptions,
+    *,
+    description: str,
+    code_version: str | None = None,
+    pool: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``options`` as ``@asset`` keyword arguments, over a factory's own defaults.
+
+    ``description``, ``code_version`` and ``pool`` are the factory's defaults (an option
+    given, ``None`` included for ``pool``, wins); ``metadata`` is the factory's own, under
+    the user's; ``kinds`` always include ``octoai``.
+
+    Raises:
+        TypeError: an option that is not one of :class:`AssetOptions`.
+    """
+    unknown = sorted(set(options) - set(AssetOptions.__annotations__))
+    if unknown:
+        hint = " (a batch: octoai_image_batch_asset)" if "requests" in unknown else ""
+        raise TypeError(
+            f"{', '.join(unknown)}: not an option of this factory{hint}; the @asset options "
+            f"are {', '.join(AssetOptions.__annotations__)}"
+        )
+    return {
+        "group_name": options.get("group_name"),
+        "description": options.get("description") or description,
+        "tags": options.get("tags"),
+        "metadata": {
+            **(metadata or {}),
+            **(options.get("metadata") or {}),
+            **code_reference_metadata(options.get("code_references")),
+        },
+        "pool": options.get("pool", pool),
+        "retry_policy": options.get("retry_policy"),
+        "automation_condition": options.get("automation_condition"),
+        "freshness_policy": options.get("freshness_policy"),
+        "code_version": options.get("code_version") or code_version,
+        "owners": options.get("owners"),
+        "kinds": {"octoai", *(options.get("kinds") or ())},
+        "op_tags": options.get("op_tags"),
+        "backfill_policy": options.get("backfill_policy"),
+    }
+
+
+def asset_with(**arguments: Any) -> Callable[[Callable[..., Any]], AssetsDefinition]:
+    """``@asset`` with arguments assembled by :func:`asset_arguments` (typed as ``@asset``)."""
+    return cast("Callable[[Callable[..., Any]], AssetsDefinition]", asset(**arguments))
+
+
+@dataclass(frozen=True)
+class ImageAssetPlan:
+    """What the builder makes of a request template: the asset's key, specs, checks and config.
+
+    Pure: built once when the definitions load, it sends nothing. At run time it makes
+    each partition's request once (:meth:`request`), from the template, the run config,
+    the prompt and the images of the upstream inputs.
+    """
+
+    name: str
+    key: AssetKey
+    template: dict[str, Any]
+    config_cls: type[ImageGenerationConfig]
+    check_specs: list[AssetCheckSpec] | None
+    code_version: str
+    description: str
+    prompt_template: PromptTemplate | None = None
+    image_map: Mapping[str, str] = field(default_factory=dict)
+    local_edge_map: bool = False
+
+    @property
+    def checks(self) -> bool:
+        """Whether the built-in checks are attached."""
+        return bool(self.check_specs)
+
+    def arguments(self, options: AssetOptions, *, pool: str | None) -> dict[str, Any]:
+        """The ``@asset`` arguments of this plan, with the user's ``options``."""
+        return {
+            "name": self.name,
+            "key_prefix": self.key.path[:-1] or None,
+            "config_schema": cast("Any", self.config_cls.to_config_schema()),
+            "check_specs": self.check_specs,
+            **asset_arguments(
+                options,
+                description=self.description,
+                code_version=self.code_version,
+                pool=pool,
+                metadata={"octoai/engine": str(self.template.get("engine", "sdxl"))},
+            ),
+        }
+
+    def run_config(self, context: AssetExecutionContext) -> ImageGenerationConfig:
+        """The step's run config, every bad field in one failure."""
+        try:
+            return self.config_cls.from_run_config(context.op_execution_context.op_config)
+        except RequestValidationError as exc:
+            raise _invalid(f"invalid run config for asset {self.name!r}: ", exc) from None
+
+    def fill(
+        self, context: AssetExecutionContext, partition_key: str | None, inputs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The fields of one partition that arrive at run time: prompt and upstream images."""
+        fill: dict[str, Any] = {}
+        if self.prompt_template is not None:
+            fill["prompt"] = _fill_prompt(self.prompt_template, partition_key, context, inputs)
+        transfer: dict[str, list[Any]] = {}
+        for name, input_name in self.image_map.items():
+            value = inputs[input_name]
+            if name.startswith(_TRANSFER):
+                transfer[name[len(_TRANSFER) :]] = _all_images(value, name)
+            else:
+                fill[name] = _first_image(value, name, partition_key)
+        if transfer:
+            fill["transfer_images"] = {**(self.template.get("transfer_images") or {}), **transfer}
+        return fill
+
+    def request(
+        self,
+        config: ImageGenerationConfig,
+        fill: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+        where: str = "",
+    ) -> ImageGenerationRequest:
+        """One request: template, then run config, then ``fill``, then ``extra``; built once.
+
+        Raises:
+            Failure: the request breaks a rule of the API; names every field (and ``where``).
+        """
+        try:
+            req = config.to_request(self.template, **{**fill, **(extra or {})})
+        except RequestValidationError as exc:
+            raise _invalid(f"asset {self.name!r}: {where}", exc) from None
+        if self.local_edge_map and req.controlnet_image is not None:
+            # PNG, not the JPEG a PIL image would become: edges must stay crisp. The edge
+            # map is a valid image of the request's size: a copy, not a second validation.
+            buf = io.BytesIO()
+            edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
+            edges = base64.b64encode(buf.getvalue()).decode("ascii")
+            req = req.model_copy(update={"controlnet_image": edges, "controlnet_preprocess": False})
+        return req
+
+
+def image_asset_plan(
+    name: str,
+    request: ImageGenerationRequest | Mapping[str, Any],
+    *,
+    prompt_template: PromptTemplate | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    ins: Mapping[str, AssetIn] | None = None,
+    image_inputs: Mapping[str, str] | None = None,
+    local_edge_map: bool = False,
+    checks: Checks = True,
+    batch: bool = False,
+) -> ImageAssetPlan:
+    """The plan of an image asset: the template validated, its config, key and checks.
+
+    Args:
+        name: The asset's name.
+        request: The request template.
+        prompt_template: Fills ``prompt`` at run time. A format string sees
+            ``{partition_key}``, each dimension of a multi-partition key by name, and
+            each non-image input by name (an input that is a mapping holding the
+            partition key gives that entry); or a function ``(partition_key, inputs) -> str``.
+        key_prefix: Prefix of the asset key.
+        ins: Upstream assets loaded as inputs (for the prompt or the images).
+        image_inputs: Request image field -> input name: ``init_image``,
+            ``mask_image``, ``controlnet_image``, or ``transfer_images.<trigger word>``
+            (every image of the input). An input may be images as stored by the image
+            IO managers, an ``ImageBatch``, a ``PIL.Image``, bytes, a path or base64.
+        local_edge_map: For ControlNet: replace the control image with a local edge
+            map (:func:`~dagster_octoai.api.edges.edge_map`) and send
+            ``controlnet_preprocess=False``.
+        checks: Attach the built-in asset checks (no image removed for safety, sizes
+            as requested, every image decodes), evaluated on each materialization.
+            ``"blocking"``: a failed check (of ERROR severity) also keeps the assets
+            downstream of this one from materializing in the same run.
+        batch: Each request of a batch may bring its own prompt.
+
+    Raises:
+        RequestValidationError: the template breaks a rule of the API, naming the field.
+        ValueError: ``image_inputs`` names a field that holds no image, or no input.
+
+    Examples:
+        >>> plan = image_asset_plan("fox", {"prompt": "a fox", "seed": 7}, key_prefix="zoo")
+        >>> plan.key.to_user_string(), [s.name for s in plan.check_specs][:1]
+        ('zoo/fox', ['no_images_removed_for_safety'])
+    """
+    image_map = _image_map(image_inputs, ins)
+    template = _template_dict(request)
+    runtime = _runtime_fields(prompt_template, image_map, batch=batch)
+    if local_edge_map:
+        template["controlnet_preprocess"] = False
+    # Fail at definition time, naming the field, when the template itself is wrong.
+    validated = ImageGenerationRequest.build({**runtime, **template})
+    key = _asset_key(name, key_prefix)
+    return ImageAssetPlan(
+        name=name,
+        key=key,
+        template=template,
+        config_cls=type(
+            f"{name}_config",
+            (ImageGenerationConfig,),
+            {"template": template, "runtime_fields": runtime, "__module__": __name__},
+        ),
+        check_specs=image_check_specs(key, blocking=checks == "blocking") if checks else None,
+        # The fingerprint covers every field of the template and the prompt template's
+        # text (it stands in for the prompt): change either and the asset shows stale.
+        code_version=validated.fingerprint()[:16],
+        description=_describe(template, prompt_template),
+        prompt_template=prompt_template,
+        image_map=image_map,
+        local_edge_map=local_edge_map,
+    )
 
 
 def octoai_image_asset(
@@ -103,355 +376,360 @@ def octoai_image_asset(
     resource_key: str = "octoai",
     io_manager_key: str | None = None,
     reuse_existing: bool | None = None,
-    requests: RequestSource | None = None,
     checks: Checks = True,
-    group_name: str | None = None,
-    description: str | None = None,
-    tags: Mapping[str, str] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    pool: str | None = DEFAULT_POOL,
-    retry_policy: RetryPolicy | None = None,
-    automation_condition: AutomationCondition[Any] | None = None,
-    code_version: str | None = None,
-    owners: Sequence[str] | None = None,
-    kinds: Iterable[str] | None = None,
-    op_tags: Mapping[str, Any] | None = None,
-    backfill_policy: BackfillPolicy | None = None,
-    code_references: Sequence[CodeReference] | None = None,
+    **options: Unpack[AssetOptions],
 ) -> AssetsDefinition:
     """An asset that generates images from a request template and outputs an ``ImageBatch``.
 
     Each materialization (each partition, when partitioned) sends one request: the
     template, then the run config (an :class:`~dagster_octoai.ImageGenerationConfig`
-    the launchpad validates), then the prompt and images filled in at run time.
-
-    With ``requests=``, a materialization sends many requests and **streams** them:
-    every request is validated first, then the output is a lazy ``ImageBatch`` that is
-    generated while the image IO manager stores it, so a batch of hundreds of images
-    uses bounded memory. The usage metadata (``octoai/images``...) is recorded by the
-    IO manager as it stores the batch; the built-in checks are tallied as the images
-    pass and reported after the output is stored.
+    the launchpad validates), then the prompt and images filled in at run time. A run
+    over a partition range sends one request per partition, each as a run of that
+    partition alone would. Many requests per materialization, streamed: see
+    :func:`octoai_image_batch_asset`.
 
     Args:
         name: The asset's name.
         request: The request template: an ``ImageGenerationRequest`` or a dict with
             its keys (images may be left out when ``image_inputs`` provides them).
-        prompt_template: Fills ``prompt`` at run time. A format string sees
-            ``{partition_key}``, each dimension of a multi-partition key by name, and
-            each non-image input by name (an input that is a mapping holding the
-            partition key gives that entry); or a function ``(partition_key, inputs) -> str``.
-        key_prefix: Prefix of the asset key.
+        prompt_template, key_prefix, ins, image_inputs, local_edge_map, checks: The
+            template's run-time parts and the built-in checks, as for
+            :func:`image_asset_plan`.
         partitions_def: e.g. a static or dynamic partition per prompt.
-        ins: Upstream assets loaded as inputs (for the prompt or the images).
-        image_inputs: Request image field -> input name: ``init_image``,
-            ``mask_image``, ``controlnet_image``, or ``transfer_images.<trigger word>``
-            (every image of the input). An input may be images as stored by the image
-            IO managers, an ``ImageBatch``, a ``PIL.Image``, bytes, a path or base64.
-        local_edge_map: For ControlNet: replace the control image with a local edge
-            map (:func:`~dagster_octoai.api.edges.edge_map`) and send
-            ``controlnet_preprocess=False``.
         deps: Upstream assets this one depends on without loading them.
         resource_key: Key of the :class:`OctoAIResource`.
         io_manager_key: The IO manager storing the batch (e.g. an image IO manager).
         reuse_existing: Reuse an identical, already stored result instead of paying
             for it again (needs an IO manager with ``find_existing``). ``None``: on for
             requests whose seeds are all explicit (the only ones that can match).
-            Not available with ``requests=`` (a streamed batch always generates).
-        requests: Stream a large batch: a function ``(partition_key, inputs)``
-            returning each request's fields over the template, run config and
-            prompt (e.g. ``[{"prompt": f"frame {i}", "seed": i} for i in range(300)]``).
-            Needs an image IO manager (``io_manager_key``); the output has no data
-            version (the seeds are known only once stored).
-        checks: Attach the built-in asset checks (no image removed for safety, sizes
-            as requested, every image decodes), evaluated on each materialization.
-            ``"blocking"``: a failed check (of ERROR severity) also keeps the assets
-            downstream of this one from materializing in the same run.
-        group_name: As for ``@asset``.
-        description: As for ``@asset``.
-        tags: As for ``@asset``.
-        metadata: As for ``@asset``.
-        pool: The Dagster concurrency pool the generation step runs in (default
-            ``"octoai"``); a limit on the pool holds the endpoint's replica count across
-            steps and runs. ``None``: no pool.
-        retry_policy: Dagster's ``RetryPolicy`` for the step (the client's own retries of
-            each HTTP call happen first).
-        automation_condition: As for ``@asset``.
-        code_version: As for ``@asset``. Default: a hash of the request template (and
-            the prompt template), so a changed template is shown as stale.
-        owners: As for ``@asset``.
-        kinds: Kinds added to ``octoai`` (e.g. ``{"sdxl"}``).
-        op_tags: Tags of the step, as for ``@asset``.
-        backfill_policy: As for ``@asset``.
-        code_references: The asset's code references (``dagster/code_references``).
-            Default: the line that called this factory, so the UI's "view source" opens
-            your definition, not this package.
-
-    Returns:
-        The asset definition.
+        **options: The ``@asset`` options (:class:`AssetOptions`); ``pool`` defaults to
+            ``"octoai"`` (a limit on the pool holds the endpoint's replica count across
+            steps and runs), ``code_version`` to a hash of the request template (and the
+            prompt template), ``code_references`` to the line that called this factory.
 
     Raises:
         RequestValidationError: the template breaks a rule of the API (raised when
             the definitions load, naming the field).
+        TypeError: an option that is not one of :class:`AssetOptions` (``requests=``:
+            use :func:`octoai_image_batch_asset`).
 
     Examples:
         >>> from dagster import StaticPartitionsDefinition
-        >>> foxes = octoai_image_asset(
-        ...     "foxes",
-        ...     {"engine": "sdxl", "steps": 20, "seed": 7},
+        >>> foxes = octoai_image_asset("foxes", {"engine": "sdxl", "steps": 20, "seed": 7},
         ...     prompt_template="a {partition_key} fox, watercolor",
-        ...     partitions_def=StaticPartitionsDefinition(["red", "arctic"]),
-        ... )
+        ...     partitions_def=StaticPartitionsDefinition(["red", "arctic"]))
         >>> foxes.key.path
         ['foxes']
     """
-    if requests is not None and reuse_existing:
-        raise ValueError("reuse_existing: not available with requests= (a streamed batch)")
-    if requests is not None and io_manager_key is None:
-        raise ValueError(
-            "io_manager_key: requests= streams the batch into an image IO manager "
-            "(S3ImageIOManager or LocalImageIOManager); name its resource key"
-        )
-    image_map = dict(image_inputs or {})
-    in_map = dict(ins or {})
-    for field, input_name in image_map.items():
-        if field not in _IMAGE_FIELDS and not field.startswith(_TRANSFER):
-            allowed = ", ".join((*_IMAGE_FIELDS, "transfer_images.<trigger word>"))
-            raise ValueError(f"image_inputs: {field!r} is not an image field; allowed: {allowed}")
-        if input_name not in in_map:
-            raise ValueError(f"image_inputs[{field!r}]: {input_name!r} is not one of ins")
-    template = _template_dict(request)
-    runtime: dict[str, Any] = {}
-    if prompt_template is not None:
-        runtime["prompt"] = _example_prompt(prompt_template)
-    elif requests is not None:
-        # Each streamed request may bring its own prompt.
-        runtime["prompt"] = "prompt"
-    for field in image_map:
-        if field.startswith(_TRANSFER):
-            runtime.setdefault("transfer_images", {})[field[len(_TRANSFER) :]] = [_PLACEHOLDER]
-        else:
-            runtime[field] = _PLACEHOLDER
-    if local_edge_map:
-        template["controlnet_preprocess"] = False
-    # Fail at definition time, naming the field, when the template itself is wrong.
-    validated = ImageGenerationRequest.build({**runtime, **template})
-    config_cls: type[ImageGenerationConfig] = type(
-        f"{name}_config",
-        (ImageGenerationConfig,),
-        {"template": template, "runtime_fields": runtime, "__module__": __name__},
-    )
-    resource_keys = {resource_key}
-    if io_manager_key is not None:
-        resource_keys.add(io_manager_key)
-    check_specs = (
-        image_check_specs(_asset_key(name, key_prefix), blocking=checks == "blocking")
-        if checks
-        else None
-    )
-    options = asset_options(
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        # The fingerprint covers every field of the template and the prompt template's
-        # text (it stands in for the prompt): change either and the asset shows stale.
-        code_version=code_version or validated.fingerprint()[:16],
-        owners=owners,
-        kinds=kinds,
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
-    )
+    plan = image_asset_plan(
+        name, request, prompt_template=prompt_template, key_prefix=key_prefix, ins=ins,
+        image_inputs=image_inputs, local_edge_map=local_edge_map, checks=checks,
+    )  # fmt: skip
 
-    @asset(
-        name=name,
-        key_prefix=key_prefix,
-        ins=in_map,
+    @asset_with(
+        ins=dict(ins or {}),
         deps=deps,
         partitions_def=partitions_def,
-        config_schema=cast("Any", config_cls.to_config_schema()),
-        required_resource_keys=resource_keys,
+        required_resource_keys={resource_key, *([io_manager_key] if io_manager_key else [])},
         io_manager_key=io_manager_key,
-        check_specs=check_specs,
-        group_name=group_name,
-        description=description or _describe(template, prompt_template),
-        tags=tags,
-        metadata={
-            **(metadata or {}),
-            "octoai/engine": str(template.get("engine", "sdxl")),
-            **code_reference_metadata(code_references),
-        },
-        **options.asset_arguments(),
+        **plan.arguments(options, pool=DEFAULT_POOL),
     )
     def _generate(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
-        # A PromptTooLongWarning (or any warning about the requests) goes to the event log.
+        # A PromptTooLongWarning (or any warning about the request) goes to the event log.
         with warnings_to_log(context.log):
-            yield from _run(context, **inputs)
-
-    def _run(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
-        try:
-            config = config_cls.from_run_config(context.op_execution_context.op_config)
-        except RequestValidationError as exc:
-            raise _invalid(f"invalid run config for asset {name!r}: ", exc) from None
-        # One request per partition: a run over a range (a single-run backfill) makes
-        # each partition's request as a run of that partition alone would.
-        partitions = _run_partitions(context)
-        ranged = _is_range(context)
-
-        def builder(partition_key: str | None) -> Callable[..., ImageGenerationRequest]:
-            fill: dict[str, Any] = {}
-            if prompt_template is not None:
-                fill["prompt"] = _fill_prompt(prompt_template, partition_key, context, inputs)
-            transfer: dict[str, list[Any]] = {}
-            for field, input_name in image_map.items():
-                value = inputs[input_name]
-                if field.startswith(_TRANSFER):
-                    transfer[field[len(_TRANSFER) :]] = _all_images(value, field)
-                else:
-                    fill[field] = _first_image(value, field, partition_key)
-            if transfer:
-                fill["transfer_images"] = {**(template.get("transfer_images") or {}), **transfer}
-            label = f"partition {str(partition_key)!r}: " if ranged else ""
-
-            def build(extra: Mapping[str, Any], where: str = "") -> ImageGenerationRequest:
-                try:
-                    req = config.to_request(template, **{**fill, **extra})
-                    if local_edge_map and req.controlnet_image is not None:
-                        # PNG, not the JPEG a PIL image would become: edges must stay crisp.
-                        buf = io.BytesIO()
-                        edge_map(req.controlnet_image, size=req.size).save(buf, format="PNG")
-                        req = ImageGenerationRequest.build(
-                            req, controlnet_image=buf.getvalue(), controlnet_preprocess=False
-                        )
-                except RequestValidationError as exc:
-                    raise _invalid(f"asset {name!r}: {label}{where}", exc) from None
-                return req
-
-            return build
-
-        builds = {key: builder(key) for key in partitions}
-        octoai: OctoAIResource = getattr(context.resources, resource_key)
-        if requests is not None:
-            plans: dict[str | None, tuple[list[dict[str, Any]], Any, int]] = {}
-            for key, build in builds.items():
-                items = [_fields(item) for item in requests(key, inputs)]
-                # Every request (of every partition) checked before anything is sent;
-                # rebuilt as it is streamed, so only the small field overrides are held.
-                expected = sum(
-                    build(item, f"requests[{i}]: ").image_count for i, item in enumerate(items)
-                )
-                plans[key] = (items, build, expected)
-            # stream() checks the image IO manager's store before anything is generated.
-            yield from _stream(context, octoai, plans, bool(checks), ranged)
-            return
-        built = {key: build({}) for key, build in builds.items()}
-        # Usage is recorded on every materialization, a reuse included (as zero images).
-        # get_client checks the IO manager's store first: a wrong bucket or refused
-        # credentials fail before an image is paid for.
-        answers: dict[str | None, ImageGenerationResponse] = {}
-        with octoai.get_client(context) as client:
-            for key, req in built.items():
-                result = _reuse(context, io_manager_key, reuse_existing, req, key)
-                if result is None:
-                    result = client.generate(req)
-                else:
-                    context.log.info(f"reused {result.reused_from}: no generation paid for")
-                answers[key] = result
-        if not ranged:
-            batch = ImageBatch(list(answers.values()))
-            yield Output(
-                batch,
-                data_version=data_version_for(batch),
-                metadata=generation_metadata(batch),
-            )
-        else:
-            for key, result in answers.items():
-                # The session's usage covers the whole run; each partition gets its own.
-                usage = Usage()
-                if result.reused_from is None:
-                    usage.add(result)
-                context.add_asset_metadata(
-                    {**generation_metadata([result]), **usage.to_metadata()},
-                    partition_key=key,
-                )
-            yield Output(
-                {str(key): ImageBatch([result]) for key, result in answers.items()},
-                metadata={"partitions": len(answers)},
-            )
-        if checks:
-            yield from evaluate_image_checks(context.asset_key, list(answers.values()))
+            octoai: OctoAIResource = getattr(context.resources, resource_key)
+            finder = _finder(context, io_manager_key, reuse_existing)
+            yield from _generate_each(context, plan, inputs, octoai, finder)
 
     return _generate
 
 
-class AssetArguments(TypedDict):
-    """``AssetOptions`` as the keyword arguments of ``@asset`` (typed, for ``**``)."""
+def octoai_image_batch_asset(
+    name: str,
+    request: ImageGenerationRequest | Mapping[str, Any],
+    requests: RequestSource,
+    *,
+    io_manager_key: str,
+    prompt_template: PromptTemplate | None = None,
+    key_prefix: str | Sequence[str] | None = None,
+    partitions_def: PartitionsDefinition | None = None,
+    ins: Mapping[str, AssetIn] | None = None,
+    image_inputs: Mapping[str, str] | None = None,
+    local_edge_map: bool = False,
+    deps: Sequence[CoercibleToAssetKey | AssetsDefinition] | None = None,
+    resource_key: str = "octoai",
+    reuse_existing: bool | None = None,
+    checks: Checks = True,
+    **options: Unpack[AssetOptions],
+) -> AssetsDefinition:
+    """An asset that generates a large batch per materialization, streamed into the IO manager.
 
-    pool: str | None
-    retry_policy: RetryPolicy | None
-    automation_condition: AutomationCondition[Any] | None
-    code_version: str | None
-    owners: Sequence[str] | None
-    kinds: set[str]
-    op_tags: Mapping[str, Any] | None
-    backfill_policy: BackfillPolicy | None
+    ``requests(partition_key, inputs)`` gives each request's fields over the template,
+    run config and prompt (e.g. ``[{"prompt": f"frame {i}", "seed": i} for i in
+    range(300)]``). Every request is validated first, naming the bad one; then the
+    output is a lazy ``ImageBatch`` generated while the image IO manager stores it, so
+    a batch of hundreds of images uses bounded memory. The usage metadata
+    (``octoai/images``...) is recorded by the IO manager as it stores the batch; the
+    built-in checks are tallied as the images pass and reported once it is stored. The
+    output has no data version (the seeds are known only once stored).
 
+    A request whose seeds are all explicit and whose answer the output already holds
+    (a re-run of the same partition) is reused, not paid for again (``reuse_existing``:
+    ``None`` or ``True``; ``False`` always generates). Only the output being replaced is
+    looked at, once per partition.
 
-@dataclass(frozen=True)
-class AssetOptions:
-    """The ``@asset`` arguments every factory of this package passes through.
-
-    ``kinds`` always include ``octoai``. One place, so the image and async factories take
-    the same options with the same meaning.
+    The other arguments are those of :func:`octoai_image_asset`; ``io_manager_key``
+    (an :class:`~dagster_octoai.S3ImageIOManager` or
+    :class:`~dagster_octoai.LocalImageIOManager`) is required.
 
     Examples:
-        >>> sorted(AssetOptions(kinds=frozenset({"octoai", "sdxl"})).kinds)
-        ['octoai', 'sdxl']
+        >>> frames = octoai_image_batch_asset(
+        ...     "frames",
+        ...     {"engine": "sdxl", "steps": 20},
+        ...     lambda partition_key, inputs: [
+        ...         {"prompt": f"frame {i}", "seed": i} for i in range(3)
+        ...     ],
+        ...     io_manager_key="images",
+        ... )
+        >>> frames.key.path
+        ['frames']
     """
+    plan = image_asset_plan(
+        name, request, prompt_template=prompt_template, key_prefix=key_prefix, ins=ins,
+        image_inputs=image_inputs, local_edge_map=local_edge_map, checks=checks, batch=True,
+    )  # fmt: skip
 
-    pool: str | None = None
-    retry_policy: RetryPolicy | None = None
-    automation_condition: AutomationCondition[Any] | None = None
-    code_version: str | None = None
-    owners: Sequence[str] | None = None
-    kinds: frozenset[str] = frozenset({"octoai"})
-    op_tags: Mapping[str, Any] | None = None
-    backfill_policy: BackfillPolicy | None = None
-
-    def asset_arguments(self) -> AssetArguments:
-        """These options as ``@asset`` keyword arguments (``kinds`` as the set it takes)."""
-        return {
-            "pool": self.pool,
-            "retry_policy": self.retry_policy,
-            "automation_condition": self.automation_condition,
-            "code_version": self.code_version,
-            "owners": self.owners,
-            "kinds": set(self.kinds),
-            "op_tags": self.op_tags,
-            "backfill_policy": self.backfill_policy,
-        }
-
-
-def asset_options(
-    *,
-    pool: str | None,
-    retry_policy: RetryPolicy | None,
-    automation_condition: AutomationCondition[Any] | None,
-    code_version: str | None,
-    owners: Sequence[str] | None,
-    kinds: Iterable[str] | None,
-    op_tags: Mapping[str, Any] | None,
-    backfill_policy: BackfillPolicy | None,
-) -> AssetOptions:
-    """The options of a factory call, ``kinds`` added to ``octoai``."""
-    return AssetOptions(
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        code_version=code_version,
-        owners=owners,
-        kinds=frozenset({"octoai", *(kinds or ())}),
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
+    @asset_with(
+        ins=dict(ins or {}),
+        deps=deps,
+        partitions_def=partitions_def,
+        required_resource_keys={resource_key, io_manager_key},
+        io_manager_key=io_manager_key,
+        **plan.arguments(options, pool=DEFAULT_POOL),
     )
+    def _batch(context: AssetExecutionContext, **inputs: Any) -> Iterator[Any]:
+        with warnings_to_log(context.log):
+            octoai: OctoAIResource = getattr(context.resources, resource_key)
+            finder = _batch_finder(context, io_manager_key, reuse_existing)
+            yield from _stream_each(context, plan, inputs, requests, octoai, finder)
+
+    return _batch
+
+
+def _generate_each(
+    context: AssetExecutionContext,
+    plan: ImageAssetPlan,
+    inputs: Mapping[str, Any],
+    octoai: OctoAIResource,
+    finder: "_Finder",
+) -> Iterator[Any]:
+    """One request per partition of the run, reused or generated, then the output and checks."""
+    config = plan.run_config(context)
+    ranged = _is_range(context)
+    built: dict[str | None, ImageGenerationRequest] = {}
+    for key in _run_partitions(context):
+        where = f"partition {str(key)!r}: " if ranged else ""
+        built[key] = plan.request(config, plan.fill(context, key, inputs), where=where)
+    # Usage is recorded on every materialization, a reuse included (as zero images).
+    # get_client checks the IO manager's store first: a wrong bucket or refused
+    # credentials fail before an image is paid for.
+    answers: dict[str | None, ImageGenerationResponse] = {}
+    with octoai.get_client(context) as client:
+        for key, req in built.items():
+            result = finder(req, key)
+            if result is None:
+                result = client.generate(req)
+            else:
+                context.log.info(f"reused {result.reused_from}: no generation paid for")
+            answers[key] = result
+    if not ranged:
+        batch = ImageBatch(list(answers.values()))
+        yield Output(
+            batch, data_version=data_version_for(batch), metadata=generation_metadata(batch)
+        )
+    else:
+        for key, result in answers.items():
+            # The session's usage covers the whole run; each partition gets its own.
+            usage = Usage()
+            if result.reused_from is None:
+                usage.add(result)
+            context.add_asset_metadata(
+                {**generation_metadata([result]), **usage.to_metadata()}, partition_key=key
+            )
+        yield Output(
+            {str(key): ImageBatch([result]) for key, result in answers.items()},
+            metadata={"partitions": len(answers)},
+        )
+    if plan.checks:
+        yield from evaluate_image_checks(context.asset_key, list(answers.values()))
+
+
+def _stream_each(
+    context: AssetExecutionContext,
+    plan: ImageAssetPlan,
+    inputs: Mapping[str, Any],
+    requests: RequestSource,
+    octoai: OctoAIResource,
+    finder: "_Finder",
+) -> Iterator[Any]:
+    """Lazy batches the IO manager generates as it stores them, then the checks.
+
+    One batch for the run's partition, or one per partition of a range (a mapping of
+    partition key to batch, each stored under its own partition). Every request (of every
+    partition) is checked before anything is sent; each is rebuilt as it is streamed, so
+    only the small field overrides are held, not the requests and their images.
+    """
+    config = plan.run_config(context)
+    ranged = _is_range(context)
+    tally = ImageCheckTally(context.asset_key)
+    batches: dict[str | None, ImageBatch] = {}
+    total = 0
+    for key in _run_partitions(context):
+        fill = plan.fill(context, key, inputs)
+        label = f"partition {str(key)!r}: " if ranged else ""
+        items = [_fields(item) for item in requests(key, inputs)]
+        expected = sum(
+            plan.request(config, fill, item, f"{label}requests[{i}]: ").image_count
+            for i, item in enumerate(items)
+        )
+        total += expected
+        pending = (plan.request(config, fill, item) for item in items)
+        answers = _reuse_or_stream(context, octoai, pending, finder, key, expected)
+        batches[key] = ImageBatch(
+            _observed(answers, tally if plan.checks else None),
+            expected_images=expected,
+            late_metadata=answers.late_metadata,
+        )
+    # stream() checked the image IO manager's store before anything is generated.
+    if ranged:
+        yield Output(
+            {str(key): batch for key, batch in batches.items()},
+            metadata={"streamed": True, "expected_images": total, "partitions": len(batches)},
+        )
+    else:
+        (batch,) = batches.values()
+        yield Output(batch, metadata={"streamed": True, "expected_images": total})
+    # Dagster resumes here once the IO manager has stored (and so generated) the batch.
+    if plan.checks:
+        yield from tally.results()
+
+
+def _reuse_or_stream(
+    context: AssetExecutionContext,
+    octoai: OctoAIResource,
+    pending: Iterator[ImageGenerationRequest],
+    finder: "_Finder",
+    partition_key: str | None,
+    expected: int,
+) -> ImageBatch:
+    """A lazy batch of every answer: stored ones reused, the others streamed from the service.
+
+    Reused answers are found as the stream pulls its requests and yielded between the
+    generated ones, so neither is held for long.
+    """
+    reused: collections.deque[ImageGenerationResponse] = collections.deque()
+
+    def to_generate() -> Iterator[ImageGenerationRequest]:
+        for req in pending:
+            found = finder(req, partition_key)
+            if found is None:
+                yield req
+            else:
+                reused.append(found)
+
+    streamed = octoai.stream(context, to_generate(), expected_images=expected)
+
+    def answers() -> Iterator[ImageGenerationResponse]:
+        for result in streamed:
+            while reused:
+                yield reused.popleft()
+            yield result
+        while reused:
+            yield reused.popleft()
+        count = finder.reused
+        if count:
+            context.log.info(f"reused {count} stored answer(s): no generation paid for them")
+
+    return ImageBatch(answers(), expected_images=expected, late_metadata=streamed.late_metadata)
+
+
+def _observed(
+    answers: Iterable[ImageGenerationResponse], tally: ImageCheckTally | None
+) -> Iterator[ImageGenerationResponse]:
+    for result in answers:
+        if tally is not None:
+            tally.add(result)
+        yield result
+
+
+class _Finder:
+    """Finds a stored answer to reuse for a request with explicit seeds, or ``None``."""
+
+    reused = 0
+
+    def __call__(
+        self, request: ImageGenerationRequest, partition_key: str | None
+    ) -> ImageGenerationResponse | None:
+        return None
+
+
+class _IOManagerFinder(_Finder):
+    def __init__(self, context: AssetExecutionContext, find: Callable[..., Any]) -> None:
+        self._key = context.asset_key
+        self._find = find
+
+    def __call__(
+        self, request: ImageGenerationRequest, partition_key: str | None
+    ) -> ImageGenerationResponse | None:
+        if request.explicit_seeds is None:
+            return None
+        found: ImageGenerationResponse | None = self._find(request, self._key, partition_key)
+        if found is not None:
+            self.reused += 1
+        return found
+
+
+def _finder(
+    context: AssetExecutionContext, io_manager_key: str | None, reuse_existing: bool | None
+) -> _Finder:
+    """The IO manager's ``find_existing``, when reuse is on and it has one."""
+    if reuse_existing is False or io_manager_key is None:
+        return _Finder()
+    find = getattr(getattr(context.resources, io_manager_key), "find_existing", None)
+    if find is None:
+        if reuse_existing:
+            context.log.warning(
+                f"reuse_existing: IO manager {io_manager_key!r} cannot find stored results"
+            )
+        return _Finder()
+    return _IOManagerFinder(context, find)
+
+
+def _batch_finder(
+    context: AssetExecutionContext, io_manager_key: str, reuse_existing: bool | None
+) -> _Finder:
+    """For a batch: the answers of the output being replaced, its manifest read once."""
+    if reuse_existing is False:
+        return _Finder()
+    io_manager = getattr(context.resources, io_manager_key)
+    existing = getattr(io_manager, "existing_answers", None)
+    if existing is None:
+        if reuse_existing:
+            context.log.warning(
+                f"reuse_existing: IO manager {io_manager_key!r} cannot find stored results"
+            )
+        return _Finder()
+    outputs: dict[str | None, Callable[..., Any]] = {}
+
+    def find(
+        request: ImageGenerationRequest, asset_key: AssetKey, partition_key: str | None
+    ) -> ImageGenerationResponse | None:
+        if partition_key not in outputs:
+            outputs[partition_key] = existing(asset_key, partition_key)
+        found: ImageGenerationResponse | None = outputs[partition_key](request)
+        return found
+
+    return _IOManagerFinder(context, find)
 
 
 def code_reference_metadata(references: Sequence[CodeReference] | None) -> dict[str, Any]:
@@ -515,81 +793,36 @@ def requests_code_version(requests: Iterable[Any] | Callable[..., Any]) -> str |
     return digest.hexdigest()[:16]
 
 
-def _stream(
-    context: AssetExecutionContext,
-    octoai: OctoAIResource,
-    plans: Mapping[str | None, tuple[list[dict[str, Any]], Any, int]],
-    checks: bool,
-    ranged: bool,
-) -> Iterator[Any]:
-    """Yield lazy batches that the IO manager generates as it stores, then the checks.
-
-    One batch for the run's partition, or one per partition of a range (a mapping of
-    partition key to batch, each stored under its own partition).
-    """
-    tally = _CheckTally(context.asset_key)
-    batches: dict[str | None, ImageBatch] = {}
-    for key, (items, build, expected) in plans.items():
-        streamed = octoai.stream(context, (build(i) for i in items), expected_images=expected)
-
-        def observed(streamed: ImageBatch = streamed) -> Iterator[ImageGenerationResponse]:
-            for result in streamed:
-                if checks:
-                    tally.add(result)
-                yield result
-
-        batches[key] = ImageBatch(
-            observed(), expected_images=expected, late_metadata=streamed.late_metadata
-        )
-    total = sum(expected for _, _, expected in plans.values())
-    if ranged:
-        yield Output(
-            {str(key): batch for key, batch in batches.items()},
-            metadata={"streamed": True, "expected_images": total, "partitions": len(batches)},
-        )
-    else:
-        (batch,) = batches.values()
-        yield Output(batch, metadata={"streamed": True, "expected_images": total})
-    # Dagster resumes here once the IO manager has stored (and so generated) the batch.
-    if checks:
-        yield from tally.results()
+def _image_map(
+    image_inputs: Mapping[str, str] | None, ins: Mapping[str, AssetIn] | None
+) -> dict[str, str]:
+    """``image_inputs`` checked: each names an image field and one of ``ins``."""
+    image_map = dict(image_inputs or {})
+    for name, input_name in image_map.items():
+        if name not in IMAGE_FIELDS and not name.startswith(_TRANSFER):
+            allowed = ", ".join((*IMAGE_FIELDS, "transfer_images.<trigger word>"))
+            raise ValueError(f"image_inputs: {name!r} is not an image field; allowed: {allowed}")
+        if input_name not in (ins or {}):
+            raise ValueError(f"image_inputs[{name!r}]: {input_name!r} is not one of ins")
+    return image_map
 
 
-class _CheckTally:
-    """The built-in checks over a streamed batch, one result at a time, in bounded memory."""
-
-    def __init__(self, asset_key: AssetKey) -> None:
-        self._key = asset_key
-        self._passed: dict[str, bool] = {}
-        self._severity: dict[str, Any] = {}
-        self._metadata: dict[str, dict[str, Any]] = {}
-
-    def add(self, result: ImageGenerationResponse) -> None:
-        for check in evaluate_image_checks(self._key, [result]):
-            name = str(check.check_name)
-            self._passed[name] = self._passed.get(name, True) and check.passed
-            self._severity[name] = check.severity
-            merged = self._metadata.setdefault(name, {})
-            for key, value in check.metadata.items():
-                raw = getattr(value, "value", value)
-                if isinstance(raw, list):
-                    merged[key] = (merged.get(key, []) + raw)[:_CHECK_LIST_MAX]
-                elif isinstance(raw, int):
-                    merged[key] = merged.get(key, 0) + raw
-
-    def results(self) -> Iterator[AssetCheckResult]:
-        for name, passed in self._passed.items():
-            yield AssetCheckResult(
-                asset_key=self._key,
-                check_name=name,
-                passed=passed,
-                severity=self._severity[name],
-                metadata=self._metadata[name],
-            )
-
-
-# The built-in checks list at most this many problems (as checks.py does).
-_CHECK_LIST_MAX = 20
+def _runtime_fields(
+    prompt_template: PromptTemplate | None, image_map: Mapping[str, str], *, batch: bool
+) -> dict[str, Any]:
+    """Stand-ins for the fields that arrive at run time, to validate the rest at load time."""
+    runtime: dict[str, Any] = {}
+    if prompt_template is not None:
+        runtime["prompt"] = _example_prompt(prompt_template)
+    elif batch:
+        # Each request of a batch may bring its own prompt.
+        runtime["prompt"] = "prompt"
+    for name in image_map:
+        if name.startswith(_TRANSFER):
+            runtime.setdefault("transfer_images", {})[name[len(_TRANSFER) :]] = [_PLACEHOLDER]
+        else:
+            runtime[name] = _PLACEHOLDER
+    return runtime
 
 
 def _invalid(where: str, exc: RequestValidationError) -> Failure:
@@ -726,26 +959,3 @@ def _all_images(value: Any, field: str) -> list[Any]:
     if not images:
         raise Failure(description=f"{field}: the upstream input holds no usable image")
     return images
-
-
-def _reuse(
-    context: AssetExecutionContext,
-    io_manager_key: str | None,
-    reuse_existing: bool | None,
-    request: ImageGenerationRequest,
-    partition_key: str | None,
-) -> ImageGenerationResponse | None:
-    explicit = request.explicit_seeds is not None
-    if reuse_existing is False or not explicit or io_manager_key is None:
-        return None
-    io_manager = getattr(context.resources, io_manager_key)
-    find: Callable[..., ImageGenerationResponse | None] | None = getattr(
-        io_manager, "find_existing", None
-    )
-    if find is None:
-        if reuse_existing:
-            context.log.warning(
-                f"reuse_existing: IO manager {io_manager_key!r} cannot find stored results"
-            )
-        return None
-    return find(request, context.asset_key, partition_key)

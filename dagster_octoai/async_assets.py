@@ -24,17 +24,14 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetsDefinition,
-    AutomationCondition,
-    BackfillPolicy,
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
     Output,
     PartitionsDefinition,
-    RetryPolicy,
-    asset,
 )
+from typing_extensions import Unpack
 
 from .api.batch import ImageBatch
 from .api.client import OctoAIClient
@@ -42,6 +39,7 @@ from .api.errors import (
     ConflictError,
     JobExpiredError,
     JobFailedError,
+    JobUnknownError,
     OctoAIError,
     RateLimitError,
     RequestValidationError,
@@ -51,9 +49,10 @@ from .api.errors import (
 from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
 from .assets import (
     DEFAULT_POOL,
+    AssetOptions,
     Checks,
-    asset_options,
-    code_reference_metadata,
+    asset_arguments,
+    asset_with,
     requests_code_version,
 )
 from .checks import evaluate_image_checks, image_check_specs
@@ -190,7 +189,7 @@ def _submit_one(
         now = ledger.get(job_id)
         return _Submitted(job_id, "raced", now.response_id if now is not None else None)
     try:
-        job = client.submit(request)
+        job = client.submit(request, idempotency_key=intent.idempotency_key)
     except _TRANSIENT as exc:
         # Maybe accepted, maybe not: the intent stays, marked, and the sensor resubmits it.
         _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
@@ -222,16 +221,7 @@ def octoai_async_submit_asset(
     octoai_resource_key: str = "octoai",
     io_manager_key: str | None = None,
     max_concurrency: int = 8,
-    group_name: str | None = None,
-    description: str | None = None,
-    pool: str | None = None,
-    retry_policy: RetryPolicy | None = None,
-    automation_condition: AutomationCondition[Any] | None = None,
-    code_version: str | None = None,
-    owners: Sequence[str] | None = None,
-    kinds: Iterable[str] | None = None,
-    op_tags: Mapping[str, Any] | None = None,
-    backfill_policy: BackfillPolicy | None = None,
+    **options: Unpack[AssetOptions],
 ) -> AssetsDefinition:
     """An asset that submits a batch of async jobs and records each in the ledger.
 
@@ -257,18 +247,10 @@ def octoai_async_submit_asset(
             submitting. Defaults to ``results_asset``'s own when it is given as an
             ``AssetsDefinition``; with a name only and no key, nothing is checked.
         max_concurrency: Submissions in flight at once.
-        group_name: Asset group.
-        description: Asset description.
-        pool: The Dagster concurrency pool of the step (default none: a submission holds no replica; the jobs run
-            on the server's own queue).
-        retry_policy: Dagster's ``RetryPolicy`` for the step.
-        automation_condition: As for ``@asset``.
-        owners: As for ``@asset``.
-        op_tags: Tags of the step, as for ``@asset``.
-        backfill_policy: As for ``@asset``.
-        code_version: As for ``@asset``. Default: a hash of
-            ``requests`` when they are a list, so a changed batch shows as stale.
-        kinds: Kinds added to ``octoai``.
+        **options: The ``@asset`` options (:class:`~dagster_octoai.assets.AssetOptions`);
+            ``pool`` defaults to none (a submission holds no replica; the jobs run on the
+            server's own queue), ``code_version`` to a hash of ``requests`` when they are
+            a list, so a changed batch shows as stale.
 
     Examples:
         >>> submit = octoai_async_submit_asset(
@@ -284,93 +266,105 @@ def octoai_async_submit_asset(
     if io_manager_key is None and isinstance(results_asset, AssetsDefinition):
         io_manager_key = results_asset.get_io_manager_key_for_asset_key(results_asset.key)
     store_keys = set() if io_manager_key is None else {io_manager_key}
-    options = asset_options(
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        code_version=code_version or requests_code_version(requests),
-        owners=owners,
-        kinds=kinds,
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
-    )
 
-    @asset(
+    @asset_with(
         name=name,
         partitions_def=partitions_def,
         required_resource_keys={ledger_resource_key, octoai_resource_key, *store_keys},
-        group_name=group_name,
-        description=description
-        or f"Submits OctoAI async jobs whose images are persisted by {target}.",
-        metadata=code_reference_metadata(None),
-        **options.asset_arguments(),
+        **asset_arguments(
+            options,
+            description=f"Submits OctoAI async jobs whose images are persisted by {target}.",
+            code_version=requests_code_version(requests),
+        ),
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
-        _one_partition(context, "the async submit asset")
-        built = _build_requests(context, requests)
-        # The results are stored under a partition named by each response id: not known
-        # yet, so the key length is checked for the widest partition a key can get.
-        preflight_store(context.resources, io_manager_key, target, any_partition=True)
-        ledger = _ledger(context, ledger_resource_key)
-        client = _octoai(context, octoai_resource_key).client
-        ids = _job_ids(context, context.asset_key.to_user_string(), built)
-        partition = context.partition_key if context.has_partition_key else None
-        width = max(1, min(max_concurrency, len(built)))
-        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-submit") as pool:
-            outcomes = list(
-                pool.map(
-                    lambda pair: _submit_one(
-                        ledger,
-                        client,
-                        pair[0],
-                        pair[1],
-                        asset_key=target,
-                        partition_key=partition,
-                        run_id=context.run.run_id,
-                    ),
-                    zip(built, ids, strict=True),
-                )
-            )
-        counts = Counter(o.outcome for o in outcomes)
-        context.log.info(
-            f"octoai async submit: {len(outcomes)} job(s): {counts['submitted']} submitted, "
-            f"{counts['resumed']} already in the ledger, {counts['raced']} submitted by a "
-            f"concurrent run, {counts['deferred']} deferred to the sensor (transient error), "
-            f"{counts['refused']} refused; {len(ledger.list_open())} open in the ledger"
+        return _submit_all(
+            context,
+            requests,
+            target=target,
+            ledger_resource_key=ledger_resource_key,
+            octoai_resource_key=octoai_resource_key,
+            io_manager_key=io_manager_key,
+            max_concurrency=max_concurrency,
         )
-        for o in outcomes:
-            if o.error:
-                context.log.warning(f"job {o.job_id}: {o.outcome}: {o.error}")
-            elif o.outcome == "raced":
-                context.log.info(
-                    f"job {o.job_id}: a concurrent run recorded its submission first; "
-                    "not submitted again (nothing paid)"
-                )
-        refused = [o for o in outcomes if o.outcome == "refused"]
-        metadata: dict[str, Any] = {
-            "jobs": MetadataValue.int(len(outcomes)),
-            "submitted": MetadataValue.int(counts["submitted"]),
-            "resumed": MetadataValue.int(counts["resumed"]),
-            "raced": MetadataValue.int(counts["raced"]),
-            "deferred": MetadataValue.int(counts["deferred"]),
-            "refused": MetadataValue.int(counts["refused"]),
-            "job_ids": MetadataValue.json([o.job_id for o in outcomes][:_MAX_LISTED_IDS]),
-            "response_ids": MetadataValue.json(
-                [o.response_id for o in outcomes if o.response_id][:_MAX_LISTED_IDS]
-            ),
-            "results_asset": MetadataValue.text(target),
-        }
-        if refused:
-            raise Failure(
-                description=(
-                    f"{len(refused)} of {len(outcomes)} async job(s) were refused by the service "
-                    f"(the others are recorded and will be persisted): {refused[0].error}"
-                ),
-                metadata={**metadata, "errors": MetadataValue.json([o.error for o in refused])},
-            )
-        return MaterializeResult(metadata=metadata)
 
     return _submit
+
+
+def _submit_all(
+    context: AssetExecutionContext,
+    requests: RequestSource,
+    *,
+    target: str,
+    ledger_resource_key: str,
+    octoai_resource_key: str,
+    io_manager_key: str | None,
+    max_concurrency: int,
+) -> MaterializeResult[None]:
+    """The submit asset's step: every job recorded and submitted, or found in the ledger."""
+    _one_partition(context, "the async submit asset")
+    built = _build_requests(context, requests)
+    # The results are stored under a partition named by each response id: not known
+    # yet, so the key length is checked for the widest partition a key can get.
+    preflight_store(context.resources, io_manager_key, target, any_partition=True)
+    ledger = _ledger(context, ledger_resource_key)
+    client = _octoai(context, octoai_resource_key).client
+    ids = _job_ids(context, context.asset_key.to_user_string(), built)
+    partition = context.partition_key if context.has_partition_key else None
+    width = max(1, min(max_concurrency, len(built)))
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-submit") as pool:
+        outcomes = list(
+            pool.map(
+                lambda pair: _submit_one(
+                    ledger,
+                    client,
+                    pair[0],
+                    pair[1],
+                    asset_key=target,
+                    partition_key=partition,
+                    run_id=context.run.run_id,
+                ),
+                zip(built, ids, strict=True),
+            )
+        )
+    counts = Counter(o.outcome for o in outcomes)
+    context.log.info(
+        f"octoai async submit: {len(outcomes)} job(s): {counts['submitted']} submitted, "
+        f"{counts['resumed']} already in the ledger, {counts['raced']} submitted by a "
+        f"concurrent run, {counts['deferred']} deferred to the sensor (transient error), "
+        f"{counts['refused']} refused; {len(ledger.list_open())} open in the ledger"
+    )
+    for o in outcomes:
+        if o.error:
+            context.log.warning(f"job {o.job_id}: {o.outcome}: {o.error}")
+        elif o.outcome == "raced":
+            context.log.info(
+                f"job {o.job_id}: a concurrent run recorded its submission first; "
+                "not submitted again (nothing paid)"
+            )
+    refused = [o for o in outcomes if o.outcome == "refused"]
+    metadata: dict[str, Any] = {
+        "jobs": MetadataValue.int(len(outcomes)),
+        "submitted": MetadataValue.int(counts["submitted"]),
+        "resumed": MetadataValue.int(counts["resumed"]),
+        "raced": MetadataValue.int(counts["raced"]),
+        "deferred": MetadataValue.int(counts["deferred"]),
+        "refused": MetadataValue.int(counts["refused"]),
+        "job_ids": MetadataValue.json([o.job_id for o in outcomes][:_MAX_LISTED_IDS]),
+        "response_ids": MetadataValue.json(
+            [o.response_id for o in outcomes if o.response_id][:_MAX_LISTED_IDS]
+        ),
+        "results_asset": MetadataValue.text(target),
+    }
+    if refused:
+        raise Failure(
+            description=(
+                f"{len(refused)} of {len(outcomes)} async job(s) were refused by the service "
+                f"(the others are recorded and will be persisted): {refused[0].error}"
+            ),
+            metadata={**metadata, "errors": MetadataValue.json([o.error for o in refused])},
+        )
+    return MaterializeResult(metadata=metadata)
 
 
 # ---- fetch and persist ----------------------------------------------------------------------
@@ -383,17 +377,8 @@ def octoai_async_results_asset(
     ledger_resource_key: str = "octoai_ledger",
     octoai_resource_key: str = "octoai",
     io_manager_key: str = "io_manager",
-    group_name: str | None = None,
-    description: str | None = None,
     checks: Checks = True,
-    pool: str | None = None,
-    retry_policy: RetryPolicy | None = None,
-    automation_condition: AutomationCondition[Any] | None = None,
-    code_version: str | None = None,
-    owners: Sequence[str] | None = None,
-    kinds: Iterable[str] | None = None,
-    op_tags: Mapping[str, Any] | None = None,
-    backfill_policy: BackfillPolicy | None = None,
+    **options: Unpack[AssetOptions],
 ) -> AssetsDefinition:
     """The asset that fetches one completed async job and hands its images to the IO manager.
 
@@ -410,19 +395,11 @@ def octoai_async_results_asset(
         ledger_resource_key: Key of the :class:`JobLedgerResource`.
         octoai_resource_key: Key of the :class:`OctoAIResource`.
         io_manager_key: The image IO manager (S3ImageIOManager or LocalImageIOManager).
-        group_name: Asset group.
-        description: Asset description.
         checks: The built-in image checks on each job's images, as for
             :func:`~dagster_octoai.octoai_image_asset` (``"blocking"``: a failure stops
             the assets downstream in the run).
-        pool: The Dagster concurrency pool of the step (default none: fetching holds no replica).
-        retry_policy: Dagster's ``RetryPolicy`` for the step.
-        automation_condition: As for ``@asset``.
-        owners: As for ``@asset``.
-        op_tags: Tags of the step, as for ``@asset``.
-        backfill_policy: As for ``@asset``.
-        code_version: As for ``@asset``.
-        kinds: Kinds added to ``octoai``.
+        **options: The ``@asset`` options (:class:`~dagster_octoai.assets.AssetOptions`);
+            ``pool`` defaults to none (fetching holds no replica).
 
     Examples:
         >>> results = octoai_async_results_asset("fox_images")
@@ -430,64 +407,69 @@ def octoai_async_results_asset(
         'fox_images_jobs'
     """
     pdef = partitions_def or DynamicPartitionsDefinition(name=f"{name}_jobs")
-    options = asset_options(
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        code_version=code_version,
-        owners=owners,
-        kinds=kinds,
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
-    )
 
-    @asset(
+    @asset_with(
         name=name,
         partitions_def=pdef,
         required_resource_keys={ledger_resource_key, octoai_resource_key, io_manager_key},
         io_manager_key=io_manager_key,
-        group_name=group_name,
-        description=description or "Images of one OctoAI async job (partition = response id).",
-        metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
-        **options.asset_arguments(),
+        **asset_arguments(
+            options, description="Images of one OctoAI async job (partition = response id)."
+        ),
     )
     def _results(context: AssetExecutionContext) -> Iterator[Any]:
-        _one_partition(context, "the async results asset")
-        partition = context.partition_key
-        ledger = _ledger(context, ledger_resource_key)
-        record = ledger.find_by_response_id(partition) or ledger.get(partition)
-        if record is None:
-            raise Failure(
-                description=f"no async job with response id {partition!r} in the ledger "
-                f"({ledger.uri(partition)}); was it submitted with another ledger?"
-            )
-        if record.state in (JobState.FAILED, JobState.EXPIRED):
-            raise Failure(
-                description=f"async job {record.job_id} {record.state.value}: {record.error}",
-                metadata=_failure_metadata(record),
-            )
-        if record.response_id != partition:
-            raise Failure(
-                description=f"response {partition} of job {record.job_id} was superseded by "
-                f"resubmission {record.response_id}; materialize that partition instead",
-                metadata=_failure_metadata(record),
-            )
-        # get_client checks the image IO manager's store before the result is fetched.
-        with _octoai(context, octoai_resource_key).get_client(context) as session:
-            result = session.fetch(record.async_job())
-        metadata = {
-            **generation_metadata(result),
-            **_job_metadata(record),
-            "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
-        }
-        yield Output(ImageBatch([result]), metadata=metadata)
-        # Dagster resumes this generator only after the IO manager stored the output.
-        _record_persisted(ledger, record, context.log)
-        if checks:
-            yield from evaluate_image_checks(context.asset_key, [result])
+        yield from _fetch_result(
+            context,
+            ledger_resource_key=ledger_resource_key,
+            octoai_resource_key=octoai_resource_key,
+            checks=checks,
+        )
 
     return _results
+
+
+def _fetch_result(
+    context: AssetExecutionContext,
+    *,
+    ledger_resource_key: str,
+    octoai_resource_key: str,
+    checks: Checks,
+) -> Iterator[Any]:
+    """The results asset's step: one job's images out, then its record marked persisted."""
+    _one_partition(context, "the async results asset")
+    partition = context.partition_key
+    ledger = _ledger(context, ledger_resource_key)
+    record = ledger.find_by_response_id(partition) or ledger.get(partition)
+    if record is None:
+        raise Failure(
+            description=f"no async job with response id {partition!r} in the ledger "
+            f"({ledger.uri(partition)}); was it submitted with another ledger?"
+        )
+    if record.state in (JobState.FAILED, JobState.EXPIRED):
+        raise Failure(
+            description=f"async job {record.job_id} {record.state.value}: {record.error}",
+            metadata=_failure_metadata(record),
+        )
+    if record.response_id != partition:
+        raise Failure(
+            description=f"response {partition} of job {record.job_id} was superseded by "
+            f"resubmission {record.response_id}; materialize that partition instead",
+            metadata=_failure_metadata(record),
+        )
+    # get_client checks the image IO manager's store before the result is fetched.
+    with _octoai(context, octoai_resource_key).get_client(context) as session:
+        result = session.fetch(record.async_job())
+    metadata = {
+        **generation_metadata(result),
+        **_job_metadata(record),
+        "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
+    }
+    yield Output(ImageBatch([result]), metadata=metadata)
+    # Dagster resumes this generator only after the IO manager stored the output.
+    _record_persisted(ledger, record, context.log)
+    if checks:
+        yield from evaluate_image_checks(context.asset_key, [result])
 
 
 def _record_persisted(ledger: JobLedger, record: JobRecord, log: Any) -> None:
@@ -579,7 +561,7 @@ def _wait_one(
             response = session.wait(
                 record.async_job(), timeout=max(deadline - time.monotonic(), 1.0)
             )
-        except (JobExpiredError, JobFailedError) as exc:
+        except (JobExpiredError, JobUnknownError, JobFailedError) as exc:
             if record.attempts > max_resubmits:
                 _give_up(
                     ledger, record, f"{exc.message}; gave up after {record.attempts} submission(s)"
@@ -661,7 +643,7 @@ def _claim_and_submit(
             ) from None
         return won
     try:
-        job = session.submit(request)
+        job = session.submit(request, idempotency_key=intent.idempotency_key)
     except BaseException as exc:
         # Say so, so that no run waits for an answer this one will never record.
         _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
@@ -704,17 +686,8 @@ def octoai_async_blocking_asset(
     wait_timeout_s: float = 600.0,
     max_resubmits: int = 2,
     max_concurrency: int = 4,
-    group_name: str | None = None,
-    description: str | None = None,
     checks: Checks = True,
-    pool: str | None = DEFAULT_POOL,
-    retry_policy: RetryPolicy | None = None,
-    automation_condition: AutomationCondition[Any] | None = None,
-    code_version: str | None = None,
-    owners: Sequence[str] | None = None,
-    kinds: Iterable[str] | None = None,
-    op_tags: Mapping[str, Any] | None = None,
-    backfill_policy: BackfillPolicy | None = None,
+    **options: Unpack[AssetOptions],
 ) -> AssetsDefinition:
     """An asset that submits async jobs and waits for them inside the run (small batches).
 
@@ -726,94 +699,110 @@ def octoai_async_blocking_asset(
     manager, whose store is checked (``preflight``) before anything is submitted. The
     built-in image checks (``checks``, as for :func:`~dagster_octoai.octoai_image_asset`)
     run on every materialization; the step runs in the pool ``octoai`` (it holds the
-    jobs' replicas while it waits), and takes the other ``@asset`` options of
-    :func:`~dagster_octoai.octoai_image_asset`, ``code_version`` defaulting to a hash of
-    ``requests`` when they are a list.
+    jobs' replicas while it waits), and takes the ``@asset`` options
+    (:class:`~dagster_octoai.assets.AssetOptions`), ``code_version`` defaulting to a hash
+    of ``requests`` when they are a list.
 
     Examples:
         >>> fox = octoai_async_blocking_asset("fox", [{"prompt": "a red fox", "seed": 7}])
         >>> fox.key.to_user_string()
         'fox'
     """
-    options = asset_options(
-        pool=pool,
-        retry_policy=retry_policy,
-        automation_condition=automation_condition,
-        code_version=code_version or requests_code_version(requests),
-        owners=owners,
-        kinds=kinds,
-        op_tags=op_tags,
-        backfill_policy=backfill_policy,
-    )
 
-    @asset(
+    @asset_with(
         name=name,
         partitions_def=partitions_def,
         required_resource_keys={ledger_resource_key, octoai_resource_key, io_manager_key},
         io_manager_key=io_manager_key,
-        group_name=group_name,
-        description=description or "Images from OctoAI async jobs, waited for in the run.",
-        metadata=code_reference_metadata(None),
         check_specs=_check_specs(name, checks),
-        **options.asset_arguments(),
+        **asset_arguments(
+            options,
+            description="Images from OctoAI async jobs, waited for in the run.",
+            code_version=requests_code_version(requests),
+            pool=DEFAULT_POOL,
+        ),
     )
     def _blocking(context: AssetExecutionContext) -> Iterator[Any]:
-        _one_partition(context, "the blocking async asset")
-        built = _build_requests(context, requests)
-        ledger = _ledger(context, ledger_resource_key)
-        key = context.asset_key.to_user_string()
-        ids = _job_ids(context, key, built)
-        partition = context.partition_key if context.has_partition_key else None
-        lock = threading.Lock()
-        width = max(1, min(max_concurrency, len(built)))
-        # get_client checks the image IO manager's store before anything is submitted.
-        with (
-            _octoai(context, octoai_resource_key).get_client(context) as session,
-            ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-wait") as pool,
-        ):
-            done = list(
-                pool.map(
-                    lambda pair: _wait_one(
-                        ledger,
-                        session,
-                        pair[0],
-                        pair[1],
-                        asset_key=key,
-                        partition_key=partition,
-                        run_id=context.run.run_id,
-                        wait_timeout_s=wait_timeout_s,
-                        max_resubmits=max_resubmits,
-                        log=context.log,
-                        lock=lock,
-                        run_is_active=_run_is_active(context),
-                    ),
-                    zip(built, ids, strict=True),
-                )
-            )
-        results = [resp for _, resp, _ in done]
-        resumed = sum(1 for _, _, r in done if r)
-        resubmitted = sum(max(rec.attempts - 1, 0) for rec, _, _ in done)
-        context.log.info(
-            f"octoai async (blocking): {len(done)} job(s) completed, {resumed} resumed from "
-            f"the ledger, {resubmitted} resubmission(s)"
+        yield from _wait_all(
+            context,
+            requests,
+            ledger_resource_key=ledger_resource_key,
+            octoai_resource_key=octoai_resource_key,
+            wait_timeout_s=wait_timeout_s,
+            max_resubmits=max_resubmits,
+            max_concurrency=max_concurrency,
+            checks=checks,
         )
-        yield Output(
-            ImageBatch(results),
-            metadata={
-                **generation_metadata(results),
-                "jobs": MetadataValue.int(len(done)),
-                "completed": MetadataValue.int(len(done)),
-                "resumed": MetadataValue.int(resumed),
-                "resubmitted": MetadataValue.int(resubmitted),
-                "job_ids": MetadataValue.json(ids[:_MAX_LISTED_IDS]),
-            },
-        )
-        for rec, _, _ in done:
-            _record_persisted(ledger, rec, context.log)
-        if checks:
-            yield from evaluate_image_checks(context.asset_key, results)
 
     return _blocking
+
+
+def _wait_all(
+    context: AssetExecutionContext,
+    requests: RequestSource,
+    *,
+    ledger_resource_key: str,
+    octoai_resource_key: str,
+    wait_timeout_s: float,
+    max_resubmits: int,
+    max_concurrency: int,
+    checks: Checks,
+) -> Iterator[Any]:
+    """The blocking asset's step: every job submitted or resumed, waited for, then stored."""
+    _one_partition(context, "the blocking async asset")
+    built = _build_requests(context, requests)
+    ledger = _ledger(context, ledger_resource_key)
+    key = context.asset_key.to_user_string()
+    ids = _job_ids(context, key, built)
+    partition = context.partition_key if context.has_partition_key else None
+    lock = threading.Lock()
+    width = max(1, min(max_concurrency, len(built)))
+    # get_client checks the image IO manager's store before anything is submitted.
+    with (
+        _octoai(context, octoai_resource_key).get_client(context) as session,
+        ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-wait") as pool,
+    ):
+        done = list(
+            pool.map(
+                lambda pair: _wait_one(
+                    ledger,
+                    session,
+                    pair[0],
+                    pair[1],
+                    asset_key=key,
+                    partition_key=partition,
+                    run_id=context.run.run_id,
+                    wait_timeout_s=wait_timeout_s,
+                    max_resubmits=max_resubmits,
+                    log=context.log,
+                    lock=lock,
+                    run_is_active=_run_is_active(context),
+                ),
+                zip(built, ids, strict=True),
+            )
+        )
+    results = [resp for _, resp, _ in done]
+    resumed = sum(1 for _, _, r in done if r)
+    resubmitted = sum(max(rec.attempts - 1, 0) for rec, _, _ in done)
+    context.log.info(
+        f"octoai async (blocking): {len(done)} job(s) completed, {resumed} resumed from "
+        f"the ledger, {resubmitted} resubmission(s)"
+    )
+    yield Output(
+        ImageBatch(results),
+        metadata={
+            **generation_metadata(results),
+            "jobs": MetadataValue.int(len(done)),
+            "completed": MetadataValue.int(len(done)),
+            "resumed": MetadataValue.int(resumed),
+            "resubmitted": MetadataValue.int(resubmitted),
+            "job_ids": MetadataValue.json(ids[:_MAX_LISTED_IDS]),
+        },
+    )
+    for rec, _, _ in done:
+        _record_persisted(ledger, rec, context.log)
+    if checks:
+        yield from evaluate_image_checks(context.asset_key, results)
 
 
 def _check_specs(name: str, checks: Checks) -> list[AssetCheckSpec] | None:

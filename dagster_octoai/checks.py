@@ -42,6 +42,7 @@ __all__ = [
     "CHECK_DECODES",
     "CHECK_NO_REMOVED",
     "CHECK_SIZE",
+    "ImageCheckTally",
     "evaluate_image_checks",
     "image_check_specs",
     "octoai_image_checks",
@@ -165,6 +166,49 @@ def evaluate_image_checks(
             metadata={"checked": checked, "not_decoding": broken[:_LIST_MAX]},
         ),
     ]
+
+
+class ImageCheckTally:
+    """The built-in checks over a stream of answers, one at a time, in bounded memory.
+
+    What a streamed batch reports once it is stored: each answer is checked as it passes
+    (:meth:`add`), the results merged per check (:meth:`results`).
+
+    Examples:
+        >>> list(ImageCheckTally("fox").results())
+        []
+    """
+
+    def __init__(self, asset_key: CoercibleToAssetKey) -> None:
+        self._key = AssetKey.from_coercible(asset_key)
+        self._passed: dict[str, bool] = {}
+        self._severity: dict[str, AssetCheckSeverity] = {}
+        self._metadata: dict[str, dict[str, Any]] = {}
+
+    def add(self, value: Any) -> None:
+        """Check the images of ``value`` (an answer, a batch...) and merge the results."""
+        for check in evaluate_image_checks(self._key, value):
+            name = str(check.check_name)
+            self._passed[name] = self._passed.get(name, True) and check.passed
+            self._severity[name] = check.severity
+            merged = self._metadata.setdefault(name, {})
+            for key, item in check.metadata.items():
+                raw = getattr(item, "value", item)
+                if isinstance(raw, list):
+                    merged[key] = (merged.get(key, []) + raw)[:_LIST_MAX]
+                elif isinstance(raw, int):
+                    merged[key] = merged.get(key, 0) + raw
+
+    def results(self) -> Iterator[AssetCheckResult]:
+        """One result per check: passed if it passed for every answer added."""
+        for name, passed in self._passed.items():
+            yield AssetCheckResult(
+                asset_key=self._key,
+                check_name=name,
+                passed=passed,
+                severity=self._severity[name],
+                metadata=self._metadata[name],
+            )
 
 
 def octoai_image_checks(

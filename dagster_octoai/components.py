@@ -38,6 +38,7 @@ from dagster import (
     AssetsDefinition,
     Backoff,
     ComponentLoadContext,
+    DefaultSensorStatus,
     Definitions,
     EnvVar,
     Jitter,
@@ -62,12 +63,16 @@ from pydantic.fields import FieldInfo
 
 from .api.errors import RequestValidationError
 from .api.models import ImageGenerationRequest
-from .assets import DEFAULT_POOL, Checks, octoai_image_asset
+from .assets import DEFAULT_POOL, AssetOptions, Checks, octoai_image_asset, octoai_image_batch_asset
+from .async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from .io_managers import LocalImageIOManager, S3ImageIOManager
-from .resources import OctoAIResource
+from .resources import HTTPRetryConfig, JobLedgerResource, OctoAIResource
+from .sensors import octoai_async_sensor
 
 __all__ = [
+    "JobLedgerResourceComponent",
     "LocalImageIOManagerComponent",
+    "OctoAIAsyncImagesComponent",
     "OctoAIImageAssetComponent",
     "OctoAIResourceComponent",
     "S3ImageIOManagerComponent",
@@ -361,52 +366,61 @@ class OctoAIImageAssetComponent(Component, Resolvable, Model):
         if spec.skippable:
             raise ValueError("asset: skippable is not supported by image assets")
         key = spec.key
-        assets_def = octoai_image_asset(
-            key.path[-1],
-            self.request,
-            prompt_template=self.prompt_template,
-            key_prefix=list(key.path[:-1]) or None,
-            partitions_def=spec.partitions_def,
-            ins={name: AssetIn(key=AssetKey.from_user_string(k)) for name, k in self.ins.items()}
+        options: AssetOptions = {
+            "group_name": spec.group_name,
+            "description": spec.description,
+            "tags": {k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")}
             or None,
-            image_inputs=self.image_inputs or None,
-            local_edge_map=self.local_edge_map,
-            deps=[dep.asset_key for dep in spec.deps] or None,
-            resource_key=self.resource_key,
-            io_manager_key=self.io_manager_key,
-            reuse_existing=self.reuse_existing,
-            requests=_static_requests(self.requests),
-            checks=self.checks,
-            group_name=spec.group_name,
-            description=spec.description,
-            tags={k: v for k, v in spec.tags.items() if not k.startswith("dagster/kind/")} or None,
-            metadata=spec.metadata or None,
-            pool=op.pool if op.pool is not None else DEFAULT_POOL,
-            retry_policy=self.retry_policy,
-            automation_condition=spec.automation_condition,
-            code_version=spec.code_version,
-            owners=list(spec.owners) or None,
-            kinds=spec.kinds - {"octoai"} or None,
-            op_tags=op.tags,
-            backfill_policy=op.backfill_policy,
+            "metadata": spec.metadata or None,
+            "pool": op.pool if op.pool is not None else DEFAULT_POOL,
+            "retry_policy": self.retry_policy,
+            "automation_condition": spec.automation_condition,
+            "freshness_policy": spec.freshness_policy,
+            "code_version": spec.code_version,
+            "owners": list(spec.owners) or None,
+            "kinds": spec.kinds - {"octoai"} or None,
+            "op_tags": op.tags,
+            "backfill_policy": op.backfill_policy,
             # Dagster points the asset at this component's YAML itself.
-            code_references=[],
-        )
-        if spec.freshness_policy is not None:
-            policy = spec.freshness_policy
-            assets_def = assets_def.map_asset_specs(
-                lambda s: s.replace_attributes(freshness_policy=policy)
+            "code_references": [],
+        }
+        common: dict[str, Any] = {
+            "prompt_template": self.prompt_template,
+            "key_prefix": list(key.path[:-1]) or None,
+            "partitions_def": spec.partitions_def,
+            "ins": {name: AssetIn(key=AssetKey.from_user_string(k)) for name, k in self.ins.items()}
+            or None,
+            "image_inputs": self.image_inputs or None,
+            "local_edge_map": self.local_edge_map,
+            "deps": [dep.asset_key for dep in spec.deps] or None,
+            "resource_key": self.resource_key,
+            "reuse_existing": self.reuse_existing,
+            "checks": self.checks,
+        }
+        if self.requests is not None:
+            if self.io_manager_key is None:
+                raise ValueError(
+                    "io_manager_key: requests streams the batch into an image IO manager "
+                    "(S3ImageIOManager or LocalImageIOManager); name its resource key"
+                )
+            return octoai_image_batch_asset(
+                key.path[-1],
+                self.request,
+                _static_requests(self.requests),
+                io_manager_key=self.io_manager_key,
+                **common,
+                **options,
             )
-        return assets_def
+        return octoai_image_asset(
+            key.path[-1], self.request, io_manager_key=self.io_manager_key, **common, **options
+        )
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The asset (and its built-in checks)."""
         return Definitions(assets=[self.assets_def])
 
 
-def _static_requests(items: list[dict[str, Any]] | None) -> Any:
-    if items is None:
-        return None
+def _static_requests(items: list[dict[str, Any]]) -> Any:
     frozen = [dict(i) for i in items]
     return lambda partition_key, inputs: frozen
 
@@ -432,13 +446,40 @@ def _located(context: ResolutionContext, message: str, path: Sequence[str | int]
 # ---- resources --------------------------------------------------------------------------
 
 
-def _fields_of(cls: type[BaseModel], exclude: set[str]) -> dict[str, Any]:
-    """A resource's fields (types, defaults, bounds, descriptions), for a component's schema."""
+def _plain_fields(cls: type[BaseModel]) -> dict[str, Any]:
     return {
-        name: (info.annotation, FieldInfo.merge_field_infos(info))
+        name: (info.annotation, Field(default=info.default, description=info.description))
         for name, info in cls.model_fields.items()
-        if name not in exclude
     }
+
+
+class _NestedModel(Model, Resolvable):
+    """A nested block of a component's YAML (``retry`` of the OctoAI resource)."""
+
+
+def _fields_of(cls: type[BaseModel], exclude: set[str]) -> dict[str, Any]:
+    """A resource's fields (types, defaults, bounds, descriptions), for a component's schema.
+
+    A nested config (``OctoAIResource.retry``) becomes a nested model of its own fields,
+    unset (``None``) unless the YAML sets it.
+    """
+    fields: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        if name in exclude:
+            continue
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            # Types and descriptions only: the values are judged by the config class
+            # itself when the resource is built (one place for its rules).
+            nested = create_model(
+                f"{annotation.__name__}Model",
+                __base__=_NestedModel,
+                **_plain_fields(annotation),
+            )
+            fields[name] = (nested | None, Field(default=None, description=info.description))
+        else:
+            fields[name] = (annotation, FieldInfo.merge_field_infos(info))
+    return fields
 
 
 # One object per distinct configuration: Definitions refuses two different objects under
@@ -461,7 +502,9 @@ _OctoAIFields = create_model(
 
 
 class OctoAIResourceComponent(_OctoAIFields, Component, Resolvable):
-    """Binds an :class:`~dagster_octoai.OctoAIResource` under ``resource_key``.
+    """Binds an OctoAIResource under resource_key (default octoai), its token from the environment.
+
+    The :class:`~dagster_octoai.OctoAIResource`, bound under ``resource_key``.
 
     Every field of the resource but the token: the token is read at run time from the
     environment variable ``token_env_var`` (``EnvVar``), so it is never in YAML, run
@@ -476,7 +519,13 @@ class OctoAIResourceComponent(_OctoAIFields, Component, Resolvable):
     @property
     def resource(self) -> OctoAIResource:
         """The configured resource (one object per distinct configuration)."""
-        settings = self.model_dump(exclude={"token_env_var", "resource_key"}, exclude_none=True)
+        settings = self.model_dump(
+            exclude={"token_env_var", "resource_key", "retry"}, exclude_none=True
+        )
+        retry = getattr(self, "retry", None)
+        if retry is not None:
+            # Only what the YAML sets: `deadline_s: null` (no deadline) is kept.
+            settings["retry"] = HTTPRetryConfig(**retry.model_dump(exclude_unset=True))
         token_env_var = self.token_env_var
         return _shared(
             f"octoai:{token_env_var}",
@@ -507,7 +556,9 @@ _S3Fields = create_model(
 
 
 class S3ImageIOManagerComponent(_S3Fields, Component, Resolvable):
-    """Binds an :class:`~dagster_octoai.S3ImageIOManager` under ``resource_key``.
+    """Binds an S3ImageIOManager under resource_key (default images): images and manifests in S3.
+
+    The :class:`~dagster_octoai.S3ImageIOManager`, bound under ``resource_key``.
 
     Credentials come from boto3's default chain (``AWS_ACCESS_KEY_ID`` /
     ``AWS_SECRET_ACCESS_KEY``, a profile, an instance role), never from YAML.
@@ -541,8 +592,11 @@ _LocalFields = create_model(
 
 
 class LocalImageIOManagerComponent(_LocalFields, Component, Resolvable):
-    """Binds a :class:`~dagster_octoai.LocalImageIOManager` under ``resource_key``: the S3
-    layout and manifests in a local directory, for development."""
+    """Binds a LocalImageIOManager under resource_key (default images): a local directory.
+
+    The :class:`~dagster_octoai.LocalImageIOManager`, bound under ``resource_key``: the S3
+    layout and manifests in a local directory, for development.
+    """
 
     resource_key: str = Field(default="images", description="Key to bind the IO manager under.")
 
@@ -564,3 +618,123 @@ class LocalImageIOManagerComponent(_LocalFields, Component, Resolvable):
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
         """The IO manager, under ``resource_key``."""
         return Definitions(resources={self.resource_key: self.resource})
+
+
+_LedgerFields = create_model(
+    "_LedgerFields", __base__=Model, **_fields_of(JobLedgerResource, exclude={"s3"})
+)
+
+
+class JobLedgerResourceComponent(_LedgerFields, Component, Resolvable):
+    """Binds a JobLedgerResource under resource_key (default octoai_ledger): the async job ledger.
+
+    The :class:`~dagster_octoai.JobLedgerResource`: ``base_dir`` (a local directory) or
+    ``bucket`` and ``prefix`` (S3, credentials from boto3's default chain).
+    """
+
+    resource_key: str = Field(default="octoai_ledger", description="Key to bind it under.")
+
+    @property
+    def resource(self) -> JobLedgerResource:
+        """The configured ledger resource (one object per distinct configuration)."""
+        settings = self.model_dump(exclude={"resource_key"}, exclude_none=True)
+        return _shared("ledger", settings, lambda: JobLedgerResource(**settings))
+
+    @classmethod
+    def get_spec(cls) -> ComponentTypeSpec:
+        """What ``dg list components`` shows."""
+        return ComponentTypeSpec(
+            description="A JobLedgerResource: the durable ledger of async jobs.",
+            tags=["octoai"],
+            produces=["resource"],
+        )
+
+    def build_defs(self, context: ComponentLoadContext) -> Definitions:
+        """The ledger resource, under ``resource_key``."""
+        return Definitions(resources={self.resource_key: self.resource})
+
+
+class OctoAIAsyncImagesComponent(Component, Resolvable, Model):
+    """Async image generation in YAML: a submit asset, the job sensor and the results asset.
+
+    The sensor path of :mod:`dagster_octoai.async_assets`: the submit asset
+    (``<key>_jobs``) records each request's async job in the ledger and submits it; the
+    sensor polls the ledger's jobs and requests a run of the results asset (``key``, one
+    dynamic partition per response id) for each completed one, which stores its images
+    with the IO manager at ``io_manager_key``. Each request is judged by
+    ``ImageGenerationRequest`` when the component loads.
+
+    Examples:
+        .. code-block:: yaml
+
+            type: dagster_octoai.components.OctoAIAsyncImagesComponent
+            attributes:
+              key: fox_images
+              requests:
+                - {engine: sdxl, prompt: a red fox, seed: 7}
+                - {engine: sdxl, prompt: an arctic fox, seed: 8}
+              io_manager_key: images
+    """
+
+    key: str = Field(description="Name of the results asset (a partition per response id).")
+    requests: list[dict[str, Any]] = Field(
+        description="The requests the submit asset sends (ImageGenerationRequest fields)."
+    )
+    submit_key: str | None = Field(
+        default=None, description="Name of the submit asset; default <key>_jobs."
+    )
+    io_manager_key: str = Field(
+        default="images", description="The image IO manager the results are stored with."
+    )
+    resource_key: str = Field(default="octoai", description="Key of the OctoAI resource.")
+    ledger_resource_key: str = Field(
+        default="octoai_ledger", description="Key of the JobLedgerResource."
+    )
+    group_name: str | None = Field(default=None, description="Group of both assets.")
+    checks: Checks = Field(default=True, description="The built-in image checks on the results.")
+    minimum_interval_seconds: int = Field(default=30, ge=1, description="Seconds between ticks.")
+    sensor_running: bool = Field(
+        default=False, description="Whether the sensor runs as soon as it is deployed."
+    )
+
+    @classmethod
+    def load(cls, attributes: Any, context: ComponentLoadContext) -> OctoAIAsyncImagesComponent:
+        """The component, every request checked (each bad field named, at its request)."""
+        component = super().load(attributes, context)
+        for index, item in enumerate(component.requests):
+            try:
+                ImageGenerationRequest.build(item)
+            except RequestValidationError as exc:
+                raise ResolutionException(f"requests[{index}]: {exc.message}") from None
+        return component
+
+    def build_defs(self, context: ComponentLoadContext) -> Definitions:
+        """The submit and results assets and the sensor between them."""
+        options: AssetOptions = {"group_name": self.group_name, "code_references": []}
+        results = octoai_async_results_asset(
+            self.key,
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            io_manager_key=self.io_manager_key,
+            checks=self.checks,
+            **options,
+        )
+        submit = octoai_async_submit_asset(
+            self.submit_key or f"{self.key}_jobs",
+            [dict(item) for item in self.requests],
+            results_asset=results,
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            **options,
+        )
+        sensor = octoai_async_sensor(
+            asset=results,
+            name=f"{self.key}_sensor",
+            ledger_resource_key=self.ledger_resource_key,
+            octoai_resource_key=self.resource_key,
+            minimum_interval_seconds=self.minimum_interval_seconds,
+            default_status=DefaultSensorStatus.RUNNING
+            if self.sensor_running
+            else DefaultSensorStatus.STOPPED,
+        )
+        return Definitions(assets=[submit, results], sensors=[sensor])

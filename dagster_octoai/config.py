@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
 from .api.errors import RequestValidationError
-from .api.models import Engine, ImageGenerationRequest, Sampler, validation_error
+from .api.models import IMAGE_FIELDS, Engine, ImageGenerationRequest, Sampler, validation_error
 
 __all__ = ["ImageGenerationConfig"]
 
@@ -171,7 +171,7 @@ class ImageGenerationConfig(Config):
                 if self.seed is not None:
                     continue  # both set: the validator reports it
                 name = "seed"
-            elif name in ("init_image", "mask_image", "controlnet_image"):
+            elif name in IMAGE_FIELDS:
                 value = _image_ref(value)
             elif name == "transfer_images":
                 value = {w: [_image_ref(v) for v in imgs] for w, imgs in value.items()}

@@ -36,7 +36,9 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     AssetSpec,
+    Config,
     ConfigurableIOManager,
+    DagsterInvariantViolationError,
     Definitions,
     EnvVar,
     InputContext,
@@ -46,12 +48,11 @@ from dagster import (
     PreviewWarning,
     ResourceDependency,
 )
-from dagster._core.errors import DagsterInvariantViolationError
 from pydantic import Field, PrivateAttr, field_validator
 
 from .api.batch import STORABLE, ImageBatch, UnstorableValueError, responses_of
 from .api.models import GeneratedImage, ImageGenerationRequest, ImageGenerationResponse
-from .metadata import DataVersionDigest
+from .metadata import DataVersionDigest, model_assets
 from .storage import ImageStore, LocalBackend, S3Backend, StorageBackend, StorageError, WriteReport
 from .storage.layout import normalize_prefix, output_key
 from .storage.store import ConvertFormat, answer_request
@@ -60,6 +61,104 @@ __all__ = ["LocalImageIOManager", "S3ImageIOManager", "with_image_uris"]
 
 # Output metadata lists at most this many URIs / seeds, so the event log stays small.
 _METADATA_LIST_MAX = 100
+# Request summaries listed in an output's metadata, at most (each is a few hundred bytes).
+_REQUESTS_LISTED = 20
+
+
+def s3_resource_field() -> Any:
+    """The ``s3`` field of a resource that takes a :class:`S3ConnectionConfig`."""
+    return Field(
+        default=cast("Any", None),
+        description=(
+            "A dagster-aws S3Resource to reach the bucket with; the connection fields "
+            "(endpoint_url, region_name, the keys, addressing_style, retry_mode, "
+            "max_attempts) are then left unset (they are the fallback without one)."
+        ),
+    )
+
+
+class S3ConnectionConfig(Config):
+    """How to reach S3: one configuration for the image IO manager and the job ledger.
+
+    Either a dagster-aws ``S3Resource`` (``s3=``: its endpoint, region, credentials,
+    profile, session token and SSL settings, the configuration the rest of a project
+    uses), or, without one, the fields below. :class:`S3ImageIOManager` and
+    :class:`~dagster_octoai.JobLedgerResource` both take it, field for field. (Each
+    declares ``s3`` itself, with :func:`s3_resource_field`: Dagster resolves a nested
+    resource only on a resource class.)
+    """
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, R2, SeaweedFS); unset for AWS.",
+    )
+    region_name: str | None = Field(
+        default=None, description="Region to sign requests for; unset uses boto3's default."
+    )
+    aws_access_key_id: str | None = Field(
+        default=None,
+        description="Access key id; unset uses boto3's default credential chain.",
+    )
+    aws_secret_access_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="Secret access key; pass it with EnvVar so it is never shown. Unset uses boto3's default chain.",
+        json_schema_extra={"dagster__is_secret": True},
+    )
+    addressing_style: str = Field(
+        default="auto",
+        description="Bucket addressing: 'path' for most S3-compatible stores, 'virtual' or 'auto' for AWS.",
+    )
+    retry_mode: str = Field(
+        default="adaptive",
+        description="botocore retry mode; 'adaptive' also rate-limits the client when throttled.",
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=20,
+        description=(
+            "Attempts per S3 call, botocore's retries (SlowDown, 5xx, dropped connections) "
+            "included; the only retries there are."
+        ),
+    )
+
+    @field_validator("addressing_style", mode="before")
+    @classmethod
+    def _check_addressing_style(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
+        return str(_one_of("addressing_style", value, ("auto", "path", "virtual")))
+
+    @field_validator("retry_mode", mode="before")
+    @classmethod
+    def _check_retry_mode(cls, value: str) -> str:
+        if isinstance(value, EnvVar):
+            return value  # checked when Dagster resolves it at run time
+        return str(_one_of("retry_mode", value, ("standard", "adaptive")))
+
+    def s3_backend(self, bucket: str, *, max_pool_connections: int = 10) -> S3Backend:
+        """A backend on ``bucket`` through this connection.
+
+        Raises:
+            ValueError: ``s3=`` is set together with a field it replaces.
+        """
+        # Declared by each resource class (s3_resource_field), resolved by Dagster there.
+        s3 = getattr(self, "s3", None)
+        if s3 is not None:
+            _no_connection_fields_with(self, _S3_CONNECTION_FIELDS, type(self).__name__)
+            return S3Backend(s3_resource_client(s3), bucket)
+        return S3Backend.from_config(
+            bucket,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            addressing_style=typing.cast(AddressingStyle, self.addressing_style),
+            retry_mode=typing.cast(RetryMode, self.retry_mode),
+            max_attempts=self.max_attempts,
+            max_pool_connections=max_pool_connections,
+        )
 
 
 class _ImageIOManager(ConfigurableIOManager):
@@ -227,13 +326,11 @@ class _ImageIOManager(ConfigurableIOManager):
                     answer_request(answer, i)
         except UnstorableValueError as exc:
             raise self._refusal(context, obj, exc, seen) from None
-        version = DataVersionDigest()
         facts = _Facts()
 
         def observed() -> Iterator[ImageGenerationResponse]:
             for answer in responses:
                 seen.append(answer)
-                version.add(answer)
                 facts.add(answer)
                 yield answer
 
@@ -248,7 +345,7 @@ class _ImageIOManager(ConfigurableIOManager):
         # A streamed batch knows its usage only now that it has been generated and stored.
         late = obj.late_metadata() if isinstance(obj, ImageBatch) else {}
         context.add_output_metadata({**_output_metadata(report, facts), **late})
-        _set_data_version(context, version)
+        _set_data_version(context, facts.version)
 
     def _handle_range(self, context: OutputContext, obj: Any) -> None:
         """A run over a partition range: each partition stored as a run of its own would.
@@ -358,8 +455,22 @@ class _ImageIOManager(ConfigurableIOManager):
         path = None if asset_key is None else _key_path(asset_key)
         return self.store.find_existing(request, path, partition_key)
 
+    def existing_answers(
+        self, asset_key: AssetKey | Sequence[str] | str, partition_key: str | None = None
+    ) -> Callable[[ImageGenerationRequest], ImageGenerationResponse | None]:
+        """A finder of answers to reuse from the output at ``asset_key``/``partition_key``.
 
-class S3ImageIOManager(_ImageIOManager):
+        What :func:`~dagster_octoai.octoai_image_batch_asset` uses: the output's manifest
+        is read once, then each request with explicit seeds finds its stored answer.
+
+        Examples:
+            >>> io = LocalImageIOManager(base_dir="/tmp/images")
+            >>> io.existing_answers(["fox"])(ImageGenerationRequest(prompt="a fox", seed=1))
+        """
+        return self.store.existing_answers(_key_path(asset_key), partition_key)
+
+
+class S3ImageIOManager(_ImageIOManager, S3ConnectionConfig):
     """Stores generated images in S3 or an S3-compatible store (MinIO, R2, SeaweedFS).
 
     One object per image, written once under
@@ -395,61 +506,7 @@ class S3ImageIOManager(_ImageIOManager):
 
     bucket: str = Field(description="The S3 bucket images and manifests go to (must exist).")
     # Typed as Dagster reads a nested resource (an Optional[...] would not be); None: unset.
-    s3: ResourceDependency[Any] = Field(
-        default=cast("Any", None),
-        description=(
-            "A dagster-aws S3Resource to reach the bucket with; the connection fields below "
-            "are then left unset (they are the fallback without one)."
-        ),
-    )
-    endpoint_url: str | None = Field(
-        default=None,
-        description="S3 endpoint URL for S3-compatible stores (MinIO, R2, SeaweedFS); unset for AWS.",
-    )
-    region_name: str | None = Field(
-        default=None, description="Region to sign requests for; unset uses boto3's default."
-    )
-    aws_access_key_id: str | None = Field(
-        default=None,
-        description="Access key id; unset uses boto3's default credential chain.",
-    )
-    aws_secret_access_key: str | None = Field(
-        default=None,
-        repr=False,
-        description="Secret access key; pass it with EnvVar so it is never shown. Unset uses boto3's default chain.",
-        json_schema_extra={"dagster__is_secret": True},
-    )
-    addressing_style: str = Field(
-        default="auto",
-        description="Bucket addressing: 'path' for most S3-compatible stores, 'virtual' or 'auto' for AWS.",
-    )
-    retry_mode: str = Field(
-        default="adaptive",
-        description="botocore retry mode; 'adaptive' also rate-limits the client when throttled.",
-    )
-    max_attempts: int = Field(
-        default=5,
-        ge=1,
-        le=20,
-        description=(
-            "Attempts per S3 call, botocore's retries (SlowDown, 5xx, dropped connections) "
-            "included; the only retries there are."
-        ),
-    )
-
-    @field_validator("addressing_style", mode="before")
-    @classmethod
-    def _check_addressing_style(cls, value: str) -> str:
-        if isinstance(value, EnvVar):
-            return value  # checked when Dagster resolves it at run time
-        return str(_one_of("addressing_style", value, ("auto", "path", "virtual")))
-
-    @field_validator("retry_mode", mode="before")
-    @classmethod
-    def _check_retry_mode(cls, value: str) -> str:
-        if isinstance(value, EnvVar):
-            return value  # checked when Dagster resolves it at run time
-        return str(_one_of("retry_mode", value, ("standard", "adaptive")))
+    s3: ResourceDependency[Any] = s3_resource_field()
 
     @field_validator("bucket", mode="before")
     @classmethod
@@ -466,20 +523,7 @@ class S3ImageIOManager(_ImageIOManager):
         return None if isinstance(self.bucket, EnvVar) else f"s3://{self.bucket}/{key}"
 
     def _backend(self) -> StorageBackend:
-        if self.s3 is not None:
-            _no_connection_fields_with(self, _S3_CONNECTION_FIELDS, "S3ImageIOManager")
-            return S3Backend(s3_resource_client(self.s3), self.bucket)
-        return S3Backend.from_config(
-            self.bucket,
-            endpoint_url=self.endpoint_url,
-            region_name=self.region_name,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            addressing_style=typing.cast(AddressingStyle, self.addressing_style),
-            retry_mode=typing.cast(RetryMode, self.retry_mode),
-            max_attempts=self.max_attempts,
-            max_pool_connections=max(10, self.max_concurrency),
-        )
+        return self.s3_backend(self.bucket, max_pool_connections=max(10, self.max_concurrency))
 
 
 class LocalImageIOManager(_ImageIOManager):
@@ -817,19 +861,45 @@ def _annotation_kind(context: InputContext) -> Literal["list", "dict"] | None:
 
 
 class _Facts:
-    """What the stored answers say beyond the write report: engines, server time, seeds."""
+    """The one tally over the stored answers: what they say beyond the write report.
+
+    Engines, server time, seeds, the requests (so an output of your own ``@asset`` has
+    its ``request`` metadata as a factory's has) and the data version.
+    """
 
     def __init__(self) -> None:
         self.engines: set[str] = set()
         self.prediction_time_ms = 0.0
         self.seeds: list[int] = []  # every image's, removed ones included (as generation's)
+        self.requests: list[ImageGenerationRequest] = []  # the first few
+        self.request_count = 0
+        self.version = DataVersionDigest()
 
     def add(self, answer: ImageGenerationResponse) -> None:
         if answer.request is not None:
             self.engines.add(answer.request.engine.value)
+            self.request_count += 1
+            if len(self.requests) < _REQUESTS_LISTED:
+                self.requests.append(answer.request)
         self.prediction_time_ms += answer.prediction_time_ms
         if len(self.seeds) < _METADATA_LIST_MAX:
             self.seeds.extend(answer.seeds[: _METADATA_LIST_MAX - len(self.seeds)])
+        self.version.add(answer)
+
+    def request_metadata(self) -> dict[str, Any]:
+        """``request`` (one request) or the first ``requests``, as the factories record them."""
+        if self.request_count == 1:
+            (request,) = self.requests
+            width, height = request.size
+            return {
+                "request": MetadataValue.json(request.summary()),
+                "request_fingerprint": MetadataValue.text(request.fingerprint()),
+                "model_assets": MetadataValue.json(model_assets(request)),
+                "size": MetadataValue.text(f"{width}x{height}"),
+            }
+        if self.request_count > 1:
+            return {"requests": MetadataValue.json([q.summary() for q in self.requests])}
+        return {}
 
     def observe(
         self, answers: Iterable[ImageGenerationResponse]
@@ -855,6 +925,7 @@ def _output_metadata(report: WriteReport, facts: _Facts) -> dict[str, Any]:
         "reused": MetadataValue.int(report.reused_count),
         "engine": MetadataValue.text(", ".join(sorted(facts.engines))),
         "prediction_time_ms": MetadataValue.float(facts.prediction_time_ms),
+        **facts.request_metadata(),
     }
     if report.thumbnail is not None and report.image_uris:
         first, seed = report.image_uris[0], report.seeds[0]

@@ -239,7 +239,8 @@ class Usage:
         n = len(response.images)
         self.calls += 1
         self.images += n
-        self.steps += n * ((request.steps if request else None) or DEFAULT_STEPS)
+        default = request.engine.default_steps if request else DEFAULT_STEPS
+        self.steps += n * ((request.steps if request else None) or default)
         premium = n if request is not None and request.is_premium else 0
         self.premium_images += premium
         self.retries += response.call_info.retries

@@ -16,12 +16,15 @@ import threading
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal, cast
+from typing import Any
 
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    Config,
     ConfigurableResource,
+    DagsterError,
+    DagsterInvariantViolationError,
     EnvVar,
     InitResourceContext,
     MultiPartitionsDefinition,
@@ -29,8 +32,7 @@ from dagster import (
     ResourceDependency,
     RetryRequested,
 )
-from dagster._core.errors import DagsterInvalidPropertyError, DagsterInvariantViolationError
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ._warnings import warnings_to_log
 from .api.batch import ImageBatch, UnstorableValueError
@@ -43,9 +45,10 @@ from .api.models import (
     ImageGenerationResponse,
     PollResult,
 )
-from .io_managers import _no_connection_fields_with, preflight_store, s3_resource_client
+from .io_managers import S3ConnectionConfig, preflight_store, s3_resource_field
 from .metadata import Usage
-from .storage.ledger import JobLedger, LedgerStore, LocalLedgerStore, S3LedgerStore
+from .storage.backends import LocalBackend, StorageBackend
+from .storage.ledger import JobLedger
 
 __all__ = ["JobLedgerResource", "OctoAIResource", "OctoAISession"]
 
@@ -132,9 +135,18 @@ class OctoAISession:
         out = dict(self.iter_generate(requests, engine=engine, max_concurrency=max_concurrency))
         return [out[i] for i in range(len(out))]
 
-    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
-        """Start an async generation; its usage is counted when it is fetched."""
-        return self._client.submit(request, engine=engine)
+    def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
+        """Start an async generation; its usage is counted when it is fetched.
+
+        ``idempotency_key``: see :meth:`~dagster_octoai.OctoAIClient.submit`.
+        """
+        return self._client.submit(request, engine=engine, idempotency_key=idempotency_key)
 
     def poll(self, job: AsyncJob) -> PollResult:
         """Poll an async job once."""
@@ -151,6 +163,16 @@ class OctoAISession:
 
     def __repr__(self) -> str:
         return f"OctoAISession(client={self._client!r}, images={self._usage.images})"
+
+
+class HTTPRetryConfig(Config, HTTPRetryPolicy):
+    """:class:`HTTPRetryPolicy` as Dagster config (``OctoAIResource(retry=...)``): its fields,
+    bounds and defaults, written once in the client layer.
+
+    Examples:
+        >>> OctoAIResource(token="t", retry=HTTPRetryConfig(max_attempts=2)).retry_policy().max_attempts
+        2
+    """
 
 
 class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
@@ -205,20 +227,26 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     timeout_s: float = Field(
         default=120.0, gt=0, description="Timeout of one HTTP attempt, seconds."
     )
-    max_attempts: int = Field(
-        default=5, ge=1, description="Attempts per HTTP call (1 = no retries)."
+    retry: HTTPRetryConfig = Field(
+        default_factory=lambda: HTTPRetryConfig(),
+        description=(
+            "How the client retries one HTTP call: max_attempts, initial_backoff_s, "
+            "max_backoff_s, max_retry_after_s, deadline_s (HTTPRetryPolicy's fields and rules)."
+        ),
     )
-    initial_backoff_s: float = Field(default=0.5, ge=0, description="First backoff wait, seconds.")
-    max_backoff_s: float = Field(default=20.0, ge=0, description="Longest backoff wait, seconds.")
-    max_retry_after_s: float = Field(
-        default=60.0,
-        ge=0,
-        description="Longest Retry-After the client waits out itself; longer ones end the call.",
+    # The flat spellings of `retry`'s fields from before it was nested, kept so existing
+    # config goes on working; unset here, they are judged by the same policy.
+    max_attempts: int | None = Field(default=None, description="Deprecated: retry.max_attempts.")
+    initial_backoff_s: float | None = Field(
+        default=None, description="Deprecated: retry.initial_backoff_s."
     )
-    deadline_s: float | None = Field(
-        default=600.0,
-        description="Overall deadline of one call, all attempts and waits; None = none.",
+    max_backoff_s: float | None = Field(
+        default=None, description="Deprecated: retry.max_backoff_s."
     )
+    max_retry_after_s: float | None = Field(
+        default=None, description="Deprecated: retry.max_retry_after_s."
+    )
+    deadline_s: float | None = Field(default=None, description="Deprecated: retry.deadline_s.")
     max_concurrency: int = Field(
         default=4, ge=1, description="Generations in flight at once: the endpoint's replica count."
     )
@@ -242,7 +270,9 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     prices: dict[str, float] = Field(
         default_factory=dict,
         description=(
-            "Price of one image per engine (sdxl, sd, controlnet-sdxl, controlnet-sd15), in "
+            "Price of one image per engine (sdxl, sd, controlnet-sdxl, controlnet-sd15, ssd, sd3, "
+            "flux-schnell, flux-dev; OctoAI's published ones: dagster_octoai.api.models."
+            "LIST_PRICES), in "
             "your currency; an image made with a premium sampler costs twice that. An engine "
             "not listed counts 1.0, so without prices octoai/cost counts standard images."
         ),
@@ -267,15 +297,36 @@ class OctoAIResource(ConfigurableResource):  # type: ignore[type-arg]
     def _is_dagster_maintained(cls) -> bool:
         return False
 
+    @model_validator(mode="after")
+    def _check_retry(self) -> "OctoAIResource":
+        self.retry_policy()  # a bad or doubly set retry field fails when the resource is built
+        return self
+
     def retry_policy(self) -> HTTPRetryPolicy:
-        """The client's retry policy from this resource's fields."""
-        return HTTPRetryPolicy(
-            max_attempts=self.max_attempts,
-            initial_backoff_s=self.initial_backoff_s,
-            max_backoff_s=self.max_backoff_s,
-            max_retry_after_s=self.max_retry_after_s,
-            deadline_s=self.deadline_s,
-        )
+        """The client's retry policy: ``retry``, with any deprecated flat field set over it.
+
+        Raises:
+            ValueError: a field is set both in ``retry`` and flat, or breaks a rule of
+                :class:`HTTPRetryPolicy` (named, with what is allowed).
+        """
+        flat = {name: getattr(self, name) for name in _FLAT_RETRY_FIELDS}
+        flat = {name: value for name, value in flat.items() if value is not None}
+        nested = self.retry.model_dump()
+        if not flat:
+            return HTTPRetryPolicy(**nested)
+        both = sorted(set(flat) & set(self.retry.model_fields_set))
+        if both:
+            raise ValueError(
+                f"OctoAIResource: {', '.join(both)} set both flat and in retry; set "
+                f"retry.{both[0]} only (the flat fields are deprecated)"
+            )
+        try:
+            return HTTPRetryPolicy(**{**nested, **flat})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ValueError(
+                f"OctoAIResource: {error['loc'][0]}: {error['msg']} (as retry.{error['loc'][0]})"
+            ) from None
 
     def _new_client(self) -> OctoAIClient:
         token = self.token
@@ -459,7 +510,7 @@ def _check_output(
         if name is None and len(context.op_def.output_defs) == 1:
             name = context.op_def.output_defs[0].name
         out = None if name is None else context.op_def.output_def_named(name)
-    except (DagsterInvalidPropertyError, DagsterInvariantViolationError):
+    except DagsterError:
         return  # a context built for a test, bound to no definition
     if out is None:
         return
@@ -549,9 +600,6 @@ def _record_usage(
         if output_name is None:
             output_name = _output_name(context, asset_key)
         context.add_output_metadata(metadata, output_name=output_name)
-    except DagsterInvalidPropertyError:
-        # A context built for a test and not bound to an invocation holds no outputs.
-        context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
     except DagsterInvariantViolationError:
         # The block ended after the output was yielded: a lazy ImageBatch generating
         # inside get_client while the IO manager stores it. Failing here would throw
@@ -562,6 +610,10 @@ def _record_usage(
             "was yielded. To stream a batch with its usage recorded, return "
             "octoai.stream(context, requests) instead."
         )
+    except DagsterError:
+        # A context built for a test and not bound to an invocation holds no outputs
+        # (Dagster raises its invalid-property error, which it does not export).
+        context.log.info(f"OctoAI usage: {usage.images} images in {usage.calls} calls")
 
 
 def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) -> str | None:
@@ -578,7 +630,17 @@ def _output_name(context: ExecutionContext, asset_key: AssetKey | str | None) ->
     return assets_def.get_output_name_for_asset_key(key)
 
 
-class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
+#: The retry fields OctoAIResource took flat before ``retry`` (deprecated spellings).
+_FLAT_RETRY_FIELDS = (
+    "max_attempts",
+    "initial_backoff_s",
+    "max_backoff_s",
+    "max_retry_after_s",
+    "deadline_s",
+)
+
+
+class JobLedgerResource(ConfigurableResource["JobLedgerResource"], S3ConnectionConfig):
     """The job ledger as a Dagster resource: a local directory or an S3 bucket and prefix.
 
     Set ``base_dir`` for a local directory, or ``bucket`` (with ``prefix``) for S3. The S3
@@ -599,81 +661,29 @@ class JobLedgerResource(ConfigurableResource["JobLedgerResource"]):
     )
     bucket: str | None = Field(default=None, description="S3 bucket of the ledger.")
     prefix: str = Field(default="octoai-jobs", description="Key prefix inside the bucket.")
-    endpoint_url: str | None = Field(
-        default=None, description="S3 endpoint for S3-compatible stores (MinIO, R2, SeaweedFS)."
-    )
-    region_name: str | None = Field(default=None, description="S3 region.")
-    aws_access_key_id: str | None = Field(
-        default=None, description="Access key id; default: boto3's credential chain."
-    )
-    aws_secret_access_key: str | None = Field(
-        default=None,
-        repr=False,
-        description="Secret access key; supply it with EnvVar. Never shown in a repr.",
-        json_schema_extra={"dagster__is_secret": True},
-    )
-    addressing_style: Literal["auto", "virtual", "path"] = Field(
-        default="auto",
-        description=(
-            "Bucket addressing: 'path' for most S3-compatible stores, 'virtual' or 'auto' for "
-            "AWS (the image IO manager's default too)."
-        ),
-    )
-    # Typed as Dagster reads a nested resource (an Optional[...] would not be); None: unset.
-    s3: ResourceDependency[Any] = Field(
-        default=cast("Any", None),
-        description=(
-            "A dagster-aws S3Resource to reach the bucket with; endpoint_url, region_name, "
-            "the keys and addressing_style are then left unset."
-        ),
-    )
     fsync: bool = Field(
         default=True, description="Local directory only: flush each write to disk before going on."
     )
+    # Typed as Dagster reads a nested resource (an Optional[...] would not be); None: unset.
+    s3: ResourceDependency[Any] = s3_resource_field()
 
     _ledger: JobLedger | None = PrivateAttr(None)
 
     def get_ledger(self) -> JobLedger:
         """The ledger (built once per resource instance)."""
         if self._ledger is None:
-            self._ledger = JobLedger(self._store())
+            if self.base_dir is not None and self.bucket is None:
+                self._ledger = JobLedger(LocalBackend(self.base_dir, fsync=self.fsync))
+            else:
+                self._ledger = JobLedger(self._s3_backend(), self.prefix)
         return self._ledger
 
-    def _store(self) -> LedgerStore:
+    def _s3_backend(self) -> StorageBackend:
         if (self.base_dir is None) == (self.bucket is None):
             raise ValueError(
                 "JobLedgerResource: set exactly one of base_dir (a local directory) "
                 "or bucket (S3); got " + ("both" if self.base_dir is not None else "neither")
             )
-        if self.base_dir is not None:
-            return LocalLedgerStore(self.base_dir, fsync=self.fsync)
         assert self.bucket is not None
-        if self.s3 is not None:
-            _no_connection_fields_with(self, _LEDGER_CONNECTION_FIELDS, "JobLedgerResource")
-            return S3LedgerStore(s3_resource_client(self.s3), self.bucket, self.prefix)
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=self.region_name,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            config=BotoConfig(
-                s3={"addressing_style": self.addressing_style},
-                retries={"max_attempts": 5, "mode": "adaptive"},
-                max_pool_connections=64,
-            ),
-        )
-        return S3LedgerStore(client, self.bucket, self.prefix)
-
-
-# The fields of JobLedgerResource an S3Resource replaces.
-_LEDGER_CONNECTION_FIELDS = (
-    "endpoint_url",
-    "region_name",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "addressing_style",
-)
+        # A sensor's poll workers share the client.
+        return self.s3_backend(self.bucket, max_pool_connections=64)

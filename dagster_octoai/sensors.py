@@ -9,7 +9,7 @@ source of truth; the cursor only remembers where the round-robin walk stopped.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster import (
     AssetKey,
@@ -26,7 +26,6 @@ from dagster import (
     define_asset_job,
     sensor,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from .api.client import OctoAIClient
 from .storage.ticker import (
@@ -37,7 +36,14 @@ from .storage.ticker import (
     AsyncSensorSettings,
     PersistCheck,
     PersistChecker,
+    TickReport,
 )
+
+if TYPE_CHECKING:
+    # What define_asset_job returns; Dagster exports no public name for it.
+    from dagster._core.definitions.unresolved_asset_job_definition import (
+        UnresolvedAssetJobDefinition,
+    )
 
 __all__ = ["AsyncSensorSettings", "octoai_async_sensor"]
 
@@ -128,20 +134,8 @@ def octoai_async_sensor(
         ... ).name
         'octoai_async_sensor'
     """
-    if settings is None:
-        settings = AsyncSensorSettings()
-    elif not isinstance(settings, AsyncSensorSettings):
-        raise TypeError(
-            f"settings: expected an AsyncSensorSettings, got {type(settings).__name__}; "
-            "e.g. settings=AsyncSensorSettings(max_concurrent_polls=4)"
-        )
-    partitions_def = asset.partitions_def
-    if not isinstance(partitions_def, DynamicPartitionsDefinition) or partitions_def.name is None:
-        raise ValueError(
-            f"asset: {asset.key.to_user_string()!r} must be partitioned by a named "
-            "DynamicPartitionsDefinition (one partition per response id); build it with "
-            "octoai_async_results_asset()"
-        )
+    settings = _checked_settings(settings)
+    partitions_def = _response_id_partitions(asset)
     asset_key = asset.key
     make_client = client_factory or _client_from_resource(octoai_resource_key)
     # A named job: with `target=asset` the runs would show as `__anonymous_asset_job_...`.
@@ -169,34 +163,59 @@ def octoai_async_sensor(
         # ``**_`` takes the resources that direct invocation (``sensor(context)``) passes as
         # keyword arguments; the daemon passes none, and both are read from the context.
         ledger = getattr(context.resources, ledger_resource_key).get_ledger()
-        cursor = AsyncSensorCursor.parse(context.cursor, context.log)
         with make_client(context, settings) as client:
-            ticker = AsyncJobTicker(
-                ledger,
-                client,
-                settings,
-                instance_persist_checker(context, asset_key),
-                log=context.log,
-            )
-            report = ticker.tick(cursor)
-        for line in report.warnings[:_MAX_WARNING_LINES]:
-            context.log.warning(line)
-        if len(report.warnings) > _MAX_WARNING_LINES:
-            context.log.warning(f"... and {len(report.warnings) - _MAX_WARNING_LINES} more")
-        context.log.info(report.summary())
-        if not report.requests:
-            return SensorResult(skip_reason=report.summary(), cursor=report.cursor.to_json())
-        new_partitions = sorted({r.partition_key for r in report.requests})
-        return SensorResult(
-            run_requests=[
-                RunRequest(run_key=r.run_key, partition_key=r.partition_key, tags=r.tags)
-                for r in report.requests
-            ],
-            dynamic_partitions_requests=[partitions_def.build_add_request(new_partitions)],
-            cursor=report.cursor.to_json(),
-        )
+            checker = instance_persist_checker(context, asset_key)
+            ticker = AsyncJobTicker(ledger, client, settings, checker, log=context.log)
+            report = ticker.tick(AsyncSensorCursor.parse(context.cursor, context.log))
+        return _sensor_result(context, report, partitions_def)
 
     return _octoai_async_sensor
+
+
+def _checked_settings(settings: AsyncSensorSettings | None) -> AsyncSensorSettings:
+    if settings is None:
+        return AsyncSensorSettings()
+    if not isinstance(settings, AsyncSensorSettings):
+        raise TypeError(
+            f"settings: expected an AsyncSensorSettings, got {type(settings).__name__}; "
+            "e.g. settings=AsyncSensorSettings(max_concurrent_polls=4)"
+        )
+    return settings
+
+
+def _response_id_partitions(asset: AssetsDefinition) -> DynamicPartitionsDefinition:
+    partitions_def = asset.partitions_def
+    if not isinstance(partitions_def, DynamicPartitionsDefinition) or partitions_def.name is None:
+        raise ValueError(
+            f"asset: {asset.key.to_user_string()!r} must be partitioned by a named "
+            "DynamicPartitionsDefinition (one partition per response id); build it with "
+            "octoai_async_results_asset()"
+        )
+    return partitions_def
+
+
+def _sensor_result(
+    context: SensorEvaluationContext,
+    report: TickReport,
+    partitions_def: DynamicPartitionsDefinition,
+) -> SensorResult:
+    """The tick's warnings logged, and its run requests with a partition per response id."""
+    for line in report.warnings[:_MAX_WARNING_LINES]:
+        context.log.warning(line)
+    if len(report.warnings) > _MAX_WARNING_LINES:
+        context.log.warning(f"... and {len(report.warnings) - _MAX_WARNING_LINES} more")
+    context.log.info(report.summary())
+    if not report.requests:
+        return SensorResult(skip_reason=report.summary(), cursor=report.cursor.to_json())
+    new_partitions = sorted({r.partition_key for r in report.requests})
+    return SensorResult(
+        run_requests=[
+            RunRequest(run_key=r.run_key, partition_key=r.partition_key, tags=r.tags)
+            for r in report.requests
+        ],
+        dynamic_partitions_requests=[partitions_def.build_add_request(new_partitions)],
+        cursor=report.cursor.to_json(),
+    )
 
 
 def _client_from_resource(resource_key: str) -> ClientFactory:

@@ -202,7 +202,7 @@ def _verify_s3(services: Services, contact_sheet: Path) -> list[str]:
 def _materialize_through_diffusers(
     services: Services, instance: Any, output_dir: Path, models: Path | None = None
 ) -> list[str]:
-    """Tiny random-weight models, the diffusers backend, one asset into S3: the S3 URIs.
+    """Tiny random-weight models, the diffusers backend, SD 1.5 and FLUX assets into S3: the S3 URIs.
 
     ``models``: where the models are (the test suite passes the ones it wrote for its
     run); by default ``output_dir/tiny-models``. Written there first when missing.
@@ -225,7 +225,7 @@ def _materialize_through_diffusers(
     if not (models / "dagster-octoai-models.json").is_file():
         progress(f"diffusers: writing tiny random-weight models to {models}")
         subprocess.run(
-            [sys.executable, "-m", "dagster_octoai.cli", "tiny-models", str(models)],
+            [sys.executable, "-m", "dagster_octoai.server.cli", "tiny-models", str(models)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -248,6 +248,18 @@ def _materialize_through_diffusers(
             },
             description="SD 1.5 on tiny random weights: noise, through the real diffusers path.",
         )
+        flux = octoai_image_asset(
+            "diffusers_flux_shot",
+            {
+                "engine": "flux-schnell",
+                "prompt": "a product shot of a red sneaker, studio light",
+                "seed": 42,
+                "width": 512,
+                "height": 512,
+                "loras": {"tiny-flux-ink": 0.6},
+            },
+            description="FLUX.1 [schnell] (its 4 steps) on tiny random weights: noise.",
+        )
         env = services.env
         io_manager = S3ImageIOManager(
             bucket=services.bucket,
@@ -259,7 +271,7 @@ def _materialize_through_diffusers(
             addressing_style="path",
         )
         result = materialize(
-            [shots],
+            [shots, flux],
             instance=instance,
             resources={
                 "octoai": OctoAIResource(token=token, base_url=server.url, timeout_s=600),
@@ -279,9 +291,10 @@ def _materialize_through_diffusers(
     )
     listing = s3.list_objects_v2(Bucket=services.bucket, Prefix=f"{PREFIX}-diffusers/")
     images = sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".jpg"))
-    if len(images) != 2 or paid != 2:
+    if len(images) != 3 or paid != 3 or not any("/diffusers_flux_shot/" in k for k in images):
         raise RuntimeError(
-            f"diffusers: expected 2 images in S3 and 2 generated, got {images}, {paid}"
+            "diffusers: expected 3 images in S3 (2 SD 1.5, 1 FLUX.1 [schnell]) and 3 "
+            f"generated, got {images}, {paid}"
         )
     for key in images:
         head = s3.head_object(Bucket=services.bucket, Key=key)

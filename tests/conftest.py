@@ -94,6 +94,8 @@ def _tokens_never_logged(
 #: of a parallel run, in file order, so that its fixture is set up once (not once per
 #: worker, nor again each time the worker comes back to the group).
 XDIST_GROUPS = {
+    # FLUX, SD3, SSD: a server of their own, beside the other (the first prefix that matches)
+    "tests/diffusion/engines/": "diffusers-engines",
     "tests/diffusion/": "diffusers",  # one diffusers server on the tiny models
     "tests/test_ray_serve.py": "ray",  # one Ray cluster and endpoint
     "tests/reliability/test_postgres.py": "postgres",  # one PostgreSQL cluster
@@ -152,7 +154,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers", reason="the tiny models need the diffusion extra")
     from filelock import FileLock
 
-    from dagster_octoai.cli import main
+    from dagster_octoai.server.cli import main
 
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

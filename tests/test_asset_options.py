@@ -299,3 +299,28 @@ def test_the_async_results_asset_runs_the_checks(octoai: OctoAIResource, tmp_pat
         "no_images_removed_for_safety",
     ]
     assert all(e.passed for e in evaluations)
+
+
+def test_freshness_policy_reaches_every_factory_as_in_yaml() -> None:
+    from datetime import timedelta
+
+    from dagster import FreshnessPolicy
+
+    from dagster_octoai.assets import octoai_image_batch_asset
+    from dagster_octoai.async_assets import octoai_async_blocking_asset
+
+    policy = FreshnessPolicy.time_window(fail_window=timedelta(hours=24))
+    built = [
+        octoai_image_asset("fox", {"prompt": "a fox"}, freshness_policy=policy),
+        octoai_image_batch_asset(
+            "foxes",
+            {"prompt": "a fox"},
+            lambda pk, i: [],
+            io_manager_key="images",
+            freshness_policy=policy,
+        ),
+        octoai_async_blocking_asset("late", [{"prompt": "a fox"}], freshness_policy=policy),
+    ]
+    for assets_def in built:
+        (spec,) = assets_def.specs
+        assert spec.freshness_policy == policy, assets_def.key

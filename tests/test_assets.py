@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from dagster_octoai.api.batch import ImageBatch
 from dagster_octoai.api.errors import RequestValidationError
-from dagster_octoai.assets import octoai_image_asset
+from dagster_octoai.assets import octoai_image_asset, octoai_image_batch_asset
 from dagster_octoai.metadata import MAX_THUMBNAIL_BYTES, data_version_for
 from dagster_octoai.resources import OctoAIResource
 from dagster_octoai.testing.seaweedfs import s3_bucket, seaweedfs
@@ -389,13 +389,13 @@ def test_streamed_asset_of_60_images_records_usage_checks_and_persists_all(
     octoai: OctoAIResource, octoai_server: Any, seaweedfs: Any, s3_bucket: str
 ) -> None:
     count = 60
-    frames = octoai_image_asset(
+    frames = octoai_image_batch_asset(
         "frames",
         {"engine": "sd", "steps": 2},
-        prompt_template="a paper boat, frame",
-        requests=lambda partition_key, inputs: [
+        lambda partition_key, inputs: [
             {"prompt": f"a paper boat, frame {i}", "seed": 1000 + i} for i in range(count)
         ],
+        prompt_template="a paper boat, frame",
         io_manager_key="images",
     )
     images = s3_images(seaweedfs, s3_bucket)
@@ -430,10 +430,10 @@ def test_streamed_asset_refuses_a_bad_request_before_sending_any(
 
     from dagster_octoai.io_managers import LocalImageIOManager
 
-    frames = octoai_image_asset(
+    frames = octoai_image_batch_asset(
         "bad_frames",
         {"engine": "sd", "steps": 2},
-        requests=lambda pk, inputs: [{"prompt": "ok", "seed": 1}, {"prompt": "x", "steps": 0}],
+        lambda pk, inputs: [{"prompt": "ok", "seed": 1}, {"prompt": "x", "steps": 0}],
         io_manager_key="images",
     )
     before = octoai_server.stats()
@@ -443,3 +443,45 @@ def test_streamed_asset_refuses_a_bad_request_before_sending_any(
             resources={"octoai": octoai, "images": LocalImageIOManager(base_dir=str(tmp_path))},
         )
     assert _stats_delta(octoai_server, before) == {"requests": 0, "images": 0}
+
+
+def test_a_batch_rerun_reuses_the_explicit_seed_answers_it_already_stored(
+    octoai: OctoAIResource, octoai_server: Any, seaweedfs: Any, s3_bucket: str
+) -> None:
+    # Three explicit seeds and one random: a re-run pays only for the random one.
+    items = [{"prompt": f"a kite, frame {i}", "seed": 50 + i} for i in range(3)]
+    items.append({"prompt": "a kite, any frame"})
+    kites = octoai_image_batch_asset(
+        "kites", {"engine": "sd", "steps": 2}, lambda pk, inputs: items, io_manager_key="images"
+    )
+    images = s3_images(seaweedfs, s3_bucket)
+    resources = {"octoai": octoai, "images": images}
+    assert materialize([kites], resources=resources).success
+    first = {im.seed: im.data for im in images.store.read(["kites"], None)}
+    before = octoai_server.stats()
+    again = materialize([kites], resources=resources)
+    assert again.success
+    assert _stats_delta(octoai_server, before) == {"requests": 1, "images": 1}
+    stored = images.store.read(["kites"], None)
+    assert len(stored) == 4
+    reused = {im.seed: im.data for im in stored if im.seed in (50, 51, 52)}
+    assert reused == {seed: first[seed] for seed in (50, 51, 52)}
+    assert _mat(again, "kites").metadata["octoai/generated_images"].value == 1
+    # reuse_existing=False pays for every image again.
+    fresh = octoai_image_batch_asset(
+        "kites",
+        {"engine": "sd", "steps": 2},
+        lambda pk, inputs: items,
+        io_manager_key="images",
+        reuse_existing=False,
+    )
+    before = octoai_server.stats()
+    assert materialize([fresh], resources=resources).success
+    assert _stats_delta(octoai_server, before) == {"requests": 4, "images": 4}
+
+
+def test_a_factory_refuses_an_option_it_does_not_know_naming_the_batch_factory() -> None:
+    with pytest.raises(TypeError, match=r"requests: not an option .*octoai_image_batch_asset"):
+        octoai_image_asset("x", {"prompt": "x"}, requests=lambda pk, inputs: [])  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"grup_name: not an option"):
+        octoai_image_asset("x", {"prompt": "x"}, grup_name="g")  # type: ignore[call-arg]

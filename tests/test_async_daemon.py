@@ -23,7 +23,8 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
-from dagster_octoai.storage.ledger import JobLedger, JobState, LocalLedgerStore
+from dagster_octoai.storage.backends import LocalBackend
+from dagster_octoai.storage.ledger import JobLedger, JobState
 
 TOKEN = "daemon-test-token"
 
@@ -131,7 +132,7 @@ def test_the_daemon_persists_submitted_jobs(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    ledger = JobLedger(LocalLedgerStore(ledger_dir))
+    ledger = JobLedger(LocalBackend(ledger_dir))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:

@@ -84,7 +84,8 @@ class Harness:
 
     @property
     def ledger(self) -> JobLedger:
-        return JobLedger(self.ledger_resource.get_ledger().store)
+        shared = self.ledger_resource.get_ledger()
+        return JobLedger(shared.backend, shared.prefix)
 
     def submit_jobs(self) -> ExecuteInProcessResult:
         result = materialize([self.submit], instance=self.instance, resources=self.resources)

@@ -42,6 +42,7 @@ from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by this module
 
 DG = Path(sys.executable).with_name("dg")
+DOCS_COMPONENTS = Path(__file__).resolve().parents[1] / "docs" / "components.md"
 COMPONENT = "dagster_octoai.components.OctoAIImageAssetComponent"
 
 
@@ -323,41 +324,22 @@ def _dg(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def _docs_block(lang: str, after: str) -> str:
+    """The first ```lang block of docs/components.md after the line holding ``after``."""
+    text = DOCS_COMPONENTS.read_text()
+    start = text.index(f"```{lang}\n", text.index(after)) + len(f"```{lang}\n")
+    return text[start : text.index("```", start)]
+
+
 def _dg_project(root: Path) -> Path:
-    """A minimal dg project: ``pyproject.toml`` with ``[tool.dg]``, a package, a defs folder."""
-    (root / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """
-            [project]
-            name = "imageproj"
-            version = "0.1.0"
-
-            [tool.dg]
-            directory_type = "project"
-
-            [tool.dg.project]
-            root_module = "imageproj"
-            """
-        )
-    )
+    """The dg project docs/components.md makes from nothing, file for file as it says."""
+    (root / "pyproject.toml").write_text(_docs_block("toml", "`pyproject.toml`:"))
     package = root / "imageproj"
     (package / "defs").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "defs" / "__init__.py").write_text("")
-    (package / "definitions.py").write_text(
-        textwrap.dedent(
-            """
-            from pathlib import Path
-
-            from dagster import definitions, load_from_defs_folder
-
-
-            @definitions
-            def defs():
-                return load_from_defs_folder(path_within_project=Path(__file__).parent)
-            """
-        )
-    )
+    definitions = _docs_block("py", "`imageproj/definitions.py`:")
+    (package / "definitions.py").write_text(definitions)
     return package
 
 
@@ -373,6 +355,10 @@ def test_dg_list_components_shows_them(tmp_path: Path) -> None:
     ):
         assert f"dagster_octoai.components.{name}" in keys
     assert "image generation asset" in keys[COMPONENT]
+    # Plain text, as dg shows it: no Sphinx roles or literals.
+    for key, summary in keys.items():
+        if key.startswith("dagster_octoai."):
+            assert not re.search(r":(class|func|meth):|``", summary), (key, summary)
     # Telemetry stayed off: nothing was written under the temporary DAGSTER_HOME's siblings.
     assert not (tmp_path / "dagster_home" / ".telemetry").exists()
 
@@ -414,3 +400,91 @@ def test_from_python_the_same_component_builds_the_same_asset() -> None:
         attributes={"asset": {"key": "fox"}, "request": {"prompt": "a fox", "seed": 3}}
     )
     assert component.assets_def.key == AssetKey("fox")
+
+
+def test_the_resource_component_takes_the_nested_retry_policy() -> None:
+    from dagster_octoai.components import OctoAIResourceComponent
+
+    component = OctoAIResourceComponent.resolve_from_yaml(
+        "retry: {max_attempts: 2, deadline_s: null}\nbase_url: http://127.0.0.1:9\n"
+    )
+    policy = component.resource.retry_policy()
+    assert (policy.max_attempts, policy.deadline_s) == (2, None)
+
+
+def test_the_async_component_from_yaml_submits_senses_and_stores_end_to_end(
+    project: tuple[Path, str],
+    octoai_server: LocalOctoAIServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from dagster import DagsterInstance, build_sensor_context
+
+    monkeypatch.setenv("OCTOAI_BASE_URL", octoai_server.url)
+    monkeypatch.setenv("OCTOAI_TOKEN", octoai_server.token or "")
+    _write(
+        project,
+        "async_foxes",
+        f"""
+        type: dagster_octoai.components.OctoAIAsyncImagesComponent
+        attributes:
+          key: async_foxes
+          requests:
+            - {{engine: sd, prompt: a red fox, seed: 11, steps: 3}}
+            - {{engine: sd, prompt: an arctic fox, seed: 12, steps: 3}}
+          io_manager_key: images
+          minimum_interval_seconds: 1
+        ---
+        type: dagster_octoai.components.OctoAIResourceComponent
+        attributes: {{timeout_s: 30}}
+        ---
+        type: dagster_octoai.components.LocalImageIOManagerComponent
+        attributes: {{base_dir: "{tmp_path / "images"}"}}
+        ---
+        type: dagster_octoai.components.JobLedgerResourceComponent
+        attributes: {{base_dir: "{tmp_path / "ledger"}", fsync: false}}
+        """,
+    )
+    defs = _load(project)
+    submit = defs.resolve_assets_def("async_foxes_jobs")
+    results = defs.resolve_assets_def("async_foxes")
+    sensor = defs.resolve_sensor_def("async_foxes_sensor")
+    resources = defs.resources or {}
+    (tmp_path / "home").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
+        assert materialize([submit], instance=instance).success
+        stored: dict[str, Any] = {}
+        cursor = None
+        for _ in range(50):
+            with build_sensor_context(
+                instance=instance,
+                instance_ref=instance.get_ref(),
+                cursor=cursor,
+                definitions=defs,
+                resources={k: resources[k] for k in ("octoai", "octoai_ledger")},
+            ) as context:
+                data = sensor.evaluate_tick(context)
+            for added in data.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(
+                    added.partitions_def_name, list(added.partition_keys)
+                )
+            cursor = data.cursor
+            for request in data.run_requests:
+                assert request.partition_key is not None
+                run = materialize(
+                    [results],
+                    instance=instance,
+                    partition_key=request.partition_key,
+                    tags=dict(request.tags),
+                )
+                assert run.success
+                stored[request.partition_key] = run
+            if len(stored) == 2:
+                break
+            time.sleep(0.2)
+    assert len(stored) == 2
+    io_manager = resources["images"]
+    seeds = sorted(im.seed for key in stored for im in io_manager.store.read(["async_foxes"], key))
+    assert seeds == [11, 12]

@@ -278,3 +278,36 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_every_docs_page_the_package_names_exists_and_the_layout_is_where_it_says() -> None:
+    import re
+
+    named: dict[str, list[str]] = {}
+    for path in (ROOT / "dagster_octoai").rglob("*.py"):
+        for page in re.findall(r"docs/([\w./-]+\.md)", path.read_text(encoding="utf-8")):
+            named.setdefault(page, []).append(str(path.relative_to(ROOT)))
+    missing = {page: where for page, where in named.items() if not (ROOT / "docs" / page).is_file()}
+    assert not missing, missing
+    # A page the server names for the layout of a model directory must show that layout.
+    for path in (ROOT / "dagster_octoai" / "server").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for found in re.finditer(r"docs/([\w./-]+\.md)", text):
+            near = text[max(0, found.start() - 150) : found.end() + 150]
+            if "layout" in near or "lay out" in near:
+                page = (ROOT / "docs" / found.group(1)).read_text()
+                assert "model_index.json" in page, (str(path), found.group(1))
+
+
+def test_storage_docs_show_the_partition_uri_that_layout_v2_writes() -> None:
+    from dagster_octoai.storage.layout import output_key
+
+    key = output_key("octoai", ["foxes"], "2024-01-01")
+    text = (ROOT / "docs" / "storage.md").read_text()
+    assert f"`s3://images/{key}/`" in text
+
+
+def test_the_local_backend_route_is_documented_as_the_control_route_it_is() -> None:
+    text = (ROOT / "docs" / "diffusers-backend.md").read_text()
+    line = next(li for li in text.split("\n\n") if "GET /_local/backend` lists" in li)
+    assert "--control-routes" in line and "admin token" in line

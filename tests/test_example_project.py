@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -295,8 +296,17 @@ def test_demo_script_succeeds(
         assert f"s3://{s3_bucket}/{key}" in demo.stdout, (key, demo.stdout[-3000:])
     head = seaweedfs.client().head_object(Bucket=s3_bucket, Key=images[0])
     assert {"seed", "engine", "request-fingerprint"} <= set(head["Metadata"])
+    # The quickstart's sample output counts what this demo counts.
+    verified = r"verified (\d+) images \(with metadata\) and (\d+) manifests in S3"
+    printed = re.search(verified, demo.stdout + demo.stderr)
+    documented = re.search(verified, (REPO / "docs" / "quickstart.md").read_text())
+    assert printed is not None and documented is not None
+    assert documented.groups() == printed.groups(), (documented.groups(), printed.groups())
     png = (out / "contact_sheet.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     with Image.open(io.BytesIO(png)) as im:
         im.verify()
     assert "demo finished" in demo.stdout
+    # The diffusers step: two SD 1.5 images and a FLUX.1 [schnell] one.
+    assert demo.stdout.count(f"s3://{s3_bucket}/{PREFIX}-diffusers/") == 3, demo.stdout[-3000:]
+    assert f"{PREFIX}-diffusers/diffusers_flux_shot/" in demo.stdout

@@ -136,6 +136,14 @@ def test_each_shape_is_stored_with_its_lineage_and_loads_back_byte_for_byte(
     meta = {k: v.value for k, v in materialization.metadata.items()}
     assert meta["seeds"] == [im.seed for im in paid_images] and meta["images"] == 2
     assert meta["octoai/generated_images"] == 2  # the session's usage, on this output
+    # The request metadata a factory asset records, on your own asset's output too.
+    requests = [a.request for a in paid if a.request is not None]
+    if len(requests) == 1:
+        assert meta["request"] == requests[0].summary()
+        assert meta["request_fingerprint"] == requests[0].fingerprint()
+        assert meta["size"] == "512x512"
+    else:
+        assert sorted(r["prompt"] for r in meta["requests"]) == sorted(r.prompt for r in requests)
     if isinstance(store.backend, S3Backend):
         for im, answer_image in zip(loaded, paid_images, strict=True):
             assert im.uri is not None

@@ -43,6 +43,12 @@ def test_the_contract_holds() -> None:
         ("api/models.py", "import dagster", "the client layer (api)"),
         ("storage/ledger.py", "from dagster_octoai import resources", "storage imports"),
         ("server/app.py", "from dagster_octoai.metadata import Usage", "the server imports"),
+        ("api/batch.py", "from dagster_octoai import sensors", "nothing under server, api or"),
+        (
+            "storage/layout.py",
+            "from dagster_octoai.server import cli",
+            "nothing imports the command",
+        ),
     ],
 )
 def test_breaking_a_layer_rule_fails_the_contract(

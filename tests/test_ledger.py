@@ -13,12 +13,11 @@ from PIL import Image
 
 from dagster_octoai.api.models import AsyncJob, ImageGenerationRequest
 from dagster_octoai.resources import JobLedgerResource
+from dagster_octoai.storage.backends import LocalBackend, S3Backend
 from dagster_octoai.storage.ledger import (
     JobLedger,
     JobRecord,
     JobState,
-    LocalLedgerStore,
-    S3LedgerStore,
     job_id_for,
 )
 from dagster_octoai.testing import seaweedfs as _seaweedfs
@@ -57,11 +56,11 @@ def _job(request: ImageGenerationRequest, response_id: str) -> AsyncJob:
 @pytest.fixture(params=["local", "s3"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobLedger]:
     if request.param == "local":
-        yield JobLedger(LocalLedgerStore(tmp_path / "ledger"), clock=Clock())
+        yield JobLedger(LocalBackend(tmp_path / "ledger", fsync=True), clock=Clock())
     else:
         server: SeaweedFS = request.getfixturevalue("seaweedfs")
         bucket: str = request.getfixturevalue("s3_bucket")
-        yield JobLedger(S3LedgerStore(server.client(), bucket, "ledger/jobs"), clock=Clock())
+        yield JobLedger(S3Backend(server.client(), bucket), "ledger/jobs", clock=Clock())
 
 
 def test_a_job_goes_from_intent_to_persisted_with_its_marker_in_step(ledger: JobLedger) -> None:
@@ -106,7 +105,7 @@ def test_resubmission_keeps_the_request_and_remembers_earlier_response_ids(
 
 def test_open_markers_sort_oldest_first(tmp_path: Path) -> None:
     clock = Clock()
-    ledger = JobLedger(LocalLedgerStore(tmp_path, fsync=False), clock=clock)
+    ledger = JobLedger(LocalBackend(tmp_path), clock=clock)
     for name in ["zz", "aa", "mm"]:
         ledger.record_intent(
             JobRecord.new(_request(name), asset_key="a", partition_key=None, job_id=name)
@@ -118,7 +117,7 @@ def test_open_markers_sort_oldest_first(tmp_path: Path) -> None:
 def test_the_record_holds_the_full_request_and_nothing_secret(tmp_path: Path) -> None:
     init = Image.new("RGB", (64, 64), "red")
     req = ImageGenerationRequest(prompt="a fox", engine="sd", init_image=init, strength=0.5)
-    ledger = JobLedger(LocalLedgerStore(tmp_path))
+    ledger = JobLedger(LocalBackend(tmp_path, fsync=True))
     ledger.record_intent(JobRecord.new(req, asset_key="a", partition_key="p", job_id="j"))
     data = json.loads((tmp_path / "jobs" / "j.json").read_text())
     assert data["request"] == req.to_wire()
@@ -132,7 +131,7 @@ def test_the_record_holds_the_full_request_and_nothing_secret(tmp_path: Path) ->
 def test_a_failed_write_leaves_the_old_record_and_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ledger = JobLedger(LocalLedgerStore(tmp_path))
+    ledger = JobLedger(LocalBackend(tmp_path, fsync=True))
     rec = ledger.record_intent(
         JobRecord.new(_request(), asset_key="a", partition_key=None, job_id="j")
     )
@@ -149,12 +148,14 @@ def test_a_failed_write_leaves_the_old_record_and_no_temp_file(
 
 
 def test_a_stale_marker_of_a_final_record_is_listed_until_discarded(tmp_path: Path) -> None:
-    ledger = JobLedger(LocalLedgerStore(tmp_path, fsync=False))
+    ledger = JobLedger(LocalBackend(tmp_path))
     rec = ledger.record_intent(
         JobRecord.new(_request(), asset_key="a", partition_key=None, job_id="j")
     )
     ledger.save(rec.evolve(state=JobState.PERSISTED))
     # A crash between the record write and the marker delete leaves the marker behind.
+    # (The local backend removed the emptied open/ folder with the marker.)
+    (tmp_path / "open").mkdir(exist_ok=True)
     (tmp_path / "open" / rec.open_marker).write_bytes(b"")
     assert ledger.list_open() == [rec.open_marker]
     ledger.discard_marker(rec.open_marker)
@@ -162,7 +163,7 @@ def test_a_stale_marker_of_a_final_record_is_listed_until_discarded(tmp_path: Pa
 
 
 def test_response_ids_cannot_escape_the_ledger(tmp_path: Path) -> None:
-    ledger = JobLedger(LocalLedgerStore(tmp_path / "ledger", fsync=False))
+    ledger = JobLedger(LocalBackend(tmp_path / "ledger"))
     req = _request()
     rec = ledger.record_intent(JobRecord.new(req, asset_key="a", partition_key=None, job_id="j"))
     ledger.record_submitted(rec, _job(req, "../../outside"))
@@ -207,3 +208,31 @@ def test_the_resource_opens_an_s3_ledger(seaweedfs: SeaweedFS, s3_bucket: str) -
     assert sorted(k.split("/")[2] for k in keys) == ["jobs", "open"]
     assert all(k.startswith("runs/ledger/") for k in keys)
     assert ledger.uri("j") == f"s3://{s3_bucket}/runs/ledger/jobs/j.json"
+
+
+def test_every_s3_failure_of_the_ledger_is_a_storage_error_naming_the_object(
+    seaweedfs: SeaweedFS, s3_bucket: str
+) -> None:
+    from dagster_octoai.api.errors import StorageError
+
+    req = _request()
+    record = JobRecord.new(req, asset_key="a", partition_key=None, job_id="j")
+    refused = JobLedgerResource(
+        bucket=s3_bucket,
+        prefix="refused",
+        endpoint_url=seaweedfs.endpoint_url,
+        region_name=seaweedfs.region,
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key="not-the-secret",
+        addressing_style="path",
+    ).get_ledger()
+    where = f"s3://{s3_bucket}/refused/jobs/j.json"
+    with pytest.raises(StorageError, match=f"credentials .*{where}"):
+        refused.get("j")
+    with pytest.raises(StorageError, match=f"{where}|refused/open/"):
+        refused.record_intent(record)
+    missing = JobLedger(S3Backend(seaweedfs.client(), "no-such-bucket-here"), "p")
+    with pytest.raises(
+        StorageError, match=r"no-such-bucket-here.*s3://no-such-bucket-here/p/jobs/j\.json"
+    ):
+        missing.get("j")

@@ -32,13 +32,11 @@ from _support import TOKEN, module_server
 
 from dagster_octoai.api.models import AsyncJob, ImageGenerationRequest
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer
-from dagster_octoai.storage.backends import ConflictError
+from dagster_octoai.storage.backends import ConflictError, LocalBackend, S3Backend
 from dagster_octoai.storage.ledger import (
     JobLedger,
     JobRecord,
     JobState,
-    LocalLedgerStore,
-    S3LedgerStore,
 )
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
 
@@ -72,7 +70,8 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
 
 
 def _ledger(place: dict[str, Any]) -> JobLedger:
-    return JobLedger(ledger_resource(place).get_ledger().store)
+    shared = ledger_resource(place).get_ledger()
+    return JobLedger(shared.backend, shared.prefix)
 
 
 def _submitted(server: LocalOctoAIServer) -> int:
@@ -216,11 +215,12 @@ def test_blocking_runs_of_one_partition_in_processes_pay_once_and_both_get_the_i
 def test_of_writers_racing_to_create_or_replace_a_record_exactly_one_wins(
     place: dict[str, Any],
 ) -> None:
-    store = _ledger(place).store
+    ledger = _ledger(place)
+    store, key = ledger.backend, f"{ledger.prefix}/jobs/race.json".lstrip("/")
 
     def create(i: int) -> str:
         try:
-            store.write_if("jobs/race.json", f"create {i}".encode(), None)
+            store.put_if(key, f"create {i}".encode(), "application/json", {}, None)
         except ConflictError:
             return "lost"
         return "won"
@@ -228,12 +228,12 @@ def test_of_writers_racing_to_create_or_replace_a_record_exactly_one_wins(
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(create, range(16)))
     assert outcomes.count("won") == 1
-    current = store.read_versioned("jobs/race.json")
+    current = store.get_versioned(key)
     assert current is not None
 
     def replace(i: int) -> str:
         try:
-            store.write_if("jobs/race.json", f"replace {i}".encode(), current.version)
+            store.put_if(key, f"replace {i}".encode(), "application/json", {}, current.version)
         except ConflictError:
             return "lost"
         return "won"
@@ -242,7 +242,7 @@ def test_of_writers_racing_to_create_or_replace_a_record_exactly_one_wins(
         outcomes = list(pool.map(replace, range(16)))
     assert outcomes.count("won") == 1
     with pytest.raises(ConflictError, match="changed by another writer"):
-        store.write_if("jobs/race.json", b"stale", current.version)
+        store.put_if(key, b"stale", "application/json", {}, current.version)
 
 
 def test_a_stale_record_is_refused_and_a_response_answered_late_is_never_lost(
@@ -266,7 +266,7 @@ def test_a_stale_record_is_refused_and_a_response_answered_late_is_never_lost(
 
 
 def test_a_corrupt_record_is_a_storage_error_naming_it(tmp_path: Path) -> None:
-    ledger = JobLedger(LocalLedgerStore(tmp_path, fsync=False))
+    ledger = JobLedger(LocalBackend(tmp_path))
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "bad.json").write_text(json.dumps({"job_id": "bad"}))
     from dagster_octoai.storage import StorageError
@@ -278,14 +278,18 @@ def test_a_corrupt_record_is_a_storage_error_naming_it(tmp_path: Path) -> None:
 def test_s3_conditional_writes_are_what_the_s3_ledger_sends(
     seaweedfs: SeaweedFS, s3_bucket: str
 ) -> None:
-    store = S3LedgerStore(seaweedfs.client(), s3_bucket, "cas")
-    first = store.write_if("k.json", b"one", None)
+    store = S3Backend(seaweedfs.client(), s3_bucket)
+
+    def put(key: str, data: bytes, expected: str | None) -> str:
+        return store.put_if(f"cas/{key}", data, "application/json", {}, expected)
+
+    first = put("k.json", b"one", None)
     with pytest.raises(ConflictError, match="created by another writer first"):
-        store.write_if("k.json", b"two", None)
+        put("k.json", b"two", None)
     with pytest.raises(ConflictError, match="changed by another writer"):
-        store.write_if("k.json", b"two", '"0123456789abcdef0123456789abcdef"')
-    second = store.write_if("k.json", b"two", first)
-    got = store.read_versioned("k.json")
+        put("k.json", b"two", '"0123456789abcdef0123456789abcdef"')
+    second = put("k.json", b"two", first)
+    got = store.get_versioned("cas/k.json")
     assert got is not None and got.data == b"two" and got.version == second
     with pytest.raises(ConflictError, match="removed since it was read"):
-        store.write_if("gone.json", b"x", first)
+        put("gone.json", b"x", first)

@@ -80,7 +80,16 @@ def fields_of(err: errors.RequestValidationError) -> set[str]:
 
 
 def test_engines_and_alias() -> None:
-    assert [e.value for e in Engine] == ["sdxl", "sd", "controlnet-sdxl", "controlnet-sd15"]
+    assert [e.value for e in Engine] == [
+        "sdxl",
+        "sd",
+        "controlnet-sdxl",
+        "controlnet-sd15",
+        "ssd",
+        "sd3",
+        "flux-schnell",
+        "flux-dev",
+    ]
     assert Engine.parse("controlnet-sd") is Engine.CONTROLNET_SD15
     assert build(engine="controlnet-sd").engine is Engine.CONTROLNET_SD15
     assert build().engine is Engine.SDXL  # the default
@@ -90,9 +99,11 @@ def test_engines_and_alias() -> None:
 
 
 def test_unknown_engine_lists_the_allowed() -> None:
-    err = refused(engine="flux-dev")
+    err = refused(engine="flux-pro")
     assert fields_of(err) == {"engine"}
-    assert "sdxl, sd, controlnet-sdxl, controlnet-sd15" in str(err)
+    assert "sdxl, sd, controlnet-sdxl, controlnet-sd15, ssd, sd3, flux-schnell, flux-dev" in str(
+        err
+    )
     with pytest.raises(ValueError, match="engine"):
         Engine.parse("sd2")
 

@@ -19,7 +19,7 @@ from dagster._core.storage.tags import (
 )
 
 from dagster_octoai.api.models import GeneratedImage, ImageGenerationResponse
-from dagster_octoai.assets import octoai_image_asset
+from dagster_octoai.assets import octoai_image_asset, octoai_image_batch_asset
 from dagster_octoai.async_assets import octoai_async_blocking_asset, octoai_async_submit_asset
 from dagster_octoai.io_managers import LocalImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
@@ -102,11 +102,11 @@ def test_a_range_run_sends_one_request_per_partition_stored_under_each(
 def test_a_streamed_range_run_streams_each_partition_under_its_own_key(
     octoai: OctoAIResource, octoai_server: Any, images: Any
 ) -> None:
-    frames = octoai_image_asset(
+    frames = octoai_image_batch_asset(
         "frames",
         {"engine": "sd", "steps": 2},
+        lambda key, inputs: [{"prompt": f"{key} frame {i}", "seed": i} for i in range(3)],
         prompt_template="a {partition_key} frame",
-        requests=lambda key, inputs: [{"prompt": f"{key} frame {i}", "seed": i} for i in range(3)],
         partitions_def=PARTS,
         io_manager_key="images",
     )

@@ -11,6 +11,8 @@ scale-down after the idle timeout and up again, the example Dagster job, and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray")  # the ray extra (requirements-dev.txt installs it)
@@ -80,6 +83,8 @@ class Endpoint:
     token: str
     address: str
     port: int
+    ray_env: dict[str, str]
+    token_path: Path
 
 
 def _free_port() -> int:
@@ -95,16 +100,17 @@ def endpoint() -> Iterator[Endpoint]:
     saved = {name: os.environ.get(name) for name in _FAST_METRICS}
     os.environ.update(_FAST_METRICS)
     port = _free_port()
-    start_local_cluster(num_cpus=4, log_to_driver=False, namespace="dagster-octoai-tests")
+    token = start_local_cluster(num_cpus=4, log_to_driver=False, namespace="dagster-octoai-tests")
     try:
         start_serve({"host": "127.0.0.1", "port": port})
         deploy(ENDPOINT, name=APP, route_prefix="/")
         address = ray.get_runtime_context().gcs_address
         print(f"\nRay cluster and endpoint up in {time.monotonic() - started:.1f} s")
-        yield Endpoint(f"http://127.0.0.1:{port}", TOKEN, address, port)
+        yield Endpoint(f"http://127.0.0.1:{port}", TOKEN, address, port, token.env(), token.path)
     finally:
         serve.shutdown()
         ray.shutdown()
+        token.remove()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -182,6 +188,67 @@ def test_the_local_cluster_gives_serve_proxies_time_to_start(endpoint: Endpoint)
 
     assert ray.get(ray.remote(proxy_timeout).remote()) == "30"
     assert "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" not in os.environ  # the caller's, as it was
+
+
+def _is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+_GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient
+GcsClient(address=sys.argv[1]).internal_kv_get(b"probe", None, timeout=10)
+"""
+
+
+def test_the_local_cluster_listens_on_loopback_only_with_token_auth(endpoint: Endpoint) -> None:
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    ours = psutil.Process()
+    listeners: list[tuple[str, str, int]] = []
+    token = endpoint.token_path.read_text().strip()
+    for proc in [ours, *ours.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            name = proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listeners.append((name, conn.laddr.ip, conn.laddr.port))
+            # The generated token is in no command line and no environment of the cluster.
+            assert token not in " ".join(proc.cmdline()), name
+            with contextlib.suppress(psutil.AccessDenied):
+                assert token not in "".join(proc.environ().values()), name
+    names = {name for name, _, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners  # the cluster's processes were seen
+    assert any("ray::" in name or "Agent" in name for name in names), listeners
+    exposed = [entry for entry in listeners if not _is_loopback(entry[1])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+    # Token authentication: on in this driver, and the GCS refuses a wrong token.
+    assert is_token_auth_enabled()
+    assert endpoint.token_path.stat().st_mode & 0o077 == 0
+    probe = [sys.executable, "-c", _GCS_PROBE, endpoint.address]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    wrong = {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}
+    refused = subprocess.run(probe, env=wrong, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "auth" in (refused.stderr + refused.stdout).lower(), refused.stderr[-2000:]
+    right = {**clean, **endpoint.ray_env}
+    allowed = subprocess.run(probe, env=right, capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_serve_ray_refuses_a_cluster_without_token_auth(endpoint: Endpoint) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    clean["OCTOAI_TOKEN"] = "cli-ray-token-7f"
+    command = [sys.executable, "-m", "dagster_octoai.server.cli", "serve-ray", "--address"]
+    done = subprocess.run(
+        [*command, endpoint.address], env=clean, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "RAY_AUTH_MODE is unset" in done.stderr
+    assert "--allow-ray-without-token-auth" in done.stderr
 
 
 def test_a_cold_start_from_zero_replicas(endpoint: Endpoint) -> None:
@@ -465,12 +532,12 @@ def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tiny_models: Pa
 
 def test_the_serve_ray_command(endpoint: Endpoint) -> None:
     # The command connects to the running cluster and mounts a second application.
-    env = {**os.environ, "OCTOAI_TOKEN": "cli-ray-token-7f"}
+    env = {**os.environ, **endpoint.ray_env, "OCTOAI_TOKEN": "cli-ray-token-7f"}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "dagster_octoai.cli",
+            "dagster_octoai.server.cli",
             "serve-ray",
             "--address",
             endpoint.address,

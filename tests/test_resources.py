@@ -290,3 +290,39 @@ def test_get_client_inside_a_lazy_batch_no_longer_fails_the_stored_output(
         if e.level == 30 and "could not be added" in e.user_message
     ]
     assert len(warnings) == 1 and "octoai.stream(context, requests)" in warnings[0]
+
+
+def test_the_retry_policy_is_nested_once_and_the_flat_fields_still_work(
+    octoai_server: Any,
+) -> None:
+    from dagster import asset, materialize
+
+    from dagster_octoai.resources import HTTPRetryConfig, JobLedgerResource
+
+    # From run config, as a user's YAML would set it: one policy, HTTPRetryPolicy's rules.
+    seen: list[Any] = []
+
+    @asset
+    def policy(octoai: OctoAIResource) -> None:
+        seen.append(octoai.retry_policy())
+
+    run_config = {
+        "resources": {
+            "octoai": {"config": {"token": "t", "retry": {"max_attempts": 2, "deadline_s": None}}}
+        }
+    }
+    result = materialize(
+        [policy], resources={"octoai": OctoAIResource.configure_at_launch()}, run_config=run_config
+    )
+    assert result.success
+    assert (seen[0].max_attempts, seen[0].deadline_s) == (2, None)
+    # The flat spelling of before keeps working, judged by the same rules (deadline_s > 0
+    # used to be unchecked flat).
+    assert OctoAIResource(token="t", max_attempts=1).retry_policy().max_attempts == 1
+    with pytest.raises(ValueError, match=r"deadline_s: Input should be greater than 0"):
+        OctoAIResource(token="t", deadline_s=0)
+    with pytest.raises(ValueError, match=r"max_attempts set both flat and in retry"):
+        OctoAIResource(token="t", max_attempts=2, retry=HTTPRetryConfig(max_attempts=3))
+    # One S3 connection configuration: the ledger takes the IO manager's fields and rules.
+    with pytest.raises(ValueError, match=r"retry_mode: 'eager' is not allowed"):
+        JobLedgerResource(bucket="ledger", retry_mode="eager")

@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dagster_octoai.cli import main
 from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
+from dagster_octoai.server.cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI = [sys.executable, "-m", "dagster_octoai.cli"]
+CLI = [sys.executable, "-m", "dagster_octoai.server.cli"]
 
 
 def test_print_config_applies_options_and_hides_tokens(capsys: pytest.CaptureFixture[str]) -> None:
@@ -267,3 +267,21 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
             proc.wait(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_the_banner_says_the_engines_and_replicas_the_backend_has() -> None:
+    import types
+
+    from dagster_octoai.server.app import create_app
+    from dagster_octoai.server.cli import _describe
+    from dagster_octoai.server.config import ServerConfig
+
+    config = ServerConfig(replicas=4, public=True)
+    placeholder = create_app(config).state.octoai.backend
+    banner = _describe(config, "http://h", placeholder)
+    assert "generate/{sdxl,sd,controlnet-sdxl,controlnet-sd15}" in banner
+    assert "replicas: 4;" in banner
+    # A diffusers backend with one device and SD 1.5 models only (its engines, replicas).
+    diffusers = types.SimpleNamespace(engines=("sd", "controlnet-sd15"), replicas=1)
+    banner = _describe(config, "http://h", diffusers)
+    assert "generate/{sd,controlnet-sd15}" in banner and "replicas: 1;" in banner

@@ -68,7 +68,8 @@ def test_generate_see_the_image_and_seed_and_field_errors(
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(f"{server.url}/playground")
-            expect(page.locator("#engine option")).to_have_count(2)
+            # The placeholder serves every engine: those the page has inputs for.
+            expect(page.locator("#engine option")).to_have_count(6)
 
             # No token yet: the page says so at the token field, and sends nothing.
             page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk, oil painting")
@@ -120,6 +121,16 @@ def test_generate_see_the_image_and_seed_and_field_errors(
             expect(page.get_by_label("Style preset")).to_be_disabled()
             expect(page.locator("#size")).to_have_value("512x512")
 
+            # FLUX.1 [schnell] refuses samplers and negative prompts; its steps default to 4.
+            page.get_by_label("Engine").select_option("flux-schnell")
+            expect(page.get_by_label("Sampler")).to_be_disabled()
+            expect(page.get_by_label("Negative prompt")).to_be_disabled()
+            expect(page.get_by_label("Steps")).to_have_value("4")
+            page.get_by_label("CFG scale").fill("5")
+            page.get_by_label("Seed").fill("77")
+            page.get_by_role("button", name="Generate").click()
+            expect(page.locator("#images .seed")).to_have_text(["seed 77", "seed 78"])
+
             # The token never left the page's memory: not in the address, storage or cookies.
             assert TOKEN not in page.url
             stored = page.evaluate(
@@ -132,3 +143,10 @@ def test_generate_see_the_image_and_seed_and_field_errors(
             browser.close()
     # docs/images/playground.png is a copy of this screenshot.
     assert (SCREENSHOTS / "playground.png").stat().st_size > 20_000
+
+
+def test_the_playground_offers_only_the_engines_the_backend_serves() -> None:
+    # A diffusers backend with SD 1.5 models only answers sd and controlnet-sd15.
+    names = [e["name"] for e in playground_options(("sd", "controlnet-sd15"))["engines"]]
+    assert names == ["sd"]
+    assert [e["name"] for e in playground_options()["engines"]] == ["sdxl", "sd"]

@@ -114,6 +114,28 @@ def test_sdk_async_infer_poll_and_result(sdk: OctoAI, octoai_server: LocalOctoAI
     assert result["images"][0]["image_b64"] == sync.images[0].image_b64
 
 
+def test_sdk_reads_poll_answers_that_carry_queue_position(
+    sdk: OctoAI, octoai_server: LocalOctoAIServer
+) -> None:
+    before = octoai_server.config.async_queue_delay_s
+    octoai_server.configure(async_queue_delay_s=1.0)
+    try:
+        future = sdk.infer_async(f"{octoai_server.url}/generate/sd", {"prompt": "x", "seed": 3})
+        headers = {"Authorization": f"Bearer {octoai_server.token}"}
+        pending = httpx.get(future.poll_url, headers=headers, timeout=30).json()
+        assert pending["status"] == "pending" and pending["queue_position"] == 0
+        # The extra field changes nothing for the official SDK: not ready, then ready.
+        assert sdk.is_future_ready(future) is False
+        deadline = time.monotonic() + 30
+        while not sdk.is_future_ready(future):
+            assert time.monotonic() < deadline, "the async job never completed"
+            time.sleep(0.05)
+        result = sdk.get_future_result(future)
+        assert result is not None and result["images"][0]["seed"] == 3
+    finally:
+        octoai_server.configure(async_queue_delay_s=before)
+
+
 def test_sdk_sees_validation_errors_as_its_own_422_type(sdk: OctoAI) -> None:
     with pytest.raises(UnprocessableEntityError) as caught:
         sdk.image_gen.generate_sdxl(prompt="x", steps=500)

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "victim-token-5b1d9c0e"
 OTHER = "attacker-token-77aa31"
-CLI = [sys.executable, "-m", "dagster_octoai.cli"]
+CLI = [sys.executable, "-m", "dagster_octoai.server.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_a_server_without_a_token_does_not_start(capsys: pytest.CaptureFixture[s
     # It used to accept any bearer token, and with it every control route.
     with pytest.raises(StartupError, match="private and has no token"):
         create_app(ServerConfig())
-    from dagster_octoai.cli import main
+    from dagster_octoai.server.cli import main
 
     assert main(["serve", "--port", "0"]) == 2
     err = capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_an_empty_token_is_an_error_at_once(capsys: pytest.CaptureFixture[str]) 
             LocalOctoAIServer(ServerConfig(token=bad))
         assert bad not in str(caught.value) or not bad.strip()
     assert time.monotonic() - started < 20  # a clear error, not a start-up timeout
-    from dagster_octoai.cli import main
+    from dagster_octoai.server.cli import main
 
     assert main(["serve", "--port", "0", "--token", ""]) == 2
     assert "an empty token would let any client in" in capsys.readouterr().err

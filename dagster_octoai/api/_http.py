@@ -30,6 +30,7 @@ from .errors import (
     ConnectionFailedError,
     DeadlineExceededError,
     JobExpiredError,
+    JobUnknownError,
     NotFoundError,
     OctoAIError,
     PermissionDeniedError,
@@ -576,8 +577,14 @@ def error_from_response(
     elif status == 403:
         cls = PermissionDeniedError
     elif status == 404 and kind in ("poll", "fetch"):
-        cls = JobExpiredError
-        hint = "async results are kept 24 hours, then deleted; resubmit the request"
+        # This package's server says which ("reason"); a server that does not is read as
+        # OctoAI's: a result past its 24 hours.
+        if isinstance(body, dict) and body.get("reason") == "unknown":
+            cls = JobUnknownError
+            hint = "the server does not know this id (or it is another token's)"
+        else:
+            cls = JobExpiredError
+            hint = "async results are kept 24 hours, then deleted; resubmit the request"
     elif status == 404:
         cls = NotFoundError
         hint = "unknown engine, or the base_url is not an OctoAI image server"

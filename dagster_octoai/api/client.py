@@ -46,11 +46,14 @@ from ._http import (
 )
 from ._retry import HTTPRetryPolicy
 from .errors import (
+    ConnectionFailedError,
     DeadlineExceededError,
+    JobCancelledError,
     JobFailedError,
     JobNotReadyError,
     OctoAIError,
     RequestValidationError,
+    ServerError,
     UntrustedOriginError,
 )
 from .models import (
@@ -314,6 +317,24 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
             response_id=response_id,
         )
 
+    def _request_headers(
+        self, async_: bool, json_body: bool, idempotency_key: str | None
+    ) -> httpx.Headers:
+        hdrs = self._headers[async_, json_body]
+        if idempotency_key is None:
+            return hdrs
+        if not (1 <= len(idempotency_key) <= 255) or not all(
+            "\x21" <= c <= "\x7e" for c in idempotency_key
+        ):
+            raise RequestValidationError(
+                "idempotency_key: expected 1 to 255 printable ASCII characters without "
+                f"spaces, got {len(idempotency_key)} characters",
+                [{"field": "idempotency_key", "message": "1-255 printable ASCII, no spaces"}],
+            )
+        hdrs = hdrs.copy()
+        hdrs["Idempotency-Key"] = idempotency_key
+        return hdrs
+
     def _submit_body(self, request: ImageGenerationRequest) -> bytes:
         body = request.wire_bytes()
         if len(body) > ASYNC_BODY_LIMIT_BYTES:
@@ -357,6 +378,11 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
 
     def _completed_url(self, result: PollResult, response_id: str | None) -> str | None:
         """The response URL of a finished job; raises for a failed one; None while running."""
+        if result.status is JobStatus.CANCELLED:
+            raise JobCancelledError(
+                f"async job{_label(response_id)} was cancelled; resubmit it to run it again",
+                response_id=response_id,
+            )
         if result.status is JobStatus.FAILED:
             raise JobFailedError(
                 f"async job{_label(response_id)} ended with status {result.raw_status!r}; "
@@ -445,16 +471,32 @@ class _JobWait:
             )
         return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
-    def check(self, result: PollResult) -> None:
+    def check(self, result: PollResult | None) -> None:
         """Raise when the deadline has passed; else back the interval off."""
         if time.monotonic() >= self.deadline:
             raise DeadlineExceededError(
-                f"async job {self.job.response_id} still {result.raw_status!r} after waiting "
+                f"async job {self.job.response_id} still "
+                f"{'unreachable' if result is None else repr(result.raw_status)} after waiting "
                 f"{self.timeout:g} s; wait(job) again or fetch it later (results are kept "
                 "24 hours)",
                 response_id=self.job.response_id,
             )
         self._interval = min(self._interval * 2, self._max_interval)
+
+    def outage(self, exc: OctoAIError) -> float:
+        """The pause after a poll or fetch that found no server; raises what is not one.
+
+        A server that restarts (a deploy, a crash) refuses connections or its proxy
+        answers 502/503/504 for a while; its jobs survive, so the wait goes on until its
+        own deadline instead of giving up with the call's retries.
+        """
+        transient = isinstance(exc, ConnectionFailedError) or (
+            isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
+        )
+        if not transient or time.monotonic() >= self.deadline:
+            raise exc
+        logger.info("job %s: server unreachable, polling on: %s", self.job.response_id, exc)
+        return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
 
 class OctoAIClient(
@@ -522,9 +564,14 @@ class OctoAIClient(
     # ---- transport -------------------------------------------------------------------
 
     def _send(
-        self, call: Call, *, content: bytes | None = None, async_: bool = False
+        self,
+        call: Call,
+        *,
+        content: bytes | None = None,
+        async_: bool = False,
+        idempotency_key: str | None = None,
     ) -> httpx.Response:
-        hdrs = self._headers[async_, content is not None]
+        hdrs = self._request_headers(async_, content is not None, idempotency_key)
         while True:
             timeout = call.start_attempt()
             failure: httpx.TransportError | None = None
@@ -734,15 +781,25 @@ class OctoAIClient(
 
     # ---- async jobs ------------------------------------------------------------------
 
-    def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+    def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
         """Start an async generation (``X-OctoAI-Async: 1``); returns the job to poll.
 
         Bodies over 10 MB are refused before sending (:class:`RequestValidationError`).
+        ``idempotency_key`` (the ``Idempotency-Key`` header): a server that honours it
+        (this package's does) answers a repeat of the same key and body with the first
+        job instead of paying again, so a submission whose answer was lost on the wire,
+        retried, is paid once; the same key with another body is a 409.
         """
         req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
-        response = self._send(call, content=body, async_=True)
+        response = self._send(call, content=body, async_=True, idempotency_key=idempotency_key)
         job = parse_job(response, call.where, self._redactor, req, self._base_url)
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job
@@ -751,7 +808,8 @@ class OctoAIClient(
         """One status check of a job (or of a ``poll_url``, followed as given).
 
         Raises:
-            JobExpiredError: the job is unknown or its result was deleted (404).
+            JobExpiredError: the job's result was deleted after its time (404, expired).
+            JobUnknownError: the id is unknown here, or another token's (404).
         """
         return self._poll(job, None)
 
@@ -761,6 +819,19 @@ class OctoAIClient(
         result = parse_poll(self._send(call), call.where, self._redactor, response_id)
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
+
+    def cancel(self, job: AsyncJob | str) -> PollResult:
+        """Cancel a job (``DELETE`` its poll URL): a pending one at once, a running one at its
+        next step, on a server that supports it (this package's does; OctoAI had no such
+        route). Returns the job's status after the request: ``cancelled``, or the status it
+        had already ended in.
+
+        Raises:
+            JobExpiredError, JobUnknownError: as :meth:`poll`.
+        """
+        url, response_id = self._poll_target(job)
+        call = self._call("DELETE", url, "poll", response_id=response_id)
+        return parse_poll(self._send(call), call.where, self._redactor, response_id)
 
     def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job, or of a ``response_url`` given as a str.
@@ -807,18 +878,26 @@ class OctoAIClient(
 
         Polls back off exponentially from ``poll_interval_s`` to
         ``max_poll_interval_s``. A ``failed`` status raises :class:`JobFailedError`
-        and a 404 :class:`JobExpiredError` at once; any other status (including ones
-        this client does not know) is polled until ``timeout``, then
-        :class:`DeadlineExceededError`.
+        (``cancelled``: :class:`JobCancelledError`), an expired result
+        :class:`JobExpiredError` and an unknown id :class:`JobUnknownError`, at once; any
+        other status (including ones this client does not know) is polled until
+        ``timeout``, then :class:`DeadlineExceededError`. A server that cannot be reached
+        or answers 502/503/504 (restarting) is polled again until ``timeout`` too: its jobs
+        survive a restart.
         """
         wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = self._poll(job, wait.deadline)
-            url = self._completed_url(result, job.response_id)
-            if url is not None:
-                answer = self._fetch_url(url, job, wait.deadline)
-                self._log_done(f"job {job.response_id}", answer)
-                return answer
+            try:
+                result = self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    answer = self._fetch_url(url, job, wait.deadline)
+                    self._log_done(f"job {job.response_id}", answer)
+                    return answer
+            except (ConnectionFailedError, ServerError) as exc:
+                time.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             time.sleep(wait.pause(result))
             wait.check(result)
 
@@ -900,9 +979,14 @@ class AsyncOctoAIClient(
         await self.close()
 
     async def _send(
-        self, call: Call, *, content: bytes | None = None, async_: bool = False
+        self,
+        call: Call,
+        *,
+        content: bytes | None = None,
+        async_: bool = False,
+        idempotency_key: str | None = None,
     ) -> httpx.Response:
-        hdrs = self._headers[async_, content is not None]
+        hdrs = self._request_headers(async_, content is not None, idempotency_key)
         bounded = call.kind == "generate"
         while True:
             timeout = call.start_attempt()
@@ -1070,12 +1154,20 @@ class AsyncOctoAIClient(
             results[index] = response
         return [results[i] for i in range(len(results))]
 
-    async def submit(self, request: RequestLike, *, engine: Engine | str | None = None) -> AsyncJob:
+    async def submit(
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncJob:
         """Start an async generation; see :meth:`OctoAIClient.submit`."""
         req = _build(request, engine)
         body = self._submit_body(req)
         call = self._call("POST", self._generate_url(req.engine), "submit")
-        response = await self._send(call, content=body, async_=True)
+        response = await self._send(
+            call, content=body, async_=True, idempotency_key=idempotency_key
+        )
         job = parse_job(response, call.where, self._redactor, req, self._base_url)
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job
@@ -1090,6 +1182,12 @@ class AsyncOctoAIClient(
         result = parse_poll(await self._send(call), call.where, self._redactor, response_id)
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
+
+    async def cancel(self, job: AsyncJob | str) -> PollResult:
+        """Cancel a job; see :meth:`OctoAIClient.cancel`."""
+        url, response_id = self._poll_target(job)
+        call = self._call("DELETE", url, "poll", response_id=response_id)
+        return parse_poll(await self._send(call), call.where, self._redactor, response_id)
 
     async def fetch(self, job: AsyncJob | str) -> ImageGenerationResponse:
         """The result of a completed job; see :meth:`OctoAIClient.fetch`."""
@@ -1122,12 +1220,17 @@ class AsyncOctoAIClient(
         """Poll until completed, then fetch; see :meth:`OctoAIClient.wait`."""
         wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            result = await self._poll(job, wait.deadline)
-            url = self._completed_url(result, job.response_id)
-            if url is not None:
-                answer = await self._fetch_url(url, job, wait.deadline)
-                self._log_done(f"job {job.response_id}", answer)
-                return answer
+            try:
+                result = await self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    answer = await self._fetch_url(url, job, wait.deadline)
+                    self._log_done(f"job {job.response_id}", answer)
+                    return answer
+            except (ConnectionFailedError, ServerError) as exc:
+                await asyncio.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             await asyncio.sleep(wait.pause(result))
             wait.check(result)
 

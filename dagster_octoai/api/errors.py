@@ -23,11 +23,13 @@ OctoAIError
 │   ├── AuthenticationError (401)
 │   ├── PermissionDeniedError (403)
 │   ├── NotFoundError (404)
-│   │   └── JobExpiredError       an async result that is gone (404 on poll/fetch)
+│   │   ├── JobExpiredError       an async result deleted after its time (404 on poll/fetch)
+│   │   └── JobUnknownError       an async id the server never made, or another token's
 │   ├── UnprocessableEntityError (422)
 │   ├── RateLimitError (429)
 │   └── ServerError (5xx)
 ├── JobFailedError                an async job ended in a failed status
+│   └── JobCancelledError         an async job was cancelled (DELETE /v1/requests/{id})
 ├── JobNotReadyError              fetching an async job that is not completed yet
 └── StorageError                  storing or loading images failed (bucket, credentials...)
     ├── ObjectNotFoundError       an image or manifest that should exist is not there
@@ -50,9 +52,11 @@ __all__ = [
     "ImageDecodeError",
     "ImageError",
     "ImageRemovedForSafetyError",
+    "JobCancelledError",
     "JobExpiredError",
     "JobFailedError",
     "JobNotReadyError",
+    "JobUnknownError",
     "NotFoundError",
     "ObjectNotFoundError",
     "OctoAIError",
@@ -202,6 +206,10 @@ class JobExpiredError(NotFoundError):
     """An async result is gone: results are kept 24 hours, then poll and fetch answer 404."""
 
 
+class JobUnknownError(NotFoundError):
+    """An async ``response_id`` the server does not know, or one submitted with another token (404)."""
+
+
 class UnprocessableEntityError(APIStatusError):
     """The server's validation refused the body (422); ``detail`` is its list of problems."""
 
@@ -229,6 +237,10 @@ class ServerError(APIStatusError):
 
 class JobFailedError(OctoAIError):
     """An async job ended with a ``failed`` status; resubmit it with the same parameters."""
+
+
+class JobCancelledError(JobFailedError):
+    """An async job was cancelled (``DELETE /v1/requests/{id}``) before it completed."""
 
 
 class JobNotReadyError(OctoAIError):

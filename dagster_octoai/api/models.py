@@ -51,6 +51,8 @@ from .images import (
 
 __all__ = [
     "ASYNC_BODY_LIMIT_BYTES",
+    "FLUX_RESOLUTIONS",
+    "LIST_PRICES",
     "PREMIUM_SAMPLERS",
     "SD15_RESOLUTIONS",
     "SDXL_RESOLUTIONS",
@@ -82,6 +84,10 @@ class Engine(str, enum.Enum):
     SD = "sd"
     CONTROLNET_SDXL = "controlnet-sdxl"
     CONTROLNET_SD15 = "controlnet-sd15"
+    SSD = "ssd"
+    SD3 = "sd3"
+    FLUX_SCHNELL = "flux-schnell"
+    FLUX_DEV = "flux-dev"
 
     @classmethod
     def parse(cls, value: str | Engine) -> Engine:
@@ -102,26 +108,60 @@ class Engine(str, enum.Enum):
 
     @property
     def is_sdxl(self) -> bool:
-        """SDXL-family engines take the SDXL-only fields and resolutions."""
-        return self in (Engine.SDXL, Engine.CONTROLNET_SDXL)
+        """SDXL-family engines (SSD-1B is SDXL distilled) take the SDXL-only fields."""
+        return self in (Engine.SDXL, Engine.CONTROLNET_SDXL, Engine.SSD)
 
     @property
     def is_controlnet(self) -> bool:
         return self in (Engine.CONTROLNET_SDXL, Engine.CONTROLNET_SD15)
 
     @property
+    def is_flux(self) -> bool:
+        return self in (Engine.FLUX_SCHNELL, Engine.FLUX_DEV)
+
+    @property
+    def refused_fields(self) -> frozenset[str]:
+        """The fields OctoAI's OpenAPI marks "[Not supported on ...]" for this engine."""
+        if self is Engine.SD3:
+            return SD3_REFUSED_FIELDS
+        if self.is_flux:
+            return FLUX_REFUSED_FIELDS
+        return frozenset()
+
+    @property
     def resolutions(self) -> tuple[tuple[int, int], ...]:
-        """Supported (width, height) pairs."""
-        return SDXL_RESOLUTIONS if self.is_sdxl else SD15_RESOLUTIONS
+        """Supported (width, height) pairs (OpenAPI: SD3, SSD as SDXL; FLUX its own list)."""
+        if self.is_flux:
+            return FLUX_RESOLUTIONS
+        if self.is_sdxl or self is Engine.SD3:
+            return SDXL_RESOLUTIONS
+        return SD15_RESOLUTIONS
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return (1024, 1024) if self.is_sdxl else (512, 512)
+        """512x512 for SD 1.5, 1024x1024 for FLUX, SD3, SDXL and SSD (the OpenAPI)."""
+        return (512, 512) if self in (Engine.SD, Engine.CONTROLNET_SD15) else (1024, 1024)
+
+    @property
+    def default_steps(self) -> int:
+        """Steps when the request sets none: 4 for FLUX.1 [schnell], 30 for the others."""
+        return 4 if self is Engine.FLUX_SCHNELL else 30
 
     @property
     def token_limit(self) -> int:
-        """Prompt token limit from the seed: 77 for SDXL, 231 for SD 1.5."""
+        """Prompt token limit: 77 for SDXL, 231 for SD 1.5; SD3 and FLUX read the prompt with
+        T5 (256 tokens; 512 on FLUX.1 [dev]), CLIP taking its first 77."""
+        if self is Engine.FLUX_DEV:
+            return 512
+        if self is Engine.SD3 or self is Engine.FLUX_SCHNELL:
+            return 256
         return 77 if self.is_sdxl else 231
+
+    @property
+    def list_price(self) -> float | None:
+        """OctoAI's published price of one default image (USD), or None where its pages
+        give none: 1024x1024 at the default steps (30; schnell 4), without LoRAs."""
+        return LIST_PRICES.get(self.value)
 
 
 _ENGINE_ALIASES = {"controlnet-sd": "controlnet-sd15"}
@@ -134,6 +174,22 @@ SD15_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (512, 512), (640, 512), (768, 512), (512, 704), (512, 768),
     (576, 768), (640, 768), (576, 1024), (1024, 576),
 )  # fmt: skip
+FLUX_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (1024, 1024), (512, 512), (576, 1024), (640, 1536), (768, 1024), (768, 1344),
+    (832, 1216), (896, 1152), (1024, 576), (1024, 768), (1152, 896), (1216, 832),
+    (1344, 768), (1536, 640),
+)  # fmt: skip
+
+# OctoAI's pricing page (fern/docs/getting-started/pricing-and-billing.mdx and the
+# engines' pages): USD per 1024x1024 image at the default steps, by engine name (the
+# ``prices`` of OctoAIResource take it as is). SSD and SD 1.5 had none.
+LIST_PRICES: dict[str, float] = {
+    "sdxl": 0.004,
+    "controlnet-sdxl": 0.008,
+    "sd3": 0.03,
+    "flux-schnell": 0.002,
+    "flux-dev": 0.02,
+}
 
 
 class Sampler(str, enum.Enum):
@@ -214,8 +270,40 @@ CONTROLNET_FIELDS = (
     "controlnet_preprocess",
 )
 IMAGE_FIELDS = ("init_image", "mask_image", "controlnet_image")
+# The OpenAPI's "[Not supported on SD3, FLUX]" fields, and those of one of the two.
+_NOT_ON_SD3_FLUX = frozenset(
+    {
+        "checkpoint",
+        "clip_skip",
+        *CONTROLNET_FIELDS,
+        "high_noise_frac",
+        "negative_prompt_2",
+        "outpainting",
+        "prompt_2",
+        "sampler",
+        "style_preset",
+        "textual_inversions",
+        "transfer_images",
+        "use_refiner",
+        "vae",
+    }
+)
+SD3_REFUSED_FIELDS = _NOT_ON_SD3_FLUX | {"loras", "mask_image"}
+FLUX_REFUSED_FIELDS = _NOT_ON_SD3_FLUX | {"negative_prompt"}
 
 _ASSET_NAME = re.compile(r"^(octoai:)?[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+#: At most this many LoRAs / textual inversions in one request.
+MAX_LORAS = 16
+MAX_TEXTUAL_INVERSIONS = 16
+#: A LoRA weight lies within -LORA_WEIGHT_BOUND..LORA_WEIGHT_BOUND (1 = the LoRA as trained).
+LORA_WEIGHT_BOUND = 10.0
+
+
+def _check_count(value: Mapping[str, Any], field: str, most: int) -> None:
+    if len(value) > most:
+        raise ValueError(f"{field}: {len(value)} names; at most {most} per request")
 
 
 def _check_asset_name(value: str, field: str) -> str:
@@ -320,7 +408,10 @@ class ImageGenerationRequest(BaseModel):
     )
 
     engine: Engine = Field(
-        default=Engine.SDXL, description="Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15."
+        default=Engine.SDXL,
+        description=(
+            "Engine: sdxl, sd, controlnet-sdxl, controlnet-sd15, ssd, sd3, flux-schnell, flux-dev."
+        ),
     )
     prompt: str = Field(default=..., min_length=1, max_length=10_000, description="What to draw.")
     prompt_2: str | None = Field(
@@ -369,9 +460,15 @@ class ImageGenerationRequest(BaseModel):
         description="Checkpoint asset: 'octoai:<name>' (public) or '<name>' (private).",
     )
     vae: str | None = Field(default=None, description="VAE asset name.")
-    loras: dict[str, float] | None = Field(default=None, description="LoRA asset name -> weight.")
+    loras: dict[str, float] | None = Field(
+        default=None,
+        description=f"LoRA asset name -> weight (-{LORA_WEIGHT_BOUND:g}..{LORA_WEIGHT_BOUND:g}); "
+        f"at most {MAX_LORAS}.",
+    )
     textual_inversions: dict[str, str] | None = Field(
-        default=None, description="Textual inversion asset name -> trigger word."
+        default=None,
+        description="Textual inversion asset name -> trigger word; "
+        f"at most {MAX_TEXTUAL_INVERSIONS}.",
     )
     init_image: Annotated[Base64Image | None, _coerce_image("init_image")] = Field(
         default=None, description="img2img / inpainting start image."
@@ -471,15 +568,20 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("loras")
     @classmethod
     def _check_loras(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        _check_count(value or {}, "loras", MAX_LORAS)
         for name, weight in (value or {}).items():
             _check_asset_name(name, "loras")
-            if not math.isfinite(weight):
-                raise ValueError(f"LoRA {name!r} weight must be a finite number, got {weight}")
+            if not math.isfinite(weight) or abs(weight) > LORA_WEIGHT_BOUND:
+                raise ValueError(
+                    f"loras: {name!r} has weight {weight:g}; allowed: "
+                    f"-{LORA_WEIGHT_BOUND:g}..{LORA_WEIGHT_BOUND:g}"
+                )
         return value
 
     @field_validator("textual_inversions")
     @classmethod
     def _check_tis(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        _check_count(value or {}, "textual_inversions", MAX_TEXTUAL_INVERSIONS)
         for name, trigger in (value or {}).items():
             _check_asset_name(name, "textual_inversions")
             if not trigger.strip():
@@ -563,9 +665,20 @@ class ImageGenerationRequest(BaseModel):
         """Each broken rule across fields: (field named, message, every field it involves)."""
         engine = self.engine
         problems: list[tuple[str, str, frozenset[str]]] = []
+        refused = engine.refused_fields
+        for name in sorted(refused):
+            if getattr(self, name) is not None:
+                problems.append(
+                    (
+                        name,
+                        f"not supported on engine {engine.value!r} (OctoAI's API refuses it "
+                        f"there); leave it unset or use an engine that takes it",
+                        frozenset({name, "engine"}),
+                    )
+                )
         if not engine.is_sdxl:
             for name in SDXL_ONLY_FIELDS:
-                if getattr(self, name) is not None:
+                if name not in refused and getattr(self, name) is not None:
                     problems.append(
                         (
                             name,
@@ -586,7 +699,7 @@ class ImageGenerationRequest(BaseModel):
                     )
         else:
             for name in CONTROLNET_FIELDS:
-                if getattr(self, name) is not None:
+                if name not in refused and getattr(self, name) is not None:
                     problems.append(
                         (
                             name,
@@ -1216,6 +1329,8 @@ class JobStatus(str, enum.Enum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    #: Cancelled by its owner (``DELETE /v1/requests/{id}``); this package's server only.
+    CANCELLED = "cancelled"
     UNKNOWN = "unknown"
 
     @classmethod

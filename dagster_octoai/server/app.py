@@ -36,12 +36,24 @@ from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
+from .budget import over_budget
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
-from .jobs import Job, JobStore, JobView, ReplicaPool
+from .jobqueue import (
+    CURRENT_CONTROL,
+    IdempotencyConflict,
+    JobAnswer,
+    JobCancelled,
+    JobControl,
+    JobQueue,
+    QueueFull,
+    ShuttingDown,
+)
+from .jobs import ReplicaPool
+from .jobstore import body_digest, open_job_store
 from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
 from .renderer import choose_seeds, undecodable_images
-from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper, new_owner_key
+from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
@@ -54,6 +66,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 POLICY_MESSAGE = "This request violates our Acceptable Use Policy."
 ASYNC_HEADER = "x-octoai-async"
+IDEMPOTENCY_HEADER = "idempotency-key"
+#: How often a sync generation checks that its client is still there, seconds.
+_DISCONNECT_CHECK_S = 0.25
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^/generate/[^/]+/?$"), "/generate/{engine}"),
@@ -137,11 +153,25 @@ class ServerState:
         self.config = config
         # What renders the images; the rest of this module is the same for every backend.
         self.backend = backend if backend is not None else load_backend(config)
-        self.owner_key = owner_key or new_owner_key()
+        # Durable unless the configuration names no store (then in memory, for tests).
+        job_store = open_job_store(
+            state_dir=config.state_dir,
+            jobs_url=config.jobs_url,
+            endpoint_url=config.jobs_endpoint_url,
+        )
+        # Owner hashes come from the store's key, so that a restarted server (or another
+        # frontend on the store) knows whose each stored job is.
+        self.owner_key = owner_key or job_store.owner_key
         self.gate = Gatekeeper(config, self.owner_key)
         self.stats = ServerStats()
         self.pool = ReplicaPool(self._replicas, self.stats.observe_pool)
-        self.jobs = JobStore(lambda: self.config.result_ttl_s, self._count_expired)
+        self.jobs = JobQueue(
+            job_store,
+            config=lambda: self.config,
+            pool=self.pool,
+            render=self._render_job,
+            stats=self.stats,
+        )
         self.fault_rng = random.Random(config.faults.seed)
         # Seeds for unseeded requests are random, as on the hosted service.
         self.seed_rng = random.Random()
@@ -149,13 +179,12 @@ class ServerState:
         # A backend's render blocks its thread for the whole generation: one per replica.
         workers = max(4, self.backend.replicas or 0)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="octoai-render")
+        # Checking a request (images, asset names) never waits behind a generation.
+        self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="octoai-check")
 
     def _replicas(self) -> int:
         # A backend with devices runs one generation per device; the rest queue here.
         return self.backend.replicas or self.config.replicas
-
-    def _count_expired(self, count: int) -> None:
-        self.stats.async_expired += count
 
     async def snapshot(self) -> dict[str, Any]:
         return self.stats.snapshot(
@@ -226,7 +255,9 @@ class ServerState:
 
     # ---- generation -----------------------------------------------------------------
 
-    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def generate(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         """Wait for a replica, take the configured time, render: the generation body.
 
         Raises:
@@ -245,16 +276,25 @@ class ServerState:
                 retry_after_s=self.config.queue_retry_after_s,
             )
         async with self.pool:
-            return await self._generate_on_replica(req)
+            return await self._generate_on_replica(req, control)
 
-    async def _generate_on_replica(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def _generate_on_replica(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         started = time.perf_counter()
         seeds = choose_seeds(req, self.seed_rng)
         config = self.config
         loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(
-            self.executor, lambda: self.backend.render(req, seeds, config)
-        )
+
+        def render() -> list[Any]:
+            # The backend's step callback finds the job's control here (cancel, progress).
+            token = CURRENT_CONTROL.set(control)
+            try:
+                return self.backend.render(req, seeds, config)
+            finally:
+                CURRENT_CONTROL.reset(token)
+
+        images = await loop.run_in_executor(self.executor, render)
         encoded = [None if im.data is None else _b64(im.data) for im in images]
         # Render first, then sleep what is left of the configured time: an image takes
         # latency_per_image_s on its replica, not that plus the local render (which,
@@ -263,7 +303,9 @@ class ServerState:
         # until the full time has passed, so an image never takes less than configured.
         until = started + config.latency_per_image_s * len(seeds)
         while (remaining := until - time.perf_counter()) > 0:
-            await asyncio.sleep(remaining)
+            if control is not None:
+                control.on_step(0, 0)  # a cancelled job stops waiting out its latency
+            await asyncio.sleep(min(remaining, 0.05) if control is not None else remaining)
         removed = sum(1 for im in images if im.removed_for_safety)
         self.stats.record_generation(req.engine.value, len(images), removed)
         body = {
@@ -282,51 +324,125 @@ class ServerState:
 
     # ---- async jobs -----------------------------------------------------------------
 
-    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
-        """Accept an async job for ``caller`` and start it: its response id."""
-        job = self.jobs.add(req, fails=fails, owner=caller.owner)
-        job.task = asyncio.get_running_loop().create_task(self.run_job(job))
-        return job.response_id
+    async def submit_job(
+        self,
+        req: ImageGenerationRequest,
+        caller: Caller,
+        fails: bool,
+        body: bytes,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[str, bool]:
+        """Accept an async job for ``caller`` (``body``: its JSON) and queue it.
 
-    async def job_view(
-        self, response_id: str, caller: Caller, *, with_body: bool
-    ) -> JobView | None:
-        """The job as ``caller`` may see it: None when unknown, expired or someone else's."""
-        return self.jobs.view(response_id, caller.owner, admin=caller.admin, with_body=with_body)
+        Returns its response id and whether it is a new job: ``idempotency`` is
+        (Idempotency-Key, body digest), and a repeat gets the first job's id (not new).
+
+        Raises:
+            GenerationRefused: ``max_queued_jobs`` wait here already (429), the server
+                is stopping (503), the key was used with another body (409); nothing
+                was stored.
+        """
+        try:
+            job, fresh = await self.jobs.submit(caller.owner, req, body, fails, idempotency)
+        except IdempotencyConflict as conflict:
+            raise _key_conflict(conflict) from None
+        except QueueFull:
+            raise GenerationRefused(
+                429,
+                f"{self.config.max_queued_jobs} async jobs are queued already; retry later.",
+                retry_after_s=self.config.queue_retry_after_s,
+            ) from None
+        except ShuttingDown:
+            raise GenerationRefused(
+                503, "The server is stopping; retry in a moment.", retry_after_s=5
+            ) from None
+        return job.response_id, fresh
+
+    async def generate_once(
+        self, req: ImageGenerationRequest, caller: Caller, body: bytes, idempotency: tuple[str, str]
+    ) -> bytes:
+        """A sync generation with an Idempotency-Key: a repeat gets the first answer, unpaid.
+
+        Raises:
+            GenerationRefused: as :meth:`generate`, or 409 for a key used with another
+                body, or 500 when the first request with the key failed.
+        """
+
+        async def first() -> bytes:
+            payload, _ = await self.generate(req)
+            return payload
+
+        try:
+            job = await self.jobs.run_sync(caller.owner, req, body, idempotency, first)
+        except IdempotencyConflict as conflict:
+            raise _key_conflict(conflict) from None
+        if job.status is JobStatus.COMPLETED:
+            result = await self.jobs.result(job.response_id)
+            if result is not None:
+                return result
+        raise GenerationRefused(
+            500, job.error or "The first request with this Idempotency-Key failed; retry."
+        )
+
+    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
+        """The job as ``caller`` may see it; ``gone`` says why when there is none for them."""
+        return await self.jobs.answer(
+            response_id, caller.owner, admin=caller.admin, with_body=with_body
+        )
+
+    async def cancel_job(self, response_id: str, caller: Caller) -> JobAnswer:
+        """Cancel ``caller``'s job: a pending one at once, a running one at its next step."""
+        return await self.jobs.cancel(response_id, caller.owner, admin=caller.admin)
 
     async def job_counts(self) -> dict[str, int]:
-        return self.jobs.by_status()
+        return await self.jobs.counts()
+
+    async def start(self) -> None:
+        """Start background work (the app's start-up): the job store's recovery and sweeps."""
+        self.jobs.start()
 
     async def close(self) -> None:
-        """Stop background work (called when the app shuts down)."""
-        for task in self.jobs.running_tasks():
-            task.cancel()
+        """Stop background work (the app's shut-down): running jobs get their grace period."""
+        await self.jobs.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
-    async def run_job(self, job: Job) -> None:
-        config = self.config
-        if config.async_queue_delay_s > 0:
-            await asyncio.sleep(config.async_queue_delay_s)
-        async with self.pool:
-            job.status = JobStatus.RUNNING
-            if job.fails:
-                # The seed: "A long-running inference with duration greater than 1 minute
-                # may occasionally encounter an error."
-                await asyncio.sleep(self.config.faults.job_failure_after_s)
-                job.finish(
-                    JobStatus.FAILED,
-                    error="The inference ran too long and failed; resubmit the request.",
-                )
-            else:
-                assert job.request is not None
-                try:
-                    body, _ = await self._generate_on_replica(job.request)
-                    job.finish(JobStatus.COMPLETED, body=body)
-                except Exception as exc:  # a renderer bug must not leave the job running forever
-                    job.finish(
-                        JobStatus.FAILED, error=f"The inference failed: {type(exc).__name__}."
-                    )
+    async def _render_job(self, req: ImageGenerationRequest, control: JobControl) -> bytes:
+        body, _ = await self._generate_on_replica(req, control)
+        return body
+
+
+async def _unless_disconnected(
+    request: Request, work: Awaitable[tuple[bytes, list[int]]], control: JobControl
+) -> tuple[bytes, list[int]]:
+    """``work``, cancelled if the client disconnects first (a sync request nobody awaits).
+
+    The cancel flag stops a diffusers render at its next step; cancelling the task frees
+    the replica slot at once.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_CHECK_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                control.cancel.set()
+                task.cancel()
+                raise JobCancelled()
+    finally:
+        if not task.done():
+            control.cancel.set()
+            task.cancel()
+
+
+def _key_conflict(conflict: IdempotencyConflict) -> GenerationRefused:
+    return GenerationRefused(
+        409,
+        "Idempotency-Key: this key was used with another request body (its first request "
+        f"is {conflict.response_id}); use a new key for a new request.",
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -364,17 +480,35 @@ async def generate(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     name = request.path_params["engine"]
+    # A backend that names its engines (the diffusers one: those it has weights for)
+    # answers the others as the service answers an engine it does not have.
+    served: tuple[Engine, ...] = getattr(state.backend, "engines", tuple(Engine))
     try:
         engine = Engine.parse(name)
     except ValueError:
-        allowed = ", ".join(e.value for e in Engine)
+        engine = None
+    if engine is None or engine not in served:
+        allowed = ", ".join(e.value for e in served)
         return _message(404, f"Engine {name!r} not found; available: {allowed}.")
     if (limited := state.rate_limit_error()) is not None:
         return limited
 
     is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        state.stats.validation_errors += 1
+        return _validation_response(
+            [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": "expected 1 to 255 printable ASCII characters without spaces",
+                    "type": "value_error",
+                }
+            ]
+        )
     # BodyLimits has read the body already, within its size and time limits.
     raw = await request.body()
+    idempotency = None if key is None else (key, body_digest(engine.value, is_async, raw))
     body, json_problem = parse_json_body(raw)
     if json_problem is not None:
         state.stats.validation_errors += 1
@@ -400,14 +534,19 @@ async def generate(request: Request) -> Response:
         return _validation_response(_pydantic_detail(exc))
     loop = asyncio.get_running_loop()
     config = state.config
-    # Headers first: an image too big to use is refused before anything decodes it. Off
-    # the event loop: base64 of a 10 MB body takes a while.
+    # The operator's cost budget first, then headers: an image too big to use is refused before anything decodes it. Then
+    # what the backend cannot serve (an unknown asset, photo merge without a backend for
+    # it): the client's 422, before the request waits for a replica. Off the event loop:
+    # base64 of a 10 MB body takes a while, and the backend's checks read the disk.
     bad_images = await loop.run_in_executor(
-        state.executor, lambda: oversized_images(req, config) or undecodable_images(req)
+        state.checks,
+        lambda: (
+            over_budget(req, config)
+            or oversized_images(req, config)
+            or undecodable_images(req)
+            or state.backend.check(req)
+        ),
     )
-    # What the backend cannot serve (an unknown asset, photo merge without a backend for it)
-    # is the client's 422, before the request waits for a replica.
-    bad_images = bad_images or state.backend.check(req)
     if bad_images:
         state.stats.validation_errors += 1
         return _validation_response(
@@ -422,10 +561,15 @@ async def generate(request: Request) -> Response:
         fails = (
             config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
         )
-        response_id = await state.submit_job(req, caller, fails)
-        state.stats.async_submitted += 1
-        if fails:
-            state.stats.faults["job_failure"] += 1
+        try:
+            response_id, fresh = await state.submit_job(req, caller, fails, raw, idempotency)
+        except GenerationRefused as refused:
+            return refused.response()
+        # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.
+        if fresh:
+            state.stats.async_submitted += 1
+            if fails:
+                state.stats.faults["job_failure"] += 1
         if record is not None:
             record.engine, record.response_id = engine.value, response_id
         base = _base_url(request, state)
@@ -434,10 +578,23 @@ async def generate(request: Request) -> Response:
             status_code=201,
         )
 
+    if idempotency is not None:
+        try:
+            payload = await state.generate_once(req, caller, raw, idempotency)
+        except GenerationRefused as refused:
+            return refused.response()
+        if record is not None:
+            record.engine = engine.value
+        return Response(payload, media_type="application/json")
+    control = JobControl()
     try:
-        payload, seeds = await state.generate(req)
+        payload, seeds = await _unless_disconnected(request, state.generate(req, control), control)
     except GenerationRefused as refused:
         return refused.response()
+    except (JobCancelled, asyncio.CancelledError):
+        # The client left: its generation stopped at its next step and freed its replica.
+        state.stats.disconnected_cancels += 1
+        return _message(499, "The client closed the connection; the generation was cancelled.")
     if record is not None:
         record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
     return Response(payload, media_type="application/json")
@@ -449,13 +606,32 @@ async def poll(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     job = await state.job_view(request.path_params["response_id"], caller, with_body=False)
-    if job is None:
-        return _gone(request.path_params["response_id"])
+    return _poll_answer(request, state, job)
+
+
+async def cancel(request: Request) -> Response:
+    state = _state(request)
+    # The job's own token, or the admin (who may stop anyone's job).
+    caller = state.gate.reader(request)
+    if isinstance(caller, Response):
+        return caller
+    job = await state.cancel_job(request.path_params["response_id"], caller)
+    return _poll_answer(request, state, job)
+
+
+def _poll_answer(request: Request, state: ServerState, job: JobAnswer) -> Response:
+    if job.status is None:
+        return _gone(job.response_id, job.gone)
     answer: dict[str, Any] = {"response_id": job.response_id, "status": job.status.value}
     if job.status is JobStatus.COMPLETED:
         answer["response_url"] = f"{_base_url(request, state)}/v1/responses/{job.response_id}"
-    elif job.status is JobStatus.FAILED:
+    elif job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         answer["error"] = job.error
+    # Extra fields, which OctoAI's SDKs ignore: where a job waits, how far it has come.
+    if job.queue_position is not None:
+        answer["queue_position"] = job.queue_position
+    if job.progress is not None:
+        answer["progress"] = {"step": job.progress[0], "steps": job.progress[1]}
     return JSONResponse(answer)
 
 
@@ -465,10 +641,12 @@ async def fetch(request: Request) -> Response:
     if isinstance(caller, Response):
         return caller
     job = await state.job_view(request.path_params["response_id"], caller, with_body=True)
-    if job is None:
-        return _gone(request.path_params["response_id"])
+    if job.status is None:
+        return _gone(job.response_id, job.gone)
     if job.status is JobStatus.FAILED:
         return _message(500, job.error or "The inference failed; resubmit the request.")
+    if job.status is JobStatus.CANCELLED:
+        return _message(409, f"Response {job.response_id} was cancelled; resubmit the request.")
     if job.body is None:
         return _message(
             409, f"Response {job.response_id} is {job.status.value}; poll until it is completed."
@@ -476,13 +654,19 @@ async def fetch(request: Request) -> Response:
     return Response(job.body, media_type="application/json")
 
 
-def _gone(response_id: str) -> JSONResponse:
-    # The same answer for an id that is someone else's: existence is not confirmed.
-    return _message(
-        404,
-        f"Response {response_id[:64]!r} not found: unknown, submitted with another token, "
-        "or expired (async results are kept for a limited time, 24 hours by default).",
-    )
+def _gone(response_id: str, why: str | None) -> JSONResponse:
+    # Someone else's id is "unknown" too: its existence is not confirmed.
+    if why == "expired":
+        message = (
+            f"Response {response_id[:64]!r} expired: async results are kept for a limited "
+            "time (24 hours by default) after they finish; resubmit the request."
+        )
+    else:
+        message = (
+            f"Response {response_id[:64]!r} not found: unknown here, or submitted with "
+            "another token."
+        )
+    return JSONResponse({"message": message, "reason": why or "unknown"}, status_code=404)
 
 
 async def healthcheck(request: Request) -> Response:
@@ -612,6 +796,12 @@ class _Gateway:
                     headers.append((b"x-octoai-replica", record.replica.encode()))
                 if not any(name.lower() == b"cache-control" for name, _ in headers):
                     headers.append(NO_STORE)
+                if message["status"] >= 500 and not any(
+                    name.lower() == b"connection" for name, _ in headers
+                ):
+                    # uvicorn drops the connection after an unhandled error: say so, or
+                    # a client's next request on it meets a reset instead of an answer.
+                    headers.append((b"connection", b"close"))
                 message["headers"] = headers
                 if fault == "slow":
                     await asyncio.sleep(state.config.faults.slow_s)
@@ -730,6 +920,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
         try:
             yield
         finally:
@@ -742,6 +933,7 @@ def create_app(
         *video_routes(state),
         Route("/generate/{engine}", generate, methods=["POST"]),
         Route("/v1/requests/{response_id}", poll, methods=["GET"]),
+        Route("/v1/requests/{response_id}", cancel, methods=["DELETE"]),
         Route("/v1/responses/{response_id}", fetch, methods=["GET"]),
         Route("/healthcheck", healthcheck, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -749,7 +941,7 @@ def create_app(
     if state.config.playground:
         from .playground import playground_routes
 
-        routes.extend(playground_routes())
+        routes.extend(playground_routes(getattr(state.backend, "engines", None)))
     if state.config.control_routes:
         routes.extend(
             [

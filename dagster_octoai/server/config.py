@@ -21,7 +21,9 @@ MIB = 1024 * 1024
 # in a header). A space, a line break or a non-ASCII character cannot travel in one.
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 # Settings the control routes may not change: they decide who may use the control routes.
-RUNTIME_FIXED = frozenset({"control_routes", "admin_token"})
+RUNTIME_FIXED = frozenset(
+    {"control_routes", "admin_token", "state_dir", "jobs_url", "jobs_endpoint_url"}
+)
 
 
 class StartupError(ValueError):
@@ -48,7 +50,18 @@ def _check_token(value: SecretStr | None, field: str) -> SecretStr | None:
 
 #: The fields that choose and load the backend: fixed at start-up (a running server
 #: cannot swap its models through ``POST /_local/config``).
-BACKEND_FIELDS = ("backend", "models", "device", "dtype", "torch_compile", "batch_max_images")
+BACKEND_FIELDS = (
+    "backend",
+    "models",
+    "device",
+    "dtype",
+    "torch_compile",
+    "batch_max_images",
+    "offload",
+    "lora_cache",
+    "vae_cache",
+    "controlnet_cache",
+)
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
@@ -195,6 +208,32 @@ class ServerConfig(BaseModel):
             "the square of it); inputs are resized to the output size, so more is never used."
         ),
     )
+    max_images: int = Field(
+        default=16,
+        ge=1,
+        le=16,
+        description="Most images one request may ask for (num_images, or a list of seeds).",
+    )
+    max_steps: int = Field(
+        default=200, ge=1, le=200, description="Most diffusion steps one request may ask for."
+    )
+    max_megapixel_steps: float = Field(
+        default=2000.0,
+        gt=0,
+        description=(
+            "Most work one request may ask for: images x steps x megapixels, the SDXL "
+            "refiner's steps counted again; past it a 422 before anything queues."
+        ),
+    )
+    lora_cache: int = Field(
+        default=8, ge=1, description="diffusers backend: LoRAs kept loaded per checkpoint (LRU)."
+    )
+    vae_cache: int = Field(
+        default=2, ge=1, description="diffusers backend: VAEs kept loaded per device (LRU)."
+    )
+    controlnet_cache: int = Field(
+        default=2, ge=1, description="diffusers backend: ControlNets kept loaded per device (LRU)."
+    )
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,
@@ -233,6 +272,45 @@ class ServerConfig(BaseModel):
         default=DEFAULT_RESULT_TTL_S,
         gt=0,
         description="How long an async result is kept after it finishes, seconds (then 404).",
+    )
+    state_dir: str | None = Field(
+        default=None,
+        description="Directory of the durable async job store (records, inputs, results); "
+        "'dagster-octoai serve' defaults to ~/.local/state/dagster-octoai/jobs. None (and no "
+        "jobs_url) = in memory, lost with the process: for tests.",
+    )
+    jobs_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix of the durable async job store, shared by every "
+        "server on it (credentials from the AWS default chain); wins over state_dir.",
+    )
+    jobs_endpoint_url: str | None = Field(
+        default=None,
+        description="The S3 endpoint of jobs_url (MinIO, SeaweedFS...); None = AWS.",
+    )
+    max_queued_jobs: int | None = Field(
+        default=1000,
+        ge=1,
+        description="Async jobs this server may hold queued (pending); more get 429 with "
+        "Retry-After. None = no bound.",
+    )
+    async_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job's lease, renewed by its server; a server that stops "
+        "renewing it lost the job, which runs once more or fails.",
+    )
+    async_sweep_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often the job store is swept: pending jobs queued, lost ones "
+        "retried or failed, expired ones deleted, seconds.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long running async jobs may take to finish before "
+        "they go back to pending for the next server, seconds.",
     )
     async_queue_delay_s: float = Field(
         default=0.0,
@@ -292,6 +370,11 @@ class ServerConfig(BaseModel):
     torch_compile: bool = Field(
         default=False,
         description="diffusers backend: torch.compile the UNet (slow first images, faster after).",
+    )
+    offload: bool = Field(
+        default=False,
+        description="diffusers backend: model CPU offload on CUDA devices (each model moves to "
+        "the GPU while it runs): FLUX or SD3 on a GPU smaller than their weights, slower.",
     )
     batch_max_images: int = Field(
         default=1,

@@ -3,8 +3,9 @@
 The seed ``endpoints.txt``: "1 GPU can support a single request at a time. Concurrent
 requests exceeding the maximum replicas will be placed in a queue until a replica is
 available." :class:`ReplicaPool` is that queue, shared by sync requests and async
-jobs. :class:`JobStore` keeps async jobs and forgets a result ``result_ttl_s`` after
-it finished (the seed: 24 hours), after which poll and fetch answer 404.
+jobs. :class:`JobStore` is the Ray Serve job board's in-memory store: it forgets a result
+``result_ttl_s`` after it finished (the seed: 24 hours). A single server keeps its jobs
+in the durable :mod:`~dagster_octoai.server.jobstore` instead.
 
 Each job records its *owner* (see :mod:`dagster_octoai.server.security`); a job is
 visible only to its owner and the admin, to anyone else it is as unknown as a wrong id.

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..api.models import (
     CONTROLNET_FIELDS,
+    IMAGE_FIELDS,
     SDXL_ONLY_FIELDS,
     STYLE_PRESETS,
     Engine,
@@ -41,6 +42,10 @@ _ENGINE_PATHS = {
     "controlnet-sdxl": Engine.CONTROLNET_SDXL,
     "controlnet-sd15": Engine.CONTROLNET_SD15,
     "controlnet-sd": Engine.CONTROLNET_SD15,
+    "ssd": Engine.SSD,
+    "sd3": Engine.SD3,
+    "flux-schnell": Engine.FLUX_SCHNELL,
+    "flux-dev": Engine.FLUX_DEV,
 }
 
 
@@ -81,7 +86,7 @@ def _base_request_schema() -> tuple[dict[str, Any], dict[str, Any]]:
         "items": {"type": "string", **_IMAGE},
     }
     props["transfer_images"]["anyOf"][0]["propertyNames"] = {"pattern": r"\S"}
-    for name in ("init_image", "mask_image", "controlnet_image"):
+    for name in IMAGE_FIELDS:
         props[name]["anyOf"][0].update(_IMAGE)
         props[name]["description"] = props[name].get("description", "") + " Base64 JPEG or PNG."
     props["image_encoding"]["anyOf"][0].pop("enum", None)
@@ -142,9 +147,11 @@ def _request_schema(engine: Engine) -> dict[str, Any]:
     base, _ = _base_request_schema()
     schema = copy.deepcopy(base)
     props: dict[str, Any] = schema["properties"]
+    for name in engine.refused_fields:
+        props.pop(name)
     if not engine.is_sdxl:
         for name in SDXL_ONLY_FIELDS:
-            props.pop(name)
+            props.pop(name, None)
     if engine.is_controlnet:
         schema["required"] = ["prompt", "controlnet", "controlnet_image"]
         for name in ("controlnet", "controlnet_image"):
@@ -153,7 +160,7 @@ def _request_schema(engine: Engine) -> dict[str, Any]:
             }
     else:
         for name in CONTROLNET_FIELDS:
-            props.pop(name)
+            props.pop(name, None)
     schema["allOf"] = [*_CROSS_FIELD_RULES, _size_rule(engine)]
     schema["title"] = f"ImageGenerationRequest ({engine.value})"
     return schema
@@ -224,9 +231,22 @@ _POLL = {
     "required": ["status"],
     "properties": {
         "response_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["pending", "running", "completed", "failed"]},
+        "status": {
+            "type": "string",
+            "enum": ["pending", "running", "completed", "failed", "cancelled"],
+        },
         "response_url": {"type": "string", "format": "uri"},
         "error": {"type": "string"},
+        "queue_position": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Jobs ahead of this one on its server (0 = next); while pending.",
+        },
+        "progress": {
+            "type": "object",
+            "description": "Denoising steps done and in all; while a diffusers job runs.",
+            "properties": {"step": {"type": "integer"}, "steps": {"type": "integer"}},
+        },
     },
 }
 
@@ -280,7 +300,16 @@ def _generate_operation(path_engine: str, engine: Engine) -> dict[str, Any]:
                     "description": "1 (or true) = run in the background: 201 with a "
                     "poll_url; any other value runs the request synchronously.",
                     "schema": {"type": "string"},
-                }
+                },
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "The same key and body from the same token within the "
+                    "result TTL get the first submission's response_id (async) or answer "
+                    "(sync), unpaid; another body is a 409.",
+                    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                },
             ],
             "requestBody": {
                 "required": True,
@@ -295,6 +324,7 @@ def _generate_operation(path_engine: str, engine: Engine) -> dict[str, Any]:
                 ),
                 "400": _json("Message", "The prompt violates the Acceptable Use Policy."),
                 **_auth_responses(),
+                "409": _json("Message", "The Idempotency-Key was used with another body."),
                 "413": _json("Message", "The async request body is over the limit (10 MB)."),
                 "422": _json("HTTPValidationError", "The body is not a valid request."),
                 "429": _json("Message", "Rate limited.", _RETRY_AFTER),
@@ -341,7 +371,18 @@ def _document(base_url: str) -> dict[str, Any]:
                 **_auth_responses(),
                 "404": _json("Message", "Unknown or expired response_id."),
             },
-        }
+        },
+        "delete": {
+            "operationId": "cancel_request",
+            "summary": "Cancel an async job (pending: at once; running: at its next step)",
+            "security": [{"bearer": []}],
+            "parameters": [response_id],
+            "responses": {
+                "200": _json("PollResponse", "The job's status after the request."),
+                **_auth_responses(),
+                "404": _json("Message", "Unknown or expired response_id."),
+            },
+        },
     }
     paths["/v1/responses/{response_id}"] = {
         "get": {

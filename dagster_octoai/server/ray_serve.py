@@ -42,8 +42,14 @@ from ..api.models import ImageGenerationRequest, JobStatus
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
+from .jobqueue import JobAnswer, JobControl
 from .jobs import LOST_MESSAGE, JobStore, JobView
 from .ray_config import RayEndpointConfig
+from .ray_security import (
+    ClusterToken,
+    bind_serve_replicas_to_the_node_address,
+    closed_cluster_environment,
+)
 from .security import Caller
 from .stats import CURRENT_RECORD
 
@@ -73,6 +79,7 @@ class JobBoard:
     """Every async job of the endpoint, in one place for every frontend and generator."""
 
     def __init__(self, result_ttl_s: float) -> None:
+        bind_serve_replicas_to_the_node_address()
         self.store = JobStore(lambda: result_ttl_s, lambda count: None)
 
     def add(self, owner: str, lease_s: float) -> str:
@@ -120,6 +127,7 @@ class Generator:
     """One backend per replica, one generation at a time."""
 
     def __init__(self, server: dict[str, Any], board: Any, lease_s: float) -> None:
+        bind_serve_replicas_to_the_node_address()
         config = ServerConfig.model_validate(server).updated({"replicas": 1})
         # The backend (weights, devices) loads here, once per replica.
         self.state = ServerState(config)
@@ -249,7 +257,9 @@ class FrontendState(ServerState):
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
-    async def generate(self, req: ImageGenerationRequest) -> tuple[bytes, list[int]]:
+    async def generate(
+        self, req: ImageGenerationRequest, control: JobControl | None = None
+    ) -> tuple[bytes, list[int]]:
         try:
             result: dict[str, Any] = await self.generator.generate.remote(req)
         except BackPressureError:
@@ -280,7 +290,14 @@ class FrontendState(ServerState):
         body: bytes = result["body"]
         return body, seeds
 
-    async def submit_job(self, req: ImageGenerationRequest, caller: Caller, fails: bool) -> str:
+    async def submit_job(
+        self,
+        req: ImageGenerationRequest,
+        caller: Caller,
+        fails: bool,
+        body: bytes,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[str, bool]:
         response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
         self._held.add(response_id)
         if self._renewer is None or self._renewer.done():
@@ -288,7 +305,7 @@ class FrontendState(ServerState):
         task = asyncio.get_running_loop().create_task(self._dispatch(response_id, req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return response_id
+        return response_id, True
 
     async def _dispatch(self, response_id: str, req: ImageGenerationRequest) -> None:
         """Hand the job to a generator once one has room; fail it if its replica dies."""
@@ -318,13 +335,13 @@ class FrontendState(ServerState):
                 with contextlib.suppress(Exception):  # the next round tries again
                     await self.board.renew.remote(sorted(self._held), self.lease_s)
 
-    async def job_view(
-        self, response_id: str, caller: Caller, *, with_body: bool
-    ) -> JobView | None:
+    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
         view: JobView | None = await self.board.view.remote(
             response_id, caller.owner, caller.admin, with_body
         )
-        return view
+        if view is None:
+            return JobAnswer.missing(response_id, "unknown")
+        return JobAnswer(view.response_id, view.status, view.error, body=view.body)
 
     async def job_counts(self) -> dict[str, int]:
         counts: dict[str, int] = await self.board.counts.remote()
@@ -358,6 +375,7 @@ class Frontend:
         board: Any,
         settings: dict[str, Any],
     ) -> None:
+        bind_serve_replicas_to_the_node_address()
         self.state = FrontendState(
             ServerConfig.model_validate(server),
             owner_key=owner_key,
@@ -419,41 +437,59 @@ LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def start_local_cluster(
-    *, num_cpus: int | None = None, num_gpus: int | None = None, attempts: int = 3, **init: Any
-) -> None:
-    """``ray.init`` of a local cluster without the dashboard, retried if its node is slow.
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    attempts: int = 3,
+    dashboard: bool = False,
+    **init: Any,
+) -> ClusterToken:
+    """``ray.init`` of a local cluster closed to the network, retried if its node is slow.
+
+    Every Ray port listens on the loopback interface, the dashboard is off unless asked
+    for (then on loopback too), and Ray's token authentication is on with a token
+    generated for this cluster (:mod:`~.ray_security`). Returns that token's file: pass
+    its :meth:`~.ClusterToken.env` to another driver on this machine, and
+    :meth:`~.ClusterToken.remove` it once the cluster is stopped.
 
     Ray gives a new node's raylet a fixed 30 s to register with its GCS; on a loaded machine
     (a shared 2-core CI box) that can pass, and Ray's message suggests starting again.
     """
     import ray
 
+    token = ClusterToken.generate()
     # Every Ray process of the new cluster inherits the environment ray.init starts it in;
     # the caller's own environment is left as it was.
     saved = {name: os.environ.get(name) for name in LOCAL_CLUSTER_ENV}
     for name, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(name, value)
     try:
-        for attempt in range(1, attempts + 1):
-            try:
-                ray.init(
-                    num_cpus=num_cpus,
-                    num_gpus=num_gpus,
-                    include_dashboard=False,
-                    configure_logging=False,
-                    **init,
-                )
-                return
-            except Exception as exc:
-                ray.shutdown()
-                if attempt == attempts or "timed out during startup" not in str(exc):
-                    raise
+        with closed_cluster_environment(token):
+            for attempt in range(1, attempts + 1):
+                try:
+                    ray.init(
+                        num_cpus=num_cpus,
+                        num_gpus=num_gpus,
+                        include_dashboard=dashboard,
+                        dashboard_host="127.0.0.1",
+                        configure_logging=False,
+                        **init,
+                    )
+                    break
+                except Exception as exc:
+                    ray.shutdown()
+                    if attempt == attempts or "timed out during startup" not in str(exc):
+                        raise
+    except BaseException:
+        token.remove()
+        raise
     finally:
         for name, was in saved.items():
             if was is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = was
+    return token
 
 
 def start_serve(http_options: dict[str, Any], *, attempts: int = 3) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from ..api.images import decode_base64_image
-from ..api.models import ImageGenerationRequest
+from ..api.models import IMAGE_FIELDS, ImageGenerationRequest
 
 __all__ = ["RenderedImage", "choose_seeds", "render", "render_image", "undecodable_images"]
 
@@ -49,9 +49,7 @@ def undecodable_images(request: ImageGenerationRequest) -> list[tuple[tuple[str 
     bytes; a truncated or corrupt picture must be the client's 422, not a renderer crash.
     """
     fields: list[tuple[tuple[str | int, ...], str]] = [
-        ((name,), value)
-        for name in ("init_image", "mask_image", "controlnet_image")
-        if (value := getattr(request, name)) is not None
+        ((name,), value) for name in IMAGE_FIELDS if (value := getattr(request, name)) is not None
     ]
     for word, images in (request.transfer_images or {}).items():
         fields.extend(((("transfer_images", word, i), b64) for i, b64 in enumerate(images)))

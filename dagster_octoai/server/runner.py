@@ -364,6 +364,28 @@ class LocalOctoAIServer(StartStopContext):
             self._stderr.close()
             self._stderr = None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id with ``mode="process"`` (None in a thread or stopped)."""
+        return None if self._proc is None else self._proc.pid
+
+    def kill(self, sig: int = 9, *, timeout_s: float = 60.0) -> int | None:
+        """Send ``sig`` (default SIGKILL) to the server's child process and wait for it to end.
+
+        For crash and restart tests (``mode="process"`` only): SIGKILL is a crash, SIGTERM
+        a graceful stop that lets running async jobs finish. Returns the exit code; the
+        object is stopped afterwards, and a new one on the same ``port`` and store is the
+        restarted server.
+        """
+        if self._proc is None:
+            raise RuntimeError("kill() needs a running server with mode='process'")
+        self._proc.send_signal(sig)
+        try:
+            code = self._proc.wait(timeout=timeout_s)
+        finally:
+            self.stop()
+        return code
+
     # ---- the /_local controls -----------------------------------------------------------
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:

@@ -62,6 +62,8 @@ class ServerStats:
         self.validation_errors = 0
         self.async_submitted = 0
         self.async_expired = 0
+        #: Sync generations cancelled because their client disconnected.
+        self.disconnected_cancels = 0
         self.in_flight_max = 0
         self.queued_max = 0
         self.log: deque[RequestRecord] = deque(maxlen=LOG_SIZE)
@@ -101,6 +103,7 @@ class ServerStats:
             "rate_limited": self.rate_limited,
             "policy_rejections": self.policy_rejections,
             "validation_errors": self.validation_errors,
+            "disconnected_cancels": self.disconnected_cancels,
             "faults": dict(self.faults),
             "in_flight": in_flight,
             "in_flight_max": self.in_flight_max,

@@ -27,7 +27,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api.images import image_size
-from ..api.models import JobStatus
 from ..api.video import SVD_ENGINE, VideoGenerationRequest
 from .app import (
     ASYNC_HEADER,
@@ -39,7 +38,7 @@ from .app import (
     _validation_response,
 )
 from .backends import Backend
-from .jobs import Job
+from .jobqueue import JobControl, QueueFull, ShuttingDown
 from .limits import parse_json_body
 from .renderer import SEED_SPACE
 from .stats import RequestRecord
@@ -110,8 +109,20 @@ class _VideoRoute:
             return req
         record: RequestRecord | None = request.scope.get("octoai.record")
         if request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true"):
-            job = state.jobs.add(None, fails=False, owner=caller.owner)
-            job.task = asyncio.get_running_loop().create_task(self._run_job(job, req))
+            try:
+                job = await state.jobs.submit_engine(
+                    caller.owner, SVD_ENGINE, await request.body(), req.summary()
+                )
+            except QueueFull:
+                return _message(
+                    429,
+                    f"{state.config.max_queued_jobs} async jobs are queued already; retry later.",
+                    {"Retry-After": str(state.config.queue_retry_after_s)},
+                )
+            except ShuttingDown:
+                return _message(
+                    503, "The server is stopping; retry in a moment.", {"Retry-After": "5"}
+                )
             state.stats.async_submitted += 1
             if record is not None:
                 record.engine, record.response_id = SVD_ENGINE, job.response_id
@@ -202,17 +213,11 @@ class _VideoRoute:
         }
         return json.dumps(body, separators=(",", ":")).encode(), seeds
 
-    async def _run_job(self, job: Job, req: VideoGenerationRequest) -> None:
-        config = self.state.config
-        if config.async_queue_delay_s > 0:
-            await asyncio.sleep(config.async_queue_delay_s)
-        async with self.state.pool:
-            job.status = JobStatus.RUNNING
-            try:
-                body, _ = await self._render(req)
-                job.finish(JobStatus.COMPLETED, body=body)
-            except Exception as exc:  # a renderer bug must not leave the job running forever
-                job.finish(JobStatus.FAILED, error=f"The inference failed: {type(exc).__name__}.")
+    async def render_job(self, raw: bytes, control: JobControl) -> bytes:
+        """An async job's answer from its stored body (the job queue holds the replica)."""
+        req = VideoGenerationRequest.from_wire(json.loads(raw))
+        body, _ = await self._render(req)
+        return body
 
 
 def _image_problem(req: VideoGenerationRequest, scale: float) -> str | None:
@@ -241,11 +246,17 @@ def _image_problem(req: VideoGenerationRequest, scale: float) -> str | None:
 
 
 def video_routes(state: ServerState) -> list[Route]:
-    """The video route of a server; its renderer (and any model) is loaded here, once."""
+    """The video route of a server; its renderer (and any model) is loaded here, once.
+
+    Async video jobs go to the server's durable job queue, which renders them here.
+    """
+    route = _VideoRoute(state, video_renderer(state.backend))
+    if route.renderer is not None:
+        state.jobs.renderers[SVD_ENGINE] = route.render_job
     return [
         Route(
             f"/generate/{SVD_ENGINE}",
-            _VideoRoute(state, video_renderer(state.backend)).handle,
+            route.handle,
             methods=["POST"],
         )
     ]

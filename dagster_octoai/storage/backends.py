@@ -33,6 +33,7 @@ __all__ = [
     "StorageBackend",
     "StorageError",
     "Versioned",
+    "conflict_message",
 ]
 
 
@@ -54,6 +55,17 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime
+
+
+def conflict_message(uri: str, expected: str | None, missing: bool) -> str:
+    """What a refused conditional write says: created first, removed, or changed by another."""
+    if expected is None:
+        what = "was created by another writer first"
+    elif missing:
+        what = "was removed since it was read"
+    else:
+        what = "was changed by another writer since it was read"
+    return f"{uri} {what}; nothing was written"
 
 
 class StorageBackend(ABC):
@@ -325,11 +337,14 @@ class S3Backend(StorageBackend):
         except ConflictError:
             # botocore retries a PUT whose answer was lost; if that attempt landed, the
             # retry is refused although the object holds exactly these bytes (what is
-            # written this way, a manifest, names its own write and is never repeated).
+            # written this way, a manifest or a job record, names its own write and is
+            # never repeated).
             current = self.get_versioned(key)
             if current is not None and current.data == data:
                 return current.version
-            raise
+            raise ConflictError(
+                conflict_message(self.uri(key), expected, current is None)
+            ) from None
 
     def delete_if(self, key: str, expected: str) -> bool:
         try:
@@ -437,7 +452,9 @@ class S3Backend(StorageBackend):
                 "(e.g. with EnvVar) or configure boto3's default credential chain"
             ) from None
         except EndpointConnectionError as exc:
-            raise StorageError(f"cannot reach the S3 endpoint: {exc}") from None
+            raise StorageError(
+                f"cannot reach the S3 endpoint for {op} of {self.uri(key)}: {exc}"
+            ) from None
         except BotoCoreError as exc:
             raise StorageError(f"S3 {op} of {self.uri(key)} failed: {exc}") from None
 
@@ -447,8 +464,8 @@ class S3Backend(StorageBackend):
         where = self.uri(key)
         if code in ("NoSuchBucket",) or (op == "head_bucket" and code in ("404", "NotFound")):
             return StorageError(
-                f"bucket {self.bucket!r} does not exist (S3 {op}); create it or fix the "
-                "`bucket` setting",
+                f"bucket {self.bucket!r} does not exist (S3 {op} of {where}); create it or "
+                "fix the `bucket` setting",
                 status_code=status,
             )
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -481,6 +498,21 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file in the folder of ``path``, made if missing.
+
+    The folder is made again if a concurrent :meth:`LocalBackend.delete` removed it as
+    empty between making it and creating the file.
+    """
+    for _ in range(5):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except FileNotFoundError:
+            continue
+    raise StorageError(f"{path.parent} kept disappearing while a file was written in it")
+
+
 # Linux's NAME_MAX and PATH_MAX; most file systems (ext4, xfs, APFS) share the first.
 _NAME_MAX = 255
 _PATH_MAX = 4096
@@ -489,11 +521,15 @@ _PATH_MAX = 4096
 class LocalBackend(StorageBackend):
     """Objects as files under ``base_dir``; every write is a temp file + ``os.replace``.
 
-    A local file has no object metadata: it lives in the manifest only.
+    A local file has no object metadata: it lives in the manifest only. ``fsync=True``
+    flushes each write (the file, then its directory for the rename) before returning, as
+    the job ledger wants; without it a crash of the machine may lose the latest writes,
+    but a reader still never sees a half-written object.
     """
 
-    def __init__(self, base_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, base_dir: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.base_dir = Path(base_dir).expanduser().resolve()
+        self.fsync = fsync
 
     def __repr__(self) -> str:
         return f"LocalBackend(base_dir={str(self.base_dir)!r})"
@@ -514,16 +550,25 @@ class LocalBackend(StorageBackend):
 
     def put(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str]) -> None:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _temp_beside(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if self.fsync:
+            # The rename itself is only durable once the directory is flushed.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def copy(
         self, source_key: str, key: str, content_type: str, metadata: Mapping[str, str]
@@ -567,11 +612,7 @@ class LocalBackend(StorageBackend):
         with self._locked(path):
             current = self.get_versioned(key)
             if (None if current is None else current.version) != expected:
-                what = "exists" if expected is None else "changed" if current else "is gone"
-                raise ConflictError(
-                    f"{self.uri(key)} {what} since it was read (another writer committed "
-                    "first); nothing was written"
-                )
+                raise ConflictError(conflict_message(self.uri(key), expected, current is None))
             self.put(key, data, content_type, metadata)
         return _digest(data)
 
@@ -616,6 +657,8 @@ class LocalBackend(StorageBackend):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         start = self.path(prefix) if prefix else self.base_dir
+        if prefix.endswith("/") and not start.is_dir():
+            return  # a folder that is not there: nothing to walk
         root = start if start.is_dir() else start.parent
         if not root.is_dir():
             return

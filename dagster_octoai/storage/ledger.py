@@ -6,7 +6,8 @@ The ledger, not a sensor cursor, is the source of truth: a sensor can lose its
 cursor, a run can crash, and the ledger still lists every job that has to be
 polled, fetched and persisted.
 
-Layout under the store's root (a local directory or an S3 prefix)::
+Layout under the ledger's prefix, on a :class:`~dagster_octoai.storage.backends.StorageBackend`
+(a local directory or an S3 bucket)::
 
     jobs/<job_id>.json              the record (atomic replace on every change)
     open/<created_ms>-<job_id>      an empty marker per job that still needs work
@@ -30,38 +31,29 @@ one job, exactly one POSTs it; the others see the conflict and leave it alone.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import socket
-import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..api.errors import ConflictError, StorageError
 from ..api.models import AsyncJob, ImageGenerationRequest
+from .backends import StorageBackend
 
 __all__ = [
     "ConflictError",
     "JobLedger",
     "JobRecord",
     "JobState",
-    "LedgerStore",
-    "LocalLedgerStore",
-    "S3LedgerStore",
-    "Versioned",
     "job_id_for",
 ]
 
@@ -161,6 +153,26 @@ class JobRecord(BaseModel):
     )
 
     _version: str | None = PrivateAttr(default=None)
+
+    @property
+    def idempotency_key(self) -> str:
+        """The ``Idempotency-Key`` of this job's next POST.
+
+        The same for every POST that replaces the same response (a retry after a lost
+        answer gets the job the first POST made, unpaid); new once a response the server
+        gave up (expired or failed) is being replaced. The record's creation time is
+        part of it: a job id is a digest of the request, and two ledgers (or a job made
+        again after it ended) must not share a key.
+        """
+        seed = "\0".join(
+            [
+                self.job_id,
+                self.created_at.isoformat(),
+                self.response_id or "",
+                str(len(self.previous_response_ids)),
+            ]
+        )
+        return "dagster-octoai-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
     @property
     def stored_version(self) -> str | None:
@@ -282,49 +294,6 @@ def job_id_for(
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
-# ---- storage backends -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Versioned:
-    """An object's bytes and the version they are (an S3 ETag, a digest of a local file)."""
-
-    data: bytes
-    version: str
-
-
-class LedgerStore(Protocol):
-    """Where the ledger's small objects live. Each ``write`` must be atomic."""
-
-    def read(self, key: str) -> bytes | None:
-        """The object's bytes, or ``None`` if it does not exist."""
-
-    def read_versioned(self, key: str) -> Versioned | None:
-        """The object's bytes with their version, or ``None`` if it does not exist."""
-
-    def write(self, key: str, data: bytes) -> None:
-        """Create or replace an object atomically: a reader sees the old or the new bytes."""
-
-    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
-        """Replace an object only if it is still at version ``expected`` (``None``: absent).
-
-        Returns the new version.
-
-        Raises:
-            ConflictError: the object is at another version (or exists, or is gone);
-                nothing was written.
-        """
-
-    def delete(self, key: str) -> None:
-        """Remove an object; removing a missing one is not an error."""
-
-    def list(self, prefix: str) -> list[str]:
-        """Names (relative to ``prefix``) of the objects under ``prefix``, sorted."""
-
-    def uri(self, key: str) -> str:
-        """A human-readable location of ``key`` for logs and metadata."""
-
-
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -335,223 +304,22 @@ def _safe_name(value: str) -> str:
     return "sha256-" + hashlib.sha256(value.encode()).hexdigest()
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-class LocalLedgerStore:
-    """A ledger in a local directory: temp file + ``fsync`` + ``os.replace`` per write.
-
-    ``fsync=False`` skips the flushes (tests, benchmarks); a crash may then lose the
-    latest writes, but a reader still never sees a half-written record.
-
-    A conditional write (:meth:`write_if`) holds an exclusive ``flock`` on the key's
-    lock file under ``.locks/`` while it compares the file's digest and renames the
-    new bytes into place, so threads and processes on one machine take turns; a
-    reader needs no lock (a rename is atomic). ``flock`` is POSIX and machine-local:
-    share a ledger between machines through S3, not a network file system.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.root = Path(root)
-        self.fsync = fsync
-        self._made: set[Path] = set()
-        self._lock = threading.Lock()
-
-    def _path(self, key: str) -> Path:
-        path = self.root / key
-        if self.root.resolve() not in path.resolve().parents:
-            raise ValueError(f"ledger key {key!r} escapes the ledger directory {self.root}")
-        return path
-
-    def _ensure_dir(self, path: Path) -> None:
-        if path not in self._made:
-            path.mkdir(parents=True, exist_ok=True)
-            with self._lock:
-                self._made.add(path)
-
-    def read(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def read_versioned(self, key: str) -> Versioned | None:
-        data = self.read(key)
-        return None if data is None else Versioned(data, _digest(data))
-
-    def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        self._ensure_dir(path.parent)
-        self._replace(path, data)
-
-    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
-        path = self._path(key)
-        self._ensure_dir(path.parent)
-        with self._locked(key):
-            try:
-                current: str | None = _digest(path.read_bytes())
-            except FileNotFoundError:
-                current = None
-            if current != expected:
-                raise ConflictError(_conflict_message(self.uri(key), expected, current is None))
-            self._replace(path, data)
-        return _digest(data)
-
-    @contextlib.contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        lock = self._path(f".locks/{key}.lock")
-        self._ensure_dir(lock.parent)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            # flock, not lockf: two threads of one process opening the file each get a
-            # lock of their own, so they exclude each other as two processes do.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    def _replace(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        if self.fsync:
-            # The rename itself is only durable once the directory is flushed.
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
-
-    def list(self, prefix: str) -> list[str]:
-        try:
-            names = os.listdir(self._path(prefix))
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if not n.startswith("."))
-
-    def uri(self, key: str) -> str:
-        return str(self.root / key)
-
-
-class S3LedgerStore:
-    """A ledger under an S3 prefix; ``put_object`` is atomic per object.
-
-    ``client`` is a boto3 S3 client (thread-safe, shared by a sensor's poll workers).
-    """
-
-    def __init__(self, client: Any, bucket: str, prefix: str = "") -> None:
-        self.client = client
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def read(self, key: str) -> bytes | None:
-        got = self.read_versioned(key)
-        return None if got is None else got.data
-
-    def read_versioned(self, key: str) -> Versioned | None:
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey:
-            return None
-        body = obj["Body"]
-        try:
-            data: bytes = body.read()
-        finally:
-            body.close()
-        return Versioned(data, str(obj["ETag"]))
-
-    def write(self, key: str, data: bytes) -> None:
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
-        )
-
-    def write_if(self, key: str, data: bytes, expected: str | None) -> str:
-        from botocore.exceptions import ClientError
-
-        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-        try:
-            answer = self.client.put_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=data,
-                ContentType="application/json",
-                **condition,
-            )
-        except ClientError as exc:
-            if not _lost_condition(exc):
-                raise
-            # botocore retries a PUT whose answer was lost; if that first attempt landed,
-            # the retry is refused although the object holds exactly these bytes (every
-            # record write is unique: it carries its own write_id).
-            current = self.read_versioned(key)
-            if current is not None and current.data == data:
-                return current.version
-            raise ConflictError(
-                _conflict_message(self.uri(key), expected, current is None)
-            ) from None
-        return str(answer["ETag"])
-
-    def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-    def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix).rstrip("/") + "/"
-        names: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            names.extend(obj["Key"][len(full) :] for obj in page.get("Contents", []))
-        return sorted(n for n in names if n and "/" not in n)
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
-
-
-def _lost_condition(exc: Any) -> bool:
-    """Whether an S3 error says a conditional write's precondition did not hold."""
-    error = getattr(exc, "response", {}) or {}
-    code = str(error.get("Error", {}).get("Code", ""))
-    status = error.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    # 409 ConditionalRequestConflict: AWS's answer while another conditional write of
-    # the same key is in flight.
-    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
-
-
-def _conflict_message(uri: str, expected: str | None, missing: bool) -> str:
-    if expected is None:
-        what = "was created by another writer first"
-    elif missing:
-        what = "was removed since it was read"
-    else:
-        what = "was changed by another writer since it was read"
-    return f"{uri} {what}; nothing was written"
-
-
 # ---- the ledger -------------------------------------------------------------------------
 
 
 class JobLedger:
-    """Durable job records on a :class:`LedgerStore`.
+    """Durable job records on a :class:`~dagster_octoai.storage.backends.StorageBackend`.
+
+    The image store's object store: its conditional writes (the compare-and-swap of every
+    record), its locks and its error mapping (every S3 failure a ``StorageError`` naming
+    the object). Objects live under ``prefix``: ``jobs/<job id>.json`` (the records),
+    ``open/<marker>`` (the jobs still to poll) and ``responses/<response id>`` (the job
+    of each response id). A local ledger is a :class:`LocalBackend` with ``fsync=True``.
 
     Examples:
         >>> import tempfile
-        >>> ledger = JobLedger(LocalLedgerStore(tempfile.mkdtemp(), fsync=False))
+        >>> from dagster_octoai.storage.backends import LocalBackend
+        >>> ledger = JobLedger(LocalBackend(tempfile.mkdtemp()))
         >>> req = ImageGenerationRequest(prompt="a fox", seed=1)
         >>> rec = ledger.record_intent(
         ...     JobRecord.new(req, asset_key="images", partition_key=None, job_id="j1"))
@@ -559,9 +327,33 @@ class JobLedger:
         ['j1']
     """
 
-    def __init__(self, store: LedgerStore, *, clock: Callable[[], datetime] = _utcnow) -> None:
-        self.store = store
+    def __init__(
+        self,
+        backend: StorageBackend,
+        prefix: str = "",
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.backend = backend
+        self.prefix = prefix.strip("/")
         self.clock = clock
+
+    # -- objects --
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _write(self, name: str, data: bytes) -> None:
+        self.backend.put(self._key(name), data, "application/json", {})
+
+    def _delete(self, name: str) -> None:
+        self.backend.delete([self._key(name)])
+
+    def _list(self, folder: str) -> list[str]:
+        """Names of the objects directly in ``folder``, sorted (temp files left out)."""
+        head = self._key(folder) + "/"
+        names = (info.key[len(head) :] for info in self.backend.list(head))
+        return sorted(n for n in names if n and "/" not in n and not n.startswith("."))
 
     # -- reading --
 
@@ -571,8 +363,8 @@ class JobLedger:
         Raises:
             StorageError: the stored record is not a valid record (names the object).
         """
-        key = self._record_key(job_id)
-        got = self.store.read_versioned(key)
+        key = self._key(self._record_key(job_id))
+        got = self.backend.get_versioned(key)
         if got is None:
             return None
         try:
@@ -583,7 +375,7 @@ class JobLedger:
                 for e in exc.errors()[:3]
             )
             raise StorageError(
-                f"{self.store.uri(key)} is not a valid job record ({problems}); restore it "
+                f"{self.backend.uri(key)} is not a valid job record ({problems}); restore it "
                 "from a backup, or delete it to forget the job (its images would then be "
                 "paid for again)"
             ) from None
@@ -595,7 +387,7 @@ class JobLedger:
 
     def find_by_response_id(self, response_id: str) -> JobRecord | None:
         """The job that has (or had) ``response_id``, or ``None``."""
-        raw = self.store.read(f"responses/{_safe_name(response_id)}")
+        raw = self.backend.get_or_none(self._key(f"responses/{_safe_name(response_id)}"))
         if raw is None:
             return None
         record = self.get(raw.decode())
@@ -607,7 +399,7 @@ class JobLedger:
 
     def list_open(self) -> list[str]:
         """Open markers, oldest first: the jobs that still need polling, fetching or reporting."""
-        return self.store.list("open")
+        return self._list("open")
 
     @staticmethod
     def job_id_of_marker(marker: str) -> str:
@@ -616,7 +408,7 @@ class JobLedger:
 
     def iter_records(self) -> Iterator[JobRecord]:
         """Every record, open or final (reads them all: for reports and tests, not ticks)."""
-        for name in self.store.list("jobs"):
+        for name in self._list("jobs"):
             if name.endswith(".json"):
                 record = self.get(name[: -len(".json")])
                 if record is not None:
@@ -624,7 +416,7 @@ class JobLedger:
 
     def uri(self, job_id: str) -> str:
         """Where the record of ``job_id`` lives."""
-        return self.store.uri(self._record_key(job_id))
+        return self.backend.uri(self._key(self._record_key(job_id)))
 
     # -- writing --
 
@@ -653,14 +445,16 @@ class JobLedger:
             # Marker first: an open record never lacks a marker, even after a crash. A
             # writer that then loses the race leaves at worst a stale marker (its
             # creation time may differ from the winner's), which ticks discard.
-            self.store.write(marker, b"")
-        version = self.store.write_if(
-            self._record_key(stored.job_id),
+            self._write(marker, b"")
+        version = self.backend.put_if(
+            self._key(self._record_key(stored.job_id)),
             stored.model_dump_json().encode(),
+            "application/json",
+            {},
             record.stored_version,
         )
         if stored.state.is_final:
-            self.store.delete(marker)
+            self._delete(marker)
         return stored.at_version(version)
 
     def update(
@@ -737,7 +531,7 @@ class JobLedger:
         job up), the answer joins ``previous_response_ids`` and a warning says the
         job was paid for twice.
         """
-        self.store.write(f"responses/{_safe_name(job.response_id)}", intent.job_id.encode())
+        self._write(f"responses/{_safe_name(job.response_id)}", intent.job_id.encode())
 
         def apply(current: JobRecord) -> JobRecord | None:
             if current.write_id == intent.write_id or (
@@ -786,7 +580,7 @@ class JobLedger:
 
     def discard_marker(self, marker: str) -> None:
         """Remove a stale ``open/`` marker (its record is final or gone)."""
-        self.store.delete(f"open/{marker}")
+        self._delete(f"open/{marker}")
 
     def now(self) -> datetime:
         """The ledger's clock (injectable for tests)."""

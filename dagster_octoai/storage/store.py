@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote
@@ -546,51 +547,29 @@ class ImageStore:
                     request = answer_request(result, position_in_batch)
                     fingerprint = request.fingerprint()
                     source = self._reuse_source(result, fingerprint, sources)
+                    metadata_of = partial(
+                        _object_metadata,
+                        request,
+                        result,
+                        fingerprint=fingerprint,
+                        run_id=run_id,
+                        asset_path="/".join(asset),
+                        partition=partition,
+                    )
                     images: list[ImageRecord] = []
                     for position, image in enumerate(result.images):
                         if not image.available:
                             images.append(_removed_record(image, index))
                             index += 1
                             continue
-                        data = image.data
-                        converted_from = None
-                        if self.convert_to and sniff_format(data) != self.convert_to:
-                            converted_from = sniff_format(data)
-                            data = _convert(data, self.convert_to)
-                        fmt = sniff_format(data)
-                        width, height = _checked_size(data, image.seed)
-                        key = object_key(base, write_id, image_name(index, image.seed, fmt))
-                        sha = _sha256(data)
-                        content_type = content_type_for(fmt)
-                        metadata = _object_metadata(
-                            request,
-                            result,
-                            seed=image.seed,
-                            index=index,
-                            size=(width, height),
-                            fingerprint=fingerprint,
-                            run_id=run_id,
-                            asset_path="/".join(asset),
-                            partition=partition,
+                        stored, data, key, sha = self._image_record(
+                            image,
+                            index,
+                            base,
+                            write_id,
+                            partial(metadata_of, seed=image.seed, index=index),
                         )
-                        images.append(
-                            ImageRecord(
-                                index=index,
-                                seed=image.seed,
-                                key=key,
-                                uri=self.backend.uri(key),
-                                bytes=len(data),
-                                sha256=sha,
-                                content_type=content_type,
-                                format=fmt,
-                                width=width,
-                                height=height,
-                                converted_from=converted_from,
-                                removed_for_safety=False,
-                                safety_score=image.safety_score,
-                                metadata=metadata,
-                            )
-                        )
+                        images.append(stored)
                         index += 1
                         # Bytes already stored (by this output's committed write, or by the
                         # output a reused result came from) are copied server-side into
@@ -599,7 +578,12 @@ class ImageStore:
                         copy_from = held.get(sha) or _source_key(source, position, sha)
                         written.append(key)
                         uploader.submit(
-                            self._put_object, key, data, copy_from, content_type, metadata
+                            self._put_object,
+                            key,
+                            data,
+                            copy_from,
+                            stored.content_type,
+                            stored.metadata,
                         )
                         if thumbnail is None:
                             thumbnail = thumbnail_data_uri(data)
@@ -641,6 +625,45 @@ class ImageStore:
             raise
         self._retire(base, manifest, superseded, head.legacy)
         return self._report(base, manifest, thumbnail)
+
+    def _image_record(
+        self,
+        image: GeneratedImage,
+        index: int,
+        base: str,
+        write_id: str,
+        metadata_of: Callable[..., dict[str, str]],
+    ) -> tuple[ImageRecord, bytes, str, str]:
+        """One image to store: its record, bytes (re-encoded if ``convert_to``), key and SHA-256.
+
+        The format is sniffed once: a converted image has the format it was converted to.
+        """
+        data = image.data
+        fmt = sniff_format(data)
+        converted_from = None
+        if self.convert_to and fmt != self.convert_to:
+            converted_from, fmt = fmt, self.convert_to
+            data = _convert(data, self.convert_to)
+        width, height = _checked_size(data, image.seed)
+        key = object_key(base, write_id, image_name(index, image.seed, fmt))
+        sha = _sha256(data)
+        record = ImageRecord(
+            index=index,
+            seed=image.seed,
+            key=key,
+            uri=self.backend.uri(key),
+            bytes=len(data),
+            sha256=sha,
+            content_type=content_type_for(fmt),
+            format=fmt,
+            width=width,
+            height=height,
+            converted_from=converted_from,
+            removed_for_safety=False,
+            safety_score=image.safety_score,
+            metadata=metadata_of(size=(width, height)),
+        )
+        return record, data, key, sha
 
     def _put_object(
         self,
@@ -924,6 +947,31 @@ class ImageStore:
             if answer is not None:
                 return answer
         return None
+
+    def existing_answers(
+        self, asset_key: Sequence[str], partition_key: str | None = None
+    ) -> Callable[[ImageGenerationRequest], ImageGenerationResponse | None]:
+        """A finder of answers to reuse from one output, its manifest read once.
+
+        For a batch re-run: each request whose seeds are all explicit finds its answer in
+        the output being replaced, as :meth:`find_existing` would, without reading the
+        manifest again per request (the fingerprint index is not consulted).
+        """
+        try:
+            found = self._committed(list(asset_key), partition_key)
+        except StorageError as exc:
+            logger.warning("not reusing the stored output: %s", exc)
+            found = None
+        if found is None:
+            return lambda request: None
+        manifest, _, key = found
+
+        def find(request: ImageGenerationRequest) -> ImageGenerationResponse | None:
+            if request.explicit_seeds is None:
+                return None
+            return self._load_result(manifest, key, request, request.fingerprint())
+
+        return find
 
     def _load_result(
         self, manifest: Manifest, key: str, request: ImageGenerationRequest, fingerprint: str

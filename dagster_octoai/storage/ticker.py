@@ -38,6 +38,7 @@ from ..api.errors import (
     APIStatusError,
     ConflictError,
     JobExpiredError,
+    JobUnknownError,
     OctoAIError,
     RateLimitError,
     ServerError,
@@ -373,7 +374,7 @@ class AsyncJobTicker:
     def _poll_once(self, record: JobRecord, now: datetime) -> _Outcome:
         try:
             result = self.client.poll(record.async_job())
-        except JobExpiredError as exc:
+        except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired or unknown (404) on poll: {exc.message}", JobState.EXPIRED
             )
@@ -406,6 +407,11 @@ class AsyncJobTicker:
                 "completed",
                 record,
                 request=self._persist_request(record, record.response_id or record.job_id),
+            )
+        if status is JobStatus.CANCELLED:
+            # Someone cancelled it on purpose: given up, never paid for again.
+            return self._resubmit_or_fail(
+                record, "cancelled on the server", JobState.FAILED, resubmit=False
             )
         if status is JobStatus.FAILED:
             ran = ""
@@ -457,8 +463,10 @@ class AsyncJobTicker:
             f"{self.settings.result_ttl_s / 3600:g} h); check the persist runs"
         )
 
-    def _resubmit_or_fail(self, record: JobRecord, reason: str, final: JobState) -> _Outcome:
-        if record.attempts > self.settings.max_resubmits:
+    def _resubmit_or_fail(
+        self, record: JobRecord, reason: str, final: JobState, *, resubmit: bool = True
+    ) -> _Outcome:
+        if not resubmit or record.attempts > self.settings.max_resubmits:
             try:
                 failed = self.ledger.save(
                     record.evolve(
@@ -482,7 +490,7 @@ class AsyncJobTicker:
         except ConflictError:
             return _raced(record, "resubmitting it")
         try:
-            job = self.client.submit(request)
+            job = self.client.submit(request, idempotency_key=intent.idempotency_key)
         except (TransportError, RateLimitError, ServerError) as exc:
             # Unclear whether the service accepted it: leave the intent, marked, for next tick.
             self._mark(intent, error=f"resubmission failed: {exc}")
@@ -580,7 +588,7 @@ class AsyncJobTicker:
         # A persist run failed: is the result still there (then run again) or gone (resubmit)?
         try:
             result = self.client.poll(record.async_job())
-        except JobExpiredError as exc:
+        except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired before it was persisted: {exc.message}", JobState.EXPIRED
             )

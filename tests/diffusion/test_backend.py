@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -332,8 +334,8 @@ def test_unknown_assets_and_unsupported_features_are_422s_naming_the_field(
     assert loc == ["body", "controlnet"] and "canny_sdxl, depth_sdxl" in msg
     loc, msg = problem("controlnet-sdxl", controlnet="depth_sdxl", controlnet_image=photo(SD, 1))
     assert loc == ["body", "controlnet_preprocess"] and "controlnet_preprocess false" in msg
-    loc, msg = problem("sdxl", transfer_images={"tok": [sample_image_b64((64, 64))]})
-    assert loc == ["body", "transfer_images"] and "not supported by this server" in msg
+    loc, msg = problem("sd", transfer_images={"tok": [sample_image_b64((64, 64))]})
+    assert loc == ["body", "transfer_images"] and "photo merge works with the SDXL engines" in msg
     loc, msg = problem("sdxl", clip_skip=12)
     assert loc == ["body", "clip_skip"] and "allowed: 1..11" in msg
     assert diffusers_server.stats()["paid_generations"] == before
@@ -350,3 +352,33 @@ def test_describe_says_what_the_server_has(diffusers_server: LocalOctoAIServer) 
     assert described["dtype"] == "fp32" and described["refiner"] is True
     assert described["library"]["sdxl"]["loras"] == ["tiny-crayon", "tiny-ink"]
     assert any("removed_for_safety is always false" in n for n in described["notes"])
+
+
+def test_an_async_job_reports_progress_and_a_cancel_stops_it_at_the_next_step(
+    diffusers_server: LocalOctoAIServer,
+) -> None:
+    headers = {"Authorization": f"Bearer {diffusers_server.token}"}
+    steps = 200
+    with httpx.Client(base_url=diffusers_server.url, headers=headers, timeout=60) as client:
+        accepted = client.post(
+            "/generate/sd",
+            json={"prompt": "a fox", "seed": 1, "steps": steps},
+            headers={"X-OctoAI-Async": "1"},
+        ).json()
+        poll_url = accepted["poll_url"]
+        deadline = time.monotonic() + 120
+        while (now := client.get(poll_url).json()).get("progress", {}).get("step", 0) < 3:
+            assert now["status"] in ("pending", "running"), now
+            assert time.monotonic() < deadline, now
+            time.sleep(0.02)
+        assert now["progress"]["steps"] == steps
+        at_cancel = now["progress"]["step"]
+        started, last = time.monotonic(), at_cancel
+        assert client.delete(poll_url).status_code == 200
+        while (end := client.get(poll_url).json())["status"] == "running":
+            last = end.get("progress", {}).get("step", at_cancel)
+            assert time.monotonic() - started < 60, end
+            time.sleep(0.01)
+        assert end["status"] == "cancelled", end
+        # It stopped within a few steps of the cancel, far from its 200.
+        assert last < steps // 2

@@ -17,6 +17,7 @@ import pytest
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.testing.plugin import TEST_TOKEN
+from dagster_octoai.testing.server import sample_image_b64
 
 from .conftest import Generate, images_of, pil
 
@@ -27,12 +28,13 @@ pytestmark = pytest.mark.timeout(600)
 def batching_server(
     tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalOctoAIServer]:
-    # The tiny models without sdxl/refiner (links to the rest).
+    # The tiny models without sdxl/refiner nor the photo merge IP-Adapter (links to the
+    # rest), and only the SDXL and SD 1.5 families.
     models = tmp_path_factory.mktemp("no-refiner")
     for family in ("sd15", "sdxl"):
         (models / family).mkdir()
         for entry in (tiny_models / family).iterdir():
-            if entry.name != "refiner":
+            if entry.name not in ("refiner", "ip_adapters"):
                 (models / family / entry.name).symlink_to(entry)
     config = ServerConfig(
         token=TEST_TOKEN,
@@ -124,3 +126,32 @@ def test_without_refiner_weights_use_refiner_is_ignored_and_said(
         refined = user.post("/generate/sdxl", json={**body, "use_refiner": True})
         plain = user.post("/generate/sdxl", json={**body, "use_refiner": False})
     assert images_of(refined) == images_of(plain)
+
+
+def test_engines_without_weights_answer_404_as_unknown_engines(
+    batching_server: LocalOctoAIServer,
+) -> None:
+    described = _control(batching_server).get("/_local/backend").json()
+    assert described["engines"] == ["sdxl", "sd", "controlnet-sdxl", "controlnet-sd15"]
+    with _user(batching_server) as user:
+        # The playground offers exactly the engines served (those it has inputs for).
+        options = user.get("/playground/options.json").json()
+        assert [e["name"] for e in options["engines"]] == ["sdxl", "sd"]
+        for engine in ("ssd", "sd3", "flux-schnell", "flux-dev"):
+            answer = user.post(f"/generate/{engine}", json={"prompt": "a tower", "steps": 2})
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["message"] == (
+                f"Engine {engine!r} not found; available: sdxl, sd, controlnet-sdxl, "
+                "controlnet-sd15."
+            )
+        # Without IP-Adapter weights, photo merge stays a 422, and the server says why.
+        answer = user.post(
+            "/generate/sdxl",
+            json={
+                "prompt": "a sks tower",
+                "transfer_images": {"sks": [sample_image_b64((64, 64))]},
+            },
+        )
+    assert answer.status_code == 422
+    assert "not supported by this server" in answer.json()["detail"][0]["msg"]
+    assert any("photo merge) is not supported: no IP-Adapter" in n for n in described["notes"])

@@ -8,17 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from dagster_octoai.cli import main
 from dagster_octoai.server import ServerConfig
 from dagster_octoai.server.backends import BackendError, load_backend
 from dagster_octoai.server.backends.diffusers.library import ModelLibrary
+from dagster_octoai.server.cli import main
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     library = ModelLibrary(tiny_models)
-    assert library.families == ("sdxl", "sd15")
+    assert library.families == ("sdxl", "sd15", "ssd", "sd3", "flux-schnell", "flux-dev")
+    assert library.base("flux-dev") == tiny_models / "flux" / "dev"
+    assert library.base("sd3") == tiny_models / "sd3" / "base"
+    # FLUX's LoRAs are shared by schnell and dev; SD3's three text encoders, a T5 among them.
+    assert sorted(library.assets("flux-schnell", "loras")) == ["tiny-flux-crayon", "tiny-flux-ink"]
+    assert library.assets("flux-dev", "loras") == library.assets("flux-schnell", "loras")
+    assert (tiny_models / "sd3" / "base" / "text_encoder_3" / "config.json").is_file()
+    assert (tiny_models / "sd3" / "base" / "tokenizer_3" / "tokenizer.json").is_file()
+    transformer = json.loads(
+        (tiny_models / "flux" / "dev" / "transformer" / "config.json").read_text()
+    )
+    assert transformer["guidance_embeds"] is True and transformer["in_channels"] == 64
     for family in ("sdxl", "sd15"):
         base = library.base(family)
         assert base is not None and (base / "unet" / "config.json").is_file()
@@ -28,6 +39,7 @@ def test_tiny_models_have_the_layout_of_real_weights(tiny_models: Path) -> None:
     assert described["sdxl"] == {
         "base": True,
         "refiner": True,
+        "photo_merge": "tiny-photo-merge",
         "checkpoints": ["tiny-sdxl-alt", "tiny-sdxl-alt-file"],
         "controlnets": ["canny_sdxl", "depth_sdxl"],
         "loras": ["tiny-crayon", "tiny-ink"],
@@ -112,13 +124,16 @@ def test_serve_refuses_a_wrong_model_directory_or_device_before_listening(
     assert main([*serve, str(tmp_path / "none")]) == 2
     assert "is not a model directory" in capsys.readouterr().err
     assert main([*serve, str(tmp_path)]) == 2
-    assert "has neither sdxl/base nor sd15/base" in capsys.readouterr().err
+    assert "has no base model (sdxl/base, sd15/base" in capsys.readouterr().err
     with pytest.raises(BackendError, match="sees no CUDA GPU"):
         load_backend(
             ServerConfig(
                 public=True, backend="diffusers", models=str(tiny_models), device=("cuda:1",)
             )
         )
+    # Model CPU offload is a CUDA thing: refused on the CPU before any weights load.
+    assert main([*serve, str(tiny_models), "--device", "cpu", "--offload"]) == 2
+    assert "offload: model CPU offload moves models onto a CUDA GPU" in capsys.readouterr().err
 
 
 def test_clip_skip_finds_the_final_layer_norm_in_either_transformers_layout() -> None:

@@ -54,7 +54,8 @@ def test_sensor_evaluations_at_once_resubmit_an_expired_job_once(
     octoai_server: LocalOctoAIServer, seaweedfs: SeaweedFS, bucket: str, figures: Figures
 ) -> None:
     place = _ledger_place(seaweedfs, bucket)
-    ledger = JobLedger(ledger_resource(place).get_ledger().store)
+    shared = ledger_resource(place).get_ledger()
+    ledger = JobLedger(shared.backend, shared.prefix)
     req = ImageGenerationRequest(prompt="a harbour at dawn", engine="sd", seed=4242, steps=2)
     intent = ledger.record_intent(
         JobRecord.new(req, asset_key="harbour_images", partition_key=None, job_id="job-harbour")

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
-from dagster_octoai.storage.ledger import JobLedger, JobState, LocalLedgerStore
+from dagster_octoai.storage.backends import LocalBackend
+from dagster_octoai.storage.ledger import JobLedger, JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 from devtools.secrets import TokenScanner
 
@@ -96,7 +97,7 @@ def test_killed_run_resumes_without_losing_or_doubling_images(
 
     client = seaweedfs.client()
     inv = stored_once(client, bucket, images=TOTAL, manifests=1)
-    records = list(JobLedger(LocalLedgerStore(ledger_dir)).iter_records())
+    records = list(JobLedger(LocalBackend(ledger_dir)).iter_records())
     assert len(records) == JOBS and {r.state for r in records} == {JobState.PERSISTED}
     # The resumed run picked up the jobs the crashed one had submitted.
     assert resumed.result is not None and resumed.result["resumed"] >= 1

@@ -33,6 +33,9 @@
     for (const name of engine.style_presets) option(preset, name, name);
     // SD 1.5 has no style presets (the API refuses the field there).
     preset.disabled = engine.style_presets.length === 0;
+    // FLUX and SD3 refuse samplers (and FLUX negative prompts): not sent there.
+    for (const id of ["negative_prompt", "sampler"]) $(id).disabled = engine.refused.includes(id);
+    $("steps").value = engine.default_steps;
   }
 
   async function load() {
@@ -61,12 +64,12 @@
     const [width, height] = $("size").value.split("x").map(Number);
     const request = { prompt: $("prompt").value, width, height };
     const negative = $("negative_prompt").value.trim();
-    if (negative) request.negative_prompt = negative;
+    if (negative && !$("negative_prompt").disabled) request.negative_prompt = negative;
     for (const id of ["num_images", "steps", "cfg_scale", "seed"]) {
       const v = value(id);
       if (v !== undefined) request[id] = v;
     }
-    request.sampler = $("sampler").value;
+    if (!$("sampler").disabled) request.sampler = $("sampler").value;
     if (!$("style_preset").disabled && $("style_preset").value) {
       request.style_preset = $("style_preset").value;
     }

@@ -16,7 +16,7 @@ import io
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +26,14 @@ from PIL import Image, ImageDraw
 
 from ....api.edges import edge_map
 from ....api.images import decode_base64_image
+from ....api.models import Engine
+from ...jobqueue import CURRENT_CONTROL, JobCancelled, JobControl
 from ...renderer import JPEG_QUALITY, RenderedImage
 from .. import BackendError, Problem
-from .library import Asset, Family, ModelLibrary, family_of
+from .flow import FLOW_PIPELINES, flow_call_kwargs
+from .guards import denoising_steps, prompt_weight_problems, trigger_word_problems
+from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of
+from .photo_merge import photo_merge
 from .prompts import PromptEmbeddings, encode_prompt
 from .samplers import build_scheduler
 from .styles import apply_style
@@ -42,13 +47,22 @@ __all__ = ["DiffusersBackend"]
 logger = logging.getLogger("dagster_octoai.server")
 
 # The API's defaults (the seed), where the request leaves a field unset.
-DEFAULT_STEPS = 30
 DEFAULT_CFG_SCALE = 12.0
 DEFAULT_STRENGTH = 0.8
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 DEFAULT_INPAINT_PADDING = 32
 #: Checkpoints other than the base kept loaded per device (least recently used goes).
 CHECKPOINT_CACHE = 2
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """How many LoRAs (per checkpoint), VAEs and ControlNets (per device) stay loaded."""
+
+    loras: int = 8
+    vaes: int = 2
+    controlnets: int = 2
+
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -67,6 +81,9 @@ _PIPELINES: dict[tuple[Family, bool, str], str] = {
     ("sd15", True, "img2img"): "StableDiffusionControlNetImg2ImgPipeline",
     ("sd15", True, "inpaint"): "StableDiffusionControlNetInpaintPipeline",
 }
+# SSD-1B is the SDXL architecture: the SDXL pipelines. FLUX and SD3: see .flow.
+_PIPELINES.update({("ssd", cn, m): n for (f, cn, m), n in list(_PIPELINES.items()) if f == "sdxl"})
+_PIPELINES.update({(f, False, m): n for (f, m), n in FLOW_PIPELINES.items()})  # type: ignore[misc]
 # The modes whose base pipeline hands its latents to the refiner (denoising_end).
 _REFINED_MODES = frozenset({(False, "txt2img"), (False, "img2img"), (True, "txt2img")})
 
@@ -99,12 +116,19 @@ def _quiet_libraries() -> None:
 
 @dataclass
 class _Checkpoint:
-    """One checkpoint's pipeline on one device, and the LoRA adapters loaded into it."""
+    """One checkpoint's pipeline on one device, and the LoRA adapters loaded into it.
+
+    The adapters are a least-recently-used cache of ``lora_cache`` LoRAs: past it, the
+    least recently used one not in the current request is deleted from the model (its
+    weights freed).
+    """
 
     name: str | None
     family: Family
     pipe: Any
-    adapters: dict[Path, str] = field(default_factory=dict)
+    lora_cache: int = 8
+    adapters: OrderedDict[Path, str] = field(default_factory=OrderedDict)
+    loaded: int = 0  # adapters ever loaded: each gets a new name
 
     def use_loras(self, loras: list[tuple[Asset, float]]) -> None:
         """Activate exactly these LoRAs at these weights (loading new ones once)."""
@@ -114,20 +138,32 @@ class _Checkpoint:
                 pipe.disable_lora()
             return
         names, weights = [], []
+        wanted = {asset.weights_file() for asset, _ in loras}
         for asset, weight in loras:
             path = asset.weights_file()
             adapter = self.adapters.get(path)
             if adapter is None:
+                self._make_room(wanted)
                 # PEFT adapter names are module keys: no dots or dashes from file names.
-                adapter = f"lora{len(self.adapters)}"
+                adapter = f"lora{self.loaded}"
+                self.loaded += 1
                 pipe.load_lora_weights(
                     str(path.parent), weight_name=path.name, adapter_name=adapter
                 )
                 self.adapters[path] = adapter
+            self.adapters.move_to_end(path)
             names.append(adapter)
             weights.append(weight)
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=weights)
+
+    def _make_room(self, wanted: set[Path]) -> None:
+        """Delete least recently used adapters until one more fits (never a wanted one)."""
+        for path in list(self.adapters):
+            if len(self.adapters) < self.lora_cache:
+                return
+            if path not in wanted:
+                self.pipe.delete_adapters(self.adapters.pop(path))
 
 
 class _Device:
@@ -139,20 +175,29 @@ class _Device:
         dtype: torch.dtype,
         library: ModelLibrary,
         compile_unet: bool,
+        flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
+        caches: CacheSizes | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.offload = offload
         self.dtype = dtype
+        #: FLUX and SD3 run in bf16 on a GPU unless the server's dtype is set (fp16 overflows).
+        self.flow_dtype = flow_dtype or dtype
         self.library = library
         self.compile_unet = compile_unet
+        self.caches = caches or CacheSizes()
         self.bases: dict[Family, _Checkpoint] = {}
         self.checkpoints: OrderedDict[tuple[Family, Path], _Checkpoint] = OrderedDict()
-        self.vaes: dict[Path, Any] = {}
-        self.controlnets: dict[Path, Any] = {}
+        self.vaes: OrderedDict[Path, Any] = OrderedDict()
+        self.controlnets: OrderedDict[Path, Any] = OrderedDict()
         self.refiner: Any = None
         for family in library.families:
             base = library.base(family)
             assert base is not None
-            self.bases[family] = _Checkpoint(None, family, self._load_pipeline(family, base))
+            self.bases[family] = _Checkpoint(
+                None, family, self._load_pipeline(family, base), self.caches.loras
+            )
         refiner = library.refiner()
         if refiner is not None and "sdxl" in self.bases:
             cls = _pipeline_class("StableDiffusionXLImg2ImgPipeline")
@@ -161,15 +206,24 @@ class _Device:
             )
 
     def _prepare(self, pipe: Any) -> Any:
-        pipe.to(self.device)
+        if self.offload:
+            # Weights stay in CPU memory; each model moves to the GPU while it runs.
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile_unet:
-            pipe.unet.compile()
+            # FLUX and SD3 have a transformer where SD has its UNet.
+            (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
         return pipe
 
     def _load_pipeline(self, family: Family, path: Path) -> Any:
         cls = _pipeline_class(_PIPELINES[family, False, "txt2img"])
         extra: dict[str, Any] = {}
+        if family in FLOW_FAMILIES:
+            return self._prepare(
+                cls.from_pretrained(str(path), dtype=self.flow_dtype, local_files_only=True)
+            )
         if family == "sd15":
             extra = {"safety_checker": None, "requires_safety_checker": False}
         if path.is_file():
@@ -190,7 +244,9 @@ class _Device:
         key = (family, asset.path)
         loaded = self.checkpoints.get(key)
         if loaded is None:
-            loaded = _Checkpoint(asset.name, family, self._load_pipeline(family, asset.path))
+            loaded = _Checkpoint(
+                asset.name, family, self._load_pipeline(family, asset.path), self.caches.loras
+            )
             self.checkpoints[key] = loaded
             while len(self.checkpoints) > CHECKPOINT_CACHE:
                 self.checkpoints.popitem(last=False)
@@ -216,6 +272,9 @@ class _Device:
                 )
             vae = vae.to(self.device).eval()
             self.vaes[asset.path] = vae
+            while len(self.vaes) > self.caches.vaes:
+                self.vaes.popitem(last=False)
+        self.vaes.move_to_end(asset.path)
         return vae
 
     def controlnet(self, asset: Asset) -> Any:
@@ -228,6 +287,9 @@ class _Device:
             )
             model = model.to(self.device).eval()
             self.controlnets[asset.path] = model
+            while len(self.controlnets) > self.caches.controlnets:
+                self.controlnets.popitem(last=False)
+        self.controlnets.move_to_end(asset.path)
         return model
 
     def generators(self, seeds: list[int]) -> list[torch.Generator]:
@@ -256,7 +318,7 @@ def _textual_inversions(
             asset = library.find(family, "textual_inversions", name)
             assert asset is not None  # checked before the request queued
             path = asset.weights_file()
-            if family == "sdxl":
+            if family in XL_FAMILIES:
                 tensors = load_file(str(path))
                 targets = [
                     (tensors["clip_l"], pipe.text_encoder, pipe.tokenizer),
@@ -287,6 +349,13 @@ def _open_image(b64: str, size: tuple[int, int], mode: str) -> Image.Image:
     if converted.size != size:
         converted = converted.resize(size, Image.Resampling.BILINEAR)
     return converted
+
+
+def _reference_image(b64: str) -> Image.Image:
+    """A photo merge reference, as sent (the image encoder's processor resizes it)."""
+    with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
+        im.load()
+        return im.convert("RGB")
 
 
 def _outpainting_inputs(
@@ -354,6 +423,34 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     images: list[Image.Image] | None = None
     error: BaseException | None = None
+    #: The async job's control (cancel flag, progress); None for a plain request.
+    control: JobControl | None = None
+
+
+def _step_callback(batch: list[_Job], steps: int) -> Callable[..., dict[str, Any]]:
+    """A diffusers ``callback_on_step_end``: each job's progress, and a stop once cancelled.
+
+    A batch stops only when every job in it was cancelled (the others still want their
+    images); the cancel surfaces as :class:`JobCancelled` from the pipeline call.
+    """
+    controls = [j.control for j in batch]
+
+    def on_step_end(
+        pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        cancelled = 0
+        for control in controls:
+            if control is None:
+                continue
+            try:
+                control.on_step(step + 1, steps)
+            except JobCancelled:
+                cancelled += 1
+        if cancelled and cancelled == len(controls):
+            raise JobCancelled()
+        return callback_kwargs
+
+    return on_step_end
 
 
 def _stack(parts: list[tuple[PromptEmbeddings, int]]) -> PromptEmbeddings | None:
@@ -390,6 +487,9 @@ class DiffusersBackend:
         dtype_name: str,
         compile_unet: bool = False,
         batch_max_images: int = 1,
+        flow_dtype: torch.dtype | None = None,
+        offload: bool = False,
+        caches: CacheSizes | None = None,
     ) -> None:
         _quiet_libraries()
         self.library = library
@@ -400,7 +500,10 @@ class DiffusersBackend:
         #: Pipeline calls made, and the requests they served (more requests: batching).
         self.calls = 0
         self.requests = 0
-        self._devices = [_Device(d, dtype, library, compile_unet) for d in devices]
+        self.offload = offload
+        self._devices = [
+            _Device(d, dtype, library, compile_unet, flow_dtype, offload, caches) for d in devices
+        ]
         # One worker thread per device takes the oldest waiting request and, with
         # batching, the waiting requests of the same settings whose images still fit.
         self._pending: deque[_Job] = deque()
@@ -420,6 +523,16 @@ class DiffusersBackend:
             for family, ckpt in first.bases.items()
         }
         self.has_refiner = first.refiner is not None
+        # Trigger words must be new words: each family's tokenizers' vocabulary.
+        self._vocabulary: dict[Family, frozenset[str]] = {
+            family: frozenset(
+                word
+                for tokenizer in (ckpt.pipe.tokenizer, getattr(ckpt.pipe, "tokenizer_2", None))
+                if tokenizer is not None
+                for word in tokenizer.get_vocab()
+            )
+            for family, ckpt in first.bases.items()
+        }
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> DiffusersBackend:
@@ -451,6 +564,11 @@ class DiffusersBackend:
             elif device == "mps" and not torch.backends.mps.is_available():
                 raise BackendError("device: 'mps' is not available on this machine")
         on_gpu = any(d != "cpu" for d in devices)
+        if config.offload and not all(d.startswith("cuda") for d in devices):
+            raise BackendError(
+                f"offload: model CPU offload moves models onto a CUDA GPU as they run; the "
+                f"devices are {', '.join(devices)} (drop --offload, or serve on cuda devices)"
+            )
         dtype_name = config.dtype or ("fp16" if on_gpu else "fp32")
         if on_gpu:
             # Same request, seed and device, same bytes: no autotuned kernel choice.
@@ -463,6 +581,10 @@ class DiffusersBackend:
             dtype_name,
             config.torch_compile,
             batch_max_images=config.batch_max_images,
+            # FLUX and SD3 were trained in bf16; fp16 overflows in their activations.
+            flow_dtype=torch.bfloat16 if on_gpu and config.dtype is None else None,
+            offload=config.offload,
+            caches=CacheSizes(config.lora_cache, config.vae_cache, config.controlnet_cache),
         )
 
     # ---- the Backend protocol --------------------------------------------------------
@@ -472,30 +594,60 @@ class DiffusersBackend:
         # With batching, a device's worth of requests must be able to wait here together.
         return len(self._devices) * self.batch_max_images
 
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The engines this server has weights for; the others answer 404 as unknown."""
+        return self.library.engines
+
     def describe(self) -> dict[str, object]:
         notes = [
             "no safety classifier: removed_for_safety is always false",
-            "transfer_images (photo merge) is not supported",
+            "flux-dev: cfg_scale is FLUX's distilled guidance (default 3.5); flux-schnell "
+            "has none, so cfg_scale changes nothing there",
             "the refiner refines text-to-image, img2img and ControlNet text-to-image; "
             "inpainting, outpainting and ControlNet img2img/inpainting do not use it",
         ]
+        merging = [f for f in XL_FAMILIES if self.library.ip_adapter(f) is not None]
+        if merging:
+            notes.append(
+                "transfer_images (photo merge): IP-Adapter, one adapter per trigger word, on "
+                + ", ".join(sorted(merging))
+            )
+        else:
+            notes.append(
+                "transfer_images (photo merge) is not supported: no IP-Adapter "
+                "(sdxl/ip_adapters in the model directory is empty or missing)"
+            )
         if not self.has_refiner:
             notes.append(
-                f"no SDXL refiner ({self.library.root / 'sdxl' / 'refiner'}): "
+                "no SDXL refiner (sdxl/refiner in the model directory): "
                 "use_refiner and high_noise_frac are ignored"
             )
         return {
             "backend": self.name,
+            "engines": [e.value for e in self.engines],
             "devices": self.device_names,
             "dtype": self.dtype_name,
             "torch_compile": self.compile_unet,
+            "offload": self.offload,
             "batch_max_images": self.batch_max_images,
             "pipeline_calls": self.calls,
             "requests_served": self.requests,
-            "models": str(self.library.root),
+            # The folder's name: no answer shows where the server's disk keeps it.
+            "models": self.library.root.name,
             "library": self.library.describe(),
             "refiner": self.has_refiner,
+            "loaded": self.loaded(),
             "notes": notes,
+        }
+
+    def loaded(self) -> dict[str, int]:
+        """LoRA adapters, VAEs and ControlNets loaded now, over every device."""
+        ckpts = [c for d in self._devices for c in (*d.bases.values(), *d.checkpoints.values())]
+        return {
+            "loras": sum(len(c.adapters) for c in ckpts),
+            "vaes": sum(len(d.vaes) for d in self._devices),
+            "controlnets": sum(len(d.controlnets) for d in self._devices),
         }
 
     def check(self, request: ImageGenerationRequest) -> list[Problem]:
@@ -503,13 +655,26 @@ class DiffusersBackend:
         if problems:
             return problems
         family = family_of(request.engine)
+        problems += prompt_weight_problems(request)
+        problems += trigger_word_problems(request, self._vocabulary[family])
         if request.transfer_images:
-            problems.append(
-                (
-                    ("transfer_images",),
-                    "transfer_images (photo merge) is not supported by this server",
+            if family not in XL_FAMILIES:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images: photo merge works with the SDXL engines only "
+                        f"(sdxl, controlnet-sdxl, ssd), not {request.engine.value!r}",
+                    )
                 )
-            )
+            elif self.library.ip_adapter(family) is None:
+                problems.append(
+                    (
+                        ("transfer_images",),
+                        "transfer_images (photo merge) is not supported by this server: it "
+                        f"has no IP-Adapter for {family} (add one under "
+                        f"{self.library.relative_folder(family)}/ip_adapters/NAME/)",
+                    )
+                )
         if request.clip_skip is not None:
             layers = self._clip_layers[family]
             # SDXL already reads the penultimate layer, so it has one layer fewer to skip.
@@ -540,7 +705,8 @@ class DiffusersBackend:
     def render(
         self, request: ImageGenerationRequest, seeds: list[int], config: ServerConfig
     ) -> list[RenderedImage]:
-        job = _Job(request, seeds, batch_key(request))
+        # Read here, on the caller's thread: the device worker has a context of its own.
+        job = _Job(request, seeds, batch_key(request), control=CURRENT_CONTROL.get())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the diffusers backend is closed")
@@ -632,6 +798,8 @@ class DiffusersBackend:
             return None if name is None else library.find(family, kind, name)
 
         ckpt = device.checkpoint(family, find("checkpoints", request.checkpoint))
+        if family in FLOW_FAMILIES:
+            return self._generate_flow(device, batch, ckpt, seeds)
         mode = mode_of(request)
         controlled = request.engine.is_controlnet
         extra: dict[str, Any] = {}
@@ -650,7 +818,7 @@ class DiffusersBackend:
         )
 
         width, height = request.size
-        steps = request.steps or DEFAULT_STEPS
+        steps = request.steps or request.engine.default_steps
         kwargs: dict[str, Any] = {
             "num_inference_steps": steps,
             "guidance_scale": request.cfg_scale or DEFAULT_CFG_SCALE,
@@ -658,12 +826,16 @@ class DiffusersBackend:
             "num_images_per_prompt": 1,
             "generator": device.generators(seeds),
         }
+        if any(j.control is not None for j in batch):
+            kwargs["callback_on_step_end"] = _step_callback(batch, steps)
         if mode == "txt2img":
             kwargs.update(width=width, height=height)
         elif mode == "img2img":
             assert request.init_image is not None
             kwargs["image"] = _open_image(request.init_image, (width, height), "RGB")
-            kwargs["strength"] = request.strength or DEFAULT_STRENGTH
+            kwargs["num_inference_steps"], kwargs["strength"] = denoising_steps(
+                steps, request.strength or DEFAULT_STRENGTH
+            )
         else:
             assert request.init_image is not None
             if request.outpainting:
@@ -674,8 +846,11 @@ class DiffusersBackend:
                 mask = _open_image(request.mask_image, (width, height), "L")
             kwargs.update(image=image, mask_image=mask, width=width, height=height)
             # Inpainting repaints the masked area from noise unless strength says less.
-            kwargs["strength"] = request.strength or 1.0
-            if request.inpaint_full_res:
+            kwargs["num_inference_steps"], kwargs["strength"] = denoising_steps(
+                steps, request.strength or 1.0
+            )
+            # An empty mask has no area to crop to: it paints nothing, at full size.
+            if request.inpaint_full_res and mask.getbbox() is not None:
                 kwargs["padding_mask_crop"] = (
                     request.inpaint_full_res_padding
                     if request.inpaint_full_res_padding is not None
@@ -698,14 +873,20 @@ class DiffusersBackend:
         if refine and frac >= 1.0:
             refine = False  # the base does every step; the refiner would have none
 
+        words = [
+            [_reference_image(b64) for b64 in images]
+            for images in (request.transfer_images or {}).values()
+        ]
         # Textual inversions add rows to the embedding tables: outside inference mode.
         with (
             _textual_inversions(pipe, library, family, request.textual_inversions or {}),
+            photo_merge(pipe, library.ip_adapter(family), words) as merge,
             torch.inference_mode(),
         ):
             embeds = _stack([(self._embed(pipe, j.request, device), len(j.seeds)) for j in batch])
             if embeds is None:
                 return None
+            kwargs.update(merge)
             if not refine:
                 return list(pipe(**kwargs, **embeds.as_kwargs()).images)
             latents = pipe(
@@ -719,13 +900,38 @@ class DiffusersBackend:
             assert refiner_embeds is not None  # one encoder, one chunk: always stackable
             out = refiner(
                 image=latents,
-                num_inference_steps=steps,
+                num_inference_steps=kwargs["num_inference_steps"],
                 denoising_start=frac,
                 guidance_scale=kwargs["guidance_scale"],
                 generator=device.generators(seeds),
                 **refiner_embeds.as_kwargs(),
             )
             return list(out.images)
+
+    def _generate_flow(
+        self, device: _Device, batch: list[_Job], ckpt: _Checkpoint, seeds: list[int]
+    ) -> list[Image.Image]:
+        """FLUX and SD3 (:mod:`.flow`): the pipeline called with the prompts as text."""
+        request = batch[0].request
+        mode = mode_of(request)
+        base = ckpt.pipe
+        # from_pipe shares the scheduler object: a fresh one per call.
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        pipe = _pipeline_class(FLOW_PIPELINES[ckpt.family, mode]).from_pipe(
+            base, scheduler=scheduler
+        )
+        pipe.set_progress_bar_config(disable=True)
+        library = self.library
+        ckpt.use_loras(
+            [
+                (asset, weight)
+                for name, weight in (request.loras or {}).items()
+                if (asset := library.find(ckpt.family, "loras", name))
+            ]
+        )
+        kwargs = flow_call_kwargs([(j.request, len(j.seeds)) for j in batch], mode)
+        with torch.inference_mode():
+            return list(pipe(**kwargs, generator=device.generators(seeds)).images)
 
     @staticmethod
     def _embed(pipe: Any, request: ImageGenerationRequest, device: _Device) -> PromptEmbeddings:

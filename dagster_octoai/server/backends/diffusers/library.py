@@ -9,27 +9,50 @@ Layout (``dagster-octoai tiny-models`` writes it; real weights go in the same pl
     DIR/<family>/loras/NAME.safetensors | NAME/ (a folder with one .safetensors file)
     DIR/<family>/textual_inversions/NAME.safetensors | NAME.bin | NAME.pt
     DIR/<family>/vaes/NAME/ | NAME.safetensors
+    DIR/flux/schnell/ DIR/flux/dev/            FLUX.1 [schnell] and [dev] (diffusers folders)
+    DIR/flux/loras/NAME.safetensors            FLUX LoRAs, shared by both
+    DIR/sdxl/ip_adapters/NAME/                 photo merge: an IP-Adapter file, image_encoder/
 
-``<family>`` is ``sdxl`` (engines ``sdxl``, ``controlnet-sdxl``) or ``sd15`` (``sd``,
-``controlnet-sd15``). A request names an asset the way OctoAI's did: ``octoai:NAME`` (the
+``<family>`` is ``sdxl`` (engines ``sdxl``, ``controlnet-sdxl``), ``sd15`` (``sd``,
+``controlnet-sd15``), ``ssd`` (SSD-1B, the SDXL layout) or ``sd3``; FLUX's families
+``flux-schnell`` and ``flux-dev`` live in ``flux/``. A request names an asset the way OctoAI's did: ``octoai:NAME`` (the
 public library) and ``NAME`` (a private asset) both resolve to ``NAME`` here, since an
 operator's directory is the only library this server has.
 
-This module reads the file system only (no torch), so checking a request is cheap.
+This module reads the file system only (no torch). A kind's listing is cached and read
+again only when its folder changes (its modification time), so checking a request costs a
+``stat`` per kind it names, whatever the number of names. No message of this module names
+an absolute path: a caller learns names relative to the model directory, nothing of the
+server's disk.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ....api.models import Engine, ImageGenerationRequest
 
-__all__ = ["ASSET_KINDS", "AssetKind", "Family", "ModelLibrary", "family_of"]
+__all__ = [
+    "ASSET_KINDS",
+    "FAMILIES",
+    "FLOW_FAMILIES",
+    "XL_FAMILIES",
+    "AssetKind",
+    "Family",
+    "ModelLibrary",
+    "family_of",
+]
 
-Family = Literal["sdxl", "sd15"]
+Family = Literal["sdxl", "sd15", "ssd", "sd3", "flux-schnell", "flux-dev"]
+FAMILIES: tuple[Family, ...] = ("sdxl", "sd15", "ssd", "sd3", "flux-schnell", "flux-dev")
+#: The families run by diffusers' SDXL pipelines (their text encoders, LoRAs, TIs).
+XL_FAMILIES: frozenset[Family] = frozenset({"sdxl", "ssd"})
+#: The flow-matching families (FLUX.1, SD3), served by :mod:`.flow`.
+FLOW_FAMILIES: frozenset[Family] = frozenset({"sd3", "flux-schnell", "flux-dev"})
 AssetKind = Literal["checkpoints", "controlnets", "loras", "textual_inversions", "vaes"]
 ASSET_KINDS: tuple[AssetKind, ...] = (
     "checkpoints",
@@ -47,10 +70,20 @@ _FIELD: dict[AssetKind, str] = {
     "textual_inversions": "textual_inversions",
     "vaes": "vae",
 }
+#: A 422 lists at most this many of the library's names of a kind.
+LISTED_NAMES = 50
 
 
 def family_of(engine: Engine) -> Family:
-    """The model family an engine runs: ``sdxl`` or ``sd15``."""
+    """The model family an engine runs (``sdxl``, ``sd15``, ``ssd``, ``sd3``, ``flux-*``)."""
+    if engine is Engine.SSD:
+        return "ssd"
+    if engine is Engine.SD3:
+        return "sd3"
+    if engine is Engine.FLUX_SCHNELL:
+        return "flux-schnell"
+    if engine is Engine.FLUX_DEV:
+        return "flux-dev"
     return "sdxl" if engine.is_sdxl else "sd15"
 
 
@@ -84,14 +117,14 @@ class Asset:
         files = sorted(p for p in self.path.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
         if len(files) != 1:
             raise FileNotFoundError(
-                f"{self.kind} {self.name!r}: {self.path} should hold one weights file, "
+                f"{self.kind} {self.name!r}: its folder should hold one weights file, "
                 f"found {len(files)}"
             )
         return files[0]
 
 
 class ModelLibrary:
-    """What a model directory holds, by family and kind; re-read when a name is missing.
+    """What a model directory holds, by family and kind; re-read when a folder changes.
 
     Examples:
         >>> ModelLibrary("/nonexistent")
@@ -106,20 +139,51 @@ class ModelLibrary:
             raise NotADirectoryError(
                 f"{self.root} is not a model directory: make one with "
                 "'dagster-octoai tiny-models DIR' or lay out real weights as "
-                "docs/local-server.md shows"
+                "docs/diffusers-backend.md shows"
             )
-        families = [f for f in ("sdxl", "sd15") if self.base(f) is not None]
+        families = [f for f in FAMILIES if self.base(f) is not None]
         if not families:
             raise FileNotFoundError(
-                f"{self.root} has neither sdxl/base nor sd15/base (a diffusers folder with "
-                "model_index.json); see docs/local-server.md for the layout"
+                f"{self.root} has no base model (sdxl/base, sd15/base, ssd/base, sd3/base, "
+                "flux/schnell or flux/dev: a diffusers folder with model_index.json); see "
+                "docs/diffusers-backend.md for the layout"
             )
-        self.families: tuple[Family, ...] = tuple(families)  # type: ignore[arg-type]
+        self.families: tuple[Family, ...] = tuple(families)
+        # (family, kind) -> (the folder's mtime_ns, its assets); threads share it.
+        self._listings: dict[tuple[Family, AssetKind], tuple[int, dict[str, Asset]]] = {}
+        self._lock = threading.Lock()
+
+    def folder(self, family: Family) -> Path:
+        """The family's folder: ``DIR/<family>``, FLUX's two in ``DIR/flux``."""
+        return self.root / self.relative_folder(family)
+
+    @staticmethod
+    def relative_folder(family: Family) -> str:
+        """The family's folder relative to the model directory (what answers may name)."""
+        return "flux" if family.startswith("flux-") else family
 
     def base(self, family: Family) -> Path | None:
         """The family's default checkpoint folder, or None when the directory has none."""
-        path = self.root / family / "base"
+        if family.startswith("flux-"):
+            path = self.root / "flux" / family.removeprefix("flux-")
+        else:
+            path = self.root / family / "base"
         return path if (path / "model_index.json").is_file() else None
+
+    def ip_adapter(self, family: Family) -> Path | None:
+        """The folder of the family's IP-Adapter for photo merge (the first by name), or None."""
+        from .photo_merge import adapter_file
+
+        folder = self.folder(family) / "ip_adapters"
+        if family not in XL_FAMILIES or not folder.is_dir():
+            return None
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir() and adapter_file(p)]
+        return found[0] if found else None
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The engines this directory has a base model for."""
+        return tuple(e for e in Engine if family_of(e) in self.families)
 
     def refiner(self) -> Path | None:
         """The SDXL refiner folder, or None."""
@@ -127,8 +191,23 @@ class ModelLibrary:
         return path if (path / "model_index.json").is_file() else None
 
     def assets(self, family: Family, kind: AssetKind) -> dict[str, Asset]:
-        """Every asset of a kind, by name (a file's name without its suffix)."""
-        folder = self.root / family / kind
+        """Every asset of a kind, by name (a file's name without its suffix); cached."""
+        folder = self.folder(family) / kind
+        try:
+            changed = folder.stat().st_mtime_ns
+        except OSError:
+            return {}
+        with self._lock:
+            cached = self._listings.get((family, kind))
+        if cached is not None and cached[0] == changed:
+            return cached[1]
+        found = self._list(folder, kind)
+        with self._lock:
+            self._listings[(family, kind)] = (changed, found)
+        return found
+
+    @staticmethod
+    def _list(folder: Path, kind: AssetKind) -> dict[str, Asset]:
         if not folder.is_dir():
             return {}
         found: dict[str, Asset] = {}
@@ -170,12 +249,12 @@ class ModelLibrary:
             problems.append(
                 (
                     (),
-                    f"engine {request.engine.value!r}: this server has no {family} models "
-                    f"({self.root / family / 'base'} is missing); it serves: "
-                    + ", ".join(e.value for e in Engine if family_of(e) in self.families),
+                    f"engine {request.engine.value!r}: this server has no {family} models; "
+                    "it serves: " + ", ".join(e.value for e in self.engines),
                 )
             )
             return problems
+        listed: set[AssetKind] = set()
         singles: list[tuple[AssetKind, str | None]] = [
             ("checkpoints", request.checkpoint),
             ("vaes", request.vae),
@@ -183,7 +262,7 @@ class ModelLibrary:
         ]
         for kind, name in singles:
             if name is not None and self.find(family, kind, name) is None:
-                problems.append(((_FIELD[kind],), self._unknown(family, kind, name)))
+                problems.append(((_FIELD[kind],), self._unknown(family, kind, name, listed)))
         many: tuple[tuple[AssetKind, list[str]], ...] = (
             ("loras", list(request.loras or {})),
             ("textual_inversions", list(request.textual_inversions or {})),
@@ -191,15 +270,24 @@ class ModelLibrary:
         for kind, names in many:
             for name in names:
                 if self.find(family, kind, name) is None:
-                    problems.append(((_FIELD[kind], name), self._unknown(family, kind, name)))
+                    problems.append(
+                        ((_FIELD[kind], name), self._unknown(family, kind, name, listed))
+                    )
         return problems
 
-    def _unknown(self, family: Family, kind: AssetKind, name: str) -> str:
+    def _unknown(self, family: Family, kind: AssetKind, name: str, listed: set[AssetKind]) -> str:
+        """The message for an unknown name; the library's names only in a kind's first."""
+        unknown = f"{_FIELD[kind]}: {name!r} is not in this server's {family} library"
+        if kind in listed:
+            return f"{unknown} (its names are listed above)"
+        listed.add(kind)
         have = sorted(self.assets(family, kind))
-        listing = ", ".join(have) if have else "none"
+        listing = ", ".join(have[:LISTED_NAMES]) if have else "none"
+        if len(have) > LISTED_NAMES:
+            listing += f" and {len(have) - LISTED_NAMES} more"
         return (
-            f"{_FIELD[kind]}: {name!r} is not in this server's {family} library; "
-            f"it has: {listing} (add it under {self.root / family / kind})"
+            f"{unknown}; it has: {listing} (an operator adds it under "
+            f"{self.relative_folder(family)}/{kind})"
         )
 
     def describe(self) -> dict[str, object]:
@@ -209,6 +297,9 @@ class ModelLibrary:
             entry: dict[str, object] = {"base": True}
             if family == "sdxl":
                 entry["refiner"] = self.refiner() is not None
+            if family in XL_FAMILIES:
+                adapter = self.ip_adapter(family)
+                entry["photo_merge"] = None if adapter is None else adapter.name
             entry.update({kind: sorted(self.assets(family, kind)) for kind in ASSET_KINDS})
             out[family] = entry
         return out

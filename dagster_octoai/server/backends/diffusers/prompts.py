@@ -28,7 +28,10 @@ __all__ = ["PromptEmbeddings", "encode_prompt", "final_layer_norm", "parse_weigh
 BARE_BRACKET_WEIGHT = 1.1
 CHUNK_TOKENS = 75  # 77 minus the start and end tokens
 
-_TOKEN = re.compile(r"\\[()\\]|\(|\)|:\s*(-?\d+(?:\.\d+)?)\s*\)|[^\\():]+|:|\\")
+# A weight is any decimal number, exponents included: a huge one is refused, not text.
+_TOKEN = re.compile(
+    r"\\[()\\]|\(|\)|:\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\)|[^\\():]+|:|\\"
+)
 
 
 def parse_weights(prompt: str) -> list[tuple[str, float]]:

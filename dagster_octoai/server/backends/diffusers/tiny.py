@@ -606,7 +606,7 @@ _README = """\
 A dagster-octoai model directory (written by `dagster-octoai tiny-models`).
 
 Random weights: every image these models make is noise. The layout is the one the
-diffusers backend reads for real weights too (docs/local-server.md):
+diffusers backend reads for real weights too (docs/diffusers-backend.md):
 
   <family>/base/                  the engine's default checkpoint (diffusers folder)
   sdxl/refiner/                   the SDXL refiner (diffusers folder; optional)
@@ -616,10 +616,38 @@ diffusers backend reads for real weights too (docs/local-server.md):
   <family>/loras/NAME.safetensors             LoRAs (diffusers / kohya files)
   <family>/textual_inversions/NAME.safetensors textual inversions
   <family>/vaes/NAME/ or NAME.safetensors     VAEs
+  sdxl/ip_adapters/NAME/          photo merge: an IP-Adapter .safetensors and image_encoder/
   svd/base/                       Stable Video Diffusion (POST /generate/svd; optional)
 
-Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15).
+Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15);
+ssd/base (engine ssd, SDXL's layout), sd3/base (engine sd3), flux/schnell and flux/dev
+(engines flux-schnell, flux-dev) with flux/loras/ shared by both.
 """
+
+
+def _write_new_families(
+    root: Path, s: _Sizes, vocab: dict[str, int], merges: list[tuple[str, str]], seed: int
+) -> None:
+    """SSD-1B (the SDXL architecture, its own base and LoRA), FLUX.1 and SD3 (:mod:`.tiny_flow`)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .tiny_flow import write_flow_models
+
+    ssd = _sdxl(s, vocab, merges, seed + 90)
+    ssd.pipeline.save_pretrained(str(root / "ssd" / "base"), safe_serialization=True)
+    (root / "ssd" / "loras").mkdir()
+    _write_lora(
+        ssd, StableDiffusionXLPipeline, root / "ssd" / "loras" / "tiny-ssd.safetensors", seed + 91
+    )
+    vocab_size = s.vocab_size or len(vocab)
+    write_flow_models(
+        root,
+        words=_CORPUS,
+        clip_sizes=s.clip_l,
+        make_tokenizer=lambda pad: _tokenizer(vocab, merges, pad=pad),
+        make_clip=lambda projection: _clip(s.clip_l, vocab_size, "gelu", projection=projection),
+        seed=seed,
+    )
 
 
 def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int = 0) -> Path:
@@ -685,6 +713,12 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
             family, fam_dir / "textual_inversions" / "tiny-negative.safetensors", seed + 40
         )
         xl = name == "sdxl"
+        if xl:
+            from .photo_merge import write_tiny_ip_adapter
+
+            write_tiny_ip_adapter(
+                family.unet, fam_dir / "ip_adapters" / "tiny-photo-merge", seed + 60
+            )
         _write_vae_file(
             sizes,
             0.13025 if xl else 0.18215,
@@ -694,9 +728,10 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
             seed + 50,
         )
     if scale == "tiny":
+        _write_new_families(root, sizes, vocab, merges, seed)
         from .tiny_svd import write_tiny_svd
 
-        write_tiny_svd(root / "svd" / "base", seed=seed + 60)
+        write_tiny_svd(root / "svd" / "base", seed=seed + 100)
     (root / "README.txt").write_text(_README)
     (root / "dagster-octoai-models.json").write_text(
         json.dumps({"format": 1, "scale": scale, "random_weights": True}, indent=2) + "\n"

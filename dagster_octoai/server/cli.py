@@ -106,7 +106,7 @@ def _show(value: Any) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .server.config import FaultConfig, ServerConfig
+    from .config import FaultConfig, ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="dagster-octoai", description="dagster-octoai command-line tools."
@@ -196,7 +196,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     ray = commands.add_parser(
         "serve-ray",
@@ -216,6 +216,17 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
         default=None,
         help="a running cluster ('auto', or ray://host:10001 / GCS host:port); "
         "default: start a local one",
+    )
+    cluster.add_argument(
+        "--allow-ray-without-token-auth",
+        action="store_true",
+        help="connect to a --address cluster that has no Ray token authentication "
+        "(anyone who reaches such a cluster runs code on it; see docs/deploying.md)",
+    )
+    cluster.add_argument(
+        "--ray-dashboard",
+        action="store_true",
+        help="a local cluster's Ray dashboard, on 127.0.0.1 (default: off)",
     )
     cluster.add_argument("--num-cpus", type=int, default=None, help="a local cluster's CPUs")
     cluster.add_argument("--num-gpus", type=int, default=None, help="a local cluster's GPUs")
@@ -243,9 +254,9 @@ def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
     )
 
 
-def _load_config(args: argparse.Namespace) -> Any:
-    from .server.config import FaultConfig, ServerConfig
-    from .server.runner import CONFIG_ENV
+def _load_config(args: argparse.Namespace, *, default_store: bool = True) -> Any:
+    from .config import FaultConfig, ServerConfig
+    from .runner import CONFIG_ENV
 
     base: dict[str, Any] = {}
     if args.config is not None:
@@ -263,7 +274,25 @@ def _load_config(args: argparse.Namespace) -> Any:
     }
     if fault_changes:
         changes["faults"] = fault_changes
-    return ServerConfig.model_validate(base).updated(changes)
+    config = ServerConfig.model_validate(base).updated(changes)
+    # An operator's server keeps its async jobs on disk unless told where else (or
+    # '--state-dir none': in memory); a harness's child process is told everything.
+    named = {"state_dir", "jobs_url"} & (set(base) | set(changes))
+    if default_store and not named and CONFIG_ENV not in os.environ:
+        config = config.updated({"state_dir": str(default_state_dir())})
+    return config
+
+
+def default_state_dir() -> Path:
+    """Where ``dagster-octoai serve`` keeps async jobs by default.
+
+    ``$DAGSTER_OCTOAI_STATE_DIR``, else ``$XDG_STATE_HOME/dagster-octoai/jobs``, else
+    ``~/.local/state/dagster-octoai/jobs``.
+    """
+    if explicit := os.environ.get("DAGSTER_OCTOAI_STATE_DIR"):
+        return Path(explicit)
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "dagster-octoai" / "jobs"
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
@@ -290,10 +319,10 @@ def _serve_ray(args: argparse.Namespace) -> int:
 
 
 def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
-    from .server.ray_config import RayEndpointConfig
+    from .ray_config import RayEndpointConfig
 
     try:
-        server = _load_config(args)
+        server = _load_config(args, default_store=False)
         values = vars(args)
         fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
         endpoint = RayEndpointConfig(server=server, **fields)
@@ -308,11 +337,30 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     if (problem := server.startup_problem()) is not None:
         print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
         return 2
+    if args.address is not None:
+        from .ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
+
+        if is_loopback_address(args.address):
+            # A loopback cluster's address is its node address: Ray must not swap it for
+            # the host's network address (set before Ray is imported).
+            os.environ.update(LOOPBACK_ENV)
+
+        if (problem := token_auth_problem(os.environ)) is not None:
+            if not args.allow_ray_without_token_auth:
+                print(f"dagster-octoai serve-ray: refused: {problem}", file=sys.stderr)
+                return 2
+            print(
+                "dagster-octoai serve-ray: WARNING: connecting to a Ray cluster WITHOUT "
+                "token authentication (--allow-ray-without-token-auth): anyone who reaches "
+                "it can run code on it",
+                file=sys.stderr,
+                flush=True,
+            )
     try:
         import ray
         from ray import serve as ray_serve
 
-        from .server.ray_serve import deploy, start_local_cluster, start_serve
+        from .ray_serve import deploy, start_local_cluster, start_serve
     except ImportError as exc:
         print(
             f"dagster-octoai serve-ray: needs the ray extra ({exc.name} is missing): "
@@ -321,9 +369,12 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         )
         return 2
     local = args.address is None
+    token = None
     try:
         if local:
-            start_local_cluster(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+            token = start_local_cluster(
+                num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.ray_dashboard
+            )
         else:
             ray.init(address=args.address, configure_logging=False)
         http: dict[str, Any] = {"host": args.host, "port": args.port}
@@ -365,25 +416,38 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
     finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()
+        if token is not None:
+            token.remove()
     return 0
 
 
-def _describe(config: Any, url: str) -> str:
+def _describe(config: Any, url: str, backend: Any = None) -> str:
+    """The start-up banner: what the server answers, with what a loaded backend says of
+    itself (its engines, one replica per device) over the configuration's defaults."""
     tokens = len(config.api_tokens())
+    from ..api.models import Engine
+
+    engines = [Engine(e).value for e in getattr(backend, "engines", None) or Engine]
+    replicas = getattr(backend, "replicas", None) or config.replicas
     if config.public:
         auth = "public: any bearer token"
     else:
         auth = f"private: {tokens} token{'s' if tokens != 1 else ''}"
     lines = [
         f"dagster-octoai OctoAI-compatible server on {url}",
-        f"  generate: POST {url}/generate/{{sdxl,sd,controlnet-sdxl,controlnet-sd15}}",
-        f"  auth: {auth}; replicas: {config.replicas}; "
+        f"  generate: POST {url}/generate/{{{','.join(engines)}}}",
+        f"  auth: {auth}; replicas: {replicas}; "
         f"latency: {config.latency_per_image_s:g} s/image; results kept {config.result_ttl_s:g} s",
         f"  OpenAPI: {url}/openapi.json"
         + (f"; playground: {url}/playground" if config.playground else ""),
         "  control routes: "
         + (f"on, admin token only (GET {url}/_local/stats)" if config.control_routes else "off"),
         f"  backend: {config.backend}",
+        "  async jobs: "
+        + (
+            config.jobs_url
+            or (f"directory {config.state_dir}" if config.state_dir else "in memory (lost on exit)")
+        ),
     ]
     if config.faults.total or config.faults.job_failure:
         lines.append(f"  faults: {config.faults.model_dump(exclude_defaults=True)}")
@@ -413,9 +477,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     import socket
 
-    from .server.app import create_app
-    from .server.backends import BackendError
-    from .server.runner import TLSFiles, _url, bind_socket, serve
+    from ..api.errors import StorageError
+    from .app import create_app
+    from .backends import BackendError
+    from .runner import TLSFiles, _url, bind_socket, serve
 
     tls = (
         TLSFiles(args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password_env)
@@ -426,7 +491,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         # Loaded before listening: a wrong model directory or device fails here, clearly.
         app = create_app(config)
-    except BackendError as exc:
+    except (BackendError, StorageError) as exc:
         print(f"dagster-octoai serve: {exc}", file=sys.stderr)
         return 2
 
@@ -446,7 +511,7 @@ def _serve(args: argparse.Namespace) -> int:
         url = _url(host, port)
         if tls is not None:
             url = "https" + url[len("http") :]
-        print(_describe(config, url), file=sys.stderr, flush=True)
+        print(_describe(config, url, app.state.octoai.backend), file=sys.stderr, flush=True)
         for line in _backend_lines(app.state.octoai.backend.describe()):
             print(f"    {line}", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to
@@ -469,7 +534,7 @@ def _tiny_models(args: argparse.Namespace) -> int:
     import time
 
     try:
-        from .server.backends.diffusers.tiny import write_models
+        from .backends.diffusers.tiny import write_models
     except ImportError as exc:
         print(
             f"dagster-octoai tiny-models: needs the diffusion extra ({exc.name} is missing): "

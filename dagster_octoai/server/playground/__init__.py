@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from ..api.models import STYLE_PRESETS, Engine, Sampler
+from ...api.models import STYLE_PRESETS, Engine, Sampler
 
 __all__ = ["playground_options", "playground_routes"]
 
-_FILES = Path(__file__).with_name("playground")
+_FILES = Path(__file__).parent
 _TYPES = {
     "index.html": "text/html; charset=utf-8",
     "playground.css": "text/css; charset=utf-8",
@@ -34,7 +35,25 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
 )
-_PAGE_ENGINES = (Engine.SDXL, Engine.SD)
+# The page has no ControlNet image input: the engines it offers are these, of those served.
+_PAGE_ENGINES = (
+    Engine.SDXL,
+    Engine.SD,
+    Engine.SSD,
+    Engine.SD3,
+    Engine.FLUX_SCHNELL,
+    Engine.FLUX_DEV,
+)
+_LABELS = {
+    Engine.SDXL: "SDXL",
+    Engine.SD: "Stable Diffusion 1.5",
+    Engine.SSD: "SSD-1B",
+    Engine.SD3: "Stable Diffusion 3",
+    Engine.FLUX_SCHNELL: "FLUX.1 [schnell]",
+    Engine.FLUX_DEV: "FLUX.1 [dev]",
+}
+# The page's fields that some engines refuse (the page disables them there).
+_PAGE_FIELDS = ("negative_prompt", "sampler", "style_preset")
 
 
 @functools.cache
@@ -42,8 +61,11 @@ def _file(name: str) -> bytes:
     return (_FILES / name).read_bytes()
 
 
-def playground_options() -> dict[str, object]:
+def playground_options(served: Sequence[Engine] | None = None) -> dict[str, object]:
     """What the page offers, from the request model: engines, sizes, samplers, presets.
+
+    ``served``: the engines the server's backend serves (default: every engine); the page
+    offers exactly those it can drive.
 
     Examples:
         >>> options = playground_options()
@@ -54,12 +76,15 @@ def playground_options() -> dict[str, object]:
         "engines": [
             {
                 "name": engine.value,
-                "label": "SDXL" if engine is Engine.SDXL else "Stable Diffusion 1.5",
+                "label": _LABELS[engine],
                 "sizes": [list(size) for size in engine.resolutions],
                 "default_size": list(engine.default_size),
+                "default_steps": engine.default_steps,
                 "style_presets": sorted(STYLE_PRESETS, key=str.lower) if engine.is_sdxl else [],
+                "refused": [f for f in _PAGE_FIELDS if f in engine.refused_fields],
             }
             for engine in _PAGE_ENGINES
+            if served is None or engine in served
         ],
         "samplers": [s.value for s in Sampler],
         "defaults": {"steps": 30, "cfg_scale": 12, "sampler": "DDIM", "num_images": 1},
@@ -79,14 +104,18 @@ async def _page(request: Request) -> Response:
     return Response(_file("index.html"), headers=_headers(_TYPES["index.html"]))
 
 
-async def _asset(request: Request) -> Response:
-    name = request.path_params["file"]
-    if name == "options.json":
-        body = json.dumps(playground_options()).encode()
-        return Response(body, headers=_headers("application/json"))
-    if name not in _TYPES or name == "index.html":
-        return Response(b'{"message": "Not Found"}', 404, media_type="application/json")
-    return Response(_file(name), headers=_headers(_TYPES[name]))
+def _assets(served: Sequence[Engine] | None) -> Callable[[Request], Awaitable[Response]]:
+    options = json.dumps(playground_options(served)).encode()
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["file"]
+        if name == "options.json":
+            return Response(options, headers=_headers("application/json"))
+        if name not in _TYPES or name == "index.html":
+            return Response(b'{"message": "Not Found"}', 404, media_type="application/json")
+        return Response(_file(name), headers=_headers(_TYPES[name]))
+
+    return asset
 
 
 async def _root(request: Request) -> Response:
@@ -94,10 +123,10 @@ async def _root(request: Request) -> Response:
     return RedirectResponse(f"{request.scope.get('root_path', '')}/playground", status_code=307)
 
 
-def playground_routes() -> list[Route]:
-    """``/`` (a redirect), ``/playground`` and its files."""
+def playground_routes(served: Sequence[Engine] | None = None) -> list[Route]:
+    """``/`` (a redirect), ``/playground`` and its files; ``served``: the backend's engines."""
     return [
         Route("/", _root, methods=["GET"]),
         Route("/playground", _page, methods=["GET"]),
-        Route("/playground/{file}", _asset, methods=["GET"]),
+        Route("/playground/{file}", _assets(served), methods=["GET"]),
     ]
