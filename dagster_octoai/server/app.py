@@ -926,7 +926,11 @@ def create_app(
         finally:
             await state.close()
 
+    from .video import video_routes
+
     routes = [
+        # Before /generate/{engine}, which would take "svd" for an image engine.
+        *video_routes(state),
         Route("/generate/{engine}", generate, methods=["POST"]),
         Route("/v1/requests/{response_id}", poll, methods=["GET"]),
         Route("/v1/requests/{response_id}", cancel, methods=["DELETE"]),

@@ -618,6 +618,7 @@ diffusers backend reads for real weights too (docs/diffusers-backend.md):
   <family>/textual_inversions/NAME.safetensors textual inversions
   <family>/vaes/NAME/ or NAME.safetensors     VAEs
   sdxl/ip_adapters/NAME/          photo merge: an IP-Adapter .safetensors and image_encoder/
+  svd/base/                       Stable Video Diffusion (POST /generate/svd; optional)
 
 Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15);
 ssd/base (engine ssd, SDXL's layout), sd3/base (engine sd3), flux/schnell and flux/dev
@@ -729,6 +730,9 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
         )
     if scale == "tiny":
         _write_new_families(root, sizes, vocab, merges, seed)
+        from .tiny_svd import write_tiny_svd
+
+        write_tiny_svd(root / "svd" / "base", seed=seed + 100)
     (root / "README.txt").write_text(_README)
     (root / "dagster-octoai-models.json").write_text(
         json.dumps({"format": 1, "scale": scale, "random_weights": True}, indent=2) + "\n"
