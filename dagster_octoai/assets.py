@@ -392,9 +392,13 @@ def octoai_image_asset(
         name: The asset's name.
         request: The request template: an ``ImageGenerationRequest`` or a dict with
             its keys (images may be left out when ``image_inputs`` provides them).
-        prompt_template, key_prefix, ins, image_inputs, local_edge_map, checks: The
-            template's run-time parts and the built-in checks, as for
-            :func:`image_asset_plan`.
+        prompt_template: The prompt, ``{partition_key}`` filled in per partition (as
+            for :func:`image_asset_plan`, like the five arguments below).
+        key_prefix: The asset key's prefix.
+        ins: Upstream assets loaded as inputs.
+        image_inputs: Request image fields filled from inputs at run time.
+        local_edge_map: Make ``controlnet_image`` from ``image`` locally.
+        checks: The built-in asset checks to attach.
         partitions_def: e.g. a static or dynamic partition per prompt.
         deps: Upstream assets this one depends on without loading them.
         resource_key: Key of the :class:`OctoAIResource`.
