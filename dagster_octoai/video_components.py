@@ -70,7 +70,7 @@ class OctoAIVideoAssetComponent(Component, Resolvable, Model):
 
 
 class S3VideoIOManagerComponent(_S3Fields, Component, Resolvable):
-    """Binds an :class:`~dagster_octoai.video_assets.S3VideoIOManager` under ``resource_key``."""
+    """Binds an S3VideoIOManager under resource_key (default video_io_manager): videos in S3."""
 
     resource_key: str = Field(default="video_io_manager", description="Key to bind it under.")
 
@@ -94,7 +94,7 @@ class S3VideoIOManagerComponent(_S3Fields, Component, Resolvable):
 
 
 class LocalVideoIOManagerComponent(_LocalFields, Component, Resolvable):
-    """Binds a :class:`~dagster_octoai.video_assets.LocalVideoIOManager` under ``resource_key``."""
+    """Binds a LocalVideoIOManager under resource_key (default video_io_manager): a directory."""
 
     resource_key: str = Field(default="video_io_manager", description="Key to bind it under.")
 
