@@ -106,12 +106,21 @@ def _show(value: Any) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .config import FaultConfig, ServerConfig
+    from .config import ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="dagster-octoai", description="dagster-octoai command-line tools."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_tiny_models(commands)
+    _add_serve_ray(commands, ServerConfig)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    from .config import FaultConfig, ServerConfig
+
     serve = commands.add_parser(
         "serve",
         help="run the local OctoAI-compatible image server",
@@ -123,6 +132,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "--control-routes, with the admin token from OCTOAI_ADMIN_TOKEN."
         ),
     )
+    _add_listen_options(serve)
+    _add_tls_options(serve)
+    service = serve.add_argument_group("service behaviour (ServerConfig)")
+    _add_model_options(service, ServerConfig, "", skip=("faults",))
+    faults = serve.add_argument_group("fault injection (FaultConfig)")
+    _add_model_options(faults, FaultConfig, "fault-")
+
+
+def _add_listen_options(serve: argparse.ArgumentParser) -> None:
     where = serve.add_argument_group("where to listen")
     where.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     where.add_argument(
@@ -153,6 +171,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resulting configuration (tokens left out) and exit",
     )
+
+
+def _add_tls_options(serve: argparse.ArgumentParser) -> None:
     tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/endpoint.md)")
     tls.add_argument("--ssl-certfile", default=None, help="the certificate chain (PEM)")
     tls.add_argument("--ssl-keyfile", default=None, help="its private key (PEM)")
@@ -168,10 +189,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="IPS",
         help="proxies whose X-Forwarded-For/-Proto are trusted (default: 127.0.0.1)",
     )
-    service = serve.add_argument_group("service behaviour (ServerConfig)")
-    _add_model_options(service, ServerConfig, "", skip=("faults",))
-    faults = serve.add_argument_group("fault injection (FaultConfig)")
-    _add_model_options(faults, FaultConfig, "fault-")
+
+
+def _add_tiny_models(commands: Any) -> None:
     tiny = commands.add_parser(
         "tiny-models",
         help="write a tiny random-weight model directory for the diffusers backend",
@@ -191,8 +211,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "and SD 1.5 architectures, random fp16 weights, ~10 GB, for GPU benchmarks)",
     )
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    _add_serve_ray(commands, ServerConfig)
-    return parser
 
 
 def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
