@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
+from .backends.placeholder.renderer import choose_seeds, undecodable_images
 from .budget import over_budget
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
 from .jobqueue import (
@@ -52,7 +53,6 @@ from .jobs import ReplicaPool
 from .jobstore import body_digest, open_job_store
 from .limits import BodyLimits, oversized_images, parse_json_body
 from .openapi import openapi_document
-from .renderer import choose_seeds, undecodable_images
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ..renderer import RenderedImage
+from .placeholder.renderer import RenderedImage
 
 if TYPE_CHECKING:
     from ...api.models import ImageGenerationRequest

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from ..api.images import decode_base64_image
-from ..api.models import IMAGE_FIELDS, ImageGenerationRequest
+from ....api.images import decode_base64_image
+from ....api.models import IMAGE_FIELDS, ImageGenerationRequest
 
 __all__ = ["RenderedImage", "choose_seeds", "render", "render_image", "undecodable_images"]
 
