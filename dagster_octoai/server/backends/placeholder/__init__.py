@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .renderer import RenderedImage, render
+from .. import RenderedImage
+from .renderer import render
 
 if TYPE_CHECKING:
     from ....api.models import ImageGenerationRequest

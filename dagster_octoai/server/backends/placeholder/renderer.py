@@ -17,29 +17,18 @@ import io
 import random
 import textwrap
 import typing
-from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from ....api.images import decode_base64_image
 from ....api.models import IMAGE_FIELDS, ImageGenerationRequest
+from .. import JPEG_QUALITY, RenderedImage
 
-__all__ = ["RenderedImage", "choose_seeds", "render", "render_image", "undecodable_images"]
+__all__ = ["choose_seeds", "render", "render_image", "undecodable_images"]
 
 SEED_SPACE = 2**32
-JPEG_QUALITY = 90
 # Below this gray level a ControlNet edge map pixel is background, not an edge.
 EDGE_THRESHOLD = 40
-
-
-@dataclass(frozen=True)
-class RenderedImage:
-    """One image of an answer: encoded bytes, or ``None`` when removed for safety."""
-
-    data: bytes | None
-    seed: int
-    removed_for_safety: bool
-    safety_score: float
 
 
 def undecodable_images(request: ImageGenerationRequest) -> list[tuple[tuple[str | int, ...], str]]:
