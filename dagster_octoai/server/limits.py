@@ -26,7 +26,7 @@ import pydantic_core
 from PIL import Image
 
 from ..api.images import decode_base64_image
-from ..api.models import ImageGenerationRequest
+from ..api.models import IMAGE_FIELDS, ImageGenerationRequest
 from .config import ServerConfig
 
 __all__ = ["BodyLimits", "oversized_images", "parse_json_body"]
@@ -169,9 +169,7 @@ def parse_json_body(raw: bytes) -> tuple[Any, list[dict[str, Any]] | None]:
 
 def _image_fields(request: ImageGenerationRequest) -> list[tuple[tuple[str | int, ...], str]]:
     fields: list[tuple[tuple[str | int, ...], str]] = [
-        ((name,), value)
-        for name in ("init_image", "mask_image", "controlnet_image")
-        if (value := getattr(request, name)) is not None
+        ((name,), value) for name in IMAGE_FIELDS if (value := getattr(request, name)) is not None
     ]
     for word, images in (request.transfer_images or {}).items():
         fields.extend(((("transfer_images", word, i), b64) for i, b64 in enumerate(images)))
