@@ -36,7 +36,6 @@ from starlette.routing import Route
 
 from ..api.models import Engine, ImageGenerationRequest, JobStatus, PromptTooLongWarning
 from .backends import Backend, load_backend
-from .backends.placeholder.renderer import choose_seeds, undecodable_images
 from .budget import over_budget
 from .config import BACKEND_FIELDS, RUNTIME_FIXED, ServerConfig
 from .jobqueue import (
@@ -51,7 +50,7 @@ from .jobqueue import (
 )
 from .jobs import ReplicaPool
 from .jobstore import body_digest, open_job_store
-from .limits import BodyLimits, oversized_images, parse_json_body
+from .limits import BodyLimits, oversized_images, parse_json_body, undecodable_images
 from .openapi import openapi_document
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
@@ -69,6 +68,8 @@ ASYNC_HEADER = "x-octoai-async"
 IDEMPOTENCY_HEADER = "idempotency-key"
 #: How often a sync generation checks that its client is still there, seconds.
 _DISCONNECT_CHECK_S = 0.25
+#: Seeds the server chooses are below this (the service's seed range).
+SEED_SPACE = 2**32
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -447,6 +448,26 @@ def _key_conflict(conflict: IdempotencyConflict) -> GenerationRefused:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def choose_seeds(request: ImageGenerationRequest, rng: random.Random) -> list[int]:
+    """The seed of each image: fixed ones as asked, ``rng`` for the unset ones.
+
+    One int seed for several images gives consecutive seeds, the way the service
+    derives the others from the first.
+
+    Examples:
+        >>> req = ImageGenerationRequest(prompt="x", num_images=3, seed=7)
+        >>> choose_seeds(req, random.Random(0))
+        [7, 8, 9]
+    """
+    count = request.image_count
+    seed = request.seed
+    if isinstance(seed, list):
+        return [s if s is not None else rng.randrange(SEED_SPACE) for s in seed]
+    if seed is None:
+        return [rng.randrange(SEED_SPACE) for _ in range(count)]
+    return [(seed + i) % SEED_SPACE for i in range(count)]
 
 
 def _state(request: Request) -> ServerState:
