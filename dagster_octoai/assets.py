@@ -386,15 +386,14 @@ def octoai_image_asset(
     the launchpad validates), then the prompt and images filled in at run time. A run
     over a partition range sends one request per partition, each as a run of that
     partition alone would. Many requests per materialization, streamed: see
-    :func:`octoai_image_batch_asset`.
+    :func:`octoai_image_batch_asset`. ``prompt_template``, ``key_prefix``, ``ins``,
+    ``image_inputs``, ``local_edge_map`` and ``checks`` are the template's run-time parts
+    and the built-in checks, as for :func:`image_asset_plan`.
 
     Args:
         name: The asset's name.
         request: The request template: an ``ImageGenerationRequest`` or a dict with
             its keys (images may be left out when ``image_inputs`` provides them).
-        prompt_template, key_prefix, ins, image_inputs, local_edge_map, checks: The
-            template's run-time parts and the built-in checks, as for
-            :func:`image_asset_plan`.
         partitions_def: e.g. a static or dynamic partition per prompt.
         deps: Upstream assets this one depends on without loading them.
         resource_key: Key of the :class:`OctoAIResource`.
