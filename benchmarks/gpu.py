@@ -1,10 +1,14 @@
 """The GPU benchmark of the diffusers backend: ``python -m benchmarks.gpu`` (``make bench-gpu``).
 
-One command on a CUDA machine, no download: it writes full-size SDXL- and SD
-1.5-architecture models with random weights (speed does not depend on the weights'
-values; ``dagster-octoai tiny-models --scale full``), then for each case (SDXL
-1024x1024 and SD 1.5 512x512, 30 steps, batch 1/2/4, eager and ``torch.compile``)
-measures, in the same process and interleaved:
+One command on a CUDA machine, no download and no weights on disk: every engine's models
+(UNet or transformer, VAE, text encoders) are built with random weights directly in GPU
+memory from the real models' configs (:mod:`benchmarks.gpu_models`; speed does not depend
+on the weights' values), one family at a time, into the server's pipelines; the
+tokenizers, schedulers and layout come from a ``tiny-models`` directory written in
+seconds. For each case (SDXL 1024x1024 30 steps batch 1 and 4, FLUX.1 [schnell]
+1024x1024 4 steps, FLUX.1 [dev] and SD3 at their default 30 steps, SSD-1B 1024x1024 30
+steps, SDXL with photo merge, SD 1.5 512x512 batch 1 and 4, then SDXL and SD 1.5 with
+``torch.compile``) it measures, in the same process and interleaved:
 
 - **direct**: the diffusers pipeline called as a diffusers user would (text in,
   images out), the baseline;
@@ -12,20 +16,20 @@ measures, in the same process and interleaved:
   over loopback HTTP to the bundled server, JSON and base64 JPEGs included).
 
 Figures: p50/p95 latency of each, the server's overhead (api p50 / direct p50; target
-<= 1.05), images per second per GPU, peak GPU memory. OctoAI published p50 2.77 s for
-SDXL 1024x1024 30 steps; this project's goal is <= 1.5 s on an H100/H200-class GPU.
+<= 1.05), images per second per GPU, peak GPU memory, the seconds the models took to
+build and their parameters. OctoAI published p50 2.77 s for SDXL 1024x1024 30 steps;
+this project's goal is <= 1.5 s on an H100/H200-class GPU.
 
-The other engines' cases (FLUX.1 [schnell] 1024x1024 4 steps, FLUX.1 [dev] and SD3 at
-30 steps, SSD-1B 1024x1024 30 steps, SDXL with photo merge) run when the model directory
-has their weights (``--models``; the full-size random models written here are SDXL and
-SD 1.5 only) and are skipped, with a line saying so, when it has not. Eager cases run
-before compiled ones. ``--only NAME,...`` picks cases by name (``sdxl``, ``sd``, ``ssd``,
-``sd3``, ``flux-schnell``, ``flux-dev``, ``sdxl-photo-merge``); ``--budget-s S`` starts no
-case once S seconds have passed and writes what was measured so far.
+Eager cases run before compiled ones. ``--only NAME,...`` picks cases by name (``sdxl``,
+``sd``, ``ssd``, ``sd3``, ``flux-schnell``, ``flux-dev``, ``sdxl-photo-merge``);
+``--budget-s S`` (default 330 on a GPU, so that a default run ends within about 8
+minutes on one H100: docs/benchmarks.md) starts no case once S seconds have passed and
+writes what was measured so far.
 
-``--quick`` runs the same code on the tiny models (CPU allowed, 2 steps, the sdxl and sd
-cases unless ``--only`` names others, one repetition, no warm-up, no compile): a smoke
-test whose figures mean nothing. The suite runs it.
+``--quick`` runs the same code (models built in device memory, here from the directory's
+tiny configs) on CPU: 2 steps, the sdxl and sd cases unless ``--only`` names others, one
+repetition, no warm-up, no compile: a smoke test whose figures mean nothing. The suite
+runs it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-g
 TOKEN = "gpu-bench-token"
 PROMPT = "a lighthouse on a cliff at dusk, dramatic light, highly detailed"
 NEGATIVE = "blurry, low quality"
+#: A default GPU run starts no case after this (its last case ends within 8 minutes:
+#: docs/benchmarks.md has the estimate).
+DEFAULT_BUDGET_S = 330.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ class Result:
     direct_s: list[float] = field(default_factory=list)
     api_s: list[float] = field(default_factory=list)
     peak_gpu_gib: float | None = None
+    #: Seconds to build the family's models in device memory (0: already built), parameters.
+    build_s: float = 0.0
+    parameters: int = 0
 
     @staticmethod
     def _p(samples: list[float], q: float) -> float:
@@ -94,6 +104,8 @@ class Result:
             "server_overhead": round(api_p50 / direct_p50, 4),
             "images_per_s": round(self.case.batch / api_p50, 3),
             "peak_gpu_gib": self.peak_gpu_gib,
+            "build_s": round(self.build_s, 2),
+            "parameters": self.parameters,
             "reps": len(self.api_s),
         }
 
@@ -117,20 +129,24 @@ def _cases(
             Case("sdxl", 1024, 1024, n, 1, False, photo_merge=True),
         ]
         return [c for c in cases if c.name in (only or ("sdxl", "sd"))]
-    compiled = (False, True) if on_gpu else (False,)
-    cases = [
-        Case(engine, w, h, steps or 30, batch, comp)
-        for comp in compiled  # eager first: a budget that runs out keeps those
-        for engine, w, h in (("sdxl", 1024, 1024), ("sd", 512, 512))
-        for batch in (1, 2, 4)
-    ]
-    cases[3:3] = [
+    eager = [
+        # One family after another (each is built once), the issue's new rows early so
+        # that a short --budget-s still measures them.
+        Case("sdxl", 1024, 1024, steps or 30, 1, False),
+        Case("sdxl", 1024, 1024, steps or 30, 1, False, photo_merge=True),
         Case("flux-schnell", 1024, 1024, steps or 4, 1, False),
         Case("flux-dev", 1024, 1024, steps or 30, 1, False),
         Case("sd3", 1024, 1024, steps or 30, 1, False),
         Case("ssd", 1024, 1024, steps or 30, 1, False),
-        Case("sdxl", 1024, 1024, steps or 30, 1, False, photo_merge=True),
+        Case("sd", 512, 512, steps or 30, 1, False),
+        Case("sd", 512, 512, steps or 30, 4, False),
+        Case("sdxl", 1024, 1024, steps or 30, 4, False),
     ]
+    compiled = [
+        Case("sdxl", 1024, 1024, steps or 30, 1, True),
+        Case("sd", 512, 512, steps or 30, 1, True),
+    ]
+    cases = eager + (compiled if on_gpu else [])  # eager first: a spent budget keeps those
     return [c for c in cases if not only or c.name in only]
 
 
@@ -241,29 +257,102 @@ def _measure(
         assert len(images) == case.batch
         return time.perf_counter() - started
 
+    # The server must run the models built for this case, not the directory's: count the
+    # denoiser's calls (eager only: a hook inside a compiled module would change it).
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    steps_run = [0]
+
+    def count(*_: Any) -> None:
+        steps_run[0] += 1
+
     def api() -> float:
+        before = steps_run[0]
         started = time.perf_counter()
         r = client.post(f"/generate/{case.engine}", json=body)
         elapsed = time.perf_counter() - started
         r.raise_for_status()
         assert len(r.json()["images"]) == case.batch
+        if not case.compiled and steps_run[0] == before:
+            raise RuntimeError(f"{case.name}: the server did not run the models built for it")
         return elapsed
 
-    if warm_up:
-        # Warm-up (and, when compiled, the compilation) is not measured.
-        direct()
-        api()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    result = Result(case)
-    for i in range(reps):
-        # Interleaved, alternating which goes first: drift hits both alike.
-        order = (direct, api) if i % 2 == 0 else (api, direct)
-        for fn in order:
-            (result.direct_s if fn is direct else result.api_s).append(fn())
+    hook = None if case.compiled else denoiser.register_forward_pre_hook(count)
+    try:
+        if warm_up:
+            # Warm-up (and, when compiled, the compilation) is not measured.
+            direct()
+            api()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        result = Result(case)
+        for i in range(reps):
+            # Interleaved, alternating which goes first: drift hits both alike.
+            order = (direct, api) if i % 2 == 0 else (api, direct)
+            for fn in order:
+                (result.direct_s if fn is direct else result.api_s).append(fn())
+    finally:
+        if hook is not None:
+            hook.remove()
     if on_gpu:
         result.peak_gpu_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
+
+
+class _Models:
+    """The family whose models are built in device memory now; one family at a time."""
+
+    def __init__(self, backend: Any, device: str, published: bool) -> None:
+        self.bases = backend._devices[0].bases
+        self.skeletons = {family: ckpt.pipe for family, ckpt in self.bases.items()}
+        self.dtypes = (backend._devices[0].dtype, backend._devices[0].flow_dtype)
+        self.library = backend.library
+        self.device = device
+        self.published = published
+        self.held: tuple[str, bool] | None = None
+
+    def use(self, family: Any, compiled: bool) -> tuple[Any, float, int]:
+        """The family's pipeline (built now unless held already), its build seconds, size."""
+        from dagster_octoai.server.backends.diffusers.library import FLOW_FAMILIES
+
+        from .gpu_models import build_in_memory, free, parameters
+
+        ckpt = self.bases[family]
+        if self.held == (family, compiled):
+            return ckpt.pipe, 0.0, parameters(ckpt.pipe)
+        self.release()
+        started = time.perf_counter()
+        dtype = self.dtypes[1] if family in FLOW_FAMILIES else self.dtypes[0]
+        pipe = build_in_memory(
+            self.skeletons[family], family, self.device, dtype, published=self.published
+        )
+        if compiled:
+            (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
+        ckpt.pipe = pipe  # what the server's requests use from now on
+        self.held = (family, compiled)
+        free(self.device)
+        return pipe, time.perf_counter() - started, parameters(pipe)
+
+    def ip_adapter(self, family: Any, pipe: Any) -> Path | None:
+        """The photo merge adapter; at full size, one written for the full-size UNet."""
+        from dagster_octoai.server.backends.diffusers.photo_merge import write_tiny_ip_adapter
+
+        if self.published:
+            # The directory's adapter fits its tiny UNet: write one (random, a few hundred
+            # MB; its image encoder stays tiny) for the real UNet's attention sizes, first
+            # by name so that the server and the direct side both load it.
+            folder = self.library.folder(family) / "ip_adapters" / "0-gpu-benchmark"
+            if not folder.exists():
+                write_tiny_ip_adapter(pipe.unet, folder, seed=60)
+        return self.library.ip_adapter(family)  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        from .gpu_models import free
+
+        if self.held is not None:
+            family = self.held[0]
+            self.bases[family].pipe = self.skeletons[family]
+            self.held = None
+        free(self.device)
 
 
 def run(
@@ -277,10 +366,12 @@ def run(
     budget_s: float | None = None,
     log: Any = print,
 ) -> list[Result]:
-    """Measure every case on ``device`` with the models in ``models``.
+    """Measure every case on ``device``.
 
-    Cases whose engine the directory has no weights for are skipped; once ``budget_s``
-    seconds have passed, no further case starts.
+    ``models`` is a ``tiny-models`` directory: its tokenizers, schedulers and layout. Each
+    case's models are built in device memory: the real architectures, or with ``quick``
+    the directory's own tiny ones. Cases whose family the directory lacks are skipped;
+    once ``budget_s`` seconds have passed, no further case starts.
     """
     import httpx
 
@@ -291,44 +382,45 @@ def run(
 
     started = time.monotonic()
     on_gpu = device.startswith("cuda")
-    reps = reps or (1 if quick else 10)
+    reps = reps or (1 if quick else 3)
     config = ServerConfig(token=TOKEN, backend="diffusers", models=str(models), device=(device,))
     backend = DiffusersBackend.from_config(config)
+    built = _Models(backend, device, published=not quick)
     results: list[Result] = []
-    compiled = False
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    with (
-        _served(backend, config) as url,
-        httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
-    ):
-        bases = backend._devices[0].bases
-        for case in _cases(quick, on_gpu, steps, only):
-            if budget_s is not None and time.monotonic() - started > budget_s:
-                log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
-                break
-            family = family_of(Engine(case.engine))
-            ip_adapter = backend.library.ip_adapter(family) if case.photo_merge else None
-            if family not in bases or (case.photo_merge and ip_adapter is None):
-                log(f"{case.name}: skipped, {models} has no weights for it")
-                continue
-            if case.compiled and not compiled:
-                for base in bases.values():
-                    denoiser = (
-                        base.pipe.unet if hasattr(base.pipe, "unet") else base.pipe.transformer
-                    )
-                    denoiser.compile(mode="max-autotune-no-cudagraphs")
-                compiled = True
-            pipe = bases[family].pipe
-            result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
-            summary = result.summary()
-            log(
-                f"{case.name} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
-                f"{' compiled' if case.compiled else ''}: direct p50 {summary['direct_p50_s']} s, "
-                f"api p50 {summary['api_p50_s']} s (x{summary['server_overhead']}), "
-                f"{summary['images_per_s']} images/s"
-            )
-            results.append(result)
-    backend.close()
+    try:
+        with (
+            _served(backend, config) as url,
+            httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
+        ):
+            for case in _cases(quick, on_gpu, steps, only):
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
+                    break
+                family = family_of(Engine(case.engine))
+                if family not in built.bases:
+                    log(f"{case.name}: skipped, {models} has no {family} folder")
+                    continue
+                pipe = None  # the previous family's models go before this one's are built
+                pipe, build_s, size = built.use(family, case.compiled)
+                ip_adapter = built.ip_adapter(family, pipe) if case.photo_merge else None
+                if case.photo_merge and ip_adapter is None:
+                    log(f"{case.name}: skipped, {models} has no IP-Adapter for {family}")
+                    continue
+                result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
+                result.build_s, result.parameters = build_s, size
+                summary = result.summary()
+                log(
+                    f"{case.name} {case.width}x{case.height} {case.steps} steps batch {case.batch}"
+                    f"{' compiled' if case.compiled else ''}: {size / 1e6:,.0f} M parameters built "
+                    f"in {build_s:.1f} s; direct p50 {summary['direct_p50_s']} s, "
+                    f"api p50 {summary['api_p50_s']} s (x{summary['server_overhead']}), "
+                    f"{summary['images_per_s']} images/s, peak {summary['peak_gpu_gib']} GiB"
+                )
+                results.append(result)
+    finally:
+        built.release()
+        backend.close()
     return results
 
 
@@ -344,9 +436,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models",
         type=Path,
         default=None,
-        help="an existing model directory (default: write random-weight ones to a temp dir)",
+        help="a tiny-models directory for the layout, tokenizers and schedulers (default: "
+        "written to a temp dir); a full run adds a full-size photo merge adapter to it",
     )
-    parser.add_argument("--reps", type=int, default=None, help="measured repetitions per case")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="measured repetitions per case (default: 3)"
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="diffusion steps (default: 30; quick: 2)"
     )
@@ -360,7 +455,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--budget-s",
         type=float,
         default=None,
-        help="start no case after this many seconds; write what was measured",
+        help="start no case after this many seconds; write what was measured "
+        f"(default: {DEFAULT_BUDGET_S:g} on a GPU, none with --quick)",
     )
     args = parser.parse_args(argv)
     args.only = tuple(n for n in args.only.split(",") if n)
@@ -385,13 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    budget_s = args.budget_s if args.budget_s is not None or args.quick else DEFAULT_BUDGET_S
     with tempfile.TemporaryDirectory(prefix="octoai-gpu-bench-") as tmp:
         models = args.models
         if models is None:
             models = Path(tmp) / "models"
             started = time.perf_counter()
-            write_models(models, scale="tiny" if args.quick else "full")
-            print(f"wrote random-weight models in {time.perf_counter() - started:.0f} s")
+            # Layout, tokenizers and schedulers only: the weights are built in device memory.
+            write_models(models, scale="tiny")
+            print(f"wrote the tiny model directory in {time.perf_counter() - started:.0f} s")
         results = run(
             models,
             device,
@@ -399,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reps=args.reps,
             steps=args.steps,
             only=args.only,
-            budget_s=args.budget_s,
+            budget_s=budget_s,
         )
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     data = {
@@ -407,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": device,
         "gpu": gpu,
         "torch": torch.__version__,
+        "weights": "random, built in device memory from the real configs"
+        if not args.quick
+        else "random, tiny configs (a smoke run: the figures mean nothing)",
+        "budget_s": budget_s,
         "targets": {"server_overhead_max": 1.05, "sdxl_1024_30_steps_p50_s_goal": 1.5},
         "results": [r.summary() for r in results],
     }

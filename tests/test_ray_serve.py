@@ -32,6 +32,7 @@ ray = pytest.importorskip("ray")  # the ray extra (requirements-dev.txt installs
 from ray import serve  # noqa: E402
 
 from dagster_octoai.api.client import OctoAIClient  # noqa: E402
+from dagster_octoai.api.models import Engine  # noqa: E402
 from dagster_octoai.server import ServerConfig  # noqa: E402
 from dagster_octoai.server.ray_config import RayEndpointConfig  # noqa: E402
 from dagster_octoai.server.ray_serve import deploy, start_local_cluster, start_serve  # noqa: E402
@@ -180,6 +181,9 @@ def test_a_frontend_that_cannot_see_the_model_directory_leaves_names_to_the_gene
     )
     assert _RemoteBackend(unseen).check(request) == []
     assert _RemoteBackend(ServerConfig()).check(request) == []  # the placeholder: no names
+    # Nor can it tell which engines have weights: every one goes on to the generators.
+    assert _RemoteBackend(unseen).engines == tuple(Engine)
+    assert _RemoteBackend(ServerConfig()).engines == tuple(Engine)
 
 
 def test_the_local_cluster_gives_serve_proxies_time_to_start(endpoint: Endpoint) -> None:
@@ -478,11 +482,16 @@ def test_the_example_dagster_job_runs_against_it(
     )
 
 
-def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tiny_models: Path) -> None:
+def test_the_diffusers_backend_runs_under_it(
+    endpoint: Endpoint, tiny_models: Path, tmp_path: Path
+) -> None:
     # The diffusion extra and the diffusers backend (issue 14); the tiny random-weight models
-    # (tests/conftest.py: written once per run, shared with the diffusion tests).
+    # (tests/conftest.py: written once per run, shared with the diffusion tests), SD 1.5's
+    # only: the other engines have no weights here.
     pytest.importorskip("dagster_octoai.server.backends.diffusers")
-    models = tiny_models
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "sd15").symlink_to(tiny_models / "sd15", target_is_directory=True)
     config = RayEndpointConfig(
         server=ServerConfig(token=TOKEN, backend="diffusers", models=str(models), device=("cpu",)),
         min_replicas=1,
@@ -526,6 +535,12 @@ def test_the_diffusers_backend_runs_under_it(endpoint: Endpoint, tiny_models: Pa
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "loras", "no-such-lora"]
         assert "tiny-crayon, tiny-ink" in r.json()["detail"][0]["msg"]
+        # An engine without weights is unknown, as on one server (was the generator's 422).
+        r = httpx.post(
+            f"{url}/generate/flux-schnell", json={"prompt": "x"}, headers=_auth(), timeout=60
+        )
+        assert r.status_code == 404, r.text
+        assert "Engine 'flux-schnell' not found; available: sd, controlnet-sd15" in r.text
     finally:
         serve.delete("octoai-diffusers")
 

@@ -65,6 +65,7 @@ from .models import (
     JobStatus,
     PollResult,
 )
+from .video_client import AsyncVideoCalls, VideoCalls
 
 __all__ = [
     "BASE_URL_ENV",
@@ -498,7 +499,9 @@ class _JobWait:
         return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
 
-class OctoAIClient(_ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]):
+class OctoAIClient(
+    VideoCalls, _ClientBase[httpx.Client, httpx.HTTPTransport, threading.BoundedSemaphore]
+):
     """A thread-safe client of the OctoAI image API.
 
     One pooled connection pool serves the client's lifetime; close it with
@@ -937,7 +940,7 @@ class _Slot:
 
 
 class AsyncOctoAIClient(
-    _ClientBase[httpx.AsyncClient, httpx.AsyncHTTPTransport, asyncio.Semaphore]
+    AsyncVideoCalls, _ClientBase[httpx.AsyncClient, httpx.AsyncHTTPTransport, asyncio.Semaphore]
 ):
     """The asyncio twin of :class:`OctoAIClient`: same arguments, ``async`` methods.
 

@@ -921,7 +921,12 @@ def _validation_error(title: str, errors: list[InitErrorDetails]) -> ValidationE
     return ValidationError.from_exception_data(title, errors)
 
 
-def validation_error(exc: ValidationError) -> RequestValidationError:
+def validation_error(
+    exc: ValidationError,
+    *,
+    what: str = "image generation request",
+    model: type[BaseModel] | None = None,
+) -> RequestValidationError:
     """A :class:`RequestValidationError` naming each field of a pydantic error.
 
     Every problem is listed, each as ``field: what is wrong; allowed: ...``, in plain
@@ -938,10 +943,10 @@ def validation_error(exc: ValidationError) -> RequestValidationError:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "request"
         # Some rules name their field in their message already; the field is said once.
-        message = _plain(err).removeprefix(f"{field}: ")
+        message = _plain(err, model or ImageGenerationRequest).removeprefix(f"{field}: ")
         errors.append({"field": field, "message": message})
     text = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return RequestValidationError(f"invalid image generation request: {text}", errors)
+    return RequestValidationError(f"invalid {what}: {text}", errors)
 
 
 _RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
@@ -955,18 +960,18 @@ _TYPE_WORDS = {
 }
 
 
-def _plain(err: Any) -> str:
+def _plain(err: Any, model: type[BaseModel]) -> str:
     """One pydantic error in this package's words, with what is allowed where it is known."""
     kind: str = err["type"]
     msg: str = err["msg"]
     loc = err["loc"]
     top = str(loc[0]) if loc else ""
-    field = ImageGenerationRequest.model_fields.get(top)
+    field = model.model_fields.get(top)
     value = err.get("input")
     if msg.startswith("Value error, "):
         return msg[len("Value error, ") :]
     if kind == "extra_forbidden" and len(loc) == 1:
-        close = difflib.get_close_matches(top, ImageGenerationRequest.model_fields, n=1)
+        close = difflib.get_close_matches(top, model.model_fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown field; the API rejects keys it does not know{hint}"
     if kind == "finite_number":

@@ -53,6 +53,7 @@ from .jobstore import body_digest, open_job_store
 from .limits import BodyLimits, oversized_images, parse_json_body, undecodable_images
 from .openapi import openapi_document
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
+from .seeds import choose_seeds
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
@@ -69,7 +70,6 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 #: How often a sync generation checks that its client is still there, seconds.
 _DISCONNECT_CHECK_S = 0.25
 #: Seeds the server chooses are below this (the service's seed range).
-SEED_SPACE = 2**32
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -283,7 +283,7 @@ class ServerState:
         self, req: ImageGenerationRequest, control: JobControl | None = None
     ) -> tuple[bytes, list[int]]:
         started = time.perf_counter()
-        seeds = choose_seeds(req, self.seed_rng)
+        seeds = choose_seeds(req.seed, req.image_count, self.seed_rng)
         config = self.config
         loop = asyncio.get_running_loop()
 
@@ -448,26 +448,6 @@ def _key_conflict(conflict: IdempotencyConflict) -> GenerationRefused:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def choose_seeds(request: ImageGenerationRequest, rng: random.Random) -> list[int]:
-    """The seed of each image: fixed ones as asked, ``rng`` for the unset ones.
-
-    One int seed for several images gives consecutive seeds, the way the service
-    derives the others from the first.
-
-    Examples:
-        >>> req = ImageGenerationRequest(prompt="x", num_images=3, seed=7)
-        >>> choose_seeds(req, random.Random(0))
-        [7, 8, 9]
-    """
-    count = request.image_count
-    seed = request.seed
-    if isinstance(seed, list):
-        return [s if s is not None else rng.randrange(SEED_SPACE) for s in seed]
-    if seed is None:
-        return [rng.randrange(SEED_SPACE) for _ in range(count)]
-    return [(seed + i) % SEED_SPACE for i in range(count)]
 
 
 def _state(request: Request) -> ServerState:
@@ -975,7 +955,11 @@ def create_app(
         finally:
             await state.close()
 
+    from .video import video_routes
+
     routes = [
+        # Before /generate/{engine}, which would take "svd" for an image engine.
+        *video_routes(state),
         Route("/generate/{engine}", generate, methods=["POST"]),
         Route("/v1/requests/{response_id}", poll, methods=["GET"]),
         Route("/v1/requests/{response_id}", cancel, methods=["DELETE"]),

@@ -143,6 +143,9 @@ class JobQueue:
         self._running: dict[str, JobControl] = {}
         self._accepting = True
         self._sweeper: asyncio.Task[None] | None = None
+        #: Engines whose jobs another module renders from the stored JSON body (the video
+        #: route registers ``svd``); every other engine is an image request for ``render``.
+        self.renderers: dict[str, Callable[[bytes, JobControl], Awaitable[bytes]]] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -181,12 +184,37 @@ class JobQueue:
             rid, fresh = await self.bind_key(owner, *idempotency)
         # A repeat whose job is missing: the first submission died between binding its
         # key and storing its job; this one stores it under the bound id.
-        job = await self._call(
-            self.store.create, owner, req.engine.value, body, req.summary(), fails, rid
-        )
+        job = await self._store(owner, req.engine.value, body, req.summary(), fails, rid)
+        return job, fresh
+
+    async def submit_engine(
+        self, owner: str, engine: str, body: bytes, summary: dict[str, Any]
+    ) -> StoredJob:
+        """Store and queue a job of an engine in :attr:`renderers` (no idempotency key).
+
+        Raises:
+            QueueFull, ShuttingDown: nothing was stored.
+        """
+        if not self._accepting:
+            raise ShuttingDown()
+        bound = self._config().max_queued_jobs
+        if bound is not None and len(self._pending) >= bound:
+            raise QueueFull()
+        return await self._store(owner, engine, body, summary, False, None)
+
+    async def _store(
+        self,
+        owner: str,
+        engine: str,
+        body: bytes,
+        summary: dict[str, Any],
+        fails: bool,
+        rid: str | None,
+    ) -> StoredJob:
+        job = await self._call(self.store.create, owner, engine, body, summary, fails, rid)
         if job.status is JobStatus.PENDING:
             self._enqueue(job.response_id)
-        return job, fresh
+        return job
 
     async def bind_key(self, owner: str, key: str, digest: str) -> tuple[str, bool]:
         """The response id an idempotency key stands for, and whether it was bound just now."""
@@ -395,10 +423,14 @@ class JobQueue:
                 JobStatus.FAILED,
                 "The job's input is gone from the job store; resubmit the request.",
             )
-        req = ImageGenerationRequest.from_wire(_json(raw), job.engine)
+        special = self.renderers.get(job.engine)
+        if special is not None:
+            work = special(raw, control)
+        else:
+            work = self._render(ImageGenerationRequest.from_wire(_json(raw), job.engine), control)
         del raw
         try:
-            body = await self._render(req, control)
+            body = await work
         except JobCancelled:
             return JobStatus.CANCELLED, CANCELLED_MESSAGE
         except asyncio.CancelledError:

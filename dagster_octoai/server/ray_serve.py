@@ -38,7 +38,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from ..api.models import ImageGenerationRequest, JobStatus
+from ..api.models import Engine, ImageGenerationRequest, JobStatus
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
@@ -207,6 +207,15 @@ class _RemoteBackend:
     @property
     def replicas(self) -> int | None:
         return None
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """Those the model directory has weights for (404 for the others, as one server
+        answers), or every engine where this node cannot see it (the generators judge)."""
+        if self._library is None:
+            return tuple(Engine)
+        engines: tuple[Engine, ...] = self._library.engines
+        return engines
 
     def describe(self) -> dict[str, object]:
         return {"backend": self._backend, "deployment": "ray-serve"}

@@ -165,8 +165,70 @@ def test_gpu_benchmark_quick_run_on_cpu(
     assert cases == [("sdxl", 1), ("sd", 2)]
     for row in data["results"]:
         assert row["direct_p50_s"] > 0 and row["api_p50_s"] > 0
+        # Built in device memory for the case, from the directory's tiny configs.
+        assert row["build_s"] > 0 and 0 < row["parameters"] < 10**8
         assert math.isfinite(row["server_overhead"]) and row["images_per_s"] > 0
     # Without a GPU the full benchmark refuses, instead of printing CPU figures as GPU ones.
     assert gpu.main(["--device", "cpu", "--output", str(tmp_path / "no.json")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "no.json").exists()
+
+
+def test_gpu_benchmark_fails_when_the_server_did_not_run_the_built_models(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row is only written when the API side ran the models built for the case."""
+    from benchmarks import gpu
+
+    real_use = gpu._Models.use
+
+    def use_without_swap(
+        self: gpu._Models, family: str, compiled: bool
+    ) -> tuple[object, float, int]:
+        skeleton = self.bases[family].pipe
+        built = real_use(self, family, compiled)
+        self.bases[family].pipe = skeleton  # the server keeps the directory's models
+        return built
+
+    monkeypatch.setattr(gpu._Models, "use", use_without_swap)
+    with pytest.raises(RuntimeError, match="sd: the server did not run the models built"):
+        gpu.run(tiny_models, "cpu", quick=True, only=("sd",), log=lambda _: None)
+
+
+# Published sizes, in billions of parameters: the SDXL paper (UNet 2.6), SD 1.5 (0.86),
+# Segmind's SSD-1B card (1.3), SD3 Medium (2), FLUX.1 (12), the T5-XXL encoder (4.7).
+PUBLISHED_SIZES = {
+    "sdxl": {"unet": 2.6, "text_encoder_2": 0.69},
+    "sd15": {"unet": 0.86, "text_encoder": 0.123},
+    "ssd": {"unet": 1.3},
+    "sd3": {"transformer": 2.0, "text_encoder_3": 4.7},
+    "flux-schnell": {"transformer": 12.0, "text_encoder_2": 4.7},
+    "flux-dev": {"transformer": 12.0},
+}
+
+
+def test_gpu_benchmark_builds_the_published_architectures(tiny_models: Path) -> None:
+    """The full run's models, built on the meta device (no memory): the real sizes, dtype."""
+    import torch
+
+    from benchmarks.gpu_models import build_in_memory
+    from dagster_octoai.server.backends.diffusers.backend import _PIPELINES, _pipeline_class
+
+    library = ModelLibrary(tiny_models)
+    assert set(library.families) == set(PUBLISHED_SIZES)
+    for family, sizes in PUBLISHED_SIZES.items():
+        cls = _pipeline_class(_PIPELINES[family, False, "txt2img"])
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+        skeleton = cls.from_pretrained(
+            str(library.base(family)), local_files_only=True, **(extra if family == "sd15" else {})
+        )
+        pipe = build_in_memory(skeleton, family, "meta", torch.bfloat16, published=True)
+        assert type(pipe) is cls and pipe.tokenizer is skeleton.tokenizer
+        for name, billions in sizes.items():
+            module = getattr(pipe, name)
+            assert module is not getattr(skeleton, name)
+            count = sum(p.numel() for p in module.parameters()) / 1e9
+            assert count == pytest.approx(billions, rel=0.03), (family, name, count)
+            assert {(p.device.type, p.dtype) for p in module.parameters()} == {
+                ("meta", torch.bfloat16)
+            }

@@ -14,8 +14,9 @@ tokenize the way CLIP's do, only into more, shorter pieces.
 The sizes keep the real latent scale factor (a four-block VAE, 8x) and the real engine
 sizes (SDXL 1024x1024, SD 1.5 512x512) while staying small enough that one image takes
 seconds on a 2-core CPU: few channels (2-8 in the VAE, 8-32 in the UNet), one layer per
-block, attention only at the lowest resolution. ``scale="full"`` builds the real SDXL / SD 1.5 architectures (random
-weights, gigabytes) for the GPU benchmark. The images are noise either way.
+block, attention only at the lowest resolution. ``scale="full"`` writes the real SDXL /
+SD 1.5 architectures (random weights, gigabytes) to disk; the GPU benchmark builds its
+full-size models in GPU memory instead (``benchmarks/gpu_models.py``). The images are noise either way.
 """
 
 from __future__ import annotations
@@ -617,6 +618,7 @@ diffusers backend reads for real weights too (docs/diffusers-backend.md):
   <family>/textual_inversions/NAME.safetensors textual inversions
   <family>/vaes/NAME/ or NAME.safetensors     VAEs
   sdxl/ip_adapters/NAME/          photo merge: an IP-Adapter .safetensors and image_encoder/
+  svd/base/                       Stable Video Diffusion (POST /generate/svd; optional)
 
 Families: sdxl (engines sdxl, controlnet-sdxl) and sd15 (engines sd, controlnet-sd15);
 ssd/base (engine ssd, SDXL's layout), sd3/base (engine sd3), flux/schnell and flux/dev
@@ -654,7 +656,7 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
 
     ``scale="tiny"`` (seconds to write, a few MB) is what tests and the demo use;
     ``scale="full"`` writes the real SDXL and SD 1.5 architectures in fp16 (about 10 GB)
-    for the GPU benchmark.
+    (the GPU benchmark builds its full-size models in GPU memory instead).
 
     Examples:
         >>> import tempfile
@@ -728,6 +730,9 @@ def write_models(directory: Path | str, *, scale: ModelScale = "tiny", seed: int
         )
     if scale == "tiny":
         _write_new_families(root, sizes, vocab, merges, seed)
+        from .tiny_svd import write_tiny_svd
+
+        write_tiny_svd(root / "svd" / "base", seed=seed + 100)
     (root / "README.txt").write_text(_README)
     (root / "dagster-octoai-models.json").write_text(
         json.dumps({"format": 1, "scale": scale, "random_weights": True}, indent=2) + "\n"
