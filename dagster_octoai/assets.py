@@ -386,19 +386,14 @@ def octoai_image_asset(
     the launchpad validates), then the prompt and images filled in at run time. A run
     over a partition range sends one request per partition, each as a run of that
     partition alone would. Many requests per materialization, streamed: see
-    :func:`octoai_image_batch_asset`.
+    :func:`octoai_image_batch_asset`. ``prompt_template``, ``key_prefix``, ``ins``,
+    ``image_inputs``, ``local_edge_map`` and ``checks`` are the template's run-time parts
+    and the built-in checks, as for :func:`image_asset_plan`.
 
     Args:
         name: The asset's name.
         request: The request template: an ``ImageGenerationRequest`` or a dict with
             its keys (images may be left out when ``image_inputs`` provides them).
-        prompt_template: The prompt, ``{partition_key}`` filled in per partition (as
-            for :func:`image_asset_plan`, like the five arguments below).
-        key_prefix: The asset key's prefix.
-        ins: Upstream assets loaded as inputs.
-        image_inputs: Request image fields filled from inputs at run time.
-        local_edge_map: Make ``controlnet_image`` from ``image`` locally.
-        checks: The built-in asset checks to attach.
         partitions_def: e.g. a static or dynamic partition per prompt.
         deps: Upstream assets this one depends on without loading them.
         resource_key: Key of the :class:`OctoAIResource`.

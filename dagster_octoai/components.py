@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 from pydantic.fields import FieldInfo
 
 from .api.errors import RequestValidationError
-from .api.models import ImageGenerationRequest
+from .api.models import IMAGE_FIELDS, ImageGenerationRequest
 from .assets import DEFAULT_POOL, AssetOptions, Checks, octoai_image_asset, octoai_image_batch_asset
 from .async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from .io_managers import LocalImageIOManager, S3ImageIOManager
@@ -272,7 +272,7 @@ class OctoAIImageAssetComponent(Component, Resolvable, Model):
     image_inputs: dict[str, str] = Field(
         default_factory=dict,
         description=(
-            "Request image field -> input name: init_image, mask_image, controlnet_image, "
+            f"Request image field -> input name: {', '.join(IMAGE_FIELDS)}, "
             "or transfer_images.<trigger word>."
         ),
     )

@@ -272,6 +272,7 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
 def test_the_banner_says_the_engines_and_replicas_the_backend_has() -> None:
     import types
 
+    from dagster_octoai.api.models import Engine
     from dagster_octoai.server.app import create_app
     from dagster_octoai.server.cli import _describe
     from dagster_octoai.server.config import ServerConfig
@@ -279,10 +280,8 @@ def test_the_banner_says_the_engines_and_replicas_the_backend_has() -> None:
     config = ServerConfig(replicas=4, public=True)
     placeholder = create_app(config).state.octoai.backend
     banner = _describe(config, "http://h", placeholder)
-    from dagster_octoai import Engine
-
-    # The placeholder draws every engine.
-    assert "generate/{" + ",".join(e.value for e in Engine) + "}" in banner
+    every = ",".join(e.value for e in Engine)  # the placeholder draws for every engine
+    assert f"generate/{{{every}}}" in banner and "ssd" in every and "flux-dev" in every
     assert "replicas: 4;" in banner
     # A diffusers backend with one device and SD 1.5 models only (its engines, replicas).
     diffusers = types.SimpleNamespace(engines=("sd", "controlnet-sd15"), replicas=1)

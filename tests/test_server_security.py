@@ -466,9 +466,9 @@ def test_an_internal_error_answers_without_a_stack_trace(
 def test_server_doctests() -> None:
     import doctest
 
-    from dagster_octoai.server import app, config, jobs, playground, security
+    from dagster_octoai.server import app, config, jobs, playground, security, seeds
 
-    for module in (app, config, jobs, playground, security):
+    for module in (app, config, jobs, playground, security, seeds):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
 

@@ -22,7 +22,7 @@ from dagster_octoai.api import video as video_models
 from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient
 from dagster_octoai.api.errors import RequestValidationError
 from dagster_octoai.api.video import SVD_FRAMES, VideoGenerationRequest
-from dagster_octoai.server import LocalOctoAIServer, mp4, video as video_route
+from dagster_octoai.server import LocalOctoAIServer, mp4, seeds
 from dagster_octoai.testing.server import sample_image_b64
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,7 +175,7 @@ def test_async_body_over_10_mb_refused_before_sending(client: OctoAIClient) -> N
         client.submit_video(request)
 
 
-@pytest.mark.parametrize("module", [video_models, video_route, mp4])
+@pytest.mark.parametrize("module", [video_models, seeds, mp4])
 def test_docstring_examples_run(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -50,10 +50,10 @@ from .jobqueue import (
 )
 from .jobs import ReplicaPool
 from .jobstore import body_digest, open_job_store
-from .limits import BodyLimits, oversized_images, parse_json_body
+from .limits import BodyLimits, oversized_images, parse_json_body, undecodable_images
 from .openapi import openapi_document
-from .renderer import choose_seeds, undecodable_images
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
+from .seeds import choose_seeds
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
@@ -69,6 +69,7 @@ ASYNC_HEADER = "x-octoai-async"
 IDEMPOTENCY_HEADER = "idempotency-key"
 #: How often a sync generation checks that its client is still there, seconds.
 _DISCONNECT_CHECK_S = 0.25
+#: Seeds the server chooses are below this (the service's seed range).
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 _ROUTES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -282,7 +283,7 @@ class ServerState:
         self, req: ImageGenerationRequest, control: JobControl | None = None
     ) -> tuple[bytes, list[int]]:
         started = time.perf_counter()
-        seeds = choose_seeds(req, self.seed_rng)
+        seeds = choose_seeds(req.seed, req.image_count, self.seed_rng)
         config = self.config
         loop = asyncio.get_running_loop()
 
@@ -494,6 +495,45 @@ async def generate(request: Request) -> Response:
         return limited
 
     is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+    read = await _read_generation(request, state, engine, is_async)
+    if isinstance(read, Response):
+        return read
+    req, raw, idempotency = read
+
+    record: RequestRecord | None = request.scope.get("octoai.record")
+    if is_async:
+        return await _submit_async(request, state, engine, req, caller, raw, idempotency, record)
+
+    if idempotency is not None:
+        try:
+            payload = await state.generate_once(req, caller, raw, idempotency)
+        except GenerationRefused as refused:
+            return refused.response()
+        if record is not None:
+            record.engine = engine.value
+        return Response(payload, media_type="application/json")
+    control = JobControl()
+    try:
+        payload, seeds = await _unless_disconnected(request, state.generate(req, control), control)
+    except GenerationRefused as refused:
+        return refused.response()
+    except (JobCancelled, asyncio.CancelledError):
+        # The client left: its generation stopped at its next step and freed its replica.
+        state.stats.disconnected_cancels += 1
+        return _message(499, "The client closed the connection; the generation was cancelled.")
+    if record is not None:
+        record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
+    return Response(payload, media_type="application/json")
+
+
+async def _read_generation(
+    request: Request, state: ServerState, engine: Engine, is_async: bool
+) -> tuple[ImageGenerationRequest, bytes, tuple[str, str] | None] | Response:
+    """The request, its raw body and (Idempotency-Key, body digest), or the answer refusing it.
+
+    Judged in order: the Idempotency-Key header, the JSON, the request model, the
+    operator's limits and what the backend cannot serve, the content policy.
+    """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         state.stats.validation_errors += 1
@@ -555,49 +595,38 @@ async def generate(request: Request) -> Response:
     if state.violates_policy(req):
         state.stats.policy_rejections += 1
         return _message(400, POLICY_MESSAGE)
+    return req, raw, idempotency
 
-    record: RequestRecord | None = request.scope.get("octoai.record")
-    if is_async:
-        fails = (
-            config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
-        )
-        try:
-            response_id, fresh = await state.submit_job(req, caller, fails, raw, idempotency)
-        except GenerationRefused as refused:
-            return refused.response()
-        # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.
-        if fresh:
-            state.stats.async_submitted += 1
-            if fails:
-                state.stats.faults["job_failure"] += 1
-        if record is not None:
-            record.engine, record.response_id = engine.value, response_id
-        base = _base_url(request, state)
-        return JSONResponse(
-            {"response_id": response_id, "poll_url": f"{base}/v1/requests/{response_id}"},
-            status_code=201,
-        )
 
-    if idempotency is not None:
-        try:
-            payload = await state.generate_once(req, caller, raw, idempotency)
-        except GenerationRefused as refused:
-            return refused.response()
-        if record is not None:
-            record.engine = engine.value
-        return Response(payload, media_type="application/json")
-    control = JobControl()
+async def _submit_async(
+    request: Request,
+    state: ServerState,
+    engine: Engine,
+    req: ImageGenerationRequest,
+    caller: Caller,
+    raw: bytes,
+    idempotency: tuple[str, str] | None,
+    record: RequestRecord | None,
+) -> Response:
+    """Accept an async job: 201 with its response id and poll URL, or the refusal."""
+    config = state.config
+    fails = config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
     try:
-        payload, seeds = await _unless_disconnected(request, state.generate(req, control), control)
+        response_id, fresh = await state.submit_job(req, caller, fails, raw, idempotency)
     except GenerationRefused as refused:
         return refused.response()
-    except (JobCancelled, asyncio.CancelledError):
-        # The client left: its generation stopped at its next step and freed its replica.
-        state.stats.disconnected_cancels += 1
-        return _message(499, "The client closed the connection; the generation was cancelled.")
+    # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.
+    if fresh:
+        state.stats.async_submitted += 1
+        if fails:
+            state.stats.faults["job_failure"] += 1
     if record is not None:
-        record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
-    return Response(payload, media_type="application/json")
+        record.engine, record.response_id = engine.value, response_id
+    base = _base_url(request, state)
+    return JSONResponse(
+        {"response_id": response_id, "poll_url": f"{base}/v1/requests/{response_id}"},
+        status_code=201,
+    )
 
 
 async def poll(request: Request) -> Response:

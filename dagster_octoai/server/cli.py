@@ -27,9 +27,12 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
+
+if TYPE_CHECKING:
+    from .ray_config import RayEndpointConfig
 
 __all__ = ["main"]
 
@@ -106,12 +109,21 @@ def _show(value: Any) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .config import FaultConfig, ServerConfig
+    from .config import ServerConfig
 
     parser = argparse.ArgumentParser(
         prog="dagster-octoai", description="dagster-octoai command-line tools."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_tiny_models(commands)
+    _add_serve_ray(commands, ServerConfig)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    from .config import FaultConfig, ServerConfig
+
     serve = commands.add_parser(
         "serve",
         help="run the local OctoAI-compatible image server",
@@ -123,6 +135,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "--control-routes, with the admin token from OCTOAI_ADMIN_TOKEN."
         ),
     )
+    _add_listen_options(serve)
+    _add_tls_options(serve)
+    service = serve.add_argument_group("service behaviour (ServerConfig)")
+    _add_model_options(service, ServerConfig, "", skip=("faults",))
+    faults = serve.add_argument_group("fault injection (FaultConfig)")
+    _add_model_options(faults, FaultConfig, "fault-")
+
+
+def _add_listen_options(serve: argparse.ArgumentParser) -> None:
     where = serve.add_argument_group("where to listen")
     where.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     where.add_argument(
@@ -153,6 +174,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resulting configuration (tokens left out) and exit",
     )
+
+
+def _add_tls_options(serve: argparse.ArgumentParser) -> None:
     tls = serve.add_argument_group("HTTPS (or terminate TLS at a reverse proxy: docs/endpoint.md)")
     tls.add_argument("--ssl-certfile", default=None, help="the certificate chain (PEM)")
     tls.add_argument("--ssl-keyfile", default=None, help="its private key (PEM)")
@@ -168,10 +192,9 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="IPS",
         help="proxies whose X-Forwarded-For/-Proto are trusted (default: 127.0.0.1)",
     )
-    service = serve.add_argument_group("service behaviour (ServerConfig)")
-    _add_model_options(service, ServerConfig, "", skip=("faults",))
-    faults = serve.add_argument_group("fault injection (FaultConfig)")
-    _add_model_options(faults, FaultConfig, "fault-")
+
+
+def _add_tiny_models(commands: Any) -> None:
     tiny = commands.add_parser(
         "tiny-models",
         help="write a tiny random-weight model directory for the diffusers backend",
@@ -191,8 +214,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "and SD 1.5 architectures, random fp16 weights, ~10 GB, for GPU benchmarks)",
     )
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    _add_serve_ray(commands, ServerConfig)
-    return parser
 
 
 def _add_serve_ray(commands: Any, server_config: type[BaseModel]) -> None:
@@ -319,46 +340,11 @@ def _serve_ray(args: argparse.Namespace) -> int:
 
 
 def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signals] | None) -> int:
-    from .ray_config import RayEndpointConfig
-
-    try:
-        server = _load_config(args, default_store=False)
-        values = vars(args)
-        fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
-        endpoint = RayEndpointConfig(server=server, **fields)
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "config"
-            print(f"dagster-octoai serve-ray: {loc}: {err['msg']}", file=sys.stderr)
+    endpoint = _ray_endpoint(args)
+    if endpoint is None or not _ray_address_allowed(args):
         return 2
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"dagster-octoai serve-ray: cannot read the configuration: {exc}", file=sys.stderr)
-        return 2
-    if (problem := server.startup_problem()) is not None:
-        print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
-        return 2
-    if args.address is not None:
-        from .ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
-
-        if is_loopback_address(args.address):
-            # A loopback cluster's address is its node address: Ray must not swap it for
-            # the host's network address (set before Ray is imported).
-            os.environ.update(LOOPBACK_ENV)
-
-        if (problem := token_auth_problem(os.environ)) is not None:
-            if not args.allow_ray_without_token_auth:
-                print(f"dagster-octoai serve-ray: refused: {problem}", file=sys.stderr)
-                return 2
-            print(
-                "dagster-octoai serve-ray: WARNING: connecting to a Ray cluster WITHOUT "
-                "token authentication (--allow-ray-without-token-auth): anyone who reaches "
-                "it can run code on it",
-                file=sys.stderr,
-                flush=True,
-            )
     try:
         import ray
-        from ray import serve as ray_serve
 
         from .ray_serve import deploy, start_local_cluster, start_serve
     except ImportError as exc:
@@ -385,7 +371,7 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
         scheme = "https" if args.ssl_certfile else "http"
         prefix = args.route_prefix.rstrip("/")
         url = f"{scheme}://{args.host}:{args.port}{prefix}"
-        print(_describe(server, url), file=sys.stderr, flush=True)
+        print(_describe(endpoint.server, url), file=sys.stderr, flush=True)
         print(
             f"  on Ray Serve: replicas {endpoint.min_replicas}..{endpoint.max_replicas}, idle "
             f"timeout {endpoint.idle_timeout_s:g} s, queue {endpoint.max_queued_requests} "
@@ -394,31 +380,88 @@ def _serve_ray_blocked(args: argparse.Namespace, stop_signals: set[signal.Signal
             flush=True,
         )
         if not args.detach:
-            if stop_signals is not None:
-                signal.sigwait(stop_signals)
-            else:
-                signal.signal(signal.SIGTERM, _exit_cleanly)
-                with contextlib.suppress(KeyboardInterrupt, SystemExit):
-                    while True:
-                        signal.pause()
-            # Serve lets each replica finish what it is doing first (up to the graceful
-            # shutdown timeout): say what the stop waits on.
-            print(
-                f"dagster-octoai serve-ray: stopping: deleting application {args.app_name!r}",
-                file=sys.stderr,
-                flush=True,
-            )
-            ray_serve.delete(args.app_name)
-            if local:
-                print("dagster-octoai serve-ray: stopping Serve", file=sys.stderr, flush=True)
-                ray_serve.shutdown()  # type: ignore[no-untyped-call]
-            print("dagster-octoai serve-ray: stopped", file=sys.stderr, flush=True)
+            _wait_then_stop(args, stop_signals, local=local)
     finally:
         # Disconnect this driver cleanly (Ray's core worker aborts at exit otherwise).
         ray.shutdown()
         if token is not None:
             token.remove()
     return 0
+
+
+def _ray_endpoint(args: argparse.Namespace) -> RayEndpointConfig | None:
+    """The Ray endpoint's configuration from the command line, or ``None`` (said why)."""
+    from .ray_config import RayEndpointConfig
+
+    try:
+        server = _load_config(args, default_store=False)
+        values = vars(args)
+        fields = {n: values[n] for n in RayEndpointConfig.model_fields if n in values}
+        endpoint = RayEndpointConfig(server=server, **fields)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            print(f"dagster-octoai serve-ray: {loc}: {err['msg']}", file=sys.stderr)
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"dagster-octoai serve-ray: cannot read the configuration: {exc}", file=sys.stderr)
+        return None
+    if (problem := server.startup_problem()) is not None:
+        print(f"dagster-octoai serve-ray: {problem}", file=sys.stderr)
+        return None
+    return endpoint
+
+
+def _ray_address_allowed(args: argparse.Namespace) -> bool:
+    """Whether ``--address`` names a cluster this command may join (said why not)."""
+    if args.address is None:
+        return True
+    from .ray_security import LOOPBACK_ENV, is_loopback_address, token_auth_problem
+
+    if is_loopback_address(args.address):
+        # A loopback cluster's address is its node address: Ray must not swap it for
+        # the host's network address (set before Ray is imported).
+        os.environ.update(LOOPBACK_ENV)
+
+    if (problem := token_auth_problem(os.environ)) is not None:
+        if not args.allow_ray_without_token_auth:
+            print(f"dagster-octoai serve-ray: refused: {problem}", file=sys.stderr)
+            return False
+        print(
+            "dagster-octoai serve-ray: WARNING: connecting to a Ray cluster WITHOUT "
+            "token authentication (--allow-ray-without-token-auth): anyone who reaches "
+            "it can run code on it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return True
+
+
+def _wait_then_stop(
+    args: argparse.Namespace, stop_signals: set[signal.Signals] | None, *, local: bool
+) -> None:
+    """Wait for a stop signal, then delete the application (and stop Serve if local)."""
+    from ray import serve as ray_serve
+
+    if stop_signals is not None:
+        signal.sigwait(stop_signals)
+    else:
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        with contextlib.suppress(KeyboardInterrupt, SystemExit):
+            while True:
+                signal.pause()
+    # Serve lets each replica finish what it is doing first (up to the graceful
+    # shutdown timeout): say what the stop waits on.
+    print(
+        f"dagster-octoai serve-ray: stopping: deleting application {args.app_name!r}",
+        file=sys.stderr,
+        flush=True,
+    )
+    ray_serve.delete(args.app_name)
+    if local:
+        print("dagster-octoai serve-ray: stopping Serve", file=sys.stderr, flush=True)
+        ray_serve.shutdown()  # type: ignore[no-untyped-call]
+    print("dagster-octoai serve-ray: stopped", file=sys.stderr, flush=True)
 
 
 def _describe(config: Any, url: str, backend: Any = None) -> str:

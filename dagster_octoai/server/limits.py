@@ -26,10 +26,10 @@ import pydantic_core
 from PIL import Image
 
 from ..api.images import decode_base64_image
-from ..api.models import ImageGenerationRequest
+from ..api.models import IMAGE_FIELDS, ImageGenerationRequest
 from .config import ServerConfig
 
-__all__ = ["BodyLimits", "oversized_images", "parse_json_body"]
+__all__ = ["BodyLimits", "oversized_images", "parse_json_body", "undecodable_images"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -169,9 +169,7 @@ def parse_json_body(raw: bytes) -> tuple[Any, list[dict[str, Any]] | None]:
 
 def _image_fields(request: ImageGenerationRequest) -> list[tuple[tuple[str | int, ...], str]]:
     fields: list[tuple[tuple[str | int, ...], str]] = [
-        ((name,), value)
-        for name in ("init_image", "mask_image", "controlnet_image")
-        if (value := getattr(request, name)) is not None
+        ((name,), value) for name in IMAGE_FIELDS if (value := getattr(request, name)) is not None
     ]
     for word, images in (request.transfer_images or {}).items():
         fields.extend(((("transfer_images", word, i), b64) for i, b64 in enumerate(images)))
@@ -256,3 +254,19 @@ def header_timeout_protocol(timeout_s: float) -> type[Any]:
             super().connection_lost(exc)
 
     return HeaderTimeoutProtocol
+
+
+def undecodable_images(request: ImageGenerationRequest) -> list[Problem]:
+    """(loc, message) of every image field whose bytes do not decode as a whole image.
+
+    The request model only checks that an image field is base64 with an image's magic
+    bytes; a truncated or corrupt picture must be the client's 422, not a renderer crash.
+    """
+    problems: list[Problem] = []
+    for loc, b64 in _image_fields(request):
+        try:
+            with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
+                im.load()
+        except Exception as exc:  # PIL raises many types for bad data; all mean the same here
+            problems.append((loc, f"the image does not decode ({type(exc).__name__}: {exc})"))
+    return problems

@@ -335,6 +335,84 @@ def _generate_operation(path_engine: str, engine: Engine) -> dict[str, Any]:
     }
 
 
+def _job_paths() -> dict[str, Any]:
+    """The async job routes: poll or cancel a job, fetch its result."""
+    response_id = {
+        "name": "response_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    return {
+        "/v1/requests/{response_id}": {
+            "get": {
+                "operationId": "poll_request",
+                "summary": "Status of an async job",
+                "security": [{"bearer": []}],
+                "parameters": [response_id],
+                "responses": {
+                    "200": _json(
+                        "PollResponse", "pending, running, completed (with response_url) or failed."
+                    ),
+                    **_auth_responses(),
+                    "404": _json("Message", "Unknown or expired response_id."),
+                },
+            },
+            "delete": {
+                "operationId": "cancel_request",
+                "summary": "Cancel an async job (pending: at once; running: at its next step)",
+                "security": [{"bearer": []}],
+                "parameters": [response_id],
+                "responses": {
+                    "200": _json("PollResponse", "The job's status after the request."),
+                    **_auth_responses(),
+                    "404": _json("Message", "Unknown or expired response_id."),
+                },
+            },
+        },
+        "/v1/responses/{response_id}": {
+            "get": {
+                "operationId": "fetch_response",
+                "summary": "Result of a completed async job",
+                "security": [{"bearer": []}],
+                "parameters": [response_id],
+                "responses": {
+                    "200": _json("ImageGenerationResponse", "The generated images."),
+                    **_auth_responses(),
+                    "404": _json("Message", "Unknown or expired response_id."),
+                    "409": _json("Message", "The job is not completed yet."),
+                    "500": _json("Message", "The job failed; resubmit the request."),
+                },
+            }
+        },
+    }
+
+
+def _healthcheck_path() -> dict[str, Any]:
+    return {
+        "/healthcheck": {
+            "get": {
+                "operationId": "healthcheck",
+                "summary": "Health check",
+                "responses": {
+                    "200": {
+                        "description": "The server is up.",
+                        "headers": _REQUEST_ID_HEADER,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"status": {"type": "string"}},
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
+    }
+
+
 @functools.lru_cache(maxsize=8)
 def _document(base_url: str) -> dict[str, Any]:
     _, defs = _base_request_schema()
@@ -352,73 +430,8 @@ def _document(base_url: str) -> dict[str, Any]:
         f"/generate/{name}": _generate_operation(name, engine)
         for name, engine in _ENGINE_PATHS.items()
     }
-    response_id = {
-        "name": "response_id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-    }
-    paths["/v1/requests/{response_id}"] = {
-        "get": {
-            "operationId": "poll_request",
-            "summary": "Status of an async job",
-            "security": [{"bearer": []}],
-            "parameters": [response_id],
-            "responses": {
-                "200": _json(
-                    "PollResponse", "pending, running, completed (with response_url) or failed."
-                ),
-                **_auth_responses(),
-                "404": _json("Message", "Unknown or expired response_id."),
-            },
-        },
-        "delete": {
-            "operationId": "cancel_request",
-            "summary": "Cancel an async job (pending: at once; running: at its next step)",
-            "security": [{"bearer": []}],
-            "parameters": [response_id],
-            "responses": {
-                "200": _json("PollResponse", "The job's status after the request."),
-                **_auth_responses(),
-                "404": _json("Message", "Unknown or expired response_id."),
-            },
-        },
-    }
-    paths["/v1/responses/{response_id}"] = {
-        "get": {
-            "operationId": "fetch_response",
-            "summary": "Result of a completed async job",
-            "security": [{"bearer": []}],
-            "parameters": [response_id],
-            "responses": {
-                "200": _json("ImageGenerationResponse", "The generated images."),
-                **_auth_responses(),
-                "404": _json("Message", "Unknown or expired response_id."),
-                "409": _json("Message", "The job is not completed yet."),
-                "500": _json("Message", "The job failed; resubmit the request."),
-            },
-        }
-    }
-    paths["/healthcheck"] = {
-        "get": {
-            "operationId": "healthcheck",
-            "summary": "Health check",
-            "responses": {
-                "200": {
-                    "description": "The server is up.",
-                    "headers": _REQUEST_ID_HEADER,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"status": {"type": "string"}},
-                            }
-                        }
-                    },
-                }
-            },
-        }
-    }
+    paths.update(_job_paths())
+    paths.update(_healthcheck_path())
     return {
         "openapi": "3.1.0",
         "info": {

@@ -15,7 +15,6 @@ import asyncio
 import base64
 import io
 import json
-import random
 import time
 import warnings
 from typing import Any, Protocol
@@ -40,10 +39,10 @@ from .app import (
 from .backends import Backend
 from .jobqueue import JobControl, QueueFull, ShuttingDown
 from .limits import parse_json_body
-from .renderer import SEED_SPACE
+from .seeds import choose_seeds
 from .stats import RequestRecord
 
-__all__ = ["VideoRenderer", "choose_video_seeds", "video_renderer", "video_routes"]
+__all__ = ["VideoRenderer", "video_renderer", "video_routes"]
 
 
 class VideoRenderer(Protocol):
@@ -57,7 +56,7 @@ class VideoRenderer(Protocol):
 def video_renderer(backend: Backend) -> VideoRenderer | None:
     """What renders videos on ``backend``, or None when it serves no ``svd``."""
     if backend.name == "placeholder":
-        from .backends.placeholder_video import PlaceholderVideoRenderer
+        from .backends.placeholder.video import PlaceholderVideoRenderer
 
         return PlaceholderVideoRenderer()
     if backend.name == "diffusers":
@@ -65,23 +64,6 @@ def video_renderer(backend: Backend) -> VideoRenderer | None:
 
         return SvdRenderer.for_backend(backend)
     return None
-
-
-def choose_video_seeds(request: VideoGenerationRequest, rng: random.Random) -> list[int]:
-    """The seed of each video, as the image routes choose them.
-
-    Examples:
-        >>> from PIL import Image
-        >>> req = VideoGenerationRequest(image=Image.new("RGB", (8, 8)), num_videos=2, seed=7)
-        >>> choose_video_seeds(req, random.Random(0))
-        [7, 8]
-    """
-    seed = request.seed
-    if isinstance(seed, list):
-        return [s if s is not None else rng.randrange(SEED_SPACE) for s in seed]
-    if seed is None:
-        return [rng.randrange(SEED_SPACE) for _ in range(request.video_count)]
-    return [(seed + i) % SEED_SPACE for i in range(request.video_count)]
 
 
 class _VideoRoute:
@@ -194,7 +176,7 @@ class _VideoRoute:
         assert self.renderer is not None
         renderer = self.renderer
         started = time.perf_counter()
-        seeds = choose_video_seeds(req, self.state.seed_rng)
+        seeds = choose_seeds(req.seed, req.video_count, self.state.seed_rng)
         clips = await asyncio.get_running_loop().run_in_executor(
             self.state.executor, renderer.render_video, req, seeds
         )

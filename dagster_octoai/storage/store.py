@@ -157,6 +157,28 @@ class _Head:
     corrupt: bool = False
 
 
+@dataclass
+class _Pending:
+    """A write in progress: where it stores, what it has put so far, what it still owes."""
+
+    base: str
+    write_id: str
+    #: SHA-256 -> key of the images the output's committed manifest already lists.
+    held: dict[str, str]
+    #: What every index entry of this output says of where its result is stored.
+    index_target: dict[str, Any]
+    #: Keys this write has put, removed if it fails (emptied once it is committed).
+    written: list[str] = field(default_factory=list)
+    records: list[ResultRecord] = field(default_factory=list)
+    #: The manifests reused results came from, by key (each read once per write).
+    sources: dict[str, Manifest | None] = field(default_factory=dict)
+    #: Index entries of reused results, moved only once this write is committed.
+    index_later: list[tuple[ImageGenerationRequest, ResultRecord]] = field(default_factory=list)
+    thumbnail: str | None = None
+    #: The output-wide index of the next image.
+    index: int = 0
+
+
 class _Adopted(Exception):
     """The write lost the commit race to one of the same images: it adopts the winner's."""
 
@@ -521,21 +543,17 @@ class ImageStore:
         manifest_key = f"{base}/{MANIFEST_NAME}"
         # Before the first answer is pulled: a lazy batch pays nothing if this refuses.
         head = self._head(asset, partition_key)
-        write_id = new_write_id()
-        held = _held_images(head)
-        written: list[str] = []
-        records: list[ResultRecord] = []
-        sources: dict[str, Manifest | None] = {}
-        thumbnail: str | None = None
-        index = 0
-        # What every index entry of this output says of where its result is stored.
-        index_target = {
-            "manifest_key": manifest_key,
-            "manifest_uri": self.backend.uri(manifest_key),
-            "asset_key": asset,
-            "partition": partition,
-        }
-        index_later: list[tuple[ImageGenerationRequest, ResultRecord]] = []
+        pending = _Pending(
+            base=base,
+            write_id=new_write_id(),
+            held=_held_images(head),
+            index_target={
+                "manifest_key": manifest_key,
+                "manifest_uri": self.backend.uri(manifest_key),
+                "asset_key": asset,
+                "partition": partition,
+            },
+        )
         try:
             with (
                 _Uploader(self.max_concurrency) as uploader,
@@ -544,66 +562,20 @@ class ImageStore:
                 _Uploader(max(self.max_concurrency, _INDEX_WIDTH)) as index_uploader,
             ):
                 for position_in_batch, result in enumerate(results):
-                    request = answer_request(result, position_in_batch)
-                    fingerprint = request.fingerprint()
-                    source = self._reuse_source(result, fingerprint, sources)
-                    metadata_of = partial(
-                        _object_metadata,
-                        request,
+                    self._store_result(
+                        pending,
                         result,
-                        fingerprint=fingerprint,
+                        position_in_batch,
+                        uploader,
+                        index_uploader,
                         run_id=run_id,
-                        asset_path="/".join(asset),
+                        asset=asset,
                         partition=partition,
                     )
-                    images: list[ImageRecord] = []
-                    for position, image in enumerate(result.images):
-                        if not image.available:
-                            images.append(_removed_record(image, index))
-                            index += 1
-                            continue
-                        stored, data, key, sha = self._image_record(
-                            image,
-                            index,
-                            base,
-                            write_id,
-                            partial(metadata_of, seed=image.seed, index=index),
-                        )
-                        images.append(stored)
-                        index += 1
-                        # Bytes already stored (by this output's committed write, or by the
-                        # output a reused result came from) are copied server-side into
-                        # this write's own key: never written over a live key, and no
-                        # object is ever listed by two writes.
-                        copy_from = held.get(sha) or _source_key(source, position, sha)
-                        written.append(key)
-                        uploader.submit(
-                            self._put_object,
-                            key,
-                            data,
-                            copy_from,
-                            stored.content_type,
-                            stored.metadata,
-                        )
-                        if thumbnail is None:
-                            thumbnail = thumbnail_data_uri(data)
-                        del data
-                    record = _result_record(result, request, fingerprint, images)
-                    records.append(record)
-                    # A fresh result's entry goes out now, while the batch is still being
-                    # generated, instead of after the manifest (100 entries added a tenth
-                    # to a 100-image run, P6). Until the manifest is committed the entry
-                    # points at this output's previous manifest or at nothing, and
-                    # find_existing checks fingerprint and SHA-256 there, so an early or
-                    # orphaned entry can only miss, never return the wrong images. A
-                    # reused result's entry already points at a valid manifest elsewhere:
-                    # it is moved only once this one is committed.
-                    if self.fingerprint_index and result.reused_from is None:
-                        self._submit_index(index_uploader, request, record, index_target)
-                    elif self.fingerprint_index:
-                        index_later.append((request, record))
                 uploader.wait()
-                draft = self._manifest(asset, partition_key, run_id, base, write_id, records, head)
+                draft = self._manifest(
+                    asset, partition_key, run_id, base, pending.write_id, pending.records, head
+                )
                 try:
                     manifest, superseded = self._commit(
                         manifest_key, draft, head, asset, partition_key
@@ -614,17 +586,101 @@ class ImageStore:
                         "own; this write's copies are removed",
                         self.backend.uri(manifest_key),
                     )
-                    self._discard(written)
-                    return self._report(base, adopted.manifest, thumbnail)
-                written = []  # committed: the objects belong to the output now
-                for later_request, record in index_later:
-                    self._submit_index(index_uploader, later_request, record, index_target)
+                    self._discard(pending.written)
+                    return self._report(base, adopted.manifest, pending.thumbnail)
+                pending.written = []  # committed: the objects belong to the output now
+                for later_request, record in pending.index_later:
+                    self._submit_index(index_uploader, later_request, record, pending.index_target)
                 index_uploader.wait()
         except BaseException:
-            self._discard(written)
+            self._discard(pending.written)
             raise
         self._retire(base, manifest, superseded, head.legacy)
-        return self._report(base, manifest, thumbnail)
+        return self._report(base, manifest, pending.thumbnail)
+
+    def _store_result(
+        self,
+        pending: _Pending,
+        result: ImageGenerationResponse,
+        position_in_batch: int,
+        uploader: _Uploader,
+        index_uploader: _Uploader,
+        *,
+        run_id: str,
+        asset: list[str],
+        partition: str | None,
+    ) -> None:
+        """Queue the uploads of one answer's images, record the answer, queue its index entry."""
+        request = answer_request(result, position_in_batch)
+        fingerprint = request.fingerprint()
+        source = self._reuse_source(result, fingerprint, pending.sources)
+        metadata_of = partial(
+            _object_metadata,
+            request,
+            result,
+            fingerprint=fingerprint,
+            run_id=run_id,
+            asset_path="/".join(asset),
+            partition=partition,
+        )
+        images = self._store_images(pending, result, source, metadata_of, uploader)
+        record = _result_record(result, request, fingerprint, images)
+        pending.records.append(record)
+        # A fresh result's entry goes out now, while the batch is still being
+        # generated, instead of after the manifest (100 entries added a tenth
+        # to a 100-image run, P6). Until the manifest is committed the entry
+        # points at this output's previous manifest or at nothing, and
+        # find_existing checks fingerprint and SHA-256 there, so an early or
+        # orphaned entry can only miss, never return the wrong images. A
+        # reused result's entry already points at a valid manifest elsewhere:
+        # it is moved only once this one is committed.
+        if self.fingerprint_index and result.reused_from is None:
+            self._submit_index(index_uploader, request, record, pending.index_target)
+        elif self.fingerprint_index:
+            pending.index_later.append((request, record))
+
+    def _store_images(
+        self,
+        pending: _Pending,
+        result: ImageGenerationResponse,
+        source: ResultRecord | None,
+        metadata_of: Callable[..., dict[str, str]],
+        uploader: _Uploader,
+    ) -> list[ImageRecord]:
+        """Queue the upload of each available image of one answer; the records of all, in order."""
+        images: list[ImageRecord] = []
+        for position, image in enumerate(result.images):
+            if not image.available:
+                images.append(_removed_record(image, pending.index))
+                pending.index += 1
+                continue
+            stored, data, key, sha = self._image_record(
+                image,
+                pending.index,
+                pending.base,
+                pending.write_id,
+                partial(metadata_of, seed=image.seed, index=pending.index),
+            )
+            images.append(stored)
+            pending.index += 1
+            # Bytes already stored (by this output's committed write, or by the
+            # output a reused result came from) are copied server-side into
+            # this write's own key: never written over a live key, and no
+            # object is ever listed by two writes.
+            copy_from = pending.held.get(sha) or _source_key(source, position, sha)
+            pending.written.append(key)
+            uploader.submit(
+                self._put_object,
+                key,
+                data,
+                copy_from,
+                stored.content_type,
+                stored.metadata,
+            )
+            if pending.thumbnail is None:
+                pending.thumbnail = thumbnail_data_uri(data)
+            del data
+        return images
 
     def _image_record(
         self,

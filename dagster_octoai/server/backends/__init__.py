@@ -16,15 +16,22 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-from ..renderer import RenderedImage
 
 if TYPE_CHECKING:
     from ...api.models import ImageGenerationRequest
     from ..config import ServerConfig
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "Problem", "RenderedImage", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "JPEG_QUALITY",
+    "Backend",
+    "BackendError",
+    "Problem",
+    "RenderedImage",
+    "load_backend",
+]
 
 #: The backends ``ServerConfig.backend`` may name.
 BACKENDS = ("placeholder", "diffusers")
@@ -43,6 +50,19 @@ _DIFFUSION_PACKAGES = (
 
 #: A 422 detail entry before ``"body"`` is prepended: (location, message).
 Problem = tuple[tuple[str | int, ...], str]
+
+#: The quality of every backend's JPEG answers (``image_encoding: jpeg``).
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    """One image of an answer: encoded bytes, or ``None`` when removed for safety."""
+
+    data: bytes | None
+    seed: int
+    removed_for_safety: bool
+    safety_score: float
 
 
 class BackendError(RuntimeError):

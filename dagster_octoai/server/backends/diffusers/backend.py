@@ -28,8 +28,7 @@ from ....api.edges import edge_map
 from ....api.images import decode_base64_image
 from ....api.models import Engine
 from ...jobqueue import CURRENT_CONTROL, JobCancelled, JobControl
-from ...renderer import JPEG_QUALITY, RenderedImage
-from .. import BackendError, Problem
+from .. import JPEG_QUALITY, BackendError, Problem, RenderedImage
 from .flow import FLOW_PIPELINES, flow_call_kwargs
 from .guards import denoising_steps, prompt_weight_problems, trigger_word_problems
 from .library import FLOW_FAMILIES, XL_FAMILIES, Asset, Family, ModelLibrary, family_of

@@ -11,8 +11,8 @@ import random
 
 from PIL import Image, ImageDraw, ImageOps
 
-from ...api.video import DEFAULT_CRF, DEFAULT_MOTION_SCALE, SVD_FRAMES, VideoGenerationRequest
-from ..mp4 import encode_mp4
+from ....api.video import DEFAULT_CRF, DEFAULT_MOTION_SCALE, SVD_FRAMES, VideoGenerationRequest
+from ...mp4 import encode_mp4
 
 __all__ = ["PlaceholderVideoRenderer"]
 

@@ -1,18 +1,19 @@
 """The ``placeholder`` backend: deterministic pictures without model weights (the default).
 
-See :mod:`dagster_octoai.server.renderer` for what it draws and how each mode shows.
+See :mod:`dagster_octoai.server.backends.placeholder.renderer` for what it draws and how each mode shows.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..renderer import RenderedImage, render
+from .. import RenderedImage
+from .renderer import render
 
 if TYPE_CHECKING:
-    from ...api.models import ImageGenerationRequest
-    from ..config import ServerConfig
-    from . import Problem
+    from ....api.models import ImageGenerationRequest
+    from ...config import ServerConfig
+    from .. import Problem
 
 __all__ = ["PlaceholderBackend"]
 

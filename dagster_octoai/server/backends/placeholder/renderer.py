@@ -17,70 +17,17 @@ import io
 import random
 import textwrap
 import typing
-from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from ..api.images import decode_base64_image
-from ..api.models import IMAGE_FIELDS, ImageGenerationRequest
+from ....api.images import decode_base64_image
+from ....api.models import ImageGenerationRequest
+from .. import JPEG_QUALITY, RenderedImage
 
-__all__ = ["RenderedImage", "choose_seeds", "render", "render_image", "undecodable_images"]
+__all__ = ["render", "render_image"]
 
-SEED_SPACE = 2**32
-JPEG_QUALITY = 90
 # Below this gray level a ControlNet edge map pixel is background, not an edge.
 EDGE_THRESHOLD = 40
-
-
-@dataclass(frozen=True)
-class RenderedImage:
-    """One image of an answer: encoded bytes, or ``None`` when removed for safety."""
-
-    data: bytes | None
-    seed: int
-    removed_for_safety: bool
-    safety_score: float
-
-
-def undecodable_images(request: ImageGenerationRequest) -> list[tuple[tuple[str | int, ...], str]]:
-    """(loc, message) of every image field whose bytes do not decode as a whole image.
-
-    The request model only checks that an image field is base64 with an image's magic
-    bytes; a truncated or corrupt picture must be the client's 422, not a renderer crash.
-    """
-    fields: list[tuple[tuple[str | int, ...], str]] = [
-        ((name,), value) for name in IMAGE_FIELDS if (value := getattr(request, name)) is not None
-    ]
-    for word, images in (request.transfer_images or {}).items():
-        fields.extend(((("transfer_images", word, i), b64) for i, b64 in enumerate(images)))
-    problems = []
-    for loc, b64 in fields:
-        try:
-            with Image.open(io.BytesIO(decode_base64_image(b64))) as im:
-                im.load()
-        except Exception as exc:  # PIL raises many types for bad data; all mean the same here
-            problems.append((loc, f"the image does not decode ({type(exc).__name__}: {exc})"))
-    return problems
-
-
-def choose_seeds(request: ImageGenerationRequest, rng: random.Random) -> list[int]:
-    """The seed of each image: fixed ones as asked, ``rng`` for the unset ones.
-
-    One int seed for several images gives consecutive seeds, the way the service
-    derives the others from the first.
-
-    Examples:
-        >>> req = ImageGenerationRequest(prompt="x", num_images=3, seed=7)
-        >>> choose_seeds(req, random.Random(0))
-        [7, 8, 9]
-    """
-    count = request.image_count
-    seed = request.seed
-    if isinstance(seed, list):
-        return [s if s is not None else rng.randrange(SEED_SPACE) for s in seed]
-    if seed is None:
-        return [rng.randrange(SEED_SPACE) for _ in range(count)]
-    return [(seed + i) % SEED_SPACE for i in range(count)]
 
 
 def render(
