@@ -140,7 +140,8 @@ def test_sigkill_retries_a_running_job_once_then_fails_it_with_the_reason(
 def test_the_sensor_pays_once_across_a_server_crash(tmp_path: Path) -> None:
     from dagster_octoai.api._retry import HTTPRetryPolicy
     from dagster_octoai.api.models import ImageGenerationRequest
-    from dagster_octoai.storage.ledger import JobLedger, JobRecord, LocalLedgerStore
+    from dagster_octoai.storage.backends import LocalBackend
+    from dagster_octoai.storage.ledger import JobLedger, JobRecord
     from dagster_octoai.storage.ticker import (
         AsyncJobTicker,
         AsyncSensorCursor,
@@ -151,7 +152,7 @@ def test_the_sensor_pays_once_across_a_server_crash(tmp_path: Path) -> None:
     config = _config(tmp_path / "jobs")
     srv = _start(config)
     port = srv.port
-    ledger = JobLedger(LocalLedgerStore(tmp_path / "ledger"))
+    ledger = JobLedger(LocalBackend(tmp_path / "ledger"))
     req = ImageGenerationRequest(prompt="a fox", seed=5)
     intent = ledger.record_intent(
         JobRecord.new(req, asset_key="images", partition_key=None, job_id="fox-5")
