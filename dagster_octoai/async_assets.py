@@ -37,6 +37,7 @@ from .api.batch import ImageBatch
 from .api.client import OctoAIClient
 from .api.errors import (
     ConflictError,
+    JobCancelledError,
     JobExpiredError,
     JobFailedError,
     JobUnknownError,
@@ -46,7 +47,12 @@ from .api.errors import (
     ServerError,
     TransportError,
 )
-from .api.models import ASYNC_BODY_LIMIT_BYTES, ImageGenerationRequest, ImageGenerationResponse
+from .api.models import (
+    ASYNC_BODY_LIMIT_BYTES,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    JobStatus,
+)
 from .assets import (
     DEFAULT_POOL,
     AssetOptions,
@@ -446,7 +452,7 @@ def _fetch_result(
             description=f"no async job with response id {partition!r} in the ledger "
             f"({ledger.uri(partition)}); was it submitted with another ledger?"
         )
-    if record.state in (JobState.FAILED, JobState.EXPIRED):
+    if record.state in _GIVEN_UP:
         raise Failure(
             description=f"async job {record.job_id} {record.state.value}: {record.error}",
             metadata=_failure_metadata(record),
@@ -528,6 +534,7 @@ def _wait_one(
     log: Any,
     lock: threading.Lock,
     run_is_active: Callable[[str], bool],
+    stop: threading.Event,
 ) -> tuple[JobRecord, ImageGenerationResponse, bool]:
     record = ledger.get(job_id)
     deadline = time.monotonic() + wait_timeout_s
@@ -535,7 +542,8 @@ def _wait_one(
         with lock:
             log.info(f"job {job_id}: run {record.run_id} is submitting it; waiting for its answer")
         record = _await_submission(ledger, job_id, deadline)
-    if record is None or record.state in (JobState.FAILED, JobState.EXPIRED):
+    if record is None or record.state in _GIVEN_UP:
+        # A new run of the asset asks for the images again: a given-up job is paid again.
         fresh = JobRecord.new(
             request,
             asset_key=asset_key,
@@ -557,10 +565,19 @@ def _wait_one(
         with lock:
             log.info(f"job {job_id}: resuming response {record.response_id} from the ledger")
     while True:
+        if stop.is_set():
+            # The run was terminated while this job was being submitted.
+            _cancel_for_termination(ledger, session, record, log, lock)
+            raise JobCancelledError(f"job {job_id}: its run was terminated")
         try:
             response = session.wait(
                 record.async_job(), timeout=max(deadline - time.monotonic(), 1.0)
             )
+        except JobCancelledError:
+            if stop.is_set():
+                raise  # this run cancelled it (terminated): recorded as cancelled
+            _give_up(ledger, record, "cancelled on the server", JobState.CANCELLED)
+            raise
         except (JobExpiredError, JobUnknownError, JobFailedError) as exc:
             if record.attempts > max_resubmits:
                 _give_up(
@@ -651,16 +668,40 @@ def _claim_and_submit(
     return ledger.record_submitted(intent, job)
 
 
-_GIVEN_UP = (JobState.FAILED, JobState.EXPIRED)
+_GIVEN_UP = (JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED)
 
 
-def _give_up(ledger: JobLedger, record: JobRecord, error: str) -> None:
+def _give_up(
+    ledger: JobLedger, record: JobRecord, error: str, state: JobState = JobState.FAILED
+) -> None:
     def apply(current: JobRecord) -> JobRecord | None:
         if current.response_id != record.response_id or current.state.is_final:
             return None
-        return current.evolve(state=JobState.FAILED, error=error)
+        return current.evolve(state=state, error=error)
 
     ledger.update(record, apply)
+
+
+_TERMINATED = "its run was terminated while waiting; the job was cancelled on the server"
+
+
+def _cancel_for_termination(
+    ledger: JobLedger, session: OctoAISession, record: JobRecord, log: Any, lock: threading.Lock
+) -> None:
+    """Cancel a job this run submitted and still waits on, and record it cancelled."""
+    if record.response_id is None or record.state.is_final:
+        return
+    try:
+        status = session.cancel(record.async_job()).status
+    except Exception as exc:  # the server is gone or forgot it: the ledger still says why
+        with lock:
+            log.warning(f"job {record.job_id}: cancelling it failed ({exc})")
+        status = None
+    if status is JobStatus.COMPLETED:
+        return  # it finished first: its result stays collectable
+    _give_up(ledger, record, _TERMINATED, JobState.CANCELLED)
+    with lock:
+        log.info(f"job {record.job_id}: cancelled response {record.response_id}")
 
 
 def _record_completed(ledger: JobLedger, record: JobRecord) -> JobRecord:
@@ -762,8 +803,9 @@ def _wait_all(
         _octoai(context, octoai_resource_key).get_client(context) as session,
         ThreadPoolExecutor(max_workers=width, thread_name_prefix="octoai-wait") as pool,
     ):
-        done = list(
-            pool.map(
+        stop = threading.Event()
+        waits = [
+            pool.submit(
                 lambda pair: _wait_one(
                     ledger,
                     session,
@@ -777,10 +819,21 @@ def _wait_all(
                     log=context.log,
                     lock=lock,
                     run_is_active=_run_is_active(context),
+                    stop=stop,
                 ),
-                zip(built, ids, strict=True),
+                pair,
             )
-        )
+            for pair in zip(built, ids, strict=True)
+        ]
+        try:
+            done = [w.result() for w in waits]
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # The run is being terminated (Dagster interrupts the step): cancel the
+                # jobs still waited on, so that the server stops paying and the waits end.
+                stop.set()
+                _cancel_waiting(ledger, session, ids, context.run.run_id, context.log, lock)
+            raise
     results = [resp for _, resp, _ in done]
     resumed = sum(1 for _, _, r in done if r)
     resubmitted = sum(max(rec.attempts - 1, 0) for rec, _, _ in done)
@@ -803,6 +856,20 @@ def _wait_all(
         _record_persisted(ledger, rec, context.log)
     if checks:
         yield from evaluate_image_checks(context.asset_key, results)
+
+
+def _cancel_waiting(
+    ledger: JobLedger,
+    session: OctoAISession,
+    ids: list[str],
+    run_id: str,
+    log: Any,
+    lock: threading.Lock,
+) -> None:
+    for job_id in ids:
+        record = ledger.get(job_id)
+        if record is not None and record.run_id == run_id:
+            _cancel_for_termination(ledger, session, record, log, lock)
 
 
 def _check_specs(name: str, checks: Checks) -> list[AssetCheckSpec] | None:

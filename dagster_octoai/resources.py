@@ -152,6 +152,10 @@ class OctoAISession:
         """Poll an async job once."""
         return self._client.poll(job)
 
+    def cancel(self, job: AsyncJob) -> PollResult:
+        """Cancel an async job; see :meth:`~dagster_octoai.OctoAIClient.cancel`."""
+        return self._client.cancel(job)
+
     def fetch(self, job: AsyncJob) -> ImageGenerationResponse:
         """Fetch a completed async job's answer (and count it); it carries the job's request
         and ``response_id``."""

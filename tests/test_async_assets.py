@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,9 @@ from dagster import (
 )
 from PIL import Image
 
+from dagster_octoai.api.client import OctoAIClient
 from dagster_octoai.api.errors import RequestValidationError
+from dagster_octoai.api.models import JobStatus
 from dagster_octoai.async_assets import (
     octoai_async_blocking_asset,
     octoai_async_results_asset,
@@ -28,7 +34,7 @@ from dagster_octoai.async_assets import (
 )
 from dagster_octoai.io_managers import LocalImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
-from dagster_octoai.server import FaultConfig, LocalOctoAIServer
+from dagster_octoai.server import FaultConfig, LocalOctoAIServer, ServerConfig
 from dagster_octoai.storage import StorageError
 from dagster_octoai.storage.ledger import JobLedger, JobState
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs
@@ -199,3 +205,73 @@ def test_the_submit_asset_checks_the_results_assets_store_before_submitting(
     assert "not-the-secret" not in str(info.value)
     assert _submitted(server) == 0
     assert list(_ledger(tmp_path).iter_records()) == []
+
+
+_TERMINATED_RUN = """
+import sys
+from dagster import DagsterInstance, materialize
+from dagster._core.instance.ref import InstanceRef
+from dagster_octoai.async_assets import octoai_async_blocking_asset
+from dagster_octoai.io_managers import LocalImageIOManager
+from dagster_octoai.resources import JobLedgerResource, OctoAIResource
+
+url, token, tmp, home = sys.argv[1:5]
+herons = octoai_async_blocking_asset(
+    "terminated_herons",
+    [{"prompt": f"a slow heron {i}", "engine": "sd", "seed": 70 + i} for i in range(2)],
+)
+materialize(
+    [herons],
+    instance=DagsterInstance.from_ref(InstanceRef.from_dir(home)),
+    resources={
+        "octoai": OctoAIResource(token=token, base_url=url, max_attempts=2),
+        "octoai_ledger": JobLedgerResource(base_dir=tmp + "/ledger", fsync=False),
+        "io_manager": LocalImageIOManager(base_dir=tmp + "/images", prefix="i"),
+    },
+)
+"""
+
+
+def test_a_terminated_run_cancels_the_jobs_it_waits_on(
+    server: LocalOctoAIServer, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    # One replica and 30 s an image: one job runs, the other waits, when the run's process
+    # is interrupted as Dagster terminates a run (SIGINT to the step's process).
+    server.configure(latency_per_image_s=30.0, replicas=1)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _TERMINATED_RUN,
+                server.url,
+                TOKEN,
+                str(tmp_path),
+                str(instance.root_directory),
+            ],
+        )
+        try:
+            ledger = _ledger(tmp_path)
+            deadline = time.monotonic() + 120
+            while (
+                len([r for r in ledger.iter_records() if r.response_id is not None]) < 2
+                or server.stats()["async_jobs"].get("running", 0) < 1
+            ):
+                assert proc.poll() is None, "the run ended before its jobs were submitted"
+                assert time.monotonic() < deadline, "the run never submitted its jobs"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        records = list(ledger.iter_records())
+        assert len(records) == 2
+        assert {r.state for r in records} == {JobState.CANCELLED}
+        assert all("terminated" in (r.error or "") for r in records)
+        with OctoAIClient(TOKEN, base_url=server.url) as client:
+            for record in records:
+                assert client.poll(record.async_job()).status is JobStatus.CANCELLED
+        assert server.stats()["paid_generations"] == 0  # the running one stopped unpaid
+    finally:
+        server.configure(latency_per_image_s=ServerConfig().latency_per_image_s, replicas=1)

@@ -28,7 +28,8 @@ from dagster import (
 )
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
-from dagster_octoai.api.models import ImageGenerationRequest
+from dagster_octoai.api.client import OctoAIClient
+from dagster_octoai.api.models import ImageGenerationRequest, JobStatus
 from dagster_octoai.async_assets import octoai_async_results_asset, octoai_async_submit_asset
 from dagster_octoai.io_managers import LocalImageIOManager
 from dagster_octoai.resources import JobLedgerResource, OctoAIResource
@@ -380,6 +381,23 @@ def test_a_failed_job_is_resubmitted_then_reported_as_a_failed_run(
     assert meta["job"].value["request"]["seed"] == 100  # type: ignore[attr-defined]
     assert h.stored_outputs() == {}
     assert h.ledger.list_open() == []
+
+
+def test_a_job_cancelled_on_the_server_is_recorded_cancelled_and_not_resubmitted(
+    instance: DagsterInstance, server: LocalOctoAIServer, tmp_path: Path
+) -> None:
+    server.configure(async_queue_delay_s=30.0)  # still pending when it is cancelled
+    h = Harness(instance, server.url, tmp_path, _requests(1))
+    h.submit_jobs()
+    (record,) = h.ledger.iter_records()
+    with OctoAIClient(TOKEN, base_url=server.url) as client:
+        assert client.cancel(record.async_job()).status is JobStatus.CANCELLED
+    for _ in range(3):
+        h.tick()
+    (record,) = h.ledger.iter_records()
+    assert record.state is JobState.CANCELLED and record.attempts == 1
+    assert "cancelled on the server" in (record.error or "")
+    assert server.stats()["async_jobs"]["submitted"] == 1  # never resubmitted
 
 
 def test_a_job_that_fails_once_succeeds_on_resubmission(

@@ -926,15 +926,36 @@ def test_local_server_rate_limit_retry_after(octoai_server_factory: Any) -> None
     assert server.stats()["rate_limited"] >= 1
 
 
-def test_local_server_retrying_a_lost_answer_pays_twice(octoai_server_factory: Any) -> None:
-    # The documented cost of retrying POST generate: an answer lost after rendering.
+def test_local_server_retrying_a_lost_answer_pays_once(octoai_server_factory: Any) -> None:
+    # An answer lost after rendering, every time: each retry carries the call's
+    # Idempotency-Key, so the server answers it with the first result and renders once.
     from dagster_octoai.server import FaultConfig
 
     server = octoai_server_factory(faults=FaultConfig(drop_after_render=1.0))
     policy = HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.01)
     with local_client(server, retry=policy) as client, pytest.raises(errors.ConnectionFailedError):
         client.generate({"prompt": "fox", "engine": "sd", "seed": 1})
-    assert server.stats()["paid_generations"] == 2
+    stats = server.stats()
+    assert stats["faults"] == {"drop_after_render": 3}  # two attempts and the spare one
+    assert stats["paid_generations"] == 1
+
+
+def test_local_server_a_connection_closed_before_its_answer_is_sent_again_once(
+    octoai_server_factory: Any,
+) -> None:
+    # With seed 1 the server drops the first answer after rendering and not the second.
+    # No retries allowed: the spare send of a keyed request still collects the answer.
+    from dagster_octoai.server import FaultConfig
+
+    server = octoai_server_factory(faults=FaultConfig(drop_after_render=0.5, seed=1))
+    with local_client(server, retry=HTTPRetryPolicy(max_attempts=1)) as client:
+        result = client.generate({"prompt": "fox", "engine": "sd", "seed": 4, "num_images": 2})
+        again = client.generate({"prompt": "fox", "engine": "sd", "seed": 4, "num_images": 2})
+    assert result.seeds == [4, 5] and result.call_info.attempts == 2
+    assert [i.data for i in result.images] == [i.data for i in again.images]
+    stats = server.stats()
+    assert stats["faults"] == {"drop_after_render": 1}
+    assert stats["paid_generations"] == 4  # 2 images each call, the repeat of the first free
 
 
 def test_local_server_async_jobs(octoai_server_factory: Any) -> None:

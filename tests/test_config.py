@@ -137,3 +137,14 @@ def _tiny() -> str:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_several_ray_frontends_need_a_job_store_they_share() -> None:
+    from dagster_octoai.server import ServerConfig
+    from dagster_octoai.server.ray_config import RayEndpointConfig
+
+    with pytest.raises(ValidationError, match="frontend_replicas: 2 frontends need one job store"):
+        RayEndpointConfig(server=ServerConfig(), frontend_replicas=2)
+    shared = ServerConfig(jobs_url="s3://jobs/endpoint")
+    assert RayEndpointConfig(server=shared, frontend_replicas=2).frontend_replicas == 2
+    assert RayEndpointConfig(server=ServerConfig(), frontend_replicas=1).frontend_replicas == 1

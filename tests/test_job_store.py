@@ -20,7 +20,7 @@ from dagster_octoai import (
 from dagster_octoai.api.models import JobStatus
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
 from dagster_octoai.server.jobstore import JobStore, MemoryBackend, StoredJob
-from dagster_octoai.storage.backends import LocalBackend, S3Backend
+from dagster_octoai.storage.backends import LocalBackend, S3Backend, Versioned
 from dagster_octoai.testing.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,3 +271,28 @@ def test_two_servers_on_one_s3_store_run_each_job_once(
             again = [on_b.fetch(f"{b.url}/v1/responses/{job.response_id}") for job in jobs]
         assert [r.images[0].image_b64 for r in results] == [r.images[0].image_b64 for r in again]
         assert a.stats()["paid_generations"] + b.stats()["paid_generations"] == 4
+
+
+class _CountingBackend(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_reads = 0
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        if key.endswith("record.json"):
+            self.record_reads += 1
+        return super().get_versioned(key)
+
+
+def test_a_swap_after_this_processs_own_write_reads_nothing_and_another_writer_is_seen() -> None:
+    backend = _CountingBackend()
+    mine, other = JobStore(backend), JobStore(backend)
+    job = mine.create("alice", "sd", b"{}")
+    claimed = mine.swap(job.response_id, lambda j: j.evolve(status=JobStatus.RUNNING))
+    assert claimed is not None and backend.record_reads == 0
+    # Another process writes between: the guess from the last write fails its conditional
+    # write, and the change is made on the record as it is now.
+    cancelled = other.swap(job.response_id, lambda j: j.evolve(cancel_requested=True))
+    assert cancelled is not None
+    renewed = mine.swap(job.response_id, lambda j: j.evolve(lease_until=1.0))
+    assert renewed is not None and renewed.cancel_requested and renewed.lease_until == 1.0

@@ -332,6 +332,9 @@ class Call:
         self.attempts = 0
         self.request_ids: list[str] = []
         self._clipped = False
+        #: Sent with an Idempotency-Key: a repeat costs nothing on a server that honours it.
+        self.idempotent = False
+        self._spare_used = False
         self._backoff = rng or policy.backoff
         self.where = _where(method, url)
 
@@ -375,6 +378,22 @@ class Call:
         cause: BaseException | None = None if self.redactor.contains(f"{exc!r} {exc}") else exc
         if isinstance(exc, httpx.TimeoutException) and self._clipped:
             raise self.deadline_error() from cause
+        if (
+            self.idempotent
+            and _closed_before_answer(exc)
+            and not self._spare_used
+            and self.attempts >= self.policy.max_attempts
+        ):
+            # A pooled connection the server closed before answering, or an answer lost:
+            # the Idempotency-Key makes sending it again safe (the server answers a repeat
+            # with the first result, unpaid), so once more even when no retry is left.
+            self._spare_used = True
+            logger.warning(
+                "%s: the connection closed before an answer; sending it again once with "
+                "its Idempotency-Key",
+                self.where,
+            )
+            return 0.0
         what = _describe_transport_error(exc, endpoint(self.url))
         if not isinstance(
             exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError
@@ -457,6 +476,13 @@ class Call:
             response_id=self.response_id,
             note=note,
         )
+
+
+def _closed_before_answer(exc: httpx.TransportError) -> bool:
+    """Whether the connection closed before any answer byte (h11's words) or was reset."""
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "without sending a response" in str(exc)
+    return isinstance(exc, httpx.ReadError | httpx.WriteError)
 
 
 def _describe_transport_error(exc: httpx.TransportError, where: str) -> str:

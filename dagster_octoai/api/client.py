@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import (
@@ -571,6 +572,10 @@ class OctoAIClient(
         async_: bool = False,
         idempotency_key: str | None = None,
     ) -> httpx.Response:
+        if content is not None and idempotency_key is None:
+            # One key per logical call: its retries are repeats the server answers once.
+            idempotency_key = secrets.token_urlsafe(18)
+        call.idempotent = idempotency_key is not None
         hdrs = self._request_headers(async_, content is not None, idempotency_key)
         while True:
             timeout = call.start_attempt()
@@ -608,13 +613,22 @@ class OctoAIClient(
     # ---- sync generation -------------------------------------------------------------
 
     def generate(
-        self, request: RequestLike, *, engine: Engine | str | None = None
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
     ) -> ImageGenerationResponse:
         """Generate images and wait for them (``POST /generate/{engine}``).
 
         Args:
             request: An :class:`ImageGenerationRequest` or a dict with its keys.
             engine: Overrides the request's engine (default ``sdxl``).
+            idempotency_key: The ``Idempotency-Key`` header; one is made for each call
+                when none is given. A server that honours it (this package's does)
+                answers a repeat with the first answer, unpaid: a request whose
+                connection closed before its answer is sent again once, even with no
+                retries left.
 
         Returns:
             The answer: its ``request`` is the validated request sent, ``call_info``
@@ -636,7 +650,7 @@ class OctoAIClient(
         """
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
-        response = self._send(call, content=req.wire_bytes())
+        response = self._send(call, content=req.wire_bytes(), idempotency_key=idempotency_key)
         result = parse_generation(response, call.where, self._redactor)._attach(
             req, call=call.info()
         )
@@ -986,6 +1000,10 @@ class AsyncOctoAIClient(
         async_: bool = False,
         idempotency_key: str | None = None,
     ) -> httpx.Response:
+        if content is not None and idempotency_key is None:
+            # One key per logical call: its retries are repeats the server answers once.
+            idempotency_key = secrets.token_urlsafe(18)
+        call.idempotent = idempotency_key is not None
         hdrs = self._request_headers(async_, content is not None, idempotency_key)
         bounded = call.kind == "generate"
         while True:
@@ -1031,12 +1049,16 @@ class AsyncOctoAIClient(
             raise call.deadline_error() from None
 
     async def generate(
-        self, request: RequestLike, *, engine: Engine | str | None = None
+        self,
+        request: RequestLike,
+        *,
+        engine: Engine | str | None = None,
+        idempotency_key: str | None = None,
     ) -> ImageGenerationResponse:
         """Generate images and wait for them; see :meth:`OctoAIClient.generate`."""
         req = _build(request, engine)
         call = self._call("POST", self._generate_url(req.engine), "generate")
-        response = await self._send(call, content=req.wire_bytes())
+        response = await self._send(call, content=req.wire_bytes(), idempotency_key=idempotency_key)
         result = parse_generation(response, call.where, self._redactor)._attach(
             req, call=call.info()
         )

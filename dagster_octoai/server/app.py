@@ -135,10 +135,10 @@ class GenerationRefused(Exception):
 class ServerState:
     """Everything one app instance knows: config, backend, counters, replicas, jobs, random sources.
 
-    The async job methods (:meth:`submit_job`, :meth:`job_view`, :meth:`job_counts`) and
-    :meth:`generate` are where a deployment differs: here jobs live in this process and
-    run on its replicas; on Ray Serve a subclass keeps them in a shared job board and runs
-    them on the generator replicas (:mod:`dagster_octoai.server.ray_serve`).
+    Async jobs live in the job store the configuration names and run through
+    :class:`~.jobqueue.JobQueue`; :meth:`generate` (and ``_render_job``) is where a
+    deployment differs: here on this process's replicas, on Ray Serve on the generator
+    replicas (:mod:`dagster_octoai.server.ray_serve`).
     """
 
     #: Which replica of a deployment this app is (``X-OctoAI-Frontend``); None alone.
@@ -361,16 +361,21 @@ class ServerState:
 
     async def generate_once(
         self, req: ImageGenerationRequest, caller: Caller, body: bytes, idempotency: tuple[str, str]
-    ) -> bytes:
+    ) -> tuple[bytes, list[int]]:
         """A sync generation with an Idempotency-Key: a repeat gets the first answer, unpaid.
+
+        Returns the answer body and its seeds.
 
         Raises:
             GenerationRefused: as :meth:`generate`, or 409 for a key used with another
                 body, or 500 when the first request with the key failed.
         """
 
+        made: list[int] = []
+
         async def first() -> bytes:
-            payload, _ = await self.generate(req)
+            payload, seeds = await self.generate(req)
+            made.extend(seeds)
             return payload
 
         try:
@@ -380,7 +385,9 @@ class ServerState:
         if job.status is JobStatus.COMPLETED:
             result = await self.jobs.result(job.response_id)
             if result is not None:
-                return result
+                # A repeat: the seeds are the first answer's.
+                seeds = made or [im["seed"] for im in json.loads(result)["images"]]
+                return result, seeds
         raise GenerationRefused(
             500, job.error or "The first request with this Idempotency-Key failed; retry."
         )
@@ -506,11 +513,11 @@ async def generate(request: Request) -> Response:
 
     if idempotency is not None:
         try:
-            payload = await state.generate_once(req, caller, raw, idempotency)
+            payload, seeds = await state.generate_once(req, caller, raw, idempotency)
         except GenerationRefused as refused:
             return refused.response()
         if record is not None:
-            record.engine = engine.value
+            record.engine, record.images, record.seeds = engine.value, len(seeds), seeds
         return Response(payload, media_type="application/json")
     control = JobControl()
     try:

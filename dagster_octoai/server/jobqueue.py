@@ -45,6 +45,7 @@ __all__ = [
     "JobAnswer",
     "JobCancelled",
     "JobControl",
+    "JobLost",
     "JobQueue",
     "QueueFull",
     "ShuttingDown",
@@ -69,6 +70,10 @@ class IdempotencyConflict(Exception):
     def __init__(self, response_id: str) -> None:
         super().__init__(response_id)
         self.response_id = response_id
+
+
+class JobLost(Exception):
+    """A render ended without an answer for a reason the job's error states (its message)."""
 
 
 class JobCancelled(Exception):
@@ -433,6 +438,8 @@ class JobQueue:
             body = await work
         except JobCancelled:
             return JobStatus.CANCELLED, CANCELLED_MESSAGE
+        except JobLost as exc:
+            return JobStatus.FAILED, str(exc)
         except asyncio.CancelledError:
             if not self._accepting:
                 await self._call(

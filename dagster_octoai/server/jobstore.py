@@ -35,6 +35,7 @@ import json
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -60,6 +61,8 @@ MAX_ATTEMPTS = 2
 
 _JSON = "application/json"
 _CAS_ROUNDS = 16
+# Records (and versions) of this process's last writes kept for compare-and-swap.
+_WRITTEN_KEPT = 4096
 #: Statuses a job ends in: nothing changes it afterwards.
 FINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
@@ -219,6 +222,10 @@ class JobStore:
         self.prefix = prefix
         self.durable = not isinstance(backend, MemoryBackend)
         self._id_key = self._shared_key()
+        # The record and version this process last wrote per job: a compare-and-swap
+        # tries them first and reads the store only when another writer came between.
+        self._written: OrderedDict[str, tuple[StoredJob, str]] = OrderedDict()
+        self._written_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"JobStore({self.backend!r}, prefix={self.prefix!r})"
@@ -328,8 +335,22 @@ class JobStore:
         """Write ``job`` if its record is still at version ``expected``: what was written."""
         job = job.evolve(write_id=secrets.token_hex(8))
         data = job.model_dump_json().encode()
-        self.backend.put_if(self._key(job.response_id, "record"), data, _JSON, {}, expected)
+        key = self._key(job.response_id, "record")
+        try:
+            version = self.backend.put_if(key, data, _JSON, {}, expected)
+        except ConflictError:
+            self._forget_written(job.response_id)
+            raise
+        with self._written_lock:
+            self._written[job.response_id] = (job, version)
+            self._written.move_to_end(job.response_id)
+            while len(self._written) > _WRITTEN_KEPT:
+                self._written.popitem(last=False)
         return job
+
+    def _forget_written(self, response_id: str) -> None:
+        with self._written_lock:
+            self._written.pop(response_id, None)
 
     def swap(
         self, response_id: str, change: Callable[[StoredJob], StoredJob | None]
@@ -339,6 +360,16 @@ class JobStore:
         ``change`` sees the current record and returns the new one, or None to leave it
         (then nothing is written and None is returned). A lost race reads again.
         """
+        with self._written_lock:
+            last = self._written.get(response_id)
+        if last is not None:
+            # Most transitions follow this process's own last write: no read needed. A
+            # stale guess fails its conditional write; a no-op on it is checked below.
+            new = change(last[0])
+            if new is not None:
+                with contextlib.suppress(ConflictError):
+                    return self._write(new, last[1])
+            self._forget_written(response_id)
         for _ in range(_CAS_ROUNDS):
             found = self.read_versioned(response_id)
             if found is None:
@@ -362,6 +393,7 @@ class JobStore:
 
     def delete(self, response_id: str) -> bool:
         """Delete a job's record (only if unchanged since read), then its other files."""
+        self._forget_written(response_id)
         found = self.backend.get_versioned(self._key(response_id, "record"))
         if found is None or not self.backend.delete_if(
             self._key(response_id, "record"), found.version

@@ -100,6 +100,12 @@ class RayEndpointConfig(BaseModel):
             self.min_replicas <= self.initial_replicas <= self.max_replicas
         ):
             raise ValueError("initial_replicas: must lie between min_replicas and max_replicas")
+        if self.frontend_replicas > 1 and not (self.server.jobs_url or self.server.state_dir):
+            raise ValueError(
+                f"frontend_replicas: {self.frontend_replicas} frontends need one job store "
+                "they all share; pass --jobs-url s3://bucket/prefix (or --state-dir on a "
+                "single machine), or run one frontend"
+            )
         return self
 
     def autoscaling_config(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Endpoints on Ray Serve: the same OctoAI API, one replica per GPU, scaling with the load.
 
-Three deployments make one Serve application (``dagster-octoai serve-ray``, or
+Two deployments make one Serve application (``dagster-octoai serve-ray``, or
 :func:`deploy`):
 
 - ``OctoAIFrontend``, the ingress: the whole HTTP app of :func:`~.app.create_app` (auth,
@@ -14,10 +14,13 @@ Three deployments make one Serve application (``dagster-octoai serve-ray``, or
   beyond the replicas at each frontend; past ``max_queued_requests`` a sync request is
   answered 429 with ``Retry-After``. Async jobs wait for room instead (they stay
   ``pending``).
-- ``OctoAIJobBoard``: one replica holding every async job (status, owner, result), so
-  that a poll answered by any frontend sees the job. A job's holder renews its lease (the
-  frontend while the job waits, the generator while it runs); a holder that dies fails
-  the job: at once when the frontend sees its generator die, or when the lease runs out.
+
+Async jobs live in the durable job store (``jobs_url``: S3, shared by every frontend;
+a ``state_dir`` on one machine), run by each frontend's :class:`~.jobqueue.JobQueue` as on
+the single server: any frontend answers any job, ``Idempotency-Key`` and ``DELETE``
+work the same, a frontend that dies leaves its running jobs to another (retried once
+when their lease lapses), and a job whose generator replica dies runs once more on
+another replica, then fails with a reason. No completed result lives in a Ray process.
 
 Nothing here imports Dagster; Ray itself is imported by this module only (the ``ray``
 extra: ``pip install 'dagster-octoai[server,ray]'``).
@@ -28,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
-import time
 import typing
 from collections import Counter
 from typing import Any
@@ -38,19 +39,18 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from ..api.models import Engine, ImageGenerationRequest, JobStatus
+from ..api.models import Engine, ImageGenerationRequest
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
-from .jobqueue import JobAnswer, JobControl
-from .jobs import LOST_MESSAGE, JobStore, JobView
+from .jobqueue import JobControl, JobLost
+from .jobs import LOST_MESSAGE
 from .ray_config import RayEndpointConfig
 from .ray_security import (
     ClusterToken,
     bind_serve_replicas_to_the_node_address,
     closed_cluster_environment,
 )
-from .security import Caller
 from .stats import CURRENT_RECORD
 
 __all__ = [
@@ -64,52 +64,8 @@ __all__ = [
 
 APP_NAME = "octoai"
 _BACKPRESSURE_RETRY_S = 0.25
-
-
-# ---- the job board ------------------------------------------------------------------------
-
-
-@serve.deployment(
-    name="OctoAIJobBoard",
-    num_replicas=1,
-    max_ongoing_requests=10_000,
-    ray_actor_options={"num_cpus": 0},
-)
-class JobBoard:
-    """Every async job of the endpoint, in one place for every frontend and generator."""
-
-    def __init__(self, result_ttl_s: float) -> None:
-        bind_serve_replicas_to_the_node_address()
-        self.store = JobStore(lambda: result_ttl_s, lambda count: None)
-
-    def add(self, owner: str, lease_s: float) -> str:
-        return self.store.add(None, fails=False, owner=owner, lease_s=lease_s).response_id
-
-    def view(self, response_id: str, owner: str, admin: bool, with_body: bool) -> JobView | None:
-        return self.store.view(response_id, owner, admin=admin, with_body=with_body)
-
-    def running(self, response_id: str, lease_s: float) -> bool:
-        """Mark a job running; False when it already ended (its lease ran out)."""
-        job = self.store.get(response_id)
-        if job is None or job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
-            return False
-        job.status = JobStatus.RUNNING
-        job.lease_until = time.monotonic() + lease_s
-        return True
-
-    def renew(self, response_ids: list[str], lease_s: float) -> None:
-        self.store.renew(response_ids, lease_s)
-
-    def complete(self, response_id: str, body: bytes) -> None:
-        if (job := self.store.get(response_id)) is not None:
-            job.finish(JobStatus.COMPLETED, body=body)
-
-    def fail(self, response_id: str, error: str) -> None:
-        if (job := self.store.get(response_id)) is not None:
-            job.finish(JobStatus.FAILED, error=error)
-
-    def counts(self) -> dict[str, int]:
-        return self.store.by_status()
+# How often a frontend waiting on a generator looks whether the job was cancelled.
+_CANCEL_CHECK_S = 0.1
 
 
 # ---- the generators -------------------------------------------------------------------------
@@ -126,52 +82,35 @@ def _replica_tag() -> str:
 class Generator:
     """One backend per replica, one generation at a time."""
 
-    def __init__(self, server: dict[str, Any], board: Any, lease_s: float) -> None:
+    def __init__(self, server: dict[str, Any]) -> None:
         bind_serve_replicas_to_the_node_address()
-        config = ServerConfig.model_validate(server).updated({"replicas": 1})
+        # The generator keeps no jobs: the frontends do, in the shared store.
+        config = ServerConfig.model_validate(server).updated(
+            {"replicas": 1, "state_dir": None, "jobs_url": None}
+        )
         # The backend (weights, devices) loads here, once per replica.
         self.state = ServerState(config)
-        self.board = board
-        self.lease_s = lease_s
         self.tag = _replica_tag()
 
     async def generate(self, request: ImageGenerationRequest) -> dict[str, Any]:
-        """The generation body, or the backend's problems with the request."""
+        """The generation body, or the backend's problems with the request.
+
+        A caller that cancels the call (a cancelled job, a sync client gone) stops the
+        render at its next step, as on the single server.
+        """
         problems = self.state.backend.check(request)
         if problems:
             return {"problems": problems}
+        control = JobControl()
         # One generation at a time on this replica: the counter's change is this request's.
         before = self.state.stats.removed_for_safety
-        payload, seeds = await self.state.generate(request)
+        try:
+            payload, seeds = await self.state.generate(request, control)
+        except asyncio.CancelledError:
+            control.cancel.set()
+            raise
         removed = self.state.stats.removed_for_safety - before
         return {"body": payload, "seeds": seeds, "removed": removed, "replica": self.tag}
-
-    async def run_job(self, response_id: str, request: ImageGenerationRequest) -> str:
-        """Run an accepted job and write its end to the board; the job's final status."""
-        if not await self.board.running.remote(response_id, self.lease_s):
-            return "gone"
-        renewing = asyncio.get_running_loop().create_task(self._renew(response_id))
-        try:
-            problems = self.state.backend.check(request)
-            if problems:
-                message = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems)
-                await self.board.fail.remote(response_id, f"The request cannot run: {message}")
-                return "failed"
-            payload, _ = await self.state.generate(request)
-        except Exception as exc:  # a backend bug must not leave the job running for ever
-            await self.board.fail.remote(
-                response_id, f"The inference failed: {type(exc).__name__}."
-            )
-            return "failed"
-        finally:
-            renewing.cancel()
-        await self.board.complete.remote(response_id, payload)
-        return "completed"
-
-    async def _renew(self, response_id: str) -> None:
-        while True:
-            await asyncio.sleep(self.lease_s / 3)
-            await self.board.renew.remote([response_id], self.lease_s)
 
     def describe(self) -> dict[str, object]:
         return {**self.state.backend.describe(), "replica": self.tag}
@@ -236,41 +175,37 @@ class _RemoteBackend:
 
 
 class FrontendState(ServerState):
-    """A frontend replica's state: jobs on the board, generations on the generators."""
+    """A frontend replica's state: jobs in the shared store, generations on the generators.
+
+    Async jobs go through the same :class:`~.jobqueue.JobQueue` as on the single server,
+    on the store every frontend shares (``jobs_url``): any frontend answers a poll, a
+    fetch, a cancel or a repeated ``Idempotency-Key`` for any job, and a frontend that
+    dies leaves its jobs to the others (its lease lapses; they run them again once).
+    """
 
     def __init__(
         self,
         config: ServerConfig,
         *,
-        owner_key: bytes,
         generator: Any,
-        board: Any,
-        lease_s: float,
         max_queued_requests: int,
         retry_after_s: int,
     ) -> None:
-        # The frontend never queues: Serve's handle does, up to max_queued_requests.
-        super().__init__(
-            config.updated({"replicas": 1024}),
-            _RemoteBackend(config),
-            owner_key=owner_key,
-        )
+        # Sync requests queue at Serve's handle (up to max_queued_requests), never here;
+        # async jobs run at most config.replicas (max_replicas) at a time from each
+        # frontend, the rest stay pending in the store.
+        super().__init__(config, _RemoteBackend(config))
         self.generator = generator
-        self.board = board
-        self.lease_s = lease_s
         self.max_queued_requests = max_queued_requests
         self.retry_after_s = retry_after_s
         self.replica_name = _replica_tag()
         self.generations_by_replica: Counter[str] = Counter()
-        self._held: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._renewer: asyncio.Task[None] | None = None
 
     async def generate(
         self, req: ImageGenerationRequest, control: JobControl | None = None
     ) -> tuple[bytes, list[int]]:
         try:
-            result: dict[str, Any] = await self.generator.generate.remote(req)
+            result = await self._on_generator(req, control)
         except BackPressureError:
             raise GenerationRefused(
                 429,
@@ -282,6 +217,30 @@ class FrontendState(ServerState):
             raise GenerationRefused(
                 503, "The replica serving this request stopped; retry the request."
             ) from None
+        return self._answer(req, result)
+
+    async def _on_generator(
+        self, req: ImageGenerationRequest, control: JobControl | None
+    ) -> dict[str, Any]:
+        """One call of a generator; cancelled there too if ``control`` is cancelled here."""
+        response = self.generator.generate.remote(req)
+        call = asyncio.ensure_future(response)
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=_CANCEL_CHECK_S)
+                if done:
+                    result: dict[str, Any] = call.result()
+                    return result
+                if control is not None:
+                    control.on_step(control.step, control.steps)  # raises once cancelled
+        except BaseException:
+            response.cancel()
+            call.cancel()
+            raise
+
+    def _answer(
+        self, req: ImageGenerationRequest, result: dict[str, Any]
+    ) -> tuple[bytes, list[int]]:
         if "problems" in result:
             raise GenerationRefused(
                 422,
@@ -299,74 +258,34 @@ class FrontendState(ServerState):
         body: bytes = result["body"]
         return body, seeds
 
-    async def submit_job(
-        self,
-        req: ImageGenerationRequest,
-        caller: Caller,
-        fails: bool,
-        body: bytes,
-        idempotency: tuple[str, str] | None = None,
-    ) -> tuple[str, bool]:
-        response_id: str = await self.board.add.remote(caller.owner, self.lease_s)
-        self._held.add(response_id)
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew())
-        task = asyncio.get_running_loop().create_task(self._dispatch(response_id, req))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return response_id, True
-
-    async def _dispatch(self, response_id: str, req: ImageGenerationRequest) -> None:
-        """Hand the job to a generator once one has room; fail it if its replica dies."""
-        try:
-            while True:
-                try:
-                    await self.generator.run_job.remote(response_id, req)
-                    return
-                except BackPressureError:
-                    # Async jobs wait for room (still pending) instead of a 429.
-                    await asyncio.sleep(_BACKPRESSURE_RETRY_S)
-                except RayActorError:
-                    await self.board.fail.remote(response_id, LOST_MESSAGE)
-                    return
-                except Exception as exc:
-                    await self.board.fail.remote(
-                        response_id, f"The inference failed: {type(exc).__name__}."
-                    )
-                    return
-        finally:
-            self._held.discard(response_id)
-
-    async def _renew(self) -> None:
+    async def _render_job(self, req: ImageGenerationRequest, control: JobControl) -> bytes:
+        """An async job on a generator: it waits for room, and a dead replica costs one retry."""
+        lost = 0
         while True:
-            await asyncio.sleep(self.lease_s / 3)
-            if self._held:
-                with contextlib.suppress(Exception):  # the next round tries again
-                    await self.board.renew.remote(sorted(self._held), self.lease_s)
-
-    async def job_view(self, response_id: str, caller: Caller, *, with_body: bool) -> JobAnswer:
-        view: JobView | None = await self.board.view.remote(
-            response_id, caller.owner, caller.admin, with_body
-        )
-        if view is None:
-            return JobAnswer.missing(response_id, "unknown")
-        return JobAnswer(view.response_id, view.status, view.error, body=view.body)
-
-    async def job_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = await self.board.counts.remote()
-        return counts
+            try:
+                result = await self._on_generator(req, control)
+            except BackPressureError:
+                # Async jobs wait for room instead of a 429.
+                await asyncio.sleep(_BACKPRESSURE_RETRY_S)
+                continue
+            except RayActorError:
+                lost += 1
+                if lost > 1:
+                    raise JobLost(LOST_MESSAGE) from None
+                continue
+            if "problems" in result:
+                message = "; ".join(
+                    f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in result["problems"]
+                )
+                raise JobLost(f"The request cannot run: {message}")
+            body, _ = self._answer(req, result)
+            return body
 
     async def snapshot(self) -> dict[str, Any]:
         snapshot = await super().snapshot()
         snapshot["frontend"] = self.replica_name
         snapshot["generations_by_replica"] = dict(self.generations_by_replica)
         return snapshot
-
-    async def close(self) -> None:
-        for task in [*self._tasks, self._renewer]:
-            if task is not None:
-                task.cancel()
-        await super().close()
 
 
 @serve.deployment(
@@ -376,21 +295,10 @@ class FrontendState(ServerState):
 class Frontend:
     """The HTTP ingress: the OctoAI API, the playground and the control routes."""
 
-    def __init__(
-        self,
-        server: dict[str, Any],
-        owner_key: bytes,
-        generator: Any,
-        board: Any,
-        settings: dict[str, Any],
-    ) -> None:
+    def __init__(self, server: dict[str, Any], generator: Any, settings: dict[str, Any]) -> None:
         bind_serve_replicas_to_the_node_address()
         self.state = FrontendState(
-            ServerConfig.model_validate(server),
-            owner_key=owner_key,
-            generator=generator,
-            board=board,
-            **settings,
+            ServerConfig.model_validate(server), generator=generator, **settings
         )
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -401,13 +309,14 @@ class Frontend:
 
 
 def build_app(config: RayEndpointConfig, *, cluster_gpus: float = 0.0) -> Any:
-    """The Serve application (frontend, generators, job board), ready for ``serve.run``."""
+    """The Serve application (frontends and generators), ready for ``serve.run``."""
     config.server.check_startable()
-    server = config.server.secret_dict()
-    # Every frontend must hash a token to the same owner: one key for the application.
-    owner_key = secrets.token_bytes(32)
+    # The frontends' job lease is the endpoint's; owners' hashes come from the shared
+    # store's key, so every frontend (and the next deployment) knows whose each job is.
+    server = config.server.updated(
+        {"async_lease_s": config.job_lease_s, "replicas": max(1, config.max_replicas)}
+    ).secret_dict()
     # serve.deployment's typing keeps the class type; the objects are Serve deployments.
-    board = typing.cast(Any, JobBoard).bind(config.server.result_ttl_s)
     generator = (
         typing.cast(Any, Generator)
         .options(
@@ -416,17 +325,16 @@ def build_app(config: RayEndpointConfig, *, cluster_gpus: float = 0.0) -> Any:
             graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
             ray_actor_options=config.generator_actor_options(cluster_gpus),
         )
-        .bind(server, board, config.job_lease_s)
+        .bind(server)
     )
     settings = {
-        "lease_s": config.job_lease_s,
         "max_queued_requests": config.max_queued_requests,
         "retry_after_s": config.retry_after_s,
     }
     return (
         typing.cast(Any, Frontend)
         .options(num_replicas=config.frontend_replicas)
-        .bind(server, owner_key, generator, board, settings)
+        .bind(server, generator, settings)
     )
 
 

@@ -69,7 +69,9 @@ class JobState(str, enum.Enum):
     ``submitted``: the service accepted it; ``pending`` / ``running``: as polled;
     ``completed``: the result is ready and a persist run was requested;
     ``persisted``: the images are stored; ``failed`` / ``expired``: given up on
-    after the allowed resubmissions (final, reported as a failed run).
+    after the allowed resubmissions (final, reported as a failed run);
+    ``cancelled``: cancelled on purpose (its run was terminated, or someone cancelled it
+    on the server): final, never resubmitted by the sensor.
     """
 
     INTENT = "intent"
@@ -80,6 +82,7 @@ class JobState(str, enum.Enum):
     PERSISTED = "persisted"
     FAILED = "failed"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
@@ -87,7 +90,9 @@ class JobState(str, enum.Enum):
         return self in _FINAL_STATES
 
 
-_FINAL_STATES = frozenset({JobState.PERSISTED, JobState.FAILED, JobState.EXPIRED})
+_FINAL_STATES = frozenset(
+    {JobState.PERSISTED, JobState.FAILED, JobState.EXPIRED, JobState.CANCELLED}
+)
 
 
 def _utcnow() -> datetime:

@@ -411,7 +411,7 @@ class AsyncJobTicker:
         if status is JobStatus.CANCELLED:
             # Someone cancelled it on purpose: given up, never paid for again.
             return self._resubmit_or_fail(
-                record, "cancelled on the server", JobState.FAILED, resubmit=False
+                record, "cancelled on the server", JobState.CANCELLED, resubmit=False
             )
         if status is JobStatus.FAILED:
             ran = ""
