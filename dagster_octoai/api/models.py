@@ -77,6 +77,20 @@ ASYNC_BODY_LIMIT_BYTES = 10 * 1024 * 1024
 SEED_MAX = 2**32  # seeds are 0 <= seed < 2**32
 
 
+def check_seeds(value: int | list[int | None] | None, output: str) -> int | list[int | None] | None:
+    """A request's ``seed`` field checked: each seed in range, a list not empty.
+
+    ``output``: what each seed makes ("image", "video"), for the error text.
+    """
+    seeds = value if isinstance(value, list) else [value]
+    for s in seeds:
+        if s is not None and not 0 <= s < SEED_MAX:
+            raise ValueError(f"{s} is out of range; allowed: 0 <= seed < 2**32 ({SEED_MAX})")
+    if isinstance(value, list) and not value:
+        raise ValueError(f"a seed list needs one entry (int or null) per {output}")
+    return value
+
+
 class Engine(str, enum.Enum):
     """An image engine: the ``{engine}`` of ``POST /generate/{engine}``."""
 
@@ -544,13 +558,7 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, value: int | list[int | None] | None) -> int | list[int | None] | None:
-        seeds = value if isinstance(value, list) else [value]
-        for s in seeds:
-            if s is not None and not 0 <= s < SEED_MAX:
-                raise ValueError(f"{s} is out of range; allowed: 0 <= seed < 2**32 ({SEED_MAX})")
-        if isinstance(value, list) and not value:
-            raise ValueError("a seed list needs one entry (int or null) per image")
-        return value
+        return check_seeds(value, "image")
 
     @field_validator("style_preset")
     @classmethod

@@ -39,7 +39,6 @@ from pydantic_core import InitErrorDetails
 from .errors import ImageDecodeError, ImageRemovedForSafetyError
 from .images import decode_base64_image, image_size
 from .models import (
-    SEED_MAX,
     CallInfo,
     _b64decode,
     _coerce_image,
@@ -47,6 +46,7 @@ from .models import (
     _picture_of,
     _rule_error,
     _validation_error,
+    check_seeds,
     validation_error,
 )
 
@@ -135,13 +135,7 @@ class VideoGenerationRequest(BaseModel):
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, value: int | list[int | None] | None) -> int | list[int | None] | None:
-        seeds = value if isinstance(value, list) else [value]
-        for s in seeds:
-            if s is not None and not 0 <= s < SEED_MAX:
-                raise ValueError(f"{s} is out of range; allowed: 0 <= seed < 2**32 ({SEED_MAX})")
-        if isinstance(value, list) and not value:
-            raise ValueError("a seed list needs one entry (int or null) per video")
-        return value
+        return check_seeds(value, "video")
 
     @model_validator(mode="after")
     def _check_rules(self) -> VideoGenerationRequest:

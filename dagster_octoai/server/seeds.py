@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["SEED_SPACE", "choose_seeds"]
+from ..api.models import SEED_MAX as SEED_SPACE
 
-#: Seeds are unsigned 32-bit integers, as OctoAI's are.
-SEED_SPACE = 2**32
+__all__ = ["SEED_SPACE", "choose_seeds"]
 
 
 def choose_seeds(seed: int | list[int | None] | None, count: int, rng: random.Random) -> list[int]:
