@@ -297,7 +297,9 @@ def test_requests_spread_over_two_replicas(endpoint: Endpoint) -> None:
         answers = asyncio.run(_burst(endpoint.url, 3))
         assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
         replicas |= {a.headers["x-octoai-replica"] for a in answers}
-    assert _running_generators() == 2  # never more than max_replicas
+    # Never more than max_replicas. Not "== 2": by now Serve may already have scaled one of
+    # the two back down (the burst is over), which CI saw once.
+    assert 1 <= _running_generators() <= ENDPOINT.max_replicas
 
 
 def test_requests_beyond_the_replicas_queue_and_past_the_bound_get_429(
