@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -55,6 +55,9 @@ from .openapi import openapi_document
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .seeds import choose_seeds
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
+
+if TYPE_CHECKING:
+    from .video import VideoRenderer
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
 
@@ -226,6 +229,15 @@ class ServerState:
         return self.config
 
     # ---- checks ---------------------------------------------------------------------
+
+    def video_renderer(self) -> VideoRenderer | None:
+        """What renders ``POST /generate/svd`` here: the backend's (None: it has no SVD).
+
+        A deployment whose models live elsewhere (Ray Serve's frontends) returns its own.
+        """
+        from .video import video_renderer
+
+        return video_renderer(self.backend)
 
     def rate_limit_error(self) -> JSONResponse | None:
         limit = self.config.rate_limit_requests

@@ -217,7 +217,7 @@ def video_routes(state: ServerState) -> list[Route]:
 
     Async video jobs go to the server's durable job queue, which renders them here.
     """
-    route = _VideoRoute(state, video_renderer(state.backend))
+    route = _VideoRoute(state, state.video_renderer())
     if route.renderer is not None:
         state.jobs.renderers[SVD_ENGINE] = route.render_job
     return [
