@@ -7,8 +7,9 @@ on the weights' values), one family at a time, into the server's pipelines; the
 tokenizers, schedulers and layout come from a ``tiny-models`` directory written in
 seconds. For each case (SDXL 1024x1024 30 steps batch 1 and 4, FLUX.1 [schnell]
 1024x1024 4 steps, FLUX.1 [dev] and SD3 at their default 30 steps, SSD-1B 1024x1024 30
-steps, SDXL with photo merge, SD 1.5 512x512 batch 1 and 4, then SDXL and SD 1.5 with
-``torch.compile``) it measures, in the same process and interleaved:
+steps, SDXL with photo merge, SD 1.5 512x512 batch 1 and 4, Stable Video Diffusion 1.1
+1024x576 25 frames 25 steps (a clip: ``images_per_s`` counts clips), then SDXL and SD 1.5
+with ``torch.compile``) it measures, in the same process and interleaved:
 
 - **direct**: the diffusers pipeline called as a diffusers user would (text in,
   images out), the baseline;
@@ -21,7 +22,7 @@ build and their parameters. OctoAI published p50 2.77 s for SDXL 1024x1024 30 st
 this project's goal is <= 1.5 s on an H100/H200-class GPU.
 
 Eager cases run before compiled ones. ``--only NAME,...`` picks cases by name (``sdxl``,
-``sd``, ``ssd``, ``sd3``, ``flux-schnell``, ``flux-dev``, ``sdxl-photo-merge``);
+``sd``, ``ssd``, ``sd3``, ``flux-schnell``, ``flux-dev``, ``sdxl-photo-merge``, ``svd``);
 ``--budget-s S`` (default 330 on a GPU, so that a default run ends within about 8
 minutes on one H100: docs/benchmarks.md) starts no case once S seconds have passed and
 writes what was measured so far.
@@ -41,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class Result:
         }
 
 
-CASE_NAMES = ("sdxl", "sd", "ssd", "sd3", "flux-schnell", "flux-dev", "sdxl-photo-merge")
+CASE_NAMES = ("sdxl", "sd", "ssd", "sd3", "flux-schnell", "flux-dev", "sdxl-photo-merge", "svd")
 
 
 def _cases(
@@ -127,6 +128,7 @@ def _cases(
             Case("flux-schnell", 1024, 1024, n, 1, False),
             Case("flux-dev", 1024, 1024, n, 1, False),
             Case("sdxl", 1024, 1024, n, 1, False, photo_merge=True),
+            Case("svd", 1024, 576, n, 1, False),
         ]
         return [c for c in cases if c.name in (only or ("sdxl", "sd"))]
     eager = [
@@ -141,6 +143,8 @@ def _cases(
         Case("sd", 512, 512, steps or 30, 1, False),
         Case("sd", 512, 512, steps or 30, 4, False),
         Case("sdxl", 1024, 1024, steps or 30, 4, False),
+        # Stable Video Diffusion 1.1 at OctoAI's defaults: 1024x576, 25 frames, 25 steps.
+        Case("svd", 1024, 576, steps or 25, 1, False),
     ]
     compiled = [
         Case("sdxl", 1024, 1024, steps or 30, 1, True),
@@ -151,15 +155,17 @@ def _cases(
 
 
 @contextlib.contextmanager
-def _served(backend: Any, config: Any) -> Iterator[str]:
-    """The backend behind the real HTTP front (uvicorn on loopback, in a thread)."""
+def _served(backend: Any, config: Any) -> Iterator[tuple[str, Any]]:
+    """The backend behind the real HTTP front (uvicorn on loopback, in a thread): its URL
+    and its app."""
     import threading
 
     from dagster_octoai.server.app import create_app
     from dagster_octoai.server.runner import _uvicorn_server, bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
-    server = _uvicorn_server(config, "warning", create_app(config, backend=backend))
+    app = create_app(config, backend=backend)
+    server = _uvicorn_server(config, "warning", app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -168,7 +174,7 @@ def _served(backend: Any, config: Any) -> Iterator[str]:
             raise RuntimeError("the benchmark's server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -189,7 +195,7 @@ def _measure(
     warm_up: bool,
     ip_adapter: Path | None = None,
 ) -> Result:
-    """One case: warm up, then ``reps`` interleaved direct and API generations."""
+    """One image case: warm up, then ``reps`` interleaved direct and API generations."""
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -232,6 +238,11 @@ def _measure(
         body["transfer_images"] = {"sks": [reference]}
         words = [[Image.open(io.BytesIO(base64.b64decode(reference))).convert("RGB")]]
 
+    def api() -> None:
+        r = client.post(f"/generate/{case.engine}", json=body)
+        r.raise_for_status()
+        assert len(r.json()["images"]) == case.batch
+
     def direct() -> float:
         # What a diffusers user writes: text in, PIL images out, a fresh scheduler.
         if engine.refused_fields:
@@ -257,6 +268,21 @@ def _measure(
         assert len(images) == case.batch
         return time.perf_counter() - started
 
+    return _timed(case, direct, api, pipe, reps, on_gpu, warm_up)
+
+
+def _timed(
+    case: Case,
+    direct: Callable[[], float],
+    request: Callable[[], Any],
+    pipe: Any,
+    reps: int,
+    on_gpu: bool,
+    warm_up: bool,
+) -> Result:
+    """Warm up, then ``reps`` interleaved direct and API calls (``request``: one API call)."""
+    import torch
+
     # The server must run the models built for this case, not the directory's: count the
     # denoiser's calls (eager only: a hook inside a compiled module would change it).
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
@@ -268,10 +294,8 @@ def _measure(
     def api() -> float:
         before = steps_run[0]
         started = time.perf_counter()
-        r = client.post(f"/generate/{case.engine}", json=body)
+        request()
         elapsed = time.perf_counter() - started
-        r.raise_for_status()
-        assert len(r.json()["images"]) == case.batch
         if not case.compiled and steps_run[0] == before:
             raise RuntimeError(f"{case.name}: the server did not run the models built for it")
         return elapsed
@@ -298,6 +322,63 @@ def _measure(
     return result
 
 
+def _measure_video(
+    case: Case, pipe: Any, client: Any, device: str, reps: int, on_gpu: bool, warm_up: bool
+) -> Result:
+    """The SVD case: one clip of the model's frames, direct against ``POST /generate/svd``.
+
+    Direct is what a diffusers user writes: the picture in, ``StableVideoDiffusionPipeline``
+    with its defaults (which are OctoAI's: 7 fps, motion bucket 127, noise augmentation
+    0.02, guidance 1 to 3), the frames encoded to H.264 MP4 (PyAV, as the server does).
+    """
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    from dagster_octoai.api.video import DEFAULT_CRF
+    from dagster_octoai.server.mp4 import encode_mp4
+    from dagster_octoai.testing.server import sample_image_b64
+
+    picture = sample_image_b64((case.width, case.height), "photo")
+    still = Image.open(io.BytesIO(base64.b64decode(picture))).convert("RGB")
+    frames = int(pipe.unet.config.num_frames)
+    body = {
+        "image": picture,
+        "steps": case.steps,
+        "width": case.width,
+        "height": case.height,
+        "seed": 1,
+    }
+
+    def direct() -> float:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        generator = torch.Generator(device="cpu").manual_seed(1)
+        _sync(torch)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            clip = pipe(
+                still,
+                height=case.height,
+                width=case.width,
+                num_frames=frames,
+                num_inference_steps=case.steps,
+                decode_chunk_size=frames,
+                generator=generator,
+            ).frames[0]
+        _sync(torch)
+        assert len(encode_mp4(clip, fps=7, crf=DEFAULT_CRF)) > 0
+        return time.perf_counter() - started
+
+    def api() -> None:
+        r = client.post("/generate/svd", json=body)
+        r.raise_for_status()
+        assert len(r.json()["videos"]) == case.batch
+
+    return _timed(case, direct, api, pipe, reps, on_gpu, warm_up)
+
+
 class _Models:
     """The family whose models are built in device memory now; one family at a time."""
 
@@ -310,6 +391,19 @@ class _Models:
         self.published = published
         self.held: tuple[str, bool] | None = None
 
+    def add_video(self, app: Any) -> None:
+        """The server's SVD renderer (from the directory's ``svd/base``), built like a family.
+
+        Its pipeline is the one ``POST /generate/svd`` (of ``app``) renders with, so the
+        models built for the case go where the server's requests use them.
+        """
+        route = next((r for r in app.routes if getattr(r, "path", "") == "/generate/svd"), None)
+        renderer = getattr(getattr(route, "endpoint", None), "__self__", None)
+        renderer = getattr(renderer, "renderer", None)
+        if renderer is not None and hasattr(renderer, "pipe"):
+            self.bases["svd"] = renderer
+            self.skeletons["svd"] = renderer.pipe
+
     def use(self, family: Any, compiled: bool) -> tuple[Any, float, int]:
         """The family's pipeline (built now unless held already), its build seconds, size."""
         from dagster_octoai.server.backends.diffusers.library import FLOW_FAMILIES
@@ -321,7 +415,7 @@ class _Models:
             return ckpt.pipe, 0.0, parameters(ckpt.pipe)
         self.release()
         started = time.perf_counter()
-        dtype = self.dtypes[1] if family in FLOW_FAMILIES else self.dtypes[0]
+        dtype = self.dtypes[1] if family in FLOW_FAMILIES else self.dtypes[0]  # svd: [0]
         pipe = build_in_memory(
             self.skeletons[family], family, self.device, dtype, published=self.published
         )
@@ -390,14 +484,15 @@ def run(
     headers = {"Authorization": f"Bearer {TOKEN}"}
     try:
         with (
-            _served(backend, config) as url,
+            _served(backend, config) as (url, app),
             httpx.Client(base_url=url, headers=headers, timeout=3600) as client,
         ):
+            built.add_video(app)
             for case in _cases(quick, on_gpu, steps, only):
                 if budget_s is not None and time.monotonic() - started > budget_s:
                     log(f"--budget-s {budget_s:g} spent: {case.name} and later cases not run")
                     break
-                family = family_of(Engine(case.engine))
+                family = "svd" if case.engine == "svd" else family_of(Engine(case.engine))
                 if family not in built.bases:
                     log(f"{case.name}: skipped, {models} has no {family} folder")
                     continue
@@ -407,7 +502,12 @@ def run(
                 if case.photo_merge and ip_adapter is None:
                     log(f"{case.name}: skipped, {models} has no IP-Adapter for {family}")
                     continue
-                result = _measure(case, pipe, client, device, reps, on_gpu, not quick, ip_adapter)
+                if family == "svd":
+                    result = _measure_video(case, pipe, client, device, reps, on_gpu, not quick)
+                else:
+                    result = _measure(
+                        case, pipe, client, device, reps, on_gpu, not quick, ip_adapter
+                    )
                 result.build_s, result.parameters = build_s, size
                 summary = result.summary()
                 log(

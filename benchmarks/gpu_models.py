@@ -82,6 +82,39 @@ _FLUX = {
     "axes_dims_rope": [16, 56, 56],
 }
 
+# stabilityai/stable-video-diffusion-img2vid-xt-1-1: the spatio-temporal UNet, the VAE
+# with its temporal decoder and the CLIP ViT-H/14 image encoder.
+_SVD_UNET = {
+    "sample_size": 96,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768,
+    "layers_per_block": 2,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": [5, 10, 20, 20],
+    "num_frames": 25,
+}
+_SVD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+_CLIP_VIT_H = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 32,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1024,
+}
+
 #: Per family, per pipeline component: the published architecture.
 PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
     "sdxl": {
@@ -128,6 +161,7 @@ PUBLISHED: dict[str, dict[str, dict[str, Any]]] = {
         "text_encoder_2": _CLIP_G,
         "text_encoder_3": _T5_XXL,
     },
+    "svd": {"unet": _SVD_UNET, "vae": _SVD_VAE, "image_encoder": _CLIP_VIT_H},
     "flux-schnell": {"transformer": _FLUX, "vae": _VAE, "text_encoder": _CLIP_L},
     "flux-dev": {"transformer": _FLUX, "vae": _VAE, "text_encoder": _CLIP_L},
 }
@@ -172,7 +206,9 @@ def build_in_memory(
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 overrides = PUBLISHED[family].get(name, {}) if published else {}
-                components[name] = _rebuild(module, overrides, dtype)
+                # .to(device): a few parameters (SVD's AlphaBlender mix factors) are made
+                # with the legacy torch.Tensor(), which ignores the default device.
+                components[name] = _rebuild(module, overrides, dtype).to(device)
     built = type(pipe)(**components)
     built.set_progress_bar_config(disable=True)
     return built

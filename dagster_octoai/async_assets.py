@@ -65,7 +65,15 @@ from .checks import evaluate_image_checks, image_check_specs
 from .io_managers import preflight_store
 from .metadata import generation_metadata
 from .resources import OctoAIResource, OctoAISession
-from .storage.ledger import JobLedger, JobRecord, JobState, job_id_for
+from .storage.ledger import (
+    JobKind,
+    JobLedger,
+    JobRecord,
+    JobRequest,
+    JobState,
+    job_id_for,
+    submit_request,
+)
 
 __all__ = [
     "octoai_async_blocking_asset",
@@ -77,6 +85,10 @@ RequestLike = ImageGenerationRequest | Mapping[str, Any]
 RequestSource = Sequence[RequestLike] | Callable[[AssetExecutionContext], Iterable[RequestLike]]
 
 _MAX_LISTED_IDS = 100
+
+#: A results asset's metadata key naming the job kind it stores (``image`` or ``video``):
+#: its sensor polls only the ledger's jobs of that kind.
+JOB_KIND_METADATA = "dagster-octoai/job_kind"
 
 
 def _one_partition(context: AssetExecutionContext, what: str) -> None:
@@ -122,20 +134,25 @@ def _build_requests(
             req = ImageGenerationRequest.build(item)
         except RequestValidationError as exc:
             raise RequestValidationError(f"requests[{index}]: {exc.message}", exc.errors) from None
-        size = len(req.wire_bytes())
-        if size > ASYNC_BODY_LIMIT_BYTES:
-            mb = size / 1024 / 1024
-            raise RequestValidationError(
-                f"requests[{index}]: the JSON body is {mb:.1f} MB, over the 10 MB limit of "
-                "async requests; use smaller or JPEG input images; nothing was submitted",
-                [{"field": f"requests[{index}]", "message": f"body {mb:.1f} MB > 10 MB"}],
-            )
+        check_async_size(req, f"requests[{index}]")
         requests.append(req)
     return requests
 
 
+def check_async_size(request: JobRequest, field: str) -> None:
+    """Refuse, before anything is sent, a request over the 10 MB body limit of async jobs."""
+    size = len(request.wire_bytes())
+    if size > ASYNC_BODY_LIMIT_BYTES:
+        mb = size / 1024 / 1024
+        raise RequestValidationError(
+            f"{field}: the JSON body is {mb:.1f} MB, over the 10 MB limit of async requests; "
+            "use smaller or JPEG input images; nothing was submitted",
+            [{"field": field, "message": f"body {mb:.1f} MB > 10 MB"}],
+        )
+
+
 def _job_ids(
-    context: AssetExecutionContext, asset_key: str, requests: Sequence[ImageGenerationRequest]
+    context: AssetExecutionContext, asset_key: str, requests: Sequence[JobRequest]
 ) -> list[str]:
     """Deterministic job ids: explicit-seed requests by content, random-seed ones per root run.
 
@@ -171,7 +188,7 @@ class _Submitted:
 def _submit_one(
     ledger: JobLedger,
     client: OctoAIClient,
-    request: ImageGenerationRequest,
+    request: JobRequest,
     job_id: str,
     *,
     asset_key: str,
@@ -195,7 +212,7 @@ def _submit_one(
         now = ledger.get(job_id)
         return _Submitted(job_id, "raced", now.response_id if now is not None else None)
     try:
-        job = client.submit(request, idempotency_key=intent.idempotency_key)
+        job = submit_request(client, request, idempotency_key=intent.idempotency_key)
     except _TRANSIENT as exc:
         # Maybe accepted, maybe not: the intent stays, marked, and the sensor resubmits it.
         _mark_attempt(ledger, intent, error=f"submission failed: {exc}")
@@ -284,9 +301,10 @@ def octoai_async_submit_asset(
         ),
     )
     def _submit(context: AssetExecutionContext) -> MaterializeResult[None]:
-        return _submit_all(
+        _one_partition(context, "the async submit asset")
+        return submit_all(
             context,
-            requests,
+            _build_requests(context, requests),
             target=target,
             ledger_resource_key=ledger_resource_key,
             octoai_resource_key=octoai_resource_key,
@@ -297,9 +315,9 @@ def octoai_async_submit_asset(
     return _submit
 
 
-def _submit_all(
+def submit_all(
     context: AssetExecutionContext,
-    requests: RequestSource,
+    built: Sequence[JobRequest],
     *,
     target: str,
     ledger_resource_key: str,
@@ -307,9 +325,9 @@ def _submit_all(
     io_manager_key: str | None,
     max_concurrency: int,
 ) -> MaterializeResult[None]:
-    """The submit asset's step: every job recorded and submitted, or found in the ledger."""
-    _one_partition(context, "the async submit asset")
-    built = _build_requests(context, requests)
+    """A submit asset's step (images or videos): every job recorded and submitted, or found
+    in the ledger. ``built``: the requests, each validated and size-checked already.
+    """
     # The results are stored under a partition named by each response id: not known
     # yet, so the key length is checked for the widest partition a key can get.
     preflight_store(context.resources, io_manager_key, target, any_partition=True)
@@ -421,7 +439,9 @@ def octoai_async_results_asset(
         io_manager_key=io_manager_key,
         check_specs=_check_specs(name, checks),
         **asset_arguments(
-            options, description="Images of one OctoAI async job (partition = response id)."
+            options,
+            description="Images of one OctoAI async job (partition = response id).",
+            metadata={JOB_KIND_METADATA: "image"},
         ),
     )
     def _results(context: AssetExecutionContext) -> Iterator[Any]:
@@ -435,15 +455,15 @@ def octoai_async_results_asset(
     return _results
 
 
-def _fetch_result(
-    context: AssetExecutionContext,
-    *,
-    ledger_resource_key: str,
-    octoai_resource_key: str,
-    checks: Checks,
-) -> Iterator[Any]:
-    """The results asset's step: one job's images out, then its record marked persisted."""
-    _one_partition(context, "the async results asset")
+def collectable_job(
+    context: AssetExecutionContext, ledger_resource_key: str, kind: JobKind
+) -> tuple[JobLedger, JobRecord]:
+    """A results asset's job (its partition is the response id), checked to be collectable.
+
+    Raises ``Failure`` (with the job's details) for a job missing from the ledger, given
+    up, superseded by a resubmission, or of another kind than this results asset stores.
+    """
+    _one_partition(context, f"the async {kind} results asset")
     partition = context.partition_key
     ledger = _ledger(context, ledger_resource_key)
     record = ledger.find_by_response_id(partition) or ledger.get(partition)
@@ -463,22 +483,41 @@ def _fetch_result(
             f"resubmission {record.response_id}; materialize that partition instead",
             metadata=_failure_metadata(record),
         )
+    if record.kind != kind:
+        raise Failure(
+            description=f"async job {record.job_id} makes {record.kind}s, but "
+            f"{context.asset_key.to_user_string()} stores {kind}s; its sensor is the one "
+            f"whose results asset stores {record.kind}s (record.asset_key: {record.asset_key})",
+            metadata=_failure_metadata(record),
+        )
+    return ledger, record
+
+
+def _fetch_result(
+    context: AssetExecutionContext,
+    *,
+    ledger_resource_key: str,
+    octoai_resource_key: str,
+    checks: Checks,
+) -> Iterator[Any]:
+    """The image results asset's step: one job's images out, then its record marked persisted."""
+    ledger, record = collectable_job(context, ledger_resource_key, "image")
     # get_client checks the image IO manager's store before the result is fetched.
     with _octoai(context, octoai_resource_key).get_client(context) as session:
         result = session.fetch(record.async_job())
     metadata = {
         **generation_metadata(result),
-        **_job_metadata(record),
+        **job_metadata(record),
         "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
     }
     yield Output(ImageBatch([result]), metadata=metadata)
     # Dagster resumes this generator only after the IO manager stored the output.
-    _record_persisted(ledger, record, context.log)
+    record_persisted(ledger, record, context.log)
     if checks:
         yield from evaluate_image_checks(context.asset_key, [result])
 
 
-def _record_persisted(ledger: JobLedger, record: JobRecord, log: Any) -> None:
+def record_persisted(ledger: JobLedger, record: JobRecord, log: Any) -> None:
     """Mark the job persisted by compare-and-swap: once, whichever run or tick gets there first."""
     response_id = record.response_id
 
@@ -496,7 +535,7 @@ def _record_persisted(ledger: JobLedger, record: JobRecord, log: Any) -> None:
         )
 
 
-def _job_metadata(record: JobRecord) -> dict[str, MetadataValue]:
+def job_metadata(record: JobRecord) -> dict[str, MetadataValue]:
     return {
         "response_id": MetadataValue.text(record.response_id or ""),
         "job_id": MetadataValue.text(record.job_id),
@@ -510,7 +549,7 @@ def _job_metadata(record: JobRecord) -> dict[str, MetadataValue]:
 
 def _failure_metadata(record: JobRecord) -> dict[str, MetadataValue]:
     return {
-        **_job_metadata(record),
+        **job_metadata(record),
         "state": MetadataValue.text(record.state.value),
         "error": MetadataValue.text(record.error or ""),
         "job": MetadataValue.json(record.details()),
@@ -853,7 +892,7 @@ def _wait_all(
         },
     )
     for rec, _, _ in done:
-        _record_persisted(ledger, rec, context.log)
+        record_persisted(ledger, rec, context.log)
     if checks:
         yield from evaluate_image_checks(context.asset_key, results)
 

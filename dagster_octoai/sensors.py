@@ -28,6 +28,8 @@ from dagster import (
 )
 
 from .api.client import OctoAIClient
+from .async_assets import JOB_KIND_METADATA
+from .storage.ledger import JobKind
 from .storage.ticker import (
     RESPONSE_ID_TAG,
     RUN_KIND_TAG,
@@ -109,8 +111,11 @@ def octoai_async_sensor(
     """A sensor that polls the ledger's async jobs and requests a persist run for each result.
 
     Args:
-        asset: The fetch-and-persist asset (from :func:`octoai_async_results_asset`),
-            partitioned by a :class:`DynamicPartitionsDefinition` of response ids.
+        asset: The fetch-and-persist asset (from :func:`octoai_async_results_asset`, or
+            :func:`~dagster_octoai.video_assets.octoai_async_video_results_asset` for videos),
+            partitioned by a :class:`DynamicPartitionsDefinition` of response ids. The
+            sensor polls the ledger's jobs of the kind that asset stores, so image and
+            video jobs can share one ledger, each with its own sensor.
         name: The sensor's name.
         ledger_resource_key: Key of the :class:`JobLedgerResource`.
         octoai_resource_key: Key of the :class:`OctoAIResource` (token and base URL).
@@ -137,6 +142,7 @@ def octoai_async_sensor(
     settings = _checked_settings(settings)
     partitions_def = _response_id_partitions(asset)
     asset_key = asset.key
+    kind = _job_kind(asset)
     make_client = client_factory or _client_from_resource(octoai_resource_key)
     # A named job: with `target=asset` the runs would show as `__anonymous_asset_job_...`.
     persist_job = job or define_asset_job(
@@ -165,11 +171,21 @@ def octoai_async_sensor(
         ledger = getattr(context.resources, ledger_resource_key).get_ledger()
         with make_client(context, settings) as client:
             checker = instance_persist_checker(context, asset_key)
-            ticker = AsyncJobTicker(ledger, client, settings, checker, log=context.log)
+            ticker = AsyncJobTicker(ledger, client, settings, checker, log=context.log, kind=kind)
             report = ticker.tick(AsyncSensorCursor.parse(context.cursor, context.log))
         return _sensor_result(context, report, partitions_def)
 
     return _octoai_async_sensor
+
+
+def _job_kind(asset: AssetsDefinition) -> JobKind | None:
+    """The job kind a results asset stores (its metadata says); ``None``: an asset of yours."""
+    value = asset.metadata_by_key.get(asset.key, {}).get(JOB_KIND_METADATA)
+    raw = getattr(value, "value", value)
+    if raw in ("image", "video"):
+        kind: JobKind = raw
+        return kind
+    return None
 
 
 def _checked_settings(settings: AsyncSensorSettings | None) -> AsyncSensorSettings:

@@ -12,7 +12,7 @@ request with explicit seeds that the output already holds is not paid for again.
 # No `from __future__ import annotations`: Dagster reads the compute function's annotations.
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -20,27 +20,49 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
+    DynamicPartitionsDefinition,
     In,
     InputContext,
+    MaterializeResult,
     MetadataValue,
     OpDefinition,
     OpExecutionContext,
     Out,
+    Output,
     OutputContext,
     PartitionsDefinition,
     asset,
     op,
 )
 from PIL import Image
+from typing_extensions import Unpack
 
 from .api.errors import StorageError
 from .api.models import GeneratedImage, ImageGenerationResponse
-from .api.video import VideoGenerationRequest, VideoGenerationResponse
+from .api.video import VideoGenerationRequest, VideoGenerationResponse, VideoJob
+from .assets import AssetOptions, asset_arguments, asset_with
+from .async_assets import (
+    JOB_KIND_METADATA,
+    _octoai,
+    _one_partition,
+    check_async_size,
+    collectable_job,
+    job_metadata,
+    record_persisted,
+    submit_all,
+)
 from .io_managers import LocalImageIOManager, S3ImageIOManager, _input_path, _output_path
 from .storage.manifest import Manifest
 from .storage.videos import VideoStore, poster_data_uri
 
-__all__ = ["LocalVideoIOManager", "S3VideoIOManager", "octoai_video_asset", "octoai_video_op"]
+__all__ = [
+    "LocalVideoIOManager",
+    "S3VideoIOManager",
+    "octoai_async_video_results_asset",
+    "octoai_async_video_submit_asset",
+    "octoai_video_asset",
+    "octoai_video_op",
+]
 
 
 def _image_bytes(value: Any, where: str) -> bytes:
@@ -233,3 +255,141 @@ def octoai_video_op(
         return answer
 
     return _video
+
+
+# ---- the async path: submit, sensor, results ------------------------------------------------
+
+
+def octoai_async_video_submit_asset(
+    name: str,
+    *,
+    image: str | Sequence[str] | AssetKey,
+    results_asset: AssetsDefinition | str,
+    template: Mapping[str, Any] | None = None,
+    partitions_def: PartitionsDefinition[Any] | None = None,
+    ledger_resource_key: str = "octoai_ledger",
+    octoai_resource_key: str = "octoai",
+    io_manager_key: str | None = None,
+    **options: Unpack[AssetOptions],
+) -> AssetsDefinition:
+    """An asset that submits, per partition, an async video job animating the upstream image.
+
+    The images' :func:`~dagster_octoai.octoai_async_submit_asset` for videos: the request
+    (``template`` plus the ``image`` asset's picture for the partition) is validated and
+    checked against the 10 MB async body limit, the video IO manager is checked
+    (``preflight``), and the job is recorded in the ledger (an intent before its POST, sent
+    with an ``Idempotency-Key``) before the asset returns. A job already in the ledger for
+    this asset, partition and request (an earlier attempt of the run, or explicit seeds
+    already persisted) is not submitted again. :func:`~dagster_octoai.octoai_async_sensor`
+    on ``results_asset`` polls it and asks for the run that stores its MP4s.
+
+    Args:
+        name: Asset name.
+        image: The upstream asset whose output (per partition) is the image to animate.
+        results_asset: The :func:`octoai_async_video_results_asset` the videos land in.
+        template: The request's fields but ``image`` (``seed``, ``fps``...), checked now.
+        partitions_def: Usually the upstream asset's (one clip per item).
+        ledger_resource_key: Key of the :class:`~dagster_octoai.JobLedgerResource`.
+        octoai_resource_key: Key of the :class:`~dagster_octoai.OctoAIResource`.
+        io_manager_key: The video IO manager of ``results_asset``, checked before
+            submitting; defaults to ``results_asset``'s own when it is an ``AssetsDefinition``.
+        **options: The ``@asset`` options (:class:`~dagster_octoai.assets.AssetOptions`).
+
+    Examples:
+        >>> jobs = octoai_async_video_submit_asset(
+        ...     "clip_jobs", image="product_shot", template={"seed": 7}, results_asset="clips")
+        >>> jobs.key.to_user_string()
+        'clip_jobs'
+    """
+    fields = _template(template)
+    upstream = image if isinstance(image, AssetKey) else AssetKey(image)
+    target = (
+        results_asset.key.to_user_string()
+        if isinstance(results_asset, AssetsDefinition)
+        else results_asset
+    )
+    if io_manager_key is None and isinstance(results_asset, AssetsDefinition):
+        io_manager_key = results_asset.get_io_manager_key_for_asset_key(results_asset.key)
+    store_keys = set() if io_manager_key is None else {io_manager_key}
+
+    @asset_with(
+        name=name,
+        ins={"picture": AssetIn(key=upstream)},
+        partitions_def=partitions_def,
+        required_resource_keys={ledger_resource_key, octoai_resource_key, *store_keys},
+        **asset_arguments(
+            options,
+            description=f"Submits OctoAI async video jobs whose MP4s are stored by {target}.",
+        ),
+    )
+    def _submit(context: AssetExecutionContext, picture: Any) -> MaterializeResult[None]:
+        _one_partition(context, "the async video submit asset")
+        where = f"asset {name!r} input {upstream.to_user_string()!r}"
+        request = VideoGenerationRequest.build({**fields, "image": _image_bytes(picture, where)})
+        check_async_size(request, "image")
+        return submit_all(
+            context,
+            [request],
+            target=target,
+            ledger_resource_key=ledger_resource_key,
+            octoai_resource_key=octoai_resource_key,
+            io_manager_key=io_manager_key,
+            max_concurrency=1,
+        )
+
+    return _submit
+
+
+def octoai_async_video_results_asset(
+    name: str,
+    *,
+    partitions_def: DynamicPartitionsDefinition | None = None,
+    ledger_resource_key: str = "octoai_ledger",
+    octoai_resource_key: str = "octoai",
+    io_manager_key: str = "video_io_manager",
+    **options: Unpack[AssetOptions],
+) -> AssetsDefinition:
+    """The asset that fetches one completed async video job and hands it to the video IO manager.
+
+    Partitioned by a dynamic partition per response id, added by
+    :func:`~dagster_octoai.octoai_async_sensor` (give it this asset). The output is the
+    job's :class:`~dagster_octoai.api.video.VideoGenerationResponse`, carrying its request
+    and ``response_id``, so the video IO manager stores the MP4s with the sync video
+    asset's layout, commit protocol and metadata (seed, parameters, duration, frame count,
+    fps, size, poster frame, manifest); then the ledger records the job ``persisted``. A
+    job the ledger gave up (failed, expired, cancelled) fails the run with its details.
+
+    Examples:
+        >>> clips = octoai_async_video_results_asset("clips")
+        >>> clips.partitions_def.name
+        'clips_jobs'
+    """
+    pdef = partitions_def or DynamicPartitionsDefinition(name=f"{name}_jobs")
+
+    @asset_with(
+        name=name,
+        partitions_def=pdef,
+        required_resource_keys={ledger_resource_key, octoai_resource_key, io_manager_key},
+        io_manager_key=io_manager_key,
+        **asset_arguments(
+            options,
+            description="Videos of one OctoAI async video job (partition = response id).",
+            metadata={JOB_KIND_METADATA: "video"},
+        ),
+    )
+    def _results(context: AssetExecutionContext) -> Iterator[Any]:
+        ledger, record = collectable_job(context, ledger_resource_key, "video")
+        job = record.job()
+        assert isinstance(job, VideoJob)  # collectable_job checked the kind
+        answer = _octoai(context, octoai_resource_key).client.fetch_video(job)
+        yield Output(
+            answer,
+            metadata={
+                **job_metadata(record),
+                "ledger_open_jobs": MetadataValue.int(len(ledger.list_open())),
+            },
+        )
+        # Dagster resumes this generator only after the IO manager stored the output.
+        record_persisted(ledger, record, context.log)
+
+    return _results

@@ -217,3 +217,74 @@ def test_finished_jobs_hold_nothing_in_the_servers_memory(tmp_path: Path) -> Non
         grown = _rss_mib(srv.pid) - warm
         # Kept in memory, 40 inputs alone would be over 160 MiB.
         assert grown < 48, f"RSS grew {grown:.0f} MiB over 40 completed jobs"
+
+
+def test_an_async_video_job_pending_at_a_sigkill_is_collected_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image, ImageDraw
+
+    from dagster_octoai.api._retry import HTTPRetryPolicy
+    from dagster_octoai.api.video import VideoGenerationRequest, VideoJob
+    from dagster_octoai.storage.backends import LocalBackend
+    from dagster_octoai.storage.ledger import JobLedger, JobRecord, submit_request
+    from dagster_octoai.storage.ticker import (
+        AsyncJobTicker,
+        AsyncSensorCursor,
+        AsyncSensorSettings,
+        PersistCheck,
+    )
+
+    picture = Image.new("RGB", (96, 54), "teal")
+    ImageDraw.Draw(picture).rectangle((10, 10, 40, 30), fill="orange")
+    req = VideoGenerationRequest(image=picture, seed=9, fps=6)
+    config = _config(tmp_path / "jobs", latency_per_image_s=2.0)
+    srv = _start(config)
+    port = srv.port
+    ledger = JobLedger(LocalBackend(tmp_path / "ledger", fsync=True))
+    retry = HTTPRetryPolicy(max_attempts=2, initial_backoff_s=0.05, deadline_s=5)
+    with OctoAIClient(token=TOKEN, base_url=srv.url, retry=retry, timeout=5) as client:
+        with _client(srv) as http:
+            blocker = _submit(http, 1)  # an image job holds the one replica for 2 s
+            _until(http, blocker, "running")
+            # What the video submit asset does: the intent, then the POST under its key.
+            intent = ledger.record_intent(
+                JobRecord.new(req, asset_key="clips", partition_key="sku-1", job_id="clip-9")
+            )
+            job = submit_request(client, req, idempotency_key=intent.idempotency_key)
+            ledger.record_submitted(intent, job)
+            assert _status(http, job.response_id)["status"] == "pending"
+        srv.kill(signal.SIGKILL)
+        ticker = AsyncJobTicker(
+            ledger,
+            client,
+            AsyncSensorSettings(),
+            lambda ids: {i: PersistCheck() for i in ids},
+            kind="video",
+        )
+        down = ticker.tick(AsyncSensorCursor())
+        assert down.counts["error"] == 1 and not down.requests, down.summary()
+        with _start(config, port) as again:
+            cursor, deadline = down.cursor, time.monotonic() + 60
+            while True:
+                report = ticker.tick(cursor)
+                cursor = report.cursor
+                assert report.counts["resubmitted"] == report.counts["failed"] == 0, (
+                    report.summary()
+                )
+                if report.requests:
+                    break
+                assert time.monotonic() < deadline, report.summary()
+                time.sleep(0.2)
+            (persist,) = report.requests
+            assert (persist.partition_key, persist.kind) == (job.response_id, "run")
+            record = ledger.get("clip-9")
+            assert record is not None and record.attempts == 1 and record.kind == "video"
+            stored = record.job()
+            assert isinstance(stored, VideoJob) and stored.response_id == job.response_id
+            collected = client.fetch_video(stored)
+            direct = client.generate_video(req)
+            assert collected.response_id == job.response_id and collected.seeds == [9]
+            assert collected.videos[0].data == direct.videos[0].data
+            # The restarted server rendered the job once and the direct request once.
+            assert again.stats()["generations_by_engine"]["svd"] == 2

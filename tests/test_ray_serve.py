@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ipaddress
 import os
 import secrets
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import psutil
 import pytest
@@ -34,10 +36,12 @@ from ray import serve  # noqa: E402
 
 from dagster_octoai.api.client import OctoAIClient  # noqa: E402
 from dagster_octoai.api.models import Engine  # noqa: E402
+from dagster_octoai.api.video import SVD_FRAMES  # noqa: E402
 from dagster_octoai.server import ServerConfig  # noqa: E402
 from dagster_octoai.server.ray_config import RayEndpointConfig  # noqa: E402
 from dagster_octoai.server.ray_serve import deploy, start_local_cluster, start_serve  # noqa: E402
 from dagster_octoai.testing.seaweedfs import SeaweedFS, s3_bucket, seaweedfs  # noqa: E402
+from dagster_octoai.testing.server import sample_image_b64  # noqa: E402
 
 __all__ = ["s3_bucket", "seaweedfs"]  # fixtures used by name
 
@@ -387,6 +391,15 @@ def test_the_official_sdk_and_the_package_client_unchanged(endpoint: Endpoint) -
         job = client.submit({"prompt": "a kettle", "seed": 10}, engine="sd")
         fetched = client.wait(job)
         assert fetched.images[0].seed == 10
+        # Video: sync and async, rendered on a generator, the same seed the same clip.
+        still = sample_image_b64((160, 90))
+        clip = client.generate_video({"image": still, "seed": 11, "fps": 5})
+        video_job = client.submit_video({"image": still, "seed": 11, "fps": 5})
+        waited = client.wait_video(video_job, timeout=120, poll_interval_s=0.1)
+        assert clip.seeds == waited.seeds == [11]
+        assert waited.videos[0].data == clip.videos[0].data
+        with av.open(io.BytesIO(clip.videos[0].data), mode="r") as container:
+            assert len(list(container.decode(video=0))) == SVD_FRAMES
 
 
 def _replica_actors(deployment: str) -> list[Any]:

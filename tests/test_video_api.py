@@ -20,7 +20,7 @@ from PIL import Image
 
 from dagster_octoai.api import video as video_models
 from dagster_octoai.api.client import AsyncOctoAIClient, OctoAIClient
-from dagster_octoai.api.errors import RequestValidationError
+from dagster_octoai.api.errors import APIStatusError, RequestValidationError
 from dagster_octoai.api.video import SVD_FRAMES, VideoGenerationRequest
 from dagster_octoai.server import LocalOctoAIServer, mp4, seeds
 from dagster_octoai.testing.server import sample_image_b64
@@ -144,6 +144,28 @@ def test_sync_and_async_clients_submit_and_wait(client: OctoAIClient) -> None:
             return done.videos[0].data
 
     assert asyncio.run(run()) == expected
+
+
+def test_submit_video_idempotency_key_and_fetch_video(
+    client: OctoAIClient, octoai_server: LocalOctoAIServer
+) -> None:
+    request = VideoGenerationRequest(image=IMAGE, seed=8, fps=5)
+    before = octoai_server.stats()["async_jobs"]["submitted"]
+    first = client.submit_video(request, idempotency_key="clip-8-attempt-1")
+    # The same key and body again (an answer lost on the wire, retried): the first job.
+    again = client.submit_video(request, idempotency_key="clip-8-attempt-1")
+    assert again.response_id == first.response_id
+    assert octoai_server.stats()["async_jobs"]["submitted"] - before == 1
+    with pytest.raises(APIStatusError, match="409 Conflict: Idempotency-Key"):  # another body
+        client.submit_video(
+            request.model_copy(update={"seed": 9}), idempotency_key="clip-8-attempt-1"
+        )
+    client.wait_video(first, timeout=60, poll_interval_s=0.05)
+    fetched = client.fetch_video(first)
+    assert fetched.response_id == first.response_id and fetched.seeds == [8]
+    assert probe(fetched.videos[0].data)[:2] == (SVD_FRAMES, 5.0)
+    with pytest.raises(TypeError, match="expected the VideoJob of submit_video"):
+        client.fetch_video(first.response_id)  # type: ignore[arg-type]
 
 
 def test_official_sdk_generate_svd(octoai_server: LocalOctoAIServer) -> None:

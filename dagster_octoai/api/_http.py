@@ -16,10 +16,10 @@ import ssl
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from ..version import __version__
 from ._retry import HTTPRetryPolicy, is_retryable_status, parse_retry_after
@@ -679,11 +679,31 @@ def json_object(
 def parse_generation(
     response: httpx.Response, where: str, redactor: Redactor, response_id: str | None = None
 ) -> ImageGenerationResponse:
-    """A generation body, held to what the official SDK requires of it."""
+    """An image generation body, held to what the official SDK requires of it."""
     fast = _fast_generation(response)
     if fast is not None:
         return fast
     # The slow path parses again only to name what is wrong with a bad answer.
+    return parse_answer(
+        response, where, redactor, response_id, ImageGenerationResponse, "images", "image_b64"
+    )
+
+
+AnswerT = TypeVar("AnswerT", bound=BaseModel)
+
+
+def parse_answer(
+    response: httpx.Response,
+    where: str,
+    redactor: Redactor,
+    response_id: str | None,
+    model: type[AnswerT],
+    items: str,
+    payload: str,
+) -> AnswerT:
+    """A generation answer (``items``: its list, e.g. ``images`` or ``videos``; ``payload``:
+    each item's base64 field), held to what OctoAI's API requires of it, each problem named.
+    """
     body = json_object(response, where, redactor, response_id)
 
     def bad(problem: str) -> ResponseFormatError:
@@ -691,19 +711,19 @@ def parse_generation(
 
     if "prediction_time_ms" not in body:
         raise bad("the generation answer lacks 'prediction_time_ms'")
-    images = body.get("images")
-    if not isinstance(images, list):
-        raise bad("the generation answer lacks an 'images' list")
-    for i, image in enumerate(images):
-        if not isinstance(image, dict):
-            raise bad(f"images[{i}] is not an object")
+    listed = body.get(items)
+    if not isinstance(listed, list):
+        raise bad(f"the generation answer lacks an {items!r} list")
+    for i, item in enumerate(listed):
+        if not isinstance(item, dict):
+            raise bad(f"{items}[{i}] is not an object")
         for key in ("seed", "removed_for_safety"):
-            if key not in image:
-                raise bad(f"images[{i}] lacks {key!r}")
-        if image.get("image_b64") is None and image.get("removed_for_safety") is not True:
-            raise bad(f"images[{i}] has no image_b64 but is not marked removed_for_safety")
+            if key not in item:
+                raise bad(f"{items}[{i}] lacks {key!r}")
+        if item.get(payload) is None and item.get("removed_for_safety") is not True:
+            raise bad(f"{items}[{i}] has no {payload} but is not marked removed_for_safety")
     try:
-        return ImageGenerationResponse.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
@@ -735,13 +755,10 @@ def _fast_generation(response: httpx.Response) -> ImageGenerationResponse | None
     return result
 
 
-def parse_job(
-    response: httpx.Response,
-    where: str,
-    redactor: Redactor,
-    request: Any,
-    base_url: str,
-) -> AsyncJob:
+def parse_job_ids(
+    response: httpx.Response, where: str, redactor: Redactor, base_url: str
+) -> tuple[str, str]:
+    """An async submission's answer: its ``response_id`` and ``poll_url`` (resolved)."""
     body = json_object(response, where, redactor)
     response_id, poll_url = body.get("response_id"), body.get("poll_url")
     if not isinstance(response_id, str) or not response_id:
@@ -750,9 +767,18 @@ def parse_job(
         raise _format_error(
             response, where, "the async answer lacks 'poll_url'", redactor, response_id
         )
-    return AsyncJob(
-        response_id=response_id, poll_url=resolve_url(base_url, poll_url), request=request
-    )
+    return response_id, resolve_url(base_url, poll_url)
+
+
+def parse_job(
+    response: httpx.Response,
+    where: str,
+    redactor: Redactor,
+    request: Any,
+    base_url: str,
+) -> AsyncJob:
+    response_id, poll_url = parse_job_ids(response, where, redactor, base_url)
+    return AsyncJob(response_id=response_id, poll_url=poll_url, request=request)
 
 
 def parse_poll(

@@ -46,12 +46,11 @@ from ._http import (
     tls_context,
 )
 from ._retry import HTTPRetryPolicy
+from ._wait import AnyJob, _JobWait, _label, _not_ready
 from .errors import (
     ConnectionFailedError,
-    DeadlineExceededError,
     JobCancelledError,
     JobFailedError,
-    JobNotReadyError,
     OctoAIError,
     RequestValidationError,
     ServerError,
@@ -66,6 +65,7 @@ from .models import (
     JobStatus,
     PollResult,
 )
+from .video import VideoJob
 from .video_client import AsyncVideoCalls, VideoCalls
 
 __all__ = [
@@ -371,8 +371,8 @@ class _ClientBase(Generic[HttpT, DirectT, SlotsT]):
             )
         return resolved
 
-    def _poll_target(self, job: AsyncJob | str) -> tuple[str, str | None]:
-        if isinstance(job, AsyncJob):
+    def _poll_target(self, job: AnyJob | str) -> tuple[str, str | None]:
+        if isinstance(job, (AsyncJob, VideoJob)):
             url = self._trusted_url(job.poll_url, "poll_url of async job", job.response_id)
             return url, job.response_id
         return self._trusted_url(job, "poll_url", None), None
@@ -429,75 +429,6 @@ def _job_answer(
     if job is None:
         return answer._attach(None, call=call.info())
     return answer._attach(job.request, response_id=job.response_id, call=call.info())
-
-
-def _label(response_id: str | None) -> str:
-    return f" {response_id}" if response_id else ""
-
-
-def _not_ready(job: AsyncJob, result: PollResult) -> JobNotReadyError:
-    return JobNotReadyError(
-        f"async job {job.response_id} is {result.raw_status!r}, not completed; "
-        "call wait(job) or poll again later",
-        response_id=job.response_id,
-    )
-
-
-class _JobWait:
-    """The polling schedule of one ``wait(job)``: back-off, deadline, unknown statuses.
-
-    The clients' loops are: poll; done -> fetch; else sleep ``pause(result)``, then
-    ``check(result)`` (raises once the deadline has passed).
-    """
-
-    def __init__(
-        self, job: AsyncJob, timeout: float, poll_interval_s: float, max_poll_interval_s: float
-    ) -> None:
-        self.job = job
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self._interval = poll_interval_s
-        self._max_interval = max_poll_interval_s
-        self._warned: set[str] = set()
-
-    def pause(self, result: PollResult) -> float:
-        """Seconds to sleep before the next poll (none left once the deadline has passed)."""
-        if result.status is JobStatus.UNKNOWN and result.raw_status not in self._warned:
-            self._warned.add(result.raw_status)
-            logger.warning(
-                "job %s: unknown status %r; polling on until the %g s timeout",
-                self.job.response_id,
-                result.raw_status,
-                self.timeout,
-            )
-        return max(0.0, min(self._interval, self.deadline - time.monotonic()))
-
-    def check(self, result: PollResult | None) -> None:
-        """Raise when the deadline has passed; else back the interval off."""
-        if time.monotonic() >= self.deadline:
-            raise DeadlineExceededError(
-                f"async job {self.job.response_id} still "
-                f"{'unreachable' if result is None else repr(result.raw_status)} after waiting "
-                f"{self.timeout:g} s; wait(job) again or fetch it later (results are kept "
-                "24 hours)",
-                response_id=self.job.response_id,
-            )
-        self._interval = min(self._interval * 2, self._max_interval)
-
-    def outage(self, exc: OctoAIError) -> float:
-        """The pause after a poll or fetch that found no server; raises what is not one.
-
-        A server that restarts (a deploy, a crash) refuses connections or its proxy
-        answers 502/503/504 for a while; its jobs survive, so the wait goes on until its
-        own deadline instead of giving up with the call's retries.
-        """
-        transient = isinstance(exc, ConnectionFailedError) or (
-            isinstance(exc, ServerError) and exc.status_code in (502, 503, 504)
-        )
-        if not transient or time.monotonic() >= self.deadline:
-            raise exc
-        logger.info("job %s: server unreachable, polling on: %s", self.job.response_id, exc)
-        return max(0.0, min(self._interval, self.deadline - time.monotonic()))
 
 
 class OctoAIClient(
@@ -818,7 +749,7 @@ class OctoAIClient(
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job
 
-    def poll(self, job: AsyncJob | str) -> PollResult:
+    def poll(self, job: AnyJob | str) -> PollResult:
         """One status check of a job (or of a ``poll_url``, followed as given).
 
         Raises:
@@ -827,14 +758,14 @@ class OctoAIClient(
         """
         return self._poll(job, None)
 
-    def _poll(self, job: AsyncJob | str, deadline: float | None) -> PollResult:
+    def _poll(self, job: AnyJob | str, deadline: float | None) -> PollResult:
         url, response_id = self._poll_target(job)
         call = self._call("GET", url, "poll", deadline=deadline, response_id=response_id)
         result = parse_poll(self._send(call), call.where, self._redactor, response_id)
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
 
-    def cancel(self, job: AsyncJob | str) -> PollResult:
+    def cancel(self, job: AnyJob | str) -> PollResult:
         """Cancel a job (``DELETE`` its poll URL): a pending one at once, a running one at its
         next step, on a server that supports it (this package's does; OctoAI had no such
         route). Returns the job's status after the request: ``cancelled``, or the status it
@@ -1194,18 +1125,18 @@ class AsyncOctoAIClient(
         logger.info("%s: submitted async job %s", call.where, job.response_id)
         return job
 
-    async def poll(self, job: AsyncJob | str) -> PollResult:
+    async def poll(self, job: AnyJob | str) -> PollResult:
         """One status check; see :meth:`OctoAIClient.poll`."""
         return await self._poll(job, None)
 
-    async def _poll(self, job: AsyncJob | str, deadline: float | None) -> PollResult:
+    async def _poll(self, job: AnyJob | str, deadline: float | None) -> PollResult:
         url, response_id = self._poll_target(job)
         call = self._call("GET", url, "poll", deadline=deadline, response_id=response_id)
         result = parse_poll(await self._send(call), call.where, self._redactor, response_id)
         logger.debug("job %s: %s", response_id or url, result.raw_status)
         return result
 
-    async def cancel(self, job: AsyncJob | str) -> PollResult:
+    async def cancel(self, job: AnyJob | str) -> PollResult:
         """Cancel a job; see :meth:`OctoAIClient.cancel`."""
         url, response_id = self._poll_target(job)
         call = self._call("DELETE", url, "poll", response_id=response_id)

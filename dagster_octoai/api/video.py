@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import (
@@ -348,3 +349,4 @@ class VideoJob(BaseModel):
     response_id: str
     poll_url: str
     request: VideoGenerationRequest
+    submitted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

@@ -1,8 +1,11 @@
-"""The clients' video calls (``POST /generate/svd``): sync, async, submit and wait.
+"""The clients' video calls (``POST /generate/svd``): sync, async, submit, fetch and wait.
 
 Mixed into :class:`~dagster_octoai.api.client.OctoAIClient` and
 :class:`~dagster_octoai.api.client.AsyncOctoAIClient`: the same connection pool, retry
-policy, deadlines, trusted origins and token redaction as their image calls.
+policy, deadlines, trusted origins and token redaction as their image calls, and the same
+polling (:class:`~dagster_octoai.api._wait._JobWait`: back-off, deadline, a restarting
+server ridden out). Each call is built and its answer read by :class:`_VideoBase`; the two
+mixins only send (blocking or awaited).
 """
 
 from __future__ import annotations
@@ -14,16 +17,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import httpx
-from pydantic import ValidationError
 
-from ._http import Call, CallKind, Redactor, _format_error, json_object, parse_poll
+from ._http import Call, CallKind, Redactor, parse_answer, parse_job_ids
 from ._retry import HTTPRetryPolicy
-from .errors import RequestValidationError
+from ._wait import AnyJob, _JobWait, _not_ready
+from .errors import ConnectionFailedError, RequestValidationError, ServerError
 from .models import ASYNC_BODY_LIMIT_BYTES, PollResult
 from .video import SVD_ENGINE, VideoGenerationRequest, VideoGenerationResponse, VideoJob
-
-if TYPE_CHECKING:
-    from .client import _JobWait
 
 __all__ = ["AsyncVideoCalls", "VideoCalls", "VideoRequestLike", "parse_video"]
 
@@ -36,35 +36,9 @@ def parse_video(
     response: httpx.Response, where: str, redactor: Redactor, response_id: str | None = None
 ) -> VideoGenerationResponse:
     """A video generation body, held to what OctoAI's OpenAPI requires of it."""
-    body = json_object(response, where, redactor, response_id)
-
-    def bad(problem: str) -> Exception:
-        return _format_error(response, where, problem, redactor, response_id)
-
-    if "prediction_time_ms" not in body:
-        raise bad("the video answer lacks 'prediction_time_ms'")
-    videos = body.get("videos")
-    if not isinstance(videos, list):
-        raise bad("the video answer lacks a 'videos' list")
-    for i, video in enumerate(videos):
-        if not isinstance(video, dict):
-            raise bad(f"videos[{i}] is not an object")
-        for key in ("seed", "removed_for_safety"):
-            if key not in video:
-                raise bad(f"videos[{i}] lacks {key!r}")
-        if video.get("video") is None and video.get("removed_for_safety") is not True:
-            raise bad(f"videos[{i}] has no video but is not marked removed_for_safety")
-    try:
-        return VideoGenerationResponse.model_validate(body)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise bad(f"the video answer does not match the API ({problems})") from None
-
-
-def _build(request: VideoRequestLike) -> VideoGenerationRequest:
-    return VideoGenerationRequest.build(request)
+    return parse_answer(
+        response, where, redactor, response_id, VideoGenerationResponse, "videos", "video"
+    )
 
 
 def _async_body(request: VideoGenerationRequest) -> bytes:
@@ -77,14 +51,6 @@ def _async_body(request: VideoGenerationRequest) -> bytes:
             [{"field": "image", "message": f"body {mb:.1f} MB > 10 MB async limit"}],
         )
     return body
-
-
-def _job_wait(job: VideoJob, timeout: float, interval: float, max_interval: float) -> _JobWait:
-    from .client import _JobWait
-
-    # _JobWait reads only the job's response_id.
-    wait: _JobWait = _JobWait(job, timeout, interval, max_interval)  # type: ignore[arg-type]
-    return wait
 
 
 def _log(where: str, answer: VideoGenerationResponse) -> None:
@@ -100,7 +66,7 @@ def _log(where: str, answer: VideoGenerationResponse) -> None:
 
 
 class _VideoBase:
-    """What both mixins need of the client (declared for the type checker)."""
+    """Building the video calls and reading their answers: all but the sending."""
 
     if TYPE_CHECKING:
         _base_url: str
@@ -118,27 +84,55 @@ class _VideoBase:
             timeout: httpx.Timeout | None = None,
         ) -> Call: ...
 
-        def _trusted_url(self, url: str, what: str, response_id: str | None) -> str: ...
-
         def _completed_url(self, result: PollResult, response_id: str | None) -> str | None: ...
 
-    def _video_url(self) -> str:
-        return f"{self._base_url}/generate/{SVD_ENGINE}"
+    def _generate_call(self, request: VideoRequestLike) -> tuple[VideoGenerationRequest, Call]:
+        return VideoGenerationRequest.build(request), self._call(
+            "POST", f"{self._base_url}/generate/{SVD_ENGINE}", "generate"
+        )
 
-    def _video_job(
-        self, response: httpx.Response, where: str, req: VideoGenerationRequest
+    def _submit_call(self, request: VideoRequestLike) -> tuple[VideoGenerationRequest, bytes, Call]:
+        req = VideoGenerationRequest.build(request)
+        body = _async_body(req)  # before the call is made: nothing is sent
+        return req, body, self._call("POST", f"{self._base_url}/generate/{SVD_ENGINE}", "submit")
+
+    def _answer(
+        self,
+        response: httpx.Response,
+        call: Call,
+        request: VideoGenerationRequest,
+        response_id: str | None = None,
+    ) -> VideoGenerationResponse:
+        answer = parse_video(response, call.where, self._redactor, response_id)._attach(
+            request, response_id=response_id, call=call.info()
+        )
+        _log(call.where if response_id is None else f"job {response_id}", answer)
+        return answer
+
+    def _job(
+        self, response: httpx.Response, call: Call, request: VideoGenerationRequest
     ) -> VideoJob:
-        body = json_object(response, where, self._redactor)
-        response_id, poll_url = body.get("response_id"), body.get("poll_url")
-        if not isinstance(response_id, str) or not response_id:
-            raise _format_error(
-                response, where, "the async answer lacks 'response_id'", self._redactor, None
-            )
-        if not isinstance(poll_url, str) or not poll_url:
-            raise _format_error(
-                response, where, "the async answer lacks 'poll_url'", self._redactor, response_id
-            )
-        return VideoJob(response_id=response_id, poll_url=poll_url, request=req)
+        rid, poll_url = parse_job_ids(response, call.where, self._redactor, self._base_url)
+        logger.info("%s: submitted async video job %s", call.where, rid)
+        return VideoJob(response_id=rid, poll_url=poll_url, request=request)
+
+    def _fetch_call(self, job: VideoJob, url: str, deadline: float | None) -> Call:
+        return self._call("GET", url, "fetch", deadline=deadline, response_id=job.response_id)
+
+    def _ready_url(self, job: VideoJob, result: PollResult) -> str:
+        url = self._completed_url(result, job.response_id)
+        if url is None:
+            raise _not_ready(job, result)
+        return url
+
+
+def _video_job(job: VideoJob) -> VideoJob:
+    if not isinstance(job, VideoJob):
+        raise TypeError(
+            f"job: expected the VideoJob of submit_video(), got {type(job).__name__}; "
+            "image jobs are waited for with wait()"
+        )
+    return job
 
 
 class VideoCalls(_VideoBase):
@@ -146,6 +140,8 @@ class VideoCalls(_VideoBase):
 
     if TYPE_CHECKING:
         _send: Callable[..., httpx.Response]
+
+        def _poll(self, job: AnyJob | str, deadline: float | None) -> PollResult: ...
 
     def generate_video(self, request: VideoRequestLike) -> VideoGenerationResponse:
         """Animate an image and wait for the videos (``POST /generate/svd``).
@@ -162,22 +158,32 @@ class VideoCalls(_VideoBase):
             RequestValidationError: the request breaks a rule; nothing was sent.
             APIStatusError: the server refused it (e.g. 404: it serves no ``svd``).
         """
-        req = _build(request)
-        call = self._call("POST", self._video_url(), "generate")
-        response = self._send(call, content=req.wire_bytes())
-        answer = parse_video(response, call.where, self._redactor)._attach(req, call=call.info())
-        _log(call.where, answer)
-        return answer
+        req, call = self._generate_call(request)
+        return self._answer(self._send(call, content=req.wire_bytes()), call, req)
 
-    def submit_video(self, request: VideoRequestLike) -> VideoJob:
-        """Start an async video job (``X-OctoAI-Async: 1``); returns the job to wait for."""
-        req = _build(request)
-        body = _async_body(req)
-        call = self._call("POST", self._video_url(), "submit")
-        response = self._send(call, content=body, async_=True)
-        job = self._video_job(response, call.where, req)
-        logger.info("%s: submitted async video job %s", call.where, job.response_id)
-        return job
+    def submit_video(
+        self, request: VideoRequestLike, *, idempotency_key: str | None = None
+    ) -> VideoJob:
+        """Start an async video job (``X-OctoAI-Async: 1``); returns the job to wait for.
+
+        ``idempotency_key``: as for :meth:`submit`, a repeat of the same key and body is
+        answered with the first job, unpaid.
+        """
+        req, body, call = self._submit_call(request)
+        response = self._send(call, content=body, async_=True, idempotency_key=idempotency_key)
+        return self._job(response, call, req)
+
+    def fetch_video(self, job: VideoJob) -> VideoGenerationResponse:
+        """The videos of a completed job (one poll for its ``response_url``, then the fetch).
+
+        Raises:
+            JobNotReadyError: the job is not completed yet.
+            JobExpiredError, JobFailedError: as :meth:`fetch`.
+        """
+        job = _video_job(job)
+        url = self._ready_url(job, self._poll(job, None))
+        call = self._fetch_call(job, url, None)
+        return self._answer(self._send(call), call, job.request, job.response_id)
 
     def wait_video(
         self,
@@ -188,21 +194,19 @@ class VideoCalls(_VideoBase):
         max_poll_interval_s: float = 10.0,
     ) -> VideoGenerationResponse:
         """Poll a video job until it completes, then fetch it (as :meth:`wait` for images)."""
-        wait = _job_wait(job, timeout, poll_interval_s, max_poll_interval_s)
-        rid = job.response_id
-        poll_url = self._trusted_url(job.poll_url, "poll_url of async job", rid)
+        job = _video_job(job)
+        wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            call = self._call("GET", poll_url, "poll", deadline=wait.deadline, response_id=rid)
-            result = parse_poll(self._send(call), call.where, self._redactor, rid)
-            url = self._completed_url(result, rid)
-            if url is not None:
-                fetch = self._call("GET", url, "fetch", deadline=wait.deadline, response_id=rid)
-                response = self._send(fetch)
-                answer = parse_video(response, fetch.where, self._redactor, rid)._attach(
-                    job.request, response_id=rid, call=fetch.info()
-                )
-                _log(f"job {rid}", answer)
-                return answer
+            try:
+                result = self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    call = self._fetch_call(job, url, wait.deadline)
+                    return self._answer(self._send(call), call, job.request, job.response_id)
+            except (ConnectionFailedError, ServerError) as exc:
+                time.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             time.sleep(wait.pause(result))
             wait.check(result)
 
@@ -213,24 +217,29 @@ class AsyncVideoCalls(_VideoBase):
     if TYPE_CHECKING:
         _send: Callable[..., Awaitable[httpx.Response]]
 
+        async def _poll(self, job: AnyJob | str, deadline: float | None) -> PollResult: ...
+
     async def generate_video(self, request: VideoRequestLike) -> VideoGenerationResponse:
         """Animate an image and wait for the videos; see :meth:`OctoAIClient.generate_video`."""
-        req = _build(request)
-        call = self._call("POST", self._video_url(), "generate")
-        response = await self._send(call, content=req.wire_bytes())
-        answer = parse_video(response, call.where, self._redactor)._attach(req, call=call.info())
-        _log(call.where, answer)
-        return answer
+        req, call = self._generate_call(request)
+        return self._answer(await self._send(call, content=req.wire_bytes()), call, req)
 
-    async def submit_video(self, request: VideoRequestLike) -> VideoJob:
+    async def submit_video(
+        self, request: VideoRequestLike, *, idempotency_key: str | None = None
+    ) -> VideoJob:
         """Start an async video job; see :meth:`OctoAIClient.submit_video`."""
-        req = _build(request)
-        body = _async_body(req)
-        call = self._call("POST", self._video_url(), "submit")
-        response = await self._send(call, content=body, async_=True)
-        job = self._video_job(response, call.where, req)
-        logger.info("%s: submitted async video job %s", call.where, job.response_id)
-        return job
+        req, body, call = self._submit_call(request)
+        response = await self._send(
+            call, content=body, async_=True, idempotency_key=idempotency_key
+        )
+        return self._job(response, call, req)
+
+    async def fetch_video(self, job: VideoJob) -> VideoGenerationResponse:
+        """The videos of a completed job; see :meth:`OctoAIClient.fetch_video`."""
+        job = _video_job(job)
+        url = self._ready_url(job, await self._poll(job, None))
+        call = self._fetch_call(job, url, None)
+        return self._answer(await self._send(call), call, job.request, job.response_id)
 
     async def wait_video(
         self,
@@ -241,20 +250,19 @@ class AsyncVideoCalls(_VideoBase):
         max_poll_interval_s: float = 10.0,
     ) -> VideoGenerationResponse:
         """Poll until completed, then fetch; see :meth:`OctoAIClient.wait_video`."""
-        wait = _job_wait(job, timeout, poll_interval_s, max_poll_interval_s)
-        rid = job.response_id
-        poll_url = self._trusted_url(job.poll_url, "poll_url of async job", rid)
+        job = _video_job(job)
+        wait = _JobWait(job, timeout, poll_interval_s, max_poll_interval_s)
         while True:
-            call = self._call("GET", poll_url, "poll", deadline=wait.deadline, response_id=rid)
-            result = parse_poll(await self._send(call), call.where, self._redactor, rid)
-            url = self._completed_url(result, rid)
-            if url is not None:
-                fetch = self._call("GET", url, "fetch", deadline=wait.deadline, response_id=rid)
-                response = await self._send(fetch)
-                answer = parse_video(response, fetch.where, self._redactor, rid)._attach(
-                    job.request, response_id=rid, call=fetch.info()
-                )
-                _log(f"job {rid}", answer)
-                return answer
+            try:
+                result = await self._poll(job, wait.deadline)
+                url = self._completed_url(result, job.response_id)
+                if url is not None:
+                    call = self._fetch_call(job, url, wait.deadline)
+                    response = await self._send(call)
+                    return self._answer(response, call, job.request, job.response_id)
+            except (ConnectionFailedError, ServerError) as exc:
+                await asyncio.sleep(wait.outage(exc))
+                wait.check(None)
+                continue
             await asyncio.sleep(wait.pause(result))
             wait.check(result)

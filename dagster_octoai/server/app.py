@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -55,6 +55,9 @@ from .openapi import openapi_document
 from .security import NO_STORE, SECURITY_HEADERS, Caller, Gatekeeper
 from .seeds import choose_seeds
 from .stats import CURRENT_RECORD, RequestRecord, ServerStats
+
+if TYPE_CHECKING:
+    from .video import VideoRenderer
 
 __all__ = ["GenerationRefused", "ServerState", "create_app"]
 
@@ -227,6 +230,15 @@ class ServerState:
 
     # ---- checks ---------------------------------------------------------------------
 
+    def video_renderer(self) -> VideoRenderer | None:
+        """What renders ``POST /generate/svd`` here: the backend's (None: it has no SVD).
+
+        A deployment whose models live elsewhere (Ray Serve's frontends) returns its own.
+        """
+        from .video import video_renderer
+
+        return video_renderer(self.backend)
+
     def rate_limit_error(self) -> JSONResponse | None:
         limit = self.config.rate_limit_requests
         if limit is None:
@@ -327,13 +339,16 @@ class ServerState:
 
     async def submit_job(
         self,
-        req: ImageGenerationRequest,
+        engine: str,
+        summary: dict[str, Any],
         caller: Caller,
         fails: bool,
         body: bytes,
         idempotency: tuple[str, str] | None = None,
     ) -> tuple[str, bool]:
-        """Accept an async job for ``caller`` (``body``: its JSON) and queue it.
+        """Accept an async job of ``engine`` for ``caller`` (``body``: its JSON) and queue it.
+
+        ``summary`` is the request without its image payloads (what the job store shows).
 
         Returns its response id and whether it is a new job: ``idempotency`` is
         (Idempotency-Key, body digest), and a repeat gets the first job's id (not new).
@@ -344,7 +359,9 @@ class ServerState:
                 was stored.
         """
         try:
-            job, fresh = await self.jobs.submit(caller.owner, req, body, fails, idempotency)
+            job, fresh = await self.jobs.submit(
+                caller.owner, engine, body, summary, fails, idempotency
+            )
         except IdempotencyConflict as conflict:
             raise _key_conflict(conflict) from None
         except QueueFull:
@@ -533,13 +550,13 @@ async def generate(request: Request) -> Response:
     return Response(payload, media_type="application/json")
 
 
-async def _read_generation(
-    request: Request, state: ServerState, engine: Engine, is_async: bool
-) -> tuple[ImageGenerationRequest, bytes, tuple[str, str] | None] | Response:
-    """The request, its raw body and (Idempotency-Key, body digest), or the answer refusing it.
+async def read_json_body(
+    request: Request, state: ServerState, engine: str, is_async: bool
+) -> tuple[dict[str, Any], bytes, tuple[str, str] | None] | Response:
+    """A generation's JSON object, its raw body and (Idempotency-Key, body digest), or the 422.
 
-    Judged in order: the Idempotency-Key header, the JSON, the request model, the
-    operator's limits and what the backend cannot serve, the content policy.
+    Shared by every ``POST /generate/{engine}`` route (images and video): the
+    Idempotency-Key header is judged first, then the JSON.
     """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
@@ -555,7 +572,7 @@ async def _read_generation(
         )
     # BodyLimits has read the body already, within its size and time limits.
     raw = await request.body()
-    idempotency = None if key is None else (key, body_digest(engine.value, is_async, raw))
+    idempotency = None if key is None else (key, body_digest(engine, is_async, raw))
     body, json_problem = parse_json_body(raw)
     if json_problem is not None:
         state.stats.validation_errors += 1
@@ -571,6 +588,21 @@ async def _read_generation(
                 }
             ]
         )
+    return body, raw, idempotency
+
+
+async def _read_generation(
+    request: Request, state: ServerState, engine: Engine, is_async: bool
+) -> tuple[ImageGenerationRequest, bytes, tuple[str, str] | None] | Response:
+    """The request, its raw body and (Idempotency-Key, body digest), or the answer refusing it.
+
+    Judged in order: the Idempotency-Key header, the JSON, the request model, the
+    operator's limits and what the backend cannot serve, the content policy.
+    """
+    read = await read_json_body(request, state, engine.value, is_async)
+    if isinstance(read, Response):
+        return read
+    body, raw, idempotency = read
     try:
         with warnings.catch_warnings():
             # The model ignores a long prompt's tail, as the service does; no need to warn here.
@@ -619,7 +651,9 @@ async def _submit_async(
     config = state.config
     fails = config.faults.job_failure > 0 and state.fault_rng.random() < config.faults.job_failure
     try:
-        response_id, fresh = await state.submit_job(req, caller, fails, raw, idempotency)
+        response_id, fresh = await state.submit_job(
+            engine.value, req.summary(), caller, fails, raw, idempotency
+        )
     except GenerationRefused as refused:
         return refused.response()
     # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.

@@ -165,15 +165,17 @@ class JobQueue:
     async def submit(
         self,
         owner: str,
-        req: ImageGenerationRequest,
+        engine: str,
         body: bytes,
-        fails: bool,
+        summary: dict[str, Any],
+        fails: bool = False,
         idempotency: tuple[str, str] | None = None,
     ) -> tuple[StoredJob, bool]:
         """Store and queue a job: it, and whether it is new (not an idempotent repeat).
 
-        ``idempotency`` is (key, body digest): the key's first job is returned instead
-        of a new one while the result TTL lasts.
+        ``engine`` is an image engine, or one in :attr:`renderers` (``svd``); ``summary`` is
+        the request without its image payloads. ``idempotency`` is (key, body digest): the
+        key's first job is returned instead of a new one while the result TTL lasts.
 
         Raises:
             QueueFull, ShuttingDown: nothing was stored.
@@ -189,23 +191,8 @@ class JobQueue:
             rid, fresh = await self.bind_key(owner, *idempotency)
         # A repeat whose job is missing: the first submission died between binding its
         # key and storing its job; this one stores it under the bound id.
-        job = await self._store(owner, req.engine.value, body, req.summary(), fails, rid)
+        job = await self._store(owner, engine, body, summary, fails, rid)
         return job, fresh
-
-    async def submit_engine(
-        self, owner: str, engine: str, body: bytes, summary: dict[str, Any]
-    ) -> StoredJob:
-        """Store and queue a job of an engine in :attr:`renderers` (no idempotency key).
-
-        Raises:
-            QueueFull, ShuttingDown: nothing was stored.
-        """
-        if not self._accepting:
-            raise ShuttingDown()
-        bound = self._config().max_queued_jobs
-        if bound is not None and len(self._pending) >= bound:
-            raise QueueFull()
-        return await self._store(owner, engine, body, summary, False, None)
 
     async def _store(
         self,

@@ -33,6 +33,7 @@ import contextlib
 import os
 import typing
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -40,6 +41,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from ..api.models import Engine, ImageGenerationRequest
+from ..api.video import VideoGenerationRequest
 from .app import GenerationRefused, ServerState, create_app
 from .backends import Problem, RenderedImage
 from .config import ServerConfig
@@ -52,6 +54,7 @@ from .ray_security import (
     closed_cluster_environment,
 )
 from .stats import CURRENT_RECORD
+from .video import VideoRenderer
 
 __all__ = [
     "APP_NAME",
@@ -91,6 +94,7 @@ class Generator:
         # The backend (weights, devices) loads here, once per replica.
         self.state = ServerState(config)
         self.tag = _replica_tag()
+        self._video: VideoRenderer | None = None
 
     async def generate(self, request: ImageGenerationRequest) -> dict[str, Any]:
         """The generation body, or the backend's problems with the request.
@@ -111,6 +115,21 @@ class Generator:
             raise
         removed = self.state.stats.removed_for_safety - before
         return {"body": payload, "seeds": seeds, "removed": removed, "replica": self.tag}
+
+    async def generate_video(
+        self, request: VideoGenerationRequest, seeds: list[int]
+    ) -> list[bytes]:
+        """One MP4 per seed from this replica's SVD renderer (loaded on first use)."""
+        if self._video is None:
+            self._video = self.state.video_renderer()
+            if self._video is None:
+                raise RuntimeError(
+                    "this generator has no Stable Video Diffusion model (the diffusers "
+                    "backend needs svd/base in its model directory)"
+                )
+        return await asyncio.get_running_loop().run_in_executor(
+            self.state.executor, self._video.render_video, request, seeds
+        )
 
     def describe(self) -> dict[str, object]:
         return {**self.state.backend.describe(), "replica": self.tag}
@@ -172,6 +191,23 @@ class _RemoteBackend:
 
     def close(self) -> None:
         return None
+
+
+class _GeneratorVideoRenderer:
+    """The frontend's video renderer: each clip rendered by a generator replica.
+
+    Called on a worker thread of the frontend (the video route renders off its event
+    loop), so it waits for the generator's answer there.
+    """
+
+    name = "ray-serve"
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def render_video(self, request: VideoGenerationRequest, seeds: list[int]) -> list[bytes]:
+        clips: list[bytes] = self.generator.generate_video.remote(request, seeds).result()
+        return clips
 
 
 class FrontendState(ServerState):
@@ -280,6 +316,19 @@ class FrontendState(ServerState):
                 raise JobLost(f"The request cannot run: {message}")
             body, _ = self._answer(req, result)
             return body
+
+    def video_renderer(self) -> VideoRenderer | None:
+        """The generators', where they can have an SVD: the placeholder backend always, the
+        diffusers one when its model directory has ``svd/base`` (or this node cannot see
+        it: then a generator without one fails the request, naming what is missing)."""
+        config = self.config
+        if config.backend == "diffusers" and config.models:
+            root = Path(config.models)
+            if root.is_dir() and not (root / "svd" / "base" / "model_index.json").is_file():
+                return None
+        elif config.backend != "placeholder":
+            return None
+        return _GeneratorVideoRenderer(self.generator)
 
     async def snapshot(self) -> dict[str, Any]:
         snapshot = await super().snapshot()

@@ -35,10 +35,10 @@ from .app import (
     _message,
     _pydantic_detail,
     _validation_response,
+    read_json_body,
 )
 from .backends import Backend
-from .jobqueue import JobControl, QueueFull, ShuttingDown
-from .limits import parse_json_body
+from .jobqueue import JobControl
 from .seeds import choose_seeds
 from .stats import RequestRecord
 
@@ -86,34 +86,27 @@ class _VideoRoute:
             )
         if (limited := state.rate_limit_error()) is not None:
             return limited
-        req = await self._validated(request)
-        if isinstance(req, Response):
-            return req
+        is_async = request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true")
+        read = await self._validated(request, is_async)
+        if isinstance(read, Response):
+            return read
+        req, raw, idempotency = read
         record: RequestRecord | None = request.scope.get("octoai.record")
-        if request.headers.get(ASYNC_HEADER, "").strip().lower() in ("1", "true"):
+        if is_async:
             try:
-                job = await state.jobs.submit_engine(
-                    caller.owner, SVD_ENGINE, await request.body(), req.summary()
+                response_id, fresh = await state.submit_job(
+                    SVD_ENGINE, req.summary(), caller, False, raw, idempotency
                 )
-            except QueueFull:
-                return _message(
-                    429,
-                    f"{state.config.max_queued_jobs} async jobs are queued already; retry later.",
-                    {"Retry-After": str(state.config.queue_retry_after_s)},
-                )
-            except ShuttingDown:
-                return _message(
-                    503, "The server is stopping; retry in a moment.", {"Retry-After": "5"}
-                )
-            state.stats.async_submitted += 1
+            except GenerationRefused as refused:
+                return refused.response()
+            # A repeat (the same Idempotency-Key) is the first job again: nothing new to count.
+            if fresh:
+                state.stats.async_submitted += 1
             if record is not None:
-                record.engine, record.response_id = SVD_ENGINE, job.response_id
+                record.engine, record.response_id = SVD_ENGINE, response_id
             base = _base_url(request, state)
             return JSONResponse(
-                {
-                    "response_id": job.response_id,
-                    "poll_url": f"{base}/v1/requests/{job.response_id}",
-                },
+                {"response_id": response_id, "poll_url": f"{base}/v1/requests/{response_id}"},
                 status_code=201,
             )
         try:
@@ -124,23 +117,15 @@ class _VideoRoute:
             record.engine, record.images, record.seeds = SVD_ENGINE, len(seeds), seeds
         return Response(payload, media_type="application/json")
 
-    async def _validated(self, request: Request) -> VideoGenerationRequest | Response:
+    async def _validated(
+        self, request: Request, is_async: bool
+    ) -> tuple[VideoGenerationRequest, bytes, tuple[str, str] | None] | Response:
+        """The request, its raw body and (Idempotency-Key, body digest), or the 422."""
         state = self.state
-        body, json_problem = parse_json_body(await request.body())
-        if json_problem is not None:
-            state.stats.validation_errors += 1
-            return _validation_response(json_problem)
-        if not isinstance(body, dict):
-            state.stats.validation_errors += 1
-            return _validation_response(
-                [
-                    {
-                        "loc": ["body"],
-                        "msg": "Input should be an object",
-                        "type": "model_attributes_type",
-                    }
-                ]
-            )
+        read = await read_json_body(request, state, SVD_ENGINE, is_async)
+        if isinstance(read, Response):
+            return read
+        body, raw, idempotency = read
         try:
             req = VideoGenerationRequest.from_wire(body)
         except ValidationError as exc:
@@ -154,7 +139,7 @@ class _VideoRoute:
             return _validation_response(
                 [{"loc": ["body", "image"], "msg": problem, "type": "value_error"}]
             )
-        return req
+        return req, raw, idempotency
 
     async def _generate(self, req: VideoGenerationRequest) -> tuple[bytes, list[int]]:
         state = self.state
@@ -232,7 +217,7 @@ def video_routes(state: ServerState) -> list[Route]:
 
     Async video jobs go to the server's durable job queue, which renders them here.
     """
-    route = _VideoRoute(state, video_renderer(state.backend))
+    route = _VideoRoute(state, state.video_renderer())
     if route.renderer is not None:
         state.jobs.renderers[SVD_ENGINE] = route.render_job
     return [

@@ -41,25 +41,38 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from ..api._wait import AnyJob
 from ..api.errors import ConflictError, StorageError
 from ..api.models import AsyncJob, ImageGenerationRequest
+from ..api.video import SVD_ENGINE, VideoGenerationRequest, VideoJob
 from .backends import StorageBackend
+
+if TYPE_CHECKING:
+    from ..api.client import OctoAIClient
 
 __all__ = [
     "ConflictError",
+    "JobKind",
     "JobLedger",
     "JobRecord",
+    "JobRequest",
     "JobState",
     "job_id_for",
+    "submit_request",
 ]
 
 logger = logging.getLogger("dagster_octoai.storage")
 
 RECORD_VERSION = 1
+
+#: What a job makes: images (``POST /generate/{engine}``) or videos (``POST /generate/svd``).
+JobKind = Literal["image", "video"]
+#: The request of a job of either kind.
+JobRequest = ImageGenerationRequest | VideoGenerationRequest
 
 
 class JobState(str, enum.Enum):
@@ -126,6 +139,10 @@ class JobRecord(BaseModel):
     version: int = RECORD_VERSION
     job_id: str
     mode: Literal["sensor", "blocking"] = "sensor"
+    kind: JobKind = Field(
+        default="image",
+        description="What the job makes (records written before videos existed are images).",
+    )
     state: JobState = JobState.INTENT
     engine: str
     request: dict[str, Any]
@@ -193,7 +210,7 @@ class JobRecord(BaseModel):
     @classmethod
     def new(
         cls,
-        request: ImageGenerationRequest,
+        request: JobRequest,
         *,
         asset_key: str,
         partition_key: str | None,
@@ -202,10 +219,13 @@ class JobRecord(BaseModel):
         run_id: str | None = None,
     ) -> JobRecord:
         """A fresh ``intent`` record for a request that is about to be submitted."""
+        kind: JobKind = "video" if isinstance(request, VideoGenerationRequest) else "image"
+        engine = request.engine.value if isinstance(request, ImageGenerationRequest) else SVD_ENGINE
         return cls(
             job_id=job_id,
             mode=mode,
-            engine=request.engine.value,
+            kind=kind,
+            engine=engine,
             request=request.to_wire(),
             request_fingerprint=request.fingerprint(),
             asset_key=asset_key,
@@ -213,20 +233,46 @@ class JobRecord(BaseModel):
             run_id=run_id,
         )
 
-    def request_model(self) -> ImageGenerationRequest:
+    def request_model(self) -> JobRequest:
         """The request, rebuilt exactly as it was sent (same parameters, same seed)."""
+        if self.kind == "video":
+            return VideoGenerationRequest.from_wire(self.request)
         return ImageGenerationRequest.from_wire(self.request, self.engine)
 
-    def async_job(self) -> AsyncJob:
-        """The :class:`AsyncJob` of the current attempt (raises if it was never submitted)."""
+    def job(self) -> AnyJob:
+        """The job of the current attempt, an :class:`AsyncJob` or a :class:`VideoJob` by kind.
+
+        Raises:
+            ValueError: it was never submitted (no response id yet).
+        """
         if self.response_id is None or self.poll_url is None:
             raise ValueError(f"job {self.job_id} has no response_id yet (state {self.state.value})")
+        request = self.request_model()
+        submitted_at = self.submitted_at or self.created_at
+        if isinstance(request, VideoGenerationRequest):
+            return VideoJob(
+                response_id=self.response_id,
+                poll_url=self.poll_url,
+                request=request,
+                submitted_at=submitted_at,
+            )
         return AsyncJob(
             response_id=self.response_id,
             poll_url=self.poll_url,
-            request=self.request_model(),
-            submitted_at=self.submitted_at or self.created_at,
+            request=request,
+            submitted_at=submitted_at,
         )
+
+    def async_job(self) -> AsyncJob:
+        """The :class:`AsyncJob` of an image job's current attempt (see :meth:`job`).
+
+        Raises:
+            ValueError: it was never submitted, or it is a video job.
+        """
+        job = self.job()
+        if not isinstance(job, AsyncJob):
+            raise ValueError(f"job {self.job_id} is a {self.kind} job; use job() for its VideoJob")
+        return job
 
     def evolve(self, **changes: Any) -> JobRecord:
         """A copy with ``changes`` applied (records are immutable)."""
@@ -275,7 +321,7 @@ class JobRecord(BaseModel):
 def job_id_for(
     asset_key: str,
     partition_key: str | None,
-    request: ImageGenerationRequest,
+    request: JobRequest,
     occurrence: int = 0,
     scope: str | None = None,
 ) -> str:
@@ -297,6 +343,13 @@ def job_id_for(
         separators=(",", ":"),
     )
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+def submit_request(client: OctoAIClient, request: JobRequest, *, idempotency_key: str) -> AnyJob:
+    """POST a job's request as an async job, by its kind (images or video)."""
+    if isinstance(request, VideoGenerationRequest):
+        return client.submit_video(request, idempotency_key=idempotency_key)
+    return client.submit(request, idempotency_key=idempotency_key)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -528,7 +581,7 @@ class JobLedger:
             )
         )
 
-    def record_submitted(self, intent: JobRecord, job: AsyncJob) -> JobRecord:
+    def record_submitted(self, intent: JobRecord, job: AnyJob) -> JobRecord:
         """Record the service's answer to the submission ``intent`` claimed.
 
         The response id is never lost: if the record moved on after the intent (a

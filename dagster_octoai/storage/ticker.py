@@ -45,7 +45,7 @@ from ..api.errors import (
     TransportError,
 )
 from ..api.models import JobStatus
-from .ledger import JobLedger, JobRecord, JobState
+from .ledger import JobKind, JobLedger, JobRecord, JobState, submit_request
 
 __all__ = [
     "RESPONSE_ID_TAG",
@@ -244,6 +244,8 @@ class AsyncJobTicker:
         settings: Polling and resubmission settings.
         check_persisted: Answers, for response ids of completed jobs, whether their
             partition is materialized and how their persist runs went.
+        kind: Only the ledger's jobs of this kind (``image`` or ``video``): those whose
+            results the sensor's asset stores; ``None``: every job.
     """
 
     def __init__(
@@ -254,8 +256,10 @@ class AsyncJobTicker:
         check_persisted: PersistChecker,
         *,
         log: logging.Logger | Any = logger,
+        kind: JobKind | None = None,
     ) -> None:
         self.ledger = ledger
+        self.kind = kind
         self.client = client
         self.settings = settings
         self.check_persisted = check_persisted
@@ -342,6 +346,9 @@ class AsyncJobTicker:
             if record.mode == "blocking":
                 # Waited for inside a run; a retry of that run resumes it.
                 return _Outcome("owned_by_run", record)
+            if self.kind is not None and record.kind != self.kind:
+                # Another kind's job in a shared ledger: its own sensor polls it.
+                return _Outcome("other_kind", record)
             if record.open_marker != marker:
                 # A marker from before a rewrite with another creation time.
                 self.ledger.discard_marker(marker)
@@ -373,7 +380,7 @@ class AsyncJobTicker:
 
     def _poll_once(self, record: JobRecord, now: datetime) -> _Outcome:
         try:
-            result = self.client.poll(record.async_job())
+            result = self.client.poll(record.job())
         except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired or unknown (404) on poll: {exc.message}", JobState.EXPIRED
@@ -490,7 +497,7 @@ class AsyncJobTicker:
         except ConflictError:
             return _raced(record, "resubmitting it")
         try:
-            job = self.client.submit(request, idempotency_key=intent.idempotency_key)
+            job = submit_request(self.client, request, idempotency_key=intent.idempotency_key)
         except (TransportError, RateLimitError, ServerError) as exc:
             # Unclear whether the service accepted it: leave the intent, marked, for next tick.
             self._mark(intent, error=f"resubmission failed: {exc}")
@@ -587,7 +594,7 @@ class AsyncJobTicker:
     def _retry_persist(self, record: JobRecord, failed_runs: int) -> _Outcome:
         # A persist run failed: is the result still there (then run again) or gone (resubmit)?
         try:
-            result = self.client.poll(record.async_job())
+            result = self.client.poll(record.job())
         except (JobExpiredError, JobUnknownError) as exc:
             return self._resubmit_or_fail(
                 record, f"result expired before it was persisted: {exc.message}", JobState.EXPIRED

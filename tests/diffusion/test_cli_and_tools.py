@@ -216,6 +216,21 @@ def test_gpu_benchmark_builds_the_published_architectures(tiny_models: Path) -> 
 
     library = ModelLibrary(tiny_models)
     assert set(library.families) == set(PUBLISHED_SIZES)
+    # Stable Video Diffusion 1.1 (svd/base): its UNet 1.52 B, the OpenCLIP ViT-H/14 image
+    # tower 0.63 B, the VAE with its temporal decoder 0.098 B.
+    from diffusers import StableVideoDiffusionPipeline
+
+    skeleton = StableVideoDiffusionPipeline.from_pretrained(
+        str(tiny_models / "svd" / "base"), local_files_only=True
+    )
+    pipe = build_in_memory(skeleton, "svd", "meta", torch.bfloat16, published=True)
+    for name, billions in {"unet": 1.52, "image_encoder": 0.632, "vae": 0.0977}.items():
+        module = getattr(pipe, name)
+        count = sum(p.numel() for p in module.parameters()) / 1e9
+        assert count == pytest.approx(billions, rel=0.03), (name, count)
+        # Every parameter where it was built, the AlphaBlender mix factors included.
+        assert {(p.device.type, p.dtype) for p in module.parameters()} == {("meta", torch.bfloat16)}
+    assert pipe.unet.config.num_frames == 25
     for family, sizes in PUBLISHED_SIZES.items():
         cls = _pipeline_class(_PIPELINES[family, False, "txt2img"])
         extra = {"safety_checker": None, "requires_safety_checker": False}

@@ -72,17 +72,21 @@ def test_photo_merge_refused_where_there_are_no_weights_or_no_sdxl(
 
 
 def test_gpu_benchmark_new_cases_quick_on_cpu(tiny_models: Path, tmp_path: Path) -> None:
-    """The benchmark's FLUX and photo merge rows run (figures on a CPU mean nothing)."""
+    """The benchmark's FLUX, photo merge and SVD rows run (figures on a CPU mean nothing)."""
     from benchmarks import gpu
 
     out = tmp_path / "gpu.json"
     common = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
-    assert gpu.main([*common, "--only", "flux-schnell,sdxl-photo-merge"]) == 0
+    assert gpu.main([*common, "--only", "flux-schnell,sdxl-photo-merge,svd"]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["engine"], r["photo_merge"]) for r in rows] == [
         ("flux-schnell", False),
         ("sdxl", True),
+        ("svd", False),
     ]
+    # The SVD row: a 1024x576 clip from the server's renderer, given the models built for it.
+    assert (rows[2]["width"], rows[2]["height"], rows[2]["batch"]) == (1024, 576, 1)
+    assert 0 < rows[2]["parameters"] < 10**8
     assert all(r["direct_p50_s"] > 0 and r["api_p50_s"] > 0 for r in rows)
     # A spent budget starts no case, and still writes the (empty) figures.
     assert gpu.main([*common, "--budget-s", "0"]) == 0
