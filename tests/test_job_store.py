@@ -296,3 +296,29 @@ def test_a_swap_after_this_processs_own_write_reads_nothing_and_another_writer_i
     assert cancelled is not None
     renewed = mine.swap(job.response_id, lambda j: j.evolve(lease_until=1.0))
     assert renewed is not None and renewed.cancel_requested and renewed.lease_until == 1.0
+
+
+def test_a_poll_is_answered_without_a_read_only_where_no_other_writer_can_change_it() -> None:
+    backend = _CountingBackend()
+    mine, other = JobStore(backend), JobStore(backend)
+    job = mine.create("alice", "sd", b"{}")
+    rid = job.response_id
+    # Pending, written here just now: served for stale_s, then read again.
+    assert mine.cached(rid, "me", stale_s=60) == job
+    assert mine.cached(rid, "me", stale_s=0) is None
+    # Another frontend claims it: this one sees that once its kept record is stale.
+    theirs = other.swap(rid, lambda j: j.evolve(status=JobStatus.RUNNING, holder="them"))
+    assert theirs is not None and mine.cached(rid, "me", stale_s=0) is None
+    assert mine.read(rid) == theirs
+    # Running under this holder with a live lease: only the holder changes its status.
+    held = other.swap(rid, lambda j: j.evolve(lease_until=time.time() + 60))
+    assert held is not None and other.cached(rid, "them", stale_s=0) == held
+    assert other.cached(rid, "someone else", stale_s=0) is None
+    lapsed = other.swap(rid, lambda j: j.evolve(lease_until=time.time() - 1))
+    assert lapsed is not None and other.cached(rid, "them", stale_s=0) is None
+    # Finished: final, kept by the writer, and by a reader after one read.
+    done = other.swap(rid, lambda j: j.evolve(status=JobStatus.COMPLETED, finished_at=1.0))
+    assert done is not None and other.cached(rid, "them", stale_s=0) == done
+    reads = backend.record_reads
+    assert mine.read(rid) == done and backend.record_reads == reads + 1
+    assert mine.cached(rid, "me", stale_s=0) == done

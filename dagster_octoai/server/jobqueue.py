@@ -54,6 +54,15 @@ __all__ = [
 T = TypeVar("T")
 
 CANCELLED_MESSAGE = "cancelled by its owner"
+#: A pending record this process wrote answers polls this long without a read: another
+#: frontend on the store may have claimed the job since (then it shows pending that long).
+POLL_STALE_S = 0.5
+#: Inputs up to this size of jobs queued here are kept until they run (one read fewer
+#: per job), at most _INPUTS_KEPT_BYTES in all; larger ones are read from the store.
+_INPUT_KEPT_MAX = 64 * 1024
+_INPUTS_KEPT_BYTES = 16 * 1024 * 1024
+#: Finished jobs' inputs are deleted in batches this often (one request for many).
+_DROP_INTERVAL_S = 0.2
 
 
 class QueueFull(Exception):
@@ -144,6 +153,12 @@ class JobQueue:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="octoai-jobstore")
         self._pending: dict[str, None] = {}  # queued here, in arrival order
+        # Small inputs of jobs queued here (also in the store): one read fewer per job.
+        self._inputs: dict[str, bytes] = {}
+        self._inputs_bytes = 0
+        # Finished jobs whose inputs are to be deleted, and the task that deletes them.
+        self._finished: list[str] = []
+        self._dropper: asyncio.Task[None] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, JobControl] = {}
         self._accepting = True
@@ -158,7 +173,9 @@ class JobQueue:
     def start(self) -> None:
         """Begin recovering and sweeping (the app's start-up)."""
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.create_task(self._sweep_forever())
+            self._dropper = loop.create_task(self._drop_inputs_forever())
 
     # ---- submit, view, cancel -------------------------------------------------------
 
@@ -218,7 +235,7 @@ class JobQueue:
     ) -> StoredJob:
         job = await self._call(self.store.create, owner, engine, body, summary, fails, rid)
         if job.status is JobStatus.PENDING:
-            self._enqueue(job.response_id)
+            self._enqueue(job.response_id, body)
         return job
 
     async def bind_key(self, owner: str, key: str, digest: str) -> tuple[str, bool]:
@@ -265,7 +282,7 @@ class JobQueue:
                     rid,
                     lambda j: self._if_mine(j, lambda: _ended(j, JobStatus.COMPLETED, None)),
                 )
-                await self._call(self.store.finish_files, rid)
+                self._finished.append(rid)
         while True:
             now = await self._call(self.store.read, rid)
             if now is None or now.finished:
@@ -287,7 +304,9 @@ class JobQueue:
     async def answer(
         self, response_id: str, owner: str, *, admin: bool, with_body: bool
     ) -> JobAnswer:
-        job = await self._call(self.store.read, response_id)
+        job = self.store.cached(response_id, self.holder, POLL_STALE_S)
+        if job is None:
+            job = await self._call(self.store.read, response_id)
         if job is None:
             ours = self.store.origin(response_id) == "ours"
             return JobAnswer.missing(response_id, "expired" if ours else "unknown")
@@ -332,7 +351,7 @@ class JobQueue:
 
         job = await self._call(self.store.swap, response_id, change)
         if job is not None and job.status is JobStatus.CANCELLED:
-            await self._call(self.store.finish_files, response_id)
+            self._finished.append(response_id)
             self._pending.pop(response_id, None)
         if (control := self._running.get(response_id)) is not None:
             control.cancel.set()
@@ -340,10 +359,17 @@ class JobQueue:
 
     # ---- running --------------------------------------------------------------------
 
-    def _enqueue(self, response_id: str) -> None:
+    def _enqueue(self, response_id: str, body: bytes | None = None) -> None:
         if response_id in self._tasks or not self._accepting:
             return
         self._pending[response_id] = None
+        if (
+            body is not None
+            and len(body) <= _INPUT_KEPT_MAX
+            and self._inputs_bytes + len(body) <= _INPUTS_KEPT_BYTES
+        ):
+            self._inputs[response_id] = body
+            self._inputs_bytes += len(body)
         task = asyncio.get_running_loop().create_task(self._run(response_id))
         self._tasks[response_id] = task
 
@@ -360,7 +386,7 @@ class JobQueue:
                 if job is not None and job.status is JobStatus.RUNNING:
                     await self._execute(job)
                 elif job is not None and job.finished:
-                    await self._call(self.store.finish_files, response_id)
+                    self._finished.append(response_id)
         except Exception as exc:  # a store error must not leave the job running for ever
             error = _failure(exc)
             with contextlib.suppress(Exception):
@@ -372,6 +398,7 @@ class JobQueue:
         finally:
             self._pending.pop(response_id, None)
             self._tasks.pop(response_id, None)
+            self._inputs_bytes -= len(self._inputs.pop(response_id, b""))
 
     def _claim(self, job: StoredJob) -> StoredJob | None:
         if job.status is not JobStatus.PENDING:
@@ -411,7 +438,7 @@ class JobQueue:
             self.store.swap, rid, lambda j: self._if_mine(j, lambda: _ended(j, status, error))
         )
         if written is not None:
-            await self._call(self.store.finish_files, rid)
+            self._finished.append(rid)
 
     async def _render_job(
         self, job: StoredJob, control: JobControl
@@ -422,7 +449,11 @@ class JobQueue:
             # may occasionally encounter an error."
             await asyncio.sleep(self._config().faults.job_failure_after_s)
             return JobStatus.FAILED, "The inference ran too long and failed; resubmit the request."
-        raw = await self._call(self.store.input, rid)
+        raw = self._inputs.pop(rid, None)
+        if raw is not None:
+            self._inputs_bytes -= len(raw)
+        else:
+            raw = await self._call(self.store.input, rid)
         if raw is None:
             return (
                 JobStatus.FAILED,
@@ -467,6 +498,18 @@ class JobQueue:
             await asyncio.sleep(lease / 3)
             with contextlib.suppress(Exception):  # the next round tries again
                 await self._call(self.store.swap, response_id, change)
+
+    async def _drop_inputs_forever(self) -> None:
+        """Delete finished jobs' inputs in batches: a crash before leaves them to expiry."""
+        while True:
+            await asyncio.sleep(_DROP_INTERVAL_S)
+            with contextlib.suppress(Exception):  # the expiry sweep deletes what is left
+                await self._drop_inputs()
+
+    async def _drop_inputs(self) -> None:
+        if self._finished:
+            batch, self._finished = self._finished, []
+            await self._call(self.store.finish_files, *batch)
 
     # ---- recovery and expiry ----------------------------------------------------------
 
@@ -536,6 +579,10 @@ class JobQueue:
         leftover = [t for t in self._tasks.values() if not t.done()]
         if leftover:
             await asyncio.wait(leftover, timeout=5)
+        if self._dropper is not None:
+            self._dropper.cancel()
+        with contextlib.suppress(Exception):
+            await self._drop_inputs()
         self._io.shutdown(wait=True)
 
 
