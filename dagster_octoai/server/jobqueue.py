@@ -519,43 +519,60 @@ class JobQueue:
                 await self.sweep()
             await asyncio.sleep(self._config().async_sweep_interval_s)
 
-    async def sweep(self) -> dict[str, int]:
-        """Queue pending jobs, retry or fail lost ones, delete expired ones: the counts."""
-        counts, queue = await self._call(self._sweep_store)
+    async def sweep(self) -> None:
+        """Queue pending jobs, retry or fail lost ones, delete expired ones.
+
+        Reads only the records of jobs with an input (not finished) and of finished
+        ones whose record is older than ``result_ttl_s`` (may have expired): a sweep of a
+        store of finished jobs is one listing, however many there are.
+        """
+        queue, leftover = await self._call(self._sweep_store)
+        self._finished.extend(leftover)
         for rid in queue:
             self._enqueue(rid)
-        return counts
 
-    def _sweep_store(self) -> tuple[dict[str, int], list[str]]:
+    def _sweep_store(self) -> tuple[list[str], list[str]]:
+        """The pending jobs to queue, and finished ones whose input is still there."""
         config = self._config()
         now = time.time()
-        by_status = {s.value: 0 for s in JobStatus if s is not JobStatus.UNKNOWN}
         queue: list[str] = []
+        leftover: list[str] = []
         expired = 0
-        for rid, _modified in list(self.store.ids()):
+        for rid, modified, open_ in list(self.store.listing()):
+            if not open_ and modified.timestamp() + config.result_ttl_s > now:
+                continue  # finished (its input is gone) and not old enough to expire
+            if rid in self._running or rid in self._tasks:
+                continue  # running or queued here: this process tends it
             job = self.store.read(rid)
             if job is None:
                 continue
-            if job.finished and job.expired(now, config.result_ttl_s):
-                if self.store.delete(rid):
+            if job.finished:
+                if job.expired(now, config.result_ttl_s) and self.store.delete(rid):
                     expired += 1
+                elif open_:
+                    leftover.append(rid)  # its input outlived a crash: drop it
                 continue
-            if (
-                job.status is JobStatus.RUNNING
-                and (job.lease_until or 0) < now
-                and rid not in self._running
-            ):
+            if job.status is JobStatus.RUNNING and (job.lease_until or 0) < now:
                 job = self.store.swap(rid, _lost) or job
             if job.status is JobStatus.PENDING:
                 queue.append(rid)
-            by_status[job.status.value] += 1
         if expired:
             self._stats.async_expired += expired
         self.store.forget_expired_keys(config.result_ttl_s)
-        return by_status, queue
+        return queue, leftover
 
     async def counts(self) -> dict[str, int]:
-        return await self.sweep()
+        """Jobs in the store by status (a read of every record: for the stats page)."""
+        await self.sweep()
+        return await self._call(self._count_store)
+
+    def _count_store(self) -> dict[str, int]:
+        by_status = {s.value: 0 for s in JobStatus if s is not JobStatus.UNKNOWN}
+        for rid, _modified, _open in list(self.store.listing()):
+            job = self.store.cached(rid, self.holder, POLL_STALE_S) or self.store.read(rid)
+            if job is not None:
+                by_status[job.status.value] += 1
+        return by_status
 
     # ---- stopping ---------------------------------------------------------------------
 

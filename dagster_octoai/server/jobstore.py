@@ -423,11 +423,27 @@ class JobStore:
 
     def ids(self) -> Iterator[tuple[str, datetime]]:
         """Every job id in the store with when its record was last written."""
+        for rid, modified, _open in self.listing():
+            yield rid, modified
+
+    def listing(self) -> Iterator[tuple[str, datetime, bool]]:
+        """Every job id, when its record was last written, and whether its input is there.
+
+        A job that has not finished always has its input (written before its record,
+        deleted after it finished): one listing tells the jobs a sweep must read from
+        the finished ones, which need no read until they may have expired.
+        """
         head = f"{self.prefix}jobs/"
+        with_input: set[str] = set()
+        records: dict[str, datetime] = {}
         for info in self.backend.list(head):
-            rest = info.key[len(head) :]
-            if rest.endswith("/record.json"):
-                yield rest[: -len("/record.json")], info.modified
+            rid, _, name = info.key[len(head) :].partition("/")
+            if name == "input.json":
+                with_input.add(rid)
+            elif name == "record.json":
+                records[rid] = info.modified
+        for rid, modified in records.items():
+            yield rid, modified, rid in with_input
 
     def delete(self, response_id: str) -> bool:
         """Delete a job's record (only if unchanged since read), then its other files."""
