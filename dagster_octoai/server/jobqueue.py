@@ -284,7 +284,9 @@ class JobQueue:
                 )
                 self._finished.append(rid)
         while True:
-            now = await self._call(self.store.read, rid)
+            now = self.store.cached(rid, self.holder, POLL_STALE_S) or await self._call(
+                self.store.read, rid
+            )
             if now is None or now.finished:
                 break
             await asyncio.sleep(0.1)
