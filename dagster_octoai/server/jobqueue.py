@@ -6,7 +6,7 @@ has queued and the control of the ones it is running; everything else is in the
 of the job's record, so several processes on one store (Ray frontends, a restarted
 server beside a dying one) claim, finish and expire each job once:
 
-- **submit**: the input, then the ``pending`` record and an ``active`` marker; past
+- **submit**: the input, then the ``pending`` record (the commit point); past
   ``max_queued_jobs`` queued here, a 429 with ``Retry-After`` and nothing written.
 - **run**: a free replica claims the job (``pending`` -> ``running``, with this process as
   holder and a lease it renews), renders it, writes the result (the first written stays),
@@ -14,7 +14,10 @@ server beside a dying one) claim, finish and expire each job once:
   goes back to ``pending`` once, then ``failed`` with :data:`RESTART_MESSAGE`.
 - **recover** (at start and every ``async_sweep_interval_s``): pending jobs in the store are
   queued, lapsed running ones retried or failed, finished ones past ``result_ttl_s``
-  deleted.
+  deleted; one listing, and only the records of unfinished jobs (their input is there) and
+  of finished ones old enough to expire are read.
+- **poll**: answered from the record this process last wrote when no other process can
+  have changed it (:meth:`~.jobstore.JobStore.cached`), else read.
 - **stop** (SIGTERM): nothing new is accepted or started; running jobs get
   ``shutdown_grace_s`` to finish, then go back to ``pending`` for the next server.
 """
