@@ -1,4 +1,4 @@
-"""The one entry point: ``python -m benchmarks [--quick] [--output DIR] [--only P1,P3]``."""
+"""The one entry point: ``python -m benchmarks [--quick] [--output DIR] [--only P1,P3] [--merge]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ._common import Row, Settings, machine, shared_seaweedfs
@@ -51,6 +52,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", default="", help="comma-separated scenario ids, e.g. P1,P3 (default: all)"
     )
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the scenarios run in OUTPUT/benchmarks.json and keep the other "
+        "rows (the page says which rows came from which run)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="re-render the page from OUTPUT/benchmarks.json without running anything",
@@ -66,6 +73,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.ids = wanted or [s for s in SCENARIOS if not (args.quick and s in NOT_QUICK)]
     if args.reps is not None and args.reps < 1:
         parser.error("--reps: must be >= 1")
+    if args.merge and not (args.output / RESULTS_NAME).exists():
+        parser.error(f"--merge: no {args.output / RESULTS_NAME} to merge into")
     return args
 
 
@@ -79,8 +88,34 @@ def _rerender(out_dir: Path) -> int:
         quick=data["quick"],
         elapsed_s=data["elapsed_s"],
         generated_at=data["generated_at"],
+        merged=data.get("merged", []),
     )
     print(f"==> re-rendered {page}")
+    return 0
+
+
+def _merge(out_dir: Path, ids: Sequence[str], rows: list[Row], elapsed_s: float) -> int:
+    """Put ``rows`` (of scenarios ``ids``) in place of those scenarios' rows in the page."""
+    data = json.loads((out_dir / RESULTS_NAME).read_text())
+    if data["quick"]:
+        raise SystemExit("--merge: the page holds a --quick run; run everything instead")
+    kept = [Row.from_json(r) for r in data["rows"] if r["id"].split("-")[0] not in ids]
+    order = list(SCENARIOS)
+    merged_rows = sorted([*kept, *rows], key=lambda r: order.index(r.id.split("-")[0]))
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    merged = [m for m in data.get("merged", []) if not set(m["ids"]) <= set(ids)]
+    merged.append({"ids": list(ids), "generated_at": when, "elapsed_s": elapsed_s})
+    page = write_report(
+        merged_rows,
+        out_dir,
+        machine=data["machine"],
+        command="python -m benchmarks",
+        quick=False,
+        elapsed_s=data["elapsed_s"],
+        generated_at=data["generated_at"],
+        merged=merged,
+    )
+    print(f"==> merged {', '.join(ids)} into {page}")
     return 0
 
 
@@ -101,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.enter_context(shared_seaweedfs())
         for sid in args.ids:
             rows.extend(_run_one(sid, settings))
+    if args.merge:
+        if args.quick:
+            raise SystemExit("--merge: a --quick run's figures mean nothing; run without --quick")
+        return _merge(args.output, args.ids, rows, time.perf_counter() - started)
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     page = write_report(
         rows,

@@ -296,3 +296,69 @@ def test_a_swap_after_this_processs_own_write_reads_nothing_and_another_writer_i
     assert cancelled is not None
     renewed = mine.swap(job.response_id, lambda j: j.evolve(lease_until=1.0))
     assert renewed is not None and renewed.cancel_requested and renewed.lease_until == 1.0
+
+
+def test_a_poll_is_answered_without_a_read_only_where_no_other_writer_can_change_it() -> None:
+    backend = _CountingBackend()
+    mine, other = JobStore(backend), JobStore(backend)
+    job = mine.create("alice", "sd", b"{}")
+    rid = job.response_id
+    # Pending, written here just now: served for stale_s, then read again.
+    assert mine.cached(rid, "me", stale_s=60) == job
+    assert mine.cached(rid, "me", stale_s=0) is None
+    # Another frontend claims it: this one sees that once its kept record is stale.
+    theirs = other.swap(rid, lambda j: j.evolve(status=JobStatus.RUNNING, holder="them"))
+    assert theirs is not None and mine.cached(rid, "me", stale_s=0) is None
+    assert mine.read(rid) == theirs
+    # Running under this holder with a live lease: only the holder changes its status.
+    held = other.swap(rid, lambda j: j.evolve(lease_until=time.time() + 60))
+    assert held is not None and other.cached(rid, "them", stale_s=0) == held
+    assert other.cached(rid, "someone else", stale_s=0) is None
+    lapsed = other.swap(rid, lambda j: j.evolve(lease_until=time.time() - 1))
+    assert lapsed is not None and other.cached(rid, "them", stale_s=0) is None
+    # Finished: final, kept by the writer, and by a reader after one read.
+    done = other.swap(rid, lambda j: j.evolve(status=JobStatus.COMPLETED, finished_at=1.0))
+    assert done is not None and other.cached(rid, "them", stale_s=0) == done
+    reads = backend.record_reads
+    assert mine.read(rid) == done and backend.record_reads == reads + 1
+    assert mine.cached(rid, "me", stale_s=0) == done
+
+
+def test_a_sweep_reads_the_open_jobs_and_none_of_the_finished_ones() -> None:
+    import asyncio
+
+    from dagster_octoai.server.jobqueue import JobQueue
+    from dagster_octoai.server.jobs import ReplicaPool
+    from dagster_octoai.server.stats import ServerStats
+
+    backend = _CountingBackend()
+    store = JobStore(backend)
+    for _ in range(20):
+        rid = store.create("alice", "sd", b"{}").response_id
+        store.put_result(rid, b"{}")
+        store.swap(rid, lambda j: j.evolve(status=JobStatus.COMPLETED, finished_at=time.time()))
+        store.finish_files(rid)
+    pending = store.create("alice", "sd", b"{}").response_id
+    # A new process on the store: nothing kept from the writes above.
+    fresh = JobStore(backend)
+    config = ServerConfig(token="t", result_ttl_s=3600)
+
+    async def sweep() -> list[str]:
+        async def never(*_: object) -> bytes:
+            raise AssertionError("nothing runs in this test")
+
+        queue = JobQueue(
+            fresh,
+            config=lambda: config,
+            pool=ReplicaPool(lambda: 0, lambda *_: None),
+            render=never,
+            stats=ServerStats(),
+        )
+        # The sweep's reads, not its queueing: the store part alone.
+        found, leftover = await asyncio.to_thread(queue._sweep_store)
+        assert leftover == []
+        return found
+
+    backend.record_reads = 0
+    assert asyncio.run(sweep()) == [pending]
+    assert backend.record_reads == 1  # the pending job's record, none of the 20 finished

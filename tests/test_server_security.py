@@ -398,6 +398,21 @@ def test_slow_bodies_and_slow_headers_time_out(server: LocalOctoAIServer) -> Non
     assert httpx.get(f"{server.url}/healthcheck").status_code == 200
 
 
+def test_an_idle_connection_outlives_httpxs_keep_alive_expiry(server: LocalOctoAIServer) -> None:
+    # httpx drops an idle connection after 5 s; a server closing it at 5 s too raced
+    # with the client's next request on it (ReadError in benchmark P8's 2,000-job run).
+    host, port = server.url.removeprefix("http://").split(":")
+    request = b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        readable, _, _ = select.select([sock], [], [], 0)
+        assert not readable, "the server closed an idle connection within 6 s"
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
 # ---- malformed input -------------------------------------------------------------------------------
 
 _DEEP = b'{"prompt": "x", "loras": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"

@@ -6,7 +6,7 @@ has queued and the control of the ones it is running; everything else is in the
 of the job's record, so several processes on one store (Ray frontends, a restarted
 server beside a dying one) claim, finish and expire each job once:
 
-- **submit**: the input, then the ``pending`` record and an ``active`` marker; past
+- **submit**: the input, then the ``pending`` record (the commit point); past
   ``max_queued_jobs`` queued here, a 429 with ``Retry-After`` and nothing written.
 - **run**: a free replica claims the job (``pending`` -> ``running``, with this process as
   holder and a lease it renews), renders it, writes the result (the first written stays),
@@ -14,7 +14,10 @@ server beside a dying one) claim, finish and expire each job once:
   goes back to ``pending`` once, then ``failed`` with :data:`RESTART_MESSAGE`.
 - **recover** (at start and every ``async_sweep_interval_s``): pending jobs in the store are
   queued, lapsed running ones retried or failed, finished ones past ``result_ttl_s``
-  deleted.
+  deleted; one listing, and only the records of unfinished jobs (their input is there) and
+  of finished ones old enough to expire are read.
+- **poll**: answered from the record this process last wrote when no other process can
+  have changed it (:meth:`~.jobstore.JobStore.cached`), else read.
 - **stop** (SIGTERM): nothing new is accepted or started; running jobs get
   ``shutdown_grace_s`` to finish, then go back to ``pending`` for the next server.
 """
@@ -54,6 +57,15 @@ __all__ = [
 T = TypeVar("T")
 
 CANCELLED_MESSAGE = "cancelled by its owner"
+#: A pending record this process wrote answers polls this long without a read: another
+#: frontend on the store may have claimed the job since (then it shows pending that long).
+POLL_STALE_S = 0.5
+#: Inputs up to this size of jobs queued here are kept until they run (one read fewer
+#: per job), at most _INPUTS_KEPT_BYTES in all; larger ones are read from the store.
+_INPUT_KEPT_MAX = 64 * 1024
+_INPUTS_KEPT_BYTES = 16 * 1024 * 1024
+#: Finished jobs' inputs are deleted in batches this often (one request for many).
+_DROP_INTERVAL_S = 0.2
 
 
 class QueueFull(Exception):
@@ -144,6 +156,12 @@ class JobQueue:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="octoai-jobstore")
         self._pending: dict[str, None] = {}  # queued here, in arrival order
+        # Small inputs of jobs queued here (also in the store): one read fewer per job.
+        self._inputs: dict[str, bytes] = {}
+        self._inputs_bytes = 0
+        # Finished jobs whose inputs are to be deleted, and the task that deletes them.
+        self._finished: list[str] = []
+        self._dropper: asyncio.Task[None] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, JobControl] = {}
         self._accepting = True
@@ -158,7 +176,9 @@ class JobQueue:
     def start(self) -> None:
         """Begin recovering and sweeping (the app's start-up)."""
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.create_task(self._sweep_forever())
+            self._dropper = loop.create_task(self._drop_inputs_forever())
 
     # ---- submit, view, cancel -------------------------------------------------------
 
@@ -205,7 +225,7 @@ class JobQueue:
     ) -> StoredJob:
         job = await self._call(self.store.create, owner, engine, body, summary, fails, rid)
         if job.status is JobStatus.PENDING:
-            self._enqueue(job.response_id)
+            self._enqueue(job.response_id, body)
         return job
 
     async def bind_key(self, owner: str, key: str, digest: str) -> tuple[str, bool]:
@@ -252,9 +272,11 @@ class JobQueue:
                     rid,
                     lambda j: self._if_mine(j, lambda: _ended(j, JobStatus.COMPLETED, None)),
                 )
-                await self._call(self.store.finish_files, rid)
+                self._finished.append(rid)
         while True:
-            now = await self._call(self.store.read, rid)
+            now = self.store.cached(rid, self.holder, POLL_STALE_S) or await self._call(
+                self.store.read, rid
+            )
             if now is None or now.finished:
                 break
             await asyncio.sleep(0.1)
@@ -274,7 +296,9 @@ class JobQueue:
     async def answer(
         self, response_id: str, owner: str, *, admin: bool, with_body: bool
     ) -> JobAnswer:
-        job = await self._call(self.store.read, response_id)
+        job = self.store.cached(response_id, self.holder, POLL_STALE_S)
+        if job is None:
+            job = await self._call(self.store.read, response_id)
         if job is None:
             ours = self.store.origin(response_id) == "ours"
             return JobAnswer.missing(response_id, "expired" if ours else "unknown")
@@ -319,7 +343,7 @@ class JobQueue:
 
         job = await self._call(self.store.swap, response_id, change)
         if job is not None and job.status is JobStatus.CANCELLED:
-            await self._call(self.store.finish_files, response_id)
+            self._finished.append(response_id)
             self._pending.pop(response_id, None)
         if (control := self._running.get(response_id)) is not None:
             control.cancel.set()
@@ -327,10 +351,17 @@ class JobQueue:
 
     # ---- running --------------------------------------------------------------------
 
-    def _enqueue(self, response_id: str) -> None:
+    def _enqueue(self, response_id: str, body: bytes | None = None) -> None:
         if response_id in self._tasks or not self._accepting:
             return
         self._pending[response_id] = None
+        if (
+            body is not None
+            and len(body) <= _INPUT_KEPT_MAX
+            and self._inputs_bytes + len(body) <= _INPUTS_KEPT_BYTES
+        ):
+            self._inputs[response_id] = body
+            self._inputs_bytes += len(body)
         task = asyncio.get_running_loop().create_task(self._run(response_id))
         self._tasks[response_id] = task
 
@@ -347,7 +378,7 @@ class JobQueue:
                 if job is not None and job.status is JobStatus.RUNNING:
                     await self._execute(job)
                 elif job is not None and job.finished:
-                    await self._call(self.store.finish_files, response_id)
+                    self._finished.append(response_id)
         except Exception as exc:  # a store error must not leave the job running for ever
             error = _failure(exc)
             with contextlib.suppress(Exception):
@@ -359,6 +390,7 @@ class JobQueue:
         finally:
             self._pending.pop(response_id, None)
             self._tasks.pop(response_id, None)
+            self._inputs_bytes -= len(self._inputs.pop(response_id, b""))
 
     def _claim(self, job: StoredJob) -> StoredJob | None:
         if job.status is not JobStatus.PENDING:
@@ -398,7 +430,7 @@ class JobQueue:
             self.store.swap, rid, lambda j: self._if_mine(j, lambda: _ended(j, status, error))
         )
         if written is not None:
-            await self._call(self.store.finish_files, rid)
+            self._finished.append(rid)
 
     async def _render_job(
         self, job: StoredJob, control: JobControl
@@ -409,7 +441,11 @@ class JobQueue:
             # may occasionally encounter an error."
             await asyncio.sleep(self._config().faults.job_failure_after_s)
             return JobStatus.FAILED, "The inference ran too long and failed; resubmit the request."
-        raw = await self._call(self.store.input, rid)
+        raw = self._inputs.pop(rid, None)
+        if raw is not None:
+            self._inputs_bytes -= len(raw)
+        else:
+            raw = await self._call(self.store.input, rid)
         if raw is None:
             return (
                 JobStatus.FAILED,
@@ -455,6 +491,18 @@ class JobQueue:
             with contextlib.suppress(Exception):  # the next round tries again
                 await self._call(self.store.swap, response_id, change)
 
+    async def _drop_inputs_forever(self) -> None:
+        """Delete finished jobs' inputs in batches: a crash before leaves them to expiry."""
+        while True:
+            await asyncio.sleep(_DROP_INTERVAL_S)
+            with contextlib.suppress(Exception):  # the expiry sweep deletes what is left
+                await self._drop_inputs()
+
+    async def _drop_inputs(self) -> None:
+        if self._finished:
+            batch, self._finished = self._finished, []
+            await self._call(self.store.finish_files, *batch)
+
     # ---- recovery and expiry ----------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
@@ -463,43 +511,60 @@ class JobQueue:
                 await self.sweep()
             await asyncio.sleep(self._config().async_sweep_interval_s)
 
-    async def sweep(self) -> dict[str, int]:
-        """Queue pending jobs, retry or fail lost ones, delete expired ones: the counts."""
-        counts, queue = await self._call(self._sweep_store)
+    async def sweep(self) -> None:
+        """Queue pending jobs, retry or fail lost ones, delete expired ones.
+
+        Reads only the records of jobs with an input (not finished) and of finished
+        ones whose record is older than ``result_ttl_s`` (may have expired): a sweep of a
+        store of finished jobs is one listing, however many there are.
+        """
+        queue, leftover = await self._call(self._sweep_store)
+        self._finished.extend(leftover)
         for rid in queue:
             self._enqueue(rid)
-        return counts
 
-    def _sweep_store(self) -> tuple[dict[str, int], list[str]]:
+    def _sweep_store(self) -> tuple[list[str], list[str]]:
+        """The pending jobs to queue, and finished ones whose input is still there."""
         config = self._config()
         now = time.time()
-        by_status = {s.value: 0 for s in JobStatus if s is not JobStatus.UNKNOWN}
         queue: list[str] = []
+        leftover: list[str] = []
         expired = 0
-        for rid, _modified in list(self.store.ids()):
+        for rid, modified, open_ in list(self.store.listing()):
+            if not open_ and modified.timestamp() + config.result_ttl_s > now:
+                continue  # finished (its input is gone) and not old enough to expire
+            if rid in self._running or rid in self._tasks:
+                continue  # running or queued here: this process tends it
             job = self.store.read(rid)
             if job is None:
                 continue
-            if job.finished and job.expired(now, config.result_ttl_s):
-                if self.store.delete(rid):
+            if job.finished:
+                if job.expired(now, config.result_ttl_s) and self.store.delete(rid):
                     expired += 1
+                elif open_:
+                    leftover.append(rid)  # its input outlived a crash: drop it
                 continue
-            if (
-                job.status is JobStatus.RUNNING
-                and (job.lease_until or 0) < now
-                and rid not in self._running
-            ):
+            if job.status is JobStatus.RUNNING and (job.lease_until or 0) < now:
                 job = self.store.swap(rid, _lost) or job
             if job.status is JobStatus.PENDING:
                 queue.append(rid)
-            by_status[job.status.value] += 1
         if expired:
             self._stats.async_expired += expired
         self.store.forget_expired_keys(config.result_ttl_s)
-        return by_status, queue
+        return queue, leftover
 
     async def counts(self) -> dict[str, int]:
-        return await self.sweep()
+        """Jobs in the store by status (a read of every record: for the stats page)."""
+        await self.sweep()
+        return await self._call(self._count_store)
+
+    def _count_store(self) -> dict[str, int]:
+        by_status = {s.value: 0 for s in JobStatus if s is not JobStatus.UNKNOWN}
+        for rid, _modified, _open in list(self.store.listing()):
+            job = self.store.cached(rid, self.holder, POLL_STALE_S) or self.store.read(rid)
+            if job is not None:
+                by_status[job.status.value] += 1
+        return by_status
 
     # ---- stopping ---------------------------------------------------------------------
 
@@ -523,6 +588,10 @@ class JobQueue:
         leftover = [t for t in self._tasks.values() if not t.done()]
         if leftover:
             await asyncio.wait(leftover, timeout=5)
+        if self._dropper is not None:
+            self._dropper.cancel()
+        with contextlib.suppress(Exception):
+            await self._drop_inputs()
         self._io.shutdown(wait=True)
 
 

@@ -21,6 +21,14 @@ and is dropped when the job ends (it is kept while the job runs only so that a j
 server died can run again); the record holds the request without its images (their
 sizes and hashes). A finished job is nothing but its files.
 
+Each store keeps the records this process last wrote or read finished (at most
+``4096``, about 1 KiB each, never an input or a result): a compare-and-swap tries the
+kept version before reading, and a poll is answered from it (:meth:`JobStore.cached`)
+when nothing another process may do can have changed what it shows: a finished job
+(final), a job this process holds under a live lease (only the holder changes its
+status), or a record written here less than ``stale_s`` ago (a pending job another
+frontend may have claimed since: shown as pending that long at most).
+
 Response ids carry the second they were made and a keyed check, so that an id whose
 files are gone can be told apart: made here and past its time (expired) or never made
 here (unknown).
@@ -222,9 +230,10 @@ class JobStore:
         self.prefix = prefix
         self.durable = not isinstance(backend, MemoryBackend)
         self._id_key = self._shared_key()
-        # The record and version this process last wrote per job: a compare-and-swap
-        # tries them first and reads the store only when another writer came between.
-        self._written: OrderedDict[str, tuple[StoredJob, str]] = OrderedDict()
+        # The record, version and monotonic time of this process's last write (or read of
+        # a finished record) per job: a compare-and-swap tries them first and reads the
+        # store only when another writer came between; a poll may be answered from them.
+        self._written: OrderedDict[str, tuple[StoredJob, str, float]] = OrderedDict()
         self._written_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -329,7 +338,33 @@ class JobStore:
 
     def read(self, response_id: str) -> StoredJob | None:
         found = self.read_versioned(response_id)
-        return None if found is None else found[0]
+        if found is None:
+            return None
+        if found[0].finished:
+            self._keep(*found)  # final: a later poll needs no read
+        return found[0]
+
+    def cached(self, response_id: str, holder: str, stale_s: float) -> StoredJob | None:
+        """The kept record of a job when it may be served without a read, else None.
+
+        Finished: final. Running under ``holder`` with its lease live: only the holder
+        changes its status (another process may set ``cancel_requested``, which the
+        holder's next renewal reads). Else a record kept less than ``stale_s`` ago.
+        """
+        with self._written_lock:
+            kept = self._written.get(response_id)
+        if kept is None:
+            return None
+        job, _version, at = kept
+        if job.finished or time.monotonic() - at < stale_s:
+            return job
+        if (
+            job.status is JobStatus.RUNNING
+            and job.holder == holder
+            and (job.lease_until or 0) > time.time()
+        ):
+            return job
+        return None
 
     def _write(self, job: StoredJob, expected: str | None) -> StoredJob:
         """Write ``job`` if its record is still at version ``expected``: what was written."""
@@ -341,12 +376,15 @@ class JobStore:
         except ConflictError:
             self._forget_written(job.response_id)
             raise
+        self._keep(job, version)
+        return job
+
+    def _keep(self, job: StoredJob, version: str) -> None:
         with self._written_lock:
-            self._written[job.response_id] = (job, version)
+            self._written[job.response_id] = (job, version, time.monotonic())
             self._written.move_to_end(job.response_id)
             while len(self._written) > _WRITTEN_KEPT:
                 self._written.popitem(last=False)
-        return job
 
     def _forget_written(self, response_id: str) -> None:
         with self._written_lock:
@@ -385,11 +423,27 @@ class JobStore:
 
     def ids(self) -> Iterator[tuple[str, datetime]]:
         """Every job id in the store with when its record was last written."""
+        for rid, modified, _open in self.listing():
+            yield rid, modified
+
+    def listing(self) -> Iterator[tuple[str, datetime, bool]]:
+        """Every job id, when its record was last written, and whether its input is there.
+
+        A job that has not finished always has its input (written before its record,
+        deleted after it finished): one listing tells the jobs a sweep must read from
+        the finished ones, which need no read until they may have expired.
+        """
         head = f"{self.prefix}jobs/"
+        with_input: set[str] = set()
+        records: dict[str, datetime] = {}
         for info in self.backend.list(head):
-            rest = info.key[len(head) :]
-            if rest.endswith("/record.json"):
-                yield rest[: -len("/record.json")], info.modified
+            rid, _, name = info.key[len(head) :].partition("/")
+            if name == "input.json":
+                with_input.add(rid)
+            elif name == "record.json":
+                records[rid] = info.modified
+        for rid, modified in records.items():
+            yield rid, modified, rid in with_input
 
     def delete(self, response_id: str) -> bool:
         """Delete a job's record (only if unchanged since read), then its other files."""
@@ -407,9 +461,9 @@ class JobStore:
     def input(self, response_id: str) -> bytes | None:
         return self.backend.get_or_none(self._key(response_id, "input"))
 
-    def finish_files(self, response_id: str) -> None:
-        """Drop a finished job's input: only its record and result stay."""
-        self.backend.delete([self._key(response_id, "input")])
+    def finish_files(self, *response_ids: str) -> None:
+        """Drop finished jobs' inputs (one request for many): only records and results stay."""
+        self.backend.delete([self._key(rid, "input") for rid in response_ids])
 
     def put_result(self, response_id: str, body: bytes) -> None:
         """Write a job's answer; the first one written stays (two runs of one job, one answer)."""

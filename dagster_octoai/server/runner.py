@@ -10,6 +10,7 @@ server starts and no other process can take it in between.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -35,6 +36,8 @@ __all__ = ["CONFIG_ENV", "LocalOctoAIServer", "TLSFiles", "bind_socket", "serve"
 #: so that the token never appears on a command line.
 CONFIG_ENV = "DAGSTER_OCTOAI_SERVER_CONFIG"
 
+#: Idle connections stay at least this long: past httpx's 5 s keep-alive expiry.
+_KEEP_ALIVE_MIN_S = 10
 # uvicorn's graceful shutdown takes up to 3 s (timeout_graceful_shutdown below).
 _STOP_GRACE_S = 5.0
 
@@ -79,6 +82,11 @@ def _uvicorn_server(
         timeout_graceful_shutdown=3,
         # Slow headers close the connection (uvicorn alone would keep it for ever).
         http=header_timeout_protocol(config.header_timeout_s),
+        # An idle connection is closed when its next request's headers are due (the
+        # header timer), not at uvicorn's 5 s: httpx also drops an idle connection at
+        # 5 s, and with both at 5 s a request sent as the server closed its connection
+        # failed with ReadError or RemoteProtocolError (benchmark P8's 2,000-job run).
+        timeout_keep_alive=max(_KEEP_ALIVE_MIN_S, math.ceil(config.header_timeout_s)),
         limit_concurrency=config.max_connections,
         # "server: uvicorn" tells a scanner which bugs to try; nothing else needs it.
         server_header=False,
