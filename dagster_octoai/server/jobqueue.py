@@ -370,13 +370,16 @@ class JobQueue:
             delay = self._config().async_queue_delay_s
             if delay > 0:
                 await asyncio.sleep(delay)
-            async with self._pool:
+            # The replica is held from the claim to the render's end, not while the result
+            # and the completion are written: the next job starts meanwhile.
+            async with contextlib.AsyncExitStack() as replica:
+                await replica.enter_async_context(self._pool)
                 self._pending.pop(response_id, None)
                 if not self._accepting:
                     return  # stopping: the job stays pending in the store for the next server
                 job = await self._call(self.store.swap, response_id, self._claim)
                 if job is not None and job.status is JobStatus.RUNNING:
-                    await self._execute(job)
+                    await self._execute(job, replica.aclose)
                 elif job is not None and job.finished:
                     self._finished.append(response_id)
         except Exception as exc:  # a store error must not leave the job running for ever
@@ -411,7 +414,8 @@ class JobQueue:
             return None  # no longer ours: its lease lapsed and another server took it
         return change()
 
-    async def _execute(self, job: StoredJob) -> None:
+    async def _execute(self, job: StoredJob, free: Callable[[], Awaitable[None]]) -> None:
+        """Render ``job``, calling ``free`` once its replica is no longer needed."""
         rid = job.response_id
         control = JobControl()
         if job.cancel_requested:
@@ -419,7 +423,7 @@ class JobQueue:
         self._running[rid] = control
         renewing = asyncio.get_running_loop().create_task(self._renew(rid, control))
         try:
-            end = await self._render_job(job, control)
+            end = await self._render_job(job, control, free)
         finally:
             renewing.cancel()
             self._running.pop(rid, None)
@@ -433,7 +437,7 @@ class JobQueue:
             self._finished.append(rid)
 
     async def _render_job(
-        self, job: StoredJob, control: JobControl
+        self, job: StoredJob, control: JobControl, free: Callable[[], Awaitable[None]]
     ) -> tuple[JobStatus, str | None] | None:
         rid = job.response_id
         if job.fails:
@@ -458,7 +462,10 @@ class JobQueue:
             work = self._render(ImageGenerationRequest.from_wire(_json(raw), job.engine), control)
         del raw
         try:
-            body = await work
+            try:
+                body = await work
+            finally:
+                await free()
         except JobCancelled:
             return JobStatus.CANCELLED, CANCELLED_MESSAGE
         except JobLost as exc:
