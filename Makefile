@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 # of machine keeps on disk (uv does not look there), while an open `torch` pulls a ~3 GB
 # CUDA build. uv then finds it installed and installs nothing else in its place.
 # On a GPU host without that disk the same line takes PyPI's CUDA build (docs/local-server.md).
+# uv compiles the environment's bytecode once, here (about a minute of CPU; pip does it for
+# torch): without it every process of the suite compiles Dagster, diffusers, Ray ... from
+# source again wherever PYTHONDONTWRITEBYTECODE is set, as on the boxes the suite runs on
+# here (10 s of CPU more for each process that imports diffusers, 1-2 s for Dagster or Ray).
 TORCH_VERSION ?= 2.13.0
 # The suite runs on several workers (pytest-xdist): most tests wait on servers, S3 and
 # subprocesses, so more workers than cores pays (docs/testing.md).
@@ -25,7 +29,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV) && \
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv && \
 	$(VENV)/bin/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) && \
-	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements-dev.txt -e '.[dagster,server,diffusion]' && \
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements-dev.txt -e '.[dagster,server,diffusion]' && \
 	touch $@ && \
 	echo "==> environment ready in $$(( $$(date +%s) - start ))s"
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from octoai.client import OctoAI
+from octoai.environment import OctoAIEnvironment
 from PIL import Image
 
 from dagster_octoai.server import LocalOctoAIServer, ServerConfig
@@ -26,9 +28,24 @@ from dagster_octoai.testing.plugin import TEST_TOKEN
 STEPS = 2
 
 
-@pytest.fixture(scope="session")
-def diffusers_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
-    """One diffusers-backend server on the tiny models (CPU, fp32) for the session."""
+def tiny_models_of(tiny_models: Path, folder: Path, *families: str) -> Path:
+    """``folder`` holding only ``families``' folders of the tiny models (links to them).
+
+    For a test that builds a backend of its own (the GPU benchmark's): a backend loads every
+    family of its directory when it starts, the ones the test never asks for too.
+    """
+    folder.mkdir()
+    for family in families:
+        (folder / family).symlink_to(tiny_models / family, target_is_directory=True)
+    return folder
+
+
+def serve_tiny_models(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
+    """A diffusers-backend server on the tiny models (CPU, fp32), for a session fixture.
+
+    The one recipe of both servers here: this directory's and ``tests/diffusion/engines``'s
+    (``yield from serve_tiny_models(tiny_models)``).
+    """
     config = ServerConfig(
         token=TEST_TOKEN, backend="diffusers", models=str(tiny_models), device=("cpu",)
     )
@@ -39,13 +56,10 @@ def diffusers_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
 Generate = Callable[..., httpx.Response]
 
 
-@pytest.fixture(scope="session")
-def post(diffusers_server: LocalOctoAIServer) -> Iterator[Generate]:
-    """``post(engine, **body)``: a generate request to the diffusers server (steps default 2)."""
+def poster(server: LocalOctoAIServer) -> Iterator[Generate]:
+    """``post(engine, **body)``: a generate request to ``server`` (steps default 2)."""
     client = httpx.Client(
-        base_url=diffusers_server.url,
-        headers={"Authorization": f"Bearer {TEST_TOKEN}"},
-        timeout=600,
+        base_url=server.url, headers={"Authorization": f"Bearer {TEST_TOKEN}"}, timeout=600
     )
 
     def call(engine: str, **body: Any) -> httpx.Response:
@@ -56,6 +70,32 @@ def post(diffusers_server: LocalOctoAIServer) -> Iterator[Generate]:
         yield call
     finally:
         client.close()
+
+
+def official_sdk(server: LocalOctoAIServer) -> Iterator[OctoAI]:
+    """OctoAI's own SDK, pointed at ``server``."""
+    env = OctoAIEnvironment(default=server.url, image_gen=server.url, text_gen=server.url)
+    http = httpx.Client(headers={"Authorization": f"Bearer {server.token}"}, timeout=600)
+    try:
+        yield OctoAI(api_key=server.token, environment=env, httpx_client=http, timeout=600)
+    finally:
+        http.close()
+
+
+@pytest.fixture(scope="session")
+def diffusers_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
+    """One diffusers-backend server on the tiny models for the session."""
+    yield from serve_tiny_models(tiny_models)
+
+
+@pytest.fixture(scope="session")
+def post(diffusers_server: LocalOctoAIServer) -> Iterator[Generate]:
+    yield from poster(diffusers_server)
+
+
+@pytest.fixture(scope="session")
+def sdk(diffusers_server: LocalOctoAIServer) -> Iterator[OctoAI]:
+    yield from official_sdk(diffusers_server)
 
 
 def images_of(response: httpx.Response) -> list[bytes]:

@@ -13,6 +13,8 @@ from dagster_octoai.server.backends import BackendError, load_backend
 from dagster_octoai.server.backends.diffusers.library import ModelLibrary
 from dagster_octoai.server.cli import main
 
+from .conftest import tiny_models_of
+
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -157,7 +159,8 @@ def test_gpu_benchmark_quick_run_on_cpu(
     from benchmarks import gpu
 
     out = tmp_path / "gpu.json"
-    argv = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
+    models = tiny_models_of(tiny_models, tmp_path / "models", "sdxl", "sd15")
+    argv = ["--quick", "--device", "cpu", "--models", str(models), "--output", str(out)]
     assert gpu.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["device"] == "cpu" and data["gpu"] is None
@@ -175,7 +178,7 @@ def test_gpu_benchmark_quick_run_on_cpu(
 
 
 def test_gpu_benchmark_fails_when_the_server_did_not_run_the_built_models(
-    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A row is only written when the API side ran the models built for the case."""
     from benchmarks import gpu
@@ -191,8 +194,9 @@ def test_gpu_benchmark_fails_when_the_server_did_not_run_the_built_models(
         return built
 
     monkeypatch.setattr(gpu._Models, "use", use_without_swap)
+    models = tiny_models_of(tiny_models, tmp_path / "models", "sd15")
     with pytest.raises(RuntimeError, match="sd: the server did not run the models built"):
-        gpu.run(tiny_models, "cpu", quick=True, only=("sd",), log=lambda _: None)
+        gpu.run(models, "cpu", quick=True, only=("sd",), log=lambda _: None)
 
 
 # Published sizes, in billions of parameters: the SDXL paper (UNet 2.6), SD 1.5 (0.86),

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 
-import httpx
 import pytest
 from octoai.client import OctoAI
-from octoai.environment import OctoAIEnvironment
 from octoai.image_gen.errors.unprocessable_entity_error import UnprocessableEntityError
 from PIL import Image
 
@@ -21,19 +18,6 @@ from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.server import sample_image_b64
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-def sdk(diffusers_server: LocalOctoAIServer) -> Iterator[OctoAI]:
-    url = diffusers_server.url
-    env = OctoAIEnvironment(default=url, image_gen=url, text_gen=url)
-    http = httpx.Client(headers={"Authorization": f"Bearer {diffusers_server.token}"}, timeout=600)
-    try:
-        yield OctoAI(
-            api_key=diffusers_server.token, environment=env, httpx_client=http, timeout=600
-        )
-    finally:
-        http.close()
 
 
 def _pil(b64: str | None) -> Image.Image:

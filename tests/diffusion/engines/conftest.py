@@ -1,47 +1,34 @@
 """A diffusers server of its own for FLUX.1, SD3 and SSD-1B, on the session's tiny models.
 
 Its own xdist group (``diffusers-engines`` in tests/conftest.py), so that these tests run
-beside the rest of tests/diffusion/ on the other core instead of after them.
+beside the rest of tests/diffusion/ on another worker instead of after them. The same
+recipe as the parent directory's server (``serve_tiny_models``); the fixtures that talk to
+a server (``post``, ``sdk``) are redefined here so that they talk to this one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
+from octoai.client import OctoAI
 
-from dagster_octoai.server import LocalOctoAIServer, ServerConfig
-from dagster_octoai.testing.plugin import TEST_TOKEN
+from dagster_octoai.server import LocalOctoAIServer
 
-from ..conftest import STEPS, Generate
+from ..conftest import Generate, official_sdk, poster, serve_tiny_models
 
 
 @pytest.fixture(scope="session")
 def engines_server(tiny_models: Path) -> Iterator[LocalOctoAIServer]:
-    config = ServerConfig(
-        token=TEST_TOKEN, backend="diffusers", models=str(tiny_models), device=("cpu",)
-    )
-    with LocalOctoAIServer(config) as server:
-        yield server
+    yield from serve_tiny_models(tiny_models)
 
 
 @pytest.fixture(scope="session")
 def post(engines_server: LocalOctoAIServer) -> Iterator[Generate]:
-    """``post(engine, **body)``: a generate request (steps default 2)."""
-    client = httpx.Client(
-        base_url=engines_server.url,
-        headers={"Authorization": f"Bearer {TEST_TOKEN}"},
-        timeout=600,
-    )
+    yield from poster(engines_server)
 
-    def call(engine: str, **body: Any) -> httpx.Response:
-        body.setdefault("steps", STEPS)
-        return client.post(f"/generate/{engine}", json=body)
 
-    try:
-        yield call
-    finally:
-        client.close()
+@pytest.fixture(scope="session")
+def sdk(engines_server: LocalOctoAIServer) -> Iterator[OctoAI]:
+    yield from official_sdk(engines_server)

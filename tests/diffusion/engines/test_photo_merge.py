@@ -12,6 +12,7 @@ import pytest
 from dagster_octoai.server import LocalOctoAIServer
 from dagster_octoai.testing.server import sample_image_b64
 
+from ..conftest import tiny_models_of
 from .test_flow_engines import one
 
 pytestmark = pytest.mark.timeout(900)
@@ -76,7 +77,8 @@ def test_gpu_benchmark_new_cases_quick_on_cpu(tiny_models: Path, tmp_path: Path)
     from benchmarks import gpu
 
     out = tmp_path / "gpu.json"
-    common = ["--quick", "--device", "cpu", "--models", str(tiny_models), "--output", str(out)]
+    models = tiny_models_of(tiny_models, tmp_path / "models", "flux", "sdxl", "svd")
+    common = ["--quick", "--device", "cpu", "--models", str(models), "--output", str(out)]
     assert gpu.main([*common, "--only", "flux-schnell,sdxl-photo-merge,svd"]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["engine"], r["photo_merge"]) for r in rows] == [
