@@ -180,10 +180,16 @@ def test_slow_answers_arrive_late_and_time_out_a_client(octoai_server_factory: F
 
 
 def test_long_running_async_job_fails(octoai_server_factory: Factory) -> None:
-    srv = octoai_server_factory(faults=FaultConfig(job_failure=1.0, job_failure_after_s=0.3))
+    srv = octoai_server_factory(faults=FaultConfig(job_failure=1.0, job_failure_after_s=1.0))
     with httpx.Client(base_url=srv.url, headers=_headers(srv), timeout=30) as client:
         accepted = client.post("/generate/sd", json=BODY, headers={"X-OctoAI-Async": "1"}).json()
-        assert client.get(accepted["poll_url"]).json()["status"] == "running"
+        # Pending until a replica claims it (on a loaded box, after this first poll), then
+        # running for the fault's second.
+        deadline = time.monotonic() + 10
+        while (status := client.get(accepted["poll_url"]).json()["status"]) == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert status == "running"
         deadline = time.monotonic() + 10
         while (answer := client.get(accepted["poll_url"]).json())["status"] != "failed":
             assert time.monotonic() < deadline, answer
