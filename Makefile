@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # here (10 s of CPU more for each process that imports diffusers, 1-2 s for Dagster or Ray).
 TORCH_VERSION ?= 2.13.0
 # The suite runs on several workers (pytest-xdist): most tests wait on servers, S3 and
-# subprocesses, so more workers than cores pays (docs/testing.md).
+# subprocesses, so more workers than cores pays (README: "The two commands").
 TEST_WORKERS ?= 3
 export NO_MKDOCS_2_WARNING := 1
 
