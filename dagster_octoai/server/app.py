@@ -277,6 +277,13 @@ class ServerState:
             GenerationRefused: every replica is busy and ``max_queued_requests`` wait
                 already (429 with ``Retry-After``); async jobs are never refused so.
         """
+        self.refuse_if_queue_full()
+        async with self.pool:
+            return await self._generate_on_replica(req, control)
+
+    def refuse_if_queue_full(self) -> None:
+        """Raise a 429 ``GenerationRefused`` when every replica is busy and
+        ``max_queued_requests`` sync requests wait already (images and videos alike)."""
         bound = self.config.max_queued_requests
         if (
             bound is not None
@@ -288,8 +295,6 @@ class ServerState:
                 f"Every replica is busy and {bound} requests are queued; retry later.",
                 retry_after_s=self.config.queue_retry_after_s,
             )
-        async with self.pool:
-            return await self._generate_on_replica(req, control)
 
     async def _generate_on_replica(
         self, req: ImageGenerationRequest, control: JobControl | None = None

@@ -143,17 +143,7 @@ class _VideoRoute:
 
     async def _generate(self, req: VideoGenerationRequest) -> tuple[bytes, list[int]]:
         state = self.state
-        bound = state.config.max_queued_requests
-        if (
-            bound is not None
-            and state.pool.in_flight >= state._replicas()
-            and state.pool.queued >= bound
-        ):
-            raise GenerationRefused(
-                429,
-                f"Every replica is busy and {bound} requests are queued; retry later.",
-                retry_after_s=state.config.queue_retry_after_s,
-            )
+        state.refuse_if_queue_full()
         async with state.pool:
             return await self._render(req)
 
